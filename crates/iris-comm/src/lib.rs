@@ -1,0 +1,78 @@
+//! Collectives between the ranks of a tensor-parallel group (Megatron-LM style: one
+//! all-reduce after attention and one after the MLP). At world size 1 every collective
+//! is a no-op, so the single-device path is the tensor-parallel path with N = 1
+//! (as in mistral.rs). Multi-process CPU and NCCL communicators implement the same
+//! trait.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("rank {rank} is out of range for world size {world_size}")]
+    BadRank { rank: usize, world_size: usize },
+    #[error("collective failed: {0}")]
+    Collective(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A member of a tensor-parallel group.
+pub trait Communicator: Send + Sync + std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `buf` across all ranks, result in every rank's `buf`.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+}
+
+/// The group of one: every collective returns its input.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The communicator of a process that runs a model alone.
+pub fn single() -> Arc<dyn Communicator> {
+    Arc::new(SingleRank)
+}
+
+/// The `[start, end)` slice of `len` that `rank` owns when split evenly over
+/// `world_size` ranks; `len` must divide evenly, as Megatron requires.
+pub fn shard_range(len: usize, rank: usize, world_size: usize) -> Result<std::ops::Range<usize>> {
+    if rank >= world_size {
+        return Err(Error::BadRank { rank, world_size });
+    }
+    if len % world_size != 0 {
+        return Err(Error::Collective(format!(
+            "dimension {len} does not split evenly over {world_size} ranks"
+        )));
+    }
+    let per = len / world_size;
+    Ok(rank * per..(rank + 1) * per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_rank_is_identity_and_shards_cover() {
+        let c = single();
+        let mut v = vec![1.0, 2.0];
+        c.all_reduce_sum(&mut v).unwrap();
+        assert_eq!(v, vec![1.0, 2.0]);
+        assert_eq!(shard_range(8, 1, 4).unwrap(), 2..4);
+        assert!(shard_range(7, 0, 2).is_err());
+        assert!(shard_range(8, 4, 4).is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! Dot-product kernels for the matrix-vector path (decode), with AVX-512 versions
+//! chosen at run time and portable fallbacks.
+//!
+//! Decode is memory-bound, so a bf16 weight is widened to f32 in registers (a shift)
+//! and multiplied with f32 activations: the same products PyTorch forms, at 2 bytes
+//! read per weight.
+
+use half::{bf16, f16};
+
+/// Which SIMD path this CPU takes, decided once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Portable,
+}
+
+pub fn simd() -> Simd {
+    use std::sync::OnceLock;
+    static S: OnceLock<Simd> = OnceLock::new();
+    *S.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Simd::Avx512;
+        }
+        Simd::Portable
+    })
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: avx512f was detected at run time; slices have equal length.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: avx512f was detected at run time; slices have equal length.
+        return unsafe { x86::dot_bf16(w, x) };
+    }
+    w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
+}
+
+pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: avx512f was detected at run time; slices have equal length.
+        return unsafe { x86::dot_f16(w, x) };
+    }
+    w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
+}
+
+/// Sums a buffer with all the SIMD width available: the memory-bandwidth probe of the
+/// decode benchmark.
+pub fn sum_f32(a: &[f32]) -> f32 {
+    let ones = vec![1.0f32; 4096];
+    a.chunks(4096).map(|c| dot_f32(c, &ones[..c.len()])).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 16·j + 16 ≤ n for both slices.
+                let x = unsafe { _mm512_loadu_ps(pa.add(i + 16 * j)) };
+                let y = unsafe { _mm512_loadu_ps(pb.add(i + 16 * j)) };
+                *acc = _mm512_fmadd_ps(x, y, *acc);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n.
+            let x = unsafe { _mm512_loadu_ps(pa.add(i)) };
+            let y = unsafe { _mm512_loadu_ps(pb.add(i)) };
+            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+            i += 16;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut r = _mm512_reduce_add_ps(s);
+        while i < n {
+            r += a[i] * b[i];
+            i += 1;
+        }
+        r
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_bf16(p: *const bf16) -> __m512 {
+        // SAFETY: caller guarantees 16 readable bf16 values at p.
+        let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        let n = w.len();
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 16·j + 16 ≤ n for both slices.
+                let a = unsafe { widen_bf16(pw.add(i + 16 * j)) };
+                let b = unsafe { _mm512_loadu_ps(px.add(i + 16 * j)) };
+                *acc = _mm512_fmadd_ps(a, b, *acc);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n.
+            let a = unsafe { widen_bf16(pw.add(i)) };
+            let b = unsafe { _mm512_loadu_ps(px.add(i)) };
+            acc[0] = _mm512_fmadd_ps(a, b, acc[0]);
+            i += 16;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut r = _mm512_reduce_add_ps(s);
+        while i < n {
+            r += w[i].to_f32() * x[i];
+            i += 1;
+        }
+        r
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+        let n = w.len();
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 ≤ n for both slices.
+            let h = unsafe { _mm256_loadu_si256(pw.add(i) as *const __m256i) };
+            let b = unsafe { _mm512_loadu_ps(px.add(i)) };
+            acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), b, acc);
+            i += 16;
+        }
+        let mut r = _mm512_reduce_add_ps(acc);
+        while i < n {
+            r += w[i].to_f32() * x[i];
+            i += 1;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_dots_match_scalar() {
+        for n in [1, 15, 16, 17, 64, 100, 333] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot_f32(&a, &b) as f64 - want).abs() < 1e-4, "f32 n={n}");
+            let wb: Vec<bf16> = a.iter().map(|&x| bf16::from_f32(x)).collect();
+            let want_b: f64 = wb
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| x.to_f32() as f64 * *y as f64)
+                .sum();
+            assert!(
+                (dot_bf16(&wb, &b) as f64 - want_b).abs() < 1e-4,
+                "bf16 n={n}"
+            );
+            let wh: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
+            let want_h: f64 = wh
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| x.to_f32() as f64 * *y as f64)
+                .sum();
+            assert!((dot_f16(&wh, &b) as f64 - want_h).abs() < 1e-4, "f16 n={n}");
+        }
+    }
+}

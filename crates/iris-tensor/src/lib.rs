@@ -1,0 +1,22 @@
+//! Iris' tensor runtime: contiguous row-major tensors in f32, bf16 or f16, the CPU
+//! kernels the models need, and a `Device` with a CPU backend and a CUDA slot.
+//!
+//! Activations are kept in f32; weights keep their storage dtype and are widened inside
+//! the matrix kernels, so decode reads 2 bytes per bf16 weight. To follow a bf16
+//! reference (PyTorch rounds every op's output to bf16), model code calls
+//! [`Tensor::round_to`] where PyTorch would have produced a bf16 tensor.
+
+mod device;
+mod dtype;
+mod error;
+pub mod kernels;
+mod matmul;
+mod ops;
+mod tensor;
+
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use matmul::linear;
+pub use ops::Activation;
+pub use tensor::Tensor;
