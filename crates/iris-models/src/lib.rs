@@ -1,1 +1,16 @@
+//! Iris' model code: layers written once (linear and its tensor-parallel forms, norms,
+//! rotary embeddings, attention, MLPs), the CLIP vision transformer, the LLaVA
+//! projector, the LLaMA decoder, and the HF loading that feeds them (`config.json` in
+//! every key style, safetensors single-file and sharded, memory-mapped).
+//!
+//! Model code follows HF weight names so a file reads beside its `modeling_*.py`.
 
+pub mod clip;
+pub mod config;
+mod error;
+pub mod layers;
+pub mod llama;
+pub mod llava;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -18,5 +18,5 @@ pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use matmul::linear;
-pub use ops::Activation;
+pub use ops::{round_scalar, softmax_in_place, Activation};
 pub use tensor::Tensor;

@@ -207,7 +207,8 @@ impl Tensor {
     }
 }
 
-pub(crate) fn round_scalar(x: f32, dtype: crate::DType) -> f32 {
+/// One value rounded to the precision of `dtype`.
+pub fn round_scalar(x: f32, dtype: crate::DType) -> f32 {
     match dtype {
         crate::DType::F32 => x,
         crate::DType::BF16 => half::bf16::from_f32(x).to_f32(),

@@ -1,0 +1,399 @@
+//! HF `config.json` into Iris' model configs, with HF's defaults for absent keys (hub
+//! configs often list only what differs from them) and both key styles: `rope_theta` /
+//! `rope_scaling` beside `rope_parameters`, `torch_dtype` beside `dtype`,
+//! `image_token_index` beside `image_token_id`.
+
+use std::path::Path;
+
+use iris_tensor::{Activation, DType};
+use serde_json::Value;
+
+use crate::error::io_err;
+use crate::{Error, Result};
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Typed access to a JSON object with defaults and errors that name the key.
+struct Obj<'a>(&'a Value, &'static str);
+
+impl Obj<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| Error::Config(format!("{}.{key} must be a non-negative integer", self.1))),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::Config(format!("{}.{key} must be a number", self.1))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::Config(format!("{}.{key} must be a boolean", self.1))),
+        }
+    }
+    fn str_or<'b>(&'b self, key: &str, default: &'b str) -> Result<&'b str> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| Error::Config(format!("{}.{key} must be a string", self.1))),
+        }
+    }
+    fn act_or(&self, key: &str, default: &str) -> Result<Activation> {
+        let name = self.str_or(key, default)?;
+        Activation::from_hf(name)
+            .ok_or_else(|| Error::Config(format!("{}.{key}: unsupported activation `{name}`", self.1)))
+    }
+    /// One id or a list of ids.
+    fn ids(&self, key: &str) -> Vec<u32> {
+        match self.get(key) {
+            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+            _ => vec![],
+        }
+    }
+}
+
+/// The checkpoint's dtype (`torch_dtype` in transformers 4, `dtype` in 5).
+pub fn checkpoint_dtype(cfg: &Value) -> Option<DType> {
+    ["dtype", "torch_dtype"]
+        .iter()
+        .find_map(|k| cfg.get(*k).and_then(|v| v.as_str()))
+        .and_then(DType::parse)
+}
+
+/// How RoPE frequencies are scaled (`rope_type` of HF's `ROPE_INIT_FUNCTIONS`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Bias on q, k, v (LLaMA's `attention_bias`, always on in Qwen2).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (LLaMA's `attention_bias`; never in Qwen2).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    /// Parses a LLaMA-family text config (`llama`, `mistral`, `qwen2`).
+    /// `tie_default` is the enclosing config's `tie_word_embeddings`, which some
+    /// composite checkpoints set only at the top level.
+    pub fn from_value(v: &Value, tie_default: bool) -> Result<LlamaConfig> {
+        let o = Obj(v, "text_config");
+        let model_type = o.str_or("model_type", "llama")?;
+        let qwen2 = match model_type {
+            "llama" | "mistral" => false,
+            "qwen2" => true,
+            other => {
+                return Err(Error::UnknownArchitecture(format!(
+                    "text model_type `{other}` (supported: llama, mistral, qwen2)"
+                )))
+            }
+        };
+        let hidden_size = o.usize_or("hidden_size", 4096)?;
+        let num_attention_heads = o.usize_or("num_attention_heads", 32)?;
+        let num_key_value_heads = o.usize_or("num_key_value_heads", num_attention_heads)?;
+        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = o.usize_or("head_dim", hidden_size / num_attention_heads)?;
+        let attention_bias = o.bool_or("attention_bias", false)?;
+        let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling")).filter(|r| r.is_object());
+        let rope_theta = match rope.and_then(|r| r.get("rope_theta")).and_then(|t| t.as_f64()) {
+            Some(t) => t,
+            None => o.f64_or("rope_theta", 10000.0)?,
+        };
+        let rope_scaling = match rope {
+            None => RopeScaling::Default,
+            Some(r) => {
+                let r = Obj(r, "rope_parameters");
+                let kind = r.str_or("rope_type", r.str_or("type", "default")?)?;
+                match kind {
+                    "default" => RopeScaling::Default,
+                    "linear" => RopeScaling::Linear {
+                        factor: r.f64_or("factor", 1.0)?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: r.f64_or("factor", 8.0)?,
+                        low_freq_factor: r.f64_or("low_freq_factor", 1.0)?,
+                        high_freq_factor: r.f64_or("high_freq_factor", 4.0)?,
+                        original_max_position_embeddings: r.usize_or("original_max_position_embeddings", 8192)?,
+                    },
+                    other => return Err(Error::Config(format!("unsupported rope_type `{other}`"))),
+                }
+            }
+        };
+        let cfg = LlamaConfig {
+            vocab_size: o.usize_or("vocab_size", 32000)?,
+            hidden_size,
+            intermediate_size: o.usize_or("intermediate_size", 11008)?,
+            num_hidden_layers: o.usize_or("num_hidden_layers", 32)?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            hidden_act: o.act_or("hidden_act", "silu")?,
+            max_position_embeddings: o.usize_or("max_position_embeddings", 2048)?,
+            rms_norm_eps: o.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+            mlp_bias: o.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: o.bool_or("tie_word_embeddings", tie_default)?,
+            bos_token_id: o.ids("bos_token_id").first().copied(),
+            eos_token_ids: o.ids("eos_token_id"),
+        };
+        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+            return Err(Error::Config(format!("head_dim {} must be even and positive", cfg.head_dim)));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl ClipVisionConfig {
+    /// HF `CLIPVisionConfig`, with LLaVA's defaults (CLIP ViT-L/14-336) where the
+    /// enclosing config gives no vision config at all.
+    pub fn from_value(v: Option<&Value>) -> Result<ClipVisionConfig> {
+        let empty = Value::Object(Default::default());
+        let llava_default = v.is_none();
+        let o = Obj(v.unwrap_or(&empty), "vision_config");
+        let mt = o.str_or("model_type", "clip_vision_model")?;
+        if mt != "clip_vision_model" {
+            return Err(Error::UnknownArchitecture(format!(
+                "vision model_type `{mt}` (supported: clip_vision_model)"
+            )));
+        }
+        let d = |llava: usize, clip: usize| if llava_default { llava } else { clip };
+        let cfg = ClipVisionConfig {
+            hidden_size: o.usize_or("hidden_size", d(1024, 768))?,
+            intermediate_size: o.usize_or("intermediate_size", d(4096, 3072))?,
+            num_hidden_layers: o.usize_or("num_hidden_layers", d(24, 12))?,
+            num_attention_heads: o.usize_or("num_attention_heads", d(16, 12))?,
+            num_channels: o.usize_or("num_channels", 3)?,
+            image_size: o.usize_or("image_size", d(336, 224))?,
+            patch_size: o.usize_or("patch_size", d(14, 32))?,
+            hidden_act: o.act_or("hidden_act", "quick_gelu")?,
+            layer_norm_eps: o.f64_or("layer_norm_eps", 1e-5)?,
+        };
+        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                cfg.image_size, cfg.patch_size
+            )));
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::Config("vision hidden_size must be a multiple of num_attention_heads".into()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+}
+
+/// Which hidden states LLaVA takes from the vision tower and whether it keeps CLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectStrategy {
+    /// Drop the CLS token (`"default"`).
+    Default,
+    /// Keep every token (`"full"`).
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlavaConfig {
+    pub vision: ClipVisionConfig,
+    pub text: LlamaConfig,
+    /// Indices into the vision tower's hidden states (negative from the end); several
+    /// are concatenated along the feature dimension.
+    pub vision_feature_layers: Vec<i64>,
+    pub select_strategy: SelectStrategy,
+    pub projector_hidden_act: Activation,
+    pub projector_bias: bool,
+    pub image_token_id: u32,
+    pub dtype: Option<DType>,
+}
+
+impl LlavaConfig {
+    pub fn from_value(v: &Value) -> Result<LlavaConfig> {
+        let o = Obj(v, "config");
+        let tie = o.bool_or("tie_word_embeddings", false)?;
+        let empty = Value::Object(Default::default());
+        let text = LlamaConfig::from_value(v.get("text_config").unwrap_or(&empty), tie)?;
+        let vision = ClipVisionConfig::from_value(v.get("vision_config"))?;
+        let vision_feature_layers = match o.get("vision_feature_layer") {
+            None => vec![-2],
+            Some(Value::Number(n)) => vec![n
+                .as_i64()
+                .ok_or_else(|| Error::Config("vision_feature_layer must be an integer".into()))?],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_i64().ok_or_else(|| Error::Config("vision_feature_layer must hold integers".into())))
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(Error::Config("vision_feature_layer must be an integer or a list".into())),
+        };
+        let n_states = vision.num_hidden_layers as i64 + 1;
+        for &l in &vision_feature_layers {
+            if l >= n_states || l < -n_states {
+                return Err(Error::Config(format!(
+                    "vision_feature_layer {l} is out of range for {} vision layers",
+                    vision.num_hidden_layers
+                )));
+            }
+        }
+        let select_strategy = match o.str_or("vision_feature_select_strategy", "default")? {
+            "default" => SelectStrategy::Default,
+            "full" => SelectStrategy::Full,
+            other => {
+                return Err(Error::Config(format!(
+                    "vision_feature_select_strategy `{other}` (expected default or full)"
+                )))
+            }
+        };
+        let image_token_id = o
+            .get("image_token_id")
+            .or_else(|| o.get("image_token_index"))
+            .and_then(|x| x.as_u64())
+            .unwrap_or(32000) as u32;
+        Ok(LlavaConfig {
+            vision,
+            text,
+            vision_feature_layers,
+            select_strategy,
+            projector_hidden_act: o.act_or("projector_hidden_act", "gelu")?,
+            projector_bias: o.bool_or("multimodal_projector_bias", true)?,
+            image_token_id,
+            dtype: checkpoint_dtype(v).or_else(|| v.get("text_config").and_then(checkpoint_dtype)),
+        })
+    }
+
+    /// Visual tokens one image becomes.
+    pub fn tokens_per_image(&self) -> usize {
+        let n = self.vision.num_patches() + 1;
+        match self.select_strategy {
+            SelectStrategy::Default => n - 1,
+            SelectStrategy::Full => n,
+        }
+    }
+}
+
+/// The architecture a checkpoint declares (`architectures[0]`, else `model_type`).
+pub fn architecture(cfg: &Value) -> Option<String> {
+    cfg.get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .or_else(|| cfg.get("model_type").and_then(|m| m.as_str()))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn both_rope_key_styles_and_hf_defaults() {
+        let old = LlamaConfig::from_value(&json!({"rope_theta": 500000.0, "num_key_value_heads": 8}), false).unwrap();
+        let new = LlamaConfig::from_value(
+            &json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "num_key_value_heads": 8}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(old.rope_theta, 500000.0);
+        assert_eq!(new.rope_theta, 500000.0);
+        assert_eq!(new.hidden_size, 4096);
+        assert_eq!(new.head_dim, 128);
+        let l3 = LlamaConfig::from_value(&json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), false).unwrap();
+        assert!(matches!(l3.rope_scaling, RopeScaling::Llama3 { .. }));
+        assert!(LlamaConfig::from_value(&json!({"rope_scaling": {"rope_type": "yarn"}}), false).is_err());
+        assert!(LlamaConfig::from_value(&json!({"num_attention_heads": 6, "num_key_value_heads": 4}), false).is_err());
+        let qwen = LlamaConfig::from_value(&json!({"model_type": "qwen2"}), false).unwrap();
+        assert!(qwen.qkv_bias && !qwen.o_bias);
+    }
+
+    #[test]
+    fn llava_hub_config_with_defaults() {
+        // The shape of llava-hf/llava-1.5-7b-hf's config.json.
+        let v = json!({
+            "architectures": ["LlavaForConditionalGeneration"],
+            "image_token_index": 32000,
+            "model_type": "llava",
+            "text_config": {"max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                            "torch_dtype": "float16", "vocab_size": 32064},
+            "torch_dtype": "float16",
+            "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                              "model_type": "clip_vision_model", "num_attention_heads": 16,
+                              "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}
+        });
+        let c = LlavaConfig::from_value(&v).unwrap();
+        assert_eq!(c.tokens_per_image(), 576);
+        assert_eq!(c.text.num_hidden_layers, 32);
+        assert_eq!(c.dtype, Some(DType::F16));
+        assert_eq!(c.image_token_id, 32000);
+        assert_eq!(c.vision_feature_layers, vec![-2]);
+        assert!(LlavaConfig::from_value(&json!({"vision_feature_layer": 40})).is_err());
+    }
+}

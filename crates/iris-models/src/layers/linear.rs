@@ -1,0 +1,88 @@
+//! Linear layers and their Megatron-LM tensor-parallel forms (Shoeybi et al., 2019).
+//! A column-parallel layer holds a slice of the output rows; a row-parallel layer holds
+//! a slice of the input columns and all-reduces its partial sums. At world size 1 both
+//! are the plain layer and the all-reduce is a no-op.
+
+use std::sync::Arc;
+
+use iris_comm::{shard_range, Communicator};
+use iris_tensor::{DType, Tensor};
+
+use crate::weights::Vb;
+use crate::Result;
+
+/// `y = x·Wᵀ + b`, the output rounded to the model's dtype as PyTorch would.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    dtype: DType,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Linear {
+        Linear { weight, bias, dtype }
+    }
+
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        Ok(Linear::new(weight, bias, vb.dtype()))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(iris_tensor::linear(x, &self.weight, self.bias.as_ref())?.round_to(self.dtype))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// Output rows split over the ranks; each rank returns its slice of `y`.
+#[derive(Debug, Clone)]
+pub struct ColumnParallelLinear(Linear);
+
+impl ColumnParallelLinear {
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool, comm: &dyn Communicator) -> Result<Self> {
+        let rows = shard_range(out_dim, comm.rank(), comm.world_size())?;
+        let weight = vb.get_rows("weight", &[out_dim, in_dim], rows.clone())?;
+        let bias = if bias { Some(vb.get_rows("bias", &[out_dim], rows)?) } else { None };
+        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// Input columns split over the ranks; partial products are summed by an all-reduce,
+/// then the (unsplit) bias is added once.
+#[derive(Debug, Clone)]
+pub struct RowParallelLinear {
+    inner: Linear,
+    bias: Option<Tensor>,
+    comm: Arc<dyn Communicator>,
+}
+
+impl RowParallelLinear {
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let cols = shard_range(in_dim, comm.rank(), comm.world_size())?;
+        let weight = vb.get_cols("weight", &[out_dim, in_dim], cols)?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        Ok(RowParallelLinear {
+            inner: Linear::new(weight, None, vb.dtype()),
+            bias,
+            comm,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = iris_tensor::linear(x, &self.inner.weight, None)?;
+        self.comm.all_reduce_sum(y.f32_mut())?;
+        if let Some(b) = &self.bias {
+            y = y.add_row(b)?;
+        }
+        Ok(y.round_to(self.inner.dtype))
+    }
+}

@@ -1,0 +1,216 @@
+//! The LLaMA decoder (Touvron et al., 2023) as HF's `modeling_llama.py`: RMSNorm,
+//! RoPE, grouped-query attention with optional q/k/v(/o) bias (Qwen2), SwiGLU, tied or
+//! untied head; Megatron tensor parallelism through the column/row-parallel layers.
+
+use std::sync::Arc;
+
+use iris_comm::Communicator;
+use iris_tensor::{DType, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::layers::{sdpa, AttnShape, ColumnParallelLinear, GatedMlp, Linear, RmsNorm, RotaryEmbedding, RowParallelLinear};
+use crate::weights::Vb;
+use crate::{Error, Result};
+
+/// Keys and values of every layer for one sequence, `[tokens, local_kv_heads·head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> KvCache {
+        KvCache {
+            k: vec![Vec::new(); n_layers],
+            v: vec![Vec::new(); n_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LlamaAttention {
+    q_proj: ColumnParallelLinear,
+    k_proj: ColumnParallelLinear,
+    v_proj: ColumnParallelLinear,
+    o_proj: RowParallelLinear,
+    /// Heads on this rank.
+    shape: AttnShape,
+    dtype: DType,
+}
+
+impl LlamaAttention {
+    fn load(vb: &Vb, cfg: &LlamaConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
+        let (d, hd, ws) = (cfg.hidden_size, cfg.head_dim, comm.world_size());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        if nkv % ws != 0 {
+            return Err(Error::Config(format!("{nkv} KV heads do not split over {ws} ranks")));
+        }
+        let c = comm.as_ref();
+        Ok(LlamaAttention {
+            q_proj: ColumnParallelLinear::load(&vb.pp("q_proj"), d, nh * hd, cfg.qkv_bias, c)?,
+            k_proj: ColumnParallelLinear::load(&vb.pp("k_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
+            v_proj: ColumnParallelLinear::load(&vb.pp("v_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
+            o_proj: RowParallelLinear::load(&vb.pp("o_proj"), nh * hd, d, cfg.o_bias, comm.clone())?,
+            shape: AttnShape {
+                n_heads: nh / ws,
+                n_kv_heads: nkv / ws,
+                head_dim: hd,
+            },
+            dtype: vb.dtype(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let t = x.rows();
+        let start = cache.len;
+        let positions: Vec<usize> = (start..start + t).collect();
+        let mut q = self.q_proj.forward(x)?;
+        let mut k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        rope.apply(q.f32_mut(), self.shape.n_heads, &positions);
+        rope.apply(k.f32_mut(), self.shape.n_kv_heads, &positions);
+        cache.k[layer].extend_from_slice(k.as_f32()?);
+        cache.v[layer].extend_from_slice(v.as_f32()?);
+        let o = sdpa(q.as_f32()?, &cache.k[layer], &cache.v[layer], self.shape, Some(start));
+        let o = Tensor::from_f32(o, &[t, self.shape.n_heads * self.shape.head_dim])?.round_to(self.dtype);
+        self.o_proj.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LlamaLayer {
+    input_layernorm: RmsNorm,
+    self_attn: LlamaAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+    dtype: DType,
+}
+
+impl LlamaLayer {
+    fn load(vb: &Vb, cfg: &LlamaConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(LlamaLayer {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+            self_attn: LlamaAttention::load(&vb.pp("self_attn"), cfg, comm)?,
+            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+            mlp: GatedMlp::load(&vb.pp("mlp"), d, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, comm)?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    fn forward(&self, x: Tensor, rope: &RotaryEmbedding, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, rope, layer, cache)?;
+        let x = x.add(&h)?.round_to(self.dtype);
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(x.add(&h)?.round_to(self.dtype))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<LlamaLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    cfg: LlamaConfig,
+}
+
+impl Llama {
+    /// `vb` points at the decoder (`embed_tokens`, `layers`, `norm`); `head` at
+    /// `lm_head` (ignored when the embeddings are tied).
+    pub fn load(vb: &Vb, head: &Vb, cfg: &LlamaConfig, comm: Arc<dyn Communicator>) -> Result<Llama> {
+        if comm.world_size() != 1 {
+            // The layers shard already; the vocab-parallel embedding and head gather
+            // arrive with the multi-rank communicators.
+            return Err(Error::Config("tensor parallelism above 1 rank is not available yet".into()));
+        }
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = vb.get("embed_tokens.weight", &[v, d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None, vb.dtype())
+        } else {
+            Linear::load(head, d, v, false)?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| LlamaLayer::load(&vb.pp("layers").pp(i), cfg, &comm))
+            .collect::<Result<_>>()?;
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(&vb.pp("norm"), d, cfg.rms_norm_eps)?,
+            lm_head,
+            rope: RotaryEmbedding::new(cfg, vb.dtype()),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings `[ids, hidden]`; errors on ids outside the vocabulary.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(self.embed_tokens.index_rows(ids)?)
+    }
+
+    /// Runs `embeds` (`[t, hidden]`) after the cached tokens; returns the final-normed
+    /// hidden states `[t, hidden]` and extends `cache`.
+    pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = embeds.rows();
+        if cache.len + t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{} tokens exceed the model's {} positions",
+                cache.len + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer.forward(x, &self.rope, i, cache) {
+                Ok(y) => x = y,
+                Err(e) => {
+                    // Leave the cache as it was before this call.
+                    let kv = self.cache_width();
+                    cache.k.iter_mut().chain(cache.v.iter_mut()).for_each(|c| c.truncate(cache.len * kv));
+                    return Err(e);
+                }
+            }
+        }
+        cache.len += t;
+        self.norm.forward(&x)
+    }
+
+    fn cache_width(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |l| l.self_attn.shape.n_kv_heads * l.self_attn.shape.head_dim)
+    }
+
+    /// Logits `[t, vocab]` of final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}

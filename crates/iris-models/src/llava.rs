@@ -1,0 +1,173 @@
+//! LLaVA (Liu et al., 2023; "Improved Baselines", LLaVA-1.5): CLIP ViT → select
+//! hidden state → 2-layer MLP projector → LLaMA, visual tokens replacing the image
+//! placeholder ids. Follows HF's `modeling_llava.py` and loads every checkpoint layout
+//! in use: the hub's (`vision_tower.vision_model.*`, `language_model.model.*`,
+//! `language_model.lm_head`), the one transformers 5 writes (`vision_tower.*`), and
+//! the `model.*` form (`model.vision_tower.*`, `model.language_model.*`, `lm_head`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iris_comm::Communicator;
+use iris_tensor::{DType, Tensor};
+
+use crate::clip::ClipVisionTransformer;
+use crate::config::{architecture, read_json, LlavaConfig, SelectStrategy};
+use crate::layers::Mlp;
+use crate::llama::Llama;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+pub const ARCHITECTURE: &str = "LlavaForConditionalGeneration";
+
+#[derive(Debug, Clone)]
+pub struct Llava {
+    cfg: LlavaConfig,
+    vision_tower: ClipVisionTransformer,
+    multi_modal_projector: Mlp,
+    language_model: Llama,
+    dtype: DType,
+    /// Hidden-state indices of `vision_feature_layer`, made non-negative.
+    feature_layers: Vec<usize>,
+}
+
+/// The first prefix under which `probe` exists.
+fn find_prefix<'a>(w: &Arc<Weights>, candidates: &[&'a str], probe: &str) -> Result<&'a str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| w.contains(&format!("{p}.{probe}")))
+        .ok_or_else(|| Error::MissingTensor(format!("{}.{probe}", candidates[0])))
+}
+
+impl Llava {
+    /// Loads `dir` (config.json + safetensors). `dtype` overrides the checkpoint's.
+    pub fn load(dir: &Path, dtype: Option<DType>, comm: Arc<dyn Communicator>) -> Result<Llava> {
+        let raw = read_json(&dir.join("config.json"))?;
+        match architecture(&raw).as_deref() {
+            Some(ARCHITECTURE) | Some("llava") => {}
+            other => return Err(Error::UnknownArchitecture(other.unwrap_or("<none>").to_string())),
+        }
+        let cfg = LlavaConfig::from_value(&raw)?;
+        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
+        let w = Arc::new(Weights::open(dir, dtype)?);
+
+        let vision = find_prefix(
+            &w,
+            &["vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower"],
+            "embeddings.patch_embedding.weight",
+        )?;
+        let lm = find_prefix(
+            &w,
+            &["language_model.model", "model.language_model", "language_model", "model.language_model.model"],
+            "embed_tokens.weight",
+        )?;
+        let head = ["language_model.lm_head", "lm_head", "model.lm_head"]
+            .into_iter()
+            .find(|p| w.contains(&format!("{p}.weight")))
+            .unwrap_or("lm_head");
+        let projector = find_prefix(&w, &["multi_modal_projector", "model.multi_modal_projector"], "linear_1.weight")?;
+
+        let n_states = cfg.vision.num_hidden_layers as i64 + 1;
+        let feature_layers: Vec<usize> = cfg
+            .vision_feature_layers
+            .iter()
+            .map(|&l| if l < 0 { (n_states + l) as usize } else { l as usize })
+            .collect();
+        let n_layers = feature_layers.iter().copied().max().unwrap_or(0);
+        let vision_in = cfg.vision.hidden_size * feature_layers.len();
+        let text_d = cfg.text.hidden_size;
+        Ok(Llava {
+            vision_tower: ClipVisionTransformer::load(&w.pp(vision), &cfg.vision, n_layers)?,
+            multi_modal_projector: Mlp::load(
+                &w.pp(projector),
+                ("linear_1", "linear_2"),
+                (vision_in, text_d, text_d),
+                cfg.projector_hidden_act,
+                cfg.projector_bias,
+            )?,
+            language_model: Llama::load(&w.pp(lm), &w.pp(head), &cfg.text, comm)?,
+            feature_layers,
+            dtype,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &LlavaConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn language_model(&self) -> &Llama {
+        &self.language_model
+    }
+
+    /// The selected vision features of one image `[C, H, W]`: `[tokens, hidden·layers]`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers)?;
+        let skip = match self.cfg.select_strategy {
+            SelectStrategy::Default => 1,
+            SelectStrategy::Full => 0,
+        };
+        let rows = states[0].rows() - skip;
+        let selected: Vec<Tensor> = states
+            .iter()
+            .map(|s| s.narrow_rows(skip, rows))
+            .collect::<std::result::Result<_, _>>()?;
+        if selected.len() == 1 {
+            return Ok(selected.into_iter().next().expect("one state"));
+        }
+        // Several layers are concatenated along the feature dimension.
+        let d = self.cfg.vision.hidden_size;
+        let mut out = Vec::with_capacity(rows * d * selected.len());
+        for r in 0..rows {
+            for s in &selected {
+                out.extend_from_slice(&s.as_f32()?[r * d..(r + 1) * d]);
+            }
+        }
+        Ok(Tensor::from_f32(out, &[rows, d * selected.len()])?)
+    }
+
+    pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        self.multi_modal_projector.forward(features)
+    }
+
+    /// Visual tokens of one image, in the language model's space.
+    pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.project(&self.image_features(pixel_values)?)
+    }
+
+    /// Input embeddings of a prompt whose image placeholders are filled, in order, by
+    /// `images` (each `[tokens_per_image, hidden]`).
+    pub fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
+        let placeholders = ids.iter().filter(|&&i| i == self.cfg.image_token_id).count();
+        let per = self.cfg.tokens_per_image();
+        if placeholders != images.len() * per {
+            return Err(Error::Input(format!(
+                "the prompt has {placeholders} image tokens but {} image(s) give {} visual tokens",
+                images.len(),
+                images.len() * per
+            )));
+        }
+        // Placeholder ids may lie outside the text vocabulary; embed a valid id there.
+        let text_ids: Vec<u32> = ids
+            .iter()
+            .map(|&i| if i == self.cfg.image_token_id { 0 } else { i })
+            .collect();
+        let mut x = self.language_model.embed(&text_ids)?;
+        let d = self.cfg.text.hidden_size;
+        let visual: Vec<&[f32]> = images.iter().map(|t| t.as_f32()).collect::<std::result::Result<_, _>>()?;
+        let mut next = visual.iter().flat_map(|v| v.chunks_exact(d));
+        let xs = x.f32_mut();
+        for (pos, &id) in ids.iter().enumerate() {
+            if id == self.cfg.image_token_id {
+                let row = next.next().expect("counts checked above");
+                xs[pos * d..(pos + 1) * d].copy_from_slice(row);
+            }
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,276 @@
+//! Safetensors checkpoints: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped, headers validated once at open,
+//! tensors converted to the requested dtype as they are read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use iris_tensor::{DType, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::error::io_err;
+use crate::{Error, Result};
+
+#[derive(Debug)]
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    range: std::ops::Range<usize>,
+}
+
+/// All tensors of a checkpoint, by name.
+#[derive(Debug)]
+pub struct Weights {
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Opens the checkpoint in `dir`; tensors will be returned as `dtype`.
+    pub fn open(dir: &Path, dtype: DType) -> Result<Weights> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.clone(),
+                source,
+            })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                Error::Config(format!("{}: no `weight_map` object", index.display()))
+            })?;
+            let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(Error::Config(format!(
+                    "{}: neither model.safetensors nor model.safetensors.index.json",
+                    dir.display()
+                )));
+            }
+            vec![single]
+        };
+        Self::open_files(&files, dtype)
+    }
+
+    pub fn open_files(files: &[PathBuf], dtype: DType) -> Result<Weights> {
+        let mut maps = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(io_err(path))?;
+            // SAFETY: the checkpoint is opened read-only; a file changed under a running
+            // server is outside what Iris guards against (as in every mmap loader).
+            let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+            let bad = |msg: String| Error::Safetensors {
+                path: path.clone(),
+                msg,
+            };
+            // Full validation: header JSON, offsets within the buffer, sizes vs shapes.
+            let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
+            let (header_len, _) =
+                SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+            let data_start = 8 + header_len;
+            for (name, view) in st.tensors() {
+                let dt = match view.dtype() {
+                    StDtype::F32 => DType::F32,
+                    StDtype::BF16 => DType::BF16,
+                    StDtype::F16 => DType::F16,
+                    other => {
+                        return Err(Error::TensorDType {
+                            name,
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
+                let data = view.data();
+                let offset = data.as_ptr() as usize - map.as_ptr() as usize;
+                debug_assert!(offset >= data_start);
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        dtype: dt,
+                        shape: view.shape().to_vec(),
+                        range: offset..offset + data.len(),
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(Weights {
+            maps,
+            entries,
+            dtype,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The tensor `name`, checked against `shape`, as the checkpoint's load dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        if e.shape != shape {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                want: shape.to_vec(),
+                got: e.shape.clone(),
+            });
+        }
+        let bytes = &self.maps[e.file][e.range.clone()];
+        Ok(Tensor::from_le_bytes(bytes, e.dtype, shape)?.to_dtype(dtype))
+    }
+
+    /// A view of the tensors under `prefix.`.
+    pub fn pp(self: &Arc<Self>, prefix: &str) -> Vb {
+        Vb {
+            w: self.clone(),
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+/// A prefix into a checkpoint, as candle's `VarBuilder`: `vb.pp("mlp").get("fc1.weight")`.
+#[derive(Debug, Clone)]
+pub struct Vb {
+    w: Arc<Weights>,
+    prefix: String,
+}
+
+impl Vb {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb {
+        Vb {
+            w: self.w.clone(),
+            prefix: self.path(&name.to_string()),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.w.dtype
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.w.contains(&self.path(name))
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.w.get(&self.path(name), shape)
+    }
+
+    /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.
+    pub fn get_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        if range == (0..shape[0]) {
+            return Ok(t);
+        }
+        let cols: usize = shape[1..].iter().product();
+        let data = t.to_f32_vec()[range.start * cols..range.end * cols].to_vec();
+        let mut new_shape = shape.to_vec();
+        new_shape[0] = range.len();
+        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype()))
+    }
+
+    /// Columns `range` of a 2-D tensor: the shard a row-parallel rank owns.
+    pub fn get_cols(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        if range == (0..shape[1]) {
+            return Ok(t);
+        }
+        let full = t.to_f32_vec();
+        let data: Vec<f32> = full
+            .chunks_exact(shape[1])
+            .flat_map(|row| row[range.clone()].iter().copied())
+            .collect();
+        Ok(Tensor::from_f32(data, &[shape[0], range.len()])?.to_dtype(self.dtype()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn write(dir: &Path, name: &str, tensors: &[(&str, Vec<f32>, Vec<usize>)]) -> PathBuf {
+        let bufs: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, v, _)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: HashMap<String, safetensors::tensor::TensorView> = tensors
+            .iter()
+            .zip(&bufs)
+            .map(|((n, _, s), b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(StDtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let path = dir.join(name);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn loads_converts_and_checks_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "model.safetensors", &[("a.w", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])]);
+        let w = Arc::new(Weights::open(dir.path(), DType::BF16).unwrap());
+        let t = w.pp("a").get("w", &[2, 2]).unwrap();
+        assert_eq!(t.dtype(), DType::BF16);
+        assert_eq!(t.to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert!(matches!(w.get("a.w", &[4]), Err(Error::TensorShape { .. })));
+        assert!(matches!(w.get("b", &[4]), Err(Error::MissingTensor(_))));
+        let c = w.pp("a").get_cols("w", &[2, 2], 1..2).unwrap();
+        assert_eq!(c.to_f32_vec(), vec![2.0, 4.0]);
+        let r = w.pp("a").get_rows("w", &[2, 2], 1..2).unwrap();
+        assert_eq!(r.to_f32_vec(), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn truncated_and_corrupt_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "model.safetensors", &[("a", vec![1.0; 64], vec![64])]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+        let e = Weights::open(dir.path(), DType::F32).unwrap_err();
+        assert!(matches!(e, Error::Safetensors { .. }), "{e}");
+        std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Safetensors { .. })));
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Safetensors { .. })));
+        std::fs::remove_file(&p).unwrap();
+        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Config(_))));
+    }
+}
