@@ -1,1 +1,86 @@
+//! Helpers shared by the end-to-end tests: fixture paths, goldens, error metrics.
 
+use std::path::PathBuf;
+
+use iris_models::weights::Weights;
+use iris_tensor::{DType, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// The golden JSON and tensors HF produced for a fixture (see tools/gen_llava_fixtures.py).
+pub struct Golden {
+    pub json: serde_json::Value,
+    tensors: Weights,
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Golden {
+        let dir = fixture(name);
+        let json = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("golden.json")).expect("golden.json"),
+        )
+        .expect("golden.json parses");
+        let tensors = Weights::open_files(&[dir.join("golden.safetensors")], DType::F32)
+            .expect("golden tensors");
+        Golden { json, tensors }
+    }
+
+    pub fn tensor(&self, name: &str) -> Tensor {
+        let shape = self.shape(name);
+        self.tensors
+            .get(name, &shape)
+            .expect("golden tensor present")
+    }
+
+    fn shape(&self, name: &str) -> Vec<usize> {
+        self.tensors
+            .shape(name)
+            .unwrap_or_else(|| panic!("golden tensor {name} missing"))
+    }
+
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.json[key]
+            .as_array()
+            .expect("id list")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    }
+
+    pub fn floats(&self, key: &str) -> Vec<f32> {
+        self.json[key]
+            .as_array()
+            .expect("float list")
+            .iter()
+            .map(|x| x.as_f64().expect("float") as f32)
+            .collect()
+    }
+
+    pub fn image_paths(&self) -> Vec<PathBuf> {
+        self.json["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .map(|x| fixtures().join("images").join(x.as_str().expect("name")))
+            .collect()
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ and max |a − b|.
+pub fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let (mut num, mut den, mut max) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let d = (*x as f64 - *y as f64).abs();
+        num += d * d;
+        den += (*y as f64) * (*y as f64);
+        max = max.max(d);
+    }
+    ((num / den.max(1e-30)).sqrt(), max)
+}

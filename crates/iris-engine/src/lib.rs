@@ -1,1 +1,46 @@
+//! The engine: a model's HF processor (tokenizer + image processor, `<image>` marker
+//! expansion), the sampler, and generation. Continuous batching and the paged KV cache
+//! build on these pieces.
+#![forbid(unsafe_code)]
 
+mod pipeline;
+mod processor;
+mod sampler;
+
+pub use pipeline::{FinishReason, Generation, LlavaPipeline, PipelineOptions};
+pub use processor::{LlavaProcessor, PreparedPrompt};
+pub use sampler::{argmax, Sampler, SamplingParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Image(#[from] iris_image::Error),
+    #[error(transparent)]
+    Model(#[from] iris_models::Error),
+    #[error(transparent)]
+    Tensor(#[from] iris_tensor::Error),
+}
+
+impl Error {
+    /// Whether the caller's input (not the server or the model files) is at fault.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Input(_)
+                | Error::Image(
+                    iris_image::Error::TooManyBytes { .. }
+                        | iris_image::Error::TooManyPixels { .. }
+                        | iris_image::Error::Empty
+                        | iris_image::Error::UnknownFormat
+                        | iris_image::Error::Corrupt(_)
+                )
+                | Error::Model(iris_models::Error::Input(_))
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -108,7 +108,8 @@ impl ClipVisionTransformer {
         Ok(ClipVisionTransformer {
             patch_embedding,
             class_embedding: emb.get("class_embedding", &[d])?,
-            position_embedding: emb.get("position_embedding.weight", &[cfg.num_patches() + 1, d])?,
+            position_embedding: emb
+                .get("position_embedding.weight", &[cfg.num_patches() + 1, d])?,
             pre_layrnorm: LayerNorm::load(&vb.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
             layers,
             cfg: cfg.clone(),
@@ -119,7 +120,11 @@ impl ClipVisionTransformer {
     /// Patch embedding as a matrix product: each patch flattened in the conv weight's
     /// (channel, row, column) order.
     fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let (c, s, p) = (self.cfg.num_channels, self.cfg.image_size, self.cfg.patch_size);
+        let (c, s, p) = (
+            self.cfg.num_channels,
+            self.cfg.image_size,
+            self.cfg.patch_size,
+        );
         if pixel_values.shape() != [c, s, s] {
             return Err(Error::Input(format!(
                 "pixel values of shape {:?}, the vision tower takes [{c}, {s}, {s}]",
@@ -141,8 +146,12 @@ impl ClipVisionTransformer {
             }
         }
         let patches = Tensor::from_f32(cols, &[g * g, c * p * p])?;
-        let patch_embeds = iris_tensor::linear(&patches, &self.patch_embedding, None)?.round_to(self.dtype);
-        let cls = self.class_embedding.to_dtype(DType::F32).reshape(&[1, self.cfg.hidden_size])?;
+        let patch_embeds =
+            iris_tensor::linear(&patches, &self.patch_embedding, None)?.round_to(self.dtype);
+        let cls = self
+            .class_embedding
+            .to_dtype(DType::F32)
+            .reshape(&[1, self.cfg.hidden_size])?;
         let x = Tensor::cat_rows(&[&cls, &patch_embeds])?;
         Ok(x.add(&self.position_embedding)?.round_to(self.dtype))
     }
@@ -166,7 +175,11 @@ impl ClipVisionTransformer {
         }
         Ok(indices
             .iter()
-            .map(|&i| states[i].clone().expect("state computed for every index ≤ last"))
+            .map(|&i| {
+                states[i]
+                    .clone()
+                    .expect("state computed for every index ≤ last")
+            })
             .collect())
     }
 }

@@ -29,10 +29,9 @@ impl Obj<'_> {
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| Error::Config(format!("{}.{key} must be a non-negative integer", self.1))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                Error::Config(format!("{}.{key} must be a non-negative integer", self.1))
+            }),
         }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -61,16 +60,25 @@ impl Obj<'_> {
     }
     fn act_or(&self, key: &str, default: &str) -> Result<Activation> {
         let name = self.str_or(key, default)?;
-        Activation::from_hf(name)
-            .ok_or_else(|| Error::Config(format!("{}.{key}: unsupported activation `{name}`", self.1)))
+        Activation::from_hf(name).ok_or_else(|| {
+            Error::Config(format!("{}.{key}: unsupported activation `{name}`", self.1))
+        })
     }
-    /// One id or a list of ids.
     fn ids(&self, key: &str) -> Vec<u32> {
-        match self.get(key) {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-            _ => vec![],
-        }
+        token_ids(self.get(key))
+    }
+}
+
+/// A token-id field that HF writes as one id or a list of ids (`eos_token_id`).
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
     }
 }
 
@@ -140,15 +148,24 @@ impl LlamaConfig {
         let hidden_size = o.usize_or("hidden_size", 4096)?;
         let num_attention_heads = o.usize_or("num_attention_heads", 32)?;
         let num_key_value_heads = o.usize_or("num_key_value_heads", num_attention_heads)?;
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(Error::Config(format!(
                 "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
             )));
         }
         let head_dim = o.usize_or("head_dim", hidden_size / num_attention_heads)?;
         let attention_bias = o.bool_or("attention_bias", false)?;
-        let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling")).filter(|r| r.is_object());
-        let rope_theta = match rope.and_then(|r| r.get("rope_theta")).and_then(|t| t.as_f64()) {
+        let rope = v
+            .get("rope_parameters")
+            .or_else(|| v.get("rope_scaling"))
+            .filter(|r| r.is_object());
+        let rope_theta = match rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+        {
             Some(t) => t,
             None => o.f64_or("rope_theta", 10000.0)?,
         };
@@ -166,7 +183,8 @@ impl LlamaConfig {
                         factor: r.f64_or("factor", 8.0)?,
                         low_freq_factor: r.f64_or("low_freq_factor", 1.0)?,
                         high_freq_factor: r.f64_or("high_freq_factor", 4.0)?,
-                        original_max_position_embeddings: r.usize_or("original_max_position_embeddings", 8192)?,
+                        original_max_position_embeddings: r
+                            .usize_or("original_max_position_embeddings", 8192)?,
                     },
                     other => return Err(Error::Config(format!("unsupported rope_type `{other}`"))),
                 }
@@ -193,7 +211,10 @@ impl LlamaConfig {
             eos_token_ids: o.ids("eos_token_id"),
         };
         if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
-            return Err(Error::Config(format!("head_dim {} must be even and positive", cfg.head_dim)));
+            return Err(Error::Config(format!(
+                "head_dim {} must be even and positive",
+                cfg.head_dim
+            )));
         }
         Ok(cfg)
     }
@@ -244,7 +265,9 @@ impl ClipVisionConfig {
             )));
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(Error::Config("vision hidden_size must be a multiple of num_attention_heads".into()));
+            return Err(Error::Config(
+                "vision hidden_size must be a multiple of num_attention_heads".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -291,9 +314,17 @@ impl LlavaConfig {
                 .ok_or_else(|| Error::Config("vision_feature_layer must be an integer".into()))?],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_i64().ok_or_else(|| Error::Config("vision_feature_layer must hold integers".into())))
+                .map(|x| {
+                    x.as_i64().ok_or_else(|| {
+                        Error::Config("vision_feature_layer must hold integers".into())
+                    })
+                })
                 .collect::<Result<_>>()?,
-            Some(_) => return Err(Error::Config("vision_feature_layer must be an integer or a list".into())),
+            Some(_) => {
+                return Err(Error::Config(
+                    "vision_feature_layer must be an integer or a list".into(),
+                ))
+            }
         };
         let n_states = vision.num_hidden_layers as i64 + 1;
         for &l in &vision_feature_layers {
@@ -356,7 +387,11 @@ mod tests {
 
     #[test]
     fn both_rope_key_styles_and_hf_defaults() {
-        let old = LlamaConfig::from_value(&json!({"rope_theta": 500000.0, "num_key_value_heads": 8}), false).unwrap();
+        let old = LlamaConfig::from_value(
+            &json!({"rope_theta": 500000.0, "num_key_value_heads": 8}),
+            false,
+        )
+        .unwrap();
         let new = LlamaConfig::from_value(
             &json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "num_key_value_heads": 8}),
             false,
@@ -366,10 +401,21 @@ mod tests {
         assert_eq!(new.rope_theta, 500000.0);
         assert_eq!(new.hidden_size, 4096);
         assert_eq!(new.head_dim, 128);
-        let l3 = LlamaConfig::from_value(&json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), false).unwrap();
+        let l3 = LlamaConfig::from_value(
+            &json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+            false,
+        )
+        .unwrap();
         assert!(matches!(l3.rope_scaling, RopeScaling::Llama3 { .. }));
-        assert!(LlamaConfig::from_value(&json!({"rope_scaling": {"rope_type": "yarn"}}), false).is_err());
-        assert!(LlamaConfig::from_value(&json!({"num_attention_heads": 6, "num_key_value_heads": 4}), false).is_err());
+        assert!(
+            LlamaConfig::from_value(&json!({"rope_scaling": {"rope_type": "yarn"}}), false)
+                .is_err()
+        );
+        assert!(LlamaConfig::from_value(
+            &json!({"num_attention_heads": 6, "num_key_value_heads": 4}),
+            false
+        )
+        .is_err());
         let qwen = LlamaConfig::from_value(&json!({"model_type": "qwen2"}), false).unwrap();
         assert!(qwen.qkv_bias && !qwen.o_bias);
     }

@@ -8,7 +8,10 @@ use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
-use crate::layers::{sdpa, AttnShape, ColumnParallelLinear, GatedMlp, Linear, RmsNorm, RotaryEmbedding, RowParallelLinear};
+use crate::layers::{
+    sdpa, AttnShape, ColumnParallelLinear, GatedMlp, Linear, RmsNorm, RotaryEmbedding,
+    RowParallelLinear,
+};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -55,14 +58,22 @@ impl LlamaAttention {
         let (d, hd, ws) = (cfg.hidden_size, cfg.head_dim, comm.world_size());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         if nkv % ws != 0 {
-            return Err(Error::Config(format!("{nkv} KV heads do not split over {ws} ranks")));
+            return Err(Error::Config(format!(
+                "{nkv} KV heads do not split over {ws} ranks"
+            )));
         }
         let c = comm.as_ref();
         Ok(LlamaAttention {
             q_proj: ColumnParallelLinear::load(&vb.pp("q_proj"), d, nh * hd, cfg.qkv_bias, c)?,
             k_proj: ColumnParallelLinear::load(&vb.pp("k_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
             v_proj: ColumnParallelLinear::load(&vb.pp("v_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
-            o_proj: RowParallelLinear::load(&vb.pp("o_proj"), nh * hd, d, cfg.o_bias, comm.clone())?,
+            o_proj: RowParallelLinear::load(
+                &vb.pp("o_proj"),
+                nh * hd,
+                d,
+                cfg.o_bias,
+                comm.clone(),
+            )?,
             shape: AttnShape {
                 n_heads: nh / ws,
                 n_kv_heads: nkv / ws,
@@ -72,7 +83,13 @@ impl LlamaAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let t = x.rows();
         let start = cache.len;
         let positions: Vec<usize> = (start..start + t).collect();
@@ -83,8 +100,15 @@ impl LlamaAttention {
         rope.apply(k.f32_mut(), self.shape.n_kv_heads, &positions);
         cache.k[layer].extend_from_slice(k.as_f32()?);
         cache.v[layer].extend_from_slice(v.as_f32()?);
-        let o = sdpa(q.as_f32()?, &cache.k[layer], &cache.v[layer], self.shape, Some(start));
-        let o = Tensor::from_f32(o, &[t, self.shape.n_heads * self.shape.head_dim])?.round_to(self.dtype);
+        let o = sdpa(
+            q.as_f32()?,
+            &cache.k[layer],
+            &cache.v[layer],
+            self.shape,
+            Some(start),
+        );
+        let o = Tensor::from_f32(o, &[t, self.shape.n_heads * self.shape.head_dim])?
+            .round_to(self.dtype);
         self.o_proj.forward(&o)
     }
 }
@@ -104,16 +128,37 @@ impl LlamaLayer {
         Ok(LlamaLayer {
             input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
             self_attn: LlamaAttention::load(&vb.pp("self_attn"), cfg, comm)?,
-            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
-            mlp: GatedMlp::load(&vb.pp("mlp"), d, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, comm)?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                d,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: GatedMlp::load(
+                &vb.pp("mlp"),
+                d,
+                cfg.intermediate_size,
+                cfg.hidden_act,
+                cfg.mlp_bias,
+                comm,
+            )?,
             dtype: vb.dtype(),
         })
     }
 
-    fn forward(&self, x: Tensor, rope: &RotaryEmbedding, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, rope, layer, cache)?;
+    fn forward(
+        &self,
+        x: Tensor,
+        rope: &RotaryEmbedding,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(&x)?, rope, layer, cache)?;
         let x = x.add(&h)?.round_to(self.dtype);
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok(x.add(&h)?.round_to(self.dtype))
     }
 }
@@ -131,11 +176,18 @@ pub struct Llama {
 impl Llama {
     /// `vb` points at the decoder (`embed_tokens`, `layers`, `norm`); `head` at
     /// `lm_head` (ignored when the embeddings are tied).
-    pub fn load(vb: &Vb, head: &Vb, cfg: &LlamaConfig, comm: Arc<dyn Communicator>) -> Result<Llama> {
+    pub fn load(
+        vb: &Vb,
+        head: &Vb,
+        cfg: &LlamaConfig,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Llama> {
         if comm.world_size() != 1 {
             // The layers shard already; the vocab-parallel embedding and head gather
             // arrive with the multi-rank communicators.
-            return Err(Error::Config("tensor parallelism above 1 rank is not available yet".into()));
+            return Err(Error::Config(
+                "tensor parallelism above 1 rank is not available yet".into(),
+            ));
         }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = vb.get("embed_tokens.weight", &[v, d])?;
@@ -194,7 +246,11 @@ impl Llama {
                 Err(e) => {
                     // Leave the cache as it was before this call.
                     let kv = self.cache_width();
-                    cache.k.iter_mut().chain(cache.v.iter_mut()).for_each(|c| c.truncate(cache.len * kv));
+                    cache
+                        .k
+                        .iter_mut()
+                        .chain(cache.v.iter_mut())
+                        .for_each(|c| c.truncate(cache.len * kv));
                     return Err(e);
                 }
             }
@@ -204,9 +260,9 @@ impl Llama {
     }
 
     fn cache_width(&self) -> usize {
-        self.layers
-            .first()
-            .map_or(0, |l| l.self_attn.shape.n_kv_heads * l.self_attn.shape.head_dim)
+        self.layers.first().map_or(0, |l| {
+            l.self_attn.shape.n_kv_heads * l.self_attn.shape.head_dim
+        })
     }
 
     /// Logits `[t, vocab]` of final hidden states.

@@ -46,7 +46,11 @@ impl Llava {
         let raw = read_json(&dir.join("config.json"))?;
         match architecture(&raw).as_deref() {
             Some(ARCHITECTURE) | Some("llava") => {}
-            other => return Err(Error::UnknownArchitecture(other.unwrap_or("<none>").to_string())),
+            other => {
+                return Err(Error::UnknownArchitecture(
+                    other.unwrap_or("<none>").to_string(),
+                ))
+            }
         }
         let cfg = LlavaConfig::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
@@ -54,25 +58,45 @@ impl Llava {
 
         let vision = find_prefix(
             &w,
-            &["vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower"],
+            &[
+                "vision_tower.vision_model",
+                "vision_tower",
+                "model.vision_tower.vision_model",
+                "model.vision_tower",
+            ],
             "embeddings.patch_embedding.weight",
         )?;
         let lm = find_prefix(
             &w,
-            &["language_model.model", "model.language_model", "language_model", "model.language_model.model"],
+            &[
+                "language_model.model",
+                "model.language_model",
+                "language_model",
+                "model.language_model.model",
+            ],
             "embed_tokens.weight",
         )?;
         let head = ["language_model.lm_head", "lm_head", "model.lm_head"]
             .into_iter()
             .find(|p| w.contains(&format!("{p}.weight")))
             .unwrap_or("lm_head");
-        let projector = find_prefix(&w, &["multi_modal_projector", "model.multi_modal_projector"], "linear_1.weight")?;
+        let projector = find_prefix(
+            &w,
+            &["multi_modal_projector", "model.multi_modal_projector"],
+            "linear_1.weight",
+        )?;
 
         let n_states = cfg.vision.num_hidden_layers as i64 + 1;
         let feature_layers: Vec<usize> = cfg
             .vision_feature_layers
             .iter()
-            .map(|&l| if l < 0 { (n_states + l) as usize } else { l as usize })
+            .map(|&l| {
+                if l < 0 {
+                    (n_states + l) as usize
+                } else {
+                    l as usize
+                }
+            })
             .collect();
         let n_layers = feature_layers.iter().copied().max().unwrap_or(0);
         let vision_in = cfg.vision.hidden_size * feature_layers.len();
@@ -107,7 +131,9 @@ impl Llava {
 
     /// The selected vision features of one image `[C, H, W]`: `[tokens, hidden·layers]`.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers)?;
+        let states = self
+            .vision_tower
+            .hidden_states(pixel_values, &self.feature_layers)?;
         let skip = match self.cfg.select_strategy {
             SelectStrategy::Default => 1,
             SelectStrategy::Full => 0,
@@ -143,7 +169,10 @@ impl Llava {
     /// Input embeddings of a prompt whose image placeholders are filled, in order, by
     /// `images` (each `[tokens_per_image, hidden]`).
     pub fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
-        let placeholders = ids.iter().filter(|&&i| i == self.cfg.image_token_id).count();
+        let placeholders = ids
+            .iter()
+            .filter(|&&i| i == self.cfg.image_token_id)
+            .count();
         let per = self.cfg.tokens_per_image();
         if placeholders != images.len() * per {
             return Err(Error::Input(format!(
@@ -159,7 +188,10 @@ impl Llava {
             .collect();
         let mut x = self.language_model.embed(&text_ids)?;
         let d = self.cfg.text.hidden_size;
-        let visual: Vec<&[f32]> = images.iter().map(|t| t.as_f32()).collect::<std::result::Result<_, _>>()?;
+        let visual: Vec<&[f32]> = images
+            .iter()
+            .map(|t| t.as_f32())
+            .collect::<std::result::Result<_, _>>()?;
         let mut next = visual.iter().flat_map(|v| v.chunks_exact(d));
         let xs = x.f32_mut();
         for (pos, &id) in ids.iter().enumerate() {

@@ -28,6 +28,8 @@ struct Entry {
 pub struct Weights {
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
+    /// Tensors held in memory (benchmarks with random weights, tests).
+    tensors: HashMap<String, Tensor>,
     dtype: DType,
 }
 
@@ -37,13 +39,17 @@ impl Weights {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::Config(format!("{}: no `weight_map` object", index.display()))
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::Config(format!("{}: no `weight_map` object", index.display()))
+                })?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort_unstable();
             names.dedup();
@@ -108,8 +114,19 @@ impl Weights {
         Ok(Weights {
             maps,
             entries,
+            tensors: HashMap::new(),
             dtype,
         })
+    }
+
+    /// Weights from in-memory tensors, served as `dtype`.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType) -> Weights {
+        Weights {
+            maps: Vec::new(),
+            entries: HashMap::new(),
+            tensors,
+            dtype,
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -117,11 +134,15 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.entries.contains_key(name) || self.tensors.contains_key(name)
     }
 
-    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.entries.get(name).map(|e| e.shape.as_slice())
+    /// The stored shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self.tensors.get(name) {
+            Some(t) => Some(t.shape().to_vec()),
+            None => self.entries.get(name).map(|e| e.shape.clone()),
+        }
     }
 
     /// The tensor `name`, checked against `shape`, as the checkpoint's load dtype.
@@ -130,6 +151,16 @@ impl Weights {
     }
 
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if let Some(t) = self.tensors.get(name) {
+            if t.shape() != shape {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    want: shape.to_vec(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            return Ok(t.to_dtype(dtype));
+        }
         let e = self
             .entries
             .get(name)
@@ -190,7 +221,12 @@ impl Vb {
     }
 
     /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.
-    pub fn get_rows(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Tensor> {
+    pub fn get_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         let t = self.get(name, shape)?;
         if range == (0..shape[0]) {
             return Ok(t);
@@ -203,7 +239,12 @@ impl Vb {
     }
 
     /// Columns `range` of a 2-D tensor: the shard a row-parallel rank owns.
-    pub fn get_cols(&self, name: &str, shape: &[usize], range: std::ops::Range<usize>) -> Result<Tensor> {
+    pub fn get_cols(
+        &self,
+        name: &str,
+        shape: &[usize],
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         let t = self.get(name, shape)?;
         if range == (0..shape[1]) {
             return Ok(t);
@@ -245,7 +286,11 @@ mod tests {
     #[test]
     fn loads_converts_and_checks_shapes() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "model.safetensors", &[("a.w", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])]);
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[("a.w", vec![1.0, 2.0, 3.0, 4.0], vec![2, 2])],
+        );
         let w = Arc::new(Weights::open(dir.path(), DType::BF16).unwrap());
         let t = w.pp("a").get("w", &[2, 2]).unwrap();
         assert_eq!(t.dtype(), DType::BF16);
@@ -261,16 +306,29 @@ mod tests {
     #[test]
     fn truncated_and_corrupt_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "model.safetensors", &[("a", vec![1.0; 64], vec![64])]);
+        let p = write(
+            dir.path(),
+            "model.safetensors",
+            &[("a", vec![1.0; 64], vec![64])],
+        );
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
         let e = Weights::open(dir.path(), DType::F32).unwrap_err();
         assert!(matches!(e, Error::Safetensors { .. }), "{e}");
         std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Safetensors { .. })));
+        assert!(matches!(
+            Weights::open(dir.path(), DType::F32),
+            Err(Error::Safetensors { .. })
+        ));
         std::fs::write(&p, b"").unwrap();
-        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Safetensors { .. })));
+        assert!(matches!(
+            Weights::open(dir.path(), DType::F32),
+            Err(Error::Safetensors { .. })
+        ));
         std::fs::remove_file(&p).unwrap();
-        assert!(matches!(Weights::open(dir.path(), DType::F32), Err(Error::Config(_))));
+        assert!(matches!(
+            Weights::open(dir.path(), DType::F32),
+            Err(Error::Config(_))
+        ));
     }
 }

@@ -1,1 +1,109 @@
-fn main() {}
+//! `iris`: the command line. `generate` runs one prompt through a model folder;
+//! `bench decode` measures decode against the memory-bandwidth roofline.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
+use iris_tensor::DType;
+
+#[derive(Parser)]
+#[command(name = "iris", version, about = "Iris: serving vision-language models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a completion for a raw prompt (no chat template) with images.
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model folder (HF layout: config.json, safetensors, tokenizer.json, processor config).
+    #[arg(long, env = "IRIS_MODEL")]
+    model: PathBuf,
+    /// Image file, one per `<image>` marker in the prompt, in order.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype (default: the checkpoint's).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// Print one JSON object: prompt_token_ids, token_ids, text, logprobs.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match DType::parse(s) {
+        Some(d @ (DType::F32 | DType::BF16)) => Ok(d),
+        _ => Err(format!("`{s}`: expected f32 or bf16")),
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let images = a
+        .images
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = PipelineOptions {
+        dtype: a.dtype,
+        ..Default::default()
+    };
+    let pipe = LlavaPipeline::load(&a.model, &opts)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let g = pipe.generate(&a.prompt, &images, a.max_new_tokens, sampling)?;
+    if a.json {
+        let out = serde_json::json!({
+            "prompt_token_ids": g.prompt_token_ids,
+            "token_ids": g.token_ids,
+            "text": g.text,
+            "logprobs": g.logprobs,
+            "finish_reason": g.finish_reason,
+        });
+        println!("{out}");
+    } else {
+        println!("{}", g.text);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -16,7 +16,13 @@ pub struct AttnShape {
 /// `q`: `[tq, n_heads·hd]`; `k`, `v`: `[tk, n_kv_heads·hd]`. With `causal_offset =
 /// Some(p)`, query `i` sits at position `p + i` and sees keys `0..=p+i`; with `None`
 /// every query sees every key. Returns `[tq, n_heads·hd]`.
-pub fn sdpa(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
+pub fn sdpa(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    causal_offset: Option<usize>,
+) -> Vec<f32> {
     let hd = s.head_dim;
     let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
     let tq = q.len() / qw;
@@ -60,7 +66,11 @@ mod tests {
 
     #[test]
     fn causal_first_query_copies_first_value_and_gqa_shares_kv() {
-        let s = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 2 };
+        let s = AttnShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         let q = vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5];
         let k = vec![1.0, 0.0, 0.0, 1.0];
         let v = vec![3.0, 4.0, 5.0, 6.0];

@@ -21,12 +21,20 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Linear {
-        Linear { weight, bias, dtype }
+        Linear {
+            weight,
+            bias,
+            dtype,
+        }
     }
 
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let weight = vb.get("weight", &[out_dim, in_dim])?;
-        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(vb.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(Linear::new(weight, bias, vb.dtype()))
     }
 
@@ -44,10 +52,20 @@ impl Linear {
 pub struct ColumnParallelLinear(Linear);
 
 impl ColumnParallelLinear {
-    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool, comm: &dyn Communicator) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        comm: &dyn Communicator,
+    ) -> Result<Self> {
         let rows = shard_range(out_dim, comm.rank(), comm.world_size())?;
         let weight = vb.get_rows("weight", &[out_dim, in_dim], rows.clone())?;
-        let bias = if bias { Some(vb.get_rows("bias", &[out_dim], rows)?) } else { None };
+        let bias = if bias {
+            Some(vb.get_rows("bias", &[out_dim], rows)?)
+        } else {
+            None
+        };
         Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())))
     }
 
@@ -66,10 +84,20 @@ pub struct RowParallelLinear {
 }
 
 impl RowParallelLinear {
-    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool, comm: Arc<dyn Communicator>) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let cols = shard_range(in_dim, comm.rank(), comm.world_size())?;
         let weight = vb.get_cols("weight", &[out_dim, in_dim], cols)?;
-        let bias = if bias { Some(vb.get("bias", &[out_dim])?) } else { None };
+        let bias = if bias {
+            Some(vb.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
         Ok(RowParallelLinear {
             inner: Linear::new(weight, None, vb.dtype()),
             bias,

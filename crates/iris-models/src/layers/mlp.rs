@@ -21,7 +21,13 @@ pub struct Mlp {
 impl Mlp {
     /// `names` are the two layers' names (`fc1`/`fc2` in CLIP, `linear_1`/`linear_2` in
     /// the LLaVA projector).
-    pub fn load(vb: &Vb, names: (&str, &str), dims: (usize, usize, usize), act: Activation, bias: bool) -> Result<Mlp> {
+    pub fn load(
+        vb: &Vb,
+        names: (&str, &str),
+        dims: (usize, usize, usize),
+        act: Activation,
+        bias: bool,
+    ) -> Result<Mlp> {
         let (input, hidden, output) = dims;
         Ok(Mlp {
             fc1: Linear::load(&vb.pp(names.0), input, hidden, bias)?,
@@ -32,7 +38,11 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x)?.activation(self.act).round_to(self.dtype);
+        let h = self
+            .fc1
+            .forward(x)?
+            .activation(self.act)
+            .round_to(self.dtype);
         self.fc2.forward(&h)
     }
 }
@@ -56,16 +66,38 @@ impl GatedMlp {
         comm: &Arc<dyn Communicator>,
     ) -> Result<GatedMlp> {
         Ok(GatedMlp {
-            gate_proj: ColumnParallelLinear::load(&vb.pp("gate_proj"), hidden, intermediate, bias, comm.as_ref())?,
-            up_proj: ColumnParallelLinear::load(&vb.pp("up_proj"), hidden, intermediate, bias, comm.as_ref())?,
-            down_proj: RowParallelLinear::load(&vb.pp("down_proj"), intermediate, hidden, bias, comm.clone())?,
+            gate_proj: ColumnParallelLinear::load(
+                &vb.pp("gate_proj"),
+                hidden,
+                intermediate,
+                bias,
+                comm.as_ref(),
+            )?,
+            up_proj: ColumnParallelLinear::load(
+                &vb.pp("up_proj"),
+                hidden,
+                intermediate,
+                bias,
+                comm.as_ref(),
+            )?,
+            down_proj: RowParallelLinear::load(
+                &vb.pp("down_proj"),
+                intermediate,
+                hidden,
+                bias,
+                comm.clone(),
+            )?,
             act,
             dtype: vb.dtype(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.activation(self.act).round_to(self.dtype);
+        let g = self
+            .gate_proj
+            .forward(x)?
+            .activation(self.act)
+            .round_to(self.dtype);
         let h = g.mul(&self.up_proj.forward(x)?)?.round_to(self.dtype);
         self.down_proj.forward(&h)
     }

@@ -24,7 +24,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone().layer_norm(&self.weight, Some(&self.bias), self.eps)?.round_to(self.dtype))
+        Ok(x.clone()
+            .layer_norm(&self.weight, Some(&self.bias), self.eps)?
+            .round_to(self.dtype))
     }
 }
 
@@ -45,6 +47,8 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone().rms_norm(&self.weight, self.eps, self.dtype)?.round_to(self.dtype))
+        Ok(x.clone()
+            .rms_norm(&self.weight, self.eps, self.dtype)?
+            .round_to(self.dtype))
     }
 }

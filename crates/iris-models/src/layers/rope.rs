@@ -32,7 +32,11 @@ impl RotaryEmbedding {
                 original_max_position_embeddings,
             } => {
                 let old = original_max_position_embeddings as f32;
-                let (factor, lo, hi) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32);
+                let (factor, lo, hi) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                );
                 let (low_wl, high_wl) = (old / lo, old / hi);
                 for f in inv_freq.iter_mut() {
                     let wl = 2.0 * std::f32::consts::PI / *f;

@@ -1,0 +1,131 @@
+//! One LLaVA model ready to serve: processor + weights, and single-sequence generation
+//! (prefill, then one token at a time over the KV cache).
+
+use std::path::Path;
+
+use iris_image::ImageLimits;
+use iris_models::config::{read_json, token_ids};
+use iris_models::llava::Llava;
+use iris_tensor::{DType, Tensor};
+
+use crate::processor::{LlavaProcessor, PreparedPrompt};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    /// Overrides the checkpoint's dtype.
+    pub dtype: Option<DType>,
+    pub limits: ImageLimits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token was produced.
+    Eos,
+    /// `max_new_tokens` were produced.
+    Length,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub prompt_token_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Log-softmax of each chosen token under the model's logits at its step.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug)]
+pub struct LlavaPipeline {
+    pub processor: LlavaProcessor,
+    pub model: Llava,
+    eos_token_ids: Vec<u32>,
+}
+
+impl LlavaPipeline {
+    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<LlavaPipeline> {
+        let model = Llava::load(dir, opts.dtype, iris_comm::single())?;
+        let processor = LlavaProcessor::load(dir, model.config().tokens_per_image(), opts.limits)?;
+        // HF's generate stops at generation_config's eos ids, else the model config's.
+        let from_gen = dir
+            .join("generation_config.json")
+            .exists()
+            .then(|| read_json(&dir.join("generation_config.json")))
+            .transpose()?
+            .map(|g| token_ids(g.get("eos_token_id")))
+            .unwrap_or_default();
+        let mut eos_token_ids = if from_gen.is_empty() {
+            model.config().text.eos_token_ids.clone()
+        } else {
+            from_gen
+        };
+        if eos_token_ids.is_empty() {
+            eos_token_ids.extend(processor.tokenizer().token_to_id("</s>"));
+        }
+        Ok(LlavaPipeline {
+            processor,
+            model,
+            eos_token_ids,
+        })
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Visual tokens of each image of a prepared prompt.
+    pub fn encode_images(&self, prepared: &PreparedPrompt) -> Result<Vec<Tensor>> {
+        Ok(prepared
+            .pixel_values
+            .iter()
+            .map(|pv| self.model.encode_image(pv))
+            .collect::<iris_models::Result<_>>()?)
+    }
+
+    pub fn generate(
+        &self,
+        prompt: &str,
+        images: &[Vec<u8>],
+        max_new_tokens: usize,
+        sampling: SamplingParams,
+    ) -> Result<Generation> {
+        sampling.validate().map_err(Error::Input)?;
+        let prepared = self.processor.prepare(prompt, images)?;
+        let visual = self.encode_images(&prepared)?;
+        let lm = self.model.language_model();
+        let embeds = self.model.input_embeds(&prepared.input_ids, &visual)?;
+        let mut cache = lm.new_cache();
+        let sampler = Sampler::new(sampling);
+        let mut hidden = lm.forward(&embeds, &mut cache)?;
+        let mut token_ids = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut finish_reason = FinishReason::Length;
+        while token_ids.len() < max_new_tokens {
+            let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
+            let logits = lm.logits(&last)?;
+            let logits = logits.as_f32()?;
+            let position = prepared.input_ids.len() + token_ids.len();
+            let next = sampler.sample(logits, position);
+            logprobs.push(Tensor::log_softmax_row(logits)[next as usize]);
+            token_ids.push(next);
+            if self.eos_token_ids.contains(&next) {
+                finish_reason = FinishReason::Eos;
+                break;
+            }
+            if token_ids.len() == max_new_tokens {
+                break;
+            }
+            hidden = lm.forward(&lm.embed(&[next])?, &mut cache)?;
+        }
+        Ok(Generation {
+            text: self.processor.decode(&token_ids)?,
+            prompt_token_ids: prepared.input_ids,
+            token_ids,
+            logprobs,
+            finish_reason,
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! Decoding with limits, and HF's RGB conversion.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use crate::{Error, Result};
+
+/// Bounds on what a request may make Iris decode.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 20 MB of file; 40 MP (PIL warns at 89 MP, but nothing Iris serves needs more).
+        ImageLimits {
+            max_bytes: 20 << 20,
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+/// 8-bit RGB pixels, row-major, interleaved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Decodes `bytes` into RGB within `limits`.
+pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
+    if bytes.len() > limits.max_bytes {
+        return Err(Error::TooManyBytes {
+            got: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    let format = image::guess_format(bytes).map_err(|_| Error::UnknownFormat)?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+    ) {
+        return Err(Error::UnknownFormat);
+    }
+    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+    let (width, height) = reader()
+        .into_dimensions()
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+    let pixels = width as u64 * height as u64;
+    if pixels == 0 {
+        return Err(Error::Empty);
+    }
+    if pixels > limits.max_pixels {
+        return Err(Error::TooManyPixels {
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes, width as usize, height as usize);
+    }
+    let mut r = reader();
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(width);
+    l.max_image_height = Some(height);
+    // Room for the decoded frame at up to 16 bits × 4 channels, plus decoder scratch.
+    l.max_alloc = Some(pixels * 8 + (64 << 20));
+    r.limits(l);
+    let img = r.decode().map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(to_rgb(img))
+}
+
+/// JPEG through libjpeg-turbo's decoder (accurate integer IDCT, fancy upsampling), the
+/// one PIL uses: other decoders differ from it by a few uint8 steps on many pixels.
+fn decode_jpeg(bytes: &[u8], width: usize, height: usize) -> Result<RgbImage> {
+    // mozjpeg reports libjpeg's fatal errors by unwinding; catch them at this boundary.
+    let out = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let mut started = d.rgb()?;
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(data)
+    });
+    match out {
+        Ok(Ok(data)) if data.len() == width * height * 3 => Ok(RgbImage {
+            width,
+            height,
+            data,
+        }),
+        Ok(Ok(data)) => Err(Error::Corrupt(format!(
+            "JPEG decoded to {} bytes, expected {width}x{height}x3",
+            data.len()
+        ))),
+        Ok(Err(e)) => Err(Error::Corrupt(e.to_string())),
+        Err(_) => Err(Error::Corrupt(
+            "libjpeg could not decode the JPEG data".into(),
+        )),
+    }
+}
+
+/// HF's `convert_to_rgb`: images with alpha are composited over opaque white with
+/// PIL's integer `alpha_composite` arithmetic; others are converted directly.
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let mut out = Vec::with_capacity(width * height * 3);
+        for px in rgba.pixels() {
+            let a = px[3] as u32;
+            for &c in &px.0[..3] {
+                // PIL AlphaComposite.c with an opaque destination of 255 (PRECISION_BITS 7).
+                let tmp = (c as u32 * a + 255 * (255 - a)) * 128 + (0x80 << 7);
+                out.push(((((tmp >> 8) + tmp) >> 8) >> 7) as u8);
+            }
+        }
+        out
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    RgbImage {
+        width,
+        height,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut buf = Vec::new();
+        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Png)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn decodes_and_enforces_limits() {
+        let ok = decode(&png(5, 3), ImageLimits::default()).unwrap();
+        assert_eq!((ok.width, ok.height, ok.data.len()), (5, 3, 45));
+        assert_eq!(&ok.data[3..6], &[1, 0, 7]);
+        let small = ImageLimits {
+            max_bytes: 10,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(&png(5, 3), small),
+            Err(Error::TooManyBytes { .. })
+        ));
+        let few = ImageLimits {
+            max_pixels: 14,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(&png(5, 3), few),
+            Err(Error::TooManyPixels { .. })
+        ));
+        assert!(matches!(
+            decode(b"hello world", ImageLimits::default()),
+            Err(Error::UnknownFormat)
+        ));
+        let mut truncated = png(50, 50);
+        truncated.truncate(60);
+        assert!(matches!(
+            decode(&truncated, ImageLimits::default()),
+            Err(Error::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn bomb_header_is_refused_before_decoding() {
+        // A PNG header claiming 100000 x 100000 pixels, with no pixel data behind it.
+        let mut bomb = png(1, 1);
+        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        // Keep the IHDR chunk valid: its CRC covers type + data (bytes 12..29).
+        let crc = crc32(&bomb[12..29]);
+        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+        let e = decode(&bomb, ImageLimits::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooManyPixels {
+                    pixels: 10_000_000_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn alpha_is_composited_over_white() {
+        let img = image::RgbaImage::from_fn(2, 1, |x, _| {
+            image::Rgba([0, 100, 200, if x == 0 { 0 } else { 128 }])
+        });
+        let rgb = to_rgb(DynamicImage::ImageRgba8(img));
+        assert_eq!(&rgb.data[..3], &[255, 255, 255]);
+        // PIL gives 127, 177, 227 for (0, 100, 200) at alpha 128 over white.
+        assert_eq!(&rgb.data[3..], &[127, 177, 227]);
+    }
+}

@@ -1,0 +1,212 @@
+//! `iris bench decode`: batch-1 decode tokens/s of a LLaMA-shaped model with random
+//! weights (TinyLlama-1.1B dimensions by default), against the memory-bandwidth
+//! roofline: measured bandwidth / bytes of weights read per token. Decode at batch 1
+//! reads every weight once per token, so no kernel can beat that ratio.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use iris_engine::argmax;
+use iris_models::config::LlamaConfig;
+use iris_models::llama::Llama;
+use iris_models::weights::Weights;
+use iris_tensor::{DType, Tensor};
+use rayon::prelude::*;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Batch-1 decode tokens/s vs the memory-bandwidth roofline.
+    Decode(DecodeArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// Weight dtypes to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("f32"), String::from("bf16")])]
+    dtypes: Vec<String>,
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    #[arg(long, default_value_t = 22)]
+    layers: usize,
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 5632)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Prompt tokens before decoding starts.
+    #[arg(long, default_value_t = 16)]
+    prompt: usize,
+    /// Decode steps timed.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Print one JSON object per dtype.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Decode(a) => decode(a),
+    }
+}
+
+/// A fast deterministic generator: uniform values in [-0.05, 0.05).
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for x in chunk {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                *x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            }
+        });
+    out
+}
+
+fn random_weights(
+    cfg: &LlamaConfig,
+    dtype: DType,
+) -> anyhow::Result<(HashMap<String, Tensor>, usize)> {
+    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d]),
+        ("model.norm.weight".into(), vec![d]),
+        ("lm_head.weight".into(), vec![cfg.vocab_size, d]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (n, s) in [
+            ("input_layernorm.weight", vec![d]),
+            ("post_attention_layernorm.weight", vec![d]),
+            (
+                "self_attn.q_proj.weight",
+                vec![cfg.num_attention_heads * hd, d],
+            ),
+            (
+                "self_attn.k_proj.weight",
+                vec![cfg.num_key_value_heads * hd, d],
+            ),
+            (
+                "self_attn.v_proj.weight",
+                vec![cfg.num_key_value_heads * hd, d],
+            ),
+            (
+                "self_attn.o_proj.weight",
+                vec![d, cfg.num_attention_heads * hd],
+            ),
+            ("mlp.gate_proj.weight", vec![i, d]),
+            ("mlp.up_proj.weight", vec![i, d]),
+            ("mlp.down_proj.weight", vec![d, i]),
+        ] {
+            shapes.push((format!("{p}.{n}"), s));
+        }
+    }
+    let mut read_per_token = 0;
+    let mut map = HashMap::new();
+    for (k, (name, shape)) in shapes.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut data = random(n, k as u64 + 1);
+        if name.contains("norm") {
+            data.iter_mut().for_each(|x| *x = 1.0 + *x);
+        }
+        // Decode reads every weight but the embedding table (one row of it).
+        read_per_token += if name.contains("embed_tokens") {
+            shape[1]
+        } else {
+            n
+        } * dtype.size_in_bytes();
+        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype));
+    }
+    Ok((map, read_per_token))
+}
+
+/// Read bandwidth with all cores: the best of several passes over a 1 GiB buffer.
+fn measure_bandwidth() -> f64 {
+    let buf = random(256 << 20, 99);
+    let bytes = (buf.len() * 4) as f64;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 20)
+            .map(iris_tensor::kernels::sum_f32)
+            .sum();
+        let bw = bytes / t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max(bw);
+    }
+    best
+}
+
+fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+    let cfg_json = serde_json::json!({
+        "hidden_size": a.hidden, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+        "num_key_value_heads": a.kv_heads, "intermediate_size": a.intermediate, "vocab_size": a.vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+    });
+    let cfg = LlamaConfig::from_value(&cfg_json, false)?;
+    let bw = measure_bandwidth();
+    if !a.json {
+        println!(
+            "decode benchmark: hidden {} layers {} heads {}/{} mlp {} vocab {}; {} threads",
+            a.hidden,
+            a.layers,
+            a.heads,
+            a.kv_heads,
+            a.intermediate,
+            a.vocab,
+            rayon::current_num_threads()
+        );
+        println!("measured read bandwidth: {:.1} GB/s", bw / 1e9);
+    }
+    for name in &a.dtypes {
+        let dtype = DType::parse(name).ok_or_else(|| anyhow::anyhow!("unknown dtype {name}"))?;
+        let (tensors, bytes) = random_weights(&cfg, dtype)?;
+        let w = Arc::new(Weights::from_tensors(tensors, dtype));
+        let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, iris_comm::single())?;
+        let mut cache = model.new_cache();
+        let ids: Vec<u32> = (0..a.prompt as u32)
+            .map(|i| (i * 7919) % a.vocab as u32)
+            .collect();
+        let mut hidden = model.forward(&model.embed(&ids)?, &mut cache)?;
+        let mut times = Vec::with_capacity(a.tokens);
+        for _ in 0..a.tokens {
+            let t = Instant::now();
+            let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
+            let logits = model.logits(&last)?;
+            let next = argmax(logits.as_f32()?);
+            hidden = model.forward(&model.embed(&[next])?, &mut cache)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let tps = 1.0 / median;
+        let roofline = bw / bytes as f64;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dtype": dtype.to_string(), "tokens_per_s": tps, "roofline_tokens_per_s": roofline,
+                    "ratio": tps / roofline, "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
+                })
+            );
+        } else {
+            println!(
+                "{dtype:>5}: {tps:7.2} tok/s (median of {}), roofline {roofline:7.2} tok/s ({:.2} GB/token) -> {:.1}% of roofline",
+                a.tokens,
+                bytes as f64 / 1e9,
+                100.0 * tps / roofline
+            );
+        }
+    }
+    Ok(())
+}
