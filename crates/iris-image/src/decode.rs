@@ -79,6 +79,16 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
 /// JPEG through libjpeg-turbo's decoder (accurate integer IDCT, fancy upsampling), the
 /// one PIL uses: other decoders differ from it by a few uint8 steps on many pixels.
 fn decode_jpeg(bytes: &[u8], width: usize, height: usize) -> Result<RgbImage> {
+    // libjpeg only warns on a truncated file and fills the rest with grey, where PIL
+    // raises "image file is truncated". Entropy-coded data never holds 0xFF followed by
+    // SOS (DA) or EOI (D9), so a complete file has an EOI after its last SOS.
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let complete = last_sos.is_some_and(|i| bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]));
+    if !complete {
+        return Err(Error::Corrupt(
+            "JPEG data is truncated (no end-of-image marker)".into(),
+        ));
+    }
     // mozjpeg reports libjpeg's fatal errors by unwinding; catch them at this boundary.
     let out = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;

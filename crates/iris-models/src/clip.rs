@@ -76,9 +76,9 @@ impl ClipLayer {
 
     fn forward(&self, x: Tensor) -> Result<Tensor> {
         let h = self.self_attn.forward(&self.layer_norm1.forward(&x)?)?;
-        let x = x.add(&h)?.round_to(self.dtype);
+        let x = x.add_elem(&h)?.round_to(self.dtype);
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
-        Ok(x.add(&h)?.round_to(self.dtype))
+        Ok(x.add_elem(&h)?.round_to(self.dtype))
     }
 }
 
@@ -153,7 +153,7 @@ impl ClipVisionTransformer {
             .to_dtype(DType::F32)
             .reshape(&[1, self.cfg.hidden_size])?;
         let x = Tensor::cat_rows(&[&cls, &patch_embeds])?;
-        Ok(x.add(&self.position_embedding)?.round_to(self.dtype))
+        Ok(x.add_elem(&self.position_embedding)?.round_to(self.dtype))
     }
 
     /// Hidden states `indices` (0 = embeddings after `pre_layrnorm`, i = after layer i)

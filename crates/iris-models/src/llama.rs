@@ -155,11 +155,11 @@ impl LlamaLayer {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(&x)?, rope, layer, cache)?;
-        let x = x.add(&h)?.round_to(self.dtype);
+        let x = x.add_elem(&h)?.round_to(self.dtype);
         let h = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok(x.add(&h)?.round_to(self.dtype))
+        Ok(x.add_elem(&h)?.round_to(self.dtype))
     }
 }
 

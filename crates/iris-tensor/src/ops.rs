@@ -101,11 +101,11 @@ impl Tensor {
         Ok(self)
     }
 
-    pub fn add(self, other: &Tensor) -> Result<Tensor> {
+    pub fn add_elem(self, other: &Tensor) -> Result<Tensor> {
         self.zip_same(other, "add", |a, b| a + b)
     }
 
-    pub fn mul(self, other: &Tensor) -> Result<Tensor> {
+    pub fn mul_elem(self, other: &Tensor) -> Result<Tensor> {
         self.zip_same(other, "mul", |a, b| a * b)
     }
 

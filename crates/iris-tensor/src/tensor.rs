@@ -61,7 +61,7 @@ impl Tensor {
     /// Builds a tensor of `dtype` from little-endian bytes (a safetensors payload).
     pub fn from_le_bytes(bytes: &[u8], src: DType, shape: &[usize]) -> Result<Tensor> {
         let n = bytes.len() / src.size_in_bytes();
-        if bytes.len() % src.size_in_bytes() != 0 {
+        if !bytes.len().is_multiple_of(src.size_in_bytes()) {
             return shape_err(
                 "from_le_bytes",
                 "byte length is not a multiple of dtype size",

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
+use iris_image::ImageLimits;
 use iris_tensor::DType;
 
 #[derive(Parser)]
@@ -51,6 +52,12 @@ struct GenerateArgs {
     /// Print one JSON object: prompt_token_ids, token_ids, text, logprobs.
     #[arg(long)]
     json: bool,
+    /// Largest image file accepted, in bytes.
+    #[arg(long, env = "IRIS_MAX_IMAGE_BYTES", default_value_t = ImageLimits::default().max_bytes)]
+    max_image_bytes: usize,
+    /// Largest image accepted, in pixels (checked from the header, before decoding).
+    #[arg(long, env = "IRIS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
+    max_image_pixels: u64,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -68,7 +75,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let opts = PipelineOptions {
         dtype: a.dtype,
-        ..Default::default()
+        limits: ImageLimits {
+            max_bytes: a.max_image_bytes,
+            max_pixels: a.max_image_pixels,
+        },
     };
     let pipe = LlavaPipeline::load(&a.model, &opts)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;

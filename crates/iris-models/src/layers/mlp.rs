@@ -98,7 +98,7 @@ impl GatedMlp {
             .forward(x)?
             .activation(self.act)
             .round_to(self.dtype);
-        let h = g.mul(&self.up_proj.forward(x)?)?.round_to(self.dtype);
+        let h = g.mul_elem(&self.up_proj.forward(x)?)?.round_to(self.dtype);
         self.down_proj.forward(&h)
     }
 }

@@ -1,0 +1,336 @@
+//! The `iris` binary as a user runs it: golden output on the fixtures, and a clear
+//! error with a non-zero exit (never a panic) for each kind of bad input.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn image(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+const PROMPT1: &str = "USER: <image>\nWhat is in the picture? ASSISTANT:";
+
+fn iris(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(args)
+        .output()
+        .expect("iris runs")
+}
+
+fn generate(model: &Path, images: &[PathBuf], prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+    ];
+    for i in images {
+        args.push("--image".into());
+        args.push(i.display().to_string());
+    }
+    args.extend(["--prompt".into(), prompt.into(), "--json".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    iris(&refs)
+}
+
+/// The run failed cleanly: non-zero exit, an `error:` line containing `needle`, no panic.
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(stderr.contains("error:"), "no error line: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "error does not mention `{needle}`: {stderr}"
+    );
+}
+
+#[test]
+fn generate_json_matches_hf_goldens() {
+    for (name, tol) in [
+        ("llava-tiny-hub-f32", 1e-4),
+        ("llava-tiny-model-f32", 1e-4),
+        ("llava-tiny-gqa-bf16", 3e-2),
+    ] {
+        let dir = fixtures().join(name);
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let images: Vec<PathBuf> = golden["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| image(i.as_str().unwrap()))
+            .collect();
+        let n = golden["max_new_tokens"].as_u64().unwrap().to_string();
+        let out = generate(
+            &dir,
+            &images,
+            golden["prompt"].as_str().unwrap(),
+            &["--max-new-tokens", &n],
+        );
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        for key in ["prompt_token_ids", "token_ids", "text"] {
+            assert_eq!(got[key], golden[key], "{name}: {key}");
+        }
+        let lp = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (a, b) = (lp(&got["logprobs"]), lp(&golden["logprobs"]));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= tol, "{name}: logprob {x} vs HF {y}");
+        }
+    }
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let dir = fixtures().join("llava-tiny-hub-f32");
+    let run = |seed: &str| {
+        let out = generate(
+            &dir,
+            &[image("scene.png")],
+            PROMPT1,
+            &[
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.9",
+                "--seed",
+                seed,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token_ids"].clone()
+    };
+    assert_eq!(run("1"), run("1"));
+    assert_ne!(
+        run("1"),
+        run("2"),
+        "different seeds should differ on 6 tokens"
+    );
+}
+
+/// A copy of the f32 hub fixture whose weights are rewritten by `edit`.
+fn edited_fixture(
+    edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
+    let src = fixtures().join("llava-tiny-hub-f32");
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: HashMap<String, (Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: HashMap<String, TensorView> = tensors
+        .iter()
+        .map(|(n, (s, d))| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = edited_fixture(|t| {
+        t.remove("language_model.model.layers.1.mlp.up_proj.weight");
+    });
+    let out = generate(dir.path(), &[image("scene.png")], PROMPT1, &[]);
+    assert_clean_failure(&out, "language_model.model.layers.1.mlp.up_proj.weight");
+}
+
+#[test]
+fn misshapen_tensor_is_named() {
+    let dir = edited_fixture(|t| {
+        let (shape, data) = t.get_mut("multi_modal_projector.linear_2.weight").unwrap();
+        shape[0] -= 1;
+        data.truncate(shape.iter().product::<usize>() * 4);
+    });
+    let out = generate(dir.path(), &[image("scene.png")], PROMPT1, &[]);
+    assert_clean_failure(&out, "multi_modal_projector.linear_2.weight");
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let dir = edited_fixture(|_| {});
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_failure(
+        &generate(dir.path(), &[image("scene.png")], PROMPT1, &[]),
+        "safetensors",
+    );
+    let mut corrupt = bytes.clone();
+    corrupt[8..40].copy_from_slice(&[b'#'; 32]);
+    std::fs::write(&path, &corrupt).unwrap();
+    assert_clean_failure(
+        &generate(dir.path(), &[image("scene.png")], PROMPT1, &[]),
+        "safetensors",
+    );
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = edited_fixture(|_| {});
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("LlavaForConditionalGeneration", "FancyVisionModel"),
+    )
+    .unwrap();
+    assert_clean_failure(
+        &generate(dir.path(), &[image("scene.png")], PROMPT1, &[]),
+        "FancyVisionModel",
+    );
+}
+
+#[test]
+fn corrupt_images() {
+    let model = fixtures().join("llava-tiny-hub-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.png");
+    std::fs::write(&garbage, b"this is not an image at all").unwrap();
+    assert_clean_failure(&generate(&model, &[garbage], PROMPT1, &[]), "unrecognised");
+    for name in ["scene.png", "tall.jpg", "scene.webp"] {
+        let bytes = std::fs::read(image(name)).unwrap();
+        let cut = dir.path().join(format!("cut-{name}"));
+        for keep in [bytes.len() / 3, bytes.len() - 100] {
+            std::fs::write(&cut, &bytes[..keep]).unwrap();
+            assert_clean_failure(&generate(&model, &[cut.clone()], PROMPT1, &[]), "image 1");
+        }
+    }
+    assert_clean_failure(
+        &generate(&model, &[dir.path().join("absent.png")], PROMPT1, &[]),
+        "absent.png",
+    );
+}
+
+#[test]
+fn oversized_images() {
+    let model = fixtures().join("llava-tiny-hub-f32");
+    let png = [image("scene.png")];
+    assert_clean_failure(
+        &generate(&model, &png, PROMPT1, &["--max-image-pixels", "1000"]),
+        "pixels",
+    );
+    assert_clean_failure(
+        &generate(&model, &png, PROMPT1, &["--max-image-bytes", "100"]),
+        "bytes",
+    );
+}
+
+#[test]
+fn image_markers_must_match_images() {
+    let model = fixtures().join("llava-tiny-hub-f32");
+    let two = "USER: <image> <image> Compare. ASSISTANT:";
+    assert_clean_failure(
+        &generate(&model, &[image("scene.png")], two, &[]),
+        "2 `<image>` marker(s) but 1 image",
+    );
+    assert_clean_failure(
+        &generate(&model, &[image("scene.png")], "No marker here.", &[]),
+        "0 `<image>`",
+    );
+    assert_clean_failure(
+        &generate(&model, &[], PROMPT1, &[]),
+        "1 `<image>` marker(s) but 0 image",
+    );
+}
+
+#[test]
+fn webp_and_text_only_prompts_work() {
+    let model = fixtures().join("llava-tiny-hub-f32");
+    let out = generate(
+        &model,
+        &[image("scene.webp")],
+        PROMPT1,
+        &["--max-new-tokens", "3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Lossless WebP of the same pixels gives the PNG's golden tokens.
+    let png = generate(
+        &model,
+        &[image("scene.png")],
+        PROMPT1,
+        &["--max-new-tokens", "3"],
+    );
+    let ids = |o: &Output| {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(ids(&out), ids(&png));
+    let text = generate(
+        &model,
+        &[],
+        "USER: hello there ASSISTANT:",
+        &["--max-new-tokens", "3"],
+    );
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+}
+
+#[test]
+fn bad_flags() {
+    let model = fixtures().join("llava-tiny-hub-f32");
+    assert_clean_failure(
+        &generate(
+            &model,
+            &[image("scene.png")],
+            PROMPT1,
+            &["--temperature=-1"],
+        ),
+        "temperature",
+    );
+    let out = generate(&model, &[image("scene.png")], PROMPT1, &["--dtype", "int4"]);
+    assert!(!out.status.success());
+    assert_clean_failure(
+        &generate(Path::new("/nonexistent/model"), &[], "hi", &[]),
+        "/nonexistent/model",
+    );
+}
