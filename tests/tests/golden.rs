@@ -7,7 +7,7 @@ use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
 use iris_image::ImageLimits;
 use iris_tensor::{DType, Tensor};
 
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 struct Case {
     name: &'static str,

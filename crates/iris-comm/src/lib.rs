@@ -52,7 +52,7 @@ pub fn shard_range(len: usize, rank: usize, world_size: usize) -> Result<std::op
     if rank >= world_size {
         return Err(Error::BadRank { rank, world_size });
     }
-    if len % world_size != 0 {
+    if !len.is_multiple_of(world_size) {
         return Err(Error::Collective(format!(
             "dimension {len} does not split evenly over {world_size} ranks"
         )));

@@ -12,7 +12,7 @@ use crate::resample::resize;
 use crate::{Error, Result};
 
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// PIL resampling filters (the `resample` integer of HF configs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

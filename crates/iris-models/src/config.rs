@@ -210,7 +210,7 @@ impl LlamaConfig {
             bos_token_id: o.ids("bos_token_id").first().copied(),
             eos_token_ids: o.ids("eos_token_id"),
         };
-        if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+        if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head_dim {} must be even and positive",
                 cfg.head_dim
@@ -258,13 +258,13 @@ impl ClipVisionConfig {
             hidden_act: o.act_or("hidden_act", "quick_gelu")?,
             layer_norm_eps: o.f64_or("layer_norm_eps", 1e-5)?,
         };
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::Config(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 cfg.image_size, cfg.patch_size
             )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::Config(
                 "vision hidden_size must be a multiple of num_attention_heads".into(),
             ));

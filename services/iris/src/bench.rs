@@ -116,7 +116,7 @@ fn random_weights(
         let n: usize = shape.iter().product();
         let mut data = random(n, k as u64 + 1);
         if name.contains("norm") {
-            data.iter_mut().for_each(|x| *x = 1.0 + *x);
+            data.iter_mut().for_each(|x| *x += 1.0);
         }
         // Decode reads every weight but the embedding table (one row of it).
         read_per_token += if name.contains("embed_tokens") {

@@ -41,7 +41,7 @@ impl RotaryEmbedding {
                 for f in inv_freq.iter_mut() {
                     let wl = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wl > low_wl { *f / factor } else { *f };
-                    if !(wl < high_wl) && !(wl > low_wl) {
+                    if (high_wl..=low_wl).contains(&wl) {
                         let s = (old / wl - lo) / (hi - lo);
                         *f = (1.0 - s) * scaled / factor + s * scaled;
                     } else {
