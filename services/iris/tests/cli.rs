@@ -236,7 +236,10 @@ fn corrupt_images() {
         let cut = dir.path().join(format!("cut-{name}"));
         for keep in [bytes.len() / 3, bytes.len() - 100] {
             std::fs::write(&cut, &bytes[..keep]).unwrap();
-            assert_clean_failure(&generate(&model, std::slice::from_ref(&cut), PROMPT1, &[]), "image 1");
+            assert_clean_failure(
+                &generate(&model, std::slice::from_ref(&cut), PROMPT1, &[]),
+                "image 1",
+            );
         }
     }
     assert_clean_failure(
