@@ -32,6 +32,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -142,13 +143,13 @@ def relayout(path, layout):
         json.dump(index, open(index_path, "w"), indent=2)
 
 
-def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_tokens=8, shard=None):
+def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_tokens=8, shard=None, text_cls=LlamaConfig):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = make_tokenizer(out)
     vc = CLIPVisionConfig(**vision)
-    tc = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    tc = text_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id, **llava)
@@ -245,6 +246,11 @@ def main():
           llava=dict(vision_feature_layer=-3, vision_feature_select_strategy="default",
                      projector_hidden_act="gelu", tie_word_embeddings=True),
           prompt=p2, images=images)
+    # 4. Qwen2 language model (bias on q/k/v only), hub layout, f32.
+    build("llava-tiny-qwen2-f32", dtype=torch.float32, layout="hub", text_cls=Qwen2Config,
+          vision=vision, text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
+          llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu"),
+          prompt=p1, images=images)
 
 
 if __name__ == "__main__":

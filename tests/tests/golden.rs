@@ -15,7 +15,7 @@ struct Case {
     logprob_tol: f32,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 4] = [
     Case {
         name: "llava-tiny-hub-f32",
         rel_tol: 1e-4,
@@ -28,6 +28,11 @@ const CASES: [Case; 3] = [
     },
     Case {
         name: "llava-tiny-model-f32",
+        rel_tol: 1e-4,
+        logprob_tol: 1e-4,
+    },
+    Case {
+        name: "llava-tiny-qwen2-f32",
         rel_tol: 1e-4,
         logprob_tol: 1e-4,
     },

@@ -60,6 +60,7 @@ fn generate_json_matches_hf_goldens() {
     for (name, tol) in [
         ("llava-tiny-hub-f32", 1e-4),
         ("llava-tiny-model-f32", 1e-4),
+        ("llava-tiny-qwen2-f32", 1e-4),
         ("llava-tiny-gqa-bf16", 3e-2),
     ] {
         let dir = fixtures().join(name);

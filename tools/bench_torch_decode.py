@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Reference for `iris bench decode`: batch-1 greedy decode tokens/s of HF transformers'
+LlamaForCausalLM (PyTorch CPU) with the same shape and random weights.
+
+    python tools/bench_torch_decode.py [--dtype bf16|f32] [--threads 2] [--tokens 32]
+
+Prints tokens/s as the median of per-step times over the KV cache, measured like Iris'
+benchmark (16-token prompt, then `--tokens` steps). Run both on the same machine, one
+after the other, and compare the ratio.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=22)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=a.layers,
+                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5)
+    torch.set_default_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.05, 0.05)
+    model.eval()
+    ids = torch.arange(16).unsqueeze(0) * 7919 % 32000
+    times = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(a.tokens):
+            t = time.perf_counter()
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t)
+    tps = 1.0 / statistics.median(times)
+    print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "dtype": a.dtype,
+                      "threads": a.threads, "tokens_per_s": tps}))
+
+
+if __name__ == "__main__":
+    main()
