@@ -227,15 +227,7 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Tensor> {
-        let t = self.get(name, shape)?;
-        if range == (0..shape[0]) {
-            return Ok(t);
-        }
-        let cols: usize = shape[1..].iter().product();
-        let data = t.to_f32_vec()[range.start * cols..range.end * cols].to_vec();
-        let mut new_shape = shape.to_vec();
-        new_shape[0] = range.len();
-        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype()))
+        self.get_shard(name, shape, 0, range)
     }
 
     /// Columns `range` of a 2-D tensor: the shard a row-parallel rank owns.
@@ -245,16 +237,37 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Tensor> {
+        self.get_shard(name, shape, 1, range)
+    }
+
+    /// The slice `range` of dimension `dim` (0 or 1) of tensor `name`.
+    fn get_shard(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         let t = self.get(name, shape)?;
-        if range == (0..shape[1]) {
+        if range == (0..shape[dim]) {
             return Ok(t);
         }
+        // Seen as [outer, shape[dim], inner], keep `range` of the middle dimension.
+        let outer: usize = shape[..dim].iter().product();
+        let inner: usize = shape[dim + 1..].iter().product();
         let full = t.to_f32_vec();
         let data: Vec<f32> = full
-            .chunks_exact(shape[1])
-            .flat_map(|row| row[range.clone()].iter().copied())
+            .chunks_exact(shape[dim] * inner)
+            .take(outer)
+            .flat_map(|block| {
+                block[range.start * inner..range.end * inner]
+                    .iter()
+                    .copied()
+            })
             .collect();
-        Ok(Tensor::from_f32(data, &[shape[0], range.len()])?.to_dtype(self.dtype()))
+        let mut new_shape = shape.to_vec();
+        new_shape[dim] = range.len();
+        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype()))
     }
 }
 

@@ -31,7 +31,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd() == Simd::Avx512 {
         // SAFETY: avx512f was detected at run time; slices have equal length.
-        return unsafe { x86::dot_f32(a, b) };
+        return unsafe { x86::dot(a, b) };
     }
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -49,7 +49,7 @@ pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd() == Simd::Avx512 {
         // SAFETY: avx512f was detected at run time; slices have equal length.
-        return unsafe { x86::dot_bf16(w, x) };
+        return unsafe { x86::dot(w, x) };
     }
     w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
 }
@@ -59,7 +59,7 @@ pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd() == Simd::Avx512 {
         // SAFETY: avx512f was detected at run time; slices have equal length.
-        return unsafe { x86::dot_f16(w, x) };
+        return unsafe { x86::dot(w, x) };
     }
     w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
 }
@@ -76,47 +76,57 @@ mod x86 {
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 64 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 16·j + 16 ≤ n for both slices.
-                let x = unsafe { _mm512_loadu_ps(pa.add(i + 16 * j)) };
-                let y = unsafe { _mm512_loadu_ps(pb.add(i + 16 * j)) };
-                *acc = _mm512_fmadd_ps(x, y, *acc);
+    /// An element type whose 16 consecutive values load into one f32 vector.
+    pub trait Lanes: Copy {
+        /// # Safety
+        /// 16 values must be readable at `p`, and the CPU must have avx512f.
+        unsafe fn load16(p: *const Self) -> __m512;
+        fn widen(self) -> f32;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable values and avx512f.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Lanes for bf16 {
+        /// bf16 is the top half of an f32: zero-extend to 32 bits and shift left.
+        #[inline(always)]
+        unsafe fn load16(p: *const bf16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable values and avx512f.
+            unsafe {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
             }
-            i += 64;
         }
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n.
-            let x = unsafe { _mm512_loadu_ps(pa.add(i)) };
-            let y = unsafe { _mm512_loadu_ps(pb.add(i)) };
-            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
-            i += 16;
+        fn widen(self) -> f32 {
+            self.to_f32()
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut r = _mm512_reduce_add_ps(s);
-        while i < n {
-            r += a[i] * b[i];
-            i += 1;
-        }
-        r
     }
 
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn widen_bf16(p: *const bf16) -> __m512 {
-        // SAFETY: caller guarantees 16 readable bf16 values at p.
-        let h = unsafe { _mm256_loadu_si256(p as *const __m256i) };
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    impl Lanes for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            // SAFETY: the caller guarantees 16 readable values and avx512f.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
     }
 
+    /// `Σ w[i]·x[i]` with four independent accumulators (to hide FMA latency).
+    ///
+    /// # Safety
+    /// The CPU must have avx512f; `w` and `x` must have equal length.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    pub unsafe fn dot<W: Lanes>(w: &[W], x: &[f32]) -> f32 {
         let n = w.len();
         let (pw, px) = (w.as_ptr(), x.as_ptr());
         let mut acc = [_mm512_setzero_ps(); 4];
@@ -124,7 +134,7 @@ mod x86 {
         while i + 64 <= n {
             for (j, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: i + 16·j + 16 ≤ n for both slices.
-                let a = unsafe { widen_bf16(pw.add(i + 16 * j)) };
+                let a = unsafe { W::load16(pw.add(i + 16 * j)) };
                 let b = unsafe { _mm512_loadu_ps(px.add(i + 16 * j)) };
                 *acc = _mm512_fmadd_ps(a, b, *acc);
             }
@@ -132,7 +142,7 @@ mod x86 {
         }
         while i + 16 <= n {
             // SAFETY: i + 16 ≤ n.
-            let a = unsafe { widen_bf16(pw.add(i)) };
+            let a = unsafe { W::load16(pw.add(i)) };
             let b = unsafe { _mm512_loadu_ps(px.add(i)) };
             acc[0] = _mm512_fmadd_ps(a, b, acc[0]);
             i += 16;
@@ -140,28 +150,7 @@ mod x86 {
         let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
         let mut r = _mm512_reduce_add_ps(s);
         while i < n {
-            r += w[i].to_f32() * x[i];
-            i += 1;
-        }
-        r
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
-        let n = w.len();
-        let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n for both slices.
-            let h = unsafe { _mm256_loadu_si256(pw.add(i) as *const __m256i) };
-            let b = unsafe { _mm512_loadu_ps(px.add(i)) };
-            acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), b, acc);
-            i += 16;
-        }
-        let mut r = _mm512_reduce_add_ps(acc);
-        while i < n {
-            r += w[i].to_f32() * x[i];
+            r += w[i].widen() * x[i];
             i += 1;
         }
         r
