@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
 use iris_image::ImageLimits;
-use iris_tensor::DType;
+use iris_tensor::{DType, Device};
 
 #[derive(Parser)]
 #[command(name = "iris", version, about = "Iris: serving vision-language models")]
@@ -46,6 +46,9 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, env = "IRIS_DEVICE", default_value = "cpu")]
+    device: String,
     /// Compute dtype (default: the checkpoint's).
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
@@ -68,6 +71,9 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    if Device::parse(&a.device)? != Device::Cpu {
+        anyhow::bail!("only the CPU backend runs models today");
+    }
     let images = a
         .images
         .iter()

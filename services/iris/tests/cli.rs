@@ -331,6 +331,15 @@ fn bad_flags() {
         ),
         "temperature",
     );
+    assert_clean_failure(
+        &generate(
+            &model,
+            &[image("scene.png")],
+            PROMPT1,
+            &["--device", "cuda:0"],
+        ),
+        "CUDA",
+    );
     let out = generate(&model, &[image("scene.png")], PROMPT1, &["--dtype", "int4"]);
     assert!(!out.status.success());
     assert_clean_failure(
