@@ -221,7 +221,7 @@ impl LlamaConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct ClipVisionConfig {
+pub struct VisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -233,39 +233,43 @@ pub struct ClipVisionConfig {
     pub layer_norm_eps: f64,
 }
 
-impl ClipVisionConfig {
-    /// HF `CLIPVisionConfig`, with LLaVA's defaults (CLIP ViT-L/14-336) where the
-    /// enclosing config gives no vision config at all.
-    pub fn from_value(v: Option<&Value>) -> Result<ClipVisionConfig> {
+impl VisionConfig {
+    /// HF `CLIPVisionConfig` or `Blip2VisionConfig` (by `model_type`), with each one's
+    /// defaults; with no vision config at all, LLaVA's default tower (CLIP ViT-L/14-336).
+    pub fn from_value(v: Option<&Value>) -> Result<VisionConfig> {
         let empty = Value::Object(Default::default());
         let llava_default = v.is_none();
         let o = Obj(v.unwrap_or(&empty), "vision_config");
         let mt = o.str_or("model_type", "clip_vision_model")?;
-        if mt != "clip_vision_model" {
-            return Err(Error::UnknownArchitecture(format!(
-                "vision model_type `{mt}` (supported: clip_vision_model)"
-            )));
-        }
-        let d = |llava: usize, clip: usize| if llava_default { llava } else { clip };
-        let cfg = ClipVisionConfig {
-            hidden_size: o.usize_or("hidden_size", d(1024, 768))?,
-            intermediate_size: o.usize_or("intermediate_size", d(4096, 3072))?,
-            num_hidden_layers: o.usize_or("num_hidden_layers", d(24, 12))?,
-            num_attention_heads: o.usize_or("num_attention_heads", d(16, 12))?,
-            num_channels: o.usize_or("num_channels", 3)?,
-            image_size: o.usize_or("image_size", d(336, 224))?,
-            patch_size: o.usize_or("patch_size", d(14, 32))?,
-            hidden_act: o.act_or("hidden_act", "quick_gelu")?,
-            layer_norm_eps: o.f64_or("layer_norm_eps", 1e-5)?,
+        // (hidden, intermediate, layers, heads, image, patch, act, eps)
+        let d = match mt {
+            "clip_vision_model" if llava_default => {
+                (1024, 4096, 24, 16, 336, 14, "quick_gelu", 1e-5)
+            }
+            "clip_vision_model" => (768, 3072, 12, 12, 224, 32, "quick_gelu", 1e-5),
+            "blip_2_vision_model" => (1408, 6144, 39, 16, 224, 14, "gelu", 1e-6),
+            other => return Err(Error::UnknownArchitecture(format!(
+                "vision model_type `{other}` (supported: clip_vision_model, blip_2_vision_model)"
+            ))),
         };
-        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+        let cfg = VisionConfig {
+            hidden_size: o.usize_or("hidden_size", d.0)?,
+            intermediate_size: o.usize_or("intermediate_size", d.1)?,
+            num_hidden_layers: o.usize_or("num_hidden_layers", d.2)?,
+            num_attention_heads: o.usize_or("num_attention_heads", d.3)?,
+            num_channels: o.usize_or("num_channels", 3)?,
+            image_size: o.usize_or("image_size", d.4)?,
+            patch_size: o.usize_or("patch_size", d.5)?,
+            hidden_act: o.act_or("hidden_act", d.6)?,
+            layer_norm_eps: o.f64_or("layer_norm_eps", d.7)?,
+        };
+        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
             return Err(Error::Config(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 cfg.image_size, cfg.patch_size
             )));
         }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::Config(
                 "vision hidden_size must be a multiple of num_attention_heads".into(),
             ));
@@ -289,7 +293,7 @@ pub enum SelectStrategy {
 
 #[derive(Debug, Clone)]
 pub struct LlavaConfig {
-    pub vision: ClipVisionConfig,
+    pub vision: VisionConfig,
     pub text: LlamaConfig,
     /// Indices into the vision tower's hidden states (negative from the end); several
     /// are concatenated along the feature dimension.
@@ -307,7 +311,7 @@ impl LlavaConfig {
         let tie = o.bool_or("tie_word_embeddings", false)?;
         let empty = Value::Object(Default::default());
         let text = LlamaConfig::from_value(v.get("text_config").unwrap_or(&empty), tie)?;
-        let vision = ClipVisionConfig::from_value(v.get("vision_config"))?;
+        let vision = VisionConfig::from_value(v.get("vision_config"))?;
         let vision_feature_layers = match o.get("vision_feature_layer") {
             None => vec![-2],
             Some(Value::Number(n)) => vec![n

@@ -5,12 +5,12 @@
 //!
 //! Model code follows HF weight names so a file reads beside its `modeling_*.py`.
 
-pub mod clip;
 pub mod config;
 mod error;
 pub mod layers;
 pub mod llama;
 pub mod llava;
+pub mod vit;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
-use crate::clip::ClipVisionTransformer;
 use crate::config::{architecture, read_json, LlavaConfig, SelectStrategy};
 use crate::layers::Mlp;
 use crate::llama::Llama;
+use crate::vit::VisionTransformer;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -23,7 +23,7 @@ pub const ARCHITECTURE: &str = "LlavaForConditionalGeneration";
 #[derive(Debug, Clone)]
 pub struct Llava {
     cfg: LlavaConfig,
-    vision_tower: ClipVisionTransformer,
+    vision_tower: VisionTransformer,
     multi_modal_projector: Mlp,
     language_model: Llama,
     dtype: DType,
@@ -102,7 +102,7 @@ impl Llava {
         let vision_in = cfg.vision.hidden_size * feature_layers.len();
         let text_d = cfg.text.hidden_size;
         Ok(Llava {
-            vision_tower: ClipVisionTransformer::load(&w.pp(vision), &cfg.vision, n_layers)?,
+            vision_tower: VisionTransformer::load(&w.pp(vision), &cfg.vision, n_layers)?,
             multi_modal_projector: Mlp::load(
                 &w.pp(projector),
                 ("linear_1", "linear_2"),

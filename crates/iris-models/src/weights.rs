@@ -216,6 +216,10 @@ impl Vb {
         self.w.contains(&self.path(name))
     }
 
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.w.shape(&self.path(name))
+    }
+
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.w.get(&self.path(name), shape)
     }

@@ -1,0 +1,283 @@
+//! The vision transformer of CLIP (Radford et al., 2021; HF `modeling_clip.py`
+//! `CLIPVisionTransformer`) and of BLIP / BLIP-2 (Li et al., 2022/2023; HF
+//! `modeling_blip_2.py` `Blip2VisionModel`): the same pre-LN encoder layer, written once.
+//! What differs is read from the checkpoint: CLIP has separate `q/k/v_proj` +
+//! `out_proj`, a `pre_layrnorm` and no patch bias; BLIP has a fused `qkv` (bias from
+//! `qkv.bias`, or `q_bias`/`v_bias` with a zero key bias) + `projection`, a patch bias
+//! and a `post_layernorm` on its output.
+
+use iris_tensor::{DType, Tensor};
+
+use crate::config::VisionConfig;
+use crate::layers::{sdpa, AttnShape, LayerNorm, Linear, Mlp};
+use crate::weights::Vb;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+struct VitAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    shape: AttnShape,
+    dtype: DType,
+}
+
+/// Rows `i·d..(i+1)·d` of a fused `[3d, ..]` tensor.
+fn third(t: &Tensor, i: usize, d: usize) -> Result<Tensor> {
+    let cols = t.elem_count() / (3 * d);
+    let data = t.to_f32_vec()[i * d * cols..(i + 1) * d * cols].to_vec();
+    let shape: Vec<usize> = if t.rank() == 1 {
+        vec![d]
+    } else {
+        vec![d, cols]
+    };
+    Ok(Tensor::from_f32(data, &shape)?.to_dtype(t.dtype()))
+}
+
+impl VitAttention {
+    fn load(vb: &Vb, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let dtype = vb.dtype();
+        let (q, k, v, out) = if vb.contains("qkv.weight") {
+            let w = vb.get("qkv.weight", &[3 * d, d])?;
+            let bias = if vb.contains("qkv.bias") {
+                Some(vb.get("qkv.bias", &[3 * d])?)
+            } else if vb.contains("q_bias") {
+                let (qb, vb_) = (vb.get("q_bias", &[d])?, vb.get("v_bias", &[d])?);
+                let mut all = qb.to_f32_vec();
+                all.extend(std::iter::repeat_n(0.0, d));
+                all.extend(vb_.to_f32_vec());
+                Some(Tensor::from_f32(all, &[3 * d])?.to_dtype(dtype))
+            } else {
+                None
+            };
+            let part = |i| -> Result<Linear> {
+                let b = bias.as_ref().map(|b| third(b, i, d)).transpose()?;
+                Ok(Linear::new(third(&w, i, d)?, b, dtype))
+            };
+            let out = Linear::load(&vb.pp("projection"), d, d, true)?;
+            (part(0)?, part(1)?, part(2)?, out)
+        } else {
+            (
+                Linear::load(&vb.pp("q_proj"), d, d, true)?,
+                Linear::load(&vb.pp("k_proj"), d, d, true)?,
+                Linear::load(&vb.pp("v_proj"), d, d, true)?,
+                Linear::load(&vb.pp("out_proj"), d, d, true)?,
+            )
+        };
+        Ok(VitAttention {
+            q,
+            k,
+            v,
+            out,
+            shape: AttnShape {
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_attention_heads,
+                head_dim: d / cfg.num_attention_heads,
+            },
+            dtype,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, self.shape, None);
+        let o = Tensor::from_f32(o, x.shape())?.round_to(self.dtype);
+        self.out.forward(&o)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct VitLayer {
+    layer_norm1: LayerNorm,
+    self_attn: VitAttention,
+    layer_norm2: LayerNorm,
+    mlp: Mlp,
+    dtype: DType,
+}
+
+impl VitLayer {
+    fn load(vb: &Vb, cfg: &VisionConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(VitLayer {
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            self_attn: VitAttention::load(&vb.pp("self_attn"), cfg)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+            mlp: Mlp::load(
+                &vb.pp("mlp"),
+                ("fc1", "fc2"),
+                (d, cfg.intermediate_size, d),
+                cfg.hidden_act,
+                true,
+            )?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(&x)?)?;
+        let x = x.add_elem(&h)?.round_to(self.dtype);
+        let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
+        Ok(x.add_elem(&h)?.round_to(self.dtype))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    patch_embedding: Tensor,
+    patch_bias: Option<Tensor>,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: Option<LayerNorm>,
+    layers: Vec<VitLayer>,
+    post_layernorm: Option<LayerNorm>,
+    cfg: VisionConfig,
+    dtype: DType,
+}
+
+/// A tensor stored as `[d]`, `[1, d]` or `[1, 1, d]` (or `[n, d]` / `[1, n, d]`).
+fn get_squeezed(vb: &Vb, names: &[&str], shape: &[usize]) -> Result<Tensor> {
+    for name in names {
+        for lead in 0..3 {
+            let mut s = vec![1; lead];
+            s.extend_from_slice(shape);
+            if vb.contains(name) && vb.shape(name).as_deref() == Some(&s[..]) {
+                return Ok(vb.get(name, &s)?.reshape(shape)?);
+            }
+        }
+    }
+    // Not found in any accepted form: report against the first name.
+    vb.get(names[0], shape)
+}
+
+impl VisionTransformer {
+    /// Loads the embeddings and the first `n_layers` encoder layers (LLaVA never needs
+    /// the layers after its `vision_feature_layer`); `post_layernorm` only when all
+    /// layers are loaded (BLIP's output).
+    pub fn load(vb: &Vb, cfg: &VisionConfig, n_layers: usize) -> Result<Self> {
+        let (d, c, p) = (cfg.hidden_size, cfg.num_channels, cfg.patch_size);
+        let emb = vb.pp("embeddings");
+        let patch_embedding = emb
+            .get("patch_embedding.weight", &[d, c, p, p])?
+            .reshape(&[d, c * p * p])?;
+        let patch_bias = if emb.contains("patch_embedding.bias") {
+            Some(emb.get("patch_embedding.bias", &[d])?)
+        } else {
+            None
+        };
+        let n_pos = cfg.num_patches() + 1;
+        let layers = (0..n_layers)
+            .map(|i| VitLayer::load(&vb.pp("encoder.layers").pp(i), cfg))
+            .collect::<Result<_>>()?;
+        let eps = cfg.layer_norm_eps;
+        let optional_norm = |name: &str| -> Result<Option<LayerNorm>> {
+            match vb.contains(&format!("{name}.weight")) {
+                true => Ok(Some(LayerNorm::load(&vb.pp(name), d, eps)?)),
+                false => Ok(None),
+            }
+        };
+        let post_layernorm = if n_layers == cfg.num_hidden_layers {
+            optional_norm("post_layernorm")?
+        } else {
+            None
+        };
+        Ok(VisionTransformer {
+            patch_embedding,
+            patch_bias,
+            class_embedding: get_squeezed(&emb, &["class_embedding"], &[d])?,
+            position_embedding: get_squeezed(
+                &emb,
+                &["position_embedding.weight", "position_embedding"],
+                &[n_pos, d],
+            )?,
+            pre_layrnorm: optional_norm("pre_layrnorm")?,
+            layers,
+            post_layernorm,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Patch embedding as a matrix product: each patch flattened in the conv weight's
+    /// (channel, row, column) order.
+    fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (c, s, p) = (
+            self.cfg.num_channels,
+            self.cfg.image_size,
+            self.cfg.patch_size,
+        );
+        if pixel_values.shape() != [c, s, s] {
+            return Err(Error::Input(format!(
+                "pixel values of shape {:?}, the vision tower takes [{c}, {s}, {s}]",
+                pixel_values.shape()
+            )));
+        }
+        let px = pixel_values.clone().round_to(self.dtype);
+        let px = px.as_f32()?;
+        let g = s / p;
+        let mut cols = Vec::with_capacity(g * g * c * p * p);
+        for gy in 0..g {
+            for gx in 0..g {
+                for ch in 0..c {
+                    for ky in 0..p {
+                        let row = ch * s * s + (gy * p + ky) * s + gx * p;
+                        cols.extend_from_slice(&px[row..row + p]);
+                    }
+                }
+            }
+        }
+        let patches = Tensor::from_f32(cols, &[g * g, c * p * p])?;
+        let patch_embeds =
+            iris_tensor::linear(&patches, &self.patch_embedding, self.patch_bias.as_ref())?
+                .round_to(self.dtype);
+        let cls = self
+            .class_embedding
+            .to_dtype(DType::F32)
+            .reshape(&[1, self.cfg.hidden_size])?;
+        let x = Tensor::cat_rows(&[&cls, &patch_embeds])?;
+        Ok(x.add_elem(&self.position_embedding)?.round_to(self.dtype))
+    }
+
+    /// Hidden states `indices` (0 = embeddings, after `pre_layrnorm` where the model has
+    /// one; i = after layer i) of one image `[C, H, W]`, each `[1 + patches, hidden]`.
+    pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let last = indices.iter().copied().max().unwrap_or(0);
+        if last > self.layers.len() {
+            return Err(Error::Input(format!(
+                "hidden state {last} requested, {} layers loaded",
+                self.layers.len()
+            )));
+        }
+        let mut x = self.embeddings(pixel_values)?;
+        if let Some(n) = &self.pre_layrnorm {
+            x = n.forward(&x)?;
+        }
+        let mut states = vec![None; last + 1];
+        states[0] = Some(x.clone());
+        for (i, layer) in self.layers[..last].iter().enumerate() {
+            x = layer.forward(x)?;
+            states[i + 1] = Some(x.clone());
+        }
+        Ok(indices
+            .iter()
+            .map(|&i| {
+                states[i]
+                    .clone()
+                    .expect("state computed for every index ≤ last")
+            })
+            .collect())
+    }
+
+    /// The last hidden state after `post_layernorm` (BLIP's `last_hidden_state`).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let last = self.hidden_states(pixel_values, &[self.layers.len()])?;
+        let x = last.into_iter().next().expect("one state");
+        match &self.post_layernorm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Builds the tiny BLIP-2 fixtures under tests/fixtures/ with HF transformers.
+
+A real `Blip2ForConditionalGeneration` (BLIP ViT with fused qkv -> Q-Former -> language
+projection -> OPT) with random weights (std 0.1, norm weights 1 + 0.1*N), an OPT-style
+byte-level BPE tokenizer (`</s>` as BOS), and `BlipImageProcessor` (PIL backend), saved
+with `save_pretrained` and reloaded through `from_pretrained` for the goldens:
+
+  golden.safetensors  pixel_values, vision_features (post_layernorm last hidden state),
+                      qformer_output, projected (language_projection), logits (prefill)
+  golden.json         prompt, image, input_ids, greedy ids and their logprobs
+
+Run from the repository root with one torch thread:  python tools/gen_blip2_fixtures.py
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_llava_fixtures import CORPUS, IMAGES, ROOT, init_weights  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def make_tokenizer():
+    """OPT-style: byte-level BPE, `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3, `</s>` prepended."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    # Blip2Processor adds `<image>` itself (as the hub's BLIP-2 tokenizers have it).
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8):
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    size = vision["image_size"]
+    ip = BlipImageProcessorPil(size={"height": size, "width": size})
+    proc = Blip2Processor(image_processor=ip, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], **qformer).to_dict(),
+        text_config=OPTConfig(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=2, pad_token_id=1, **text).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    init_weights(model)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+
+    ref = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    proc = Blip2Processor.from_pretrained(out, backend="pil")
+    pil = Image.open(os.path.join(IMAGES, image))
+    inputs = proc(images=pil, text=prompt, return_tensors="pt")
+    golden = {}
+    with torch.no_grad():
+        golden["logits"] = ref(**inputs).logits[0]
+        vis = ref.vision_model(inputs["pixel_values"]).last_hidden_state
+        q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=vis).last_hidden_state
+        golden["pixel_values"] = inputs["pixel_values"]
+        golden["vision_features"] = vis[0]
+        golden["qformer_output"] = q[0]
+        golden["projected"] = ref.language_projection(q)[0]
+        gen = ref.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    n_prompt = inputs["input_ids"].shape[1]
+    seq = gen.sequences[0].tolist()
+    # generate() returns only new tokens for BLIP-2 when given inputs_embeds-like inputs;
+    # both forms are handled.
+    ids = seq[n_prompt:] if len(seq) > len(gen.logits) else seq
+    logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
+    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump(
+        {
+            "prompt": prompt,
+            "images": [image],
+            "dtype": "float32",
+            "prompt_token_ids": inputs["input_ids"][0].tolist(),
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+            "max_new_tokens": max_new_tokens,
+        },
+        open(os.path.join(out, "golden.json"), "w"),
+        indent=1,
+    )
+    print(name, "prompt", n_prompt, "tokens; greedy", ids)
+
+
+def main():
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, qkv_bias=True)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   cross_attention_frequency=2)
+    text = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, word_embed_proj_dim=64)
+    build("blip2-tiny-opt-f32", vision=vision, qformer=qformer, text=text, num_query_tokens=8,
+          prompt="Question: what is in the picture? Answer:", image="scene.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
