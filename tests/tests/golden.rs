@@ -3,8 +3,10 @@
 //! or 1e-2 (bf16), identical greedy ids, logprobs within tolerance.
 
 use iris_e2e::{errors, fixture, Golden};
-use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
+use iris_engine::{Pipeline, PipelineOptions, SamplingParams};
 use iris_image::ImageLimits;
+use iris_models::llava::Llava;
+use iris_models::vlm::VisionLanguageModel;
 use iris_tensor::{DType, Tensor};
 
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
@@ -38,8 +40,8 @@ const CASES: [Case; 4] = [
     },
 ];
 
-fn pipeline(name: &str) -> LlavaPipeline {
-    LlavaPipeline::load(&fixture(name), &PipelineOptions::default()).expect("fixture loads")
+fn pipeline(name: &str) -> Pipeline {
+    Pipeline::load(&fixture(name), &PipelineOptions::default()).expect("fixture loads")
 }
 
 fn images(g: &Golden) -> Vec<Vec<u8>> {
@@ -113,7 +115,7 @@ fn pixel_values_within_one_uint8_step() {
 fn model_stages_match_hf() {
     for case in &CASES {
         let g = Golden::load(case.name);
-        let p = pipeline(case.name);
+        let m = Llava::load(&fixture(case.name), None, iris_comm::single()).unwrap();
         let pv = g.tensor("pixel_values");
         let n = pv.shape()[0];
         let per = pv.elem_count() / n;
@@ -126,10 +128,7 @@ fn model_stages_match_hf() {
                 .unwrap()
             })
             .collect();
-        let feats: Vec<Tensor> = pvs
-            .iter()
-            .map(|t| p.model.image_features(t).unwrap())
-            .collect();
+        let feats: Vec<Tensor> = pvs.iter().map(|t| m.image_features(t).unwrap()).collect();
         let got: Vec<f32> = feats.iter().flat_map(|t| t.to_f32_vec()).collect();
         check(
             "vision features",
@@ -147,7 +146,7 @@ fn model_stages_match_hf() {
                     .unwrap()
                     .narrow_rows(i * rows, rows)
                     .unwrap();
-                p.model.project(&f).unwrap()
+                m.project(&f).unwrap()
             })
             .collect();
         let got: Vec<f32> = visual.iter().flat_map(|t| t.to_f32_vec()).collect();
@@ -159,8 +158,8 @@ fn model_stages_match_hf() {
         );
 
         let ids = g.ids("prompt_token_ids");
-        let embeds = p.model.input_embeds(&ids, &visual).unwrap();
-        let lm = p.model.language_model();
+        let embeds = m.input_embeds(&ids, &visual).unwrap();
+        let lm = m.llama();
         let hidden = lm.forward(&embeds, &mut lm.new_cache()).unwrap();
         let logits = lm.logits(&hidden).unwrap();
         check(
@@ -221,7 +220,7 @@ fn bf16_checkpoint_runs_in_f32_when_asked() {
         dtype: Some(DType::F32),
         limits: ImageLimits::default(),
     };
-    let p = LlavaPipeline::load(&fixture("llava-tiny-gqa-bf16"), &opts).unwrap();
+    let p = Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &opts).unwrap();
     assert_eq!(p.model.dtype(), DType::F32);
     let out = p
         .generate(

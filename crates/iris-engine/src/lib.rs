@@ -7,8 +7,8 @@ mod pipeline;
 mod processor;
 mod sampler;
 
-pub use pipeline::{FinishReason, Generation, LlavaPipeline, PipelineOptions};
-pub use processor::{LlavaProcessor, PreparedPrompt};
+pub use pipeline::{FinishReason, Generation, Pipeline, PipelineOptions};
+pub use processor::{PreparedPrompt, Processor, PromptStyle};
 pub use sampler::{argmax, Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,14 +1,16 @@
-//! One LLaVA model ready to serve: processor + weights, and single-sequence generation
-//! (prefill, then one token at a time over the KV cache).
+//! One model ready to serve: its processor and weights, chosen by the checkpoint's
+//! architecture, and single-sequence generation (prefill, then one token at a time
+//! over the KV cache).
 
 use std::path::Path;
 
 use iris_image::ImageLimits;
-use iris_models::config::{read_json, token_ids};
-use iris_models::llava::Llava;
+use iris_models::config::{architecture, read_json, token_ids};
+use iris_models::vlm::VisionLanguageModel;
+use iris_models::{blip2::Blip2, llava::Llava};
 use iris_tensor::{DType, Tensor};
 
-use crate::processor::{LlavaProcessor, PreparedPrompt};
+use crate::processor::{PreparedPrompt, Processor, PromptStyle};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::{Error, Result};
 
@@ -39,33 +41,62 @@ pub struct Generation {
 }
 
 #[derive(Debug)]
-pub struct LlavaPipeline {
-    pub processor: LlavaProcessor,
-    pub model: Llava,
+pub struct Pipeline {
+    pub processor: Processor,
+    pub model: Box<dyn VisionLanguageModel>,
     eos_token_ids: Vec<u32>,
 }
 
-impl LlavaPipeline {
-    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<LlavaPipeline> {
-        let model = Llava::load(dir, opts.dtype, iris_comm::single())?;
-        let processor = LlavaProcessor::load(dir, model.config().tokens_per_image(), opts.limits)?;
+impl Pipeline {
+    /// Loads the model folder `dir`, whatever architecture Iris serves it is.
+    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<Pipeline> {
+        let cfg = read_json(&dir.join("config.json"))?;
+        let arch = architecture(&cfg).unwrap_or_default();
+        let (model, style, model_eos): (Box<dyn VisionLanguageModel>, _, _) = match arch.as_str() {
+            iris_models::llava::ARCHITECTURE | "llava" => {
+                let m = Llava::load(dir, opts.dtype, iris_comm::single())?;
+                let eos = m.config().text.eos_token_ids.clone();
+                (Box::new(m), PromptStyle::Inline, eos)
+            }
+            iris_models::blip2::ARCHITECTURE | "blip-2" => {
+                let m = Blip2::load(dir, opts.dtype)?;
+                let eos = m.config().text.eos_token_ids.clone();
+                (Box::new(m), PromptStyle::Prefix, eos)
+            }
+            other => {
+                return Err(
+                    iris_models::Error::UnknownArchitecture(if other.is_empty() {
+                        "<none>".into()
+                    } else {
+                        other.to_string()
+                    })
+                    .into(),
+                )
+            }
+        };
+        let processor = Processor::load(
+            dir,
+            style,
+            model.image_token_id(),
+            model.tokens_per_image(),
+            opts.limits,
+        )?;
         // HF's generate stops at generation_config's eos ids, else the model config's.
-        let from_gen = dir
-            .join("generation_config.json")
-            .exists()
-            .then(|| read_json(&dir.join("generation_config.json")))
-            .transpose()?
-            .map(|g| token_ids(g.get("eos_token_id")))
-            .unwrap_or_default();
+        let gen_path = dir.join("generation_config.json");
+        let from_gen = if gen_path.exists() {
+            token_ids(read_json(&gen_path)?.get("eos_token_id"))
+        } else {
+            vec![]
+        };
         let mut eos_token_ids = if from_gen.is_empty() {
-            model.config().text.eos_token_ids.clone()
+            model_eos
         } else {
             from_gen
         };
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(processor.tokenizer().token_to_id("</s>"));
         }
-        Ok(LlavaPipeline {
+        Ok(Pipeline {
             processor,
             model,
             eos_token_ids,

@@ -1,6 +1,11 @@
-//! HF's `LlavaProcessor` (`processing_llava.py`): each `<image>` marker in the raw
-//! prompt becomes as many image tokens as the vision tower yields visual tokens, then
-//! the model's `tokenizer.json` encodes the text with its special tokens (BOS).
+//! A model's HF processor: images → `pixel_values` (the image processor), text +
+//! images → `input_ids` with image placeholders, in the model's convention:
+//! - LLaVA (`processing_llava.py`): each `<image>` marker in the prompt becomes as many
+//!   image tokens as the vision tower yields visual tokens;
+//! - BLIP-2 (`processing_blip_2.py`): one image, whose query-token placeholders go before
+//!   the tokenized text (before its BOS); a prompt without a marker puts it first.
+//!
+//! Text is encoded by the model's `tokenizer.json` with its special tokens.
 
 use std::path::Path;
 
@@ -10,12 +15,23 @@ use tokenizers::Tokenizer;
 
 use crate::{Error, Result};
 
+/// Where image placeholders go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptStyle {
+    /// At each `<image>` marker (LLaVA).
+    Inline,
+    /// Before the text, one image only (BLIP-2).
+    Prefix,
+}
+
 #[derive(Debug, Clone)]
-pub struct LlavaProcessor {
+pub struct Processor {
     tokenizer: Tokenizer,
     image_processor: ImageProcessor,
     image_token: String,
+    image_token_id: u32,
     tokens_per_image: usize,
+    style: PromptStyle,
     limits: ImageLimits,
 }
 
@@ -31,12 +47,14 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
-impl LlavaProcessor {
+impl Processor {
     pub fn load(
         dir: &Path,
+        style: PromptStyle,
+        image_token_id: u32,
         tokens_per_image: usize,
         limits: ImageLimits,
-    ) -> Result<LlavaProcessor> {
+    ) -> Result<Processor> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
@@ -49,16 +67,26 @@ impl LlavaProcessor {
                     .map(str::to_string)
             })
             .unwrap_or_else(|| "<image>".to_string());
-        if tokenizer.token_to_id(&image_token).is_none() {
-            return Err(Error::Tokenizer(format!(
-                "the tokenizer has no `{image_token}` token"
-            )));
+        match tokenizer.token_to_id(&image_token) {
+            Some(id) if id == image_token_id => {}
+            Some(id) => {
+                return Err(Error::Tokenizer(format!(
+                "`{image_token}` is token {id} but the model expects image token {image_token_id}"
+            )))
+            }
+            None => {
+                return Err(Error::Tokenizer(format!(
+                    "the tokenizer has no `{image_token}` token"
+                )))
+            }
         }
-        Ok(LlavaProcessor {
+        Ok(Processor {
             tokenizer,
             image_processor: ImageProcessor::from_model_dir(dir)?,
             image_token,
+            image_token_id,
             tokens_per_image,
+            style,
             limits,
         })
     }
@@ -81,25 +109,58 @@ impl LlavaProcessor {
         )?)
     }
 
-    /// Expands the prompt's `<image>` markers and tokenizes; `images` are the encoded
-    /// image files, one per marker, in order.
-    pub fn prepare(&self, prompt: &str, images: &[Vec<u8>]) -> Result<PreparedPrompt> {
-        let markers = prompt.matches(self.image_token.as_str()).count();
-        if markers != images.len() {
-            return Err(Error::Input(format!(
-                "the prompt has {markers} `{}` marker(s) but {} image(s) were given",
-                self.image_token,
-                images.len()
-            )));
-        }
-        let expanded = prompt.replace(
-            &self.image_token,
-            &self.image_token.repeat(self.tokens_per_image),
-        );
-        let enc = self
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        Ok(self
             .tokenizer
-            .encode(expanded, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            .encode(text, special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Tokenizes `prompt` with `images` (encoded files, one per marker, in order).
+    pub fn prepare(&self, prompt: &str, images: &[Vec<u8>]) -> Result<PreparedPrompt> {
+        let marker = self.image_token.as_str();
+        let markers = prompt.matches(marker).count();
+        let input_ids = match self.style {
+            PromptStyle::Inline => {
+                if markers != images.len() {
+                    return Err(Error::Input(format!(
+                        "the prompt has {markers} `{marker}` marker(s) but {} image(s) were given",
+                        images.len()
+                    )));
+                }
+                self.encode(
+                    &prompt.replace(marker, &marker.repeat(self.tokens_per_image)),
+                    true,
+                )?
+            }
+            PromptStyle::Prefix => {
+                if images.is_empty() && markers > 0 {
+                    return Err(Error::Input(format!(
+                        "the prompt has {markers} `{marker}` marker(s) but 0 image(s) were given"
+                    )));
+                }
+                if images.len() > 1 {
+                    return Err(Error::Input(format!(
+                        "this model takes one image per prompt, {} were given",
+                        images.len()
+                    )));
+                }
+                let text = match prompt.strip_prefix(marker) {
+                    Some(rest) if images.len() == 1 => rest.trim_start(),
+                    _ => prompt,
+                };
+                if text.contains(marker) {
+                    return Err(Error::Input(format!(
+                        "this model places its image before the text: `{marker}` may only start the prompt"
+                    )));
+                }
+                let mut ids = vec![self.image_token_id; images.len() * self.tokens_per_image];
+                ids.extend(self.encode(text, true)?);
+                ids
+            }
+        };
         let pixel_values = images
             .iter()
             .enumerate()
@@ -111,7 +172,7 @@ impl LlavaProcessor {
             })
             .collect::<Result<_>>()?;
         Ok(PreparedPrompt {
-            input_ids: enc.get_ids().to_vec(),
+            input_ids,
             pixel_values,
         })
     }

@@ -37,9 +37,21 @@ pub struct ImageProcessor {
     normalize: Option<([f32; 3], [f32; 3])>,
 }
 
-fn size_of(v: &Value, key: &str) -> Result<Size> {
+/// A `size` / `crop_size` entry; a bare number is a shortest edge, or a square side
+/// where `square` (BLIP).
+fn size_of(v: &Value, key: &str, square: bool) -> Result<Size> {
     match v {
-        Value::Number(n) => Ok(Size::ShortestEdge(n.as_u64().unwrap_or(0) as usize)),
+        Value::Number(n) => {
+            let n = n.as_u64().unwrap_or(0) as usize;
+            Ok(if square {
+                Size::Exact {
+                    height: n,
+                    width: n,
+                }
+            } else {
+                Size::ShortestEdge(n)
+            })
+        }
         Value::Object(o) => {
             let get = |k: &str| o.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
             if let Some(s) = get("shortest_edge") {
@@ -107,12 +119,16 @@ impl ImageProcessor {
 
     pub fn from_value(v: &Value) -> Result<ImageProcessor> {
         let flag = |k: &str, d: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(d);
-        if let Some(t) = v.get("image_processor_type").and_then(|t| t.as_str()) {
-            let base = t.trim_end_matches("Fast").trim_end_matches("Pil");
-            if !matches!(base, "CLIPImageProcessor" | "LlavaImageProcessor") {
-                return Err(Error::Config(format!("unsupported image processor `{t}`")));
-            }
-        }
+        // BLIP's processor resizes to a fixed square and never crops; CLIP's and LLaVA's
+        // resize the shortest edge and center-crop.
+        let blip = match v.get("image_processor_type").and_then(|t| t.as_str()) {
+            None => false,
+            Some(t) => match t.trim_end_matches("Fast").trim_end_matches("Pil") {
+                "CLIPImageProcessor" | "LlavaImageProcessor" => false,
+                "BlipImageProcessor" => true,
+                _ => return Err(Error::Config(format!("unsupported image processor `{t}`"))),
+            },
+        };
         let resample = match v.get("resample").and_then(|r| r.as_u64()).unwrap_or(3) {
             1 => Resample::Lanczos,
             2 => Resample::Bilinear,
@@ -124,20 +140,28 @@ impl ImageProcessor {
             }
         };
         let resize = if flag("do_resize", true) {
+            let default = if blip {
+                Size::Exact {
+                    height: 384,
+                    width: 384,
+                }
+            } else {
+                Size::ShortestEdge(224)
+            };
             let s = v
                 .get("size")
-                .map_or(Ok(Size::ShortestEdge(224)), |s| size_of(s, "size"))?;
+                .map_or(Ok(default), |s| size_of(s, "size", blip))?;
             Some((s, resample))
         } else {
             None
         };
-        let crop = if flag("do_center_crop", true) {
+        let crop = if flag("do_center_crop", !blip) {
             match v.get("crop_size").map_or(
                 Ok(Size::Exact {
                     height: 224,
                     width: 224,
                 }),
-                |s| size_of(s, "crop_size"),
+                |s| size_of(s, "crop_size", true),
             )? {
                 Size::Exact { height, width } => Some((height, width)),
                 Size::ShortestEdge(s) => Some((s, s)),
@@ -300,6 +324,10 @@ mod tests {
         assert_eq!(resized(&Size::ShortestEdge(336), 640, 480), (336, 448));
         assert_eq!(p.output_size(57, 43), (30, 30));
         assert!(ImageProcessor::from_value(&json!({"resample": 0})).is_err());
+        let blip =
+            ImageProcessor::from_value(&json!({"image_processor_type": "BlipImageProcessor"}))
+                .unwrap();
+        assert_eq!(blip.output_size(57, 43), (384, 384));
         assert!(ImageProcessor::from_value(
             &json!({"image_processor_type": "SiglipImageProcessor"})
         )

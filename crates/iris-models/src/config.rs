@@ -82,6 +82,16 @@ pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Attention heads must split the hidden size evenly.
+fn check_heads(what: &str, hidden: usize, heads: usize) -> Result<()> {
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(Error::Config(format!(
+            "{what} hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        )));
+    }
+    Ok(())
+}
+
 /// The checkpoint's dtype (`torch_dtype` in transformers 4, `dtype` in 5).
 pub fn checkpoint_dtype(cfg: &Value) -> Option<DType> {
     ["dtype", "torch_dtype"]
@@ -248,9 +258,11 @@ impl VisionConfig {
             }
             "clip_vision_model" => (768, 3072, 12, 12, 224, 32, "quick_gelu", 1e-5),
             "blip_2_vision_model" => (1408, 6144, 39, 16, 224, 14, "gelu", 1e-6),
-            other => return Err(Error::UnknownArchitecture(format!(
+            other => {
+                return Err(Error::UnknownArchitecture(format!(
                 "vision model_type `{other}` (supported: clip_vision_model, blip_2_vision_model)"
-            ))),
+            )))
+            }
         };
         let cfg = VisionConfig {
             hidden_size: o.usize_or("hidden_size", d.0)?,
@@ -263,17 +275,13 @@ impl VisionConfig {
             hidden_act: o.act_or("hidden_act", d.6)?,
             layer_norm_eps: o.f64_or("layer_norm_eps", d.7)?,
         };
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::Config(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 cfg.image_size, cfg.patch_size
             )));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(Error::Config(
-                "vision hidden_size must be a multiple of num_attention_heads".into(),
-            ));
-        }
+        check_heads("vision", cfg.hidden_size, cfg.num_attention_heads)?;
         Ok(cfg)
     }
 
@@ -373,6 +381,144 @@ impl LlavaConfig {
             SelectStrategy::Default => n - 1,
             SelectStrategy::Full => n,
         }
+    }
+}
+
+/// HF `OPTConfig`.
+#[derive(Debug, Clone)]
+pub struct OptConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub ffn_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub word_embed_proj_dim: usize,
+    pub do_layer_norm_before: bool,
+    /// The decoder's `final_layer_norm` (absent in post-LN checkpoints such as OPT-350m).
+    pub final_layer_norm: bool,
+    pub activation: Activation,
+    pub enable_bias: bool,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl OptConfig {
+    pub fn from_value(v: &Value) -> Result<OptConfig> {
+        let o = Obj(v, "text_config");
+        let mt = o.str_or("model_type", "opt")?;
+        if mt != "opt" {
+            return Err(Error::UnknownArchitecture(format!(
+                "text model_type `{mt}` (supported here: opt)"
+            )));
+        }
+        let hidden_size = o.usize_or("hidden_size", 768)?;
+        let do_layer_norm_before = o.bool_or("do_layer_norm_before", true)?;
+        let cfg = OptConfig {
+            vocab_size: o.usize_or("vocab_size", 50272)?,
+            hidden_size,
+            ffn_dim: o.usize_or("ffn_dim", 3072)?,
+            num_hidden_layers: o.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: o.usize_or("num_attention_heads", 12)?,
+            max_position_embeddings: o.usize_or("max_position_embeddings", 2048)?,
+            word_embed_proj_dim: o.usize_or("word_embed_proj_dim", hidden_size)?,
+            do_layer_norm_before,
+            final_layer_norm: do_layer_norm_before
+                && !o.bool_or("_remove_final_layer_norm", false)?,
+            activation: o.act_or("activation_function", "relu")?,
+            enable_bias: o.bool_or("enable_bias", true)?,
+            eos_token_ids: o.ids("eos_token_id"),
+        };
+        if !o.bool_or("layer_norm_elementwise_affine", true)? {
+            return Err(Error::Config(
+                "OPT without elementwise-affine layer norms is not supported".into(),
+            ));
+        }
+        check_heads("OPT", cfg.hidden_size, cfg.num_attention_heads)?;
+        Ok(cfg)
+    }
+}
+
+/// HF `Blip2QFormerConfig`.
+#[derive(Debug, Clone)]
+pub struct QFormerConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub cross_attention_frequency: usize,
+    pub encoder_hidden_size: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl QFormerConfig {
+    pub fn from_value(v: &Value) -> Result<QFormerConfig> {
+        let o = Obj(v, "qformer_config");
+        let cfg = QFormerConfig {
+            hidden_size: o.usize_or("hidden_size", 768)?,
+            intermediate_size: o.usize_or("intermediate_size", 3072)?,
+            num_hidden_layers: o.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: o.usize_or("num_attention_heads", 12)?,
+            cross_attention_frequency: o.usize_or("cross_attention_frequency", 2)?,
+            encoder_hidden_size: o.usize_or("encoder_hidden_size", 1408)?,
+            hidden_act: o.act_or("hidden_act", "gelu")?,
+            layer_norm_eps: o.f64_or("layer_norm_eps", 1e-12)?,
+        };
+        if cfg.cross_attention_frequency == 0 {
+            return Err(Error::Config(
+                "cross_attention_frequency must be positive".into(),
+            ));
+        }
+        check_heads("Q-Former", cfg.hidden_size, cfg.num_attention_heads)?;
+        Ok(cfg)
+    }
+}
+
+/// HF `Blip2Config` with a decoder-only (OPT) language model.
+#[derive(Debug, Clone)]
+pub struct Blip2Config {
+    pub vision: VisionConfig,
+    pub qformer: QFormerConfig,
+    pub text: OptConfig,
+    pub num_query_tokens: usize,
+    pub image_token_id: u32,
+    pub dtype: Option<DType>,
+}
+
+impl Blip2Config {
+    pub fn from_value(v: &Value) -> Result<Blip2Config> {
+        let o = Obj(v, "config");
+        let empty = Value::Object(Default::default());
+        let vision_value = v
+            .get("vision_config")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"model_type": "blip_2_vision_model"}));
+        let text = v.get("text_config").unwrap_or(&empty);
+        if text
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .is_some_and(|m| m != "opt")
+        {
+            return Err(Error::UnknownArchitecture(format!(
+                "BLIP-2 with a `{}` language model (supported: opt)",
+                text["model_type"].as_str().unwrap_or_default()
+            )));
+        }
+        let image_token_id = o
+            .get("image_token_id")
+            .or_else(|| o.get("image_token_index"))
+            .and_then(|x| x.as_u64())
+            .ok_or_else(|| {
+                Error::Config("BLIP-2 config has no image_token_id (image_token_index)".into())
+            })? as u32;
+        Ok(Blip2Config {
+            vision: VisionConfig::from_value(Some(&vision_value))?,
+            qformer: QFormerConfig::from_value(v.get("qformer_config").unwrap_or(&empty))?,
+            text: OptConfig::from_value(text)?,
+            num_query_tokens: o.usize_or("num_query_tokens", 32)?,
+            image_token_id,
+            dtype: checkpoint_dtype(v),
+        })
     }
 }
 

@@ -5,12 +5,16 @@
 //!
 //! Model code follows HF weight names so a file reads beside its `modeling_*.py`.
 
+pub mod bert;
+pub mod blip2;
 pub mod config;
 mod error;
 pub mod layers;
 pub mod llama;
 pub mod llava;
+pub mod opt;
 pub mod vit;
+pub mod vlm;
 pub mod weights;
 
 pub use error::{Error, Result};

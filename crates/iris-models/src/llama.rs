@@ -9,38 +9,11 @@ use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::layers::{
-    sdpa, AttnShape, ColumnParallelLinear, GatedMlp, Linear, RmsNorm, RotaryEmbedding,
+    sdpa, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding,
     RowParallelLinear,
 };
 use crate::weights::Vb;
 use crate::{Error, Result};
-
-/// Keys and values of every layer for one sequence, `[tokens, local_kv_heads·head_dim]`.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> KvCache {
-        KvCache {
-            k: vec![Vec::new(); n_layers],
-            v: vec![Vec::new(); n_layers],
-            len: 0,
-        }
-    }
-
-    /// Tokens cached so far (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
 
 #[derive(Debug, Clone)]
 struct LlamaAttention {
@@ -91,22 +64,15 @@ impl LlamaAttention {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let t = x.rows();
-        let start = cache.len;
+        let start = cache.len();
         let positions: Vec<usize> = (start..start + t).collect();
         let mut q = self.q_proj.forward(x)?;
         let mut k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
         rope.apply(q.f32_mut(), self.shape.n_heads, &positions);
         rope.apply(k.f32_mut(), self.shape.n_kv_heads, &positions);
-        cache.k[layer].extend_from_slice(k.as_f32()?);
-        cache.v[layer].extend_from_slice(v.as_f32()?);
-        let o = sdpa(
-            q.as_f32()?,
-            &cache.k[layer],
-            &cache.v[layer],
-            self.shape,
-            Some(start),
-        );
+        let (ks, vs) = cache.append(layer, k.as_f32()?, v.as_f32()?);
+        let o = sdpa(q.as_f32()?, ks, vs, self.shape, Some(start));
         let o = Tensor::from_f32(o, &[t, self.shape.n_heads * self.shape.head_dim])?
             .round_to(self.dtype);
         self.o_proj.forward(&o)
@@ -232,10 +198,10 @@ impl Llama {
     /// hidden states `[t, hidden]` and extends `cache`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = embeds.rows();
-        if cache.len + t > self.cfg.max_position_embeddings {
+        if cache.len() + t > self.cfg.max_position_embeddings {
             return Err(Error::Input(format!(
                 "{} tokens exceed the model's {} positions",
-                cache.len + t,
+                cache.len() + t,
                 self.cfg.max_position_embeddings
             )));
         }
@@ -245,17 +211,12 @@ impl Llama {
                 Ok(y) => x = y,
                 Err(e) => {
                     // Leave the cache as it was before this call.
-                    let kv = self.cache_width();
-                    cache
-                        .k
-                        .iter_mut()
-                        .chain(cache.v.iter_mut())
-                        .for_each(|c| c.truncate(cache.len * kv));
+                    cache.rollback(self.cache_width());
                     return Err(e);
                 }
             }
         }
-        cache.len += t;
+        cache.advance(t);
         self.norm.forward(&x)
     }
 
@@ -268,5 +229,20 @@ impl Llama {
     /// Logits `[t, vocab]` of final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
+    }
+}
+
+impl crate::vlm::CausalLm for Llama {
+    fn new_cache(&self) -> KvCache {
+        Llama::new_cache(self)
+    }
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        Llama::embed(self, ids)
+    }
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Llama::forward(self, embeds, cache)
+    }
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Llama::logits(self, hidden)
     }
 }

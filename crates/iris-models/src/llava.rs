@@ -15,6 +15,7 @@ use crate::config::{architecture, read_json, LlavaConfig, SelectStrategy};
 use crate::layers::Mlp;
 use crate::llama::Llama;
 use crate::vit::VisionTransformer;
+use crate::vlm::{CausalLm, VisionLanguageModel};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -32,7 +33,11 @@ pub struct Llava {
 }
 
 /// The first prefix under which `probe` exists.
-fn find_prefix<'a>(w: &Arc<Weights>, candidates: &[&'a str], probe: &str) -> Result<&'a str> {
+pub(crate) fn find_prefix<'a>(
+    w: &Arc<Weights>,
+    candidates: &[&'a str],
+    probe: &str,
+) -> Result<&'a str> {
     candidates
         .iter()
         .copied()
@@ -125,7 +130,7 @@ impl Llava {
         self.dtype
     }
 
-    pub fn language_model(&self) -> &Llama {
+    pub fn llama(&self) -> &Llama {
         &self.language_model
     }
 
@@ -165,41 +170,22 @@ impl Llava {
     pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.project(&self.image_features(pixel_values)?)
     }
+}
 
-    /// Input embeddings of a prompt whose image placeholders are filled, in order, by
-    /// `images` (each `[tokens_per_image, hidden]`).
-    pub fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
-        let placeholders = ids
-            .iter()
-            .filter(|&&i| i == self.cfg.image_token_id)
-            .count();
-        let per = self.cfg.tokens_per_image();
-        if placeholders != images.len() * per {
-            return Err(Error::Input(format!(
-                "the prompt has {placeholders} image tokens but {} image(s) give {} visual tokens",
-                images.len(),
-                images.len() * per
-            )));
-        }
-        // Placeholder ids may lie outside the text vocabulary; embed a valid id there.
-        let text_ids: Vec<u32> = ids
-            .iter()
-            .map(|&i| if i == self.cfg.image_token_id { 0 } else { i })
-            .collect();
-        let mut x = self.language_model.embed(&text_ids)?;
-        let d = self.cfg.text.hidden_size;
-        let visual: Vec<&[f32]> = images
-            .iter()
-            .map(|t| t.as_f32())
-            .collect::<std::result::Result<_, _>>()?;
-        let mut next = visual.iter().flat_map(|v| v.chunks_exact(d));
-        let xs = x.f32_mut();
-        for (pos, &id) in ids.iter().enumerate() {
-            if id == self.cfg.image_token_id {
-                let row = next.next().expect("counts checked above");
-                xs[pos * d..(pos + 1) * d].copy_from_slice(row);
-            }
-        }
-        Ok(x)
+impl VisionLanguageModel for Llava {
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Llava::encode_image(self, pixel_values)
+    }
+    fn image_token_id(&self) -> u32 {
+        self.cfg.image_token_id
+    }
+    fn tokens_per_image(&self) -> usize {
+        self.cfg.tokens_per_image()
+    }
+    fn language_model(&self) -> &dyn CausalLm {
+        &self.language_model
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }

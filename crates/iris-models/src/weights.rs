@@ -181,6 +181,7 @@ impl Weights {
         Vb {
             w: self.clone(),
             prefix: prefix.to_string(),
+            dtype: self.dtype,
         }
     }
 }
@@ -190,6 +191,7 @@ impl Weights {
 pub struct Vb {
     w: Arc<Weights>,
     prefix: String,
+    dtype: DType,
 }
 
 impl Vb {
@@ -197,6 +199,16 @@ impl Vb {
         Vb {
             w: self.w.clone(),
             prefix: self.path(&name.to_string()),
+            dtype: self.dtype,
+        }
+    }
+
+    /// The same tensors served as `dtype` (HF keeps some modules in f32 whatever the
+    /// checkpoint's dtype, e.g. BLIP-2's Q-Former).
+    pub fn with_dtype(&self, dtype: DType) -> Vb {
+        Vb {
+            dtype,
+            ..self.clone()
         }
     }
 
@@ -209,7 +221,7 @@ impl Vb {
     }
 
     pub fn dtype(&self) -> DType {
-        self.w.dtype
+        self.dtype
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -221,7 +233,7 @@ impl Vb {
     }
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.w.get(&self.path(name), shape)
+        self.w.get_as(&self.path(name), shape, self.dtype)
     }
 
     /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use iris_engine::{LlavaPipeline, PipelineOptions, SamplingParams};
+use iris_engine::{Pipeline, PipelineOptions, SamplingParams};
 use iris_image::ImageLimits;
 use iris_tensor::{DType, Device};
 
@@ -86,7 +86,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             max_pixels: a.max_image_pixels,
         },
     };
-    let pipe = LlavaPipeline::load(&a.model, &opts)
+    let pipe = Pipeline::load(&a.model, &opts)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;
     let sampling = SamplingParams {
         temperature: a.temperature,

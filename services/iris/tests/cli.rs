@@ -61,6 +61,7 @@ fn generate_json_matches_hf_goldens() {
         ("llava-tiny-hub-f32", 1e-4),
         ("llava-tiny-model-f32", 1e-4),
         ("llava-tiny-qwen2-f32", 1e-4),
+        ("blip2-tiny-opt-f32", 1e-4),
         ("llava-tiny-gqa-bf16", 3e-2),
     ] {
         let dir = fixtures().join(name);

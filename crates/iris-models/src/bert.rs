@@ -1,0 +1,162 @@
+//! BERT-style post-norm layers (Devlin et al., 2019) as BLIP-2's Q-Former uses them
+//! (HF `modeling_blip_2.py` `Blip2QFormer*`): attention whose output passes
+//! `dense → LayerNorm(· + input)`, optional cross-attention to image features, and a
+//! feed-forward `intermediate → output` with the same residual norm. Queries use the
+//! `*_query` feed-forward; text tokens (retrieval) use the plain one.
+
+use iris_tensor::{Activation, Tensor};
+
+use crate::layers::{sdpa, AttnShape, LayerNorm, Linear};
+use crate::weights::Vb;
+use crate::Result;
+
+/// Sizes shared by the layers of one BERT stack.
+#[derive(Debug, Clone, Copy)]
+pub struct BertDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    /// Width of the features cross-attention reads (the vision hidden size).
+    pub encoder_hidden: usize,
+    pub eps: f64,
+    pub act: Activation,
+}
+
+/// `attention.{query,key,value}` + `output.{dense,LayerNorm}`.
+#[derive(Debug, Clone)]
+pub struct BertAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    shape: AttnShape,
+}
+
+impl BertAttention {
+    /// `vb` is the block (`…attention` or `…crossattention`); `inner` names its
+    /// projections' module (`attention` in the Q-Former, `self` in BERT).
+    pub fn load(vb: &Vb, inner: &str, d: &BertDims, cross: bool) -> Result<Self> {
+        let kv_in = if cross { d.encoder_hidden } else { d.hidden };
+        let a = vb.pp(inner);
+        Ok(BertAttention {
+            query: Linear::load(&a.pp("query"), d.hidden, d.hidden, true)?,
+            key: Linear::load(&a.pp("key"), kv_in, d.hidden, true)?,
+            value: Linear::load(&a.pp("value"), kv_in, d.hidden, true)?,
+            dense: Linear::load(&vb.pp("output.dense"), d.hidden, d.hidden, true)?,
+            norm: LayerNorm::load(&vb.pp("output.LayerNorm"), d.hidden, d.eps)?,
+            shape: AttnShape {
+                n_heads: d.heads,
+                n_kv_heads: d.heads,
+                head_dim: d.hidden / d.heads,
+            },
+        })
+    }
+
+    /// Attention of `x` over `context` (itself when `None`), then the residual norm.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(ctx)?;
+        let v = self.value.forward(ctx)?;
+        let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, self.shape, None);
+        let o = self.dense.forward(&Tensor::from_f32(o, q.shape())?)?;
+        self.norm.forward(&o.add_elem(x)?)
+    }
+}
+
+/// `intermediate.dense → act → output.dense → output.LayerNorm(· + input)`.
+#[derive(Debug, Clone)]
+pub struct BertFeedForward {
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    act: Activation,
+}
+
+impl BertFeedForward {
+    pub fn load(vb: &Vb, intermediate: &str, output: &str, d: &BertDims) -> Result<Self> {
+        Ok(BertFeedForward {
+            intermediate: Linear::load(
+                &vb.pp(intermediate).pp("dense"),
+                d.hidden,
+                d.intermediate,
+                true,
+            )?,
+            output: Linear::load(&vb.pp(output).pp("dense"), d.intermediate, d.hidden, true)?,
+            norm: LayerNorm::load(&vb.pp(output).pp("LayerNorm"), d.hidden, d.eps)?,
+            act: d.act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.intermediate.forward(x)?.activation(self.act);
+        let h = self.output.forward(&h)?;
+        self.norm.forward(&h.add_elem(x)?)
+    }
+}
+
+/// One Q-Former layer on the query tokens.
+#[derive(Debug, Clone)]
+pub struct QFormerLayer {
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
+    ffn_query: BertFeedForward,
+}
+
+impl QFormerLayer {
+    pub fn load(vb: &Vb, d: &BertDims, has_cross: bool) -> Result<Self> {
+        let crossattention = if has_cross {
+            Some(BertAttention::load(
+                &vb.pp("crossattention"),
+                "attention",
+                d,
+                true,
+            )?)
+        } else {
+            None
+        };
+        Ok(QFormerLayer {
+            attention: BertAttention::load(&vb.pp("attention"), "attention", d, false)?,
+            crossattention,
+            ffn_query: BertFeedForward::load(vb, "intermediate_query", "output_query", d)?,
+        })
+    }
+
+    pub fn forward(&self, queries: &Tensor, image: &Tensor) -> Result<Tensor> {
+        let mut x = self.attention.forward(queries, None)?;
+        if let Some(c) = &self.crossattention {
+            x = c.forward(&x, Some(image))?;
+        }
+        self.ffn_query.forward(&x)
+    }
+}
+
+/// The Q-Former (Li et al., 2023): learned queries, LayerNorm, then the layers, with
+/// cross-attention to the image every `cross_attention_frequency` layers.
+#[derive(Debug, Clone)]
+pub struct QFormer {
+    layernorm: LayerNorm,
+    layers: Vec<QFormerLayer>,
+}
+
+impl QFormer {
+    pub fn load(vb: &Vb, d: &BertDims, n_layers: usize, cross_every: usize) -> Result<Self> {
+        let layers = (0..n_layers)
+            .map(|i| QFormerLayer::load(&vb.pp("encoder.layer").pp(i), d, i % cross_every == 0))
+            .collect::<Result<_>>()?;
+        Ok(QFormer {
+            layernorm: LayerNorm::load(&vb.pp("layernorm"), d.hidden, d.eps)?,
+            layers,
+        })
+    }
+
+    /// Query outputs `[queries, hidden]` for one image's features.
+    pub fn forward(&self, query_tokens: &Tensor, image: &Tensor) -> Result<Tensor> {
+        let mut x = self.layernorm.forward(query_tokens)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, image)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,160 @@
+//! BLIP-2 (Li et al., 2023) with an OPT decoder, as HF's `modeling_blip_2.py`
+//! `Blip2ForConditionalGeneration`: BLIP ViT → Q-Former (learned queries
+//! cross-attending to the image) → `language_projection` → visual tokens that fill the
+//! image placeholders the processor puts before the text.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iris_tensor::{DType, Tensor};
+
+use crate::bert::{BertDims, QFormer};
+use crate::config::{architecture, read_json, Blip2Config};
+use crate::layers::Linear;
+use crate::llava::find_prefix;
+use crate::opt::Opt;
+use crate::vit::VisionTransformer;
+use crate::vlm::{CausalLm, VisionLanguageModel};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+pub const ARCHITECTURE: &str = "Blip2ForConditionalGeneration";
+
+#[derive(Debug, Clone)]
+pub struct Blip2 {
+    cfg: Blip2Config,
+    vision_model: VisionTransformer,
+    query_tokens: Tensor,
+    qformer: QFormer,
+    language_projection: Linear,
+    language_model: Opt,
+    dtype: DType,
+}
+
+impl Blip2 {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2> {
+        let raw = read_json(&dir.join("config.json"))?;
+        match architecture(&raw).as_deref() {
+            Some(ARCHITECTURE) | Some("blip-2") => {}
+            other => {
+                return Err(Error::UnknownArchitecture(
+                    other.unwrap_or("<none>").to_string(),
+                ))
+            }
+        }
+        let cfg = Blip2Config::from_value(&raw)?;
+        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
+        let w = Arc::new(Weights::open(dir, dtype)?);
+        let vision = find_prefix(
+            &w,
+            &["vision_model", "model.vision_model"],
+            "embeddings.patch_embedding.weight",
+        )?;
+        let qformer = find_prefix(&w, &["qformer", "model.qformer"], "layernorm.weight")?;
+        let proj = find_prefix(
+            &w,
+            &["language_projection", "model.language_projection"],
+            "weight",
+        )?;
+        let lm = find_prefix(
+            &w,
+            &[
+                "language_model.model.decoder",
+                "model.language_model.decoder",
+                "language_model.decoder",
+                "model.language_model.model.decoder",
+            ],
+            "embed_tokens.weight",
+        )?;
+        let queries = ["query_tokens", "model.query_tokens"]
+            .into_iter()
+            .find(|n| w.contains(n))
+            .unwrap_or("query_tokens");
+        let q = &cfg.qformer;
+        let dims = BertDims {
+            hidden: q.hidden_size,
+            intermediate: q.intermediate_size,
+            heads: q.num_attention_heads,
+            encoder_hidden: q.encoder_hidden_size,
+            eps: q.layer_norm_eps,
+            act: q.hidden_act,
+        };
+        if q.encoder_hidden_size != cfg.vision.hidden_size {
+            return Err(Error::Config(format!(
+                "qformer encoder_hidden_size {} differs from the vision hidden size {}",
+                q.encoder_hidden_size, cfg.vision.hidden_size
+            )));
+        }
+        Ok(Blip2 {
+            vision_model: VisionTransformer::load(
+                &w.pp(vision),
+                &cfg.vision,
+                cfg.vision.num_hidden_layers,
+            )?,
+            query_tokens: w
+                .get_as(
+                    queries,
+                    &[1, cfg.num_query_tokens, q.hidden_size],
+                    DType::F32,
+                )?
+                .reshape(&[cfg.num_query_tokens, q.hidden_size])?,
+            qformer: QFormer::load(
+                &w.pp(qformer).with_dtype(DType::F32),
+                &dims,
+                q.num_hidden_layers,
+                q.cross_attention_frequency,
+            )?,
+            language_projection: Linear::load(
+                &w.pp(proj),
+                q.hidden_size,
+                cfg.text.hidden_size,
+                true,
+            )?,
+            language_model: Opt::load(&w.pp(lm), &cfg.text)?,
+            dtype,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &Blip2Config {
+        &self.cfg
+    }
+
+    /// The vision tower's `last_hidden_state` (after `post_layernorm`) for one image.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_model.forward(pixel_values)
+    }
+
+    /// The Q-Former's query outputs `[num_query_tokens, qformer_hidden]`.
+    pub fn query_output(&self, image_features: &Tensor) -> Result<Tensor> {
+        self.qformer.forward(&self.query_tokens, image_features)
+    }
+
+    pub fn project(&self, query_output: &Tensor) -> Result<Tensor> {
+        // HF casts the (f32) Q-Former output to the model dtype before projecting.
+        self.language_projection
+            .forward(&query_output.clone().round_to(self.dtype))
+    }
+
+    pub fn opt(&self) -> &Opt {
+        &self.language_model
+    }
+}
+
+impl VisionLanguageModel for Blip2 {
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.project(&self.query_output(&self.image_features(pixel_values)?)?)
+    }
+    fn image_token_id(&self) -> u32 {
+        self.cfg.image_token_id
+    }
+    fn tokens_per_image(&self) -> usize {
+        self.cfg.num_query_tokens
+    }
+    fn language_model(&self) -> &dyn CausalLm {
+        &self.language_model
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

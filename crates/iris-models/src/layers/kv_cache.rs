@@ -1,0 +1,49 @@
+//! Per-sequence self-attention keys and values, `[tokens, kv_heads·head_dim]` per layer,
+//! for incremental decoding.
+
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> KvCache {
+        KvCache {
+            k: vec![Vec::new(); n_layers],
+            v: vec![Vec::new(); n_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a step's keys and values to `layer`; returns all of the layer's K and V.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+        self.k[layer].extend_from_slice(k);
+        self.v[layer].extend_from_slice(v);
+        (&self.k[layer], &self.v[layer])
+    }
+
+    /// Marks `t` more tokens as cached, once every layer has appended them.
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Drops whatever layers appended beyond `len` (a step that failed half-way).
+    pub fn rollback(&mut self, width: usize) {
+        let keep = self.len * width;
+        self.k
+            .iter_mut()
+            .chain(self.v.iter_mut())
+            .for_each(|c| c.truncate(keep));
+    }
+}

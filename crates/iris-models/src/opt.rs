@@ -1,0 +1,193 @@
+//! OPT (Zhang et al., 2022) as HF's `modeling_opt.py`: learned positions with their
+//! offset of 2, pre-LN (or post-LN) layers with biased projections and a ReLU MLP,
+//! optional `project_in`/`project_out`, head tied to the token embeddings.
+
+use iris_tensor::{DType, Tensor};
+
+use crate::config::OptConfig;
+use crate::layers::{sdpa, AttnShape, KvCache, LayerNorm, Linear, Mlp};
+use crate::vlm::CausalLm;
+use crate::weights::Vb;
+use crate::{Error, Result};
+
+/// OPT's learned position table starts its positions at row 2.
+const POSITION_OFFSET: usize = 2;
+
+#[derive(Debug, Clone)]
+struct OptLayer {
+    self_attn_layer_norm: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    final_layer_norm: LayerNorm,
+    mlp: Mlp,
+    shape: AttnShape,
+    pre_ln: bool,
+    dtype: DType,
+}
+
+impl OptLayer {
+    fn load(vb: &Vb, cfg: &OptConfig) -> Result<Self> {
+        let (d, b) = (cfg.hidden_size, cfg.enable_bias);
+        let a = vb.pp("self_attn");
+        Ok(OptLayer {
+            self_attn_layer_norm: LayerNorm::load(&vb.pp("self_attn_layer_norm"), d, 1e-5)?,
+            q_proj: Linear::load(&a.pp("q_proj"), d, d, b)?,
+            k_proj: Linear::load(&a.pp("k_proj"), d, d, b)?,
+            v_proj: Linear::load(&a.pp("v_proj"), d, d, b)?,
+            out_proj: Linear::load(&a.pp("out_proj"), d, d, b)?,
+            final_layer_norm: LayerNorm::load(&vb.pp("final_layer_norm"), d, 1e-5)?,
+            mlp: Mlp::load(vb, ("fc1", "fc2"), (d, cfg.ffn_dim, d), cfg.activation, b)?,
+            shape: AttnShape {
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_attention_heads,
+                head_dim: d / cfg.num_attention_heads,
+            },
+            pre_ln: cfg.do_layer_norm_before,
+            dtype: vb.dtype(),
+        })
+    }
+
+    fn attention(&self, x: &Tensor, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let start = cache.len();
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let (ks, vs) = cache.append(layer, k.as_f32()?, v.as_f32()?);
+        let o = sdpa(q.as_f32()?, ks, vs, self.shape, Some(start));
+        self.out_proj
+            .forward(&Tensor::from_f32(o, q.shape())?.round_to(self.dtype))
+    }
+
+    fn forward(&self, x: Tensor, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let dt = self.dtype;
+        if self.pre_ln {
+            let h = self.attention(&self.self_attn_layer_norm.forward(&x)?, layer, cache)?;
+            let x = x.add_elem(&h)?.round_to(dt);
+            let h = self.mlp.forward(&self.final_layer_norm.forward(&x)?)?;
+            Ok(x.add_elem(&h)?.round_to(dt))
+        } else {
+            let h = self.attention(&x, layer, cache)?;
+            let x = self
+                .self_attn_layer_norm
+                .forward(&x.add_elem(&h)?.round_to(dt))?;
+            let h = self.mlp.forward(&x)?;
+            self.final_layer_norm.forward(&x.add_elem(&h)?.round_to(dt))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Opt {
+    embed_tokens: Tensor,
+    embed_positions: Tensor,
+    project_in: Option<Linear>,
+    project_out: Option<Linear>,
+    layers: Vec<OptLayer>,
+    final_layer_norm: Option<LayerNorm>,
+    lm_head: Linear,
+    cfg: OptConfig,
+    dtype: DType,
+}
+
+impl Opt {
+    /// `vb` points at the decoder (`embed_tokens`, `embed_positions`, `layers`, ...);
+    /// the head is tied to `embed_tokens`, as in every OPT checkpoint.
+    pub fn load(vb: &Vb, cfg: &OptConfig) -> Result<Opt> {
+        let (d, e) = (cfg.hidden_size, cfg.word_embed_proj_dim);
+        let embed_tokens = vb.get("embed_tokens.weight", &[cfg.vocab_size, e])?;
+        let projections = if e != d {
+            (
+                Some(Linear::load(&vb.pp("project_in"), e, d, false)?),
+                Some(Linear::load(&vb.pp("project_out"), d, e, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| OptLayer::load(&vb.pp("layers").pp(i), cfg))
+            .collect::<Result<_>>()?;
+        let final_layer_norm = if cfg.final_layer_norm {
+            Some(LayerNorm::load(&vb.pp("final_layer_norm"), d, 1e-5)?)
+        } else {
+            None
+        };
+        Ok(Opt {
+            embed_positions: vb.get(
+                "embed_positions.weight",
+                &[cfg.max_position_embeddings + POSITION_OFFSET, d],
+            )?,
+            lm_head: Linear::new(embed_tokens.clone(), None, vb.dtype()),
+            embed_tokens,
+            project_in: projections.0,
+            project_out: projections.1,
+            layers,
+            final_layer_norm,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &OptConfig {
+        &self.cfg
+    }
+}
+
+impl CausalLm for Opt {
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(self.embed_tokens.index_rows(ids)?)
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (t, start) = (embeds.rows(), cache.len());
+        if start + t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{} tokens exceed the model's {} positions",
+                start + t,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut x = match &self.project_in {
+            Some(p) => p.forward(embeds)?,
+            None => embeds.clone(),
+        };
+        let positions: Vec<u32> = (start..start + t)
+            .map(|p| (p + POSITION_OFFSET) as u32)
+            .collect();
+        x = x
+            .add_elem(&self.embed_positions.index_rows(&positions)?)?
+            .round_to(self.dtype);
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer.forward(x, i, cache) {
+                Ok(y) => x = y,
+                Err(e) => {
+                    cache.rollback(self.cfg.hidden_size);
+                    return Err(e);
+                }
+            }
+        }
+        cache.advance(t);
+        if let Some(n) = &self.final_layer_norm {
+            x = n.forward(&x)?;
+        }
+        match &self.project_out {
+            Some(p) => p.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}
