@@ -22,8 +22,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    BertTokenizerFast,
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     Blip2Processor,
     Blip2QFormerConfig,
     Blip2VisionConfig,
@@ -123,6 +125,72 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     print(name, "prompt", n_prompt, "tokens; greedy", ids)
 
 
+def make_bert_tokenizer():
+    """BERT-style uncased WordPiece with [CLS] ... [SEP], as BLIP-2 retrieval uses."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+
+
+def build_retrieval(name, *, vision, qformer, num_query_tokens, pairs):
+    """Blip2ForImageTextRetrieval: ITC (max over queries of normalised projections) and
+    ITM (queries + text through the Q-Former, itm_head, mean over queries)."""
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = make_bert_tokenizer()
+    size = vision["image_size"]
+    proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
+                          tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], vocab_size=len(tokenizer),
+                                          max_position_embeddings=64, use_qformer_text_input=True,
+                                          pad_token_id=0, **qformer).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=24,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    init_weights(model)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    ref = Blip2ForImageTextRetrieval.from_pretrained(out).eval()
+    proc = Blip2Processor.from_pretrained(out, backend="pil")
+    golden, cases = {}, []
+    for i, (image, text) in enumerate(pairs):
+        inputs = proc(images=Image.open(os.path.join(IMAGES, image)), text=text, return_tensors="pt")
+        with torch.no_grad():
+            itm = ref(**inputs, use_image_text_matching_head=True)
+            itc = ref(**inputs, use_image_text_matching_head=False)
+        golden[f"image_embeds_{i}"] = itc.image_embeds[0]
+        golden[f"text_embeds_{i}"] = itc.text_embeds[0]
+        cases.append({
+            "image": image,
+            "text": text,
+            "input_ids": inputs["input_ids"][0].tolist(),
+            "itm_logits": itm.logits_per_image[0].tolist(),
+            "itm_probability": torch.softmax(itm.logits_per_image[0], -1)[1].item(),
+            "itc_similarity": itc.logits_per_image[0].item(),
+        })
+    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump({"cases": cases}, open(os.path.join(out, "golden.json"), "w"), indent=1)
+    print(name, [(c["itm_probability"], c["itc_similarity"]) for c in cases])
+
+
 def main():
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=32, patch_size=8, qkv_bias=True)
@@ -132,6 +200,8 @@ def main():
                 max_position_embeddings=128, word_embed_proj_dim=64)
     build("blip2-tiny-opt-f32", vision=vision, qformer=qformer, text=text, num_query_tokens=8,
           prompt="Question: what is in the picture? Answer:", image="scene.png")
+    build_retrieval("blip2-tiny-retrieval-f32", vision=vision, qformer=qformer, num_query_tokens=8,
+                    pairs=[("scene.png", "a red circle on a blue field"), ("tall.jpg", "a cat sitting next to a window")])
 
 
 if __name__ == "__main__":

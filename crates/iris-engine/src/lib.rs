@@ -5,10 +5,12 @@
 
 mod pipeline;
 mod processor;
+mod retrieval;
 mod sampler;
 
 pub use pipeline::{FinishReason, Generation, Pipeline, PipelineOptions};
 pub use processor::{PreparedPrompt, Processor, PromptStyle};
+pub use retrieval::RetrievalPipeline;
 pub use sampler::{argmax, Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use iris_tensor::{Activation, Tensor};
 
 use crate::layers::{sdpa, AttnShape, LayerNorm, Linear};
 use crate::weights::Vb;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Sizes shared by the layers of one BERT stack.
 #[derive(Debug, Clone, Copy)]
@@ -96,16 +96,19 @@ impl BertFeedForward {
     }
 }
 
-/// One Q-Former layer on the query tokens.
+/// One Q-Former layer. Queries (the first `n_query` rows) and text share the
+/// self-attention; queries then cross-attend to the image and take the `*_query`
+/// feed-forward, text takes the plain one (present only with `use_qformer_text_input`).
 #[derive(Debug, Clone)]
 pub struct QFormerLayer {
     attention: BertAttention,
     crossattention: Option<BertAttention>,
     ffn_query: BertFeedForward,
+    ffn_text: Option<BertFeedForward>,
 }
 
 impl QFormerLayer {
-    pub fn load(vb: &Vb, d: &BertDims, has_cross: bool) -> Result<Self> {
+    pub fn load(vb: &Vb, d: &BertDims, has_cross: bool, text_input: bool) -> Result<Self> {
         let crossattention = if has_cross {
             Some(BertAttention::load(
                 &vb.pp("crossattention"),
@@ -116,24 +119,47 @@ impl QFormerLayer {
         } else {
             None
         };
+        let ffn_text = if text_input {
+            Some(BertFeedForward::load(vb, "intermediate", "output", d)?)
+        } else {
+            None
+        };
         Ok(QFormerLayer {
             attention: BertAttention::load(&vb.pp("attention"), "attention", d, false)?,
             crossattention,
             ffn_query: BertFeedForward::load(vb, "intermediate_query", "output_query", d)?,
+            ffn_text,
         })
     }
 
-    pub fn forward(&self, queries: &Tensor, image: &Tensor) -> Result<Tensor> {
-        let mut x = self.attention.forward(queries, None)?;
-        if let Some(c) = &self.crossattention {
-            x = c.forward(&x, Some(image))?;
+    pub fn forward(&self, x: &Tensor, n_query: usize, image: Option<&Tensor>) -> Result<Tensor> {
+        let a = self.attention.forward(x, None)?;
+        let n_text = a.rows() - n_query;
+        let mut parts = Vec::with_capacity(2);
+        if n_query > 0 {
+            let mut q = a.narrow_rows(0, n_query)?;
+            if let Some(c) = &self.crossattention {
+                let image = image.ok_or_else(|| {
+                    Error::Input("the Q-Former's queries need image features".into())
+                })?;
+                q = c.forward(&q, Some(image))?;
+            }
+            parts.push(self.ffn_query.forward(&q)?);
         }
-        self.ffn_query.forward(&x)
+        if n_text > 0 {
+            let ffn = self
+                .ffn_text
+                .as_ref()
+                .ok_or_else(|| Error::Input("this Q-Former takes no text input".into()))?;
+            parts.push(ffn.forward(&a.narrow_rows(n_query, n_text)?)?);
+        }
+        Ok(Tensor::cat_rows(&parts.iter().collect::<Vec<_>>())?)
     }
 }
 
-/// The Q-Former (Li et al., 2023): learned queries, LayerNorm, then the layers, with
-/// cross-attention to the image every `cross_attention_frequency` layers.
+/// The Q-Former (Li et al., 2023): learned queries (optionally followed by text), a
+/// LayerNorm, then the layers, with cross-attention to the image every
+/// `cross_attention_frequency` layers.
 #[derive(Debug, Clone)]
 pub struct QFormer {
     layernorm: LayerNorm,
@@ -141,9 +167,22 @@ pub struct QFormer {
 }
 
 impl QFormer {
-    pub fn load(vb: &Vb, d: &BertDims, n_layers: usize, cross_every: usize) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        d: &BertDims,
+        n_layers: usize,
+        cross_every: usize,
+        text_input: bool,
+    ) -> Result<Self> {
         let layers = (0..n_layers)
-            .map(|i| QFormerLayer::load(&vb.pp("encoder.layer").pp(i), d, i % cross_every == 0))
+            .map(|i| {
+                QFormerLayer::load(
+                    &vb.pp("encoder.layer").pp(i),
+                    d,
+                    i % cross_every == 0,
+                    text_input,
+                )
+            })
             .collect::<Result<_>>()?;
         Ok(QFormer {
             layernorm: LayerNorm::load(&vb.pp("layernorm"), d.hidden, d.eps)?,
@@ -151,11 +190,17 @@ impl QFormer {
         })
     }
 
-    /// Query outputs `[queries, hidden]` for one image's features.
-    pub fn forward(&self, query_tokens: &Tensor, image: &Tensor) -> Result<Tensor> {
-        let mut x = self.layernorm.forward(query_tokens)?;
+    /// Outputs for `embeds` (`[n_query + text, hidden]`: queries first, then text
+    /// embeddings); `image` is needed when `n_query > 0`.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        n_query: usize,
+        image: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = self.layernorm.forward(embeds)?;
         for layer in &self.layers {
-            x = layer.forward(&x, image)?;
+            x = layer.forward(&x, n_query, image)?;
         }
         Ok(x)
     }

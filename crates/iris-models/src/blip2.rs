@@ -20,27 +20,38 @@ use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "Blip2ForConditionalGeneration";
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Blip2 {
-    cfg: Blip2Config,
-    vision_model: VisionTransformer,
-    query_tokens: Tensor,
-    qformer: QFormer,
+    parts: Blip2Parts,
     language_projection: Linear,
     language_model: Opt,
-    dtype: DType,
 }
 
-impl Blip2 {
-    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2> {
+/// The parts every BLIP-2 head shares: the checkpoint, its config, the ViT, the learned
+/// queries and the Q-Former (kept in f32, as HF's `_keep_in_fp32_modules`).
+#[derive(Debug)]
+pub(crate) struct Blip2Parts {
+    pub w: Arc<Weights>,
+    pub cfg: Blip2Config,
+    pub dtype: DType,
+    pub vision_model: VisionTransformer,
+    pub query_tokens: Tensor,
+    pub qformer: QFormer,
+}
+
+impl Blip2Parts {
+    pub fn load(
+        dir: &Path,
+        dtype: Option<DType>,
+        arch: &str,
+        text_input: bool,
+    ) -> Result<Blip2Parts> {
         let raw = read_json(&dir.join("config.json"))?;
-        match architecture(&raw).as_deref() {
-            Some(ARCHITECTURE) | Some("blip-2") => {}
-            other => {
-                return Err(Error::UnknownArchitecture(
-                    other.unwrap_or("<none>").to_string(),
-                ))
-            }
+        let found = architecture(&raw);
+        if found.as_deref() != Some(arch) {
+            return Err(Error::UnknownArchitecture(
+                found.unwrap_or_else(|| "<none>".into()),
+            ));
         }
         let cfg = Blip2Config::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
@@ -51,26 +62,17 @@ impl Blip2 {
             "embeddings.patch_embedding.weight",
         )?;
         let qformer = find_prefix(&w, &["qformer", "model.qformer"], "layernorm.weight")?;
-        let proj = find_prefix(
-            &w,
-            &["language_projection", "model.language_projection"],
-            "weight",
-        )?;
-        let lm = find_prefix(
-            &w,
-            &[
-                "language_model.model.decoder",
-                "model.language_model.decoder",
-                "language_model.decoder",
-                "model.language_model.model.decoder",
-            ],
-            "embed_tokens.weight",
-        )?;
         let queries = ["query_tokens", "model.query_tokens"]
             .into_iter()
             .find(|n| w.contains(n))
             .unwrap_or("query_tokens");
         let q = &cfg.qformer;
+        if q.encoder_hidden_size != cfg.vision.hidden_size {
+            return Err(Error::Config(format!(
+                "qformer encoder_hidden_size {} differs from the vision hidden size {}",
+                q.encoder_hidden_size, cfg.vision.hidden_size
+            )));
+        }
         let dims = BertDims {
             hidden: q.hidden_size,
             intermediate: q.intermediate_size,
@@ -79,13 +81,7 @@ impl Blip2 {
             eps: q.layer_norm_eps,
             act: q.hidden_act,
         };
-        if q.encoder_hidden_size != cfg.vision.hidden_size {
-            return Err(Error::Config(format!(
-                "qformer encoder_hidden_size {} differs from the vision hidden size {}",
-                q.encoder_hidden_size, cfg.vision.hidden_size
-            )));
-        }
-        Ok(Blip2 {
+        Ok(Blip2Parts {
             vision_model: VisionTransformer::load(
                 &w.pp(vision),
                 &cfg.vision,
@@ -103,37 +99,68 @@ impl Blip2 {
                 &dims,
                 q.num_hidden_layers,
                 q.cross_attention_frequency,
+                text_input,
             )?,
-            language_projection: Linear::load(
-                &w.pp(proj),
-                q.hidden_size,
-                cfg.text.hidden_size,
-                true,
-            )?,
-            language_model: Opt::load(&w.pp(lm), &cfg.text)?,
-            dtype,
+            w,
             cfg,
+            dtype,
+        })
+    }
+
+    /// The Q-Former's query outputs `[num_query_tokens, hidden]` for an image's features.
+    pub fn query_output(&self, image_features: &Tensor) -> Result<Tensor> {
+        self.qformer.forward(
+            &self.query_tokens,
+            self.cfg.num_query_tokens,
+            Some(image_features),
+        )
+    }
+}
+
+impl Blip2 {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2> {
+        let p = Blip2Parts::load(dir, dtype, ARCHITECTURE, false)?;
+        let proj = find_prefix(
+            &p.w,
+            &["language_projection", "model.language_projection"],
+            "weight",
+        )?;
+        let lm = find_prefix(
+            &p.w,
+            &[
+                "language_model.model.decoder",
+                "model.language_model.decoder",
+                "language_model.decoder",
+                "model.language_model.model.decoder",
+            ],
+            "embed_tokens.weight",
+        )?;
+        let (qh, th) = (p.cfg.qformer.hidden_size, p.cfg.text.hidden_size);
+        Ok(Blip2 {
+            language_projection: Linear::load(&p.w.pp(proj), qh, th, true)?,
+            language_model: Opt::load(&p.w.pp(lm), &p.cfg.text)?,
+            parts: p,
         })
     }
 
     pub fn config(&self) -> &Blip2Config {
-        &self.cfg
+        &self.parts.cfg
     }
 
     /// The vision tower's `last_hidden_state` (after `post_layernorm`) for one image.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision_model.forward(pixel_values)
+        self.parts.vision_model.forward(pixel_values)
     }
 
     /// The Q-Former's query outputs `[num_query_tokens, qformer_hidden]`.
     pub fn query_output(&self, image_features: &Tensor) -> Result<Tensor> {
-        self.qformer.forward(&self.query_tokens, image_features)
+        self.parts.query_output(image_features)
     }
 
     pub fn project(&self, query_output: &Tensor) -> Result<Tensor> {
         // HF casts the (f32) Q-Former output to the model dtype before projecting.
         self.language_projection
-            .forward(&query_output.clone().round_to(self.dtype))
+            .forward(&query_output.clone().round_to(self.parts.dtype))
     }
 
     pub fn opt(&self) -> &Opt {
@@ -146,15 +173,15 @@ impl VisionLanguageModel for Blip2 {
         self.project(&self.query_output(&self.image_features(pixel_values)?)?)
     }
     fn image_token_id(&self) -> u32 {
-        self.cfg.image_token_id
+        self.parts.cfg.image_token_id
     }
     fn tokens_per_image(&self) -> usize {
-        self.cfg.num_query_tokens
+        self.parts.cfg.num_query_tokens
     }
     fn language_model(&self) -> &dyn CausalLm {
         &self.language_model
     }
     fn dtype(&self) -> DType {
-        self.dtype
+        self.parts.dtype
     }
 }

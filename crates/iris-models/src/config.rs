@@ -449,6 +449,10 @@ pub struct QFormerConfig {
     pub encoder_hidden_size: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// Text input (retrieval): word and position embeddings and the text feed-forward.
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub use_qformer_text_input: bool,
 }
 
 impl QFormerConfig {
@@ -463,6 +467,9 @@ impl QFormerConfig {
             encoder_hidden_size: o.usize_or("encoder_hidden_size", 1408)?,
             hidden_act: o.act_or("hidden_act", "gelu")?,
             layer_norm_eps: o.f64_or("layer_norm_eps", 1e-12)?,
+            vocab_size: o.usize_or("vocab_size", 30522)?,
+            max_position_embeddings: o.usize_or("max_position_embeddings", 512)?,
+            use_qformer_text_input: o.bool_or("use_qformer_text_input", false)?,
         };
         if cfg.cross_attention_frequency == 0 {
             return Err(Error::Config(
@@ -482,6 +489,8 @@ pub struct Blip2Config {
     pub text: OptConfig,
     pub num_query_tokens: usize,
     pub image_token_id: u32,
+    /// Width of the retrieval projections (ITC).
+    pub image_text_hidden_size: usize,
     pub dtype: Option<DType>,
 }
 
@@ -517,6 +526,7 @@ impl Blip2Config {
             text: OptConfig::from_value(text)?,
             num_query_tokens: o.usize_or("num_query_tokens", 32)?,
             image_token_id,
+            image_text_hidden_size: o.usize_or("image_text_hidden_size", 256)?,
             dtype: checkpoint_dtype(v),
         })
     }

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod blip2;
+pub mod blip2_retrieval;
 pub mod config;
 mod error;
 pub mod layers;

@@ -1,0 +1,63 @@
+//! Image-text retrieval with a BLIP-2 retrieval checkpoint: normalised embeddings (ITC)
+//! and image-text matching (ITM), from image files and raw text.
+
+use std::path::Path;
+
+use iris_models::blip2_retrieval::{Blip2Retrieval, MatchScores};
+use iris_tensor::Tensor;
+
+use crate::pipeline::PipelineOptions;
+use crate::processor::{Processor, PromptStyle};
+use crate::{Error, Result};
+
+#[derive(Debug)]
+pub struct RetrievalPipeline {
+    pub processor: Processor,
+    pub model: Blip2Retrieval,
+}
+
+impl RetrievalPipeline {
+    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<RetrievalPipeline> {
+        let model = Blip2Retrieval::load(dir, opts.dtype)?;
+        let processor = Processor::load(
+            dir,
+            PromptStyle::Prefix,
+            model.image_token_id(),
+            model.num_query_tokens(),
+            opts.limits,
+        )?;
+        Ok(RetrievalPipeline { processor, model })
+    }
+
+    fn pixel_values(&self, image: &[u8]) -> Result<Tensor> {
+        self.processor.pixel_values(image).map_err(|e| match e {
+            Error::Image(e) => Error::Input(format!("image: {e}")),
+            other => other,
+        })
+    }
+
+    /// Text ids as the processor makes them, without image placeholders.
+    fn text_ids(&self, text: &str) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            return Err(Error::Input("empty text".into()));
+        }
+        Ok(self.processor.prepare(text, &[])?.input_ids)
+    }
+
+    /// Normalised ITC embeddings of an image, one row per query.
+    pub fn embed_image(&self, image: &[u8]) -> Result<Tensor> {
+        let feats = self.model.image_features(&self.pixel_values(image)?)?;
+        Ok(self.model.image_embeds(&feats)?)
+    }
+
+    /// The normalised ITC embedding of a text.
+    pub fn embed_text(&self, text: &str) -> Result<Tensor> {
+        Ok(self.model.text_embeds(&self.text_ids(text)?)?)
+    }
+
+    pub fn match_pair(&self, image: &[u8], text: &str) -> Result<MatchScores> {
+        Ok(self
+            .model
+            .match_scores(&self.pixel_values(image)?, &self.text_ids(text)?)?)
+    }
+}

@@ -1,0 +1,167 @@
+//! BLIP-2 image-text retrieval (HF `Blip2ForImageTextRetrieval`):
+//! - ITC: each query output of the image through `vision_projection`, the text's
+//!   `[CLS]` output (Q-Former on text alone) through `text_projection`, both
+//!   L2-normalised; similarity is the best query's dot product;
+//! - ITM: queries and text through the Q-Former together (queries cross-attend to the
+//!   image), `itm_head` on the query outputs, averaged over queries; P(match) is the
+//!   softmax of its second logit.
+
+use std::path::Path;
+
+use iris_tensor::{DType, Tensor};
+
+use crate::blip2::Blip2Parts;
+use crate::layers::Linear;
+use crate::llava::find_prefix;
+use crate::{Error, Result};
+
+pub const ARCHITECTURE: &str = "Blip2ForImageTextRetrieval";
+
+#[derive(Debug)]
+pub struct Blip2Retrieval {
+    parts: Blip2Parts,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    vision_projection: Linear,
+    text_projection: Linear,
+    itm_head: Linear,
+}
+
+/// ITM and ITC scores of one image-text pair.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MatchScores {
+    pub itm_logits: [f32; 2],
+    pub itm_probability: f32,
+    pub itc_similarity: f32,
+}
+
+fn l2_normalize(mut t: Tensor) -> Tensor {
+    let d = t.last_dim();
+    for row in t.f32_mut().chunks_exact_mut(d) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    t
+}
+
+impl Blip2Retrieval {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2Retrieval> {
+        let p = Blip2Parts::load(dir, dtype, ARCHITECTURE, true)?;
+        let q = &p.cfg.qformer;
+        let (h, e) = (q.hidden_size, p.cfg.image_text_hidden_size);
+        let emb = find_prefix(
+            &p.w,
+            &["embeddings", "model.embeddings"],
+            "word_embeddings.weight",
+        )?;
+        let emb = p.w.pp(emb).with_dtype(DType::F32);
+        let head = |name: &str, out: usize| -> Result<Linear> {
+            let nested = format!("model.{name}");
+            let prefix = find_prefix(&p.w, &[name, &nested], "weight")?;
+            Linear::load(&p.w.pp(prefix).with_dtype(DType::F32), h, out, true)
+        };
+        Ok(Blip2Retrieval {
+            word_embeddings: emb.get("word_embeddings.weight", &[q.vocab_size, h])?,
+            position_embeddings: emb.get(
+                "position_embeddings.weight",
+                &[q.max_position_embeddings, h],
+            )?,
+            vision_projection: head("vision_projection", e)?,
+            text_projection: head("text_projection", e)?,
+            itm_head: head("itm_head", 2)?,
+            parts: p,
+        })
+    }
+
+    pub fn num_query_tokens(&self) -> usize {
+        self.parts.cfg.num_query_tokens
+    }
+
+    pub fn image_token_id(&self) -> u32 {
+        self.parts.cfg.image_token_id
+    }
+
+    /// Word + position embeddings of text ids (`[CLS] … [SEP]`).
+    fn text_embeddings(&self, ids: &[u32]) -> Result<Tensor> {
+        let q = &self.parts.cfg.qformer;
+        if ids.len() > q.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{} text tokens exceed the Q-Former's {} positions",
+                ids.len(),
+                q.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= q.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                q.vocab_size
+            )));
+        }
+        let positions: Vec<u32> = (0..ids.len() as u32).collect();
+        Ok(self
+            .word_embeddings
+            .index_rows(ids)?
+            .add_elem(&self.position_embeddings.index_rows(&positions)?)?)
+    }
+
+    /// The image's features (the ViT's last hidden state).
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.parts.vision_model.forward(pixel_values)
+    }
+
+    /// Normalised ITC embeddings of an image, one per query: `[queries, dim]`.
+    pub fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
+        let q = self.parts.query_output(image_features)?;
+        Ok(l2_normalize(self.vision_projection.forward(&q)?))
+    }
+
+    /// The normalised ITC embedding of a text: `[dim]`.
+    pub fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::Input("empty text".into()));
+        }
+        let out = self
+            .parts
+            .qformer
+            .forward(&self.text_embeddings(ids)?, 0, None)?;
+        let cls = out.narrow_rows(0, 1)?;
+        let e = l2_normalize(self.text_projection.forward(&cls)?);
+        Ok(e.reshape(&[e.elem_count()])?)
+    }
+
+    /// ITM logits of an image (its features) with a text.
+    pub fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]> {
+        let n = self.num_query_tokens();
+        let joint = Tensor::cat_rows(&[&self.parts.query_tokens, &self.text_embeddings(ids)?])?;
+        let out = self
+            .parts
+            .qformer
+            .forward(&joint, n, Some(image_features))?;
+        let logits = self.itm_head.forward(&out.narrow_rows(0, n)?)?;
+        let l = logits.as_f32()?;
+        let mean = |c: usize| l.chunks_exact(2).map(|r| r[c]).sum::<f32>() / n as f32;
+        Ok([mean(0), mean(1)])
+    }
+
+    /// ITM and ITC of one image (pixel values) and one text (ids without image
+    /// placeholders).
+    pub fn match_scores(&self, pixel_values: &Tensor, ids: &[u32]) -> Result<MatchScores> {
+        let feats = self.image_features(pixel_values)?;
+        let itm_logits = self.itm_logits(&feats, ids)?;
+        let m = itm_logits[0].max(itm_logits[1]);
+        let (e0, e1) = ((itm_logits[0] - m).exp(), (itm_logits[1] - m).exp());
+        let img = self.image_embeds(&feats)?;
+        let txt = self.text_embeds(ids)?;
+        let t = txt.as_f32()?;
+        let itc_similarity = img
+            .as_f32()?
+            .chunks_exact(t.len())
+            .map(|q| iris_tensor::kernels::dot_f32(q, t))
+            .fold(f32::NEG_INFINITY, f32::max);
+        Ok(MatchScores {
+            itm_logits,
+            itm_probability: e1 / (e0 + e1),
+            itc_similarity,
+        })
+    }
+}
