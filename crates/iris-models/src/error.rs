@@ -16,7 +16,11 @@ pub enum Error {
     },
     #[error("invalid config: {0}")]
     Config(String),
-    #[error("unsupported architecture `{0}` (Iris serves: LlavaForConditionalGeneration)")]
+    #[error(
+        "unsupported architecture `{0}` (Iris serves LlavaForConditionalGeneration and \
+         Blip2ForConditionalGeneration with `generate`, Blip2ForImageTextRetrieval with \
+         `embed` and `match`)"
+    )]
     UnknownArchitecture(String),
     #[error("{path}: not a valid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },

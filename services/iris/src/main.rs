@@ -2,6 +2,7 @@
 //! `bench decode` measures decode against the memory-bandwidth roofline.
 
 mod bench;
+mod retrieval;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,10 @@ struct Cli {
 enum Cmd {
     /// Generate a completion for a raw prompt (no chat template) with images.
     Generate(GenerateArgs),
+    /// Normalised image / text embeddings of a retrieval model (ITC).
+    Embed(retrieval::EmbedArgs),
+    /// Image-text matching probability (ITM) and contrastive similarity (ITC).
+    Match(retrieval::MatchArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -70,15 +75,19 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// Reads each image file, naming the file in the error.
+pub(crate) fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+        .collect()
+}
+
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if Device::parse(&a.device)? != Device::Cpu {
         anyhow::bail!("only the CPU backend runs models today");
     }
-    let images = a
-        .images
-        .iter()
-        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let images = read_files(&a.images)?;
     let opts = PipelineOptions {
         dtype: a.dtype,
         limits: ImageLimits {
@@ -113,6 +122,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::Embed(a) => retrieval::embed(a),
+        Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Bench(b) => bench::run(b),
     };
     match result {

@@ -348,3 +348,100 @@ fn bad_flags() {
         "/nonexistent/model",
     );
 }
+
+fn retrieval() -> PathBuf {
+    fixtures().join("blip2-tiny-retrieval-f32")
+}
+
+#[test]
+fn match_and_embed_agree_with_hf() {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(retrieval().join("golden.json")).unwrap())
+            .unwrap();
+    for case in golden["cases"].as_array().unwrap() {
+        let img = image(case["image"].as_str().unwrap());
+        let text = case["text"].as_str().unwrap();
+        let m = retrieval().display().to_string();
+        let out = iris(&[
+            "match",
+            "--model",
+            &m,
+            "--image",
+            img.to_str().unwrap(),
+            "--text",
+            text,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["itm_probability", "itc_similarity"] {
+            let (a, b) = (got[key].as_f64().unwrap(), case[key].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-4, "{key}: {a} vs HF {b}");
+        }
+        let out = iris(&[
+            "embed",
+            "--model",
+            &m,
+            "--image",
+            img.to_str().unwrap(),
+            "--text",
+            text,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let embs = e["embeddings"].as_array().unwrap();
+        assert_eq!(embs.len(), 2);
+        // The ITC similarity is the best query's dot product with the text embedding.
+        let t: Vec<f64> = embs[1]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let norm: f64 = t.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "text embedding is normalised");
+        let best = embs[0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                q.as_array()
+                    .unwrap()
+                    .iter()
+                    .zip(&t)
+                    .map(|(a, b)| a.as_f64().unwrap() * b)
+                    .sum::<f64>()
+            })
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!((best - case["itc_similarity"].as_f64().unwrap()).abs() <= 1e-4);
+    }
+}
+
+#[test]
+fn retrieval_bad_input() {
+    let m = retrieval().display().to_string();
+    let scene = image("scene.png").display().to_string();
+    assert_clean_failure(&iris(&["embed", "--model", &m, "--json"]), "at least one");
+    assert_clean_failure(
+        &iris(&[
+            "match", "--model", &m, "--image", &scene, "--text", "  ", "--json",
+        ]),
+        "empty text",
+    );
+    let gen = fixtures().join("blip2-tiny-opt-f32").display().to_string();
+    assert_clean_failure(
+        &iris(&[
+            "match", "--model", &gen, "--image", &scene, "--text", "a", "--json",
+        ]),
+        "Blip2ForConditionalGeneration",
+    );
+}
