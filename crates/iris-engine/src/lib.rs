@@ -3,11 +3,13 @@
 //! build on these pieces.
 #![forbid(unsafe_code)]
 
+mod capfilt;
 mod pipeline;
 mod processor;
 mod retrieval;
 mod sampler;
 
+pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use pipeline::{FinishReason, Generation, Pipeline, PipelineOptions};
 pub use processor::{PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;

@@ -2,6 +2,7 @@
 //! `bench decode` measures decode against the memory-bandwidth roofline.
 
 mod bench;
+mod capfilt;
 mod retrieval;
 
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ enum Cmd {
     Embed(retrieval::EmbedArgs),
     /// Image-text matching probability (ITM) and contrastive similarity (ITC).
     Match(retrieval::MatchArgs),
+    /// Caption and filter an image-text dataset (BLIP's CapFilt), resumable.
+    Capfilt(capfilt::CapFiltArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => generate(a),
         Cmd::Embed(a) => retrieval::embed(a),
         Cmd::Match(a) => retrieval::match_pair(a),
+        Cmd::Capfilt(a) => capfilt::run(a),
         Cmd::Bench(b) => bench::run(b),
     };
     match result {
