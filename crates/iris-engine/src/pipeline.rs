@@ -7,7 +7,7 @@ use std::path::Path;
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json, token_ids};
 use iris_models::vlm::VisionLanguageModel;
-use iris_models::{blip2::Blip2, llava::Llava};
+use iris_models::{blip::BlipCaptioner, blip2::Blip2, llava::Llava};
 use iris_tensor::{DType, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
@@ -52,6 +52,7 @@ impl Pipeline {
     pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<Pipeline> {
         let cfg = read_json(&dir.join("config.json"))?;
         let arch = architecture(&cfg).unwrap_or_default();
+        let mut sep_eos = None;
         let (model, style, model_eos): (Box<dyn VisionLanguageModel>, _, _) = match arch.as_str() {
             iris_models::llava::ARCHITECTURE | "llava" => {
                 let m = Llava::load(dir, opts.dtype, iris_comm::single())?;
@@ -62,6 +63,13 @@ impl Pipeline {
                 let m = Blip2::load(dir, opts.dtype)?;
                 let eos = m.config().text.eos_token_ids.clone();
                 (Box::new(m), PromptStyle::Prefix, eos)
+            }
+            iris_models::blip::CAPTION_ARCHITECTURE => {
+                let m = BlipCaptioner::load(dir, opts.dtype)?;
+                let bos = m.config().bos_token_id;
+                // HF's BLIP generate stops at [SEP], whatever generation_config says.
+                sep_eos = Some(vec![m.config().sep_token_id]);
+                (Box::new(m), PromptStyle::Decoder { bos }, vec![])
             }
             other => {
                 return Err(
@@ -74,10 +82,12 @@ impl Pipeline {
                 )
             }
         };
+        let placeholder = matches!(style, PromptStyle::Inline | PromptStyle::Prefix)
+            .then(|| model.image_token_id());
         let processor = Processor::load(
             dir,
             style,
-            model.image_token_id(),
+            placeholder,
             model.tokens_per_image(),
             opts.limits,
         )?;
@@ -88,10 +98,10 @@ impl Pipeline {
         } else {
             vec![]
         };
-        let mut eos_token_ids = if from_gen.is_empty() {
-            model_eos
-        } else {
-            from_gen
+        let mut eos_token_ids = match sep_eos {
+            Some(sep) => sep,
+            None if from_gen.is_empty() => model_eos,
+            None => from_gen,
         };
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(processor.tokenizer().token_to_id("</s>"));
@@ -129,6 +139,7 @@ impl Pipeline {
         let lm = self.model.language_model();
         let embeds = self.model.input_embeds(&prepared.input_ids, &visual)?;
         let mut cache = lm.new_cache();
+        self.model.condition(&mut cache, &visual)?;
         let sampler = Sampler::new(sampling);
         let mut hidden = lm.forward(&embeds, &mut cache)?;
         let mut token_ids = Vec::new();

@@ -3,7 +3,10 @@
 //! - LLaVA (`processing_llava.py`): each `<image>` marker in the prompt becomes as many
 //!   image tokens as the vision tower yields visual tokens;
 //! - BLIP-2 (`processing_blip_2.py`): one image, whose query-token placeholders go before
-//!   the tokenized text (before its BOS); a prompt without a marker puts it first.
+//!   the tokenized text (before its BOS); a prompt without a marker puts it first;
+//! - BLIP (`modeling_blip.py` `generate`): no placeholders (the image enters through
+//!   cross-attention); the text's `[CLS]` becomes `[DEC]` and its final `[SEP]` goes;
+//! - plain text (retrieval encoders): the tokenizer's ids as they are.
 //!
 //! Text is encoded by the model's `tokenizer.json` with its special tokens.
 
@@ -22,6 +25,10 @@ pub enum PromptStyle {
     Inline,
     /// Before the text, one image only (BLIP-2).
     Prefix,
+    /// None in the ids; a caption prefix starting at `bos` (BLIP's decoder).
+    Decoder { bos: u32 },
+    /// Text only.
+    Plain,
 }
 
 #[derive(Debug, Clone)]
@@ -29,7 +36,8 @@ pub struct Processor {
     tokenizer: Tokenizer,
     image_processor: ImageProcessor,
     image_token: String,
-    image_token_id: u32,
+    /// The placeholder id, for the styles that use one.
+    image_token_id: Option<u32>,
     tokens_per_image: usize,
     style: PromptStyle,
     limits: ImageLimits,
@@ -48,10 +56,11 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
 }
 
 impl Processor {
+    /// `image_token_id` is the model's placeholder (for the Inline and Prefix styles).
     pub fn load(
         dir: &Path,
         style: PromptStyle,
-        image_token_id: u32,
+        image_token_id: Option<u32>,
         tokens_per_image: usize,
         limits: ImageLimits,
     ) -> Result<Processor> {
@@ -67,17 +76,19 @@ impl Processor {
                     .map(str::to_string)
             })
             .unwrap_or_else(|| "<image>".to_string());
-        match tokenizer.token_to_id(&image_token) {
-            Some(id) if id == image_token_id => {}
-            Some(id) => {
-                return Err(Error::Tokenizer(format!(
-                "`{image_token}` is token {id} but the model expects image token {image_token_id}"
-            )))
-            }
-            None => {
-                return Err(Error::Tokenizer(format!(
-                    "the tokenizer has no `{image_token}` token"
-                )))
+        if let Some(want) = image_token_id {
+            match tokenizer.token_to_id(&image_token) {
+                Some(id) if id == want => {}
+                Some(id) => {
+                    return Err(Error::Tokenizer(format!(
+                        "`{image_token}` is token {id} but the model expects image token {want}"
+                    )))
+                }
+                None => {
+                    return Err(Error::Tokenizer(format!(
+                        "the tokenizer has no `{image_token}` token"
+                    )))
+                }
             }
         }
         Ok(Processor {
@@ -156,9 +167,35 @@ impl Processor {
                         "this model places its image before the text: `{marker}` may only start the prompt"
                     )));
                 }
-                let mut ids = vec![self.image_token_id; images.len() * self.tokens_per_image];
+                let placeholder = self
+                    .image_token_id
+                    .expect("Prefix style has an image token");
+                let mut ids = vec![placeholder; images.len() * self.tokens_per_image];
                 ids.extend(self.encode(text, true)?);
                 ids
+            }
+            PromptStyle::Decoder { bos } => {
+                if images.len() != 1 {
+                    return Err(Error::Input(format!(
+                        "this model captions one image per prompt, {} were given",
+                        images.len()
+                    )));
+                }
+                let text = prompt.strip_prefix(marker).unwrap_or(prompt).trim_start();
+                let mut ids = self.encode(text, true)?;
+                // [CLS] text [SEP] → [DEC] text, as HF's BlipForConditionalGeneration.generate.
+                ids.pop();
+                match ids.first_mut() {
+                    Some(first) => *first = bos,
+                    None => ids.push(bos),
+                }
+                ids
+            }
+            PromptStyle::Plain => {
+                if !images.is_empty() {
+                    return Err(Error::Input("this model takes text only here".into()));
+                }
+                self.encode(prompt, true)?
             }
         };
         let pixel_values = images

@@ -1,9 +1,12 @@
-//! Image-text retrieval with a BLIP-2 retrieval checkpoint: normalised embeddings (ITC)
-//! and image-text matching (ITM), from image files and raw text.
+//! Image-text retrieval with a BLIP or BLIP-2 retrieval checkpoint: normalised
+//! embeddings (ITC) and image-text matching (ITM), from image files and raw text.
 
 use std::path::Path;
 
-use iris_models::blip2_retrieval::{Blip2Retrieval, MatchScores};
+use iris_models::blip::BlipRetrieval;
+use iris_models::blip2_retrieval::Blip2Retrieval;
+use iris_models::config::{architecture, read_json};
+use iris_models::vlm::{ImageTextRetrieval, MatchScores};
 use iris_tensor::Tensor;
 
 use crate::pipeline::PipelineOptions;
@@ -13,20 +16,32 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct RetrievalPipeline {
     pub processor: Processor,
-    pub model: Blip2Retrieval,
+    pub model: Box<dyn ImageTextRetrieval>,
 }
 
 impl RetrievalPipeline {
     pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<RetrievalPipeline> {
+        let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
+        if arch == iris_models::blip::RETRIEVAL_ARCHITECTURE {
+            let model = BlipRetrieval::load(dir, opts.dtype)?;
+            let processor = Processor::load(dir, PromptStyle::Plain, None, 0, opts.limits)?;
+            return Ok(RetrievalPipeline {
+                processor,
+                model: Box::new(model),
+            });
+        }
         let model = Blip2Retrieval::load(dir, opts.dtype)?;
         let processor = Processor::load(
             dir,
             PromptStyle::Prefix,
-            model.image_token_id(),
+            Some(model.image_token_id()),
             model.num_query_tokens(),
             opts.limits,
         )?;
-        Ok(RetrievalPipeline { processor, model })
+        Ok(RetrievalPipeline {
+            processor,
+            model: Box::new(model),
+        })
     }
 
     fn pixel_values(&self, image: &[u8]) -> Result<Tensor> {

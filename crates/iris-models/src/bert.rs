@@ -1,12 +1,13 @@
-//! BERT-style post-norm layers (Devlin et al., 2019) as BLIP-2's Q-Former uses them
-//! (HF `modeling_blip_2.py` `Blip2QFormer*`): attention whose output passes
-//! `dense → LayerNorm(· + input)`, optional cross-attention to image features, and a
-//! feed-forward `intermediate → output` with the same residual norm. Queries use the
-//! `*_query` feed-forward; text tokens (retrieval) use the plain one.
+//! BERT-style post-norm layers (Devlin et al., 2019), written once for BLIP-2's
+//! Q-Former (HF `modeling_blip_2.py` `Blip2QFormer*`) and BLIP's text encoder / decoder
+//! (`modeling_blip_text.py`): attention whose output passes `dense → LayerNorm(· +
+//! input)`, optional cross-attention to image features, and a feed-forward
+//! `intermediate → output` with the same residual norm. Q-Former queries use the
+//! `*_query` feed-forward; text tokens use the plain one.
 
 use iris_tensor::{Activation, Tensor};
 
-use crate::layers::{sdpa, AttnShape, LayerNorm, Linear};
+use crate::layers::{sdpa, AttnShape, KvCache, LayerNorm, Linear};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -55,13 +56,39 @@ impl BertAttention {
 
     /// Attention of `x` over `context` (itself when `None`), then the residual norm.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
+        let (k, v) = self.context_kv(context.unwrap_or(x))?;
+        self.attend(x, &k, &v, None)
+    }
+
+    /// Keys and values of a context (computed once per image for cross-attention).
+    pub fn context_kv(&self, context: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((
+            self.key.forward(context)?.to_f32_vec(),
+            self.value.forward(context)?.to_f32_vec(),
+        ))
+    }
+
+    /// `x` attending to given keys and values (causally from position `causal_offset`
+    /// when set), then the output projection and residual norm.
+    pub fn attend(
+        &self,
+        x: &Tensor,
+        k: &[f32],
+        v: &[f32],
+        causal_offset: Option<usize>,
+    ) -> Result<Tensor> {
         let q = self.query.forward(x)?;
-        let k = self.key.forward(ctx)?;
-        let v = self.value.forward(ctx)?;
-        let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, self.shape, None);
+        let o = sdpa(q.as_f32()?, k, v, self.shape, causal_offset);
         let o = self.dense.forward(&Tensor::from_f32(o, q.shape())?)?;
         self.norm.forward(&o.add_elem(x)?)
+    }
+
+    /// Causal self-attention over the cache (a decoder step); appends this step's K/V.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let start = cache.len();
+        let (k, v) = self.context_kv(x)?;
+        let (ks, vs) = cache.append(layer, &k, &v);
+        self.attend(x, ks, vs, Some(start))
     }
 }
 
@@ -203,5 +230,115 @@ impl QFormer {
             x = layer.forward(&x, n_query, image)?;
         }
         Ok(x)
+    }
+}
+
+/// BLIP's text embeddings: `LayerNorm(word + position)`.
+#[derive(Debug, Clone)]
+pub struct BertEmbeddings {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    norm: LayerNorm,
+    vocab_size: usize,
+}
+
+impl BertEmbeddings {
+    pub fn load(vb: &Vb, vocab_size: usize, max_positions: usize, d: &BertDims) -> Result<Self> {
+        Ok(BertEmbeddings {
+            word_embeddings: vb.get("word_embeddings.weight", &[vocab_size, d.hidden])?,
+            position_embeddings: vb
+                .get("position_embeddings.weight", &[max_positions, d.hidden])?,
+            norm: LayerNorm::load(&vb.pp("LayerNorm"), d.hidden, d.eps)?,
+            vocab_size,
+        })
+    }
+
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
+    /// Token embeddings alone (positions and the norm come in `forward`).
+    pub fn words(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        Ok(self.word_embeddings.index_rows(ids)?)
+    }
+
+    /// `LayerNorm(words + positions start..)`.
+    pub fn forward(&self, words: &Tensor, start: usize) -> Result<Tensor> {
+        let n = self.position_embeddings.rows();
+        if start + words.rows() > n {
+            return Err(Error::Input(format!(
+                "{} tokens exceed the model's {n} positions",
+                start + words.rows()
+            )));
+        }
+        let positions: Vec<u32> = (start..start + words.rows()).map(|p| p as u32).collect();
+        self.norm.forward(
+            &words
+                .clone()
+                .add_elem(&self.position_embeddings.index_rows(&positions)?)?,
+        )
+    }
+}
+
+/// A BLIP text layer: self-attention (`attention.self`), cross-attention to the image
+/// (`crossattention.self`), feed-forward.
+#[derive(Debug, Clone)]
+pub struct BertLayer {
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
+    ffn: BertFeedForward,
+}
+
+impl BertLayer {
+    pub fn load(vb: &Vb, d: &BertDims, has_cross: bool) -> Result<Self> {
+        Ok(BertLayer {
+            attention: BertAttention::load(&vb.pp("attention"), "self", d, false)?,
+            crossattention: if has_cross {
+                Some(BertAttention::load(
+                    &vb.pp("crossattention"),
+                    "self",
+                    d,
+                    true,
+                )?)
+            } else {
+                None
+            },
+            ffn: BertFeedForward::load(vb, "intermediate", "output", d)?,
+        })
+    }
+
+    /// Bidirectional (encoder) pass, optionally reading `image`.
+    pub fn forward(&self, x: &Tensor, image: Option<&Tensor>) -> Result<Tensor> {
+        let mut a = self.attention.forward(x, None)?;
+        if let (Some(c), Some(img)) = (&self.crossattention, image) {
+            a = c.forward(&a, Some(img))?;
+        }
+        self.ffn.forward(&a)
+    }
+
+    /// Causal (decoder) step over the cache, reading the image K/V stored in it.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let mut a = self.attention.forward_cached(x, cache, layer)?;
+        if let Some(c) = &self.crossattention {
+            let (k, v) = cache
+                .cross(layer)
+                .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
+            a = c.attend(&a, k, v, None)?;
+        }
+        self.ffn.forward(&a)
+    }
+
+    /// This layer's cross-attention K/V of an image.
+    pub fn cross_kv(&self, image: &Tensor) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        self.crossattention
+            .as_ref()
+            .map(|c| c.context_kv(image))
+            .transpose()
     }
 }

@@ -13,6 +13,7 @@ use iris_tensor::{DType, Tensor};
 use crate::blip2::Blip2Parts;
 use crate::layers::Linear;
 use crate::llava::find_prefix;
+use crate::vlm::{l2_normalize, ImageTextRetrieval};
 use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "Blip2ForImageTextRetrieval";
@@ -25,23 +26,6 @@ pub struct Blip2Retrieval {
     vision_projection: Linear,
     text_projection: Linear,
     itm_head: Linear,
-}
-
-/// ITM and ITC scores of one image-text pair.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct MatchScores {
-    pub itm_logits: [f32; 2],
-    pub itm_probability: f32,
-    pub itc_similarity: f32,
-}
-
-fn l2_normalize(mut t: Tensor) -> Tensor {
-    let d = t.last_dim();
-    for row in t.f32_mut().chunks_exact_mut(d) {
-        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|x| *x /= n);
-    }
-    t
 }
 
 impl Blip2Retrieval {
@@ -103,20 +87,22 @@ impl Blip2Retrieval {
             .index_rows(ids)?
             .add_elem(&self.position_embeddings.index_rows(&positions)?)?)
     }
+}
 
+impl ImageTextRetrieval for Blip2Retrieval {
     /// The image's features (the ViT's last hidden state).
-    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.parts.vision_model.forward(pixel_values)
     }
 
     /// Normalised ITC embeddings of an image, one per query: `[queries, dim]`.
-    pub fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
+    fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
         let q = self.parts.query_output(image_features)?;
         Ok(l2_normalize(self.vision_projection.forward(&q)?))
     }
 
     /// The normalised ITC embedding of a text: `[dim]`.
-    pub fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
+    fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(Error::Input("empty text".into()));
         }
@@ -130,7 +116,7 @@ impl Blip2Retrieval {
     }
 
     /// ITM logits of an image (its features) with a text.
-    pub fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]> {
+    fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]> {
         let n = self.num_query_tokens();
         let joint = Tensor::cat_rows(&[&self.parts.query_tokens, &self.text_embeddings(ids)?])?;
         let out = self
@@ -141,27 +127,5 @@ impl Blip2Retrieval {
         let l = logits.as_f32()?;
         let mean = |c: usize| l.chunks_exact(2).map(|r| r[c]).sum::<f32>() / n as f32;
         Ok([mean(0), mean(1)])
-    }
-
-    /// ITM and ITC of one image (pixel values) and one text (ids without image
-    /// placeholders).
-    pub fn match_scores(&self, pixel_values: &Tensor, ids: &[u32]) -> Result<MatchScores> {
-        let feats = self.image_features(pixel_values)?;
-        let itm_logits = self.itm_logits(&feats, ids)?;
-        let m = itm_logits[0].max(itm_logits[1]);
-        let (e0, e1) = ((itm_logits[0] - m).exp(), (itm_logits[1] - m).exp());
-        let img = self.image_embeds(&feats)?;
-        let txt = self.text_embeds(ids)?;
-        let t = txt.as_f32()?;
-        let itc_similarity = img
-            .as_f32()?
-            .chunks_exact(t.len())
-            .map(|q| iris_tensor::kernels::dot_f32(q, t))
-            .fold(f32::NEG_INFINITY, f32::max);
-        Ok(MatchScores {
-            itm_logits,
-            itm_probability: e1 / (e0 + e1),
-            itc_similarity,
-        })
     }
 }

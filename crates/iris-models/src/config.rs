@@ -258,9 +258,10 @@ impl VisionConfig {
             }
             "clip_vision_model" => (768, 3072, 12, 12, 224, 32, "quick_gelu", 1e-5),
             "blip_2_vision_model" => (1408, 6144, 39, 16, 224, 14, "gelu", 1e-6),
+            "blip_vision_model" => (768, 3072, 12, 12, 384, 16, "gelu", 1e-5),
             other => {
                 return Err(Error::UnknownArchitecture(format!(
-                "vision model_type `{other}` (supported: clip_vision_model, blip_2_vision_model)"
+                "vision model_type `{other}` (supported: clip_vision_model, blip_vision_model, blip_2_vision_model)"
             )))
             }
         };
@@ -529,6 +530,57 @@ impl Blip2Config {
             image_text_hidden_size: o.usize_or("image_text_hidden_size", 256)?,
             dtype: checkpoint_dtype(v),
         })
+    }
+}
+
+/// HF `BlipConfig` (`BlipVisionConfig` + `BlipTextConfig`).
+#[derive(Debug, Clone)]
+pub struct BlipConfig {
+    pub vision: VisionConfig,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub encoder_hidden_size: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    /// `[DEC]`, which replaces `[CLS]` at the start of a caption.
+    pub bos_token_id: u32,
+    /// `[SEP]`, which ends a caption.
+    pub sep_token_id: u32,
+    pub image_text_hidden_size: usize,
+    pub dtype: Option<DType>,
+}
+
+impl BlipConfig {
+    pub fn from_value(v: &Value) -> Result<BlipConfig> {
+        let empty = Value::Object(Default::default());
+        let vision_value = v
+            .get("vision_config")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"model_type": "blip_vision_model"}));
+        let t = Obj(v.get("text_config").unwrap_or(&empty), "text_config");
+        let vision = VisionConfig::from_value(Some(&vision_value))?;
+        let cfg = BlipConfig {
+            vocab_size: t.usize_or("vocab_size", 30524)?,
+            hidden_size: t.usize_or("hidden_size", 768)?,
+            intermediate_size: t.usize_or("intermediate_size", 3072)?,
+            num_hidden_layers: t.usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: t.usize_or("num_attention_heads", 8)?,
+            encoder_hidden_size: t.usize_or("encoder_hidden_size", vision.hidden_size)?,
+            max_position_embeddings: t.usize_or("max_position_embeddings", 512)?,
+            hidden_act: t.act_or("hidden_act", "gelu")?,
+            layer_norm_eps: t.f64_or("layer_norm_eps", 1e-12)?,
+            bos_token_id: t.usize_or("bos_token_id", 30522)? as u32,
+            sep_token_id: t.usize_or("sep_token_id", 102)? as u32,
+            image_text_hidden_size: Obj(v, "config").usize_or("image_text_hidden_size", 256)?,
+            dtype: checkpoint_dtype(v),
+            vision,
+        };
+        check_heads("BLIP text", cfg.hidden_size, cfg.num_attention_heads)?;
+        Ok(cfg)
     }
 }
 

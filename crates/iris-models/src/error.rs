@@ -17,8 +17,9 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
     #[error(
-        "unsupported architecture `{0}` (Iris serves LlavaForConditionalGeneration and \
-         Blip2ForConditionalGeneration with `generate`, Blip2ForImageTextRetrieval with \
+        "unsupported architecture `{0}` (Iris serves LlavaForConditionalGeneration, BlipForConditionalGeneration and \
+         Blip2ForConditionalGeneration with `generate`, BlipForImageTextRetrieval and \
+         Blip2ForImageTextRetrieval with \
          `embed` and `match`)"
     )]
     UnknownArchitecture(String),

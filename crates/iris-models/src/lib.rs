@@ -6,6 +6,7 @@
 //! Model code follows HF weight names so a file reads beside its `modeling_*.py`.
 
 pub mod bert;
+pub mod blip;
 pub mod blip2;
 pub mod blip2_retrieval;
 pub mod config;

@@ -27,9 +27,19 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     fn language_model(&self) -> &dyn CausalLm;
     fn dtype(&self) -> DType;
 
+    /// Prepares a sequence's cache for its images before the prompt runs (models that
+    /// read images through cross-attention store their keys and values there).
+    fn condition(&self, _cache: &mut KvCache, _images: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+
     /// Input embeddings of a prompt whose image placeholders are filled, in order, by
     /// `images` (each `[tokens_per_image, hidden]`).
     fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
+        if self.tokens_per_image() == 0 {
+            // The images enter through cross-attention (`condition`), not the embeddings.
+            return self.language_model().embed(ids);
+        }
         let image_token = self.image_token_id();
         let placeholders = ids.iter().filter(|&&i| i == image_token).count();
         let per = self.tokens_per_image();
@@ -66,5 +76,56 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
             }
         }
         Ok(x)
+    }
+}
+
+/// ITM and ITC scores of one image-text pair.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MatchScores {
+    pub itm_logits: [f32; 2],
+    pub itm_probability: f32,
+    pub itc_similarity: f32,
+}
+
+/// Rows scaled to unit L2 norm.
+pub fn l2_normalize(mut t: Tensor) -> Tensor {
+    let d = t.last_dim();
+    for row in t.f32_mut().chunks_exact_mut(d) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    t
+}
+
+/// Image-text retrieval heads (BLIP, BLIP-2): contrastive embeddings and matching.
+pub trait ImageTextRetrieval: Send + Sync + Debug {
+    /// The vision tower's output for one image.
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// Normalised ITC embeddings of an image, `[n, dim]` (BLIP-2: one per query).
+    fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor>;
+    /// The normalised ITC embedding of a text, `[dim]`.
+    fn text_embeds(&self, ids: &[u32]) -> Result<Tensor>;
+    /// ITM logits (no match, match) of an image with a text.
+    fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]>;
+
+    /// ITM and ITC of one image and one text; ITC is the best image row's cosine.
+    fn match_scores(&self, pixel_values: &Tensor, ids: &[u32]) -> Result<MatchScores> {
+        let feats = self.image_features(pixel_values)?;
+        let itm_logits = self.itm_logits(&feats, ids)?;
+        let m = itm_logits[0].max(itm_logits[1]);
+        let (e0, e1) = ((itm_logits[0] - m).exp(), (itm_logits[1] - m).exp());
+        let img = self.image_embeds(&feats)?;
+        let txt = self.text_embeds(ids)?;
+        let t = txt.as_f32()?;
+        let itc_similarity = img
+            .as_f32()?
+            .chunks_exact(t.len())
+            .map(|q| iris_tensor::kernels::dot_f32(q, t))
+            .fold(f32::NEG_INFINITY, f32::max);
+        Ok(MatchScores {
+            itm_logits,
+            itm_probability: e1 / (e0 + e1),
+            itc_similarity,
+        })
     }
 }

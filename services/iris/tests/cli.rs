@@ -445,3 +445,60 @@ fn retrieval_bad_input() {
         "Blip2ForConditionalGeneration",
     );
 }
+
+#[test]
+fn blip_generate_and_match_agree_with_hf() {
+    let dir = fixtures().join("blip-tiny-caption-f32");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    for case in g["cases"].as_array().unwrap() {
+        let n = case["token_ids"].as_array().unwrap().len().to_string();
+        let out = generate(
+            &dir,
+            &[image("scene.png")],
+            case["prompt"].as_str().unwrap(),
+            &["--max-new-tokens", &n],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["token_ids"], case["token_ids"]);
+    }
+    let two = generate(&dir, &[image("scene.png"), image("tall.jpg")], "a", &[]);
+    assert_clean_failure(&two, "one image");
+
+    let m = fixtures()
+        .join("blip-tiny-retrieval-f32")
+        .display()
+        .to_string();
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("blip-tiny-retrieval-f32/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &g["cases"][0];
+    let img = image(case["image"].as_str().unwrap()).display().to_string();
+    let out = iris(&[
+        "match",
+        "--model",
+        &m,
+        "--image",
+        &img,
+        "--text",
+        case["text"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (a, b) = (
+        got["itm_probability"].as_f64().unwrap(),
+        case["itm_probability"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+}

@@ -6,6 +6,9 @@ pub struct KvCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    /// Per layer, the keys and values of what cross-attention reads (the image), computed
+    /// once per sequence (BLIP's text decoder; Flamingo's gated layers).
+    cross: Vec<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl KvCache {
@@ -14,7 +17,19 @@ impl KvCache {
             k: vec![Vec::new(); n_layers],
             v: vec![Vec::new(); n_layers],
             len: 0,
+            cross: vec![None; n_layers],
         }
+    }
+
+    pub fn set_cross(&mut self, layer: usize, k: Vec<f32>, v: Vec<f32>) {
+        self.cross[layer] = Some((k, v));
+    }
+
+    pub fn cross(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        self.cross
+            .get(layer)
+            .and_then(|c| c.as_ref())
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
 
     /// Tokens cached so far (the next token's position).

@@ -1,0 +1,286 @@
+//! BLIP (Li et al., 2022) as HF's `modeling_blip.py`: the ViT shared with CLIP and
+//! BLIP-2 (`vit.rs`), and a BERT text model (`bert.rs`, the Q-Former's layers) that
+//! reads the image through cross-attention in every layer.
+//! - `BlipCaptioner` (`BlipForConditionalGeneration`): the text model as a causal
+//!   decoder with an LM head tied to the word embeddings; a caption starts at `[DEC]`.
+//! - `BlipRetrieval` (`BlipForImageTextRetrieval`): the text model as a bidirectional
+//!   encoder; ITM from `[CLS]` with the image, ITC as the cosine of the projected image
+//!   `[CLS]` and text `[CLS]`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iris_tensor::{Activation, DType, Tensor};
+
+use crate::bert::{BertDims, BertEmbeddings, BertLayer};
+use crate::config::{architecture, read_json, BlipConfig};
+use crate::layers::{KvCache, LayerNorm, Linear};
+use crate::llava::find_prefix;
+use crate::vit::VisionTransformer;
+use crate::vlm::{l2_normalize, CausalLm, ImageTextRetrieval, VisionLanguageModel};
+use crate::weights::{Vb, Weights};
+use crate::{Error, Result};
+
+pub const CAPTION_ARCHITECTURE: &str = "BlipForConditionalGeneration";
+pub const RETRIEVAL_ARCHITECTURE: &str = "BlipForImageTextRetrieval";
+
+fn open(
+    dir: &Path,
+    dtype: Option<DType>,
+    arch: &str,
+) -> Result<(BlipConfig, Arc<Weights>, VisionTransformer, DType)> {
+    let raw = read_json(&dir.join("config.json"))?;
+    let found = architecture(&raw);
+    if found.as_deref() != Some(arch) {
+        return Err(Error::UnknownArchitecture(
+            found.unwrap_or_else(|| "<none>".into()),
+        ));
+    }
+    let cfg = BlipConfig::from_value(&raw)?;
+    let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
+    let w = Arc::new(Weights::open(dir, dtype)?);
+    let vision = find_prefix(
+        &w,
+        &["vision_model", "model.vision_model"],
+        "embeddings.patch_embedding.weight",
+    )?;
+    let vit = VisionTransformer::load(&w.pp(vision), &cfg.vision, cfg.vision.num_hidden_layers)?;
+    if cfg.encoder_hidden_size != cfg.vision.hidden_size {
+        return Err(Error::Config(format!(
+            "text encoder_hidden_size {} differs from the vision hidden size {}",
+            cfg.encoder_hidden_size, cfg.vision.hidden_size
+        )));
+    }
+    Ok((cfg, w, vit, dtype))
+}
+
+fn dims(cfg: &BlipConfig) -> BertDims {
+    BertDims {
+        hidden: cfg.hidden_size,
+        intermediate: cfg.intermediate_size,
+        heads: cfg.num_attention_heads,
+        encoder_hidden: cfg.encoder_hidden_size,
+        eps: cfg.layer_norm_eps,
+        act: cfg.hidden_act,
+    }
+}
+
+/// Embeddings + layers of a BLIP text model under `vb` (`bert.` or `text_encoder.`).
+fn load_text(vb: &Vb, cfg: &BlipConfig) -> Result<(BertEmbeddings, Vec<BertLayer>)> {
+    let d = dims(cfg);
+    let embeddings = BertEmbeddings::load(
+        &vb.pp("embeddings"),
+        cfg.vocab_size,
+        cfg.max_position_embeddings,
+        &d,
+    )?;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| BertLayer::load(&vb.pp("encoder.layer").pp(i), &d, true))
+        .collect::<Result<_>>()?;
+    Ok((embeddings, layers))
+}
+
+/// The causal text decoder with its LM head (`cls.predictions`).
+#[derive(Debug)]
+pub struct BlipTextDecoder {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    transform: Linear,
+    transform_act: Activation,
+    transform_norm: LayerNorm,
+    decoder: Linear,
+}
+
+impl CausalLm for BlipTextDecoder {
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embeddings.words(ids)
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(embeds, cache.len())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer.forward_cached(&x, cache, i) {
+                Ok(y) => x = y,
+                Err(e) => {
+                    cache.rollback(x.last_dim());
+                    return Err(e);
+                }
+            }
+        }
+        cache.advance(embeds.rows());
+        Ok(x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = self
+            .transform
+            .forward(hidden)?
+            .activation(self.transform_act);
+        self.decoder.forward(&self.transform_norm.forward(&h)?)
+    }
+}
+
+#[derive(Debug)]
+pub struct BlipCaptioner {
+    cfg: BlipConfig,
+    vision_model: VisionTransformer,
+    text_decoder: BlipTextDecoder,
+    dtype: DType,
+}
+
+impl BlipCaptioner {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<BlipCaptioner> {
+        let (cfg, w, vision_model, dtype) = open(dir, dtype, CAPTION_ARCHITECTURE)?;
+        let td = find_prefix(
+            &w,
+            &["text_decoder", "model.text_decoder"],
+            "bert.embeddings.word_embeddings.weight",
+        )?;
+        let td = w.pp(td);
+        let (embeddings, layers) = load_text(&td.pp("bert"), &cfg)?;
+        let h = cfg.hidden_size;
+        let p = td.pp("cls.predictions");
+        // Tied to the word embeddings unless the checkpoint has its own decoder.
+        let decoder_weight = if p.contains("decoder.weight") {
+            p.get("decoder.weight", &[cfg.vocab_size, h])?
+        } else {
+            embeddings.word_embeddings().clone()
+        };
+        let bias = p.get("bias", &[cfg.vocab_size])?;
+        let text_decoder = BlipTextDecoder {
+            transform: Linear::load(&p.pp("transform.dense"), h, h, true)?,
+            transform_act: cfg.hidden_act,
+            transform_norm: LayerNorm::load(&p.pp("transform.LayerNorm"), h, cfg.layer_norm_eps)?,
+            decoder: Linear::new(decoder_weight, Some(bias), dtype),
+            embeddings,
+            layers,
+        };
+        Ok(BlipCaptioner {
+            cfg,
+            vision_model,
+            text_decoder,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &BlipConfig {
+        &self.cfg
+    }
+}
+
+impl VisionLanguageModel for BlipCaptioner {
+    /// The image's features; the decoder reads them through cross-attention.
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_model.forward(pixel_values)
+    }
+    fn image_token_id(&self) -> u32 {
+        u32::MAX
+    }
+    /// No placeholders: the image enters through cross-attention.
+    fn tokens_per_image(&self) -> usize {
+        0
+    }
+    fn language_model(&self) -> &dyn CausalLm {
+        &self.text_decoder
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn condition(&self, cache: &mut KvCache, images: &[Tensor]) -> Result<()> {
+        let [image] = images else {
+            return Err(Error::Input(format!(
+                "BLIP captions one image, {} given",
+                images.len()
+            )));
+        };
+        for (i, layer) in self.text_decoder.layers.iter().enumerate() {
+            if let Some((k, v)) = layer.cross_kv(image)? {
+                cache.set_cross(i, k, v);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct BlipRetrieval {
+    cfg: BlipConfig,
+    vision_model: VisionTransformer,
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    vision_proj: Linear,
+    text_proj: Linear,
+    itm_head: Linear,
+}
+
+impl BlipRetrieval {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<BlipRetrieval> {
+        let (cfg, w, vision_model, _) = open(dir, dtype, RETRIEVAL_ARCHITECTURE)?;
+        let te = find_prefix(
+            &w,
+            &["text_encoder", "model.text_encoder"],
+            "embeddings.word_embeddings.weight",
+        )?;
+        let (embeddings, layers) = load_text(&w.pp(te), &cfg)?;
+        let (h, vh, e) = (
+            cfg.hidden_size,
+            cfg.vision.hidden_size,
+            cfg.image_text_hidden_size,
+        );
+        Ok(BlipRetrieval {
+            vision_proj: Linear::load(&w.pp("vision_proj"), vh, e, true)?,
+            text_proj: Linear::load(&w.pp("text_proj"), h, e, true)?,
+            itm_head: Linear::load(&w.pp("itm_head"), h, 2, true)?,
+            cfg,
+            vision_model,
+            embeddings,
+            layers,
+        })
+    }
+
+    /// `[CLS]` output of the text encoder, with or without the image.
+    fn text_cls(&self, ids: &[u32], image: Option<&Tensor>) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::Input("empty text".into()));
+        }
+        let mut x = self.embeddings.forward(&self.embeddings.words(ids)?, 0)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, image)?;
+        }
+        Ok(x.narrow_rows(0, 1)?)
+    }
+
+    pub fn config(&self) -> &BlipConfig {
+        &self.cfg
+    }
+}
+
+impl ImageTextRetrieval for BlipRetrieval {
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.vision_model.forward(pixel_values)
+    }
+
+    fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
+        Ok(l2_normalize(
+            self.vision_proj
+                .forward(&image_features.narrow_rows(0, 1)?)?,
+        ))
+    }
+
+    fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
+        let e = l2_normalize(self.text_proj.forward(&self.text_cls(ids, None)?)?);
+        Ok(e.reshape(&[e.elem_count()])?)
+    }
+
+    fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]> {
+        let l = self
+            .itm_head
+            .forward(&self.text_cls(ids, Some(image_features))?)?;
+        let l = l.as_f32()?;
+        Ok([l[0], l[1]])
+    }
+}
