@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::pipeline::Pipeline;
@@ -33,7 +34,8 @@ pub struct CapFiltOptions {
     pub prompt: String,
     /// ITM probability at or above which a caption is kept.
     pub threshold: f32,
-    /// Lines written between progress reports (and flushes to disk).
+    /// Images captioned and scored together (in parallel) between syncs to disk and
+    /// progress reports.
     pub batch_size: usize,
     /// Stop after this many new lines (for tests and partial runs).
     pub max_lines: Option<usize>,
@@ -112,9 +114,17 @@ pub struct CapFilt<'a> {
 }
 
 impl CapFilt<'_> {
+    /// One image: encoded once by each model, then K sampled captions and K + 1 ITM
+    /// scores against the same features.
     fn process(&self, line: usize, image_path: &Path, web: &str) -> Result<Vec<Candidate>> {
         let image = std::fs::read(image_path)
             .map_err(|e| Error::Input(format!("{}: {e}", image_path.display())))?;
+        let prepared = self
+            .captioner
+            .processor
+            .prepare(&self.opts.prompt, std::slice::from_ref(&image))?;
+        let visual = self.captioner.encode_images(&prepared)?;
+        let features = self.filter.image_features(&image)?;
         let mut captions = vec![(web.to_string(), "web")];
         for k in 0..self.opts.samples {
             let sampling = SamplingParams {
@@ -122,9 +132,9 @@ impl CapFilt<'_> {
                 top_p: self.opts.top_p,
                 seed: sample_seed(self.opts.seed, line, k),
             };
-            let g = self.captioner.generate(
-                &self.opts.prompt,
-                std::slice::from_ref(&image),
+            let g = self.captioner.generate_from(
+                &prepared,
+                &visual,
                 self.opts.max_new_tokens,
                 sampling,
             )?;
@@ -136,7 +146,7 @@ impl CapFilt<'_> {
                 let itm = if caption.is_empty() {
                     0.0
                 } else {
-                    self.filter.match_pair(&image, &caption)?.itm_probability
+                    self.filter.itm_probability(&features, &caption)?
                 };
                 Ok(Candidate {
                     keep: itm >= self.opts.threshold,
@@ -172,62 +182,81 @@ impl CapFilt<'_> {
             .open(out)
             .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
         let mut s = CapFiltSummary::default();
+        let mut pending: Vec<(usize, &str)> = Vec::new();
         for (n, text) in lines.iter().enumerate() {
             if text.trim().is_empty() {
                 continue;
             }
             if done.contains(&n) {
                 s.skipped_done += 1;
-                continue;
-            }
-            if self.opts.max_lines.is_some_and(|m| s.written >= m) {
-                break;
-            }
-            let parsed = serde_json::from_str::<serde_json::Value>(text)
-                .map_err(|e| format!("invalid JSON: {e}"))
-                .and_then(|v| match (v["image"].as_str(), v["caption"].as_str()) {
-                    (Some(i), Some(c)) => Ok((i.to_string(), c.to_string())),
-                    _ => Err("a line needs string fields `image` and `caption`".to_string()),
-                });
-            let mut record = Record {
-                line: n,
-                image: None,
-                candidates: None,
-                error: None,
-            };
-            match parsed {
-                Err(e) => record.error = Some(e),
-                Ok((image, caption)) => {
-                    match self.process(n, &base.join(&image), &caption) {
-                        Ok(c) => {
-                            s.kept += c.iter().filter(|c| c.keep).count();
-                            record.candidates = Some(c);
-                        }
-                        Err(e) if e.is_bad_input() => record.error = Some(e.to_string()),
-                        Err(e) => return Err(e),
-                    }
-                    record.image = Some(image);
-                }
-            }
-            if record.error.is_some() {
-                s.errors += 1;
-            }
-            let mut bytes = serde_json::to_vec(&record).map_err(|e| Error::Input(e.to_string()))?;
-            bytes.push(b'\n');
-            // One write per record, flushed: a crash leaves at most one torn line.
-            file.write_all(&bytes)
-                .and_then(|_| file.flush())
-                .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
-            s.written += 1;
-            if s.written % self.opts.batch_size.max(1) == 0 {
-                file.sync_data()
-                    .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
-                progress(&s, total);
+            } else {
+                pending.push((n, text));
             }
         }
-        file.sync_data()
-            .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
-        progress(&s, total);
+        if let Some(m) = self.opts.max_lines {
+            pending.truncate(m);
+        }
+        // A batch of images is captioned and scored in parallel; its records are then
+        // written in input order.
+        for batch in pending.chunks(self.opts.batch_size.max(1)) {
+            let records: Vec<Record> = batch
+                .par_iter()
+                .map(|&(n, text)| self.record(n, text, &base))
+                .collect::<Result<_>>()?;
+            for record in records {
+                if record.error.is_some() {
+                    s.errors += 1;
+                }
+                s.kept += record
+                    .candidates
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.keep)
+                    .count();
+                let mut bytes =
+                    serde_json::to_vec(&record).map_err(|e| Error::Input(e.to_string()))?;
+                bytes.push(b'\n');
+                // One write per record, flushed: a crash leaves at most one torn line.
+                file.write_all(&bytes)
+                    .and_then(|_| file.flush())
+                    .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
+                s.written += 1;
+            }
+            file.sync_data()
+                .map_err(|e| Error::Input(format!("{}: {e}", out.display())))?;
+            progress(&s, total);
+        }
+        if pending.is_empty() {
+            progress(&s, total);
+        }
         Ok(s)
+    }
+
+    /// The record of input line `n`: its candidates, or the error that stopped it.
+    fn record(&self, n: usize, text: &str, base: &Path) -> Result<Record> {
+        let parsed = serde_json::from_str::<serde_json::Value>(text)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|v| match (v["image"].as_str(), v["caption"].as_str()) {
+                (Some(i), Some(c)) => Ok((i.to_string(), c.to_string())),
+                _ => Err("a line needs string fields `image` and `caption`".to_string()),
+            });
+        let mut record = Record {
+            line: n,
+            image: None,
+            candidates: None,
+            error: None,
+        };
+        match parsed {
+            Err(e) => record.error = Some(e),
+            Ok((image, caption)) => {
+                match self.process(n, &base.join(&image), &caption) {
+                    Ok(c) => record.candidates = Some(c),
+                    Err(e) if e.is_bad_input() => record.error = Some(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+                record.image = Some(image);
+            }
+        }
+        Ok(record)
     }
 }

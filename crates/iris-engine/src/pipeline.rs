@@ -136,10 +136,23 @@ impl Pipeline {
         sampling.validate().map_err(Error::Input)?;
         let prepared = self.processor.prepare(prompt, images)?;
         let visual = self.encode_images(&prepared)?;
+        self.generate_from(&prepared, &visual, max_new_tokens, sampling)
+    }
+
+    /// Generation from a prepared prompt and its images' visual tokens, so several
+    /// samples of one prompt encode its images once.
+    pub fn generate_from(
+        &self,
+        prepared: &PreparedPrompt,
+        visual: &[Tensor],
+        max_new_tokens: usize,
+        sampling: SamplingParams,
+    ) -> Result<Generation> {
+        sampling.validate().map_err(Error::Input)?;
         let lm = self.model.language_model();
-        let embeds = self.model.input_embeds(&prepared.input_ids, &visual)?;
+        let embeds = self.model.input_embeds(&prepared.input_ids, visual)?;
         let mut cache = lm.new_cache();
-        self.model.condition(&mut cache, &visual)?;
+        self.model.condition(&mut cache, visual)?;
         let sampler = Sampler::new(sampling);
         let mut hidden = lm.forward(&embeds, &mut cache)?;
         let mut token_ids = Vec::new();
@@ -164,7 +177,7 @@ impl Pipeline {
         }
         Ok(Generation {
             text: self.processor.decode(&token_ids)?,
-            prompt_token_ids: prepared.input_ids,
+            prompt_token_ids: prepared.input_ids.clone(),
             token_ids,
             logprobs,
             finish_reason,

@@ -70,6 +70,21 @@ impl RetrievalPipeline {
         Ok(self.model.text_embeds(&self.text_ids(text)?)?)
     }
 
+    /// The vision tower's features of an image, to score several texts against.
+    pub fn image_features(&self, image: &[u8]) -> Result<Tensor> {
+        Ok(self.model.image_features(&self.pixel_values(image)?)?)
+    }
+
+    /// ITM probability of a text for an image's features.
+    pub fn itm_probability(&self, image_features: &Tensor, text: &str) -> Result<f32> {
+        let [a, b] = self
+            .model
+            .itm_logits(image_features, &self.text_ids(text)?)?;
+        let m = a.max(b);
+        let (ea, eb) = ((a - m).exp(), (b - m).exp());
+        Ok(eb / (ea + eb))
+    }
+
     pub fn match_pair(&self, image: &[u8], text: &str) -> Result<MatchScores> {
         Ok(self
             .model

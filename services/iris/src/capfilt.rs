@@ -36,7 +36,7 @@ pub struct CapFiltArgs {
     /// Keep captions whose ITM probability is at least this.
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
-    /// Lines between progress reports and syncs to disk.
+    /// Images captioned and scored together (in parallel) between syncs and progress reports.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Stop after this many new lines.
