@@ -53,6 +53,16 @@ impl Golden {
             .collect()
     }
 
+    /// An id list under `json[case][key]`.
+    pub fn ids_at(&self, case: &str, key: &str) -> Vec<u32> {
+        self.json[case][key]
+            .as_array()
+            .expect("id list")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    }
+
     pub fn floats(&self, key: &str) -> Vec<f32> {
         self.json[key]
             .as_array()

@@ -32,7 +32,9 @@ fn captioning_matches_hf() {
         }
         let lm = p.model.language_model();
         let mut cache = lm.new_cache();
-        p.model.condition(&mut cache, &visual).unwrap();
+        p.model
+            .condition(&mut cache, &prepared.input_ids, &visual)
+            .unwrap();
         let embeds = p.model.input_embeds(&prepared.input_ids, &visual).unwrap();
         let hidden = lm.forward(&embeds, &mut cache).unwrap();
         let logits = lm

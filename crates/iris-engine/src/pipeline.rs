@@ -7,7 +7,7 @@ use std::path::Path;
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json, token_ids};
 use iris_models::vlm::VisionLanguageModel;
-use iris_models::{blip::BlipCaptioner, blip2::Blip2, llava::Llava};
+use iris_models::{blip::BlipCaptioner, blip2::Blip2, idefics::Idefics, llava::Llava};
 use iris_tensor::{DType, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
@@ -63,6 +63,11 @@ impl Pipeline {
                 let m = Blip2::load(dir, opts.dtype)?;
                 let eos = m.config().text.eos_token_ids.clone();
                 (Box::new(m), PromptStyle::Prefix, eos)
+            }
+            iris_models::idefics::ARCHITECTURE | "idefics" => {
+                let m = Idefics::load(dir, opts.dtype)?;
+                let eos = m.config().text.eos_token_ids.clone();
+                (Box::new(m), PromptStyle::Interleaved, eos)
             }
             iris_models::blip::CAPTION_ARCHITECTURE => {
                 let m = BlipCaptioner::load(dir, opts.dtype)?;
@@ -152,7 +157,8 @@ impl Pipeline {
         let lm = self.model.language_model();
         let embeds = self.model.input_embeds(&prepared.input_ids, visual)?;
         let mut cache = lm.new_cache();
-        self.model.condition(&mut cache, visual)?;
+        self.model
+            .condition(&mut cache, &prepared.input_ids, visual)?;
         let sampler = Sampler::new(sampling);
         let mut hidden = lm.forward(&embeds, &mut cache)?;
         let mut token_ids = Vec::new();

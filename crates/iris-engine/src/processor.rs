@@ -6,6 +6,10 @@
 //!   the tokenized text (before its BOS); a prompt without a marker puts it first;
 //! - BLIP (`modeling_blip.py` `generate`): no placeholders (the image enters through
 //!   cross-attention); the text's `[CLS]` becomes `[DEC]` and its final `[SEP]` goes;
+//! - IDEFICS (`processing_idefics.py`): pieces of text and images interleaved; the text
+//!   is the literal BOS, each text piece stripped of spaces, each image
+//!   `<fake_token_around_image><image><fake_token_around_image>` (the first fake token
+//!   dropped right after another image), tokenized without added special tokens;
 //! - plain text (retrieval encoders): the tokenizer's ids as they are.
 //!
 //! Text is encoded by the model's `tokenizer.json` with its special tokens.
@@ -27,6 +31,8 @@ pub enum PromptStyle {
     Prefix,
     /// None in the ids; a caption prefix starting at `bos` (BLIP's decoder).
     Decoder { bos: u32 },
+    /// Text and images interleaved, each image a marker token (IDEFICS).
+    Interleaved,
     /// Text only.
     Plain,
 }
@@ -36,6 +42,8 @@ pub struct Processor {
     tokenizer: Tokenizer,
     image_processor: ImageProcessor,
     image_token: String,
+    /// The literal BOS some processors write into the text (IDEFICS).
+    bos_token: String,
     /// The placeholder id, for the styles that use one.
     image_token_id: Option<u32>,
     tokens_per_image: usize,
@@ -91,7 +99,18 @@ impl Processor {
                 }
             }
         }
+        let bos_token = read_json(&dir.join("tokenizer_config.json"))
+            .and_then(|v| match &v["bos_token"] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                _ => None,
+            })
+            .unwrap_or_else(|| "<s>".to_string());
         Ok(Processor {
+            bos_token,
             tokenizer,
             image_processor: ImageProcessor::from_model_dir(dir)?,
             image_token,
@@ -190,6 +209,33 @@ impl Processor {
                     None => ids.push(bos),
                 }
                 ids
+            }
+            PromptStyle::Interleaved => {
+                if markers != images.len() {
+                    return Err(Error::Input(format!(
+                        "the prompt has {markers} `{marker}` marker(s) but {} image(s) were given",
+                        images.len()
+                    )));
+                }
+                let fake = "<fake_token_around_image>";
+                let mut text = self.bos_token.clone();
+                let mut last_was_image = false;
+                for (i, piece) in prompt.split(marker).enumerate() {
+                    if i > 0 {
+                        if !last_was_image {
+                            text.push_str(fake);
+                        }
+                        text.push_str(marker);
+                        text.push_str(fake);
+                        last_was_image = true;
+                    }
+                    let piece = piece.trim_matches(' ');
+                    if !piece.is_empty() {
+                        text.push_str(piece);
+                        last_was_image = false;
+                    }
+                }
+                self.encode(&text, false)?
             }
             PromptStyle::Plain => {
                 if !images.is_empty() {

@@ -125,7 +125,7 @@ impl ImageProcessor {
             None => false,
             Some(t) => match t.trim_end_matches("Fast").trim_end_matches("Pil") {
                 "CLIPImageProcessor" | "LlavaImageProcessor" => false,
-                "BlipImageProcessor" => true,
+                "BlipImageProcessor" | "IdeficsImageProcessor" => true,
                 _ => return Err(Error::Config(format!("unsupported image processor `{t}`"))),
             },
         };

@@ -190,7 +190,7 @@ impl VisionLanguageModel for BlipCaptioner {
     fn dtype(&self) -> DType {
         self.dtype
     }
-    fn condition(&self, cache: &mut KvCache, images: &[Tensor]) -> Result<()> {
+    fn condition(&self, cache: &mut KvCache, _input_ids: &[u32], images: &[Tensor]) -> Result<()> {
         let [image] = images else {
             return Err(Error::Input(format!(
                 "BLIP captions one image, {} given",

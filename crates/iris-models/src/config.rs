@@ -259,14 +259,16 @@ impl VisionConfig {
             "clip_vision_model" => (768, 3072, 12, 12, 224, 32, "quick_gelu", 1e-5),
             "blip_2_vision_model" => (1408, 6144, 39, 16, 224, 14, "gelu", 1e-6),
             "blip_vision_model" => (768, 3072, 12, 12, 384, 16, "gelu", 1e-5),
+            "idefics_vision" => (768, 5120, 32, 16, 224, 14, "gelu", 1e-5),
             other => {
                 return Err(Error::UnknownArchitecture(format!(
-                "vision model_type `{other}` (supported: clip_vision_model, blip_vision_model, blip_2_vision_model)"
+                "vision model_type `{other}` (supported: clip_vision_model, blip_vision_model, blip_2_vision_model, idefics_vision)"
             )))
             }
         };
         let cfg = VisionConfig {
-            hidden_size: o.usize_or("hidden_size", d.0)?,
+            // IDEFICS names the width `embed_dim`.
+            hidden_size: o.usize_or("hidden_size", o.usize_or("embed_dim", d.0)?)?,
             intermediate_size: o.usize_or("intermediate_size", d.1)?,
             num_hidden_layers: o.usize_or("num_hidden_layers", d.2)?,
             num_attention_heads: o.usize_or("num_attention_heads", d.3)?,
@@ -580,6 +582,75 @@ impl BlipConfig {
             vision,
         };
         check_heads("BLIP text", cfg.hidden_size, cfg.num_attention_heads)?;
+        Ok(cfg)
+    }
+}
+
+/// HF `IdeficsConfig`: a LLaMA with gated cross-attention every
+/// `cross_layer_interval` layers, a CLIP-style vision tower and a Perceiver Resampler.
+#[derive(Debug, Clone)]
+pub struct IdeficsConfig {
+    pub text: LlamaConfig,
+    pub vision: VisionConfig,
+    /// Tokens past `text.vocab_size` (`<fake_token_around_image>`, `<image>`) live in
+    /// the decoupled `additional_embedding` / `additional_fc`.
+    pub additional_vocab_size: usize,
+    pub cross_layer_interval: usize,
+    pub use_resampler: bool,
+    pub resampler_n_latents: usize,
+    pub resampler_depth: usize,
+    pub resampler_n_heads: usize,
+    pub resampler_head_dim: usize,
+    /// `alpha_type`: one gate value (`float`) or one per channel (`vector`).
+    pub alpha_vector: bool,
+    pub dtype: Option<DType>,
+}
+
+impl IdeficsConfig {
+    pub fn from_value(v: &Value) -> Result<IdeficsConfig> {
+        let o = Obj(v, "config");
+        let mut text_value = v.clone();
+        text_value["model_type"] = Value::from("llama");
+        let text = LlamaConfig::from_value(&text_value, false)?;
+        let mut vision_value = v
+            .get("vision_config")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        vision_value["model_type"] = Value::from("idefics_vision");
+        let empty = Value::Object(Default::default());
+        let p = Obj(
+            v.get("perceiver_config").unwrap_or(&empty),
+            "perceiver_config",
+        );
+        if o.bool_or("qk_layer_norms", false)? || p.bool_or("qk_layer_norms_perceiver", false)? {
+            return Err(Error::Config(
+                "IDEFICS with qk_layer_norms is not supported yet".into(),
+            ));
+        }
+        let alpha_vector = match o.str_or("alpha_type", "float")? {
+            "float" => false,
+            "vector" => true,
+            other => return Err(Error::Config(format!("unknown alpha_type `{other}`"))),
+        };
+        let cfg = IdeficsConfig {
+            additional_vocab_size: o.usize_or("additional_vocab_size", 0)?,
+            cross_layer_interval: o.usize_or("cross_layer_interval", 1)?,
+            use_resampler: o.bool_or("use_resampler", false)?
+                || p.bool_or("use_resampler", false)?,
+            resampler_n_latents: p.usize_or("resampler_n_latents", 64)?,
+            resampler_depth: p.usize_or("resampler_depth", 6)?,
+            resampler_n_heads: p.usize_or("resampler_n_heads", 16)?,
+            resampler_head_dim: p.usize_or("resampler_head_dim", 96)?,
+            alpha_vector,
+            dtype: checkpoint_dtype(v),
+            vision: VisionConfig::from_value(Some(&vision_value))?,
+            text,
+        };
+        if cfg.cross_layer_interval == 0 {
+            return Err(Error::Config(
+                "cross_layer_interval must be positive".into(),
+            ));
+        }
         Ok(cfg)
     }
 }

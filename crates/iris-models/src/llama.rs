@@ -79,8 +79,9 @@ impl LlamaAttention {
     }
 }
 
+/// One LLaMA decoder layer (also IDEFICS' text layers).
 #[derive(Debug, Clone)]
-struct LlamaLayer {
+pub(crate) struct LlamaLayer {
     input_layernorm: RmsNorm,
     self_attn: LlamaAttention,
     post_attention_layernorm: RmsNorm,
@@ -89,7 +90,7 @@ struct LlamaLayer {
 }
 
 impl LlamaLayer {
-    fn load(vb: &Vb, cfg: &LlamaConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
+    pub(crate) fn load(vb: &Vb, cfg: &LlamaConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(LlamaLayer {
             input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
@@ -111,7 +112,7 @@ impl LlamaLayer {
         })
     }
 
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor,
         rope: &RotaryEmbedding,

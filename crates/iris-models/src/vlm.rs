@@ -29,7 +29,12 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
 
     /// Prepares a sequence's cache for its images before the prompt runs (models that
     /// read images through cross-attention store their keys and values there).
-    fn condition(&self, _cache: &mut KvCache, _images: &[Tensor]) -> Result<()> {
+    fn condition(
+        &self,
+        _cache: &mut KvCache,
+        _input_ids: &[u32],
+        _images: &[Tensor],
+    ) -> Result<()> {
         Ok(())
     }
 

@@ -19,6 +19,25 @@ use rayon::prelude::*;
 pub enum BenchCmd {
     /// Batch-1 decode tokens/s vs the memory-bandwidth roofline.
     Decode(DecodeArgs),
+    /// Decode step time of a cross-attention model (IDEFICS, BLIP) with 1 and N images:
+    /// the images' K/V are computed once, so a step should cost the same.
+    DecodeImages(DecodeImagesArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeImagesArgs {
+    /// Model folder (e.g. IdeficsForVisionText2Text).
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// An image file used for every image of the prompt.
+    #[arg(long)]
+    image: std::path::PathBuf,
+    /// Image counts to compare.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
+    images: Vec<usize>,
+    /// Decode steps timed per count.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
 }
 
 #[derive(Args)]
@@ -52,7 +71,54 @@ pub struct DecodeArgs {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Decode(a) => decode(a),
+        BenchCmd::DecodeImages(a) => decode_images(a),
     }
+}
+
+fn decode_images(a: DecodeImagesArgs) -> anyhow::Result<()> {
+    let p = iris_engine::Pipeline::load(&a.model, &Default::default())?;
+    let bytes =
+        std::fs::read(&a.image).map_err(|e| anyhow::anyhow!("{}: {e}", a.image.display()))?;
+    let mut base = None;
+    for &n in &a.images {
+        let prompt = (0..n)
+            .map(|i| format!("<image> picture {i}."))
+            .collect::<Vec<_>>()
+            .join(" ")
+            + " Describe:";
+        let images = vec![bytes.clone(); n];
+        let prepared = p.processor.prepare(&prompt, &images)?;
+        let visual = p.encode_images(&prepared)?;
+        let lm = p.model.language_model();
+        let mut cache = lm.new_cache();
+        let t0 = Instant::now();
+        p.model
+            .condition(&mut cache, &prepared.input_ids, &visual)?;
+        let condition_s = t0.elapsed().as_secs_f64();
+        let mut hidden = lm.forward(
+            &p.model.input_embeds(&prepared.input_ids, &visual)?,
+            &mut cache,
+        )?;
+        let mut times = Vec::with_capacity(a.tokens);
+        for _ in 0..a.tokens {
+            let t = Instant::now();
+            let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
+            let next = argmax(lm.logits(&last)?.as_f32()?);
+            hidden = lm.forward(&lm.embed(&[next])?, &mut cache)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let ratio = *base.get_or_insert(median);
+        println!(
+            "{n:>3} image(s): prompt {} tokens, image K/V once {:.3} ms, decode step median {:.3} ms ({:.2}x the first count)",
+            prepared.input_ids.len(),
+            condition_s * 1e3,
+            median * 1e3,
+            median / ratio
+        );
+    }
+    Ok(())
 }
 
 /// A fast deterministic generator: uniform values in [-0.05, 0.05).

@@ -502,3 +502,47 @@ fn blip_generate_and_match_agree_with_hf() {
     );
     assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
 }
+
+#[test]
+fn idefics_generate_agrees_with_hf() {
+    let dir = fixtures().join("idefics-tiny-f32");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    for name in ["one_image", "few_shot", "text_only"] {
+        let case = &g[name];
+        let mut prompt = Vec::new();
+        let mut images = Vec::new();
+        for p in case["pieces"].as_array().unwrap() {
+            let p = p.as_str().unwrap();
+            if p.ends_with(".png") || p.ends_with(".jpg") {
+                prompt.push("<image>".to_string());
+                images.push(image(p));
+            } else {
+                prompt.push(p.to_string());
+            }
+        }
+        let n = case["token_ids"].as_array().unwrap().len().to_string();
+        let out = generate(&dir, &images, &prompt.join(" "), &["--max-new-tokens", &n]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["prompt_token_ids"], case["input_ids"], "{name}");
+        assert_eq!(got["token_ids"], case["token_ids"], "{name}");
+        for (a, b) in got["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["logprobs"].as_array().unwrap())
+        {
+            assert!(
+                (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4,
+                "{name}: {a} vs {b}"
+            );
+        }
+    }
+    let mismatch = generate(&dir, &[image("scene.png")], "<image> and <image>", &[]);
+    assert_clean_failure(&mismatch, "2 `<image>` marker(s) but 1 image");
+}

@@ -9,6 +9,9 @@ pub struct KvCache {
     /// Per layer, the keys and values of what cross-attention reads (the image), computed
     /// once per sequence (BLIP's text decoder; Flamingo's gated layers).
     cross: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Which image each prompt position's cross-attention reads (IDEFICS: the latest
+    /// image before it); positions past the prompt read what its last token read.
+    image_of: Vec<Option<usize>>,
 }
 
 impl KvCache {
@@ -18,7 +21,21 @@ impl KvCache {
             v: vec![Vec::new(); n_layers],
             len: 0,
             cross: vec![None; n_layers],
+            image_of: Vec::new(),
         }
+    }
+
+    pub fn set_image_of(&mut self, image_of: Vec<Option<usize>>) {
+        self.image_of = image_of;
+    }
+
+    /// The image position `pos` reads through cross-attention, if any.
+    pub fn image_at(&self, pos: usize) -> Option<usize> {
+        self.image_of
+            .get(pos)
+            .or(self.image_of.last())
+            .copied()
+            .flatten()
     }
 
     pub fn set_cross(&mut self, layer: usize, k: Vec<f32>, v: Vec<f32>) {

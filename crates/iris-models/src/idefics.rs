@@ -1,0 +1,412 @@
+//! IDEFICS (Laurençon et al., 2023), the open reproduction of Flamingo (Alayrac et al.,
+//! 2022), as HF's `modeling_idefics.py` `IdeficsForVisionText2Text`: a CLIP-style ViT
+//! (`vit.rs`) → Perceiver Resampler → a LLaMA (`llama.rs` layers) with a gated
+//! cross-attention layer before every `cross_layer_interval`-th layer. Each text token
+//! reads only the latest image before it (none before the first); the gates are
+//! `tanh(alpha)`. The image K/V of every gated layer are computed once per sequence and
+//! kept in the `KvCache` beside the self-attention K/V, so a decode step attends to one
+//! image's latents whatever the number of images.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iris_tensor::{DType, Tensor};
+
+use crate::config::{architecture, read_json, IdeficsConfig};
+use crate::layers::{sdpa, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::llama::LlamaLayer;
+use crate::perceiver::{PerceiverDims, PerceiverResampler};
+use crate::vit::VisionTransformer;
+use crate::vlm::{CausalLm, VisionLanguageModel};
+use crate::weights::{Vb, Weights};
+use crate::{Error, Result};
+
+pub const ARCHITECTURE: &str = "IdeficsForVisionText2Text";
+
+/// `tanh(alpha)`, one value or one per channel.
+fn gate(vb: &Vb, name: &str, hidden: usize, vector: bool) -> Result<Vec<f32>> {
+    let shape: &[usize] = if vector { &[1, 1, hidden] } else { &[1] };
+    Ok(vb
+        .get(name, shape)?
+        .to_f32_vec()
+        .into_iter()
+        .map(f32::tanh)
+        .collect())
+}
+
+fn apply_gate(x: &mut Tensor, g: &[f32]) {
+    let d = x.last_dim();
+    for row in x.f32_mut().chunks_exact_mut(d) {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v *= if g.len() == 1 { g[0] } else { g[i] };
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GatedCrossAttention {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+    alpha_cross_attn: Vec<f32>,
+    alpha_dense: Vec<f32>,
+    shape: AttnShape,
+}
+
+impl GatedCrossAttention {
+    fn load(vb: &Vb, cfg: &IdeficsConfig, comm: &Arc<dyn iris_comm::Communicator>) -> Result<Self> {
+        let t = &cfg.text;
+        let (d, vd) = (t.hidden_size, cfg.vision.hidden_size);
+        let a = vb.pp("cross_attn");
+        Ok(GatedCrossAttention {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), d, t.rms_norm_eps)?,
+            q_proj: Linear::load(&a.pp("q_proj"), d, d, false)?,
+            k_proj: Linear::load(&a.pp("k_proj"), vd, d, false)?,
+            v_proj: Linear::load(&a.pp("v_proj"), vd, d, false)?,
+            o_proj: Linear::load(&a.pp("o_proj"), d, d, false)?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                d,
+                t.rms_norm_eps,
+            )?,
+            mlp: GatedMlp::load(
+                &vb.pp("mlp"),
+                d,
+                t.intermediate_size,
+                t.hidden_act,
+                false,
+                comm,
+            )?,
+            alpha_cross_attn: gate(vb, "alpha_cross_attn", d, cfg.alpha_vector)?,
+            alpha_dense: gate(vb, "alpha_dense", d, cfg.alpha_vector)?,
+            shape: AttnShape {
+                n_heads: t.num_attention_heads,
+                n_kv_heads: t.num_attention_heads,
+                head_dim: d / t.num_attention_heads,
+            },
+        })
+    }
+
+    /// `x` (`[t, hidden]`, positions from `start`) with the gated image read and the
+    /// gated MLP; `slot` is this layer's cross K/V in the cache.
+    fn forward(
+        &self,
+        x: Tensor,
+        slot: usize,
+        cache: &KvCache,
+        start: usize,
+        n_latents: usize,
+    ) -> Result<Tensor> {
+        let t = x.rows();
+        let width = self.shape.n_heads * self.shape.head_dim;
+        let mut mixed = vec![0f32; t * width];
+        if let Some((k, v)) = cache.cross(slot) {
+            let q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
+            let q = q.as_f32()?;
+            for i in 0..t {
+                // Tokens that see no image get nothing (HF zeroes them after attention).
+                let Some(img) = cache.image_at(start + i) else {
+                    continue;
+                };
+                let rows = img * n_latents * width..(img + 1) * n_latents * width;
+                let o = sdpa(
+                    &q[i * width..(i + 1) * width],
+                    &k[rows.clone()],
+                    &v[rows],
+                    self.shape,
+                    None,
+                );
+                mixed[i * width..(i + 1) * width].copy_from_slice(&o);
+            }
+        }
+        let mut attn = self
+            .o_proj
+            .forward(&Tensor::from_f32(mixed, &[t, width])?)?;
+        apply_gate(&mut attn, &self.alpha_cross_attn);
+        let x = x.add_elem(&attn)?;
+        // The dense half is gated by alpha only: it runs for every token.
+        let mut h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        apply_gate(&mut h, &self.alpha_dense);
+        Ok(x.add_elem(&h)?)
+    }
+}
+
+/// The text model: decoupled embeddings and head, LLaMA layers, gated cross-attention.
+#[derive(Debug)]
+pub struct IdeficsText {
+    embed_tokens: Tensor,
+    additional_embedding: Option<Tensor>,
+    layers: Vec<LlamaLayer>,
+    gated: Vec<GatedCrossAttention>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    additional_fc: Option<Linear>,
+    rope: RotaryEmbedding,
+    interval: usize,
+    n_latents: usize,
+    vocab_size: usize,
+    /// Width of one token's self-attention K (or V) in the cache.
+    kv_width: usize,
+}
+
+impl CausalLm for IdeficsText {
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let d = self.embed_tokens.last_dim();
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let id = id as usize;
+            let row = match (&self.additional_embedding, id.checked_sub(self.vocab_size)) {
+                (_, None) => self.embed_tokens.index_rows(&[id as u32])?,
+                (Some(extra), Some(j)) if j < extra.rows() => extra.index_rows(&[j as u32])?,
+                _ => {
+                    return Err(Error::Input(format!(
+                        "token id {id} is outside the vocabulary"
+                    )))
+                }
+            };
+            out.extend_from_slice(row.as_f32()?);
+        }
+        Ok(Tensor::from_f32(out, &[ids.len(), d])?)
+    }
+
+    fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let start = cache.len();
+        let mut x = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let step = (|| -> Result<Tensor> {
+                let mut y = x.clone();
+                if i % self.interval == 0 {
+                    y = self.gated[i / self.interval].forward(
+                        y,
+                        i / self.interval,
+                        cache,
+                        start,
+                        self.n_latents,
+                    )?;
+                }
+                layer.forward(y, &self.rope, i, cache)
+            })();
+            match step {
+                Ok(y) => x = y,
+                Err(e) => {
+                    cache.rollback(self.kv_width);
+                    return Err(e);
+                }
+            }
+        }
+        cache.advance(embeds.rows());
+        self.norm.forward(&x)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let main = self.lm_head.forward(hidden)?;
+        let Some(fc) = &self.additional_fc else {
+            return Ok(main);
+        };
+        let extra = fc.forward(hidden)?;
+        let (a, b) = (main.last_dim(), extra.last_dim());
+        let (m, e) = (main.as_f32()?, extra.as_f32()?);
+        let mut out = Vec::with_capacity(hidden.rows() * (a + b));
+        for r in 0..hidden.rows() {
+            out.extend_from_slice(&m[r * a..(r + 1) * a]);
+            out.extend_from_slice(&e[r * b..(r + 1) * b]);
+        }
+        Ok(Tensor::from_f32(out, &[hidden.rows(), a + b])?)
+    }
+}
+
+#[derive(Debug)]
+pub struct Idefics {
+    cfg: IdeficsConfig,
+    vision_model: VisionTransformer,
+    perceiver: Option<PerceiverResampler>,
+    text: IdeficsText,
+    image_token_id: u32,
+    eos_token_ids: Vec<u32>,
+    dtype: DType,
+}
+
+/// The id of `token` among a `tokenizer.json`'s added tokens.
+fn added_token_id(dir: &Path, token: &str) -> Result<u32> {
+    let t = read_json(&dir.join("tokenizer.json"))?;
+    t["added_tokens"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["content"] == token))
+        .and_then(|x| x["id"].as_u64())
+        .map(|id| id as u32)
+        .ok_or_else(|| Error::Config(format!("tokenizer.json has no `{token}` token")))
+}
+
+impl Idefics {
+    pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Idefics> {
+        let raw = read_json(&dir.join("config.json"))?;
+        match architecture(&raw).as_deref() {
+            Some(ARCHITECTURE) | Some("idefics") => {}
+            other => {
+                return Err(Error::UnknownArchitecture(
+                    other.unwrap_or("<none>").to_string(),
+                ))
+            }
+        }
+        let cfg = IdeficsConfig::from_value(&raw)?;
+        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
+        let w = Arc::new(Weights::open(dir, dtype)?);
+        let m = w.pp("model");
+        let comm = iris_comm::single();
+        let t = &cfg.text;
+        let (d, a) = (t.hidden_size, cfg.additional_vocab_size);
+        let extra = |vb: Vb, name: &str| -> Result<Option<Tensor>> {
+            if a == 0 {
+                return Ok(None);
+            }
+            Ok(Some(vb.get(name, &[a, d])?))
+        };
+        let layers = (0..t.num_hidden_layers)
+            .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), t, &comm))
+            .collect::<Result<Vec<_>>>()?;
+        let gated = (0..t.num_hidden_layers.div_ceil(cfg.cross_layer_interval))
+            .map(|i| GatedCrossAttention::load(&m.pp("gated_cross_attn_layers").pp(i), &cfg, &comm))
+            .collect::<Result<Vec<_>>>()?;
+        let n_latents = if cfg.use_resampler {
+            cfg.resampler_n_latents
+        } else {
+            cfg.vision.num_patches() + 1
+        };
+        let perceiver = if cfg.use_resampler {
+            Some(PerceiverResampler::load(
+                &m.pp("perceiver_resampler"),
+                PerceiverDims {
+                    embed_dim: cfg.vision.hidden_size,
+                    depth: cfg.resampler_depth,
+                    n_heads: cfg.resampler_n_heads,
+                    head_dim: cfg.resampler_head_dim,
+                    n_latents,
+                },
+            )?)
+        } else {
+            None
+        };
+        let text = IdeficsText {
+            embed_tokens: m.get("embed_tokens.weight", &[t.vocab_size, d])?,
+            additional_embedding: extra(m.pp("embed_tokens"), "additional_embedding.weight")?,
+            layers,
+            gated,
+            norm: RmsNorm::load(&m.pp("norm"), d, t.rms_norm_eps)?,
+            lm_head: Linear::load(&w.pp("lm_head"), d, t.vocab_size, false)?,
+            additional_fc: extra(w.pp("lm_head"), "additional_fc.weight")?
+                .map(|w| Linear::new(w, None, dtype)),
+            rope: RotaryEmbedding::new(t, dtype),
+            interval: cfg.cross_layer_interval,
+            n_latents,
+            vocab_size: t.vocab_size,
+            kv_width: t.num_key_value_heads * t.head_dim,
+        };
+        Ok(Idefics {
+            vision_model: VisionTransformer::load(
+                &m.pp("vision_model"),
+                &cfg.vision,
+                cfg.vision.num_hidden_layers,
+            )?,
+            perceiver,
+            text,
+            image_token_id: added_token_id(dir, "<image>")?,
+            eos_token_ids: t.eos_token_ids.clone(),
+            dtype,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &IdeficsConfig {
+        &self.cfg
+    }
+
+    /// The vision tower's last hidden state (IDEFICS uses it before `post_layernorm`).
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let n = self.cfg.vision.num_hidden_layers;
+        Ok(self
+            .vision_model
+            .hidden_states(pixel_values, &[n])?
+            .remove(0))
+    }
+
+    pub fn resample(&self, features: &Tensor) -> Result<Tensor> {
+        match &self.perceiver {
+            Some(p) => p.forward(features),
+            None => Ok(features.clone()),
+        }
+    }
+
+    /// For each prompt token, the image its cross-attention reads, as HF's
+    /// `image_attention_mask_for_packed_input_ids`: the latest image token at or before
+    /// it, none before the first image or after an end-of-sequence token.
+    pub fn image_of(&self, ids: &[u32]) -> Vec<Option<usize>> {
+        let mut count: Option<usize> = None;
+        let mut seen_eod = false;
+        ids.iter()
+            .map(|&id| {
+                if id == self.image_token_id {
+                    count = Some(count.map_or(0, |c| c + 1));
+                    seen_eod = false;
+                }
+                let out = if seen_eod { None } else { count };
+                if self.eos_token_ids.contains(&id) {
+                    seen_eod = true;
+                }
+                out
+            })
+            .collect()
+    }
+}
+
+impl VisionLanguageModel for Idefics {
+    /// The resampled latents `[n_latents, vision_hidden]` of one image.
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.resample(&self.image_features(pixel_values)?)
+    }
+    fn image_token_id(&self) -> u32 {
+        self.image_token_id
+    }
+    /// No placeholders to fill: images enter through gated cross-attention.
+    fn tokens_per_image(&self) -> usize {
+        0
+    }
+    fn language_model(&self) -> &dyn CausalLm {
+        &self.text
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn condition(&self, cache: &mut KvCache, input_ids: &[u32], images: &[Tensor]) -> Result<()> {
+        let markers = input_ids
+            .iter()
+            .filter(|&&i| i == self.image_token_id)
+            .count();
+        if markers != images.len() {
+            return Err(Error::Input(format!(
+                "the prompt has {markers} image tokens but {} image(s) were given",
+                images.len()
+            )));
+        }
+        cache.set_image_of(self.image_of(input_ids));
+        if images.is_empty() {
+            return Ok(());
+        }
+        let all = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?;
+        for (slot, g) in self.text.gated.iter().enumerate() {
+            let k = g.k_proj.forward(&all)?.to_f32_vec();
+            let v = g.v_proj.forward(&all)?.to_f32_vec();
+            cache.set_cross(slot, k, v);
+        }
+        Ok(())
+    }
+}
