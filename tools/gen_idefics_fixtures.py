@@ -30,8 +30,8 @@ from gen_llava_fixtures import IMAGES, ROOT, init_weights, make_tokenizer  # noq
 torch.set_num_threads(1)
 
 
-def main():
-    out = os.path.join(ROOT, "idefics-tiny-f32")
+def build(name, overrides, perceiver_overrides, prompt_names):
+    out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     tok = make_tokenizer(out)
@@ -40,13 +40,13 @@ def main():
         # The last two tokens (<image>, <fake_token_around_image>) live in the decoupled
         # additional embedding and head, as in IDEFICS-9B.
         vocab_size=len(tok) - 2, additional_vocab_size=2, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, cross_layer_interval=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        use_resampler=True, qk_layer_norms=False,
+        use_resampler=True, **{"qk_layer_norms": False, "cross_layer_interval": 2, **overrides},
         vision_config=dict(embed_dim=32, image_size=30, patch_size=6, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64),
         perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=2, resampler_n_heads=2,
-                              resampler_head_dim=8, qk_layer_norms_perceiver=False),
+                              resampler_head_dim=8, **{"qk_layer_norms_perceiver": False, **perceiver_overrides}),
     )
     model = IdeficsForVisionText2Text(cfg).eval()
     init_weights(model)
@@ -68,6 +68,7 @@ def main():
         "text_only": ["The quick brown fox jumps over"],
     }
     golden, cases = {}, {}
+    prompts = {k: v for k, v in prompts.items() if k in prompt_names}
     for name, pieces in prompts.items():
         items = [img[p] if p in img else p for p in pieces]
         inputs = proc(text=[items], return_tensors="pt")
@@ -94,6 +95,14 @@ def main():
         print(name, n_prompt, "tokens; greedy", ids)
     save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
     json.dump(cases, open(os.path.join(out, "golden.json"), "w"), indent=1)
+
+
+def main():
+    build("idefics-tiny-f32", {}, {}, ["one_image", "few_shot", "text_only"])
+    # IDEFICS-80B's options: per-head q/k norms in the gated cross-attention and the
+    # resampler, one gate value per channel, a gated layer before every layer.
+    build("idefics-tiny-qknorm-f32", dict(qk_layer_norms=True, alpha_type="vector", cross_layer_interval=1),
+          dict(qk_layer_norms_perceiver=True), ["one_image", "few_shot"])
 
 
 if __name__ == "__main__":

@@ -47,10 +47,21 @@ fn logits(p: &Pipeline, prompt: &str, images: &[Vec<u8>]) -> (Vec<u32>, Tensor) 
 
 #[test]
 fn three_prompts_match_hf() {
-    let g = Golden::load(NAME);
-    let p = Pipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
-    let m = Idefics::load(&fixture(NAME), None).unwrap();
-    for name in ["one_image", "few_shot", "text_only"] {
+    check_prompts(NAME, &["one_image", "few_shot", "text_only"]);
+}
+
+/// Per-head q/k norms (cross-attention and resampler), vector gates, a gated layer
+/// before every layer: IDEFICS-80B's options.
+#[test]
+fn qk_norm_variant_matches_hf() {
+    check_prompts("idefics-tiny-qknorm-f32", &["one_image", "few_shot"]);
+}
+
+fn check_prompts(fixture_name: &str, names: &[&str]) {
+    let g = Golden::load(fixture_name);
+    let p = Pipeline::load(&fixture(fixture_name), &PipelineOptions::default()).unwrap();
+    let m = Idefics::load(&fixture(fixture_name), None).unwrap();
+    for &name in names {
         let case = &g.json[name];
         let (prompt, images) = prompt_of(case);
         let (ids, got) = logits(&p, &prompt, &images);

@@ -603,6 +603,9 @@ pub struct IdeficsConfig {
     pub resampler_head_dim: usize,
     /// `alpha_type`: one gate value (`float`) or one per channel (`vector`).
     pub alpha_vector: bool,
+    /// Per-head norms of q and k in the gated cross-attention / the resampler.
+    pub qk_layer_norms: bool,
+    pub qk_layer_norms_perceiver: bool,
     pub dtype: Option<DType>,
 }
 
@@ -622,11 +625,6 @@ impl IdeficsConfig {
             v.get("perceiver_config").unwrap_or(&empty),
             "perceiver_config",
         );
-        if o.bool_or("qk_layer_norms", false)? || p.bool_or("qk_layer_norms_perceiver", false)? {
-            return Err(Error::Config(
-                "IDEFICS with qk_layer_norms is not supported yet".into(),
-            ));
-        }
         let alpha_vector = match o.str_or("alpha_type", "float")? {
             "float" => false,
             "vector" => true,
@@ -642,6 +640,8 @@ impl IdeficsConfig {
             resampler_n_heads: p.usize_or("resampler_n_heads", 16)?,
             resampler_head_dim: p.usize_or("resampler_head_dim", 96)?,
             alpha_vector,
+            qk_layer_norms: o.bool_or("qk_layer_norms", false)?,
+            qk_layer_norms_perceiver: p.bool_or("qk_layer_norms_perceiver", false)?,
             dtype: checkpoint_dtype(v),
             vision: VisionConfig::from_value(Some(&vision_value))?,
             text,

@@ -54,7 +54,18 @@ struct GatedCrossAttention {
     mlp: GatedMlp,
     alpha_cross_attn: Vec<f32>,
     alpha_dense: Vec<f32>,
+    /// RMSNorms over each head of q and k (`qk_layer_norms`, IDEFICS-80B).
+    qk_norms: Option<(RmsNorm, RmsNorm)>,
     shape: AttnShape,
+}
+
+/// A per-head norm over `x` (`[t, heads·head_dim]`).
+fn per_head(norm: &RmsNorm, x: Tensor, head_dim: usize) -> Result<Tensor> {
+    let shape = x.shape().to_vec();
+    let rows = x.elem_count() / head_dim;
+    Ok(norm
+        .forward(&x.reshape(&[rows, head_dim])?)?
+        .reshape(&shape)?)
 }
 
 impl GatedCrossAttention {
@@ -81,6 +92,15 @@ impl GatedCrossAttention {
                 false,
                 comm,
             )?,
+            qk_norms: if cfg.qk_layer_norms {
+                let hd = d / t.num_attention_heads;
+                Some((
+                    RmsNorm::load(&a.pp("q_layer_norm"), hd, t.rms_norm_eps)?,
+                    RmsNorm::load(&a.pp("k_layer_norm"), hd, t.rms_norm_eps)?,
+                ))
+            } else {
+                None
+            },
             alpha_cross_attn: gate(vb, "alpha_cross_attn", d, cfg.alpha_vector)?,
             alpha_dense: gate(vb, "alpha_dense", d, cfg.alpha_vector)?,
             shape: AttnShape {
@@ -105,7 +125,10 @@ impl GatedCrossAttention {
         let width = self.shape.n_heads * self.shape.head_dim;
         let mut mixed = vec![0f32; t * width];
         if let Some((k, v)) = cache.cross(slot) {
-            let q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
+            let mut q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
+            if let Some((qn, _)) = &self.qk_norms {
+                q = per_head(qn, q, self.shape.head_dim)?;
+            }
             let q = q.as_f32()?;
             for i in 0..t {
                 // Tokens that see no image get nothing (HF zeroes them after attention).
@@ -291,6 +314,7 @@ impl Idefics {
                     n_heads: cfg.resampler_n_heads,
                     head_dim: cfg.resampler_head_dim,
                     n_latents,
+                    qk_layer_norms: cfg.qk_layer_norms_perceiver,
                 },
             )?)
         } else {
@@ -403,7 +427,11 @@ impl VisionLanguageModel for Idefics {
         }
         let all = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?;
         for (slot, g) in self.text.gated.iter().enumerate() {
-            let k = g.k_proj.forward(&all)?.to_f32_vec();
+            let mut k = g.k_proj.forward(&all)?;
+            if let Some((_, kn)) = &g.qk_norms {
+                k = per_head(kn, k, g.shape.head_dim)?;
+            }
+            let k = k.to_f32_vec();
             let v = g.v_proj.forward(&all)?.to_f32_vec();
             cache.set_cross(slot, k, v);
         }

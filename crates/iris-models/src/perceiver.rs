@@ -20,7 +20,17 @@ struct PerceiverBlock {
     ln: LayerNorm,
     fc: Linear,
     c_proj: Linear,
+    /// LayerNorms over each head of q and k (`qk_layer_norms_perceiver`).
+    qk_norms: Option<(LayerNorm, LayerNorm)>,
     shape: AttnShape,
+}
+
+fn per_head(norm: &LayerNorm, x: Tensor, head_dim: usize) -> Result<Tensor> {
+    let shape = x.shape().to_vec();
+    let rows = x.elem_count() / head_dim;
+    Ok(norm
+        .forward(&x.reshape(&[rows, head_dim])?)?
+        .reshape(&shape)?)
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +48,7 @@ pub struct PerceiverDims {
     pub n_heads: usize,
     pub head_dim: usize,
     pub n_latents: usize,
+    pub qk_layer_norms: bool,
 }
 
 impl PerceiverResampler {
@@ -58,6 +69,14 @@ impl PerceiverResampler {
                     ln: LayerNorm::load(&m.pp("ln"), e, eps)?,
                     fc: Linear::load(&m.pp("fc"), e, 4 * e, false)?,
                     c_proj: Linear::load(&m.pp("c_proj"), 4 * e, e, false)?,
+                    qk_norms: if d.qk_layer_norms {
+                        Some((
+                            LayerNorm::load(&a.pp("q_layer_norm"), d.head_dim, eps)?,
+                            LayerNorm::load(&a.pp("k_layer_norm"), d.head_dim, eps)?,
+                        ))
+                    } else {
+                        None
+                    },
                     shape: AttnShape {
                         n_heads: d.n_heads,
                         n_kv_heads: d.n_heads,
@@ -80,8 +99,12 @@ impl PerceiverResampler {
             let ctx = b.context_layer_norm.forward(context)?;
             let lat = b.latents_layer_norm.forward(&latents)?;
             let kv_in = Tensor::cat_rows(&[&ctx, &lat])?;
-            let q = b.q_proj.forward(&lat)?;
-            let k = b.k_proj.forward(&kv_in)?;
+            let mut q = b.q_proj.forward(&lat)?;
+            let mut k = b.k_proj.forward(&kv_in)?;
+            if let Some((qn, kn)) = &b.qk_norms {
+                q = per_head(qn, q, b.shape.head_dim)?;
+                k = per_head(kn, k, b.shape.head_dim)?;
+            }
             let v = b.v_proj.forward(&kv_in)?;
             let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, b.shape, None);
             let attn = b.output_proj.forward(&Tensor::from_f32(o, q.shape())?)?;
