@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{GenerateOptions, Pipeline};
 use crate::retrieval::RetrievalPipeline;
 use crate::sampler::SamplingParams;
 use crate::{Error, Result};
@@ -131,13 +131,10 @@ impl CapFilt<'_> {
                 temperature: self.opts.temperature,
                 top_p: self.opts.top_p,
                 seed: sample_seed(self.opts.seed, line, k),
+                ..Default::default()
             };
-            let g = self.captioner.generate_from(
-                &prepared,
-                &visual,
-                self.opts.max_new_tokens,
-                sampling,
-            )?;
+            let opts = GenerateOptions::new(self.opts.max_new_tokens, sampling);
+            let g = self.captioner.generate_from(&prepared, &visual, &opts)?;
             captions.push((g.text.trim().to_string(), "synthetic"));
         }
         captions

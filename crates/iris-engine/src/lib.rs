@@ -10,10 +10,12 @@ mod retrieval;
 mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
-pub use pipeline::{FinishReason, Generation, Pipeline, PipelineOptions};
+pub use pipeline::{
+    FinishReason, GenerateOptions, Generation, Pipeline, PipelineOptions, StopRules,
+};
 pub use processor::{PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;
-pub use sampler::{argmax, Sampler, SamplingParams};
+pub use sampler::{argmax, top_logprobs, Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -11,7 +11,7 @@ use iris_models::{blip::BlipCaptioner, blip2::Blip2, idefics::Idefics, llava::Ll
 use iris_tensor::{DType, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Default)]
@@ -26,8 +26,38 @@ pub struct PipelineOptions {
 pub enum FinishReason {
     /// An end-of-sequence token was produced.
     Eos,
+    /// A stop token or stop string was produced.
+    Stop,
     /// `max_new_tokens` were produced.
     Length,
+}
+
+/// What ends a generation besides the model's EOS and the length limit.
+#[derive(Debug, Clone, Default)]
+pub struct StopRules {
+    pub token_ids: Vec<u32>,
+    /// The text is cut before the first occurrence of any of these.
+    pub strings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopRules,
+    /// Also report the `top_logprobs` most likely tokens at each step.
+    pub top_logprobs: usize,
+}
+
+impl GenerateOptions {
+    pub fn new(max_new_tokens: usize, sampling: SamplingParams) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens,
+            sampling,
+            stop: StopRules::default(),
+            top_logprobs: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -37,6 +67,9 @@ pub struct Generation {
     pub text: String,
     /// Log-softmax of each chosen token under the model's logits at its step.
     pub logprobs: Vec<f32>,
+    /// With `top_logprobs` > 0: the most likely tokens at each step and their logprobs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish_reason: FinishReason,
 }
 
@@ -138,10 +171,23 @@ impl Pipeline {
         max_new_tokens: usize,
         sampling: SamplingParams,
     ) -> Result<Generation> {
-        sampling.validate().map_err(Error::Input)?;
+        self.generate_with(
+            prompt,
+            images,
+            &GenerateOptions::new(max_new_tokens, sampling),
+        )
+    }
+
+    pub fn generate_with(
+        &self,
+        prompt: &str,
+        images: &[Vec<u8>],
+        opts: &GenerateOptions,
+    ) -> Result<Generation> {
+        opts.sampling.validate().map_err(Error::Input)?;
         let prepared = self.processor.prepare(prompt, images)?;
         let visual = self.encode_images(&prepared)?;
-        self.generate_from(&prepared, &visual, max_new_tokens, sampling)
+        self.generate_from(&prepared, &visual, opts)
     }
 
     /// Generation from a prepared prompt and its images' visual tokens, so several
@@ -150,42 +196,72 @@ impl Pipeline {
         &self,
         prepared: &PreparedPrompt,
         visual: &[Tensor],
-        max_new_tokens: usize,
-        sampling: SamplingParams,
+        opts: &GenerateOptions,
     ) -> Result<Generation> {
-        sampling.validate().map_err(Error::Input)?;
+        opts.sampling.validate().map_err(Error::Input)?;
+        if opts.stop.strings.iter().any(String::is_empty) {
+            return Err(Error::Input("stop strings must not be empty".into()));
+        }
         let lm = self.model.language_model();
         let embeds = self.model.input_embeds(&prepared.input_ids, visual)?;
         let mut cache = lm.new_cache();
         self.model
             .condition(&mut cache, &prepared.input_ids, visual)?;
-        let sampler = Sampler::new(sampling);
+        let sampler = Sampler::new(opts.sampling);
         let mut hidden = lm.forward(&embeds, &mut cache)?;
         let mut token_ids = Vec::new();
         let mut logprobs = Vec::new();
+        let mut top = Vec::new();
         let mut finish_reason = FinishReason::Length;
-        while token_ids.len() < max_new_tokens {
+        let mut text = None;
+        while token_ids.len() < opts.max_new_tokens {
             let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
             let logits = lm.logits(&last)?;
             let logits = logits.as_f32()?;
             let position = prepared.input_ids.len() + token_ids.len();
-            let next = sampler.sample(logits, position);
-            logprobs.push(Tensor::log_softmax_row(logits)[next as usize]);
+            let next = sampler.sample(logits, position, &prepared.input_ids, &token_ids);
+            let lp = Tensor::log_softmax_row(logits);
+            logprobs.push(lp[next as usize]);
+            if opts.top_logprobs > 0 {
+                top.push(top_logprobs(&lp, opts.top_logprobs));
+            }
             token_ids.push(next);
             if self.eos_token_ids.contains(&next) {
                 finish_reason = FinishReason::Eos;
                 break;
             }
-            if token_ids.len() == max_new_tokens {
+            if opts.stop.token_ids.contains(&next) {
+                finish_reason = FinishReason::Stop;
+                break;
+            }
+            if !opts.stop.strings.is_empty() {
+                let so_far = self.processor.decode(&token_ids)?;
+                if let Some(cut) = opts
+                    .stop
+                    .strings
+                    .iter()
+                    .filter_map(|s| so_far.find(s.as_str()))
+                    .min()
+                {
+                    text = Some(so_far[..cut].to_string());
+                    finish_reason = FinishReason::Stop;
+                    break;
+                }
+            }
+            if token_ids.len() == opts.max_new_tokens {
                 break;
             }
             hidden = lm.forward(&lm.embed(&[next])?, &mut cache)?;
         }
         Ok(Generation {
-            text: self.processor.decode(&token_ids)?,
+            text: match text {
+                Some(t) => t,
+                None => self.processor.decode(&token_ids)?,
+            },
             prompt_token_ids: prepared.input_ids.clone(),
             token_ids,
             logprobs,
+            top_logprobs: top,
             finish_reason,
         })
     }

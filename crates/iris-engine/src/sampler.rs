@@ -1,11 +1,24 @@
-//! Token choice: greedy at temperature 0, else temperature + nucleus (top-p, Holtzman
-//! et al., 2019). Each draw derives from (seed, position) alone, so a request gives the
-//! same tokens batched or alone, and resumed from any point.
+//! Token choice per request: repetition / presence / frequency penalties, then greedy at
+//! temperature 0, else temperature, top-k, top-p (nucleus, Holtzman et al., 2019) and
+//! min-p, in vLLM's order. Each draw derives from (seed, position) alone, so a request
+//! gives the same tokens batched or alone, and resumed from any point.
+
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f32,
     pub top_p: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Drop tokens below `min_p` times the most likely one's probability; 0 keeps all.
+    pub min_p: f32,
+    /// HF / vLLM repetition penalty over prompt and output tokens; 1 is off.
+    pub repetition_penalty: f32,
+    /// OpenAI presence penalty over output tokens; 0 is off.
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty over output tokens; 0 is off.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -14,6 +27,11 @@ impl Default for SamplingParams {
         SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -27,7 +45,30 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
         Ok(())
+    }
+
+    fn penalized(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 }
 
@@ -49,41 +90,93 @@ impl Sampler {
         Sampler { params }
     }
 
-    /// Picks the next token from `logits`; `position` is the index of the token being
-    /// chosen in the sequence.
-    pub fn sample(&self, logits: &[f32], position: usize) -> u32 {
-        if self.params.temperature == 0.0 {
-            return argmax(logits);
+    /// Logits after the penalties (a copy only when a penalty is on).
+    pub fn penalize<'a>(
+        &self,
+        logits: &'a [f32],
+        prompt: &[u32],
+        output: &[u32],
+    ) -> std::borrow::Cow<'a, [f32]> {
+        let p = &self.params;
+        if !p.penalized() {
+            return std::borrow::Cow::Borrowed(logits);
         }
-        let t = self.params.temperature;
+        let mut l = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen: Vec<u32> = prompt.iter().chain(output).copied().collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: HashMap<u32, usize> = HashMap::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                }
+            }
+        }
+        std::borrow::Cow::Owned(l)
+    }
+
+    /// Picks the next token from `logits`; `position` is the index of the token being
+    /// chosen in the sequence; `prompt` and `output` feed the penalties.
+    pub fn sample(&self, logits: &[f32], position: usize, prompt: &[u32], output: &[u32]) -> u32 {
+        let logits = self.penalize(logits, prompt, output);
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return argmax(&logits);
+        }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f64)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, (((l - max) / t) as f64).exp()))
+            .map(|(i, &l)| (i as u32, (((l - max) / p.temperature) as f64).exp()))
             .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Keep the smallest prefix whose mass reaches top_p (at least one token).
-        let mut mass = 0.0;
         let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            mass += p.1;
-            if mass >= self.params.top_p as f64 {
+        if p.top_k > 0 {
+            keep = keep.min(p.top_k);
+        }
+        // Smallest prefix whose mass reaches top_p (at least one token).
+        let mut mass = 0.0;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            mass += q.1;
+            if mass >= p.top_p as f64 {
                 keep = i + 1;
                 break;
             }
         }
+        if p.min_p > 0.0 {
+            let floor = probs[0].1 * p.min_p as f64;
+            keep = probs[..keep]
+                .iter()
+                .take_while(|q| q.1 >= floor)
+                .count()
+                .max(1);
+        }
         let probs = &probs[..keep];
         let kept: f64 = probs.iter().map(|p| p.1).sum();
-        let r = splitmix64(self.params.seed ^ splitmix64(position as u64));
+        let r = splitmix64(p.seed ^ splitmix64(position as u64));
         let u = (r >> 11) as f64 / (1u64 << 53) as f64 * kept;
         let mut acc = 0.0;
-        for p in probs {
-            acc += p.1;
+        for q in probs {
+            acc += q.1;
             if u < acc {
-                return p.0;
+                return q.0;
             }
         }
         probs[keep - 1].0
@@ -101,43 +194,121 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `n` most likely tokens and their log-probabilities, most likely first.
+pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(n - 1, |&a, &b| {
+        logprobs[b as usize]
+            .total_cmp(&logprobs[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mut top: Vec<(u32, f32)> = idx[..n]
+        .iter()
+        .map(|&i| (i, logprobs[i as usize]))
+        .collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn p() -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            seed: 9,
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn greedy_top_p_and_determinism() {
         let logits = [0.1, 3.0, 2.9, -1.0];
         assert_eq!(
-            Sampler::new(SamplingParams::default()).sample(&logits, 5),
+            Sampler::new(SamplingParams::default()).sample(&logits, 5, &[], &[]),
             1
         );
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.01,
-            seed: 9,
-        };
+        let narrow = SamplingParams { top_p: 0.01, ..p() };
         assert_eq!(
-            Sampler::new(p).sample(&logits, 5),
+            Sampler::new(narrow).sample(&logits, 5, &[], &[]),
             1,
             "top_p keeps only the best"
         );
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: 9,
-        };
-        let s = Sampler::new(p);
-        let draws: Vec<u32> = (0..64).map(|pos| s.sample(&logits, pos)).collect();
-        let again: Vec<u32> = (0..64).map(|pos| s.sample(&logits, pos)).collect();
+        let s = Sampler::new(p());
+        let draws: Vec<u32> = (0..64)
+            .map(|pos| s.sample(&logits, pos, &[], &[]))
+            .collect();
+        let again: Vec<u32> = (0..64)
+            .map(|pos| s.sample(&logits, pos, &[], &[]))
+            .collect();
         assert_eq!(draws, again);
         assert!(draws.contains(&1) && draws.contains(&2), "{draws:?}");
         assert!(SamplingParams {
             temperature: -1.0,
-            ..p
+            ..p()
         }
         .validate()
         .is_err());
-        assert!(SamplingParams { top_p: 0.0, ..p }.validate().is_err());
+        assert!(SamplingParams { top_p: 0.0, ..p() }.validate().is_err());
+        assert!(SamplingParams { min_p: 2.0, ..p() }.validate().is_err());
+        assert!(SamplingParams {
+            repetition_penalty: 0.0,
+            ..p()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn top_k_and_min_p_restrict_the_candidates() {
+        let logits = [2.0, 1.9, 1.8, 0.0, -5.0];
+        let k1 = Sampler::new(SamplingParams { top_k: 1, ..p() });
+        assert!((0..50).all(|pos| k1.sample(&logits, pos, &[], &[]) == 0));
+        let k2 = Sampler::new(SamplingParams { top_k: 2, ..p() });
+        assert!((0..200).all(|pos| k2.sample(&logits, pos, &[], &[]) <= 1));
+        // min_p 0.5: tokens 0, 1, 2 have ≥ half the best's probability; 3 and 4 do not.
+        let mp = Sampler::new(SamplingParams { min_p: 0.5, ..p() });
+        let draws: Vec<u32> = (0..300)
+            .map(|pos| mp.sample(&logits, pos, &[], &[]))
+            .collect();
+        assert!(draws.iter().all(|&t| t <= 2) && draws.contains(&2));
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai() {
+        let logits = [2.0, -1.0, 1.5];
+        let rep = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        assert_eq!(&*rep.penalize(&logits, &[0], &[1]), &[1.0, -2.0, 1.5]);
+        assert_eq!(
+            rep.sample(&logits, 0, &[0], &[]),
+            2,
+            "the repeated best drops below 1.5"
+        );
+        let freq = Sampler::new(SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Default::default()
+        });
+        assert_eq!(
+            &*freq.penalize(&logits, &[2], &[0, 0]),
+            &[0.75, -1.0, 1.5],
+            "output only, prompt ignored"
+        );
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted() {
+        let lp = [-3.0, -0.5, -2.0, -0.5];
+        assert_eq!(top_logprobs(&lp, 3), vec![(1, -0.5), (3, -0.5), (2, -2.0)]);
+        assert!(top_logprobs(&lp, 0).is_empty());
+        assert_eq!(top_logprobs(&lp, 10).len(), 4);
     }
 }

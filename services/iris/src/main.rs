@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use iris_engine::{Pipeline, PipelineOptions, SamplingParams};
+use iris_engine::{GenerateOptions, Pipeline, PipelineOptions, SamplingParams, StopRules};
 use iris_image::ImageLimits;
 use iris_tensor::{DType, Device};
 
@@ -54,6 +54,30 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens below this fraction of the best token's probability (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens already in the prompt or output (1: off; HF semantics).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtract from tokens present in the output (OpenAI semantics).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    presence_penalty: f32,
+    /// Subtract per occurrence in the output (OpenAI semantics).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    frequency_penalty: f32,
+    /// Stop when the text contains this (repeatable); the text is cut before it.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Stop after producing this token id (repeatable).
+    #[arg(long = "stop-token-id")]
+    stop_token_ids: Vec<u32>,
+    /// Also report the N most likely tokens at each step (`top_logprobs` in JSON).
+    #[arg(long, default_value_t = 0)]
+    top_logprobs: usize,
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, env = "IRIS_DEVICE", default_value = "cpu")]
     device: String,
@@ -103,17 +127,43 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
+        top_k: a.top_k,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
         seed: a.seed,
     };
-    let g = pipe.generate(&a.prompt, &images, a.max_new_tokens, sampling)?;
+    let gen_opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop: StopRules {
+            token_ids: a.stop_token_ids,
+            strings: a.stop,
+        },
+        top_logprobs: a.top_logprobs,
+    };
+    let g = pipe.generate_with(&a.prompt, &images, &gen_opts)?;
     if a.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "prompt_token_ids": g.prompt_token_ids,
             "token_ids": g.token_ids,
             "text": g.text,
             "logprobs": g.logprobs,
             "finish_reason": g.finish_reason,
         });
+        if !g.top_logprobs.is_empty() {
+            out["top_logprobs"] = g
+                .top_logprobs
+                .iter()
+                .map(|step| {
+                    step.iter()
+                        .map(|(t, lp)| serde_json::json!({"token_id": t, "logprob": lp}))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
         println!("{out}");
     } else {
         println!("{}", g.text);

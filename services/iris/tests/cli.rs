@@ -546,3 +546,67 @@ fn idefics_generate_agrees_with_hf() {
     let mismatch = generate(&dir, &[image("scene.png")], "<image> and <image>", &[]);
     assert_clean_failure(&mismatch, "2 `<image>` marker(s) but 1 image");
 }
+
+#[test]
+fn stop_rules_and_top_logprobs() {
+    let dir = fixtures().join("llava-tiny-hub-f32");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<u64> = golden["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = generate(&dir, &[image("scene.png")], PROMPT1, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // A stop token ends the output right after it.
+    let stop_id = ids[3].to_string();
+    let g = run(&["--max-new-tokens", "8", "--stop-token-id", &stop_id]);
+    assert_eq!(g["finish_reason"], "stop");
+    let got: Vec<u64> = g["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        ids[..ids.iter().position(|&t| t == ids[3]).unwrap() + 1]
+    );
+    // A stop string cuts the text before it.
+    let full = golden["text"].as_str().unwrap();
+    let needle: String = full.chars().skip(5).take(4).collect();
+    let g = run(&["--max-new-tokens", "8", "--stop", &needle]);
+    assert_eq!(g["finish_reason"], "stop");
+    assert_eq!(
+        g["text"].as_str().unwrap(),
+        &full[..full.find(&needle).unwrap()]
+    );
+    // Top logprobs: greedy picks the first of them.
+    let g = run(&["--max-new-tokens", "4", "--top-logprobs", "3"]);
+    let top = g["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), 4);
+    for (i, step) in top.iter().enumerate() {
+        let step = step.as_array().unwrap();
+        assert_eq!(step.len(), 3);
+        assert_eq!(step[0]["token_id"], g["token_ids"][i]);
+        assert_eq!(step[0]["logprob"], g["logprobs"][i]);
+        assert!(step[1]["logprob"].as_f64().unwrap() <= step[0]["logprob"].as_f64().unwrap());
+    }
+    assert_clean_failure(
+        &generate(&dir, &[image("scene.png")], PROMPT1, &["--min-p", "2"]),
+        "min_p",
+    );
+    assert_clean_failure(
+        &generate(&dir, &[image("scene.png")], PROMPT1, &["--stop", ""]),
+        "stop strings",
+    );
+}
