@@ -3,6 +3,7 @@
 //! build on these pieces.
 #![forbid(unsafe_code)]
 
+pub mod blocks;
 mod capfilt;
 mod pipeline;
 mod processor;
