@@ -56,25 +56,37 @@ impl LlamaAttention {
         })
     }
 
+    /// `x` holds the rows of several sequences back to back (`rows[i]` each), each
+    /// continuing its own cache: projections run once over all rows (weights read once
+    /// per step), attention per sequence.
     fn forward(
         &self,
         x: &Tensor,
         rope: &RotaryEmbedding,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
     ) -> Result<Tensor> {
-        let t = x.rows();
-        let start = cache.len();
-        let positions: Vec<usize> = (start..start + t).collect();
         let mut q = self.q_proj.forward(x)?;
         let mut k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        rope.apply(q.f32_mut(), self.shape.n_heads, &positions);
-        rope.apply(k.f32_mut(), self.shape.n_kv_heads, &positions);
-        let (ks, vs) = cache.append(layer, k.as_f32()?, v.as_f32()?);
-        let o = sdpa(q.as_f32()?, ks, vs, self.shape, Some(start));
-        let o = Tensor::from_f32(o, &[t, self.shape.n_heads * self.shape.head_dim])?
-            .round_to(self.dtype);
+        let (qw, kw) = (q.last_dim(), k.last_dim());
+        let (qs, ks) = (q.f32_mut(), k.f32_mut());
+        let vs = v.as_f32()?;
+        let mut out = Vec::with_capacity(x.rows() * qw);
+        let mut r0 = 0;
+        for (cache, &t) in caches.iter_mut().zip(rows) {
+            let start = cache.len();
+            let positions: Vec<usize> = (start..start + t).collect();
+            let qi = &mut qs[r0 * qw..(r0 + t) * qw];
+            let ki = &mut ks[r0 * kw..(r0 + t) * kw];
+            rope.apply(qi, self.shape.n_heads, &positions);
+            rope.apply(ki, self.shape.n_kv_heads, &positions);
+            let (kc, vc) = cache.append(layer, ki, &vs[r0 * kw..(r0 + t) * kw]);
+            out.extend(sdpa(qi, kc, vc, self.shape, Some(start)));
+            r0 += t;
+        }
+        let o = Tensor::from_f32(out, &[x.rows(), qw])?.round_to(self.dtype);
         self.o_proj.forward(&o)
     }
 }
@@ -119,9 +131,26 @@ impl LlamaLayer {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(&x)?, rope, layer, cache)?;
+        let rows = [x.rows()];
+        self.forward_batch(x, rope, layer, &mut [cache], &rows)
+    }
+
+    /// Several sequences' rows back to back (see `LlamaAttention::forward`).
+    pub(crate) fn forward_batch(
+        &self,
+        x: Tensor,
+        rope: &RotaryEmbedding,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let h = self.self_attn.forward(
+            &self.input_layernorm.forward(&x)?,
+            rope,
+            layer,
+            caches,
+            rows,
+        )?;
         let x = x.add_elem(&h)?.round_to(self.dtype);
         let h = self
             .mlp
@@ -198,27 +227,59 @@ impl Llama {
     /// Runs `embeds` (`[t, hidden]`) after the cached tokens; returns the final-normed
     /// hidden states `[t, hidden]` and extends `cache`.
     pub fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let t = embeds.rows();
-        if cache.len() + t > self.cfg.max_position_embeddings {
+        Ok(self.forward_batch(&[embeds], &mut [cache])?.remove(0))
+    }
+
+    /// One step of several sequences at once: `embeds[i]` continues `caches[i]`. The
+    /// linear layers see all rows together, so each weight is read once per step for
+    /// the whole batch; attention runs per sequence over its own cache.
+    pub fn forward_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        if embeds.len() != caches.len() {
             return Err(Error::Input(format!(
-                "{} tokens exceed the model's {} positions",
-                cache.len() + t,
-                self.cfg.max_position_embeddings
+                "{} inputs for {} caches",
+                embeds.len(),
+                caches.len()
             )));
         }
-        let mut x = embeds.clone();
+        let rows: Vec<usize> = embeds.iter().map(|e| e.rows()).collect();
+        for (cache, &t) in caches.iter().zip(&rows) {
+            if cache.len() + t > self.cfg.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "{} tokens exceed the model's {} positions",
+                    cache.len() + t,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let mut x = Tensor::cat_rows(embeds)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            match layer.forward(x, &self.rope, i, cache) {
+            match layer.forward_batch(x, &self.rope, i, caches, &rows) {
                 Ok(y) => x = y,
                 Err(e) => {
-                    // Leave the cache as it was before this call.
-                    cache.rollback(self.cache_width());
+                    // Leave every cache as it was before this call.
+                    caches
+                        .iter_mut()
+                        .for_each(|c| c.rollback(self.cache_width()));
                     return Err(e);
                 }
             }
         }
-        cache.advance(t);
-        self.norm.forward(&x)
+        caches
+            .iter_mut()
+            .zip(&rows)
+            .for_each(|(c, &t)| c.advance(t));
+        let x = self.norm.forward(&x)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut r0 = 0;
+        for t in rows {
+            out.push(x.narrow_rows(r0, t)?);
+            r0 += t;
+        }
+        Ok(out)
     }
 
     fn cache_width(&self) -> usize {

@@ -64,6 +64,62 @@ pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum()
 }
 
+/// Weight element types the tiled kernel reads.
+pub trait WeightElem: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    /// `w · x` with the SIMD kernel for this type.
+    fn dot(w: &[Self], x: &[f32]) -> f32;
+}
+impl WeightElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn dot(w: &[f32], x: &[f32]) -> f32 {
+        dot_f32(w, x)
+    }
+}
+impl WeightElem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn dot(w: &[bf16], x: &[f32]) -> f32 {
+        dot_bf16(w, x)
+    }
+}
+impl WeightElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn dot(w: &[f16], x: &[f32]) -> f32 {
+        dot_f16(w, x)
+    }
+}
+
+/// `out[j][i] = w[j] · x[i]` for 4 weight rows and 4 activation rows: each loaded
+/// weight vector serves 4 rows and each activation vector 4 weights, so a small batch
+/// is compute-bound at the FMA rate instead of at one load per FMA.
+pub fn dot_tile_4x4<W: WeightElem + TileLanes>(w: [&[W]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: avx512f was detected at run time; all rows have equal length.
+        return unsafe { x86::tile_4x4(w, x) };
+    }
+    let mut out = [[0f32; 4]; 4];
+    for (j, wr) in w.iter().enumerate() {
+        for (i, xr) in x.iter().enumerate() {
+            out[j][i] = wr.iter().zip(xr.iter()).map(|(a, b)| a.to_f32() * b).sum();
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::Lanes as TileLanes;
+#[cfg(not(target_arch = "x86_64"))]
+pub trait TileLanes {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> TileLanes for T {}
+
 /// Sums a buffer with all the SIMD width available: the memory-bandwidth probe of the
 /// decode benchmark.
 pub fn sum_f32(a: &[f32]) -> f32 {
@@ -121,7 +177,45 @@ mod x86 {
         }
     }
 
-    /// `Σ w[i]·x[i]` with four independent accumulators (to hide FMA latency).
+    /// The 4×4 tile of dot products (see `dot_tile_4x4`).
+    ///
+    /// # Safety
+    /// The CPU must have avx512f; all eight rows must have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_4x4<W: Lanes + super::WeightElem>(
+        w: [&[W]; 4],
+        x: [&[f32]; 4],
+    ) -> [[f32; 4]; 4] {
+        let n = w[0].len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut k = 0;
+        while k + 16 <= n {
+            // SAFETY: k + 16 ≤ n for every row.
+            let xs = [0, 1, 2, 3].map(|i| unsafe { _mm512_loadu_ps(x[i].as_ptr().add(k)) });
+            for j in 0..4 {
+                let wv = unsafe { W::load16(w[j].as_ptr().add(k)) };
+                for i in 0..4 {
+                    acc[j][i] = _mm512_fmadd_ps(wv, xs[i], acc[j][i]);
+                }
+            }
+            k += 16;
+        }
+        let mut out = [[0f32; 4]; 4];
+        for j in 0..4 {
+            for i in 0..4 {
+                let mut r = _mm512_reduce_add_ps(acc[j][i]);
+                for t in k..n {
+                    r += w[j][t].widen() * x[i][t];
+                }
+                out[j][i] = r;
+            }
+        }
+        out
+    }
+
+    /// `Σ w[i]·x[i]`, one accumulator in the tile kernel's order, so a row computed
+    /// alone and the same row inside a batch tile give identical bits. (Decode is
+    /// memory-bound: one FMA chain per 16 loaded weights is not the limit.)
     ///
     /// # Safety
     /// The CPU must have avx512f; `w` and `x` must have equal length.
@@ -129,26 +223,16 @@ mod x86 {
     pub unsafe fn dot<W: Lanes>(w: &[W], x: &[f32]) -> f32 {
         let n = w.len();
         let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut acc = _mm512_setzero_ps();
         let mut i = 0;
-        while i + 64 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 16·j + 16 ≤ n for both slices.
-                let a = unsafe { W::load16(pw.add(i + 16 * j)) };
-                let b = unsafe { _mm512_loadu_ps(px.add(i + 16 * j)) };
-                *acc = _mm512_fmadd_ps(a, b, *acc);
-            }
-            i += 64;
-        }
         while i + 16 <= n {
-            // SAFETY: i + 16 ≤ n.
+            // SAFETY: i + 16 ≤ n for both slices.
             let a = unsafe { W::load16(pw.add(i)) };
             let b = unsafe { _mm512_loadu_ps(px.add(i)) };
-            acc[0] = _mm512_fmadd_ps(a, b, acc[0]);
+            acc = _mm512_fmadd_ps(a, b, acc);
             i += 16;
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut r = _mm512_reduce_add_ps(s);
+        let mut r = _mm512_reduce_add_ps(acc);
         while i < n {
             r += w[i].widen() * x[i];
             i += 1;
@@ -160,6 +244,33 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tile_matches_dots() {
+        for n in [5, 16, 40, 129] {
+            let row = |s: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * 7 + s * 13) % 17) as f32 - 8.0) / 5.0)
+                    .collect()
+            };
+            let ws: Vec<Vec<bf16>> = (0..4)
+                .map(|j| row(j).into_iter().map(bf16::from_f32).collect())
+                .collect();
+            let xs: Vec<Vec<f32>> = (0..4).map(|i| row(10 + i)).collect();
+            let t = dot_tile_4x4(
+                [&ws[0][..], &ws[1], &ws[2], &ws[3]],
+                [&xs[0][..], &xs[1], &xs[2], &xs[3]],
+            );
+            for j in 0..4 {
+                for i in 0..4 {
+                    assert!(
+                        (t[j][i] - dot_bf16(&ws[j], &xs[i])).abs() < 1e-4,
+                        "n={n} ({j},{i})"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn simd_dots_match_scalar() {

@@ -8,12 +8,13 @@
 use rayon::prelude::*;
 
 use crate::error::shape_err;
-use crate::kernels::{dot_bf16, dot_f16, dot_f32};
+use crate::kernels::{dot_tile_4x4, TileLanes, WeightElem};
 use crate::tensor::Storage;
 use crate::{Result, Tensor};
 
-/// Up to this many activation rows, the matrix-vector path is used.
-const SMALL_M: usize = 8;
+/// Up to this many activation rows (a decode batch), weights are read once in their
+/// dtype and multiplied by 4×4 register tiles; above it (prefill), `gemm`.
+const SMALL_M: usize = 64;
 
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
@@ -50,25 +51,52 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 fn small_m(xs: &[f32], m: usize, w: &Tensor, n: usize, k: usize) -> Vec<f32> {
+    match &*w.storage {
+        Storage::F32(v) => small_m_typed(xs, m, v, n, k),
+        Storage::BF16(v) => small_m_typed(xs, m, v, n, k),
+        Storage::F16(v) => small_m_typed(xs, m, v, n, k),
+    }
+}
+
+fn small_m_typed<W: WeightElem + TileLanes>(
+    xs: &[f32],
+    m: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     // Output is computed transposed ([n, m]) so each task owns a contiguous chunk.
     let mut t = vec![0f32; n * m];
     let threads = rayon::current_num_threads().max(1);
-    let rows_per_task = n.div_ceil(threads * 4).max(16);
-    let storage = &*w.storage;
+    let rows_per_task = (n.div_ceil(threads * 4).max(16)).next_multiple_of(4);
+    let x = |i: usize| &xs[i * k..(i + 1) * k];
     t.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(c, chunk)| {
             let j0 = c * rows_per_task;
-            for (jj, out) in chunk.chunks_exact_mut(m).enumerate() {
-                let j = j0 + jj;
-                let row = j * k..(j + 1) * k;
-                for (i, o) in out.iter_mut().enumerate() {
-                    let xr = &xs[i * k..(i + 1) * k];
-                    *o = match storage {
-                        Storage::F32(v) => dot_f32(&v[row.clone()], xr),
-                        Storage::BF16(v) => dot_bf16(&v[row.clone()], xr),
-                        Storage::F16(v) => dot_f16(&v[row.clone()], xr),
-                    };
+            let rows = chunk.len() / m;
+            let wr = |j: usize| &w[(j0 + j) * k..(j0 + j + 1) * k];
+            let mut j = 0;
+            while j + 4 <= rows {
+                let ws = [wr(j), wr(j + 1), wr(j + 2), wr(j + 3)];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let tile = dot_tile_4x4(ws, [x(i), x(i + 1), x(i + 2), x(i + 3)]);
+                    for (jj, row) in tile.iter().enumerate() {
+                        chunk[(j + jj) * m + i..(j + jj) * m + i + 4].copy_from_slice(row);
+                    }
+                    i += 4;
+                }
+                for i in i..m {
+                    for jj in 0..4 {
+                        chunk[(j + jj) * m + i] = W::dot(ws[jj], x(i));
+                    }
+                }
+                j += 4;
+            }
+            for j in j..rows {
+                for i in 0..m {
+                    chunk[j * m + i] = W::dot(wr(j), x(i));
                 }
             }
         });
@@ -188,6 +216,39 @@ mod tests {
                 assert_eq!(got.shape(), &[m, n]);
                 for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
                     assert!((a - b).abs() < 1e-4, "m={m} {dt}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// A row inside a decode batch gets exactly the bits it gets alone, so batched
+    /// greedy decoding equals unbatched.
+    #[test]
+    fn batched_rows_equal_rows_alone_bitwise() {
+        let (n, k) = (23, 100);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let wt = Tensor::from_f32(w.clone(), &[n, k]).unwrap().to_dtype(dt);
+            for m in [4, 7, 13, 64] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 13 % 11) as f32 - 5.0) / 7.0)
+                    .collect();
+                let all =
+                    linear(&Tensor::from_f32(x.clone(), &[m, k]).unwrap(), &wt, None).unwrap();
+                for i in 0..m {
+                    let one = linear(
+                        &Tensor::from_f32(x[i * k..(i + 1) * k].to_vec(), &[1, k]).unwrap(),
+                        &wt,
+                        None,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        one.as_f32().unwrap(),
+                        &all.as_f32().unwrap()[i * n..(i + 1) * n],
+                        "{dt} m={m} row {i}"
+                    );
                 }
             }
         }
