@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -37,21 +39,31 @@ def main():
         for p in model.parameters():
             p.uniform_(-0.05, 0.05)
     model.eval()
-    ids = torch.arange(16).unsqueeze(0) * 7919 % 32000
-    times = []
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(a.tokens):
-            t = time.perf_counter()
-            out = model(nxt, past_key_values=past, use_cache=True)
+    for batch in [int(b) for b in a.batch.split(",")]:
+        ids = (torch.arange(16).unsqueeze(0) * 7919 + torch.arange(batch).unsqueeze(1) * 31) % 32000
+        times = []
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t)
-    tps = 1.0 / statistics.median(times)
-    print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "dtype": a.dtype,
-                      "threads": a.threads, "tokens_per_s": tps}))
+            for _ in range(a.tokens):
+                t = time.perf_counter()
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - t)
+        tps = batch / statistics.median(times)
+        print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "dtype": a.dtype,
+                          "threads": a.threads, "batch": batch, "tokens_per_s": tps}))
+    if a.prefill:
+        ids = (torch.arange(a.prefill).unsqueeze(0) * 7919) % 32000
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(ids, use_cache=True)
+            secs = time.perf_counter() - t
+        params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        print(json.dumps({"impl": "pytorch", "dtype": a.dtype, "prefill_tokens": a.prefill, "seconds": secs,
+                          "gflops_on_weights": 2 * params * a.prefill / secs / 1e9}))
 
 
 if __name__ == "__main__":
