@@ -214,3 +214,53 @@ fn capfilt_bad_arguments() {
         "{stderr}"
     );
 }
+
+/// A real SIGKILL part-way through, then a rerun: the same file as an uninterrupted run.
+#[test]
+fn capfilt_killed_midway_resumes_to_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dataset(dir.path());
+    // Slower than the other tests (more samples, one image per batch) so the kill
+    // lands part-way.
+    let command = |out: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_iris"));
+        c.args(["capfilt", "--captioner"])
+            .arg(fixtures().join("blip2-tiny-opt-f32"))
+            .arg("--filter")
+            .arg(fixtures().join("blip2-tiny-retrieval-f32"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .args(["--seed", "7", "--threshold", "0.5", "--samples", "6"])
+            .args(["--max-new-tokens", "12", "--batch-size", "1"])
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let full = dir.path().join("full.jsonl");
+    assert!(command(&full).status().unwrap().success());
+    let want = std::fs::read_to_string(&full).unwrap();
+
+    let out = dir.path().join("killed.jsonl");
+    let mut child = command(&out).spawn().unwrap();
+    // Kill once a few records are on disk (if the run is faster than the poll, the
+    // rerun below must still leave the finished file as it is).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let lines = std::fs::read_to_string(&out)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if lines >= 3 || child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    let killed_at = std::fs::read_to_string(&out)
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    eprintln!("killed after {killed_at} of 15 records");
+    assert!(command(&out).status().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+}
