@@ -13,7 +13,7 @@ use std::sync::Arc;
 use iris_tensor::{Activation, DType, Tensor};
 
 use crate::bert::{BertDims, BertEmbeddings, BertLayer};
-use crate::config::{architecture, read_json, BlipConfig};
+use crate::config::{read_model_config, BlipConfig};
 use crate::layers::{KvCache, LayerNorm, Linear};
 use crate::llava::find_prefix;
 use crate::vit::VisionTransformer;
@@ -29,13 +29,7 @@ fn open(
     dtype: Option<DType>,
     arch: &str,
 ) -> Result<(BlipConfig, Arc<Weights>, VisionTransformer, DType)> {
-    let raw = read_json(&dir.join("config.json"))?;
-    let found = architecture(&raw);
-    if found.as_deref() != Some(arch) {
-        return Err(Error::UnknownArchitecture(
-            found.unwrap_or_else(|| "<none>".into()),
-        ));
-    }
+    let raw = read_model_config(dir, &[arch])?;
     let cfg = BlipConfig::from_value(&raw)?;
     let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
     let w = Arc::new(Weights::open(dir, dtype)?);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::bert::{BertDims, QFormer};
-use crate::config::{architecture, read_json, Blip2Config};
+use crate::config::{read_model_config, Blip2Config};
 use crate::layers::Linear;
 use crate::llava::find_prefix;
 use crate::opt::Opt;
@@ -46,13 +46,7 @@ impl Blip2Parts {
         arch: &str,
         text_input: bool,
     ) -> Result<Blip2Parts> {
-        let raw = read_json(&dir.join("config.json"))?;
-        let found = architecture(&raw);
-        if found.as_deref() != Some(arch) {
-            return Err(Error::UnknownArchitecture(
-                found.unwrap_or_else(|| "<none>".into()),
-            ));
-        }
+        let raw = read_model_config(dir, &[arch])?;
         let cfg = Blip2Config::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
         let w = Arc::new(Weights::open(dir, dtype)?);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{architecture, read_json, IdeficsConfig};
+use crate::config::{read_json, read_model_config, IdeficsConfig};
 use crate::layers::{sdpa, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::llama::LlamaLayer;
 use crate::perceiver::{PerceiverDims, PerceiverResampler};
@@ -272,15 +272,7 @@ fn added_token_id(dir: &Path, token: &str) -> Result<u32> {
 
 impl Idefics {
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Idefics> {
-        let raw = read_json(&dir.join("config.json"))?;
-        match architecture(&raw).as_deref() {
-            Some(ARCHITECTURE) | Some("idefics") => {}
-            other => {
-                return Err(Error::UnknownArchitecture(
-                    other.unwrap_or("<none>").to_string(),
-                ))
-            }
-        }
+        let raw = read_model_config(dir, &[ARCHITECTURE, "idefics"])?;
         let cfg = IdeficsConfig::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
         let w = Arc::new(Weights::open(dir, dtype)?);

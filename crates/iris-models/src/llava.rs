@@ -11,7 +11,7 @@ use std::sync::Arc;
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{architecture, read_json, LlavaConfig, SelectStrategy};
+use crate::config::{read_model_config, LlavaConfig, SelectStrategy};
 use crate::layers::Mlp;
 use crate::llama::Llama;
 use crate::vit::VisionTransformer;
@@ -48,15 +48,7 @@ pub(crate) fn find_prefix<'a>(
 impl Llava {
     /// Loads `dir` (config.json + safetensors). `dtype` overrides the checkpoint's.
     pub fn load(dir: &Path, dtype: Option<DType>, comm: Arc<dyn Communicator>) -> Result<Llava> {
-        let raw = read_json(&dir.join("config.json"))?;
-        match architecture(&raw).as_deref() {
-            Some(ARCHITECTURE) | Some("llava") => {}
-            other => {
-                return Err(Error::UnknownArchitecture(
-                    other.unwrap_or("<none>").to_string(),
-                ))
-            }
-        }
+        let raw = read_model_config(dir, &[ARCHITECTURE, "llava"])?;
         let cfg = LlavaConfig::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
         let w = Arc::new(Weights::open(dir, dtype)?);
