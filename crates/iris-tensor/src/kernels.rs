@@ -14,6 +14,37 @@ pub enum Simd {
     Portable,
 }
 
+/// Whether the CPU has AVX-512 BF16 (`vdpbf16ps`), decided once.
+pub fn has_avx512_bf16() -> bool {
+    use std::sync::OnceLock;
+    static B: OnceLock<bool> = OnceLock::new();
+    *B.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            return true;
+        }
+        false
+    })
+}
+
+/// `w · x` for bf16 weights and bf16 activations with `vdpbf16ps` (pairs of products
+/// summed into f32), in the same order as `dot_tile_4x4_bf16`; call only when
+/// `has_avx512_bf16()`.
+pub fn dot_bf16_dp(w: &[bf16], x: &[bf16]) -> f32 {
+    assert!(has_avx512_bf16(), "dot_bf16_dp needs AVX-512 BF16");
+    // SAFETY: the features were detected at run time; equal lengths are the caller's.
+    unsafe { x86::dot_dp(w, x) }
+}
+
+/// The 4×4 tile of `dot_bf16_dp`s; call only when `has_avx512_bf16()`.
+pub fn dot_tile_4x4_bf16(w: [&[bf16]; 4], x: [&[bf16]; 4]) -> [[f32; 4]; 4] {
+    assert!(has_avx512_bf16(), "dot_tile_4x4_bf16 needs AVX-512 BF16");
+    // SAFETY: as above.
+    unsafe { x86::tile_dp(w, x) }
+}
+
 pub fn simd() -> Simd {
     use std::sync::OnceLock;
     static S: OnceLock<Simd> = OnceLock::new();
@@ -177,6 +208,64 @@ mod x86 {
         }
     }
 
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_bh(p: *const bf16) -> __m512bh {
+        // SAFETY: the caller guarantees 32 readable bf16 values at p.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
+    }
+
+    fn tail(w: &[bf16], x: &[bf16], from: usize) -> f32 {
+        w[from..]
+            .iter()
+            .zip(&x[from..])
+            .map(|(a, b)| a.to_f32() * b.to_f32())
+            .sum()
+    }
+
+    /// # Safety
+    /// avx512f and avx512bf16 must be present; equal lengths.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_dp(w: &[bf16], x: &[bf16]) -> f32 {
+        let n = w.len();
+        let mut acc = _mm512_setzero_ps();
+        let mut k = 0;
+        while k + 32 <= n {
+            // SAFETY: k + 32 ≤ n for both slices.
+            let (a, b) = unsafe { (load_bh(w.as_ptr().add(k)), load_bh(x.as_ptr().add(k))) };
+            acc = _mm512_dpbf16_ps(acc, a, b);
+            k += 32;
+        }
+        _mm512_reduce_add_ps(acc) + tail(w, x, k)
+    }
+
+    /// # Safety
+    /// avx512f and avx512bf16 must be present; all rows of equal length.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile_dp(w: [&[bf16]; 4], x: [&[bf16]; 4]) -> [[f32; 4]; 4] {
+        let n = w[0].len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut k = 0;
+        while k + 32 <= n {
+            // SAFETY: k + 32 ≤ n for every row.
+            let xs = [0, 1, 2, 3].map(|i| unsafe { load_bh(x[i].as_ptr().add(k)) });
+            for j in 0..4 {
+                let wv = unsafe { load_bh(w[j].as_ptr().add(k)) };
+                for i in 0..4 {
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv, xs[i]);
+                }
+            }
+            k += 32;
+        }
+        let mut out = [[0f32; 4]; 4];
+        for j in 0..4 {
+            for i in 0..4 {
+                out[j][i] = _mm512_reduce_add_ps(acc[j][i]) + tail(w[j], x[i], k);
+            }
+        }
+        out
+    }
+
     /// The 4×4 tile of dot products (see `dot_tile_4x4`).
     ///
     /// # Safety
@@ -244,6 +333,41 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_dot_product_kernels_agree() {
+        if !has_avx512_bf16() {
+            return; // Nothing to check on this CPU: the widening kernels are used.
+        }
+        for n in [7, 32, 64, 100, 2048] {
+            let row = |s: usize| -> Vec<bf16> {
+                (0..n)
+                    .map(|i| bf16::from_f32((((i * 7 + s * 13) % 17) as f32 - 8.0) / 5.0))
+                    .collect()
+            };
+            let ws: Vec<Vec<bf16>> = (0..4).map(row).collect();
+            let xs: Vec<Vec<bf16>> = (0..4).map(|i| row(10 + i)).collect();
+            let t = dot_tile_4x4_bf16(
+                [&ws[0][..], &ws[1], &ws[2], &ws[3]],
+                [&xs[0][..], &xs[1], &xs[2], &xs[3]],
+            );
+            for j in 0..4 {
+                for i in 0..4 {
+                    let exact: f64 = ws[j]
+                        .iter()
+                        .zip(&xs[i])
+                        .map(|(a, b)| a.to_f32() as f64 * b.to_f32() as f64)
+                        .sum();
+                    let d = dot_bf16_dp(&ws[j], &xs[i]);
+                    assert_eq!(t[j][i].to_bits(), d.to_bits(), "tile and dot differ, n={n}");
+                    assert!(
+                        (d as f64 - exact).abs() < 1e-3 * exact.abs().max(1.0),
+                        "n={n}: {d} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn tile_matches_dots() {

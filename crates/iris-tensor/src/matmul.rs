@@ -8,7 +8,11 @@
 use rayon::prelude::*;
 
 use crate::error::shape_err;
-use crate::kernels::{dot_tile_4x4, TileLanes, WeightElem};
+use half::bf16;
+
+use crate::kernels::{
+    dot_bf16_dp, dot_tile_4x4, dot_tile_4x4_bf16, has_avx512_bf16, TileLanes, WeightElem,
+};
 use crate::tensor::Storage;
 use crate::{Result, Tensor};
 
@@ -53,6 +57,12 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 fn small_m(xs: &[f32], m: usize, w: &Tensor, n: usize, k: usize) -> Vec<f32> {
     match &*w.storage {
         Storage::F32(v) => small_m_typed(xs, m, v, n, k),
+        // bf16 × bf16 with `vdpbf16ps`: activations rounded to bf16 first, as PyTorch's
+        // bf16 matmul takes them (in bf16 mode they already are).
+        Storage::BF16(v) if has_avx512_bf16() => {
+            let xb: Vec<bf16> = xs.iter().map(|&x| bf16::from_f32(x)).collect();
+            small_m_tiled(&xb, m, v, n, k, dot_tile_4x4_bf16, dot_bf16_dp)
+        }
         Storage::BF16(v) => small_m_typed(xs, m, v, n, k),
         Storage::F16(v) => small_m_typed(xs, m, v, n, k),
     }
@@ -64,6 +74,20 @@ fn small_m_typed<W: WeightElem + TileLanes>(
     w: &[W],
     n: usize,
     k: usize,
+) -> Vec<f32> {
+    small_m_tiled(xs, m, w, n, k, dot_tile_4x4::<W>, W::dot)
+}
+
+/// Weight rows split over the rayon pool; each task multiplies 4×4 tiles of (weight
+/// rows × activation rows), the leftovers one dot at a time in the tile's order.
+fn small_m_tiled<W: Sync, X: Sync>(
+    xs: &[X],
+    m: usize,
+    w: &[W],
+    n: usize,
+    k: usize,
+    tile: fn([&[W]; 4], [&[X]; 4]) -> [[f32; 4]; 4],
+    dot: fn(&[W], &[X]) -> f32,
 ) -> Vec<f32> {
     // Output is computed transposed ([n, m]) so each task owns a contiguous chunk.
     let mut t = vec![0f32; n * m];
@@ -81,7 +105,7 @@ fn small_m_typed<W: WeightElem + TileLanes>(
                 let ws = [wr(j), wr(j + 1), wr(j + 2), wr(j + 3)];
                 let mut i = 0;
                 while i + 4 <= m {
-                    let tile = dot_tile_4x4(ws, [x(i), x(i + 1), x(i + 2), x(i + 3)]);
+                    let tile = tile(ws, [x(i), x(i + 1), x(i + 2), x(i + 3)]);
                     for (jj, row) in tile.iter().enumerate() {
                         chunk[(j + jj) * m + i..(j + jj) * m + i + 4].copy_from_slice(row);
                     }
@@ -89,14 +113,14 @@ fn small_m_typed<W: WeightElem + TileLanes>(
                 }
                 for i in i..m {
                     for jj in 0..4 {
-                        chunk[(j + jj) * m + i] = W::dot(ws[jj], x(i));
+                        chunk[(j + jj) * m + i] = dot(ws[jj], x(i));
                     }
                 }
                 j += 4;
             }
             for j in j..rows {
                 for i in 0..m {
-                    chunk[j * m + i] = W::dot(wr(j), x(i));
+                    chunk[j * m + i] = dot(wr(j), x(i));
                 }
             }
         });
