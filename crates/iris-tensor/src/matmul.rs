@@ -78,6 +78,9 @@ fn small_m_typed<W: WeightElem + TileLanes>(
     small_m_tiled(xs, m, w, n, k, dot_tile_4x4::<W>, W::dot)
 }
 
+/// A 4×4 tile of dot products: 4 weight rows by 4 activation rows.
+type TileFn<W, X> = fn([&[W]; 4], [&[X]; 4]) -> [[f32; 4]; 4];
+
 /// Weight rows split over the rayon pool; each task multiplies 4×4 tiles of (weight
 /// rows × activation rows), the leftovers one dot at a time in the tile's order.
 fn small_m_tiled<W: Sync, X: Sync>(
@@ -86,7 +89,7 @@ fn small_m_tiled<W: Sync, X: Sync>(
     w: &[W],
     n: usize,
     k: usize,
-    tile: fn([&[W]; 4], [&[X]; 4]) -> [[f32; 4]; 4],
+    tile: TileFn<W, X>,
     dot: fn(&[W], &[X]) -> f32,
 ) -> Vec<f32> {
     // Output is computed transposed ([n, m]) so each task owns a contiguous chunk.
