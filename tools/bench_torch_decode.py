@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
+    ap.add_argument("--vit", action="store_true", help="also time one CLIP ViT-L/14-336 image encode")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -64,6 +65,24 @@ def main():
         params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
         print(json.dumps({"impl": "pytorch", "dtype": a.dtype, "prefill_tokens": a.prefill, "seconds": secs,
                           "gflops_on_weights": 2 * params * a.prefill / secs / 1e9}))
+
+    if a.vit:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14)
+        # Built for real (not on "meta"): its position-id buffer must hold real values.
+        vit = CLIPVisionModel(vc).to(dtype).eval()
+        with torch.no_grad():
+            for p in vit.parameters():
+                p.uniform_(-0.05, 0.05)
+            px = torch.randn(1, 3, 336, 336, dtype=dtype)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                vit(px)
+                times.append(time.perf_counter() - t)
+        print(json.dumps({"impl": "pytorch", "dtype": a.dtype, "vit_l14_336_seconds": statistics.median(times)}))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,113 @@ use rayon::prelude::*;
 pub enum BenchCmd {
     /// Batch-1 decode tokens/s vs the memory-bandwidth roofline.
     Decode(DecodeArgs),
+    /// Time to encode one image with a CLIP ViT (LLaVA-1.5's ViT-L/14-336 by default),
+    /// random weights.
+    Vit(VitArgs),
     /// Decode step time of a cross-attention model (IDEFICS, BLIP) with 1 and N images:
     /// the images' K/V are computed once, so a step should cost the same.
     DecodeImages(DecodeImagesArgs),
+}
+
+#[derive(Args)]
+pub struct VitArgs {
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value_t = 336)]
+    image_size: usize,
+    #[arg(long, default_value_t = 14)]
+    patch_size: usize,
+    #[arg(long, default_value_t = 24)]
+    layers: usize,
+    #[arg(long, default_value_t = 1024)]
+    hidden: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    #[arg(long, default_value_t = 4096)]
+    intermediate: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn vit(a: VitArgs) -> anyhow::Result<()> {
+    use iris_models::config::VisionConfig;
+    use iris_models::vit::VisionTransformer;
+    let dtype =
+        DType::parse(&a.dtype).ok_or_else(|| anyhow::anyhow!("unknown dtype {}", a.dtype))?;
+    let cfg = VisionConfig::from_value(Some(&serde_json::json!({
+        "hidden_size": a.hidden, "intermediate_size": a.intermediate, "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads, "image_size": a.image_size, "patch_size": a.patch_size,
+    })))?;
+    let (d, p, i) = (a.hidden, a.patch_size, a.intermediate);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.patch_embedding.weight".into(), vec![d, 3, p, p]),
+        ("embeddings.class_embedding".into(), vec![d]),
+        (
+            "embeddings.position_embedding.weight".into(),
+            vec![cfg.num_patches() + 1, d],
+        ),
+        ("pre_layrnorm.weight".into(), vec![d]),
+        ("pre_layrnorm.bias".into(), vec![d]),
+    ];
+    for l in 0..a.layers {
+        let pre = format!("encoder.layers.{l}");
+        for (n, s) in [
+            ("layer_norm1.weight", vec![d]),
+            ("layer_norm1.bias", vec![d]),
+            ("layer_norm2.weight", vec![d]),
+            ("layer_norm2.bias", vec![d]),
+            ("self_attn.q_proj.weight", vec![d, d]),
+            ("self_attn.q_proj.bias", vec![d]),
+            ("self_attn.k_proj.weight", vec![d, d]),
+            ("self_attn.k_proj.bias", vec![d]),
+            ("self_attn.v_proj.weight", vec![d, d]),
+            ("self_attn.v_proj.bias", vec![d]),
+            ("self_attn.out_proj.weight", vec![d, d]),
+            ("self_attn.out_proj.bias", vec![d]),
+            ("mlp.fc1.weight", vec![i, d]),
+            ("mlp.fc1.bias", vec![i]),
+            ("mlp.fc2.weight", vec![d, i]),
+            ("mlp.fc2.bias", vec![d]),
+        ] {
+            shapes.push((format!("{pre}.{n}"), s));
+        }
+    }
+    let mut params = 0usize;
+    let mut map = HashMap::new();
+    for (k, (name, shape)) in shapes.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        params += n;
+        let mut data = random(n, k as u64 + 7);
+        if name.contains("norm") && name.ends_with("weight") {
+            data.iter_mut().for_each(|x| *x += 1.0);
+        }
+        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype));
+    }
+    let w = Arc::new(Weights::from_tensors(map, dtype));
+    let model = VisionTransformer::load(&w.pp(""), &cfg, a.layers)?;
+    let s = a.image_size;
+    let pixels = Tensor::from_f32(random(3 * s * s, 3), &[3, s, s])?;
+    let mut times = Vec::new();
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        model.hidden_states(&pixels, &[a.layers])?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = cfg.num_patches() + 1;
+    println!(
+        "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype}: {:.2} s per image ({:.0} GFLOP/s on the weights)",
+        s,
+        s,
+        p,
+        a.layers,
+        params as f64 / 1e6,
+        median,
+        2.0 * params as f64 * tokens as f64 / median / 1e9
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -78,6 +182,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::DecodeImages(a) => decode_images(a),
+        BenchCmd::Vit(a) => vit(a),
     }
 }
 
