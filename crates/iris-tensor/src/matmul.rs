@@ -38,8 +38,17 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
     let m = x.rows();
     let xs = x.as_f32()?;
+    let bf16_tiles = w.dtype() == crate::DType::BF16 && has_avx512_bf16();
     let mut out = if m <= SMALL_M {
         small_m(xs, m, w, n, k)
+    } else if bf16_tiles {
+        // Prefill with bf16 weights: blocks of SMALL_M rows on the `vdpbf16ps` tiles
+        // (each block's activations stay in L2) instead of widening the weight to f32.
+        let mut out = Vec::with_capacity(m * n);
+        for rows in xs.chunks(SMALL_M * k) {
+            out.extend(small_m(rows, rows.len() / k, w, n, k));
+        }
+        out
     } else {
         large_m(xs, m, w, n, k)
     };
