@@ -159,6 +159,23 @@ fn large_m(xs: &[f32], m: usize, w: &Tensor, n: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// `a[m,k] · b` for f32 slices, `b` being `[n,k]` (`b_transposed`) or `[k,n]`:
+/// attention's score and mixing products.
+pub fn gemm_f32(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    b_transposed: bool,
+) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "gemm_f32: a is not [m, k]");
+    assert_eq!(b.len(), n * k, "gemm_f32: b is not [n, k] / [k, n]");
+    let mut out = vec![0f32; m * n];
+    matmul_f32(a, b, &mut out, m, n, k, b_transposed);
+    out
+}
+
 /// `out[m,n] = a[m,k] · b`, where `b` is `[n,k]` (transposed) or `[k,n]`.
 pub(crate) fn matmul_f32(
     a: &[f32],

@@ -6,6 +6,9 @@
 use iris_tensor::kernels::dot_f32;
 use rayon::prelude::*;
 
+/// From this many queries at once, attention runs as matrix products.
+const GEMM_MIN_QUERIES: usize = 16;
+
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub n_heads: usize,
@@ -29,10 +32,31 @@ pub fn sdpa(
     let tk = k.len() / kw;
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let head = |x: &[f32], w: usize, h: usize, t: usize| -> Vec<f32> {
+        (0..t)
+            .flat_map(|i| x[i * w + h * hd..i * w + (h + 1) * hd].iter().copied())
+            .collect()
+    };
     let per_head: Vec<Vec<f32>> = (0..s.n_heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
+            if tq >= GEMM_MIN_QUERIES {
+                // Prefill / ViT: scores and mixing as two matrix products per head.
+                let (qh, kh, vh) = (
+                    head(q, qw, h, tq),
+                    head(k, kw, kvh, tk),
+                    head(v, kw, kvh, tk),
+                );
+                let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
+                for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
+                    let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
+                    row[..limit].iter_mut().for_each(|x| *x *= scale);
+                    iris_tensor::softmax_in_place(&mut row[..limit]);
+                    row[limit..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                return iris_tensor::gemm_f32(&scores, &vh, tq, hd, tk, false);
+            }
             let mut out = vec![0f32; tq * hd];
             let mut scores = vec![0f32; tk];
             for i in 0..tq {
@@ -63,6 +87,38 @@ pub fn sdpa(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matrix_path_matches_the_query_loop() {
+        let s = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let (tq, tk) = (20, 20);
+        let f = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 37 + seed) % 23) as f32 - 11.0) / 13.0)
+                .collect()
+        };
+        let (q, k, v) = (f(tq * 32, 1), f(tk * 16, 2), f(tk * 16, 3));
+        for causal in [None, Some(0)] {
+            let fast = sdpa(&q, &k, &v, s, causal);
+            // The same queries one at a time take the loop.
+            let mut slow = Vec::new();
+            for i in 0..tq {
+                let qi = &q[i * 32..(i + 1) * 32];
+                let (kk, vv) = match causal {
+                    Some(_) => (&k[..(i + 1) * 16], &v[..(i + 1) * 16]),
+                    None => (&k[..], &v[..]),
+                };
+                slow.extend(sdpa(qi, kk, vv, s, causal.map(|_| i)));
+            }
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() < 1e-5, "{causal:?}: {a} vs {b}");
+            }
+        }
+    }
 
     #[test]
     fn causal_first_query_copies_first_value_and_gqa_shares_kv() {
