@@ -5,12 +5,14 @@
 
 pub mod blocks;
 mod capfilt;
+mod engine;
 mod pipeline;
 mod processor;
 mod retrieval;
 mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
+pub use engine::{Engine, EngineConfig, EngineRequest, EngineStats, TokenEvent};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, Pipeline, PipelineOptions, StopRules,
 };

@@ -307,4 +307,11 @@ impl crate::vlm::CausalLm for Llama {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Llama::logits(self, hidden)
     }
+    fn forward_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        Llama::forward_batch(self, embeds, caches)
+    }
 }

@@ -17,6 +17,19 @@ pub trait CausalLm: Send + Sync + Debug {
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
     /// Logits `[t, vocab]` of final hidden states.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// One step of several sequences (`embeds[i]` continues `caches[i]`). Models that
+    /// batch their linear layers override this; the default runs them one by one.
+    fn forward_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        embeds
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(e, c)| self.forward(e, c))
+            .collect()
+    }
 }
 
 pub trait VisionLanguageModel: Send + Sync + Debug {
