@@ -172,3 +172,61 @@ fn bad_requests_are_refused_cleanly() {
     assert!(matches!(rx.recv().unwrap(), TokenEvent::Error(e) if e.contains("marker")));
     assert_eq!(engine.stats().free_blocks, 4);
 }
+
+#[test]
+fn same_image_and_prefix_hit_the_prefix_cache() {
+    let p = Arc::new(
+        Pipeline::load(&fixture("llava-tiny-hub-f32"), &PipelineOptions::default()).unwrap(),
+    );
+    let engine = Engine::start(
+        p.clone(),
+        EngineConfig {
+            max_batch: 4,
+            kv_blocks: 64,
+            block_size: 4,
+            queue: 8,
+        },
+    );
+    let req = requests().remove(0);
+    let first = drain(engine.submit(req.clone()).unwrap()).0;
+    assert_eq!(engine.stats().prefix_hits, 0);
+    // The same image and prompt: the prompt's full blocks come from the cache.
+    let second = drain(engine.submit(req.clone()).unwrap()).0;
+    let hits = engine.stats().prefix_hits;
+    let prompt_len = p
+        .processor
+        .prepare(&req.prompt, &req.images)
+        .unwrap()
+        .input_ids
+        .len();
+    assert_eq!(
+        hits as usize,
+        (prompt_len - 1) / 4,
+        "every full prompt block but the last token's"
+    );
+    assert_eq!(second, first);
+    assert_eq!(second, alone(&p, &req));
+    // A different image of the same size never hits.
+    let mut other = image("scene.png");
+    let png = image::load_from_memory(&other).unwrap().to_rgb8();
+    let mut flipped = png.clone();
+    flipped.put_pixel(0, 0, image::Rgb([255 - png.get_pixel(0, 0)[0], 0, 0]));
+    other.clear();
+    flipped
+        .write_to(
+            &mut std::io::Cursor::new(&mut other),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let changed = EngineRequest {
+        images: vec![other],
+        ..req
+    };
+    let out = drain(engine.submit(changed.clone()).unwrap()).0;
+    assert_eq!(
+        engine.stats().prefix_hits,
+        hits,
+        "no new hits for a different image"
+    );
+    assert_eq!(out, alone(&p, &changed));
+}

@@ -54,6 +54,8 @@ pub struct BlockPool {
     clock: u64,
     pub hits: u64,
     pub misses: u64,
+    /// Hashes whose cached block `allocate` evicted since the last `take_evicted`.
+    evicted: Vec<u64>,
 }
 
 impl BlockPool {
@@ -69,7 +71,13 @@ impl BlockPool {
             clock: 0,
             hits: 0,
             misses: 0,
+            evicted: Vec::new(),
         }
+    }
+
+    /// The hashes evicted since the last call (so their cached contents can be dropped).
+    pub fn take_evicted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.evicted)
     }
 
     pub fn block_size(&self) -> usize {
@@ -104,6 +112,7 @@ impl BlockPool {
                 self.evictable.remove(&t);
                 if let Some(h) = self.hash_of[id as usize].take() {
                     self.by_hash.remove(&h);
+                    self.evicted.push(h);
                 }
                 id
             }

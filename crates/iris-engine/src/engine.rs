@@ -11,7 +11,7 @@
 //! KV blocks are accounted in a `BlockPool` (admission, growth, preemption); the K/V
 //! themselves still live in each sequence's contiguous `KvCache`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use iris_models::layers::KvCache;
 use iris_tensor::Tensor;
 
-use crate::blocks::{BlockId, BlockPool};
+use crate::blocks::{block_hash, BlockId, BlockPool, TokenKey};
 use crate::pipeline::{FinishReason, GenerateOptions, Pipeline};
 use crate::processor::PreparedPrompt;
 use crate::sampler::Sampler;
@@ -69,7 +69,12 @@ pub struct EngineStats {
     pub cancelled: usize,
     pub finished: usize,
     pub steps: usize,
+    /// Prompt blocks reused from the prefix cache.
+    pub prefix_hits: u64,
 }
+
+/// One cached block's keys and values, per layer.
+type BlockKv = Vec<(Vec<f32>, Vec<f32>)>;
 
 struct Submission {
     request: EngineRequest,
@@ -78,6 +83,8 @@ struct Submission {
 
 struct Sequence {
     submission: Submission,
+    /// BLAKE3 of each image's bytes: part of every block hash.
+    image_hashes: Vec<[u8; 32]>,
     prepared: PreparedPrompt,
     visual: Vec<Tensor>,
     output: Vec<u32>,
@@ -183,6 +190,8 @@ struct Worker {
     pool: BlockPool,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    /// K/V of cached prefix blocks by block hash.
+    prefix: HashMap<u64, BlockKv>,
     closed: bool,
 }
 
@@ -201,6 +210,7 @@ impl Worker {
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            prefix: HashMap::new(),
             closed: false,
         }
     }
@@ -261,6 +271,11 @@ impl Worker {
             Ok((p.encode_images(&prep)?, prep))
         }) {
             Ok((visual, prepared)) => self.waiting.push_back(Sequence {
+                image_hashes: r
+                    .images
+                    .iter()
+                    .map(|b| *blake3::hash(b).as_bytes())
+                    .collect(),
                 cache: p.model.language_model().new_cache(),
                 submission,
                 prepared,
@@ -283,37 +298,117 @@ impl Worker {
     /// a preempted request resumes from its prompt plus its output so far.
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
-            let Some(seq) = self.waiting.front() else {
+            let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
-            let tokens = seq.prepared.input_ids.len() + seq.output.len();
-            if self.blocks_for(tokens + 1) > self.pool.available() {
-                return;
-            }
-            let mut seq = self.waiting.pop_front().expect("front exists");
-            for _ in 0..self.blocks_for(tokens + 1) {
-                seq.blocks
-                    .push(self.pool.allocate().expect("availability checked"));
-            }
-            match self.prefill(&mut seq) {
-                Ok(()) => self.running.push(seq),
+            match self.start(&mut seq) {
+                Ok(true) => self.running.push(seq),
+                Ok(false) => {
+                    // Not enough blocks yet: it stays first in line.
+                    self.waiting.push_front(seq);
+                    return;
+                }
                 Err(e) => self.finish_with_error(seq, e),
             }
         }
     }
 
-    fn prefill(&self, seq: &mut Sequence) -> Result<()> {
+    /// Block hashes of a sequence's full blocks (prompt then output). The chain starts
+    /// from the images' content hashes, so a block is shared only between sequences with
+    /// the same images and the same tokens up to and including it.
+    fn block_hashes(&self, seq: &Sequence, tokens: &[u32], blocks: usize) -> Vec<u64> {
+        let mut parent = Some(block_hash(
+            None,
+            &seq.image_hashes
+                .iter()
+                .map(|h| TokenKey::Image { hash: *h, index: 0 })
+                .collect::<Vec<_>>(),
+        ));
+        let bs = self.config.block_size;
+        (0..blocks)
+            .map(|b| {
+                let keys: Vec<TokenKey> = tokens[b * bs..(b + 1) * bs]
+                    .iter()
+                    .map(|&t| TokenKey::Text(t))
+                    .collect();
+                let h = block_hash(parent, &keys);
+                parent = Some(h);
+                h
+            })
+            .collect()
+    }
+
+    /// Takes blocks for a sequence, reusing cached prefix blocks, and prefills what is
+    /// not cached. `Ok(false)` when its blocks are not available yet.
+    fn start(&mut self, seq: &mut Sequence) -> Result<bool> {
+        let tokens: Vec<u32> = seq
+            .prepared
+            .input_ids
+            .iter()
+            .chain(&seq.output)
+            .copied()
+            .collect();
+        let total = tokens.len();
+        let bs = self.config.block_size;
+        // The last token is always computed: its hidden state picks the next token.
+        let hashes = self.block_hashes(seq, &tokens, (total - 1) / bs);
+        let mut hits = Vec::new();
+        for h in &hashes {
+            if !self.prefix.contains_key(h) {
+                break;
+            }
+            match self.pool.lookup(*h) {
+                Some(id) => hits.push((id, *h)),
+                None => break,
+            }
+        }
+        let fresh = self.blocks_for(total + 1) - hits.len();
+        if fresh > self.pool.available() {
+            for (id, _) in hits {
+                self.pool.release(id).expect("just looked up");
+            }
+            return Ok(false);
+        }
+        seq.blocks = hits.iter().map(|(id, _)| *id).collect();
+        for _ in 0..fresh {
+            seq.blocks
+                .push(self.pool.allocate().expect("availability checked"));
+        }
+        for h in self.pool.take_evicted() {
+            self.prefix.remove(&h);
+        }
         let model = &self.pipeline.model;
         let lm = model.language_model();
         seq.cache = lm.new_cache();
         model.condition(&mut seq.cache, &seq.prepared.input_ids, &seq.visual)?;
+        for (_, h) in &hits {
+            seq.cache.extend_block(&self.prefix[h], bs);
+        }
+        let cached = hits.len() * bs;
         let mut embeds = model.input_embeds(&seq.prepared.input_ids, &seq.visual)?;
         if !seq.output.is_empty() {
             embeds = Tensor::cat_rows(&[&embeds, &lm.embed(&seq.output)?])?;
         }
-        let h = lm.forward(&embeds, &mut seq.cache)?;
+        let rest = embeds.narrow_rows(cached, total - cached)?;
+        let h = lm.forward(&rest, &mut seq.cache)?;
         seq.last_hidden = h.narrow_rows(h.rows() - 1, 1)?;
-        Ok(())
+        // Newly computed full blocks become cached prefix blocks.
+        let full = self.block_hashes(seq, &tokens, total / bs);
+        for (b, h) in full.iter().enumerate().skip(hits.len()) {
+            if self.prefix.contains_key(h) {
+                continue;
+            }
+            self.pool
+                .register(seq.blocks[b], *h)
+                .expect("the sequence owns its blocks");
+            let rows = (0..seq.cache.n_layers())
+                .map(|l| seq.cache.rows(l, b * bs..(b + 1) * bs))
+                .collect();
+            self.prefix.insert(*h, rows);
+        }
+        let hits_now = self.pool.hits;
+        self.stat(|s| s.prefix_hits = hits_now);
+        Ok(true)
     }
 
     /// Frees a sequence's blocks; the stats show it before any event is sent, so a
@@ -402,7 +497,12 @@ impl Worker {
             let need = self.blocks_for(self.running[i].cache.len() + 2);
             if self.running[i].blocks.len() < need {
                 match self.pool.allocate() {
-                    Ok(b) => self.running[i].blocks.push(b),
+                    Ok(b) => {
+                        self.running[i].blocks.push(b);
+                        for h in self.pool.take_evicted() {
+                            self.prefix.remove(&h);
+                        }
+                    }
                     Err(_) => {
                         let mut victim = self.running.pop().expect("non-empty");
                         self.release(&mut victim);

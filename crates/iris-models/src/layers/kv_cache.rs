@@ -65,6 +65,26 @@ impl KvCache {
         (&self.k[layer], &self.v[layer])
     }
 
+    pub fn n_layers(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Layer `layer`'s keys and values of positions `range` (a prefix-cache block).
+    pub fn rows(&self, layer: usize, range: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+        let w = self.k[layer].len().checked_div(self.len).unwrap_or(0);
+        let r = range.start * w..range.end * w;
+        (self.k[layer][r.clone()].to_vec(), self.v[layer][r].to_vec())
+    }
+
+    /// Appends a cached block's K/V to every layer and counts its `t` positions.
+    pub fn extend_block(&mut self, per_layer: &[(Vec<f32>, Vec<f32>)], t: usize) {
+        for (layer, (k, v)) in per_layer.iter().enumerate() {
+            self.k[layer].extend_from_slice(k);
+            self.v[layer].extend_from_slice(v);
+        }
+        self.len += t;
+    }
+
     /// Marks `t` more tokens as cached, once every layer has appended them.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
