@@ -137,19 +137,7 @@ impl Engine {
     /// Queues a request; its events arrive on the returned receiver. Errors when the
     /// queue is full.
     pub fn submit(&self, request: EngineRequest) -> Result<Receiver<TokenEvent>> {
-        request.options.sampling.validate().map_err(Error::Input)?;
-        let (events, rx) = sync_channel(request.options.max_new_tokens + 2);
-        let tx = self.tx.as_ref().expect("sender lives until drop");
-        tx.try_send(Submission { request, events })
-            .map_err(|e| match e {
-                std::sync::mpsc::TrySendError::Full(_) => {
-                    Error::Input("the request queue is full".into())
-                }
-                std::sync::mpsc::TrySendError::Disconnected(_) => {
-                    Error::Input("the engine has stopped".into())
-                }
-            })?;
-        Ok(rx)
+        queue(self.tx.as_ref().expect("sender lives until drop"), request)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -420,6 +408,15 @@ impl Worker {
         self.stat(|_| {});
     }
 
+    /// A batched step failed: every running request ends with the error.
+    fn fail_running(&mut self, e: &Error) {
+        let msg = e.to_string();
+        for mut seq in std::mem::take(&mut self.running) {
+            self.release(&mut seq);
+            let _ = seq.submission.events.send(TokenEvent::Error(msg.clone()));
+        }
+    }
+
     fn finish_with_error(&mut self, mut seq: Sequence, e: Error) {
         self.release(&mut seq);
         let _ = seq.submission.events.send(TokenEvent::Error(e.to_string()));
@@ -440,11 +437,7 @@ impl Worker {
         {
             Ok(l) => l,
             Err(e) => {
-                let msg = e.to_string();
-                for mut seq in std::mem::take(&mut self.running) {
-                    self.release(&mut seq);
-                    let _ = seq.submission.events.send(TokenEvent::Error(msg.clone()));
-                }
+                self.fail_running(&e);
                 return;
             }
         };
@@ -533,13 +526,7 @@ impl Worker {
                     seq.last_hidden = h;
                 }
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for mut seq in std::mem::take(&mut self.running) {
-                    self.release(&mut seq);
-                    let _ = seq.submission.events.send(TokenEvent::Error(msg.clone()));
-                }
-            }
+            Err(e) => self.fail_running(&e),
         }
     }
 }
