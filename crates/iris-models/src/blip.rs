@@ -33,12 +33,7 @@ fn open(
     let cfg = BlipConfig::from_value(&raw)?;
     let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
     let w = Arc::new(Weights::open(dir, dtype)?);
-    let vision = find_prefix(
-        &w,
-        &["vision_model", "model.vision_model"],
-        "embeddings.patch_embedding.weight",
-    )?;
-    let vit = VisionTransformer::load(&w.pp(vision), &cfg.vision, cfg.vision.num_hidden_layers)?;
+    let vit = VisionTransformer::load_vision_model(&w, &cfg.vision)?;
     if cfg.encoder_hidden_size != cfg.vision.hidden_size {
         return Err(Error::Config(format!(
             "text encoder_hidden_size {} differs from the vision hidden size {}",

@@ -50,11 +50,6 @@ impl Blip2Parts {
         let cfg = Blip2Config::from_value(&raw)?;
         let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
         let w = Arc::new(Weights::open(dir, dtype)?);
-        let vision = find_prefix(
-            &w,
-            &["vision_model", "model.vision_model"],
-            "embeddings.patch_embedding.weight",
-        )?;
         let qformer = find_prefix(&w, &["qformer", "model.qformer"], "layernorm.weight")?;
         let queries = ["query_tokens", "model.query_tokens"]
             .into_iter()
@@ -76,11 +71,7 @@ impl Blip2Parts {
             act: q.hidden_act,
         };
         Ok(Blip2Parts {
-            vision_model: VisionTransformer::load(
-                &w.pp(vision),
-                &cfg.vision,
-                cfg.vision.num_hidden_layers,
-            )?,
+            vision_model: VisionTransformer::load_vision_model(&w, &cfg.vision)?,
             query_tokens: w
                 .get_as(
                     queries,

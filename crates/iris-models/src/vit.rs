@@ -201,6 +201,19 @@ impl VisionTransformer {
         })
     }
 
+    /// BLIP's and BLIP-2's whole tower, under `vision_model` (or `model.vision_model`).
+    pub fn load_vision_model(
+        w: &std::sync::Arc<crate::weights::Weights>,
+        cfg: &VisionConfig,
+    ) -> Result<Self> {
+        let prefix = crate::llava::find_prefix(
+            w,
+            &["vision_model", "model.vision_model"],
+            "embeddings.patch_embedding.weight",
+        )?;
+        Self::load(&w.pp(prefix), cfg, cfg.num_hidden_layers)
+    }
+
     /// Patch embedding as a matrix product: each patch flattened in the conv weight's
     /// (channel, row, column) order.
     fn embeddings(&self, pixel_values: &Tensor) -> Result<Tensor> {
