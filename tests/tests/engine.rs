@@ -2,20 +2,19 @@
 //! sampling), under a KV budget small enough to force preemption, and cancelled streams
 //! give all their blocks back.
 
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use iris_e2e::{fixture, fixtures};
 use iris_engine::{
     Engine, EngineConfig, EngineRequest, FinishReason, GenerateOptions, Pipeline, PipelineOptions,
-    SamplingParams, TokenEvent,
+    SamplingParams, StopRules, TokenEvent, TokenStream,
 };
 
 fn image(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("images").join(name)).unwrap()
 }
 
-fn drain(rx: Receiver<TokenEvent>) -> (Vec<u32>, FinishReason) {
+fn drain(rx: TokenStream) -> (Vec<u32>, FinishReason) {
     let mut ids = Vec::new();
     for ev in rx {
         match ev {
@@ -75,6 +74,7 @@ fn concurrent_requests_equal_alone_even_when_preempted() {
                 kv_blocks: blocks,
                 block_size: 4,
                 queue: 64,
+                ..Default::default()
             },
         );
         let rxs: Vec<_> = reqs
@@ -103,6 +103,7 @@ fn cancelled_streams_free_their_blocks() {
             kv_blocks: 256,
             block_size: 4,
             queue: 128,
+            ..Default::default()
         },
     );
     let req = requests().remove(0);
@@ -111,10 +112,13 @@ fn cancelled_streams_free_their_blocks() {
         ..req
     };
     for i in 0..100 {
-        let rx = engine.submit(long.clone()).unwrap();
+        let mut rx = engine.submit(long.clone()).unwrap();
         if i % 2 == 0 {
             // Read one token first, then hang up.
-            assert!(matches!(rx.recv().unwrap(), TokenEvent::Token { .. }));
+            assert!(matches!(
+                rx.blocking_next().unwrap(),
+                TokenEvent::Token { .. }
+            ));
         }
         drop(rx);
     }
@@ -165,11 +169,15 @@ fn bad_requests_are_refused_cleanly() {
     );
     let mut req = requests().remove(0);
     // More KV than the whole budget: an error event, not a hang.
-    let rx = engine.submit(req.clone()).unwrap();
-    assert!(matches!(rx.recv().unwrap(), TokenEvent::Error(e) if e.contains("KV positions")));
+    let mut rx = engine.submit(req.clone()).unwrap();
+    assert!(
+        matches!(rx.blocking_next().unwrap(), TokenEvent::Error(e) if e.message.contains("KV positions"))
+    );
     req.images.clear();
-    let rx = engine.submit(req).unwrap();
-    assert!(matches!(rx.recv().unwrap(), TokenEvent::Error(e) if e.contains("marker")));
+    let mut rx = engine.submit(req).unwrap();
+    assert!(
+        matches!(rx.blocking_next().unwrap(), TokenEvent::Error(e) if e.message.contains("marker"))
+    );
     assert_eq!(engine.stats().free_blocks, 4);
 }
 
@@ -185,6 +193,7 @@ fn same_image_and_prefix_hit_the_prefix_cache() {
             kv_blocks: 64,
             block_size: 4,
             queue: 8,
+            ..Default::default()
         },
     );
     let req = requests().remove(0);
@@ -229,4 +238,194 @@ fn same_image_and_prefix_hit_the_prefix_cache() {
         "no new hits for a different image"
     );
     assert_eq!(out, alone(&p, &changed));
+}
+
+fn llava() -> Arc<Pipeline> {
+    Arc::new(Pipeline::load(&fixture("llava-tiny-hub-f32"), &PipelineOptions::default()).unwrap())
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
+    let p = llava();
+    let long = EngineRequest {
+        prompt: format!(
+            "USER: <image>\n{} ASSISTANT:",
+            "Describe every detail. ".repeat(20)
+        ),
+        images: vec![image("tall.jpg")],
+        options: GenerateOptions::new(3, SamplingParams::default()),
+    };
+    let prompt_len = p
+        .processor
+        .prepare(&long.prompt, &long.images)
+        .unwrap()
+        .input_ids
+        .len();
+    let want = alone(&p, &long);
+    let running = EngineRequest {
+        options: GenerateOptions::new(200, SamplingParams::default()),
+        ..requests().remove(0)
+    };
+    for chunk in [8, 100_000] {
+        let engine = Engine::start(
+            p.clone(),
+            EngineConfig {
+                prefill_chunk: chunk,
+                ..Default::default()
+            },
+        );
+        let mut a = engine.submit(running.clone()).unwrap();
+        assert!(matches!(a.blocking_next(), Some(TokenEvent::Token { .. })));
+        let mut b = engine.submit(long.clone()).unwrap();
+        let first = b.blocking_next().unwrap();
+        // Tokens request `a` got while `b`'s prompt was prefilled.
+        let mut during = 0;
+        while let Some(TokenEvent::Token { .. }) = a.try_next() {
+            during += 1;
+        }
+        let steps = prompt_len.div_ceil(chunk);
+        if chunk == 8 {
+            assert!(
+                during + 2 >= steps,
+                "{during} decode steps during a {steps}-chunk prefill"
+            );
+        } else {
+            assert!(during <= 2, "one prefill step: {during}");
+        }
+        let mut ids = vec![match first {
+            TokenEvent::Token { id, .. } => id,
+            e => panic!("{e:?}"),
+        }];
+        ids.extend(drain(b).0);
+        assert_eq!(ids, want, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn events_carry_text_stop_strings_and_top_logprobs() {
+    let p = llava();
+    let engine = Engine::start(p.clone(), EngineConfig::default());
+    let base = EngineRequest {
+        options: GenerateOptions::new(12, SamplingParams::default()),
+        ..requests().remove(1)
+    };
+    let whole = alone(&p, &base);
+    let full_text = p.processor.decode(&whole).unwrap();
+    // Streamed text deltas add up to the final text, which is `generate`'s.
+    let mut opts = base.options.clone();
+    opts.top_logprobs = 3;
+    let mut text = String::new();
+    let mut stream = engine
+        .submit(EngineRequest {
+            options: opts,
+            ..base.clone()
+        })
+        .unwrap();
+    loop {
+        match stream.blocking_next().unwrap() {
+            TokenEvent::Token {
+                id,
+                logprob,
+                top_logprobs,
+                text: delta,
+            } => {
+                assert_eq!(top_logprobs.len(), 3);
+                assert_eq!(
+                    (top_logprobs[0].0, top_logprobs[0].1),
+                    (id, logprob),
+                    "greedy"
+                );
+                text.push_str(&delta);
+            }
+            TokenEvent::Finished {
+                text: t, reason, ..
+            } => {
+                assert_eq!(reason, FinishReason::Length);
+                assert_eq!(t, full_text);
+                assert_eq!(text, full_text);
+                break;
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+    // A stop string from the middle of that text ends it there, and is not streamed.
+    let chars: Vec<char> = full_text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = full_text.find(&stop).unwrap();
+    let mut opts = base.options.clone();
+    opts.stop = StopRules {
+        strings: vec![stop.clone()],
+        ..Default::default()
+    };
+    let mut streamed = String::new();
+    let mut stream = engine
+        .submit(EngineRequest {
+            options: opts.clone(),
+            ..base.clone()
+        })
+        .unwrap();
+    let (text, reason) = loop {
+        match stream.blocking_next().unwrap() {
+            TokenEvent::Token { text, .. } => streamed.push_str(&text),
+            TokenEvent::Finished { text, reason, .. } => break (text, reason),
+            e => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(reason, FinishReason::Stop, "stop {stop:?} in {full_text:?}");
+    assert_eq!(text, full_text[..cut]);
+    assert_eq!(streamed, text);
+    let g = p.generate_with(&base.prompt, &base.images, &opts).unwrap();
+    assert_eq!((g.text, g.finish_reason), (text, FinishReason::Stop));
+}
+
+#[test]
+fn streams_are_async_and_cancel_with_a_reason() {
+    let p = llava();
+    let engine = Engine::start(p.clone(), EngineConfig::default());
+    let req = EngineRequest {
+        options: GenerateOptions::new(6, SamplingParams::default()),
+        ..requests().remove(0)
+    };
+    let want = alone(&p, &req);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut stream = engine.submit(req.clone()).unwrap();
+    let ids = rt.block_on(async {
+        let mut ids = Vec::new();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                TokenEvent::Token { id, .. } => ids.push(id),
+                TokenEvent::Finished { .. } => break,
+                e => panic!("{e:?}"),
+            }
+        }
+        ids
+    });
+    assert_eq!(ids, want);
+    let long = EngineRequest {
+        options: GenerateOptions::new(500, SamplingParams::default()),
+        ..req
+    };
+    let mut stream = engine.submit(long).unwrap();
+    assert!(matches!(
+        stream.blocking_next(),
+        Some(TokenEvent::Token { .. })
+    ));
+    stream.cancel();
+    let last = stream.find(|e| !matches!(e, TokenEvent::Token { .. }));
+    assert!(
+        matches!(
+            last,
+            Some(TokenEvent::Finished {
+                reason: FinishReason::Cancelled,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    assert_eq!(
+        engine.stats().free_blocks,
+        EngineConfig::default().kv_blocks
+    );
 }

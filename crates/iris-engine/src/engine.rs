@@ -1,39 +1,52 @@
 //! The serving loop: an actor thread that owns the running batch. Requests arrive on a
 //! bounded channel; each step admits waiting requests first-in first-out while KV blocks
-//! last (prefilling each), then decodes one token for every running request in a single
-//! batched forward pass (continuous batching: a request joins at the next step and
-//! leaves when done). Each request streams its tokens on its own channel; dropping the
-//! receiver cancels it and frees its blocks at the next step. When blocks run out, the
-//! newest running request is preempted: its blocks are freed and it is recomputed later
-//! from its prompt plus the tokens it already produced, continuing exactly as it would
-//! have, since each draw depends on (seed, position) only.
+//! last, prefills up to `prefill_chunk` prompt tokens (a long prompt takes several steps,
+//! so it never stalls the requests already decoding), then samples and streams a token
+//! for every request whose last position is computed and decodes them all in one batched
+//! forward pass (continuous batching: a request joins at the next step and leaves when
+//! done). Each request streams its events on its own channel; dropping the stream
+//! cancels it and frees its blocks at the next step. When blocks run out, the newest
+//! running request is preempted: its blocks are freed and it is recomputed later from
+//! its prompt plus the tokens it already produced, continuing exactly as it would have,
+//! since each draw depends on (seed, position) only.
 //!
-//! KV blocks are accounted in a `BlockPool` (admission, growth, preemption); the K/V
-//! themselves still live in each sequence's contiguous `KvCache`.
+//! KV memory is paged: a `BlockPool` hands out fixed-size blocks of one shared
+//! `KvArena`, each sequence's cache holds its block table, and attention reads K/V
+//! through it. Full prompt blocks are registered under a hash chain seeded with the
+//! images' BLAKE3 hashes: a later request with the same images and prefix puts those
+//! blocks straight into its table (no copy, no recompute). Cross-attention K/V (BLIP's
+//! decoder, Flamingo's gated layers) is accounted in blocks of the same pool.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-use iris_models::layers::KvCache;
+use iris_models::layers::{KvArena, KvCache};
 use iris_tensor::Tensor;
+use tokio::sync::mpsc;
 
 use crate::blocks::{block_hash, BlockId, BlockPool, TokenKey};
-use crate::pipeline::{FinishReason, GenerateOptions, Pipeline};
+use crate::pipeline::{FinishReason, GenerateOptions, Generation, Pipeline};
 use crate::processor::PreparedPrompt;
-use crate::sampler::Sampler;
+use crate::sampler::{top_logprobs, Sampler};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Most requests decoded together.
+    /// Most requests running together (prefilling or decoding).
     pub max_batch: usize,
     /// KV budget, in blocks of `block_size` tokens.
     pub kv_blocks: usize,
     pub block_size: usize,
     /// Requests waiting to be admitted before `submit` reports the queue full.
     pub queue: usize,
+    /// Prompt tokens prefilled per step, across requests: a long prompt is prefilled in
+    /// chunks between decode steps instead of stalling every running request.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +56,7 @@ impl Default for EngineConfig {
             kv_blocks: 4096,
             block_size: 16,
             queue: 256,
+            prefill_chunk: 512,
         }
     }
 }
@@ -56,9 +70,47 @@ pub struct EngineRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
-    Token { id: u32, logprob: f32 },
-    Finished { reason: FinishReason, text: String },
-    Error(String),
+    /// A token, its logprob (and the top-N when asked) and the text it adds. Text that
+    /// could still turn into a stop string, or an incomplete character, is held back
+    /// until it cannot.
+    Token {
+        id: u32,
+        logprob: f32,
+        top_logprobs: Vec<(u32, f32)>,
+        text: String,
+    },
+    /// The last event of a request that ran: the whole text (cut before a stop string).
+    Finished {
+        reason: FinishReason,
+        text: String,
+        prompt_token_ids: Vec<u32>,
+        /// Prompt tokens whose K/V came from the prefix cache.
+        cached_tokens: usize,
+    },
+    Error(RequestError),
+}
+
+/// Why a request failed: its message, and whether the request itself was at fault
+/// (a bad image, a prompt too long) rather than the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    pub message: String,
+    pub bad_input: bool,
+}
+
+impl From<&Error> for RequestError {
+    fn from(e: &Error) -> Self {
+        RequestError {
+            message: e.to_string(),
+            bad_input: e.is_bad_input(),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// Counters the engine keeps.
@@ -71,14 +123,120 @@ pub struct EngineStats {
     pub steps: usize,
     /// Prompt blocks reused from the prefix cache.
     pub prefix_hits: u64,
+    /// Cached prefix blocks evicted to make room.
+    pub prefix_evictions: u64,
+    /// Requests running (prefilling or decoding) and waiting, after the last step.
+    pub running: usize,
+    pub waiting: usize,
+    /// Prompt tokens prefilled and tokens decoded, in all.
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
 }
 
-/// One cached block's keys and values, per layer.
-type BlockKv = Vec<(Vec<f32>, Vec<f32>)>;
+/// A request's events, as an async stream (`futures_core::Stream`, or `next().await`)
+/// or blocking (`blocking_next`, iteration). Dropping it, or `cancel`, ends the request
+/// at the engine's next step and frees its blocks.
+pub struct TokenStream {
+    rx: mpsc::Receiver<TokenEvent>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl TokenStream {
+    pub async fn next(&mut self) -> Option<TokenEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is there already.
+    pub fn try_next(&mut self) -> Option<TokenEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next event, waiting for it; not for use inside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<TokenEvent> {
+        self.rx.blocking_recv()
+    }
+
+    /// Asks the engine to stop this request: it ends with `FinishReason::Cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Collects the whole generation, blocking.
+    pub fn collect_blocking(mut self) -> Result<Generation> {
+        let (mut ids, mut logprobs, mut top) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(ev) = self.blocking_next() {
+            match ev {
+                TokenEvent::Token {
+                    id,
+                    logprob,
+                    top_logprobs,
+                    ..
+                } => {
+                    ids.push(id);
+                    logprobs.push(logprob);
+                    if !top_logprobs.is_empty() {
+                        top.push(top_logprobs);
+                    }
+                }
+                TokenEvent::Finished {
+                    reason,
+                    text,
+                    prompt_token_ids,
+                    ..
+                } => {
+                    return Ok(Generation {
+                        prompt_token_ids,
+                        token_ids: ids,
+                        text,
+                        logprobs,
+                        top_logprobs: top,
+                        finish_reason: reason,
+                    })
+                }
+                TokenEvent::Error(e) => return Err(Error::Failed(e)),
+            }
+        }
+        Err(Error::Input(
+            "the engine stopped before the request ended".into(),
+        ))
+    }
+}
+
+impl Iterator for TokenStream {
+    type Item = TokenEvent;
+    fn next(&mut self) -> Option<TokenEvent> {
+        self.blocking_next()
+    }
+}
+
+impl futures_core::Stream for TokenStream {
+    type Item = TokenEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TokenEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for TokenStream {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
 
 struct Submission {
     request: EngineRequest,
-    events: SyncSender<TokenEvent>,
+    events: mpsc::Sender<TokenEvent>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// Incremental detokenisation and stop strings for one request (as vLLM's: decode a
+/// short window of tokens, emit what it adds once no character is incomplete).
+#[derive(Default)]
+struct TextState {
+    text: String,
+    /// Bytes of `text` already streamed.
+    sent: usize,
+    prefix_offset: usize,
+    read_offset: usize,
 }
 
 struct Sequence {
@@ -89,8 +247,42 @@ struct Sequence {
     visual: Vec<Tensor>,
     output: Vec<u32>,
     cache: KvCache,
+    /// Whether `cache` holds this admission's cross-attention K/V.
+    conditioned: bool,
+    /// Self-attention blocks (the block table), then blocks accounting cross K/V.
     blocks: Vec<BlockId>,
-    last_hidden: Tensor,
+    cross_blocks: Vec<BlockId>,
+    /// Input embeddings of the tokens still to prefill from `prefilled` on.
+    embeds: Option<Tensor>,
+    prefilled: usize,
+    cached_tokens: usize,
+    /// Set once the sequence's last position is computed: it picks the next token.
+    last_hidden: Option<Tensor>,
+    text: TextState,
+}
+
+impl Sequence {
+    fn tokens(&self) -> Vec<u32> {
+        self.prepared
+            .input_ids
+            .iter()
+            .chain(&self.output)
+            .copied()
+            .collect()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.submission.cancel.load(Ordering::Relaxed) || self.submission.events.is_closed()
+    }
+
+    /// Back to waiting: no blocks, no cache; it restarts from its prompt and output.
+    fn reset(&mut self) {
+        self.cache = KvCache::default();
+        self.conditioned = false;
+        self.embeds = None;
+        self.prefilled = 0;
+        self.last_hidden = None;
+    }
 }
 
 pub struct Engine {
@@ -112,32 +304,40 @@ impl Engine {
         pipeline: Arc<Pipeline>,
         config: EngineConfig,
         initial: Vec<EngineRequest>,
-    ) -> Result<(Engine, Vec<Receiver<TokenEvent>>)> {
+    ) -> Result<(Engine, Vec<TokenStream>)> {
         let (tx, rx) = sync_channel(config.queue.max(initial.len()).max(1));
-        let mut receivers = Vec::with_capacity(initial.len());
+        let mut streams = Vec::with_capacity(initial.len());
         for request in initial {
-            receivers.push(queue(&tx, request)?);
+            streams.push(queue(&tx, request)?);
         }
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
             ..Default::default()
         }));
         let s = stats.clone();
-        let thread = std::thread::spawn(move || Worker::new(pipeline, config, rx, s).run());
+        let thread = std::thread::Builder::new()
+            .name("iris-engine".into())
+            .spawn(move || Worker::new(pipeline, config, rx, s).run())
+            .expect("spawn the engine thread");
         Ok((
             Engine {
                 tx: Some(tx),
                 thread: Some(thread),
                 stats,
             },
-            receivers,
+            streams,
         ))
     }
 
-    /// Queues a request; its events arrive on the returned receiver. Errors when the
-    /// queue is full.
-    pub fn submit(&self, request: EngineRequest) -> Result<Receiver<TokenEvent>> {
+    /// Queues a request; its events arrive on the returned stream. Errors when the
+    /// queue is full or the request is invalid.
+    pub fn submit(&self, request: EngineRequest) -> Result<TokenStream> {
         queue(self.tx.as_ref().expect("sender lives until drop"), request)
+    }
+
+    /// Runs one request to the end (what `iris generate` does).
+    pub fn generate(&self, request: EngineRequest) -> Result<Generation> {
+        self.submit(request)?.collect_blocking()
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -145,20 +345,23 @@ impl Engine {
     }
 }
 
-fn queue(tx: &SyncSender<Submission>, request: EngineRequest) -> Result<Receiver<TokenEvent>> {
-    request.options.sampling.validate().map_err(Error::Input)?;
+fn queue(tx: &SyncSender<Submission>, request: EngineRequest) -> Result<TokenStream> {
+    request.options.validate()?;
     // Room for every event a request can produce: the engine never blocks on a client.
-    let (events, rx) = sync_channel(request.options.max_new_tokens + 2);
-    tx.try_send(Submission { request, events })
-        .map_err(|e| match e {
-            std::sync::mpsc::TrySendError::Full(_) => {
-                Error::Input("the request queue is full".into())
-            }
-            std::sync::mpsc::TrySendError::Disconnected(_) => {
-                Error::Input("the engine has stopped".into())
-            }
-        })?;
-    Ok(rx)
+    let (events, rx) = mpsc::channel(request.options.max_new_tokens + 2);
+    let cancel = Arc::new(AtomicBool::new(false));
+    tx.try_send(Submission {
+        request,
+        events,
+        cancel: cancel.clone(),
+    })
+    .map_err(|e| match e {
+        std::sync::mpsc::TrySendError::Full(_) => Error::Input("the request queue is full".into()),
+        std::sync::mpsc::TrySendError::Disconnected(_) => {
+            Error::Input("the engine has stopped".into())
+        }
+    })?;
+    Ok(TokenStream { rx, cancel })
 }
 
 impl Drop for Engine {
@@ -176,10 +379,11 @@ struct Worker {
     rx: Receiver<Submission>,
     stats: Arc<Mutex<EngineStats>>,
     pool: BlockPool,
+    arena: Arc<KvArena>,
+    /// Floats of K/V one block holds across layers (cross K/V is accounted in these).
+    block_floats: usize,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
-    /// K/V of cached prefix blocks by block hash.
-    prefix: HashMap<u64, BlockKv>,
     closed: bool,
 }
 
@@ -190,23 +394,30 @@ impl Worker {
         rx: Receiver<Submission>,
         stats: Arc<Mutex<EngineStats>>,
     ) -> Self {
+        let lm = pipeline.model.language_model();
+        let n_layers = lm.new_cache().n_layers();
         Worker {
             pool: BlockPool::new(config.kv_blocks, config.block_size),
+            arena: Arc::new(KvArena::new(n_layers, config.kv_blocks, config.block_size)),
+            block_floats: config.block_size * n_layers * 2 * lm.kv_width(),
             pipeline,
             config,
             rx,
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            prefix: HashMap::new(),
             closed: false,
         }
     }
 
-    fn stat(&self, f: impl FnOnce(&mut EngineStats)) {
+    fn stat(&mut self, f: impl FnOnce(&mut EngineStats)) {
         let mut s = self.stats.lock().expect("stats lock");
         f(&mut s);
         s.free_blocks = self.pool.available();
+        s.running = self.running.len();
+        s.waiting = self.waiting.len();
+        s.prefix_hits = self.pool.hits;
+        s.prefix_evictions += self.pool.take_evicted().len() as u64;
     }
 
     fn run(mut self) {
@@ -243,37 +454,42 @@ impl Worker {
     fn prepare(&mut self, submission: Submission) {
         let p = &self.pipeline;
         let r = &submission.request;
-        let prepared = p.processor.prepare(&r.prompt, &r.images);
         let budget = self.config.kv_blocks * self.config.block_size;
-        let fits = |prep: &PreparedPrompt| {
-            let need = prep.input_ids.len() + r.options.max_new_tokens + 1;
+        let prepared = p.processor.prepare(&r.prompt, &r.images).and_then(|prep| {
+            let need = prep.input_ids.len() + r.options.max_new_tokens;
             if need > budget {
                 return Err(Error::Input(format!(
                     "the request needs {need} KV positions, more than the engine's {budget}"
                 )));
             }
-            Ok(())
-        };
-        match prepared.and_then(|prep| {
-            fits(&prep)?;
             Ok((p.encode_images(&prep)?, prep))
-        }) {
-            Ok((visual, prepared)) => self.waiting.push_back(Sequence {
-                image_hashes: r
-                    .images
-                    .iter()
-                    .map(|b| *blake3::hash(b).as_bytes())
-                    .collect(),
-                cache: p.model.language_model().new_cache(),
-                submission,
-                prepared,
-                visual,
-                output: Vec::new(),
-                blocks: Vec::new(),
-                last_hidden: Tensor::zeros(&[1, 1]),
-            }),
+        });
+        match prepared {
+            Ok((visual, prepared)) => {
+                self.waiting.push_back(Sequence {
+                    image_hashes: r
+                        .images
+                        .iter()
+                        .map(|b| *blake3::hash(b).as_bytes())
+                        .collect(),
+                    submission,
+                    prepared,
+                    visual,
+                    output: Vec::new(),
+                    cache: KvCache::default(),
+                    conditioned: false,
+                    blocks: Vec::new(),
+                    cross_blocks: Vec::new(),
+                    embeds: None,
+                    prefilled: 0,
+                    cached_tokens: 0,
+                    last_hidden: None,
+                    text: TextState::default(),
+                });
+                self.stat(|_| {});
+            }
             Err(e) => {
-                let _ = submission.events.send(TokenEvent::Error(e.to_string()));
+                let _ = submission.events.try_send(TokenEvent::Error((&e).into()));
             }
         }
     }
@@ -289,6 +505,10 @@ impl Worker {
             let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
+            if seq.cancelled() {
+                self.cancel(seq);
+                continue;
+            }
             match self.start(&mut seq) {
                 Ok(true) => self.running.push(seq),
                 Ok(false) => {
@@ -296,14 +516,14 @@ impl Worker {
                     self.waiting.push_front(seq);
                     return;
                 }
-                Err(e) => self.finish_with_error(seq, e),
+                Err(e) => self.finish_with_error(seq, &e),
             }
         }
     }
 
-    /// Block hashes of a sequence's full blocks (prompt then output). The chain starts
-    /// from the images' content hashes, so a block is shared only between sequences with
-    /// the same images and the same tokens up to and including it.
+    /// Block hashes of a sequence's first `blocks` full blocks. The chain starts from
+    /// the images' content hashes, so a block is shared only between sequences with the
+    /// same images and the same tokens up to and including it.
     fn block_hashes(&self, seq: &Sequence, tokens: &[u32], blocks: usize) -> Vec<u64> {
         let mut parent = Some(block_hash(
             None,
@@ -326,143 +546,211 @@ impl Worker {
             .collect()
     }
 
-    /// Takes blocks for a sequence, reusing cached prefix blocks, and prefills what is
-    /// not cached. `Ok(false)` when its blocks are not available yet.
+    /// Takes blocks for a sequence: cached prefix blocks go straight into its block
+    /// table, fresh ones follow, and blocks to account its cross-attention K/V. The
+    /// rest of the prompt is prefilled by `step`, in chunks. `Ok(false)` when its blocks
+    /// are not available yet.
     fn start(&mut self, seq: &mut Sequence) -> Result<bool> {
-        let tokens: Vec<u32> = seq
-            .prepared
-            .input_ids
-            .iter()
-            .chain(&seq.output)
-            .copied()
-            .collect();
+        let model = &self.pipeline.model;
+        let lm = model.language_model();
+        if !seq.conditioned {
+            seq.cache = lm.new_cache();
+            model.condition(&mut seq.cache, &seq.prepared.input_ids, &seq.visual)?;
+            seq.conditioned = true;
+        }
+        let tokens = seq.tokens();
         let total = tokens.len();
         let bs = self.config.block_size;
         // The last token is always computed: its hidden state picks the next token.
         let hashes = self.block_hashes(seq, &tokens, (total - 1) / bs);
         let mut hits = Vec::new();
         for h in &hashes {
-            if !self.prefix.contains_key(h) {
-                break;
-            }
             match self.pool.lookup(*h) {
-                Some(id) => hits.push((id, *h)),
+                Some(id) => hits.push(id),
                 None => break,
             }
         }
-        let fresh = self.blocks_for(total + 1) - hits.len();
-        if fresh > self.pool.available() {
-            for (id, _) in hits {
+        let cross = seq.cache.cross_floats().div_ceil(self.block_floats.max(1));
+        let fresh = self.blocks_for(total) - hits.len();
+        if fresh + cross > self.pool.available() {
+            for id in hits {
                 self.pool.release(id).expect("just looked up");
             }
             return Ok(false);
         }
-        seq.blocks = hits.iter().map(|(id, _)| *id).collect();
+        seq.blocks = hits;
         for _ in 0..fresh {
-            seq.blocks
-                .push(self.pool.allocate().expect("availability checked"));
+            let b = self.pool.allocate().expect("availability checked");
+            seq.blocks.push(b);
         }
-        for h in self.pool.take_evicted() {
-            self.prefix.remove(&h);
+        for _ in 0..cross {
+            let b = self.pool.allocate().expect("availability checked");
+            seq.cross_blocks.push(b);
         }
-        let model = &self.pipeline.model;
-        let lm = model.language_model();
-        seq.cache = lm.new_cache();
-        model.condition(&mut seq.cache, &seq.prepared.input_ids, &seq.visual)?;
-        for (_, h) in &hits {
-            seq.cache.extend_block(&self.prefix[h], bs);
+        let cache = std::mem::take(&mut seq.cache);
+        seq.cache = cache.paged(self.arena.clone(), seq.blocks.clone());
+        let cached = (seq.blocks.len() - fresh) * bs;
+        seq.cache.advance(cached);
+        seq.prefilled = cached;
+        if seq.output.is_empty() {
+            seq.cached_tokens = cached;
         }
-        let cached = hits.len() * bs;
         let mut embeds = model.input_embeds(&seq.prepared.input_ids, &seq.visual)?;
         if !seq.output.is_empty() {
             embeds = Tensor::cat_rows(&[&embeds, &lm.embed(&seq.output)?])?;
         }
-        let rest = embeds.narrow_rows(cached, total - cached)?;
-        let h = lm.forward(&rest, &mut seq.cache)?;
-        seq.last_hidden = h.narrow_rows(h.rows() - 1, 1)?;
-        // Newly computed full blocks become cached prefix blocks.
-        let full = self.block_hashes(seq, &tokens, total / bs);
-        for (b, h) in full.iter().enumerate().skip(hits.len()) {
-            if self.prefix.contains_key(h) {
-                continue;
-            }
-            self.pool
-                .register(seq.blocks[b], *h)
-                .expect("the sequence owns its blocks");
-            let rows = (0..seq.cache.n_layers())
-                .map(|l| seq.cache.rows(l, b * bs..(b + 1) * bs))
-                .collect();
-            self.prefix.insert(*h, rows);
-        }
-        let hits_now = self.pool.hits;
-        self.stat(|s| s.prefix_hits = hits_now);
+        seq.embeds = Some(embeds);
+        self.stat(|_| {});
         Ok(true)
+    }
+
+    /// Prefills up to `prefill_chunk` tokens, oldest request first; a request whose
+    /// prompt is done gets its last hidden state and registers its full blocks in the
+    /// prefix cache.
+    fn prefill(&mut self) {
+        let mut budget = self.config.prefill_chunk.max(1);
+        let pipeline = self.pipeline.clone();
+        let lm = pipeline.model.language_model();
+        let bs = self.config.block_size;
+        let mut failed = Vec::new();
+        for i in 0..self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            let seq = &mut self.running[i];
+            let Some(embeds) = &seq.embeds else {
+                continue;
+            };
+            let total = embeds.rows();
+            let n = (total - seq.prefilled).min(budget);
+            let chunk = embeds.narrow_rows(seq.prefilled, n);
+            match chunk
+                .map_err(Error::from)
+                .and_then(|c| Ok(lm.forward(&c, &mut seq.cache)?))
+            {
+                Ok(h) => {
+                    budget -= n;
+                    seq.prefilled += n;
+                    if seq.prefilled == total {
+                        seq.last_hidden = Some(h.narrow_rows(h.rows() - 1, 1).expect("rows"));
+                        seq.embeds = None;
+                    }
+                }
+                Err(e) => {
+                    failed.push((i, e));
+                    continue;
+                }
+            }
+            self.stat(|s| s.prefill_tokens += n as u64);
+            if self.running[i].embeds.is_none() {
+                // Newly computed full blocks become cached prefix blocks.
+                let seq = &self.running[i];
+                let tokens = seq.tokens();
+                for (b, h) in self
+                    .block_hashes(seq, &tokens, tokens.len() / bs)
+                    .into_iter()
+                    .enumerate()
+                {
+                    // A block already cached under this hash (another request's) stays.
+                    let _ = self.pool.register(seq.blocks[b], h);
+                }
+            }
+        }
+        for (i, e) in failed.into_iter().rev() {
+            let seq = self.running.remove(i);
+            self.finish_with_error(seq, &e);
+        }
     }
 
     /// Frees a sequence's blocks; the stats show it before any event is sent, so a
     /// client that saw its stream end sees the blocks back.
     fn release(&mut self, seq: &mut Sequence) {
-        for b in seq.blocks.drain(..) {
+        for b in seq.blocks.drain(..).chain(seq.cross_blocks.drain(..)) {
             self.pool.release(b).expect("the sequence owns its blocks");
         }
+        seq.reset();
         self.stat(|_| {});
     }
 
-    /// A batched step failed: every running request ends with the error.
-    fn fail_running(&mut self, e: &Error) {
-        let msg = e.to_string();
-        for mut seq in std::mem::take(&mut self.running) {
-            self.release(&mut seq);
-            let _ = seq.submission.events.send(TokenEvent::Error(msg.clone()));
+    /// A batched step failed: every request in it ends with the error.
+    fn fail_all(&mut self, seqs: Vec<Sequence>, e: &Error) {
+        for seq in seqs {
+            self.finish_with_error(seq, e);
         }
     }
 
-    fn finish_with_error(&mut self, mut seq: Sequence, e: Error) {
+    fn finish_with_error(&mut self, mut seq: Sequence, e: &Error) {
         self.release(&mut seq);
-        let _ = seq.submission.events.send(TokenEvent::Error(e.to_string()));
+        let _ = seq.submission.events.try_send(TokenEvent::Error(e.into()));
     }
 
-    /// Samples every running sequence's next token from its last hidden state, streams
-    /// it, retires finished or cancelled sequences, then runs one batched forward pass.
+    fn cancel(&mut self, mut seq: Sequence) {
+        self.release(&mut seq);
+        let text = seq.text.text.clone();
+        self.finish(seq, FinishReason::Cancelled, text);
+        self.stat(|s| s.cancelled += 1);
+    }
+
+    fn finish(&mut self, seq: Sequence, reason: FinishReason, text: String) {
+        let _ = seq.submission.events.try_send(TokenEvent::Finished {
+            reason,
+            text,
+            prompt_token_ids: seq.prepared.input_ids,
+            cached_tokens: seq.cached_tokens,
+        });
+    }
+
+    /// One iteration: drop cancelled requests, prefill a chunk, sample every request
+    /// whose last position is computed and stream its token, retire finished ones, then
+    /// run one batched decode pass over the rest.
     fn step(&mut self) {
-        if self.running.is_empty() {
-            return;
+        let (cancelled, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(Sequence::cancelled);
+        self.running = live;
+        for seq in cancelled {
+            self.cancel(seq);
         }
+        self.prefill();
         let pipeline = self.pipeline.clone();
         let lm = pipeline.model.language_model();
-        let rows: Vec<&Tensor> = self.running.iter().map(|s| &s.last_hidden).collect();
+        let (ready, prefilling): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| s.last_hidden.is_some());
+        self.running = prefilling;
+        if ready.is_empty() {
+            return;
+        }
+        let rows: Vec<&Tensor> = ready
+            .iter()
+            .filter_map(|s| s.last_hidden.as_ref())
+            .collect();
         let logits = match Tensor::cat_rows(&rows)
             .map_err(Error::from)
             .and_then(|h| Ok(lm.logits(&h)?))
         {
             Ok(l) => l,
-            Err(e) => {
-                self.fail_running(&e);
-                return;
-            }
+            Err(e) => return self.fail_all(ready, &e),
         };
         let v = logits.last_dim();
         let all = logits.as_f32().expect("logits are f32");
-        let mut keep = Vec::with_capacity(self.running.len());
-        for (i, mut seq) in std::mem::take(&mut self.running).into_iter().enumerate() {
+        let mut decoding = Vec::with_capacity(ready.len());
+        for (i, mut seq) in ready.into_iter().enumerate() {
+            seq.last_hidden = None;
             let row = &all[i * v..(i + 1) * v];
-            let opts = &seq.submission.request.options;
+            let opts = seq.submission.request.options.clone();
             let sampler = Sampler::new(opts.sampling);
             let position = seq.prepared.input_ids.len() + seq.output.len();
             let next = sampler.sample(row, position, &seq.prepared.input_ids, &seq.output);
-            let logprob = Tensor::log_softmax_row(row)[next as usize];
+            let lp = Tensor::log_softmax_row(row);
+            let top = if opts.top_logprobs > 0 {
+                top_logprobs(&lp, opts.top_logprobs)
+            } else {
+                Vec::new()
+            };
             seq.output.push(next);
-            if seq
-                .submission
-                .events
-                .send(TokenEvent::Token { id: next, logprob })
-                .is_err()
-            {
-                self.release(&mut seq);
-                self.stat(|s| s.cancelled += 1);
-                continue;
-            }
-            let reason = if pipeline.eos_token_ids().contains(&next) {
+            self.stat(|s| s.decode_tokens += 1);
+            let mut reason = if pipeline.eos_token_ids().contains(&next) {
                 Some(FinishReason::Eos)
             } else if opts.stop.token_ids.contains(&next) {
                 Some(FinishReason::Stop)
@@ -471,33 +759,45 @@ impl Worker {
             } else {
                 None
             };
+            let (delta, stopped) = self.advance_text(&mut seq, reason.is_some());
+            if stopped {
+                reason = Some(FinishReason::Stop);
+            }
+            let event = TokenEvent::Token {
+                id: next,
+                logprob: lp[next as usize],
+                top_logprobs: top,
+                text: delta,
+            };
+            if seq.submission.events.try_send(event).is_err() {
+                self.cancel(seq);
+                continue;
+            }
             if let Some(reason) = reason {
-                let text = pipeline.processor.decode(&seq.output).unwrap_or_default();
                 self.release(&mut seq);
-                let _ = seq
-                    .submission
-                    .events
-                    .send(TokenEvent::Finished { reason, text });
+                let text = std::mem::take(&mut seq.text.text);
+                self.finish(seq, reason, text);
                 self.stat(|s| s.finished += 1);
                 continue;
             }
-            keep.push(seq);
+            decoding.push(seq);
         }
-        self.running = keep;
-        // Room for each sequence's next position; preempt the newest when out of blocks.
+        // Room for each decoding request's next position; when blocks run out, the
+        // newest running request (decoding or prefilling) is preempted.
         let mut i = 0;
-        while i < self.running.len() {
-            let need = self.blocks_for(self.running[i].cache.len() + 2);
-            if self.running[i].blocks.len() < need {
+        while i < decoding.len() {
+            let need = self.blocks_for(decoding[i].cache.len() + 1);
+            if decoding[i].blocks.len() < need {
                 match self.pool.allocate() {
                     Ok(b) => {
-                        self.running[i].blocks.push(b);
-                        for h in self.pool.take_evicted() {
-                            self.prefix.remove(&h);
-                        }
+                        decoding[i].blocks.push(b);
+                        decoding[i].cache.push_block(b);
                     }
                     Err(_) => {
-                        let mut victim = self.running.pop().expect("non-empty");
+                        let mut victim = match self.running.pop() {
+                            Some(v) => v,
+                            None => decoding.pop().expect("non-empty"),
+                        };
                         self.release(&mut victim);
                         self.waiting.push_front(victim);
                         self.stat(|s| s.preemptions += 1);
@@ -507,26 +807,80 @@ impl Worker {
             }
             i += 1;
         }
-        if self.running.is_empty() {
-            return;
-        }
-        let embeds: Result<Vec<Tensor>> = self
-            .running
-            .iter()
-            .map(|s| Ok(lm.embed(&s.output[s.output.len() - 1..])?))
-            .collect();
-        let result = embeds.and_then(|embeds| {
-            let mut caches: Vec<&mut KvCache> =
-                self.running.iter_mut().map(|s| &mut s.cache).collect();
-            Ok(lm.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut caches)?)
-        });
-        match result {
-            Ok(hidden) => {
-                for (seq, h) in self.running.iter_mut().zip(hidden) {
-                    seq.last_hidden = h;
+        if !decoding.is_empty() {
+            let embeds: Result<Vec<Tensor>> = decoding
+                .iter()
+                .map(|s| Ok(lm.embed(&s.output[s.output.len() - 1..])?))
+                .collect();
+            let result = embeds.and_then(|embeds| {
+                let mut caches: Vec<&mut KvCache> =
+                    decoding.iter_mut().map(|s| &mut s.cache).collect();
+                Ok(lm.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut caches)?)
+            });
+            match result {
+                Ok(hidden) => {
+                    for (seq, h) in decoding.iter_mut().zip(hidden) {
+                        seq.last_hidden = Some(h);
+                    }
                 }
+                Err(e) => return self.fail_all(decoding, &e),
             }
-            Err(e) => self.fail_running(&e),
         }
+        // Decoding requests stay ahead of prefilling ones: they were admitted first.
+        decoding.append(&mut self.running);
+        self.running = decoding;
+    }
+
+    /// Extends a request's text with its newest token; returns the text now safe to
+    /// stream and whether a stop string ended it. At the end (`last`), everything left.
+    fn advance_text(&self, seq: &mut Sequence, last: bool) -> (String, bool) {
+        let p = &self.pipeline.processor;
+        let stops = &seq.submission.request.options.stop.strings;
+        let t = &mut seq.text;
+        let decode = |ids: &[u32]| p.decode(ids).unwrap_or_default();
+        let before = decode(&seq.output[t.prefix_offset..t.read_offset]);
+        let now = decode(&seq.output[t.prefix_offset..]);
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+            let from = t.text.len();
+            t.text.push_str(&now[before.len()..]);
+            t.prefix_offset = t.read_offset;
+            t.read_offset = seq.output.len();
+            // A stop string can only be new if it ends in what was just added.
+            let longest = stops.iter().map(String::len).max().unwrap_or(0);
+            let mut search = from.saturating_sub(longest);
+            while !t.text.is_char_boundary(search) {
+                search -= 1;
+            }
+            if let Some(cut) = stops
+                .iter()
+                .filter_map(|s| t.text[search..].find(s.as_str()).map(|i| search + i))
+                .min()
+            {
+                t.text.truncate(cut);
+                let delta = t.text.get(t.sent..).unwrap_or_default().to_string();
+                t.sent = t.text.len();
+                return (delta, true);
+            }
+        }
+        if last {
+            // The whole output decoded at once is the final text (as `generate_from`).
+            let full = decode(&seq.output);
+            if full.starts_with(&t.text[..t.sent]) {
+                t.text = full;
+            }
+        }
+        // Hold back what could be the start of a stop string.
+        let hold = if last {
+            0
+        } else {
+            stops.iter().map(|s| s.len() - 1).max().unwrap_or(0)
+        };
+        let mut upto = t.text.len().saturating_sub(hold).max(t.sent);
+        while !t.text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        let delta = t.text[t.sent..upto].to_string();
+        t.sent = upto;
+        (delta, false)
     }
 }

@@ -12,7 +12,9 @@ mod retrieval;
 mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
-pub use engine::{Engine, EngineConfig, EngineRequest, EngineStats, TokenEvent};
+pub use engine::{
+    Engine, EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
+};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, Pipeline, PipelineOptions, StopRules,
 };
@@ -32,6 +34,9 @@ pub enum Error {
     Model(#[from] iris_models::Error),
     #[error(transparent)]
     Tensor(#[from] iris_tensor::Error),
+    /// A request the engine ran failed.
+    #[error("{0}")]
+    Failed(RequestError),
 }
 
 impl Error {
@@ -48,6 +53,10 @@ impl Error {
                         | iris_image::Error::Corrupt(_)
                 )
                 | Error::Model(iris_models::Error::Input(_))
+                | Error::Failed(RequestError {
+                    bad_input: true,
+                    ..
+                })
         )
     }
 }

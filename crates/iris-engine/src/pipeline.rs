@@ -30,6 +30,8 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` were produced.
     Length,
+    /// The client cancelled the request.
+    Cancelled,
 }
 
 /// What ends a generation besides the model's EOS and the length limit.
@@ -50,6 +52,17 @@ pub struct GenerateOptions {
 }
 
 impl GenerateOptions {
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate().map_err(Error::Input)?;
+        if self.max_new_tokens == 0 {
+            return Err(Error::Input("max_new_tokens must be at least 1".into()));
+        }
+        if self.stop.strings.iter().any(String::is_empty) {
+            return Err(Error::Input("stop strings must not be empty".into()));
+        }
+        Ok(())
+    }
+
     pub fn new(max_new_tokens: usize, sampling: SamplingParams) -> GenerateOptions {
         GenerateOptions {
             max_new_tokens,
@@ -198,10 +211,7 @@ impl Pipeline {
         visual: &[Tensor],
         opts: &GenerateOptions,
     ) -> Result<Generation> {
-        opts.sampling.validate().map_err(Error::Input)?;
-        if opts.stop.strings.iter().any(String::is_empty) {
-            return Err(Error::Input("stop strings must not be empty".into()));
-        }
+        opts.validate()?;
         let lm = self.model.language_model();
         let embeds = self.model.input_embeds(&prepared.input_ids, visual)?;
         let mut cache = lm.new_cache();

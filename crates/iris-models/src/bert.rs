@@ -7,7 +7,7 @@
 
 use iris_tensor::{Activation, Tensor};
 
-use crate::layers::{sdpa, AttnShape, KvCache, LayerNorm, Linear};
+use crate::layers::{sdpa_view, AttnShape, KvCache, KvView, LayerNorm, Linear};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -57,7 +57,13 @@ impl BertAttention {
     /// Attention of `x` over `context` (itself when `None`), then the residual norm.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (k, v) = self.context_kv(context.unwrap_or(x))?;
-        self.attend(x, &k, &v, None)
+        let width = self.shape.n_kv_heads * self.shape.head_dim;
+        let kv = KvView::Rows {
+            k: &k,
+            v: &v,
+            width,
+        };
+        self.attend(x, &kv, None)
     }
 
     /// Keys and values of a context (computed once per image for cross-attention).
@@ -70,15 +76,9 @@ impl BertAttention {
 
     /// `x` attending to given keys and values (causally from position `causal_offset`
     /// when set), then the output projection and residual norm.
-    pub fn attend(
-        &self,
-        x: &Tensor,
-        k: &[f32],
-        v: &[f32],
-        causal_offset: Option<usize>,
-    ) -> Result<Tensor> {
+    pub fn attend(&self, x: &Tensor, kv: &KvView, causal_offset: Option<usize>) -> Result<Tensor> {
         let q = self.query.forward(x)?;
-        let o = sdpa(q.as_f32()?, k, v, self.shape, causal_offset);
+        let o = sdpa_view(q.as_f32()?, kv, self.shape, causal_offset);
         let o = self.dense.forward(&Tensor::from_f32(o, q.shape())?)?;
         self.norm.forward(&o.add_elem(x)?)
     }
@@ -87,8 +87,9 @@ impl BertAttention {
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let start = cache.len();
         let (k, v) = self.context_kv(x)?;
-        let (ks, vs) = cache.append(layer, &k, &v);
-        self.attend(x, ks, vs, Some(start))
+        let width = k.len() / x.rows().max(1);
+        let kv = cache.append(layer, &k, &v, width);
+        self.attend(x, &kv, Some(start))
     }
 }
 
@@ -329,7 +330,8 @@ impl BertLayer {
             let (k, v) = cache
                 .cross(layer)
                 .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
-            a = c.attend(&a, k, v, None)?;
+            let width = c.shape.n_kv_heads * c.shape.head_dim;
+            a = c.attend(&a, &KvView::Rows { k, v, width }, None)?;
         }
         self.ffn.forward(&a)
     }

@@ -85,6 +85,11 @@ impl CausalLm for BlipTextDecoder {
         KvCache::new(self.layers.len())
     }
 
+    fn kv_width(&self) -> usize {
+        // The layers' width: `transform` maps it to itself.
+        self.transform.weight().rows()
+    }
+
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         self.embeddings.words(ids)
     }

@@ -183,6 +183,10 @@ impl CausalLm for IdeficsText {
         KvCache::new(self.layers.len())
     }
 
+    fn kv_width(&self) -> usize {
+        self.kv_width
+    }
+
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let d = self.embed_tokens.last_dim();
         let mut out = Vec::with_capacity(ids.len() * d);

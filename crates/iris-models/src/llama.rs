@@ -9,8 +9,8 @@ use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::layers::{
-    sdpa, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding,
-    RowParallelLinear,
+    sdpa_view, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
+    RotaryEmbedding, RowParallelLinear,
 };
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -82,8 +82,8 @@ impl LlamaAttention {
             let ki = &mut ks[r0 * kw..(r0 + t) * kw];
             rope.apply(qi, self.shape.n_heads, &positions);
             rope.apply(ki, self.shape.n_kv_heads, &positions);
-            let (kc, vc) = cache.append(layer, ki, &vs[r0 * kw..(r0 + t) * kw]);
-            out.extend(sdpa(qi, kc, vc, self.shape, Some(start)));
+            let kv = cache.append(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
+            out.extend(sdpa_view(qi, &kv, self.shape, Some(start)));
             r0 += t;
         }
         let o = Tensor::from_f32(out, &[x.rows(), qw])?.round_to(self.dtype);
@@ -297,6 +297,9 @@ impl Llama {
 impl crate::vlm::CausalLm for Llama {
     fn new_cache(&self) -> KvCache {
         Llama::new_cache(self)
+    }
+    fn kv_width(&self) -> usize {
+        self.cache_width()
     }
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         Llama::embed(self, ids)

@@ -5,7 +5,7 @@
 use iris_tensor::{DType, Tensor};
 
 use crate::config::OptConfig;
-use crate::layers::{sdpa, AttnShape, KvCache, LayerNorm, Linear, Mlp};
+use crate::layers::{sdpa_view, AttnShape, KvCache, LayerNorm, Linear, Mlp};
 use crate::vlm::CausalLm;
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -54,8 +54,9 @@ impl OptLayer {
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
-        let (ks, vs) = cache.append(layer, k.as_f32()?, v.as_f32()?);
-        let o = sdpa(q.as_f32()?, ks, vs, self.shape, Some(start));
+        let kv = cache.append(layer, k.as_f32()?, v.as_f32()?, k.last_dim());
+        let o = sdpa_view(q.as_f32()?, &kv, self.shape, Some(start));
+        drop(kv);
         self.out_proj
             .forward(&Tensor::from_f32(o, q.shape())?.round_to(self.dtype))
     }
@@ -137,6 +138,10 @@ impl Opt {
 impl CausalLm for Opt {
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    fn kv_width(&self) -> usize {
+        self.cfg.hidden_size
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {

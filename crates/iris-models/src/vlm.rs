@@ -11,6 +11,8 @@ use crate::{Error, Result};
 
 pub trait CausalLm: Send + Sync + Debug {
     fn new_cache(&self) -> KvCache;
+    /// Floats of one token's keys (as many again for values) in one layer's cache.
+    fn kv_width(&self) -> usize;
     /// Token embeddings `[ids, hidden]`; errors on ids outside the vocabulary.
     fn embed(&self, ids: &[u32]) -> Result<Tensor>;
     /// Runs `embeds` after the cached tokens; returns the final hidden states.

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use iris_engine::{GenerateOptions, Pipeline, PipelineOptions, SamplingParams, StopRules};
+use iris_engine::{
+    Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, PipelineOptions,
+    SamplingParams, StopRules,
+};
 use iris_image::ImageLimits;
 use iris_tensor::{DType, Device};
 
@@ -143,7 +146,14 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         },
         top_logprobs: a.top_logprobs,
     };
-    let g = pipe.generate_with(&a.prompt, &images, &gen_opts)?;
+    // One request through the serving engine (the same scheduler, paged KV cache and
+    // sampler that `iris serve` runs).
+    let engine = Engine::start(std::sync::Arc::new(pipe), EngineConfig::default());
+    let g = engine.generate(EngineRequest {
+        prompt: a.prompt,
+        images,
+        options: gen_opts,
+    })?;
     if a.json {
         let mut out = serde_json::json!({
             "prompt_token_ids": g.prompt_token_ids,

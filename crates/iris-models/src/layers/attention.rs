@@ -4,6 +4,8 @@
 //! in parallel.
 
 use iris_tensor::kernels::dot_f32;
+
+use super::kv_cache::KvView;
 use rayon::prelude::*;
 
 /// From this many queries at once, attention runs as matrix products.
@@ -26,28 +28,34 @@ pub fn sdpa(
     s: AttnShape,
     causal_offset: Option<usize>,
 ) -> Vec<f32> {
+    let width = s.n_kv_heads * s.head_dim;
+    sdpa_view(q, &KvView::Rows { k, v, width }, s, causal_offset)
+}
+
+/// [`sdpa`] over keys and values wherever they live (a sequence's rows or the blocks
+/// of a paged cache, read through its block table).
+pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
     let hd = s.head_dim;
-    let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
+    let qw = s.n_heads * hd;
     let tq = q.len() / qw;
-    let tk = k.len() / kw;
+    let tk = kv.len();
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let head = |x: &[f32], w: usize, h: usize, t: usize| -> Vec<f32> {
-        (0..t)
-            .flat_map(|i| x[i * w + h * hd..i * w + (h + 1) * hd].iter().copied())
-            .collect()
-    };
+    let key = |j: usize, h: usize| &kv.row(j).0[h * hd..(h + 1) * hd];
+    let value = |j: usize, h: usize| &kv.row(j).1[h * hd..(h + 1) * hd];
     let per_head: Vec<Vec<f32>> = (0..s.n_heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
             if tq >= GEMM_MIN_QUERIES {
                 // Prefill / ViT: scores and mixing as two matrix products per head.
-                let (qh, kh, vh) = (
-                    head(q, qw, h, tq),
-                    head(k, kw, kvh, tk),
-                    head(v, kw, kvh, tk),
-                );
+                let qh: Vec<f32> = (0..tq)
+                    .flat_map(|i| q[i * qw + h * hd..i * qw + (h + 1) * hd].iter().copied())
+                    .collect();
+                let kh: Vec<f32> = (0..tk).flat_map(|j| key(j, kvh).iter().copied()).collect();
+                let vh: Vec<f32> = (0..tk)
+                    .flat_map(|j| value(j, kvh).iter().copied())
+                    .collect();
                 let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
                 for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
                     let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
@@ -63,13 +71,14 @@ pub fn sdpa(
                 let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
                 let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
                 for (j, sc) in scores[..limit].iter_mut().enumerate() {
-                    *sc = dot_f32(qi, &k[j * kw + kvh * hd..j * kw + (kvh + 1) * hd]) * scale;
+                    *sc = dot_f32(qi, key(j, kvh)) * scale;
                 }
                 iris_tensor::softmax_in_place(&mut scores[..limit]);
                 let o = &mut out[i * hd..(i + 1) * hd];
                 for (j, &p) in scores[..limit].iter().enumerate() {
-                    let vj = &v[j * kw + kvh * hd..j * kw + (kvh + 1) * hd];
-                    o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    o.iter_mut()
+                        .zip(value(j, kvh))
+                        .for_each(|(o, v)| *o += p * v);
                 }
             }
             out

@@ -1,10 +1,133 @@
-//! Per-sequence self-attention keys and values, `[tokens, kv_heads·head_dim]` per layer,
-//! for incremental decoding.
+//! Per-sequence self-attention keys and values for incremental decoding, either in the
+//! sequence's own buffers (`[tokens, kv_heads·head_dim]` per layer) or paged: in
+//! fixed-size blocks of a shared [`KvArena`], found through the sequence's block table,
+//! so sequences share prompt blocks and nothing is reserved for tokens never produced.
 
-#[derive(Debug, Clone, Default)]
+use std::sync::{RwLock, RwLockReadGuard};
+
+/// Shared K/V storage in blocks of `block_size` tokens. Per layer one buffer holds, for
+/// block `b`, its `block_size` key rows then its `block_size` value rows. Buffers are
+/// zero-allocated when a layer is first written, so untouched blocks cost no memory.
+#[derive(Debug)]
+pub struct KvArena {
+    block_size: usize,
+    blocks: usize,
+    layers: Vec<RwLock<LayerBlocks>>,
+}
+
+#[derive(Debug, Default)]
+pub struct LayerBlocks {
+    width: usize,
+    data: Vec<f32>,
+}
+
+impl KvArena {
+    pub fn new(n_layers: usize, blocks: usize, block_size: usize) -> KvArena {
+        KvArena {
+            block_size,
+            blocks,
+            layers: (0..n_layers).map(|_| RwLock::default()).collect(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Writes rows `k`, `v` (`width` floats each) at positions `start..` of a sequence
+    /// whose blocks are `table`.
+    fn write(&self, layer: usize, table: &[u32], start: usize, kv: (&[f32], &[f32]), w: usize) {
+        let (k, v) = kv;
+        let mut l = self.layers[layer].write().expect("kv arena lock");
+        if l.data.is_empty() {
+            l.width = w;
+            l.data = vec![0f32; self.blocks * 2 * self.block_size * w];
+        }
+        assert_eq!(l.width, w, "one K/V width per layer");
+        let bs = self.block_size;
+        for (i, (kr, vr)) in k.chunks_exact(w).zip(v.chunks_exact(w)).enumerate() {
+            let pos = start + i;
+            let base = table[pos / bs] as usize * 2 * bs * w + (pos % bs) * w;
+            l.data[base..base + w].copy_from_slice(kr);
+            l.data[base + bs * w..base + bs * w + w].copy_from_slice(vr);
+        }
+    }
+}
+
+/// Keys and values one attention call reads: contiguous rows, or rows found through a
+/// block table.
+pub enum KvView<'a> {
+    Rows {
+        k: &'a [f32],
+        v: &'a [f32],
+        width: usize,
+    },
+    Paged {
+        layer: RwLockReadGuard<'a, LayerBlocks>,
+        table: &'a [u32],
+        block_size: usize,
+        len: usize,
+    },
+}
+
+impl KvView<'_> {
+    /// Number of key (and value) rows.
+    pub fn len(&self) -> usize {
+        match self {
+            KvView::Rows { k, width, .. } => k.len() / width.max(&1),
+            KvView::Paged { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `j`'s keys and values.
+    #[inline]
+    pub fn row(&self, j: usize) -> (&[f32], &[f32]) {
+        match self {
+            KvView::Rows { k, v, width } => {
+                let r = j * width..(j + 1) * width;
+                (&k[r.clone()], &v[r])
+            }
+            KvView::Paged {
+                layer,
+                table,
+                block_size: bs,
+                ..
+            } => {
+                let w = layer.width;
+                let base = table[j / bs] as usize * 2 * bs * w + (j % bs) * w;
+                (
+                    &layer.data[base..base + w],
+                    &layer.data[base + bs * w..base + bs * w + w],
+                )
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Store {
+    Own {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    },
+    Paged {
+        arena: std::sync::Arc<KvArena>,
+        table: Vec<u32>,
+    },
+}
+
+#[derive(Debug, Clone)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    store: Store,
+    n_layers: usize,
     len: usize,
     /// Per layer, the keys and values of what cross-attention reads (the image), computed
     /// once per sequence (BLIP's text decoder; Flamingo's gated layers).
@@ -14,14 +137,46 @@ pub struct KvCache {
     image_of: Vec<Option<usize>>,
 }
 
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache::new(0)
+    }
+}
+
 impl KvCache {
     pub fn new(n_layers: usize) -> KvCache {
         KvCache {
-            k: vec![Vec::new(); n_layers],
-            v: vec![Vec::new(); n_layers],
+            store: Store::Own {
+                k: vec![Vec::new(); n_layers],
+                v: vec![Vec::new(); n_layers],
+            },
+            n_layers,
             len: 0,
             cross: vec![None; n_layers],
             image_of: Vec::new(),
+        }
+    }
+
+    /// This (empty) cache keeps its K/V in `arena`'s blocks, `table` first; the caller
+    /// grows the table (`push_block`) before positions past it are written.
+    pub fn paged(mut self, arena: std::sync::Arc<KvArena>, table: Vec<u32>) -> KvCache {
+        assert!(self.len == 0, "only an empty cache becomes paged");
+        self.store = Store::Paged { arena, table };
+        self
+    }
+
+    pub fn push_block(&mut self, block: u32) {
+        if let Store::Paged { table, .. } = &mut self.store {
+            table.push(block);
+        }
+    }
+
+    /// Positions the cache can hold before it needs another block (unbounded when it
+    /// owns its buffers).
+    pub fn capacity(&self) -> usize {
+        match &self.store {
+            Store::Own { .. } => usize::MAX,
+            Store::Paged { arena, table } => table.len() * arena.block_size(),
         }
     }
 
@@ -49,6 +204,15 @@ impl KvCache {
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
 
+    /// Floats held for cross-attention (what a paged engine accounts in blocks).
+    pub fn cross_floats(&self) -> usize {
+        self.cross
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len())
+            .sum()
+    }
+
     /// Tokens cached so far (the next token's position).
     pub fn len(&self) -> usize {
         self.len
@@ -58,44 +222,105 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends a step's keys and values to `layer`; returns all of the layer's K and V.
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
-        self.k[layer].extend_from_slice(k);
-        self.v[layer].extend_from_slice(v);
-        (&self.k[layer], &self.v[layer])
+    /// Appends a step's keys and values (`width` floats a row) to `layer`; returns
+    /// everything the layer holds, this step included.
+    ///
+    /// Panics when a paged cache's table has no block for the new positions: the
+    /// engine allocates blocks before it runs a step.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], width: usize) -> KvView<'_> {
+        let t = k.len() / width.max(1);
+        match &mut self.store {
+            Store::Own { k: ks, v: vs } => {
+                ks[layer].extend_from_slice(k);
+                vs[layer].extend_from_slice(v);
+                KvView::Rows {
+                    k: &ks[layer],
+                    v: &vs[layer],
+                    width,
+                }
+            }
+            Store::Paged { arena, table } => {
+                let end = self.len + t;
+                assert!(
+                    end <= table.len() * arena.block_size(),
+                    "paged KV cache: position {end} past the block table"
+                );
+                arena.write(layer, table, self.len, (k, v), width);
+                KvView::Paged {
+                    layer: arena.layers[layer].read().expect("kv arena lock"),
+                    table,
+                    block_size: arena.block_size(),
+                    len: end,
+                }
+            }
+        }
     }
 
     pub fn n_layers(&self) -> usize {
-        self.k.len()
+        self.n_layers
     }
 
-    /// Layer `layer`'s keys and values of positions `range` (a prefix-cache block).
-    pub fn rows(&self, layer: usize, range: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
-        let w = self.k[layer].len().checked_div(self.len).unwrap_or(0);
-        let r = range.start * w..range.end * w;
-        (self.k[layer][r.clone()].to_vec(), self.v[layer][r].to_vec())
-    }
-
-    /// Appends a cached block's K/V to every layer and counts its `t` positions.
-    pub fn extend_block(&mut self, per_layer: &[(Vec<f32>, Vec<f32>)], t: usize) {
-        for (layer, (k, v)) in per_layer.iter().enumerate() {
-            self.k[layer].extend_from_slice(k);
-            self.v[layer].extend_from_slice(v);
-        }
-        self.len += t;
-    }
-
-    /// Marks `t` more tokens as cached, once every layer has appended them.
+    /// Counts `t` positions whose K/V are already in the cache's blocks (a prefix-cache
+    /// hit), or, after a step, that every layer has appended.
     pub fn advance(&mut self, t: usize) {
         self.len += t;
     }
 
-    /// Drops whatever layers appended beyond `len` (a step that failed half-way).
+    /// Drops whatever layers appended beyond `len` (a step that failed half-way); paged
+    /// blocks are simply overwritten by the next step.
     pub fn rollback(&mut self, width: usize) {
         let keep = self.len * width;
-        self.k
-            .iter_mut()
-            .chain(self.v.iter_mut())
-            .for_each(|c| c.truncate(keep));
+        if let Store::Own { k, v } = &mut self.store {
+            k.iter_mut()
+                .chain(v.iter_mut())
+                .for_each(|c| c.truncate(keep));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn paged_rows_read_back_through_the_table() {
+        let arena = Arc::new(KvArena::new(2, 8, 4));
+        // Blocks out of order, as a pool hands them out.
+        let mut paged = KvCache::new(2).paged(arena.clone(), vec![5, 2]);
+        let mut own = KvCache::new(2);
+        let rows = |t: usize, s: f32| -> Vec<f32> { (0..t * 3).map(|i| i as f32 + s).collect() };
+        for (step, t) in [6usize, 1, 1].into_iter().enumerate() {
+            if paged.len() + t > paged.capacity() {
+                paged.push_block(7);
+            }
+            for layer in 0..2 {
+                let s = (step * 10 + layer) as f32 * 100.0;
+                let (k, v) = (rows(t, s), rows(t, s + 50.0));
+                let a: Vec<_> = {
+                    let view = paged.append(layer, &k, &v, 3);
+                    (0..view.len())
+                        .map(|j| (view.row(j).0.to_vec(), view.row(j).1.to_vec()))
+                        .collect()
+                };
+                let view = own.append(layer, &k, &v, 3);
+                let b: Vec<_> = (0..view.len())
+                    .map(|j| (view.row(j).0.to_vec(), view.row(j).1.to_vec()))
+                    .collect();
+                assert_eq!(a, b);
+            }
+            paged.advance(t);
+            own.advance(t);
+        }
+        assert_eq!(paged.len(), 8);
+        // Another sequence sharing the first block reads the same rows.
+        let mut other = KvCache::new(2).paged(arena, vec![5, 3]);
+        other.advance(4);
+        let view = other.append(0, &[9.0; 3], &[9.0; 3], 3);
+        let view_own = own.append(0, &[], &[], 3);
+        for j in 0..4 {
+            assert_eq!(view.row(j), view_own.row(j));
+        }
+        assert_eq!(view.row(4).0, &[9.0; 3]);
     }
 }

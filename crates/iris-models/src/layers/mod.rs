@@ -7,8 +7,8 @@ mod mlp;
 mod norm;
 mod rope;
 
-pub use attention::{sdpa, AttnShape};
-pub use kv_cache::KvCache;
+pub use attention::{sdpa, sdpa_view, AttnShape};
+pub use kv_cache::{KvArena, KvCache, KvView};
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear};
 pub use mlp::{GatedMlp, Mlp};
 pub use norm::{LayerNorm, RmsNorm};
