@@ -87,7 +87,7 @@ impl CausalLm for BlipTextDecoder {
 
     fn kv_width(&self) -> usize {
         // The layers' width: `transform` maps it to itself.
-        self.transform.weight().rows()
+        self.transform.out_dim()
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {

@@ -17,6 +17,7 @@ mod tensor;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use matmul::{gemm_f32, linear};
+pub use matmul::{gemm_f32, linear, linear_packed};
+pub mod packed;
 pub use ops::{round_scalar, softmax_in_place, Activation};
 pub use tensor::Tensor;

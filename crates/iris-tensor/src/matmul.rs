@@ -13,6 +13,7 @@ use half::bf16;
 use crate::kernels::{
     dot_bf16_dp, dot_tile_4x4, dot_tile_4x4_bf16, has_avx512_bf16, TileLanes, WeightElem,
 };
+use crate::packed::PackedBf16;
 use crate::tensor::Storage;
 use crate::{Result, Tensor};
 
@@ -22,6 +23,33 @@ const SMALL_M: usize = 64;
 
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
+    check_shapes(x, n, k, bias)?;
+    let m = x.rows();
+    let xs = x.as_f32()?;
+    let bf16_tiles = w.dtype() == crate::DType::BF16 && has_avx512_bf16();
+    let out = if m <= SMALL_M {
+        small_m(xs, m, w, n, k)
+    } else if bf16_tiles {
+        // Prefill with bf16 weights: a packed `vdpbf16ps` GEMM.
+        let Storage::BF16(wv) = &*w.storage else {
+            unreachable!("bf16 weight")
+        };
+        crate::packed::matmul_packed(xs, m, k, &PackedBf16::pack(wv, n, k))
+    } else {
+        large_m(xs, m, w, n, k)
+    };
+    with_bias(out, x, n, bias)
+}
+
+/// `linear` with a weight packed once for the `vdpbf16ps` GEMM (every row count).
+pub fn linear_packed(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (n, k) = (w.n(), w.k());
+    check_shapes(x, n, k, bias)?;
+    let out = crate::packed::matmul_packed(x.as_f32()?, x.rows(), k, w);
+    with_bias(out, x, n, bias)
+}
+
+fn check_shapes(x: &Tensor, n: usize, k: usize, bias: Option<&Tensor>) -> Result<()> {
     if x.last_dim() != k {
         return shape_err(
             "linear",
@@ -36,22 +64,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             );
         }
     }
-    let m = x.rows();
-    let xs = x.as_f32()?;
-    let bf16_tiles = w.dtype() == crate::DType::BF16 && has_avx512_bf16();
-    let mut out = if m <= SMALL_M {
-        small_m(xs, m, w, n, k)
-    } else if bf16_tiles {
-        // Prefill with bf16 weights: blocks of SMALL_M rows on the `vdpbf16ps` tiles
-        // (each block's activations stay in L2) instead of widening the weight to f32.
-        let mut out = Vec::with_capacity(m * n);
-        for rows in xs.chunks(SMALL_M * k) {
-            out.extend(small_m(rows, rows.len() / k, w, n, k));
-        }
-        out
-    } else {
-        large_m(xs, m, w, n, k)
-    };
+    Ok(())
+}
+
+fn with_bias(mut out: Vec<f32>, x: &Tensor, n: usize, bias: Option<&Tensor>) -> Result<Tensor> {
     if let Some(b) = bias {
         let b = b.to_f32_vec();
         for row in out.chunks_exact_mut(n) {

@@ -6,21 +6,34 @@
 use std::sync::Arc;
 
 use iris_comm::{shard_range, Communicator};
+use iris_tensor::packed::PackedBf16;
 use iris_tensor::{DType, Tensor};
 
 use crate::weights::Vb;
 use crate::Result;
 
-/// `y = x·Wᵀ + b`, the output rounded to the model's dtype as PyTorch would.
+/// `y = x·Wᵀ + b`, the output rounded to the model's dtype as PyTorch would. A bf16
+/// weight is packed once, at load, for the `vdpbf16ps` GEMM where the CPU has it (the
+/// row-major original is dropped, or left to its memory map).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     dtype: DType,
 }
 
+#[derive(Debug, Clone)]
+enum Weight {
+    Plain(Tensor),
+    Packed(Arc<PackedBf16>),
+}
+
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Linear {
+        let weight = match PackedBf16::for_tensor(&weight) {
+            Some(p) => Weight::Packed(Arc::new(p)),
+            None => Weight::Plain(weight),
+        };
         Linear {
             weight,
             bias,
@@ -39,11 +52,23 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(iris_tensor::linear(x, &self.weight, self.bias.as_ref())?.round_to(self.dtype))
+        Ok(self.product(x, self.bias.as_ref())?.round_to(self.dtype))
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `x·Wᵀ (+ bias)` in f32, not rounded.
+    fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Weight::Plain(w) => iris_tensor::linear(x, w, bias)?,
+            Weight::Packed(w) => iris_tensor::linear_packed(x, w, bias)?,
+        })
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        match &self.weight {
+            Weight::Plain(w) => w.shape()[0],
+            Weight::Packed(w) => w.n(),
+        }
     }
 }
 
@@ -106,7 +131,7 @@ impl RowParallelLinear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = iris_tensor::linear(x, &self.inner.weight, None)?;
+        let mut y = self.inner.product(x, None)?;
         self.comm.all_reduce_sum(y.f32_mut())?;
         if let Some(b) = &self.bias {
             y = y.add_row(b)?;

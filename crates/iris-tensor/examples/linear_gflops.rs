@@ -1,0 +1,64 @@
+//! GFLOP/s of `linear` with bf16 weights at decode and prefill shapes (TinyLlama's
+//! projections), row-major (`linear`) and packed once (`linear_packed`):
+//! `cargo run --release -p iris-tensor --example linear_gflops [M,M,..]`.
+use std::time::Instant;
+
+use iris_tensor::packed::PackedBf16;
+use iris_tensor::{linear, linear_packed, DType, Tensor};
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() {
+    let shapes = [(2048usize, 2048usize), (5632, 2048), (2048, 5632)];
+    let ms: Vec<usize> = std::env::args()
+        .nth(1)
+        .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+        .unwrap_or(vec![1, 8, 32, 64, 608]);
+    for &(n, k) in &shapes {
+        let w = Tensor::from_f32(
+            (0..n * k)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
+                .collect(),
+            &[n, k],
+        )
+        .unwrap()
+        .to_dtype(DType::BF16);
+        let packed = PackedBf16::for_tensor(&w);
+        for &m in &ms {
+            let x = Tensor::from_f32(
+                (0..m * k)
+                    .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
+                    .collect(),
+                &[m, k],
+            )
+            .unwrap();
+            let flop = 2.0 * (m * n * k) as f64;
+            let reps = (4e9 / flop).clamp(2.0, 200.0) as usize;
+            let plain = time(reps, || {
+                std::hint::black_box(linear(&x, &w, None).unwrap());
+            });
+            let packed = packed.as_ref().map(|p| {
+                time(reps, || {
+                    std::hint::black_box(linear_packed(&x, p, None).unwrap());
+                })
+            });
+            println!(
+                "n={n:5} k={k:5} m={m:4}: row-major {:8.3} ms {:6.1} GFLOP/s | packed {}",
+                plain * 1e3,
+                flop / plain / 1e9,
+                packed.map_or("n/a".into(), |s| format!(
+                    "{:8.3} ms {:6.1} GFLOP/s",
+                    s * 1e3,
+                    flop / s / 1e9
+                ))
+            );
+        }
+    }
+}

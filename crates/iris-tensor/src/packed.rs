@@ -1,0 +1,296 @@
+//! bf16 × bf16 matrix product for many rows (prefill, the ViT) with `vdpbf16ps`, laid
+//! out as a classic GEMM (Goto & van de Geijn, 2008): the weight is packed into panels
+//! of 32 output columns whose k-pairs sit side by side, so one step of the micro-kernel
+//! loads two vectors of weights (32 columns × 2 k), broadcasts one pair of each of 12
+//! activation rows and issues 24 `vdpbf16ps` into 24 accumulators. k is blocked so a
+//! weight micro-panel stays in L1 and the activations' k-block in L2 across panels.
+//!
+//! Each output is one f32 accumulator fed k-pairs in order (blocking only stores and
+//! reloads it), so results do not depend on the blocking, the row tile or the thread.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two AVX-512 vectors of f32).
+pub const PANEL: usize = 32;
+/// Activation rows per micro-kernel call (24 accumulators, of 32 registers).
+const MR: usize = 12;
+/// k-pairs per cache block: a weight micro-panel is `KC·PANEL·4` bytes (16 KiB).
+const KC: usize = 128;
+
+/// `w` (`[n, k]` bf16) packed in panels of `PANEL` columns, each `[k/2][PANEL][2]`,
+/// zero-padded to whole panels and an even k.
+#[derive(Clone)]
+pub struct PackedBf16 {
+    data: Vec<bf16>,
+    n: usize,
+    k: usize,
+    /// k-pairs.
+    kp: usize,
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedBf16[{}, {}]", self.n, self.k)
+    }
+}
+
+impl PackedBf16 {
+    pub fn pack(w: &[bf16], n: usize, k: usize) -> PackedBf16 {
+        assert_eq!(w.len(), n * k, "pack: weight is not [n, k]");
+        let kp = k.div_ceil(2);
+        let mut data = vec![bf16::ZERO; n.div_ceil(PANEL) * kp * PANEL * 2];
+        data.par_chunks_mut(kp * PANEL * 2)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * k..(p * PANEL + c + 1) * k];
+                    for (t, pair) in row.chunks(2).enumerate() {
+                        let at = t * PANEL * 2 + c * 2;
+                        panel[at] = pair[0];
+                        if let Some(&b) = pair.get(1) {
+                            panel[at + 1] = b;
+                        }
+                    }
+                }
+            });
+        PackedBf16 { data, n, k, kp }
+    }
+
+    /// Packs a `[n, k]` bf16 tensor when this CPU runs the packed GEMM (AVX-512 BF16).
+    pub fn for_tensor(w: &crate::Tensor) -> Option<PackedBf16> {
+        let (n, k) = w.dims2().ok()?;
+        match &*w.storage {
+            crate::tensor::Storage::BF16(v) if crate::kernels::has_avx512_bf16() => {
+                Some(PackedBf16::pack(v, n, k))
+            }
+            _ => None,
+        }
+    }
+
+    /// Output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input columns.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(PANEL)
+    }
+}
+
+/// `x[m, k] · Wᵀ` for f32 activations (rounded to bf16, as PyTorch's bf16 matmul takes
+/// them) and a packed bf16 weight; returns `[m, n]` f32. Needs AVX-512 BF16.
+pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> {
+    assert!(
+        crate::kernels::has_avx512_bf16(),
+        "matmul_packed needs AVX-512 BF16"
+    );
+    assert_eq!(x.len(), m * k, "matmul_packed: x is not [m, k]");
+    assert_eq!(
+        w.kp,
+        k.div_ceil(2),
+        "matmul_packed: k differs from the weight's"
+    );
+    let lda = w.kp * 2;
+    let mut a = vec![bf16::ZERO; m * lda];
+    a.par_chunks_mut(lda)
+        .zip(x.par_chunks(k))
+        .for_each(|(dst, src)| {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = bf16::from_f32(s))
+        });
+    // Per panel, its `[m, PANEL]` strip of the output, so each thread owns whole strips.
+    // Threads take contiguous groups of panels. With many rows, k-blocks run outermost
+    // inside a group: the activations' k-block stays in L2 while micro-panels pass by.
+    let panels = w.panels();
+    let groups = (rayon::current_num_threads() * 4).clamp(1, panels);
+    let per_group = panels.div_ceil(groups);
+    let mut strips = vec![0f32; panels * m * PANEL];
+    strips
+        .par_chunks_mut(per_group * m * PANEL)
+        .enumerate()
+        .for_each(|(g, group)| {
+            let block = |q: usize, k0: usize, strip: &mut [f32]| {
+                let p = g * per_group + q;
+                let kc = KC.min(w.kp - k0);
+                let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
+                let mut i = 0;
+                while i < m {
+                    let rows = MR.min(m - i);
+                    let a = &a[i * lda + k0 * 2..];
+                    let c = &mut strip[i * PANEL..(i + rows) * PANEL];
+                    // SAFETY: AVX-512 BF16 was checked above; `a` holds `rows` rows of
+                    // `lda` from `k0` on (kc pairs each), `b` kc pairs of PANEL columns,
+                    // `c` rows × PANEL.
+                    unsafe { x86::micro(a, lda, b, kc, c, rows, k0 > 0) };
+                    i += rows;
+                }
+            };
+            if m <= MR {
+                // Decode: stream each panel front to back (the weights come from DRAM).
+                for (q, strip) in group.chunks_exact_mut(m * PANEL).enumerate() {
+                    for k0 in (0..w.kp).step_by(KC) {
+                        block(q, k0, strip);
+                    }
+                }
+            } else {
+                for k0 in (0..w.kp).step_by(KC) {
+                    for (q, strip) in group.chunks_exact_mut(m * PANEL).enumerate() {
+                        block(q, k0, strip);
+                    }
+                }
+            }
+        });
+    let n = w.n;
+    let mut out = vec![0f32; m * n];
+    for (p, strip) in strips.chunks_exact(m * PANEL).enumerate() {
+        let cols = PANEL.min(n - p * PANEL);
+        for i in 0..m {
+            out[i * n + p * PANEL..i * n + p * PANEL + cols]
+                .copy_from_slice(&strip[i * PANEL..i * PANEL + cols]);
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    use super::{MR, PANEL};
+
+    /// `c[rows, PANEL] (+)= a[rows, kc pairs] · b[kc pairs, PANEL]`, accumulating onto
+    /// `c` when `accumulate`.
+    ///
+    /// # Safety
+    /// avx512f and avx512bf16 must be present; the slices as `matmul_packed` cuts them.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn micro(
+        a: &[bf16],
+        lda: usize,
+        b: &[bf16],
+        kc: usize,
+        c: &mut [f32],
+        rows: usize,
+        accumulate: bool,
+    ) {
+        // One monomorphised loop per row count keeps the accumulators in registers.
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => unsafe { micro_n::<$r>(a, lda, b, kc, c, accumulate) },)*
+                    _ => unreachable!("rows ≤ MR"),
+                }
+            };
+        }
+        const _: () = assert!(MR == 12);
+        go!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn micro_n<const R: usize>(
+        a: &[bf16],
+        lda: usize,
+        b: &[bf16],
+        kc: usize,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        assert!(b.len() >= kc * PANEL * 2 && c.len() >= R * PANEL);
+        assert!(a.len() >= (R - 1) * lda + kc * 2);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: c holds R rows of PANEL (asserted).
+                unsafe {
+                    row[0] = _mm512_loadu_ps(c.as_ptr().add(i * PANEL));
+                    row[1] = _mm512_loadu_ps(c.as_ptr().add(i * PANEL + 16));
+                }
+            }
+        }
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        for t in 0..kc {
+            // SAFETY: pair t of the panel and of each row is in bounds (asserted).
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pb.add(t * 64) as _));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(pb.add(t * 64 + 32) as _));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let pair = (pa.add(i * lda + t * 2) as *const i32).read_unaligned();
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+                    row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe {
+                _mm512_storeu_ps(c.as_mut_ptr().add(i * PANEL), row[0]);
+                _mm512_storeu_ps(c.as_mut_ptr().add(i * PANEL + 16), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_matmul_matches_a_naive_product() {
+        if !crate::kernels::has_avx512_bf16() {
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (30, 70, 300), (25, 64, 257)] {
+            let w: Vec<bf16> = (0..n * k)
+                .map(|i| bf16::from_f32(((i * 31 % 17) as f32 - 8.0) / 8.0))
+                .collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 13 % 7) as f32 - 3.0) / 4.0)
+                .collect();
+            let got = matmul_packed(&x, m, k, &PackedBf16::pack(&w, n, k));
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k)
+                        .map(|t| bf16::from_f32(x[i * k + t]).to_f32() * w[j * k + t].to_f32())
+                        .sum();
+                    let g = got[i * n + j];
+                    assert!(
+                        (g - want).abs() < 1e-3,
+                        "m{m} n{n} k{k} [{i},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on how many rows are multiplied with it.
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        if !crate::kernels::has_avx512_bf16() {
+            return;
+        }
+        let (n, k) = (40, 600);
+        let w: Vec<bf16> = (0..n * k)
+            .map(|i| bf16::from_f32(((i * 7 % 23) as f32 - 11.0) / 9.0))
+            .collect();
+        let pw = PackedBf16::pack(&w, n, k);
+        let x: Vec<f32> = (0..29 * k)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let all = matmul_packed(&x, 29, k, &pw);
+        for i in [0, 11, 12, 28] {
+            let one = matmul_packed(&x[i * k..(i + 1) * k], 1, k, &pw);
+            assert_eq!(one, &all[i * n..(i + 1) * n]);
+        }
+    }
+}
