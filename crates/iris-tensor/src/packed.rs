@@ -17,6 +17,8 @@ pub const PANEL: usize = 32;
 const MR: usize = 12;
 /// k-pairs per cache block: a weight micro-panel is `KC·PANEL·4` bytes (16 KiB).
 const KC: usize = 128;
+/// Up to this many bytes of activations, panels are streamed whole, one after another.
+const STREAM_A_BYTES: usize = 384 << 10;
 
 /// `w` (`[n, k]` bf16) packed in panels of `PANEL` columns, each `[k/2][PANEL][2]`,
 /// zero-padded to whole panels and an even k.
@@ -97,67 +99,78 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
         "matmul_packed: k differs from the weight's"
     );
     let lda = w.kp * 2;
-    let mut a = vec![bf16::ZERO; m * lda];
-    a.par_chunks_mut(lda)
-        .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| {
-            dst.iter_mut()
-                .zip(src)
-                .for_each(|(d, &s)| *d = bf16::from_f32(s))
-        });
-    // Per panel, its `[m, PANEL]` strip of the output, so each thread owns whole strips.
-    // Threads take contiguous groups of panels. With many rows, k-blocks run outermost
-    // inside a group: the activations' k-block stays in L2 while micro-panels pass by.
+    let mut a: Vec<bf16> = Vec::with_capacity(m * lda);
+    a.par_extend((0..m * lda).into_par_iter().map(|e| {
+        let (i, t) = (e / lda, e % lda);
+        if t < k {
+            bf16::from_f32(x[i * k + t])
+        } else {
+            bf16::ZERO
+        }
+    }));
+    let n = w.n;
+    let mut out = vec![0f32; m * n];
+    let c = OutPtr(out.as_mut_ptr());
+    // Threads take contiguous groups of panels (each writes only its panels' columns).
+    // With many rows, k-blocks run outermost inside a group, so the activations'
+    // k-block stays in L2 while the micro-panels pass by.
     let panels = w.panels();
     let groups = (rayon::current_num_threads() * 4).clamp(1, panels);
     let per_group = panels.div_ceil(groups);
-    let mut strips = vec![0f32; panels * m * PANEL];
-    strips
-        .par_chunks_mut(per_group * m * PANEL)
-        .enumerate()
-        .for_each(|(g, group)| {
-            let block = |q: usize, k0: usize, strip: &mut [f32]| {
-                let p = g * per_group + q;
-                let kc = KC.min(w.kp - k0);
-                let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
-                let mut i = 0;
-                while i < m {
-                    let rows = MR.min(m - i);
-                    let a = &a[i * lda + k0 * 2..];
-                    let c = &mut strip[i * PANEL..(i + rows) * PANEL];
-                    // SAFETY: AVX-512 BF16 was checked above; `a` holds `rows` rows of
-                    // `lda` from `k0` on (kc pairs each), `b` kc pairs of PANEL columns,
-                    // `c` rows × PANEL.
-                    unsafe { x86::micro(a, lda, b, kc, c, rows, k0 > 0) };
-                    i += rows;
-                }
-            };
-            if m <= MR {
-                // Decode: stream each panel front to back (the weights come from DRAM).
-                for (q, strip) in group.chunks_exact_mut(m * PANEL).enumerate() {
-                    for k0 in (0..w.kp).step_by(KC) {
-                        block(q, k0, strip);
-                    }
-                }
-            } else {
+    (0..groups).into_par_iter().for_each(|g| {
+        let c = &c;
+        let block = |p: usize, k0: usize| {
+            let kc = KC.min(w.kp - k0);
+            let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
+            let cols = PANEL.min(n - p * PANEL);
+            let mut i = 0;
+            while i < m {
+                let rows = MR.min(m - i);
+                let a = &a[i * lda + k0 * 2..];
+                // SAFETY: AVX-512 BF16 was checked above; `a` holds `rows` rows of `lda`
+                // from `k0` on, `b` kc pairs of PANEL columns; the output rows i.. and
+                // columns of panel p are in `out` and written by this group alone.
+                unsafe {
+                    x86::micro(
+                        a,
+                        lda,
+                        b,
+                        kc,
+                        c.0.add(i * n + p * PANEL),
+                        n,
+                        rows,
+                        cols,
+                        k0 > 0,
+                    )
+                };
+                i += rows;
+            }
+        };
+        let mine = g * per_group..((g + 1) * per_group).min(panels);
+        if m * lda * 2 <= STREAM_A_BYTES {
+            // Decode: the activations stay in L2, so stream each panel front to back
+            // (the weights come from DRAM).
+            for p in mine {
                 for k0 in (0..w.kp).step_by(KC) {
-                    for (q, strip) in group.chunks_exact_mut(m * PANEL).enumerate() {
-                        block(q, k0, strip);
-                    }
+                    block(p, k0);
                 }
             }
-        });
-    let n = w.n;
-    let mut out = vec![0f32; m * n];
-    for (p, strip) in strips.chunks_exact(m * PANEL).enumerate() {
-        let cols = PANEL.min(n - p * PANEL);
-        for i in 0..m {
-            out[i * n + p * PANEL..i * n + p * PANEL + cols]
-                .copy_from_slice(&strip[i * PANEL..i * PANEL + cols]);
+        } else {
+            for k0 in (0..w.kp).step_by(KC) {
+                for p in mine.clone() {
+                    block(p, k0);
+                }
+            }
         }
-    }
+    });
     out
 }
+
+/// The output's base pointer, shared by the threads that write disjoint panels of it.
+struct OutPtr(*mut f32);
+// SAFETY: every thread writes a disjoint set of columns, and `out` outlives the loop.
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -166,26 +179,43 @@ mod x86 {
 
     use super::{MR, PANEL};
 
-    /// `c[rows, PANEL] (+)= a[rows, kc pairs] · b[kc pairs, PANEL]`, accumulating onto
-    /// `c` when `accumulate`.
+    /// `c[rows, cols] (+)= a[rows, kc pairs] · b[kc pairs, PANEL]`, `c` with row stride
+    /// `ldc`, accumulating onto `c` when `accumulate`.
     ///
     /// # Safety
-    /// avx512f and avx512bf16 must be present; the slices as `matmul_packed` cuts them.
+    /// avx512f and avx512bf16 must be present; the slices as `matmul_packed` cuts them;
+    /// `c` valid for `rows` rows of `cols` ≤ PANEL floats at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn micro(
         a: &[bf16],
         lda: usize,
         b: &[bf16],
         kc: usize,
-        c: &mut [f32],
+        c: *mut f32,
+        ldc: usize,
         rows: usize,
+        cols: usize,
         accumulate: bool,
     ) {
+        let m0 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
+        let m1 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        let masks = (m0, m1);
         // One monomorphised loop per row count keeps the accumulators in registers.
         macro_rules! go {
             ($($r:literal)*) => {
                 match rows {
-                    $($r => unsafe { micro_n::<$r>(a, lda, b, kc, c, accumulate) },)*
+                    $($r => unsafe { micro_n::<$r>(a, lda, b, kc, c, ldc, masks, accumulate) },)*
                     _ => unreachable!("rows ≤ MR"),
                 }
             };
@@ -195,24 +225,27 @@ mod x86 {
     }
 
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn micro_n<const R: usize>(
         a: &[bf16],
         lda: usize,
         b: &[bf16],
         kc: usize,
-        c: &mut [f32],
+        c: *mut f32,
+        ldc: usize,
+        (m0, m1): (u16, u16),
         accumulate: bool,
     ) {
-        assert!(b.len() >= kc * PANEL * 2 && c.len() >= R * PANEL);
+        assert!(b.len() >= kc * PANEL * 2);
         assert!(a.len() >= (R - 1) * lda + kc * 2);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
-                // SAFETY: c holds R rows of PANEL (asserted).
+                // SAFETY: c is valid for R rows of the masked columns (the caller's).
                 unsafe {
-                    row[0] = _mm512_loadu_ps(c.as_ptr().add(i * PANEL));
-                    row[1] = _mm512_loadu_ps(c.as_ptr().add(i * PANEL + 16));
+                    row[0] = _mm512_maskz_loadu_ps(m0, c.add(i * ldc));
+                    row[1] = _mm512_maskz_loadu_ps(m1, c.add(i * ldc + 16));
                 }
             }
         }
@@ -234,8 +267,8 @@ mod x86 {
         for (i, row) in acc.iter().enumerate() {
             // SAFETY: as above.
             unsafe {
-                _mm512_storeu_ps(c.as_mut_ptr().add(i * PANEL), row[0]);
-                _mm512_storeu_ps(c.as_mut_ptr().add(i * PANEL + 16), row[1]);
+                _mm512_mask_storeu_ps(c.add(i * ldc), m0, row[0]);
+                _mm512_mask_storeu_ps(c.add(i * ldc + 16), m1, row[1]);
             }
         }
     }
