@@ -48,6 +48,7 @@ fn requests() -> Vec<EngineRequest> {
                 ),
                 images: vec![image(images[i % 2])],
                 options: GenerateOptions::new(4 + i % 5, sampling),
+                encoded: None,
             }
         })
         .collect()
@@ -141,6 +142,7 @@ fn other_families_run_through_the_engine() {
                 prompt: format!("<image> Question {i}: what is it? Answer:"),
                 images: vec![image(img)],
                 options: GenerateOptions::new(3 + i, SamplingParams::default()),
+                encoded: None,
             })
             .collect();
         let engine = Engine::start(p.clone(), EngineConfig::default());
@@ -254,6 +256,7 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
         ),
         images: vec![image("tall.jpg")],
         options: GenerateOptions::new(3, SamplingParams::default()),
+        encoded: None,
     };
     let prompt_len = p
         .processor

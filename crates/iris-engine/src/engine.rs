@@ -66,6 +66,29 @@ pub struct EngineRequest {
     pub prompt: String,
     pub images: Vec<Vec<u8>>,
     pub options: GenerateOptions,
+    /// Already tokenized and encoded elsewhere (the gateway and the vision and
+    /// connector tiers): `prompt` and `images` are then ignored.
+    pub encoded: Option<EncodedPrompt>,
+}
+
+impl EngineRequest {
+    pub fn new(prompt: impl Into<String>, images: Vec<Vec<u8>>, options: GenerateOptions) -> Self {
+        EngineRequest {
+            prompt: prompt.into(),
+            images,
+            options,
+            encoded: None,
+        }
+    }
+}
+
+/// A prompt's ids (image placeholders expanded) and its images' visual tokens.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt {
+    pub input_ids: Vec<u32>,
+    pub visual: Vec<Tensor>,
+    /// BLAKE3 of each image's bytes (prefix-cache keys).
+    pub image_hashes: Vec<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -455,23 +478,40 @@ impl Worker {
         let p = &self.pipeline;
         let r = &submission.request;
         let budget = self.config.kv_blocks * self.config.block_size;
-        let prepared = p.processor.prepare(&r.prompt, &r.images).and_then(|prep| {
-            let need = prep.input_ids.len() + r.options.max_new_tokens;
+        let fits = |ids: &[u32]| {
+            let need = ids.len() + r.options.max_new_tokens;
+            if ids.is_empty() {
+                return Err(Error::Input("the prompt is empty".into()));
+            }
             if need > budget {
                 return Err(Error::Input(format!(
                     "the request needs {need} KV positions, more than the engine's {budget}"
                 )));
             }
-            Ok((p.encode_images(&prep)?, prep))
-        });
+            Ok(())
+        };
+        let prepared = match &r.encoded {
+            Some(e) => fits(&e.input_ids).map(|()| {
+                let prep = PreparedPrompt {
+                    input_ids: e.input_ids.clone(),
+                    pixel_values: Vec::new(),
+                };
+                (e.visual.clone(), prep, e.image_hashes.clone())
+            }),
+            None => p.processor.prepare(&r.prompt, &r.images).and_then(|prep| {
+                fits(&prep.input_ids)?;
+                let hashes = r
+                    .images
+                    .iter()
+                    .map(|b| *blake3::hash(b).as_bytes())
+                    .collect();
+                Ok((p.encode_images(&prep)?, prep, hashes))
+            }),
+        };
         match prepared {
-            Ok((visual, prepared)) => {
+            Ok((visual, prepared, image_hashes)) => {
                 self.waiting.push_back(Sequence {
-                    image_hashes: r
-                        .images
-                        .iter()
-                        .map(|b| *blake3::hash(b).as_bytes())
-                        .collect(),
+                    image_hashes,
                     submission,
                     prepared,
                     visual,

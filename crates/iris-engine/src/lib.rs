@@ -13,10 +13,11 @@ mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{
-    Engine, EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
+    EncodedPrompt, Engine, EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent,
+    TokenStream,
 };
 pub use pipeline::{
-    FinishReason, GenerateOptions, Generation, Pipeline, PipelineOptions, StopRules,
+    FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,
 };
 pub use processor::{PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;

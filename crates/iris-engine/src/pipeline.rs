@@ -86,41 +86,63 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-#[derive(Debug)]
-pub struct Pipeline {
+/// What serving a model folder needs besides its weights: its processor (tokenizer,
+/// image processor, placeholder expansion), stop ids and context length, read from the
+/// config files alone (the gateway tokenizes and validates with it).
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub architecture: String,
     pub processor: Processor,
-    pub model: Box<dyn VisionLanguageModel>,
-    eos_token_ids: Vec<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Positions the language model has (prompt plus output).
+    pub context_length: usize,
 }
 
-impl Pipeline {
-    /// Loads the model folder `dir`, whatever architecture Iris serves it is.
-    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<Pipeline> {
+impl ModelSpec {
+    pub fn read(dir: &Path, limits: ImageLimits) -> Result<ModelSpec> {
+        use iris_models::config::{Blip2Config, BlipConfig, IdeficsConfig, LlavaConfig};
         let cfg = read_json(&dir.join("config.json"))?;
         let arch = architecture(&cfg).unwrap_or_default();
         let mut sep_eos = None;
-        let (model, style, model_eos): (Box<dyn VisionLanguageModel>, _, _) = match arch.as_str() {
+        // (style, placeholder id, visual tokens per image, model eos, context)
+        let (style, placeholder, per_image, model_eos, context) = match arch.as_str() {
             iris_models::llava::ARCHITECTURE | "llava" => {
-                let m = Llava::load(dir, opts.dtype, iris_comm::single())?;
-                let eos = m.config().text.eos_token_ids.clone();
-                (Box::new(m), PromptStyle::Inline, eos)
+                let c = LlavaConfig::from_value(&cfg)?;
+                let per = c.tokens_per_image();
+                let ctx = c.text.max_position_embeddings;
+                (
+                    PromptStyle::Inline,
+                    Some(c.image_token_id),
+                    per,
+                    c.text.eos_token_ids,
+                    ctx,
+                )
             }
             iris_models::blip2::ARCHITECTURE | "blip-2" => {
-                let m = Blip2::load(dir, opts.dtype)?;
-                let eos = m.config().text.eos_token_ids.clone();
-                (Box::new(m), PromptStyle::Prefix, eos)
+                let c = Blip2Config::from_value(&cfg)?;
+                let ctx = c.text.max_position_embeddings;
+                let (id, per) = (c.image_token_id, c.num_query_tokens);
+                (
+                    PromptStyle::Prefix,
+                    Some(id),
+                    per,
+                    c.text.eos_token_ids,
+                    ctx,
+                )
             }
             iris_models::idefics::ARCHITECTURE | "idefics" => {
-                let m = Idefics::load(dir, opts.dtype)?;
-                let eos = m.config().text.eos_token_ids.clone();
-                (Box::new(m), PromptStyle::Interleaved, eos)
+                let c = IdeficsConfig::from_value(&cfg)?;
+                let ctx = c.text.max_position_embeddings;
+                (PromptStyle::Interleaved, None, 0, c.text.eos_token_ids, ctx)
             }
             iris_models::blip::CAPTION_ARCHITECTURE => {
-                let m = BlipCaptioner::load(dir, opts.dtype)?;
-                let bos = m.config().bos_token_id;
+                let c = BlipConfig::from_value(&cfg)?;
                 // HF's BLIP generate stops at [SEP], whatever generation_config says.
-                sep_eos = Some(vec![m.config().sep_token_id]);
-                (Box::new(m), PromptStyle::Decoder { bos }, vec![])
+                sep_eos = Some(vec![c.sep_token_id]);
+                let style = PromptStyle::Decoder {
+                    bos: c.bos_token_id,
+                };
+                (style, None, 0, vec![], c.max_position_embeddings)
             }
             other => {
                 return Err(
@@ -133,15 +155,7 @@ impl Pipeline {
                 )
             }
         };
-        let placeholder = matches!(style, PromptStyle::Inline | PromptStyle::Prefix)
-            .then(|| model.image_token_id());
-        let processor = Processor::load(
-            dir,
-            style,
-            placeholder,
-            model.tokens_per_image(),
-            opts.limits,
-        )?;
+        let processor = Processor::load(dir, style, placeholder, per_image, limits)?;
         // HF's generate stops at generation_config's eos ids, else the model config's.
         let gen_path = dir.join("generation_config.json");
         let from_gen = if gen_path.exists() {
@@ -157,11 +171,47 @@ impl Pipeline {
         if eos_token_ids.is_empty() {
             eos_token_ids.extend(processor.tokenizer().token_to_id("</s>"));
         }
-        Ok(Pipeline {
+        Ok(ModelSpec {
+            architecture: arch,
             processor,
-            model,
             eos_token_ids,
+            context_length: context,
         })
+    }
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    pub processor: Processor,
+    pub model: Box<dyn VisionLanguageModel>,
+    eos_token_ids: Vec<u32>,
+    context_length: usize,
+}
+
+impl Pipeline {
+    /// Loads the model folder `dir`, whatever architecture Iris serves it is.
+    pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<Pipeline> {
+        let spec = ModelSpec::read(dir, opts.limits)?;
+        let model: Box<dyn VisionLanguageModel> = match spec.architecture.as_str() {
+            iris_models::llava::ARCHITECTURE | "llava" => {
+                Box::new(Llava::load(dir, opts.dtype, iris_comm::single())?)
+            }
+            iris_models::blip2::ARCHITECTURE | "blip-2" => Box::new(Blip2::load(dir, opts.dtype)?),
+            iris_models::idefics::ARCHITECTURE | "idefics" => {
+                Box::new(Idefics::load(dir, opts.dtype)?)
+            }
+            _ => Box::new(BlipCaptioner::load(dir, opts.dtype)?),
+        };
+        Ok(Pipeline {
+            processor: spec.processor,
+            model,
+            eos_token_ids: spec.eos_token_ids,
+            context_length: spec.context_length,
+        })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

@@ -150,7 +150,28 @@ impl Processor {
 
     /// Tokenizes `prompt` with `images` (encoded files, one per marker, in order).
     pub fn prepare(&self, prompt: &str, images: &[Vec<u8>]) -> Result<PreparedPrompt> {
+        let input_ids = self.tokenize(prompt, images.len())?;
+        let pixel_values = images
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                self.pixel_values(b).map_err(|e| match e {
+                    Error::Image(e) => Error::Input(format!("image {}: {e}", i + 1)),
+                    other => other,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(PreparedPrompt {
+            input_ids,
+            pixel_values,
+        })
+    }
+
+    /// The prompt's ids with `n_images` images' placeholders expanded (no pixels
+    /// needed: what the gateway does before any image is encoded).
+    pub fn tokenize(&self, prompt: &str, n_images: usize) -> Result<Vec<u32>> {
         let marker = self.image_token.as_str();
+        let images = vec![(); n_images];
         let markers = prompt.matches(marker).count();
         let input_ids = match self.style {
             PromptStyle::Inline => {
@@ -244,20 +265,16 @@ impl Processor {
                 self.encode(prompt, true)?
             }
         };
-        let pixel_values = images
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                self.pixel_values(b).map_err(|e| match e {
-                    Error::Image(e) => Error::Input(format!("image {}: {e}", i + 1)),
-                    other => other,
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(PreparedPrompt {
-            input_ids,
-            pixel_values,
-        })
+        Ok(input_ids)
+    }
+
+    /// How this model places images in the prompt.
+    pub fn style(&self) -> PromptStyle {
+        self.style
+    }
+
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

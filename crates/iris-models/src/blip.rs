@@ -168,8 +168,12 @@ impl BlipCaptioner {
 
 impl VisionLanguageModel for BlipCaptioner {
     /// The image's features; the decoder reads them through cross-attention.
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.vision_model.forward(pixel_values)
+    }
+    /// BLIP's decoder reads the vision features themselves.
+    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(features.clone())
     }
     fn image_token_id(&self) -> u32 {
         u32::MAX

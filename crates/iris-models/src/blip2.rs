@@ -154,8 +154,11 @@ impl Blip2 {
 }
 
 impl VisionLanguageModel for Blip2 {
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.project(&self.query_output(&self.image_features(pixel_values)?)?)
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Blip2::image_features(self, pixel_values)
+    }
+    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+        self.project(&self.query_output(features)?)
     }
     fn image_token_id(&self) -> u32 {
         self.parts.cfg.image_token_id

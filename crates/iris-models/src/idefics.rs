@@ -390,8 +390,11 @@ impl Idefics {
 
 impl VisionLanguageModel for Idefics {
     /// The resampled latents `[n_latents, vision_hidden]` of one image.
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.resample(&self.image_features(pixel_values)?)
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Idefics::image_features(self, pixel_values)
+    }
+    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+        self.resample(features)
     }
     fn image_token_id(&self) -> u32 {
         self.image_token_id

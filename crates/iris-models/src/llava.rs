@@ -165,8 +165,11 @@ impl Llava {
 }
 
 impl VisionLanguageModel for Llava {
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        Llava::encode_image(self, pixel_values)
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Llava::image_features(self, pixel_values)
+    }
+    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+        self.project(features)
     }
     fn image_token_id(&self) -> u32 {
         self.cfg.image_token_id

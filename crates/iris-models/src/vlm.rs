@@ -35,8 +35,16 @@ pub trait CausalLm: Send + Sync + Debug {
 }
 
 pub trait VisionLanguageModel: Send + Sync + Debug {
+    /// The vision tower's output for one image `[C, H, W]`: what the connector reads
+    /// (the vision tier's half of `encode_image`).
+    fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// Visual tokens from vision features: the projector, Q-Former or resampler (the
+    /// connector tier's half).
+    fn connect(&self, features: &Tensor) -> Result<Tensor>;
     /// Visual tokens of one image `[C, H, W]`: `[tokens_per_image, hidden]`.
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.connect(&self.image_features(pixel_values)?)
+    }
     fn image_token_id(&self) -> u32;
     fn tokens_per_image(&self) -> usize;
     fn language_model(&self) -> &dyn CausalLm;

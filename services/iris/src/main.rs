@@ -149,11 +149,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // One request through the serving engine (the same scheduler, paged KV cache and
     // sampler that `iris serve` runs).
     let engine = Engine::start(std::sync::Arc::new(pipe), EngineConfig::default());
-    let g = engine.generate(EngineRequest {
-        prompt: a.prompt,
-        images,
-        options: gen_opts,
-    })?;
+    let g = engine.generate(EngineRequest::new(a.prompt, images, gen_opts))?;
     if a.json {
         let mut out = serde_json::json!({
             "prompt_token_ids": g.prompt_token_ids,
