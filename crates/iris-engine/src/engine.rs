@@ -379,9 +379,9 @@ fn queue(tx: &SyncSender<Submission>, request: EngineRequest) -> Result<TokenStr
         cancel: cancel.clone(),
     })
     .map_err(|e| match e {
-        std::sync::mpsc::TrySendError::Full(_) => Error::Input("the request queue is full".into()),
+        std::sync::mpsc::TrySendError::Full(_) => Error::Busy("the request queue is full".into()),
         std::sync::mpsc::TrySendError::Disconnected(_) => {
-            Error::Input("the engine has stopped".into())
+            Error::Busy("the engine has stopped".into())
         }
     })?;
     Ok(TokenStream { rx, cancel })

@@ -35,6 +35,9 @@ pub enum Error {
     Model(#[from] iris_models::Error),
     #[error(transparent)]
     Tensor(#[from] iris_tensor::Error),
+    /// The engine cannot take the request now (its queue is full, or it stopped).
+    #[error("{0}")]
+    Busy(String),
     /// A request the engine ran failed.
     #[error("{0}")]
     Failed(RequestError),

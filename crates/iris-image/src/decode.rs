@@ -33,6 +33,29 @@ pub struct RgbImage {
 
 /// Decodes `bytes` into RGB within `limits`.
 pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
+    let (format, width, height) = header(bytes, limits)?;
+    let pixels = width as u64 * height as u64;
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes, width as usize, height as usize);
+    }
+    let mut r = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(width);
+    l.max_image_height = Some(height);
+    // Room for the decoded frame at up to 16 bits × 4 channels, plus decoder scratch.
+    l.max_alloc = Some(pixels * 8 + (64 << 20));
+    r.limits(l);
+    let img = r.decode().map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(to_rgb(img))
+}
+
+/// An image's width and height from its header alone, checked against the limits
+/// (size, format, pixels): what a gateway checks before any image is decoded.
+pub fn dimensions(bytes: &[u8], limits: ImageLimits) -> Result<(u32, u32)> {
+    header(bytes, limits).map(|(_, w, h)| (w, h))
+}
+
+fn header(bytes: &[u8], limits: ImageLimits) -> Result<(ImageFormat, u32, u32)> {
     if bytes.len() > limits.max_bytes {
         return Err(Error::TooManyBytes {
             got: bytes.len(),
@@ -46,8 +69,7 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
     ) {
         return Err(Error::UnknownFormat);
     }
-    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader()
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| Error::Corrupt(e.to_string()))?;
     let pixels = width as u64 * height as u64;
@@ -62,18 +84,7 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage> {
             limit: limits.max_pixels,
         });
     }
-    if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, width as usize, height as usize);
-    }
-    let mut r = reader();
-    let mut l = image::Limits::default();
-    l.max_image_width = Some(width);
-    l.max_image_height = Some(height);
-    // Room for the decoded frame at up to 16 bits × 4 channels, plus decoder scratch.
-    l.max_alloc = Some(pixels * 8 + (64 << 20));
-    r.limits(l);
-    let img = r.decode().map_err(|e| Error::Corrupt(e.to_string()))?;
-    Ok(to_rgb(img))
+    Ok((format, width, height))
 }
 
 /// JPEG through libjpeg-turbo's decoder (accurate integer IDCT, fancy upsampling), the

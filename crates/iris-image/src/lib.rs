@@ -9,7 +9,7 @@ mod decode;
 mod processor;
 mod resample;
 
-pub use decode::{decode, ImageLimits, RgbImage};
+pub use decode::{decode, dimensions, ImageLimits, RgbImage};
 pub use processor::{ImageProcessor, Resample};
 
 #[derive(Debug, thiserror::Error)]

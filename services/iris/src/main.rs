@@ -36,6 +36,26 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Serve models: every tier and the gateway in one process (gRPC + OpenAI HTTP).
+    Serve(iris_server::roles::ServeArgs),
+    /// The gateway alone, in front of remote tiers.
+    Gateway(iris_server::roles::GatewayRole),
+    /// The vision tier alone.
+    Encoder(iris_server::roles::EncoderRole),
+    /// The connector tier alone.
+    Connector(iris_server::roles::ConnectorRole),
+    /// The decoder tier alone.
+    Decoder(iris_server::roles::DecoderRole),
+}
+
+/// Runs a server role on a tokio runtime, with logging.
+fn serve_role<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    iris_server::roles::init_logging();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 #[derive(Args)]
@@ -185,6 +205,11 @@ fn main() -> ExitCode {
         Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Capfilt(a) => capfilt::run(a),
         Cmd::Bench(b) => bench::run(b),
+        Cmd::Serve(a) => serve_role(iris_server::roles::serve(a)),
+        Cmd::Gateway(a) => serve_role(iris_server::roles::gateway(a)),
+        Cmd::Encoder(a) => serve_role(iris_server::roles::encoder(a)),
+        Cmd::Connector(a) => serve_role(iris_server::roles::connector(a)),
+        Cmd::Decoder(a) => serve_role(iris_server::roles::decoder(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

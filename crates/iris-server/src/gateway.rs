@@ -1,0 +1,541 @@
+//! The gateway: validates a request (model, image count, bytes and pixels from the
+//! headers, prompt and output length against the context), renders the model's chat
+//! template, tokenizes, gets each image's visual tokens from the cache or from the
+//! vision and connector tiers (once per image content, however many ask), and streams
+//! the decoder tier's tokens back, recording latency metrics on the way.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use iris_engine::{GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, RetrievalPipeline};
+use iris_image::ImageLimits;
+use iris_models::config::{architecture, read_json};
+use iris_proto::v1 as pb;
+use tonic::Status;
+
+use crate::cache::{Lookup, VisualCache};
+use crate::metrics::Metrics;
+use crate::tiers::{ConnectorTier, DecoderTier, EventStream, VisionTier};
+use crate::wire;
+
+/// One part of a chat message's content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Text(String),
+    Image,
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub role: String,
+    pub content: Vec<Part>,
+}
+
+/// A generation request as the gateway takes it from gRPC or HTTP.
+#[derive(Debug, Clone)]
+pub struct GenerateInput {
+    pub model: String,
+    /// Exactly one of a raw prompt (with image markers) and chat messages.
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub images: Vec<Vec<u8>>,
+    pub options: GenerateOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayLimits {
+    pub max_images: usize,
+    /// Upper bound on `max_tokens` whatever the context allows.
+    pub max_tokens: usize,
+    pub image: ImageLimits,
+    /// Deadline of a request that sets none.
+    pub request_timeout: Duration,
+    /// Bytes of visual tokens the cache keeps.
+    pub cache_bytes: usize,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        GatewayLimits {
+            max_images: 8,
+            max_tokens: 4096,
+            image: ImageLimits::default(),
+            request_timeout: Duration::from_secs(300),
+            cache_bytes: 1 << 30,
+        }
+    }
+}
+
+pub enum ModelKind {
+    Generate(Box<ModelSpec>),
+    Retrieval(Arc<RetrievalPipeline>),
+}
+
+pub struct GatewayModel {
+    pub id: String,
+    pub dir: PathBuf,
+    pub architecture: String,
+    pub kind: ModelKind,
+    /// BLAKE3 over the model's weights and configs: part of every visual-cache key.
+    pub digest: [u8; 32],
+    pub chat_template: String,
+}
+
+impl GatewayModel {
+    /// Reads what the gateway needs of a model folder: its processor and configs (and,
+    /// for a retrieval model, which the gateway serves itself, its weights).
+    pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> anyhow::Result<GatewayModel> {
+        let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
+        let kind = if crate::roles::is_retrieval(dir) {
+            let opts = PipelineOptions {
+                dtype: None,
+                limits,
+            };
+            ModelKind::Retrieval(Arc::new(RetrievalPipeline::load(dir, &opts)?))
+        } else {
+            ModelKind::Generate(Box::new(ModelSpec::read(dir, limits)?))
+        };
+        let style = match &kind {
+            ModelKind::Generate(s) => s.processor.style(),
+            ModelKind::Retrieval(_) => PromptStyle::Plain,
+        };
+        Ok(GatewayModel {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            architecture: arch,
+            kind,
+            digest: model_digest(dir)?,
+            chat_template: chat_template(dir, style),
+        })
+    }
+
+    fn spec(&self) -> Result<&ModelSpec, Status> {
+        match &self.kind {
+            ModelKind::Generate(s) => Ok(s),
+            ModelKind::Retrieval(_) => Err(Status::invalid_argument(format!(
+                "model `{}` is a retrieval model: use Embed / Match",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// BLAKE3 of a model folder's configs and weight files (names, then bytes), so cached
+/// visual tokens never outlive the weights or preprocessing that made them.
+pub fn model_digest(dir: &Path) -> std::io::Result<[u8; 32]> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(".safetensors") || name.ends_with(".json")
+        })
+        .filter(|p| !p.ends_with("tokenizer.json") && !p.ends_with("tokenizer_config.json"))
+        .collect();
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in files {
+        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+        h.update_mmap_rayon(&f)?;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// The model's chat template (`chat_template.json`, `chat_template.jinja` or
+/// `tokenizer_config.json`), else a plain one in the model family's prompt format.
+fn chat_template(dir: &Path, style: PromptStyle) -> String {
+    let from_json = |file: &str| -> Option<String> {
+        read_json(&dir.join(file))
+            .ok()?
+            .get("chat_template")?
+            .as_str()
+            .map(str::to_string)
+    };
+    from_json("chat_template.json")
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
+        .or_else(|| from_json("tokenizer_config.json"))
+        .unwrap_or_else(|| default_template(style).to_string())
+}
+
+fn default_template(style: PromptStyle) -> &'static str {
+    match style {
+        // LLaVA-1.5's conversation format.
+        PromptStyle::Inline => {
+            "{% for m in messages %}{% if m.role != 'system' %}{{ m.role | upper }}: {% endif %}\
+             {% for c in m.content %}{% if c.type == 'image' %}{{ image_token }}\n{% endif %}{% endfor %}\
+             {% for c in m.content %}{% if c.type == 'text' %}{{ c.text }} {% endif %}{% endfor %}\
+             {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+        }
+        // BLIP-2's VQA format: the image goes first.
+        PromptStyle::Prefix => {
+            "{% for m in messages %}{% for c in m.content %}{% if c.type == 'image' %}{{ image_token }}{% endif %}{% endfor %}{% endfor %}\
+             {% for m in messages %}{% for c in m.content %}{% if c.type == 'text' %}\
+             {% if m.role == 'user' %}Question: {{ c.text }} {% else %}Answer: {{ c.text }} {% endif %}\
+             {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+        }
+        // IDEFICS' dialogue format.
+        PromptStyle::Interleaved => {
+            "{% for m in messages %}{{ m.role | capitalize }}:\
+             {% for c in m.content %}{% if c.type == 'image' %}{{ image_token }}{% else %}{{ c.text }}{% endif %}{% endfor %}\
+             <end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+        }
+        // Captioners and text models: the text as it is, the image marker first.
+        PromptStyle::Decoder { .. } | PromptStyle::Plain => {
+            "{% for m in messages %}{% for c in m.content %}{% if c.type == 'image' %}{{ image_token }}{% endif %}{% endfor %}\
+             {% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% endif %}{% endfor %}{% endfor %}"
+        }
+    }
+}
+
+/// Renders chat messages with a (HF, Jinja) chat template.
+pub fn render_chat(
+    template: &str,
+    messages: &[Message],
+    image_token: &str,
+    bos: &str,
+    eos: &str,
+) -> Result<String, Status> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| Status::internal(format!("the model's chat template: {e}")))?;
+    let msgs: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            let content: Vec<serde_json::Value> = m
+                .content
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => serde_json::json!({"type": "text", "text": t}),
+                    Part::Image => serde_json::json!({"type": "image"}),
+                })
+                .collect();
+            serde_json::json!({"role": m.role, "content": content})
+        })
+        .collect();
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => msgs,
+                add_generation_prompt => true,
+                image_token => image_token,
+                bos_token => bos,
+                eos_token => eos,
+            })
+        })
+        .map_err(|e| Status::invalid_argument(format!("rendering the chat template: {e}")))
+}
+
+/// Splits text with image markers into parts.
+pub fn parts_of(text: &str, marker: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (i, piece) in text.split(marker).enumerate() {
+        if i > 0 {
+            parts.push(Part::Image);
+        }
+        if !piece.is_empty() {
+            parts.push(Part::Text(piece.to_string()));
+        }
+    }
+    parts
+}
+
+pub struct Gateway {
+    pub models: HashMap<String, GatewayModel>,
+    vision: Arc<dyn VisionTier>,
+    connector: Arc<dyn ConnectorTier>,
+    decoder: Arc<dyn DecoderTier>,
+    cache: VisualCache,
+    pub metrics: Arc<Metrics>,
+    pub limits: GatewayLimits,
+}
+
+/// A running generation: its events and its prompt's length.
+pub struct Generation {
+    pub events: EventStream,
+    pub prompt_tokens: usize,
+    /// Whether every image's visual tokens came from the cache.
+    pub cached_images: usize,
+}
+
+impl Gateway {
+    pub fn new(
+        models: Vec<GatewayModel>,
+        vision: Arc<dyn VisionTier>,
+        connector: Arc<dyn ConnectorTier>,
+        decoder: Arc<dyn DecoderTier>,
+        limits: GatewayLimits,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
+        Gateway {
+            models: models.into_iter().map(|m| (m.id.clone(), m)).collect(),
+            vision,
+            connector,
+            decoder,
+            cache: VisualCache::new(limits.cache_bytes, metrics.clone()),
+            metrics,
+            limits,
+        }
+    }
+
+    pub fn model(&self, id: &str) -> Result<&GatewayModel, Status> {
+        self.models.get(id).ok_or_else(|| {
+            let mut known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            known.sort();
+            Status::not_found(format!(
+                "model `{id}` is not served (served: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    pub fn deadline(&self, timeout: Option<Duration>) -> Instant {
+        Instant::now() + timeout.unwrap_or(self.limits.request_timeout)
+    }
+
+    /// Everything that can be checked before any image is decoded or encoded.
+    fn validate(&self, input: &GenerateInput) -> Result<(&GatewayModel, Vec<u32>), Status> {
+        let model = self.model(&input.model)?;
+        let spec = model.spec()?;
+        let o = &input.options;
+        if o.max_new_tokens == 0 {
+            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+        }
+        if o.max_new_tokens > self.limits.max_tokens {
+            return Err(Status::invalid_argument(format!(
+                "max_tokens {} is more than this server allows ({})",
+                o.max_new_tokens, self.limits.max_tokens
+            )));
+        }
+        o.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if input.images.len() > self.limits.max_images {
+            return Err(Status::invalid_argument(format!(
+                "{} images: at most {} per request",
+                input.images.len(),
+                self.limits.max_images
+            )));
+        }
+        for (i, img) in input.images.iter().enumerate() {
+            iris_image::dimensions(img, self.limits.image)
+                .map_err(|e| Status::invalid_argument(format!("image {}: {e}", i + 1)))?;
+        }
+        let marker = spec.processor.image_token();
+        let prompt = match (&input.prompt, &input.messages) {
+            (Some(p), None) => p.clone(),
+            (None, Some(m)) if !m.is_empty() => {
+                let tok = spec.processor.tokenizer();
+                let name =
+                    |id: Option<&u32>| id.and_then(|&i| tok.id_to_token(i)).unwrap_or_default();
+                render_chat(
+                    &model.chat_template,
+                    m,
+                    marker,
+                    &name(tok.token_to_id("<s>").as_ref()),
+                    &name(spec.eos_token_ids.first()),
+                )?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give exactly one of a prompt and (non-empty) messages",
+                ))
+            }
+        };
+        let ids = spec
+            .processor
+            .tokenize(&prompt, input.images.len())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let need = ids.len() + o.max_new_tokens;
+        if need > spec.context_length {
+            return Err(Status::invalid_argument(format!(
+                "the prompt's {} tokens plus max_tokens {} exceed the model's context of {}",
+                ids.len(),
+                o.max_new_tokens,
+                spec.context_length
+            )));
+        }
+        Ok((model, ids))
+    }
+
+    /// The prompt's ids as the model sees them (chat template applied), without
+    /// generating: what the HTTP API reports and tests compare.
+    pub fn prompt_ids(&self, input: &GenerateInput) -> Result<Vec<u32>, Status> {
+        self.validate(input).map(|(_, ids)| ids)
+    }
+
+    /// Visual tokens of one image: from the cache, or encoded once by the vision and
+    /// connector tiers.
+    pub async fn visual_tokens(
+        &self,
+        model: &GatewayModel,
+        image: &[u8],
+        deadline: Instant,
+    ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), Status> {
+        let key = VisualCache::key(&model.digest, image);
+        let (vision, connector) = (self.vision.clone(), self.connector.clone());
+        let (id, bytes) = (model.id.clone(), image.to_vec());
+        self.cache
+            .get_or_compute(key, async move {
+                let features = vision.encode(&id, bytes, deadline).await?;
+                connector.project(&id, features, deadline).await
+            })
+            .await
+    }
+
+    pub async fn generate(
+        &self,
+        input: GenerateInput,
+        deadline: Instant,
+    ) -> Result<Generation, Status> {
+        let start = Instant::now();
+        let result = self.start(input, deadline).await;
+        let generation = match result {
+            Ok(g) => g,
+            Err(s) => {
+                self.metrics.count_request(code_name(s.code()));
+                return Err(s);
+            }
+        };
+        let metrics = self.metrics.clone();
+        let mut last = None::<Instant>;
+        let mut done = false;
+        let events = generation.events.map(move |ev| {
+            let now = Instant::now();
+            match &ev {
+                Ok(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Token(_)),
+                }) => {
+                    match last {
+                        None => metrics.ttft.observe((now - start).as_secs_f64()),
+                        Some(t) => metrics.inter_token.observe((now - t).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    metrics.completion_tokens.inc();
+                }
+                Ok(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Finished(f)),
+                }) if !done => {
+                    done = true;
+                    metrics.prompt_tokens.inc_by(f.prompt_tokens as u64);
+                    metrics.count_request("ok");
+                }
+                Err(s) if !done => {
+                    done = true;
+                    metrics.count_request(code_name(s.code()));
+                }
+                _ => {}
+            }
+            ev
+        });
+        Ok(Generation {
+            events: Box::pin(events),
+            ..generation
+        })
+    }
+
+    async fn start(&self, input: GenerateInput, deadline: Instant) -> Result<Generation, Status> {
+        let (model, ids) = self.validate(&input)?;
+        let mut visual = Vec::with_capacity(input.images.len());
+        let mut cached_images = 0;
+        // All images at once: misses go to the tiers concurrently.
+        let lookups = futures::future::join_all(
+            input
+                .images
+                .iter()
+                .map(|img| self.visual_tokens(model, img, deadline)),
+        )
+        .await;
+        for r in lookups {
+            let (tokens, lookup) = r?;
+            cached_images += usize::from(lookup == Lookup::Hit);
+            visual.push(wire::tensor_to_wire_compact(&tokens));
+        }
+        let o = &input.options;
+        let req = pb::DecodeRequest {
+            model: model.id.clone(),
+            prompt_token_ids: ids.clone(),
+            visual_tokens: visual,
+            image_hashes: input
+                .images
+                .iter()
+                .map(|b| blake3::hash(b).as_bytes().to_vec())
+                .collect(),
+            sampling: Some(wire::sampling_to_wire(&o.sampling)),
+            max_tokens: o.max_new_tokens as u32,
+            stop: o.stop.strings.clone(),
+            stop_token_ids: o.stop.token_ids.clone(),
+            top_logprobs: o.top_logprobs as u32,
+        };
+        let events = self.decoder.generate(req, deadline).await?;
+        Ok(Generation {
+            events,
+            prompt_tokens: ids.len(),
+            cached_images,
+        })
+    }
+
+    pub fn retrieval(&self, id: &str) -> Result<Arc<RetrievalPipeline>, Status> {
+        match &self.model(id)?.kind {
+            ModelKind::Retrieval(p) => Ok(p.clone()),
+            ModelKind::Generate(_) => Err(Status::invalid_argument(format!(
+                "model `{id}` generates text: Embed and Match take a retrieval model"
+            ))),
+        }
+    }
+}
+
+pub fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        InvalidArgument => "invalid_argument",
+        NotFound => "not_found",
+        DeadlineExceeded => "deadline_exceeded",
+        ResourceExhausted => "resource_exhausted",
+        Unavailable => "unavailable",
+        _ => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_llava_template_renders_the_conversation_format() {
+        let msgs = vec![Message {
+            role: "user".into(),
+            content: vec![Part::Image, Part::Text("What is this?".into())],
+        }];
+        let out = render_chat(
+            default_template(PromptStyle::Inline),
+            &msgs,
+            "<image>",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        assert_eq!(out, "USER: <image>\nWhat is this? ASSISTANT:");
+        assert_eq!(
+            parts_of("a<image>b<image>", "<image>"),
+            vec![
+                Part::Text("a".into()),
+                Part::Image,
+                Part::Text("b".into()),
+                Part::Image
+            ]
+        );
+    }
+}

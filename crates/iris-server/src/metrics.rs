@@ -1,0 +1,213 @@
+//! Prometheus metrics, one registry per process (every role registers the same set;
+//! a role leaves the others at zero). Served as text at `/metrics`.
+
+use std::sync::{Arc, Mutex};
+
+use iris_engine::Engine;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Gateway requests by final status (`ok`, or the gRPC code's name).
+    pub requests: Family<StatusLabel, Counter>,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub prompt_tokens: Counter,
+    pub completion_tokens: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_evictions: Counter,
+    pub cache_bytes: Gauge,
+    pub encoder_requests: Counter,
+    pub encoder_batch: Histogram,
+    pub encoder_queue: Gauge,
+    pub connector_requests: Counter,
+    pub decoder_requests: Counter,
+    /// Engine state per model, read at each scrape.
+    pub queue_depth: Family<ModelLabel, Gauge>,
+    pub running: Family<ModelLabel, Gauge>,
+    pub kv_free_blocks: Family<ModelLabel, Gauge>,
+    pub decode_steps: Family<ModelLabel, Gauge>,
+    pub decode_tokens: Family<ModelLabel, Gauge>,
+    pub prefix_hit_blocks: Family<ModelLabel, Gauge>,
+    engines: Mutex<Vec<(String, Arc<Engine>)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("iris");
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Metrics {
+            requests: Family::default(),
+            ttft: latency(),
+            inter_token: latency(),
+            prompt_tokens: Counter::default(),
+            completion_tokens: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_evictions: Counter::default(),
+            cache_bytes: Gauge::default(),
+            encoder_requests: Counter::default(),
+            encoder_batch: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            encoder_queue: Gauge::default(),
+            connector_requests: Counter::default(),
+            decoder_requests: Counter::default(),
+            queue_depth: Family::default(),
+            running: Family::default(),
+            kv_free_blocks: Family::default(),
+            decode_steps: Family::default(),
+            decode_tokens: Family::default(),
+            prefix_hit_blocks: Family::default(),
+            engines: Mutex::new(Vec::new()),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("requests", "Gateway requests by status", m.requests.clone());
+        r.register("ttft_seconds", "Time to first token", m.ttft.clone());
+        r.register(
+            "inter_token_latency_seconds",
+            "Time between streamed tokens",
+            m.inter_token.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens served",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "completion_tokens",
+            "Tokens generated",
+            m.completion_tokens.clone(),
+        );
+        r.register(
+            "visual_cache_hits",
+            "Visual-token cache hits",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "visual_cache_misses",
+            "Visual-token cache misses",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "visual_cache_evictions",
+            "Visual-token cache evictions",
+            m.cache_evictions.clone(),
+        );
+        r.register(
+            "visual_cache_bytes",
+            "Bytes held by the visual-token cache",
+            m.cache_bytes.clone(),
+        );
+        r.register(
+            "encoder_requests",
+            "Images the vision tier encoded",
+            m.encoder_requests.clone(),
+        );
+        r.register(
+            "encoder_batch_size",
+            "Images per vision-tier batch",
+            m.encoder_batch.clone(),
+        );
+        r.register(
+            "encoder_queue_depth",
+            "Images waiting in the vision tier",
+            m.encoder_queue.clone(),
+        );
+        r.register(
+            "connector_requests",
+            "Feature sets the connector tier projected",
+            m.connector_requests.clone(),
+        );
+        r.register(
+            "decoder_requests",
+            "Generations the decoder tier ran",
+            m.decoder_requests.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Requests waiting for the engine",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "running_requests",
+            "Requests in the engine's batch",
+            m.running.clone(),
+        );
+        r.register("kv_free_blocks", "Free KV blocks", m.kv_free_blocks.clone());
+        r.register("decode_steps", "Engine steps run", m.decode_steps.clone());
+        r.register(
+            "decode_tokens",
+            "Tokens sampled by the engine (÷ steps = mean batch size)",
+            m.decode_tokens.clone(),
+        );
+        r.register(
+            "prefix_cache_hit_blocks",
+            "KV blocks reused from the prefix cache",
+            m.prefix_hit_blocks.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Engines whose state each scrape reports.
+    pub fn watch_engine(&self, model: &str, engine: Arc<Engine>) {
+        self.engines
+            .lock()
+            .expect("metrics lock")
+            .push((model.to_string(), engine));
+    }
+
+    pub fn render(&self) -> String {
+        for (model, engine) in self.engines.lock().expect("metrics lock").iter() {
+            let s = engine.stats();
+            let l = ModelLabel {
+                model: model.clone(),
+            };
+            self.queue_depth.get_or_create(&l).set(s.waiting as i64);
+            self.running.get_or_create(&l).set(s.running as i64);
+            self.kv_free_blocks
+                .get_or_create(&l)
+                .set(s.free_blocks as i64);
+            self.decode_steps.get_or_create(&l).set(s.steps as i64);
+            self.decode_tokens
+                .get_or_create(&l)
+                .set(s.decode_tokens as i64);
+            self.prefix_hit_blocks
+                .get_or_create(&l)
+                .set(s.prefix_hits as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    pub fn count_request(&self, status: &str) {
+        self.requests
+            .get_or_create(&StatusLabel {
+                status: status.into(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,481 @@
+//! The OpenAI-compatible HTTP API: `POST /v1/chat/completions` (text and `image_url`
+//! parts; `data:` URLs, and remote URLs only for hosts on the allow-list, fetched with a
+//! timeout and a size cap), `stream: true` as server-sent events, `usage`,
+//! `GET /v1/models`, errors in OpenAI's JSON shape; plus `/metrics` and `/health`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::StreamExt;
+use iris_engine::{GenerateOptions, SamplingParams, StopRules};
+use iris_proto::v1 as pb;
+use serde_json::{json, Value};
+use tonic::{Code, Status};
+
+use crate::gateway::{Gateway, GenerateInput, Message, ModelKind, Part};
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Hosts whose `http(s)://` image URLs may be fetched.
+    pub allowed_image_hosts: Vec<String>,
+    pub fetch_timeout: Duration,
+    /// `max_tokens` when a request sets none.
+    pub default_max_tokens: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            allowed_image_hosts: Vec::new(),
+            fetch_timeout: Duration::from_secs(10),
+            default_max_tokens: 256,
+        }
+    }
+}
+
+struct AppState {
+    gateway: Arc<Gateway>,
+    config: HttpConfig,
+    http: reqwest::Client,
+}
+
+pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
+    let http = reqwest::Client::builder()
+        .timeout(config.fetch_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client");
+    let state = Arc::new(AppState {
+        gateway,
+        config,
+        http,
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// A router with only `/metrics` and `/health` (the tier processes).
+pub fn metrics_router(metrics: Arc<crate::metrics::Metrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { metrics_text(&m) }
+            }),
+        )
+        .route("/health", get(|| async { "ok" }))
+}
+
+fn metrics_text(m: &crate::metrics::Metrics) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    metrics_text(&s.gateway.metrics)
+}
+
+/// An error in OpenAI's shape with the HTTP status its gRPC code maps to.
+pub struct ApiError(pub Status);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = match self.0.code() {
+            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Code::NotFound => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            Code::ResourceExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", None),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        let body = json!({"error": {
+            "message": self.0.message(),
+            "type": kind,
+            "param": null,
+            "code": code,
+        }});
+        let mut r = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(Status::invalid_argument(msg.into()))
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let mut ids: Vec<&String> = s.gateway.models.keys().collect();
+    ids.sort();
+    Json(json!({
+        "object": "list",
+        "data": ids.iter().map(|id| json!({
+            "id": id, "object": "model", "created": 0, "owned_by": "iris",
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The request's images, fetched or decoded from `data:` URLs.
+async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ApiError> {
+    let max = s.gateway.limits.image.max_bytes;
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| bad("a data: URL without a comma"))?;
+        if !meta.ends_with(";base64") {
+            return Err(bad("data: URLs must be base64"));
+        }
+        if data.len() / 4 * 3 > max + 3 {
+            return Err(bad(format!("an image of more than {max} bytes")));
+        }
+        return base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| bad(format!("a data: URL that is not base64: {e}")));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(format!("image URL `{url}`: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "image URL scheme `{}` is not allowed",
+            parsed.scheme()
+        )));
+    }
+    let host = parsed.host_str().unwrap_or_default();
+    if !s.config.allowed_image_hosts.iter().any(|h| h == host) {
+        return Err(bad(format!(
+            "image URLs from host `{host}` are not allowed (send the image as a data: URL)"
+        )));
+    }
+    let mut resp = s
+        .http
+        .get(parsed)
+        .send()
+        .await
+        .map_err(|e| bad(format!("fetching `{url}`: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(bad(format!("fetching `{url}`: HTTP {}", resp.status())));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| bad(format!("fetching `{url}`: {e}")))?
+    {
+        out.extend_from_slice(&chunk);
+        if out.len() > max {
+            return Err(bad(format!("the image at `{url}` is over {max} bytes")));
+        }
+    }
+    Ok(out)
+}
+
+struct Parsed {
+    input: GenerateInput,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ApiError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let model = v["model"]
+        .as_str()
+        .ok_or_else(|| bad("`model` is required"))?
+        .to_string();
+    let gw = &s.gateway;
+    let m = gw.model(&model).map_err(ApiError)?;
+    if let ModelKind::Retrieval(_) = m.kind {
+        return Err(bad(format!("model `{model}` is a retrieval model")));
+    }
+    if v["n"].as_u64().is_some_and(|n| n != 1) {
+        return Err(bad("only n = 1 is supported"));
+    }
+    let msgs = v["messages"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("`messages` must be a non-empty array"))?;
+    let mut images = Vec::new();
+    let mut messages = Vec::new();
+    for (i, msg) in msgs.iter().enumerate() {
+        let role = msg["role"]
+            .as_str()
+            .ok_or_else(|| bad(format!("messages[{i}].role is required")))?;
+        let mut content = Vec::new();
+        match &msg["content"] {
+            Value::String(t) => content.push(Part::Text(t.clone())),
+            Value::Array(parts) => {
+                for p in parts {
+                    match p["type"].as_str() {
+                        Some("text") => content.push(Part::Text(
+                            p["text"].as_str().unwrap_or_default().to_string(),
+                        )),
+                        Some("image_url") => {
+                            let url = p["image_url"]["url"]
+                                .as_str()
+                                .or(p["image_url"].as_str())
+                                .ok_or_else(|| bad("an image_url part without a url"))?;
+                            if images.len() >= gw.limits.max_images {
+                                return Err(bad(format!(
+                                    "more than {} images: at most {} per request",
+                                    gw.limits.max_images, gw.limits.max_images
+                                )));
+                            }
+                            images.push(image_bytes(s, url).await?);
+                            content.push(Part::Image);
+                        }
+                        other => {
+                            return Err(bad(format!("unsupported content part type {other:?}")))
+                        }
+                    }
+                }
+            }
+            Value::Null => {}
+            _ => {
+                return Err(bad(format!(
+                    "messages[{i}].content must be a string or an array"
+                )))
+            }
+        }
+        messages.push(Message {
+            role: role.to_string(),
+            content,
+        });
+    }
+    let f = |k: &str, d: f64| v[k].as_f64().unwrap_or(d) as f32;
+    let max_tokens = v["max_completion_tokens"]
+        .as_u64()
+        .or(v["max_tokens"].as_u64())
+        .map_or(s.config.default_max_tokens, |n| n as usize);
+    let stop = match &v["stop"] {
+        Value::String(x) => vec![x.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("`stop` must be a string or an array of strings"))?,
+        Value::Null => vec![],
+        _ => return Err(bad("`stop` must be a string or an array of strings")),
+    };
+    let logprobs = v["logprobs"].as_bool().unwrap_or(false);
+    let top = v["top_logprobs"].as_u64().unwrap_or(0) as usize;
+    if top > 20 {
+        return Err(bad("top_logprobs must be at most 20"));
+    }
+    let options = GenerateOptions {
+        max_new_tokens: max_tokens,
+        sampling: SamplingParams {
+            temperature: f("temperature", 1.0),
+            top_p: f("top_p", 1.0),
+            presence_penalty: f("presence_penalty", 0.0),
+            frequency_penalty: f("frequency_penalty", 0.0),
+            seed: v["seed"].as_u64().unwrap_or_else(rand_seed),
+            ..SamplingParams::default()
+        },
+        stop: StopRules {
+            token_ids: vec![],
+            strings: stop,
+        },
+        top_logprobs: if logprobs { top.max(1) } else { 0 },
+    };
+    Ok(Parsed {
+        input: GenerateInput {
+            model,
+            prompt: None,
+            messages: Some(messages),
+            images,
+            options,
+        },
+        stream: v["stream"].as_bool().unwrap_or(false),
+        include_usage: v["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false),
+        logprobs,
+    })
+}
+
+/// A seed for a request that sets none (different every request, as OpenAI's).
+fn rand_seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (std::process::id() as u64).rotate_left(32)
+}
+
+fn finish_name(r: i32) -> &'static str {
+    match pb::FinishReason::try_from(r) {
+        Ok(pb::FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+fn token_logprob(gw: &Gateway, model: &str, t: &pb::Token, top_n: usize) -> Value {
+    let text = |id: u32| -> String {
+        match gw.models.get(model).map(|m| &m.kind) {
+            Some(ModelKind::Generate(s)) => s.processor.decode(&[id]).unwrap_or_default(),
+            _ => String::new(),
+        }
+    };
+    let entry = |id: u32, lp: f32| {
+        let s = text(id);
+        json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+    };
+    let mut e = entry(t.id, t.logprob);
+    e["top_logprobs"] = t
+        .top_logprobs
+        .iter()
+        .take(top_n)
+        .map(|x| entry(x.token_id, x.logprob))
+        .collect::<Vec<_>>()
+        .into();
+    e
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completions(s, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let p = parse(&s, &body).await?;
+    let gw = s.gateway.clone();
+    let model = p.input.model.clone();
+    let top_n = p.input.options.top_logprobs;
+    let deadline = gw.deadline(None);
+    let generation = gw.generate(p.input, deadline).await.map_err(ApiError)?;
+    let id = format!("chatcmpl-{:016x}", rand_seed());
+    let created = unix_now();
+    let prompt_tokens = generation.prompt_tokens;
+    if !p.stream {
+        let mut events = generation.events;
+        let mut logprobs = Vec::new();
+        while let Some(ev) = events.next().await {
+            match ev.map_err(ApiError)?.event {
+                Some(pb::generate_event::Event::Token(t)) if p.logprobs => {
+                    logprobs.push(token_logprob(&gw, &model, &t, top_n));
+                }
+                Some(pb::generate_event::Event::Finished(f)) => {
+                    let mut choice = json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f.text},
+                        "finish_reason": finish_name(f.reason),
+                        "logprobs": null,
+                    });
+                    if p.logprobs {
+                        choice["logprobs"] = json!({ "content": logprobs });
+                    }
+                    return Ok(Json(json!({
+                        "id": id,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [choice],
+                        "usage": usage(prompt_tokens, f.completion_tokens as usize, f.cached_tokens),
+                    }))
+                    .into_response());
+                }
+                _ => {}
+            }
+        }
+        return Err(ApiError(Status::internal(
+            "the decoder ended the stream without finishing",
+        )));
+    }
+    let model_name = model.clone();
+    let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+        })
+    };
+    let stream = async_stream::stream! {
+        let mut events = generation.events;
+        yield Ok::<_, Infallible>(Event::default().data(
+            chunk(json!({"role": "assistant", "content": ""}), None, Value::Null).to_string(),
+        ));
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Token(t)) }) => {
+                    let lp = if p.logprobs {
+                        json!({"content": [token_logprob(&gw, &model_name, &t, top_n)]})
+                    } else {
+                        Value::Null
+                    };
+                    if !t.text.is_empty() || p.logprobs {
+                        yield Ok(Event::default().data(
+                            chunk(json!({"content": t.text}), None, lp).to_string(),
+                        ));
+                    }
+                }
+                Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Finished(f)) }) => {
+                    yield Ok(Event::default().data(
+                        chunk(json!({}), Some(finish_name(f.reason)), Value::Null).to_string(),
+                    ));
+                    if p.include_usage {
+                        let mut u = chunk(json!({}), None, Value::Null);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(prompt_tokens, f.completion_tokens as usize, f.cached_tokens);
+                        yield Ok(Event::default().data(u.to_string()));
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    // Headers are gone: the error travels as an event in OpenAI's shape.
+                    let body = json!({"error": {"message": status.message(), "type": "server_error"}});
+                    yield Ok(Event::default().data(body.to_string()));
+                    break;
+                }
+            }
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(Sse::new(stream).into_response())
+}
+
+fn usage(prompt: usize, completion: usize, cached: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}

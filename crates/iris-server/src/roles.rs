@@ -1,0 +1,536 @@
+//! The processes Iris runs as: `serve` (every tier and the gateway in one process, the
+//! embedded default), and each tier or the gateway alone (`iris-encoder`,
+//! `iris-connector`, `iris-decoder`, `iris-gateway`, also `iris <role>`). Each binds its
+//! addresses, prints one `listening grpc=… http=…` line, and stops cleanly on SIGTERM
+//! or Ctrl-C.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use iris_engine::{Engine, EngineConfig, Pipeline, PipelineOptions};
+use iris_image::ImageLimits;
+use iris_proto::v1::connector_server::ConnectorServer;
+use iris_proto::v1::decoder_server::DecoderServer;
+use iris_proto::v1::gateway_server::GatewayServer;
+use iris_proto::v1::vision_encoder_server::VisionEncoderServer;
+use iris_tensor::DType;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::Router;
+use tonic::transport::Server;
+
+use crate::gateway::{Gateway, GatewayLimits, GatewayModel};
+use crate::metrics::Metrics;
+use crate::openai::{self, HttpConfig};
+use crate::services::{ConnectorService, DecoderService, GatewayService, VisionService};
+use crate::tiers::{
+    connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
+    LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
+};
+use crate::wire::MAX_MESSAGE_BYTES;
+
+/// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
+#[derive(Debug, Clone)]
+pub struct ModelArg {
+    pub id: String,
+    pub dir: PathBuf,
+}
+
+pub fn parse_model(s: &str) -> Result<ModelArg, String> {
+    let (id, dir) = match s.split_once('=') {
+        Some((id, dir)) if !id.is_empty() => (id.to_string(), PathBuf::from(dir)),
+        _ => {
+            let dir = PathBuf::from(s);
+            let id = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| format!("`{s}`: no folder name to use as the model id"))?
+                .to_string();
+            (id, dir)
+        }
+    };
+    if !dir.join("config.json").exists() {
+        return Err(format!("`{}` has no config.json", dir.display()));
+    }
+    Ok(ModelArg { id, dir })
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match DType::parse(s) {
+        Some(d @ (DType::F32 | DType::BF16)) => Ok(d),
+        _ => Err(format!("`{s}`: expected f32 or bf16")),
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model to serve: `[ID=]DIR` (repeatable; the id defaults to the folder's name).
+    #[arg(long = "model", required = true, value_parser = parse_model)]
+    pub models: Vec<ModelArg>,
+    /// Compute dtype (default: each checkpoint's).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
+    /// Largest image file accepted, in bytes.
+    #[arg(long, env = "IRIS_MAX_IMAGE_BYTES", default_value_t = ImageLimits::default().max_bytes)]
+    pub max_image_bytes: usize,
+    /// Largest image accepted, in pixels (checked from the header, before decoding).
+    #[arg(long, env = "IRIS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
+}
+
+impl ModelArgs {
+    fn limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
+    fn pipelines(&self) -> anyhow::Result<HashMap<String, Arc<Pipeline>>> {
+        let opts = PipelineOptions {
+            dtype: self.dtype,
+            limits: self.limits(),
+        };
+        self.models
+            .iter()
+            .filter(|m| !is_retrieval(&m.dir))
+            .map(|m| {
+                let p = Pipeline::load(&m.dir, &opts)
+                    .with_context(|| format!("loading {}", m.dir.display()))?;
+                Ok((m.id.clone(), Arc::new(p)))
+            })
+            .collect()
+    }
+}
+
+/// Retrieval models (ITC / ITM) are served by the gateway itself, not the tiers.
+pub fn is_retrieval(dir: &std::path::Path) -> bool {
+    let arch = iris_models::config::read_json(&dir.join("config.json"))
+        .ok()
+        .and_then(|c| iris_models::config::architecture(&c))
+        .unwrap_or_default();
+    arch == iris_models::blip::RETRIEVAL_ARCHITECTURE
+        || arch == iris_models::blip2_retrieval::ARCHITECTURE
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EncoderArgs {
+    /// Most images encoded in one batch.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub max_wait_ms: u64,
+    /// Images waiting before new ones are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 1024)]
+    pub encoder_queue: usize,
+}
+
+impl EncoderArgs {
+    fn batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch: self.max_batch,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            queue: self.encoder_queue,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DecoderArgs {
+    /// KV cache budget, in blocks.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Most requests running together.
+    #[arg(long, default_value_t = 16)]
+    pub max_running: usize,
+    /// Requests waiting for the engine before new ones are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Prompt tokens prefilled per engine step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+impl DecoderArgs {
+    fn engines(&self, pipelines: &HashMap<String, Arc<Pipeline>>) -> HashMap<String, Arc<Engine>> {
+        let config = EngineConfig {
+            max_batch: self.max_running,
+            kv_blocks: self.kv_blocks,
+            block_size: self.block_size,
+            queue: self.max_waiting,
+            prefill_chunk: self.prefill_chunk,
+        };
+        pipelines
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.clone(),
+                    Arc::new(Engine::start(p.clone(), config.clone())),
+                )
+            })
+            .collect()
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Most images in one request.
+    #[arg(long, default_value_t = 8)]
+    pub max_images: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+    /// Bytes of visual tokens the gateway caches.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub visual_cache_bytes: usize,
+    /// Seconds a request may take when it sets no deadline.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout_s: u64,
+    /// A host whose http(s) image URLs may be fetched (repeatable; none by default).
+    #[arg(long = "allow-image-host")]
+    pub allow_image_hosts: Vec<String>,
+    /// Seconds to fetch one image URL.
+    #[arg(long, default_value_t = 10)]
+    pub image_fetch_timeout_s: u64,
+    /// `max_tokens` of an HTTP request that sets none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+}
+
+impl GatewayArgs {
+    fn limits(&self, image: ImageLimits) -> GatewayLimits {
+        GatewayLimits {
+            max_images: self.max_images,
+            max_tokens: self.max_tokens,
+            image,
+            request_timeout: Duration::from_secs(self.request_timeout_s),
+            cache_bytes: self.visual_cache_bytes,
+        }
+    }
+
+    fn http(&self) -> HttpConfig {
+        HttpConfig {
+            allowed_image_hosts: self.allow_image_hosts.clone(),
+            fetch_timeout: Duration::from_secs(self.image_fetch_timeout_s),
+            default_max_tokens: self.default_max_tokens,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Listen {
+    /// gRPC address (port 0: any free port; the line printed at start says which).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP address: the OpenAI API (gateway) or `/metrics` and `/health` (tiers).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+}
+
+/// `iris serve`: every tier and the gateway in one process.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    #[command(flatten)]
+    pub decoder: DecoderArgs,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EncoderRole {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectorRole {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    pub listen: Listen,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DecoderRole {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub decoder: DecoderArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GatewayRole {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(flatten)]
+    pub listen: Listen,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// A vision encoder's gRPC address (repeatable: requests go to the least loaded).
+    #[arg(long = "encoder", required = true)]
+    pub encoders: Vec<String>,
+    /// A connector's gRPC address (repeatable).
+    #[arg(long = "connector", required = true)]
+    pub connectors: Vec<String>,
+    /// A decoder's gRPC address (repeatable).
+    #[arg(long = "decoder", required = true)]
+    pub decoders: Vec<String>,
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Adds health (`grpc.health.v1`, each of `names` serving) and reflection.
+fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<Router> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    tokio::spawn(async move {
+        for n in names {
+            reporter
+                .set_service_status(n, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(iris_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok(router.add_service(health).add_service(reflection))
+}
+
+/// Binds both addresses, prints where, and serves until a shutdown signal.
+async fn run(listen: &Listen, grpc: Router, http: axum::Router) -> anyhow::Result<()> {
+    let g = TcpListener::bind(listen.grpc_addr)
+        .await
+        .with_context(|| format!("binding {}", listen.grpc_addr))?;
+    let h = TcpListener::bind(listen.http_addr)
+        .await
+        .with_context(|| format!("binding {}", listen.http_addr))?;
+    println!(
+        "listening grpc={} http={}",
+        g.local_addr()?,
+        h.local_addr()?
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let grpc = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(g), shutdown_signal());
+    let http = axum::serve(h, http).with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = grpc => r?,
+        r = http => r?,
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn gateway_models(m: &ModelArgs) -> anyhow::Result<Vec<GatewayModel>> {
+    m.models
+        .iter()
+        .map(|a| {
+            GatewayModel::load(&a.id, &a.dir, m.limits())
+                .with_context(|| format!("loading {}", a.dir.display()))
+        })
+        .collect()
+}
+
+const GATEWAY: &str = "iris.v1.Gateway";
+const VISION: &str = "iris.v1.VisionEncoder";
+const CONNECTOR: &str = "iris.v1.Connector";
+const DECODER: &str = "iris.v1.Decoder";
+
+pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let m = a.models.clone();
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let gen = pipelines;
+    let vision = Arc::new(LocalVision::start(
+        gen.clone(),
+        a.encoder.batch(),
+        metrics.clone(),
+    ));
+    let connector = Arc::new(LocalConnector::new(gen.clone(), metrics.clone()));
+    let decoder = Arc::new(LocalDecoder::new(a.decoder.engines(&gen), metrics.clone()));
+    let gw = Arc::new(Gateway::new(
+        gateway_models(&a.models)?,
+        vision.clone(),
+        connector.clone(),
+        decoder.clone(),
+        a.gateway.limits(a.models.limits()),
+        metrics,
+    ));
+    let router = Server::builder()
+        .add_service(max(GatewayServer::new(GatewayService(gw.clone()))))
+        .add_service(max(VisionEncoderServer::new(VisionService(vision))))
+        .add_service(max(ConnectorServer::new(ConnectorService(connector))))
+        .add_service(max(DecoderServer::new(DecoderService(decoder))));
+    let router = with_ops(router, &[GATEWAY, VISION, CONNECTOR, DECODER, ""])?;
+    run(&a.listen, router, openai::router(gw, a.gateway.http())).await
+}
+
+/// Raises a generated server's message limits to Iris's.
+fn max<S: MaxSize>(s: S) -> S {
+    s.max()
+}
+
+trait MaxSize {
+    fn max(self) -> Self;
+}
+
+macro_rules! impl_max {
+    ($($t:ident),*) => {$(
+        impl<T> MaxSize for $t<T> {
+            fn max(self) -> Self {
+                self.max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }
+        }
+    )*};
+}
+impl_max!(
+    GatewayServer,
+    VisionEncoderServer,
+    ConnectorServer,
+    DecoderServer
+);
+
+pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let m = a.models.clone();
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let vision = Arc::new(LocalVision::start(
+        pipelines,
+        a.encoder.batch(),
+        metrics.clone(),
+    ));
+    let router =
+        Server::builder().add_service(max(VisionEncoderServer::new(VisionService(vision))));
+    let router = with_ops(router, &[VISION, ""])?;
+    run(&a.listen, router, openai::metrics_router(metrics)).await
+}
+
+pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let m = a.models.clone();
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
+    let router = Server::builder().add_service(max(ConnectorServer::new(ConnectorService(c))));
+    let router = with_ops(router, &[CONNECTOR, ""])?;
+    run(&a.listen, router, openai::metrics_router(metrics)).await
+}
+
+pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let m = a.models.clone();
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let d = Arc::new(LocalDecoder::new(
+        a.decoder.engines(&pipelines),
+        metrics.clone(),
+    ));
+    let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
+    let router = with_ops(router, &[DECODER, ""])?;
+    run(&a.listen, router, openai::metrics_router(metrics)).await
+}
+
+pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let vision = Arc::new(RemoteVision(Replicas::new(&a.encoders, vision_client)?));
+    let connector = Arc::new(RemoteConnector(Replicas::new(
+        &a.connectors,
+        connector_client,
+    )?));
+    let decoder = Arc::new(RemoteDecoder(Replicas::new(&a.decoders, decoder_client)?));
+    let gw = Arc::new(Gateway::new(
+        gateway_models(&a.models)?,
+        vision,
+        connector,
+        decoder,
+        a.gateway.limits(a.models.limits()),
+        metrics,
+    ));
+    let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
+    let router = with_ops(router, &[GATEWAY, ""])?;
+    run(&a.listen, router, openai::router(gw, a.gateway.http())).await
+}
+
+/// Logs as JSON lines when `IRIS_LOG_JSON` is set, else text; level from `RUST_LOG`
+/// (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("IRIS_LOG_JSON").is_some() {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+/// The entry of the thin binaries: parse `A`, start a runtime, run `f`.
+pub fn main_with<A, F, Fut>(f: F) -> std::process::ExitCode
+where
+    A: clap::Args + Clone,
+    F: FnOnce(A) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    #[derive(clap::Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    let cli = <Cli<A> as clap::Parser>::parse();
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(f(cli.args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The gRPC handlers: each service wraps a tier (or the gateway) and does only wire
+//! work, so every handler is usable without the network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iris_proto::v1 as pb;
+use iris_proto::v1::connector_server::Connector;
+use iris_proto::v1::decoder_server::Decoder;
+use iris_proto::v1::gateway_server::Gateway as GatewayApi;
+use iris_proto::v1::vision_encoder_server::VisionEncoder;
+use tonic::{Request, Response, Status};
+
+use crate::gateway::{parts_of, Gateway, GenerateInput, Message, ModelKind};
+use crate::tiers::{ConnectorTier, DecoderTier, EventStream, VisionTier};
+use crate::wire;
+
+/// The caller's deadline (`grpc-timeout`), if it set one.
+pub fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
+    Instant::now() + grpc_timeout(req).unwrap_or(default)
+}
+
+/// Tier calls without a deadline of their own get this long.
+const TIER_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct VisionService(pub Arc<dyn VisionTier>);
+
+#[tonic::async_trait]
+impl VisionEncoder for VisionService {
+    async fn encode(
+        &self,
+        req: Request<pb::EncodeRequest>,
+    ) -> Result<Response<pb::EncodeResponse>, Status> {
+        let d = deadline(&req, TIER_TIMEOUT);
+        let r = req.into_inner();
+        let features = self.0.encode(&r.model, r.image, d).await?;
+        Ok(Response::new(pb::EncodeResponse {
+            features: Some(wire::tensor_to_wire_compact(&features)),
+        }))
+    }
+}
+
+pub struct ConnectorService(pub Arc<dyn ConnectorTier>);
+
+#[tonic::async_trait]
+impl Connector for ConnectorService {
+    async fn project(
+        &self,
+        req: Request<pb::ProjectRequest>,
+    ) -> Result<Response<pb::ProjectResponse>, Status> {
+        let d = deadline(&req, TIER_TIMEOUT);
+        let r = req.into_inner();
+        let features = wire::tensor_from_wire(
+            r.features
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("no features"))?,
+        )?;
+        let tokens = self.0.project(&r.model, features, d).await?;
+        Ok(Response::new(pb::ProjectResponse {
+            visual_tokens: Some(wire::tensor_to_wire_compact(&tokens)),
+        }))
+    }
+}
+
+pub struct DecoderService(pub Arc<dyn DecoderTier>);
+
+#[tonic::async_trait]
+impl Decoder for DecoderService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::DecodeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let d = deadline(&req, TIER_TIMEOUT);
+        Ok(Response::new(self.0.generate(req.into_inner(), d).await?))
+    }
+}
+
+pub struct GatewayService(pub Arc<Gateway>);
+
+impl GatewayService {
+    fn input(&self, r: pb::GenerateRequest) -> Result<GenerateInput, Status> {
+        let marker = match &self.0.model(&r.model)?.kind {
+            ModelKind::Generate(s) => s.processor.image_token().to_string(),
+            ModelKind::Retrieval(_) => "<image>".to_string(),
+        };
+        let messages = (!r.messages.is_empty()).then(|| {
+            r.messages
+                .iter()
+                .map(|m| Message {
+                    role: m.role.clone(),
+                    content: parts_of(&m.content, &marker),
+                })
+                .collect()
+        });
+        Ok(GenerateInput {
+            model: r.model,
+            prompt: (!r.prompt.is_empty()).then_some(r.prompt),
+            messages,
+            images: r.images,
+            options: wire::options(
+                r.sampling.as_ref(),
+                r.max_tokens,
+                &r.stop,
+                &r.stop_token_ids,
+                r.top_logprobs,
+            ),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayApi for GatewayService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let d = self.0.deadline(grpc_timeout(&req));
+        let input = self.input(req.into_inner())?;
+        Ok(Response::new(self.0.generate(input, d).await?.events))
+    }
+
+    async fn embed(
+        &self,
+        req: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let r = req.into_inner();
+        let p = self.0.retrieval(&r.model)?;
+        let out = tokio::task::spawn_blocking(move || -> Result<_, Status> {
+            let images = r
+                .images
+                .iter()
+                .map(|b| p.embed_image(b).map(|t| wire::tensor_to_wire(&t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| wire::status(&e))?;
+            let texts = r
+                .texts
+                .iter()
+                .map(|t| p.embed_text(t).map(|t| wire::tensor_to_wire(&t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| wire::status(&e))?;
+            Ok(pb::EmbedResponse {
+                image_embeds: images,
+                text_embeds: texts,
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(out))
+    }
+
+    async fn r#match(
+        &self,
+        req: Request<pb::MatchRequest>,
+    ) -> Result<Response<pb::MatchResponse>, Status> {
+        let r = req.into_inner();
+        let p = self.0.retrieval(&r.model)?;
+        let scores = tokio::task::spawn_blocking(move || p.match_pair(&r.image, &r.text))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| wire::status(&e))?;
+        Ok(Response::new(pb::MatchResponse {
+            itm_probability: scores.itm_probability,
+            similarity: scores.itc_similarity,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let mut models: Vec<pb::Model> = self
+            .0
+            .models
+            .values()
+            .map(|m| {
+                let (kind, ctx) = match &m.kind {
+                    ModelKind::Generate(s) => ("generate", s.context_length as u32),
+                    ModelKind::Retrieval(_) => ("retrieval", 0),
+                };
+                pb::Model {
+                    id: m.id.clone(),
+                    architecture: m.architecture.clone(),
+                    context_length: ctx,
+                    max_images: self.0.limits.max_images as u32,
+                    kind: kind.into(),
+                }
+            })
+            .collect();
+        models.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}

@@ -1,0 +1,494 @@
+//! The three tiers behind the gateway, as traits with a local (in-process) and a remote
+//! (gRPC client) implementation each. The gateway sees only the traits, so `iris serve`
+//! (everything in one process) and a cluster (a process per tier) run the same code.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use iris_engine::{EncodedPrompt, Engine, EngineRequest, Pipeline};
+use iris_proto::v1 as pb;
+use iris_proto::v1::connector_client::ConnectorClient;
+use iris_proto::v1::decoder_client::DecoderClient;
+use iris_proto::v1::vision_encoder_client::VisionEncoderClient;
+use iris_tensor::Tensor;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::metrics::Metrics;
+use crate::wire::{self, MAX_MESSAGE_BYTES};
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+/// Images to vision features.
+#[async_trait::async_trait]
+pub trait VisionTier: Send + Sync {
+    async fn encode(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Tensor, Status>;
+}
+
+/// Vision features to visual tokens.
+#[async_trait::async_trait]
+pub trait ConnectorTier: Send + Sync {
+    async fn project(
+        &self,
+        model: &str,
+        features: Tensor,
+        deadline: Instant,
+    ) -> Result<Tensor, Status>;
+}
+
+/// Prompt ids and visual tokens to a stream of tokens. Dropping the stream cancels the
+/// request (and frees its KV blocks).
+#[async_trait::async_trait]
+pub trait DecoderTier: Send + Sync {
+    async fn generate(
+        &self,
+        req: pb::DecodeRequest,
+        deadline: Instant,
+    ) -> Result<EventStream, Status>;
+}
+
+fn model_of<'a, T>(models: &'a HashMap<String, T>, model: &str) -> Result<&'a T, Status> {
+    models
+        .get(model)
+        .ok_or_else(|| Status::not_found(format!("model `{model}` is not served here")))
+}
+
+fn remaining(deadline: Instant) -> Result<Duration, Status> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| Status::deadline_exceeded("the request's deadline passed"))
+}
+
+// ---------------------------------------------------------------- local
+
+struct Job {
+    model: String,
+    image: Vec<u8>,
+    reply: oneshot::Sender<Result<Tensor, Status>>,
+}
+
+/// The vision tier in process: a queue that batches images across requests (up to
+/// `max_batch`, waiting at most `max_wait` for a batch to fill) and encodes each batch
+/// on a blocking thread (the ViT's matrix products use every core). A job whose caller
+/// went away before its batch ran is dropped unencoded.
+pub struct LocalVision {
+    tx: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch: 8,
+            max_wait: Duration::from_millis(5),
+            queue: 1024,
+        }
+    }
+}
+
+impl LocalVision {
+    pub fn start(
+        models: HashMap<String, Arc<Pipeline>>,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+    ) -> LocalVision {
+        let (tx, mut rx) = mpsc::channel::<Job>(config.queue.max(1));
+        let m = metrics.clone();
+        let models = Arc::new(models);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                let until = tokio::time::Instant::now() + config.max_wait;
+                while batch.len() < config.max_batch.max(1) {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(job)) => batch.push(job),
+                        _ => break,
+                    }
+                }
+                m.encoder_queue.dec_by(batch.len() as i64);
+                batch.retain(|j| !j.reply.is_closed());
+                if batch.is_empty() {
+                    continue;
+                }
+                m.encoder_batch.observe(batch.len() as f64);
+                let models = models.clone();
+                let m = m.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    for job in batch {
+                        if job.reply.is_closed() {
+                            continue;
+                        }
+                        let r = model_of(&models, &job.model).and_then(|p| {
+                            let pv = p
+                                .processor
+                                .pixel_values(&job.image)
+                                .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+                            p.model
+                                .image_features(&pv)
+                                .map_err(|e| wire::status(&e.into()))
+                        });
+                        m.encoder_requests.inc();
+                        let _ = job.reply.send(r);
+                    }
+                });
+                if let Err(e) = done.await {
+                    tracing::error!("vision batch panicked: {e}");
+                }
+            }
+        });
+        LocalVision { tx, metrics }
+    }
+}
+
+#[async_trait::async_trait]
+impl VisionTier for LocalVision {
+    async fn encode(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Tensor, Status> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            model: model.to_string(),
+            image,
+            reply,
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Status::resource_exhausted("the vision tier's queue is full; retry later")
+            }
+            mpsc::error::TrySendError::Closed(_) => Status::unavailable("the vision tier stopped"),
+        })?;
+        self.metrics.encoder_queue.inc();
+        match tokio::time::timeout(remaining(deadline)?, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Status::internal("the vision tier dropped the image")),
+            Err(_) => Err(Status::deadline_exceeded(
+                "encoding the image took too long",
+            )),
+        }
+    }
+}
+
+/// The connector tier in process.
+pub struct LocalConnector {
+    models: Arc<HashMap<String, Arc<Pipeline>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalConnector {
+    pub fn new(models: HashMap<String, Arc<Pipeline>>, metrics: Arc<Metrics>) -> Self {
+        LocalConnector {
+            models: Arc::new(models),
+            metrics,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectorTier for LocalConnector {
+    async fn project(
+        &self,
+        model: &str,
+        features: Tensor,
+        _deadline: Instant,
+    ) -> Result<Tensor, Status> {
+        let p = model_of(&self.models, model)?.clone();
+        self.metrics.connector_requests.inc();
+        tokio::task::spawn_blocking(move || p.model.connect(&features))
+            .await
+            .map_err(|e| Status::internal(format!("connector: {e}")))?
+            .map_err(|e| wire::status(&e.into()))
+    }
+}
+
+/// The decoder tier in process: one engine per model.
+pub struct LocalDecoder {
+    engines: HashMap<String, Arc<Engine>>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalDecoder {
+    pub fn new(engines: HashMap<String, Arc<Engine>>, metrics: Arc<Metrics>) -> Self {
+        for (m, e) in &engines {
+            metrics.watch_engine(m, e.clone());
+        }
+        LocalDecoder { engines, metrics }
+    }
+}
+
+#[async_trait::async_trait]
+impl DecoderTier for LocalDecoder {
+    async fn generate(
+        &self,
+        req: pb::DecodeRequest,
+        _deadline: Instant,
+    ) -> Result<EventStream, Status> {
+        let engine = model_of(&self.engines, &req.model)?;
+        let visual = req
+            .visual_tokens
+            .iter()
+            .map(wire::tensor_from_wire)
+            .collect::<Result<Vec<_>, _>>()?;
+        let image_hashes = req
+            .image_hashes
+            .iter()
+            .map(|h| {
+                <[u8; 32]>::try_from(h.as_slice())
+                    .map_err(|_| Status::invalid_argument("an image hash is not 32 bytes"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let options = wire::options(
+            req.sampling.as_ref(),
+            req.max_tokens,
+            &req.stop,
+            &req.stop_token_ids,
+            req.top_logprobs,
+        );
+        let mut request = EngineRequest::new(String::new(), Vec::new(), options);
+        request.encoded = Some(EncodedPrompt {
+            input_ids: req.prompt_token_ids,
+            visual,
+            image_hashes,
+        });
+        let stream = engine.submit(request).map_err(|e| match e {
+            iris_engine::Error::Busy(m) => Status::resource_exhausted(m),
+            e => wire::status(&e),
+        })?;
+        self.metrics.decoder_requests.inc();
+        let mut produced = 0u32;
+        Ok(Box::pin(StreamExt::map(stream, move |ev| {
+            if matches!(ev, iris_engine::TokenEvent::Token { .. }) {
+                produced += 1;
+            }
+            wire::event_to_wire(ev, produced)
+        })))
+    }
+}
+
+// ---------------------------------------------------------------- remote
+
+/// Replicas of one tier, picked by fewest outstanding calls (ties in turn).
+pub struct Replicas<C> {
+    members: RwLock<Vec<Arc<Member<C>>>>,
+    turn: AtomicUsize,
+    connect: fn(Channel) -> C,
+}
+
+pub struct Member<C> {
+    pub addr: String,
+    client: C,
+    outstanding: AtomicUsize,
+}
+
+/// Counts a call against its member while it lasts.
+struct Outstanding<C>(Arc<Member<C>>);
+
+impl<C> Drop for Outstanding<C> {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn channel(addr: &str) -> Result<Channel, Status> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Status::invalid_argument(format!("address `{addr}`: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl<C: Clone> Replicas<C> {
+    pub fn new(addrs: &[String], connect: fn(Channel) -> C) -> Result<Self, Status> {
+        let r = Replicas {
+            members: RwLock::new(Vec::new()),
+            turn: AtomicUsize::new(0),
+            connect,
+        };
+        r.set(addrs)?;
+        Ok(r)
+    }
+
+    /// Replaces the member list, keeping the connections of members that stay.
+    pub fn set(&self, addrs: &[String]) -> Result<(), Status> {
+        let old = self.members.read().expect("replicas lock").clone();
+        let mut new = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            match old.iter().find(|m| &m.addr == a) {
+                Some(m) => new.push(m.clone()),
+                None => new.push(Arc::new(Member {
+                    addr: a.clone(),
+                    client: (self.connect)(channel(a)?),
+                    outstanding: AtomicUsize::new(0),
+                })),
+            }
+        }
+        *self.members.write().expect("replicas lock") = new;
+        Ok(())
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.members
+            .read()
+            .expect("replicas lock")
+            .iter()
+            .map(|m| m.addr.clone())
+            .collect()
+    }
+
+    fn pick(&self, tried: &[String]) -> Option<(C, Outstanding<C>)> {
+        let members = self.members.read().expect("replicas lock");
+        let n = members.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let m = (0..n)
+            .map(|i| &members[(start + i) % n.max(1)])
+            .filter(|m| !tried.contains(&m.addr))
+            .min_by_key(|m| m.outstanding.load(Ordering::Relaxed))?
+            .clone();
+        m.outstanding.fetch_add(1, Ordering::Relaxed);
+        Some((m.client.clone(), Outstanding(m)))
+    }
+
+    /// Runs an idempotent call on the least loaded replica, again on another while the
+    /// answer is UNAVAILABLE (the member is down or going away).
+    async fn call<T, F, Fut>(&self, tier: &str, mut f: F) -> Result<T, Status>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut tried = Vec::new();
+        let mut last = None;
+        while let Some((client, guard)) = self.pick(&tried) {
+            tried.push(guard.0.addr.clone());
+            match f(client).await {
+                Err(s) if s.code() == Code::Unavailable => {
+                    tracing::warn!(tier, member = %guard.0.addr, "unavailable, retrying: {}", s.message());
+                    last = Some(s);
+                }
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable(format!("no {tier} member is available"))))
+    }
+}
+
+fn timed<T>(msg: T, deadline: Instant) -> Result<tonic::Request<T>, Status> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(remaining(deadline)?);
+    Ok(r)
+}
+
+pub fn vision_client(c: Channel) -> VisionEncoderClient<Channel> {
+    VisionEncoderClient::new(c)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub fn connector_client(c: Channel) -> ConnectorClient<Channel> {
+    ConnectorClient::new(c)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub fn decoder_client(c: Channel) -> DecoderClient<Channel> {
+    DecoderClient::new(c)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub struct RemoteVision(pub Replicas<VisionEncoderClient<Channel>>);
+pub struct RemoteConnector(pub Replicas<ConnectorClient<Channel>>);
+pub struct RemoteDecoder(pub Replicas<DecoderClient<Channel>>);
+
+#[async_trait::async_trait]
+impl VisionTier for RemoteVision {
+    async fn encode(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Tensor, Status> {
+        let features = self
+            .0
+            .call("vision", |mut c| {
+                let msg = pb::EncodeRequest {
+                    model: model.to_string(),
+                    image: image.clone(),
+                };
+                async move { Ok(c.encode(timed(msg, deadline)?).await?.into_inner()) }
+            })
+            .await?
+            .features
+            .ok_or_else(|| Status::internal("the vision tier returned no features"))?;
+        wire::tensor_from_wire(&features)
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectorTier for RemoteConnector {
+    async fn project(
+        &self,
+        model: &str,
+        features: Tensor,
+        deadline: Instant,
+    ) -> Result<Tensor, Status> {
+        let features = wire::tensor_to_wire(&features);
+        let tokens = self
+            .0
+            .call("connector", |mut c| {
+                let msg = pb::ProjectRequest {
+                    model: model.to_string(),
+                    features: Some(features.clone()),
+                };
+                async move { Ok(c.project(timed(msg, deadline)?).await?.into_inner()) }
+            })
+            .await?
+            .visual_tokens
+            .ok_or_else(|| Status::internal("the connector returned no visual tokens"))?;
+        wire::tensor_from_wire(&tokens)
+    }
+}
+
+#[async_trait::async_trait]
+impl DecoderTier for RemoteDecoder {
+    /// Starting the stream is retried on another decoder while UNAVAILABLE; once it
+    /// runs, its events are the decoder's.
+    async fn generate(
+        &self,
+        req: pb::DecodeRequest,
+        deadline: Instant,
+    ) -> Result<EventStream, Status> {
+        let stream = self
+            .0
+            .call("decoder", |mut c| {
+                let msg = req.clone();
+                async move { Ok(c.generate(timed(msg, deadline)?).await?.into_inner()) }
+            })
+            .await?;
+        Ok(Box::pin(stream))
+    }
+}

@@ -1,0 +1,180 @@
+//! Conversions between Iris types and the wire (`iris.v1`) messages, and the one place
+//! library errors become gRPC statuses.
+
+use half::bf16;
+use iris_engine::{FinishReason, GenerateOptions, SamplingParams, StopRules, TokenEvent};
+use iris_proto::v1 as pb;
+use iris_tensor::{DType, Tensor};
+use tonic::Status;
+
+/// Largest message any Iris service or client takes (LLaVA's 576×4096 visual tokens
+/// are 4.5 MB in bf16, 9 MB in f32; gRPC's default is 4 MB).
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+pub fn tensor_to_wire(t: &Tensor) -> pb::Tensor {
+    let data: Vec<u8> = match t.dtype() {
+        DType::BF16 => t
+            .as_bf16()
+            .expect("bf16 storage")
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        _ => t
+            .to_f32_vec()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    };
+    pb::Tensor {
+        dtype: if t.dtype() == DType::BF16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .into(),
+        shape: t.shape().iter().map(|&d| d as u64).collect(),
+        data,
+    }
+}
+
+/// A wire tensor as f32 (what the models compute in); bad dtypes or sizes are the
+/// caller's error.
+pub fn tensor_from_wire(t: &pb::Tensor) -> Result<Tensor, Status> {
+    let dtype = DType::parse(&t.dtype)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown tensor dtype `{}`", t.dtype)))?;
+    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+    let want = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |a, &d| a.checked_mul(d));
+    if want != Some(t.data.len()) {
+        return Err(Status::invalid_argument(format!(
+            "tensor of shape {shape:?} {dtype} needs {want:?} bytes, got {}",
+            t.data.len()
+        )));
+    }
+    let x = Tensor::from_le_bytes(&t.data, dtype, &shape)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(if dtype == DType::F32 {
+        x
+    } else {
+        x.to_dtype(DType::F32)
+    })
+}
+
+/// `tensor_to_wire`, in bf16 when that loses nothing (a bf16 model's visual tokens,
+/// half the bytes).
+pub fn tensor_to_wire_compact(t: &Tensor) -> pb::Tensor {
+    if t.dtype() == DType::F32 {
+        let v = t.to_f32_vec();
+        if v.iter()
+            .all(|&x| bf16::from_f32(x).to_f32().to_bits() == x.to_bits())
+        {
+            let b: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
+            return tensor_to_wire(&Tensor::from_bf16(b, t.shape()).expect("same shape"));
+        }
+    }
+    tensor_to_wire(t)
+}
+
+pub fn sampling_from_wire(s: Option<&pb::SamplingParams>) -> SamplingParams {
+    let Some(s) = s else {
+        return SamplingParams::default();
+    };
+    let one_if_zero = |v: f32| if v == 0.0 { 1.0 } else { v };
+    SamplingParams {
+        temperature: s.temperature,
+        top_p: one_if_zero(s.top_p),
+        top_k: s.top_k as usize,
+        min_p: s.min_p,
+        repetition_penalty: one_if_zero(s.repetition_penalty),
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+    }
+}
+
+pub fn sampling_to_wire(s: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k as u32,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+    }
+}
+
+pub fn options(
+    sampling: Option<&pb::SamplingParams>,
+    max_tokens: u32,
+    stop: &[String],
+    stop_token_ids: &[u32],
+    top_logprobs: u32,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: max_tokens as usize,
+        sampling: sampling_from_wire(sampling),
+        stop: StopRules {
+            token_ids: stop_token_ids.to_vec(),
+            strings: stop.to_vec(),
+        },
+        top_logprobs: top_logprobs as usize,
+    }
+}
+
+pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+/// An engine event on the wire; an error event becomes the stream's status.
+pub fn event_to_wire(ev: TokenEvent, completion_tokens: u32) -> Result<pb::GenerateEvent, Status> {
+    use pb::generate_event::Event;
+    Ok(pb::GenerateEvent {
+        event: Some(match ev {
+            TokenEvent::Token {
+                id,
+                logprob,
+                top_logprobs,
+                text,
+            } => Event::Token(pb::Token {
+                id,
+                logprob,
+                top_logprobs: top_logprobs
+                    .into_iter()
+                    .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                    .collect(),
+                text,
+            }),
+            TokenEvent::Finished {
+                reason,
+                text,
+                prompt_token_ids,
+                cached_tokens,
+            } => Event::Finished(pb::Finished {
+                reason: finish_reason(reason) as i32,
+                text,
+                prompt_tokens: prompt_token_ids.len() as u32,
+                completion_tokens,
+                cached_tokens: cached_tokens as u32,
+            }),
+            TokenEvent::Error(e) if e.bad_input => return Err(Status::invalid_argument(e.message)),
+            TokenEvent::Error(e) => return Err(Status::internal(e.message)),
+        }),
+    })
+}
+
+/// The gRPC status of an engine / model / image error.
+pub fn status(e: &iris_engine::Error) -> Status {
+    if e.is_bad_input() {
+        Status::invalid_argument(e.to_string())
+    } else {
+        Status::internal(e.to_string())
+    }
+}
