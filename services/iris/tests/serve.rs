@@ -1,0 +1,556 @@
+//! The services as users run them: each tier in its own process on loopback, and
+//! `iris serve` with everything in one, driven over gRPC and the OpenAI HTTP API.
+//! Tokens equal `iris generate`'s; a repeated image skips the vision and connector
+//! tiers; concurrent requests for one new image encode it once; bad input gets a
+//! specific status; a client that hangs up frees its KV blocks and encoder slots.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use iris_proto::v1 as pb;
+use iris_proto::v1::gateway_client::GatewayClient;
+use tonic::Code;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("images").join(name)).unwrap()
+}
+
+const MODEL: &str = "llava-tiny-hub-f32";
+const PROMPT: &str = "USER: <image>\nWhat is in the picture? ASSISTANT:";
+
+/// A server process, killed when dropped.
+struct Proc {
+    child: Child,
+    grpc: String,
+    http: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(bin: &str, args: &[&str]) -> Proc {
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{bin} printed {line:?}"))
+            .to_string()
+    };
+    Proc {
+        grpc: field("grpc="),
+        http: field("http="),
+        child,
+    }
+}
+
+fn model_arg() -> String {
+    fixtures().join(MODEL).display().to_string()
+}
+
+fn serve() -> Proc {
+    spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &model_arg()],
+    )
+}
+
+/// Encoder, connector, decoder and gateway, each its own process.
+struct Cluster {
+    encoder: Proc,
+    connector: Proc,
+    _decoder: Proc,
+    gateway: Proc,
+}
+
+fn cluster() -> Cluster {
+    let m = model_arg();
+    let encoder = spawn(env!("CARGO_BIN_EXE_iris-encoder"), &["--model", &m]);
+    let connector = spawn(env!("CARGO_BIN_EXE_iris-connector"), &["--model", &m]);
+    let decoder = spawn(env!("CARGO_BIN_EXE_iris-decoder"), &["--model", &m]);
+    let gateway = spawn(
+        env!("CARGO_BIN_EXE_iris-gateway"),
+        &[
+            "--model",
+            &m,
+            "--encoder",
+            &encoder.grpc,
+            "--connector",
+            &connector.grpc,
+            "--decoder",
+            &decoder.grpc,
+        ],
+    );
+    Cluster {
+        encoder,
+        connector,
+        _decoder: decoder,
+        gateway,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn client(addr: &str) -> GatewayClient<tonic::transport::Channel> {
+    GatewayClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20)
+}
+
+fn request(prompt: &str, images: Vec<Vec<u8>>, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: MODEL.into(),
+        prompt: prompt.into(),
+        images,
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Token ids of a gRPC generation, and the time to its first token.
+async fn generate(
+    c: &mut GatewayClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, String, Duration), tonic::Status> {
+    let t0 = Instant::now();
+    let mut s = c.generate(req).await?.into_inner();
+    let (mut ids, mut ttft) = (Vec::new(), None);
+    while let Some(ev) = s.message().await? {
+        match ev.event {
+            Some(pb::generate_event::Event::Token(t)) => {
+                ttft.get_or_insert_with(|| t0.elapsed());
+                ids.push(t.id);
+            }
+            Some(pb::generate_event::Event::Finished(f)) => {
+                return Ok((ids, f.text, ttft.unwrap_or_default()))
+            }
+            None => {}
+        }
+    }
+    panic!("the stream ended without finishing")
+}
+
+/// `iris generate --json`'s token ids and text.
+fn cli_generate(prompt: &str, image_file: &str, max_tokens: u32) -> (Vec<u32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args([
+            "generate",
+            "--model",
+            &model_arg(),
+            "--prompt",
+            prompt,
+            "--json",
+        ])
+        .args([
+            "--image",
+            &fixtures()
+                .join("images")
+                .join(image_file)
+                .display()
+                .to_string(),
+        ])
+        .args(["--max-new-tokens", &max_tokens.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    (ids, v["text"].as_str().unwrap().to_string())
+}
+
+/// A counter's value on a process's `/metrics` (summed over its labels).
+fn metric(http: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    // Plain HTTP/1.0 over a socket: usable inside and outside the async tests.
+    let mut sock = std::net::TcpStream::connect(http).unwrap();
+    write!(sock, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    sock.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn tiers_in_their_own_processes_give_iris_generates_tokens_and_cache_images() {
+    let c = cluster();
+    let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
+    let rt = rt();
+    rt.block_on(async {
+        let mut g = client(&c.gateway.grpc).await;
+        let (ids, text, miss) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+            .await
+            .unwrap();
+        assert_eq!((&ids, &text), (&want, &want_text));
+        let enc = metric(&c.encoder.http, "iris_encoder_requests_total");
+        let con = metric(&c.connector.http, "iris_connector_requests_total");
+        assert_eq!((enc, con), (1.0, 1.0));
+        // The same image again: from the gateway's cache, the tiers see nothing.
+        let (ids, _, hit) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+            .await
+            .unwrap();
+        assert_eq!(ids, want);
+        assert_eq!(metric(&c.encoder.http, "iris_encoder_requests_total"), 1.0);
+        assert_eq!(
+            metric(&c.connector.http, "iris_connector_requests_total"),
+            1.0
+        );
+        assert_eq!(metric(&c.gateway.http, "iris_visual_cache_hits_total"), 1.0);
+        println!(
+            "TTFT, visual cache miss {:.1} ms, hit {:.1} ms: hit/miss = {:.2}",
+            miss.as_secs_f64() * 1e3,
+            hit.as_secs_f64() * 1e3,
+            hit.as_secs_f64() / miss.as_secs_f64()
+        );
+        // 16 concurrent requests for one new image: one encode.
+        let tall = image("tall.jpg");
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (addr, img) = (c.gateway.grpc.clone(), tall.clone());
+                tokio::spawn(async move {
+                    let mut g = client(&addr).await;
+                    generate(&mut g, request(PROMPT, vec![img], 4))
+                        .await
+                        .unwrap()
+                        .0
+                })
+            })
+            .collect();
+        let mut outs = Vec::new();
+        for t in tasks {
+            outs.push(t.await.unwrap());
+        }
+        assert!(outs.windows(2).all(|w| w[0] == w[1]), "{outs:?}");
+        assert_eq!(outs[0], cli_generate(PROMPT, "tall.jpg", 4).0);
+        assert_eq!(metric(&c.encoder.http, "iris_encoder_requests_total"), 2.0);
+        assert_eq!(
+            metric(&c.connector.http, "iris_connector_requests_total"),
+            2.0
+        );
+    });
+}
+
+#[test]
+fn iris_serve_gives_the_same_tokens_over_grpc_and_http() {
+    let s = serve();
+    let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        let (ids, text, _) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+            .await
+            .unwrap();
+        assert_eq!((ids, text), (want.clone(), want_text.clone()));
+        // Chat messages through the model's template give the same prompt.
+        let mut req = request("", vec![image("scene.png")], 8);
+        req.messages = vec![pb::ChatMessage {
+            role: "user".into(),
+            content: "<image>\nWhat is in the picture?".into(),
+        }];
+        assert_eq!(generate(&mut g, req).await.unwrap().0, want);
+        let models = g
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(models.models[0].id, MODEL);
+    });
+    // The OpenAI API: the same text, non-streamed and streamed.
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(image("scene.png"))
+    );
+    let body = serde_json::json!({
+        "model": MODEL, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is in the picture?"}]}],
+    });
+    let http = reqwest::blocking::Client::new();
+    let r: serde_json::Value = http
+        .post(format!("http://{}/v1/chat/completions", s.http))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(r["choices"][0]["message"]["content"], want_text.as_str());
+    assert_eq!(r["usage"]["completion_tokens"], 8);
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let text = http
+        .post(format!("http://{}/v1/chat/completions", s.http))
+        .json(&streamed)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let mut content = String::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        content.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(content, want_text);
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+}
+
+/// A PNG whose header says 20000×20000 (the body is never read).
+fn huge_png() -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in data {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(20000u32.to_be_bytes());
+    ihdr.extend(20000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    // A first data chunk (decoders read up to it for the header), then the end.
+    let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+    png.extend(((idat.len() - 4) as u32).to_be_bytes());
+    png.extend(idat);
+    png.extend(crc32(idat).to_be_bytes());
+    png.extend([0, 0, 0, 0]);
+    png.extend(b"IEND");
+    png.extend(crc32(b"IEND").to_be_bytes());
+    png
+}
+
+#[test]
+fn bad_input_gets_a_specific_status_and_the_server_goes_on() {
+    let s = serve();
+    let rt = rt();
+    let long_prompt = format!("USER: <image>\n{} ASSISTANT:", "word ".repeat(600));
+    let cases: Vec<(&str, pb::GenerateRequest, Code, &str)> = vec![
+        (
+            "corrupt image",
+            request(PROMPT, vec![b"\x89PNG\r\n\x1a\nnot really".to_vec()], 4),
+            Code::InvalidArgument,
+            "image 1",
+        ),
+        (
+            "20000x20000 PNG",
+            request(PROMPT, vec![huge_png()], 4),
+            Code::InvalidArgument,
+            "pixels",
+        ),
+        (
+            "too many images",
+            request(&"<image>".repeat(9), vec![image("scene.png"); 9], 4),
+            Code::InvalidArgument,
+            "at most 8",
+        ),
+        (
+            "prompt over the context",
+            request(&long_prompt, vec![image("scene.png")], 4),
+            Code::InvalidArgument,
+            "context",
+        ),
+        (
+            "unknown model",
+            pb::GenerateRequest {
+                model: "nope".into(),
+                ..request(PROMPT, vec![image("scene.png")], 4)
+            },
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "max_tokens 0",
+            request(PROMPT, vec![image("scene.png")], 0),
+            Code::InvalidArgument,
+            "max_tokens",
+        ),
+        (
+            "absurd max_tokens",
+            request(PROMPT, vec![image("scene.png")], 1_000_000_000),
+            Code::InvalidArgument,
+            "max_tokens",
+        ),
+        (
+            "marker without image",
+            request(PROMPT, vec![], 4),
+            Code::InvalidArgument,
+            "marker",
+        ),
+    ];
+    rt.block_on(async {
+        let mut g = client(&s.grpc).await;
+        for (name, req, code, needle) in cases {
+            let e = generate(&mut g, req)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{name}: succeeded"));
+            assert_eq!(e.code(), code, "{name}: {e:?}");
+            assert!(e.message().contains(needle), "{name}: {}", e.message());
+        }
+        let ok = generate(&mut g, request(PROMPT, vec![image("scene.png")], 4))
+            .await
+            .unwrap();
+        assert_eq!(ok.0.len(), 4);
+    });
+    // The same over HTTP, with OpenAI's error shape.
+    let http = reqwest::blocking::Client::new();
+    let post = |body: String| {
+        let r = http
+            .post(format!("http://{}/v1/chat/completions", s.http))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap())
+    };
+    let data = |b: &[u8]| {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(b)
+        )
+    };
+    let chat = |model: &str, url: &str, max_tokens: serde_json::Value| {
+        serde_json::json!({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]}]})
+        .to_string()
+    };
+    let http_cases = vec![
+        ("malformed JSON", "{\"model\": ".to_string(), 400),
+        (
+            "corrupt image",
+            chat(MODEL, &data(b"\x89PNG\r\n\x1a\nxx"), 4.into()),
+            400,
+        ),
+        (
+            "20000x20000 PNG",
+            chat(MODEL, &data(&huge_png()), 4.into()),
+            400,
+        ),
+        (
+            "unknown model",
+            chat("nope", &data(&image("scene.png")), 4.into()),
+            404,
+        ),
+        (
+            "max_tokens 0",
+            chat(MODEL, &data(&image("scene.png")), 0.into()),
+            400,
+        ),
+        (
+            "absurd max_tokens",
+            chat(MODEL, &data(&image("scene.png")), 1_000_000_000u64.into()),
+            400,
+        ),
+        (
+            "host not allowed",
+            chat(MODEL, "http://example.com/cat.png", 4.into()),
+            400,
+        ),
+    ];
+    for (name, body, want) in http_cases {
+        let (status, v) = post(body);
+        assert_eq!(status, want, "{name}: {v}");
+        let kind = v["error"]["type"].as_str().unwrap_or_default();
+        assert_eq!(kind, "invalid_request_error", "{name}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+    }
+    let (status, v) = post(chat(MODEL, &data(&image("scene.png")), 3.into()));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
+    let s = serve();
+    let blocks = metric(&s.http, "iris_kv_free_blocks");
+    assert!(blocks > 0.0);
+    let rt = rt();
+    rt.block_on(async {
+        let mut g = client(&s.grpc).await;
+        let mut stream = g
+            .generate(request(PROMPT, vec![image("scene.png")], 400))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..3 {
+            stream.message().await.unwrap().unwrap();
+        }
+        drop(stream);
+    });
+    // Idle again: no request running or waiting, every block free, nothing queued.
+    let t0 = Instant::now();
+    loop {
+        let idle = metric(&s.http, "iris_running_requests") == 0.0
+            && metric(&s.http, "iris_queue_depth") == 0.0
+            && metric(&s.http, "iris_kv_free_blocks") == blocks
+            && metric(&s.http, "iris_encoder_queue_depth") == 0.0;
+        if idle {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "still busy after a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It did not run to 400 tokens.
+    assert!(metric(&s.http, "iris_decode_tokens") < 400.0);
+}
