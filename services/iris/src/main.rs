@@ -46,6 +46,64 @@ enum Cmd {
     Connector(iris_server::roles::ConnectorRole),
     /// The decoder tier alone.
     Decoder(iris_server::roles::DecoderRole),
+    /// Ask a running gateway (gRPC) a question about images; streams the answer.
+    Chat(ChatArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// The gateway's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Model id, as `iris serve` lists it.
+    #[arg(long)]
+    model: String,
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// The user's message; the images go before it (the model's chat template decides).
+    #[arg(long)]
+    message: String,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+}
+
+async fn chat(a: ChatArgs) -> anyhow::Result<()> {
+    use iris_proto::v1 as pb;
+    use std::io::Write;
+    let images = read_files(&a.images)?;
+    let mut client =
+        pb::gateway_client::GatewayClient::connect(format!("http://{}", a.addr)).await?;
+    let req = pb::GenerateRequest {
+        model: a.model,
+        messages: vec![pb::ChatMessage {
+            role: "user".into(),
+            content: format!("{}{}", "<image>\n".repeat(images.len()), a.message),
+        }],
+        images,
+        max_tokens: a.max_tokens,
+        ..Default::default()
+    };
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = std::io::stdout();
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(pb::generate_event::Event::Token(t)) => {
+                write!(out, "{}", t.text)?;
+                out.flush()?;
+            }
+            Some(pb::generate_event::Event::Finished(f)) => {
+                writeln!(out)?;
+                eprintln!(
+                    "[{} prompt + {} completion tokens, finish: {:?}]",
+                    f.prompt_tokens,
+                    f.completion_tokens,
+                    pb::FinishReason::try_from(f.reason).unwrap_or_default()
+                );
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// Runs a server role on a tokio runtime, with logging.
@@ -210,6 +268,9 @@ fn main() -> ExitCode {
         Cmd::Encoder(a) => serve_role(iris_server::roles::encoder(a)),
         Cmd::Connector(a) => serve_role(iris_server::roles::connector(a)),
         Cmd::Decoder(a) => serve_role(iris_server::roles::decoder(a)),
+        Cmd::Chat(a) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(chat(a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

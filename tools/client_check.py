@@ -1,0 +1,91 @@
+"""Third-party clients against a running `iris serve`: the official `openai` Python
+client (streaming and not) and `grpcurl` (services listed by reflection, health).
+
+    python tools/client_check.py --http 127.0.0.1:8000 --grpc 127.0.0.1:50051 \
+        --model llava-tiny-hub-f32 --image tests/fixtures/images/scene.png
+
+Exits non-zero with a message on the first mismatch. `scripts/client_check.sh` sets
+up the environment (a venv outside the repo) and the server.
+"""
+import argparse
+import base64
+import json
+import shutil
+import subprocess
+import sys
+
+import openai
+
+
+def fail(msg):
+    print(f"client check FAILED: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--http", required=True)
+    ap.add_argument("--grpc", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--grpcurl", default=shutil.which("grpcurl") or "grpcurl")
+    a = ap.parse_args()
+
+    client = openai.OpenAI(base_url=f"http://{a.http}/v1", api_key="unused")
+    models = [m.id for m in client.models.list()]
+    if a.model not in models:
+        fail(f"{a.model} not in /v1/models: {models}")
+    url = "data:image/png;base64," + base64.b64encode(open(a.image, "rb").read()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What is in the picture?"}]}]
+    full = client.chat.completions.create(
+        model=a.model, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    text = full.choices[0].message.content
+    if full.usage.completion_tokens != 8 or full.choices[0].finish_reason != "length":
+        fail(f"non-streamed: {full}")
+    if len(full.choices[0].logprobs.content) != 8:
+        fail(f"logprobs: {full.choices[0].logprobs}")
+    chunks = client.chat.completions.create(
+        model=a.model, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    streamed, usage, finish = "", None, None
+    for c in chunks:
+        if c.usage:
+            usage = c.usage
+        for ch in c.choices:
+            streamed += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    if streamed != text or finish != "length" or usage.completion_tokens != 8:
+        fail(f"streamed {streamed!r} ({finish}, {usage}) vs {text!r}")
+    try:
+        client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)
+        fail("an unknown model was accepted")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.chat.completions.create(model=a.model, messages=messages, max_tokens=0)
+        fail("max_tokens 0 was accepted")
+    except openai.BadRequestError:
+        pass
+    print(f"openai {openai.__version__}: {text!r}, streamed the same")
+
+    run = lambda *args: subprocess.run(
+        [a.grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+    listed = run(a.grpc, "list")
+    services = listed.stdout.split()
+    for want in ["iris.v1.Gateway", "iris.v1.VisionEncoder", "iris.v1.Connector",
+                 "iris.v1.Decoder", "grpc.health.v1.Health"]:
+        if want not in services:
+            fail(f"grpcurl list: {want} missing from {services} ({listed.stderr})")
+    health = run("-d", '{"service": "iris.v1.Gateway"}', a.grpc, "grpc.health.v1.Health/Check")
+    if json.loads(health.stdout or "{}").get("status") != "SERVING":
+        fail(f"health: {health.stdout} {health.stderr}")
+    models = run(a.grpc, "iris.v1.Gateway/ListModels")
+    if a.model not in models.stdout:
+        fail(f"ListModels by reflection: {models.stdout} {models.stderr}")
+    print(f"grpcurl: {len(services)} services by reflection, Gateway SERVING")
+
+
+if __name__ == "__main__":
+    main()
