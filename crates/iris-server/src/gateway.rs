@@ -399,14 +399,18 @@ impl Gateway {
         deadline: Instant,
     ) -> Result<Generation, Status> {
         let start = Instant::now();
+        let model = input.model.clone();
+        let images = input.images.len();
         let result = self.start(input, deadline).await;
         let generation = match result {
             Ok(g) => g,
             Err(s) => {
+                tracing::info!(%model, images, status = code_name(s.code()), error = s.message(), "refused");
                 self.metrics.count_request(code_name(s.code()));
                 return Err(s);
             }
         };
+        let (prompt_tokens, cached_images) = (generation.prompt_tokens, generation.cached_images);
         let metrics = self.metrics.clone();
         let mut last = None::<Instant>;
         let mut done = false;
@@ -429,10 +433,21 @@ impl Gateway {
                     done = true;
                     metrics.prompt_tokens.inc_by(f.prompt_tokens as u64);
                     metrics.count_request("ok");
+                    tracing::info!(
+                        %model,
+                        images,
+                        cached_images,
+                        prompt_tokens,
+                        completion_tokens = f.completion_tokens,
+                        cached_prompt_tokens = f.cached_tokens,
+                        ms = start.elapsed().as_millis() as u64,
+                        "generated"
+                    );
                 }
                 Err(s) if !done => {
                     done = true;
                     metrics.count_request(code_name(s.code()));
+                    tracing::warn!(%model, status = code_name(s.code()), error = s.message(), "failed");
                 }
                 _ => {}
             }

@@ -43,6 +43,7 @@ fn spawn(bin: &str, args: &[&str]) -> Proc {
     let mut child = Command::new(bin)
         .args(args)
         .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -79,7 +80,7 @@ fn serve() -> Proc {
 struct Cluster {
     encoder: Proc,
     connector: Proc,
-    _decoder: Proc,
+    decoder: Proc,
     gateway: Proc,
 }
 
@@ -104,7 +105,7 @@ fn cluster() -> Cluster {
     Cluster {
         encoder,
         connector,
-        _decoder: decoder,
+        decoder,
         gateway,
     }
 }
@@ -517,14 +518,13 @@ fn bad_input_gets_a_specific_status_and_the_server_goes_on() {
     assert_eq!(v["usage"]["completion_tokens"], 3);
 }
 
-#[test]
-fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
-    let s = serve();
-    let blocks = metric(&s.http, "iris_kv_free_blocks");
+/// Starts a long generation, reads a few tokens, hangs up; the decoder and encoder
+/// (whose `/metrics` are at `decoder` and `encoder`) must come back to idle.
+fn hang_up_and_wait_idle(gateway: &str, decoder: &str, encoder: &str) {
+    let blocks = metric(decoder, "iris_kv_free_blocks");
     assert!(blocks > 0.0);
-    let rt = rt();
-    rt.block_on(async {
-        let mut g = client(&s.grpc).await;
+    rt().block_on(async {
+        let mut g = client(gateway).await;
         let mut stream = g
             .generate(request(PROMPT, vec![image("scene.png")], 400))
             .await
@@ -538,10 +538,10 @@ fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
     // Idle again: no request running or waiting, every block free, nothing queued.
     let t0 = Instant::now();
     loop {
-        let idle = metric(&s.http, "iris_running_requests") == 0.0
-            && metric(&s.http, "iris_queue_depth") == 0.0
-            && metric(&s.http, "iris_kv_free_blocks") == blocks
-            && metric(&s.http, "iris_encoder_queue_depth") == 0.0;
+        let idle = metric(decoder, "iris_running_requests") == 0.0
+            && metric(decoder, "iris_queue_depth") == 0.0
+            && metric(decoder, "iris_kv_free_blocks") == blocks
+            && metric(encoder, "iris_encoder_queue_depth") == 0.0;
         if idle {
             break;
         }
@@ -552,5 +552,73 @@ fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // It did not run to 400 tokens.
-    assert!(metric(&s.http, "iris_decode_tokens") < 400.0);
+    assert!(metric(decoder, "iris_decode_tokens") < 400.0);
+}
+
+#[test]
+fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
+    let s = serve();
+    hang_up_and_wait_idle(&s.grpc, &s.http, &s.http);
+    // Through the gateway to a decoder in another process: the cancel crosses gRPC.
+    let c = cluster();
+    hang_up_and_wait_idle(&c.gateway.grpc, &c.decoder.http, &c.encoder.http);
+}
+
+#[test]
+fn image_urls_are_fetched_only_from_allowed_hosts() {
+    use std::io::{Read, Write};
+    // A one-file HTTP server for the image.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let png = image("scene.png");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                png.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&png);
+        }
+    });
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--allow-image-host",
+            "127.0.0.1",
+        ],
+    );
+    let ask = |url: String| {
+        let body = serde_json::json!({
+            "model": MODEL, "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What is in the picture?"}]}],
+        });
+        let r = reqwest::blocking::Client::new()
+            .post(format!("http://{}/v1/chat/completions", s.http))
+            .json(&body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    let (status, v) = ask(format!("http://127.0.0.1:{port}/scene.png"));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        cli_generate(PROMPT, "scene.png", 8).1.as_str()
+    );
+    // The same server under another name is not on the list.
+    let (status, v) = ask(format!("http://localhost:{port}/scene.png"));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not allowed"));
 }
