@@ -27,12 +27,11 @@ use tonic::transport::Server;
 use crate::gateway::{Gateway, GatewayLimits, GatewayModel};
 use crate::metrics::Metrics;
 use crate::openai::{self, HttpConfig};
-use crate::services::{ConnectorService, DecoderService, GatewayService, VisionService};
+use crate::services::{max, ConnectorService, DecoderService, GatewayService, VisionService};
 use crate::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
     LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
 };
-use crate::wire::MAX_MESSAGE_BYTES;
 
 /// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
 #[derive(Debug, Clone)]
@@ -411,32 +410,6 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let router = with_ops(router, &[GATEWAY, VISION, CONNECTOR, DECODER, ""])?;
     run(&a.listen, router, openai::router(gw, a.gateway.http())).await
 }
-
-/// Raises a generated server's message limits to Iris's.
-fn max<S: MaxSize>(s: S) -> S {
-    s.max()
-}
-
-trait MaxSize {
-    fn max(self) -> Self;
-}
-
-macro_rules! impl_max {
-    ($($t:ident),*) => {$(
-        impl<T> MaxSize for $t<T> {
-            fn max(self) -> Self {
-                self.max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            }
-        }
-    )*};
-}
-impl_max!(
-    GatewayServer,
-    VisionEncoderServer,
-    ConnectorServer,
-    DecoderServer
-);
 
 pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());

@@ -13,7 +13,11 @@ use tonic::{Request, Response, Status};
 
 use crate::gateway::{parts_of, Gateway, GenerateInput, Message, ModelKind};
 use crate::tiers::{ConnectorTier, DecoderTier, EventStream, VisionTier};
-use crate::wire;
+use crate::wire::{self, MAX_MESSAGE_BYTES};
+use iris_proto::v1::connector_server::ConnectorServer;
+use iris_proto::v1::decoder_server::DecoderServer;
+use iris_proto::v1::gateway_server::GatewayServer;
+use iris_proto::v1::vision_encoder_server::VisionEncoderServer;
 
 /// The caller's deadline (`grpc-timeout`), if it set one.
 pub fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
@@ -209,3 +213,29 @@ impl GatewayApi for GatewayService {
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }
+
+/// Raises a generated server's message limits to Iris's.
+pub fn max<S: MaxSize>(s: S) -> S {
+    s.max()
+}
+
+pub trait MaxSize {
+    fn max(self) -> Self;
+}
+
+macro_rules! impl_max {
+    ($($t:ident),*) => {$(
+        impl<T> MaxSize for $t<T> {
+            fn max(self) -> Self {
+                self.max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }
+        }
+    )*};
+}
+impl_max!(
+    GatewayServer,
+    VisionEncoderServer,
+    ConnectorServer,
+    DecoderServer
+);

@@ -500,6 +500,21 @@ fn bad_input_gets_a_specific_status_and_the_server_goes_on() {
             chat(MODEL, "http://example.com/cat.png", 4.into()),
             400,
         ),
+        (
+            "prompt over the context",
+            serde_json::json!({"model": MODEL, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "word ".repeat(600)}]})
+            .to_string(),
+            400,
+        ),
+        (
+            "too many images",
+            serde_json::json!({"model": MODEL, "max_tokens": 4,
+                "messages": [{"role": "user", "content": vec![serde_json::json!(
+                    {"type": "image_url", "image_url": {"url": data(&image("scene.png"))}}); 9]}]})
+            .to_string(),
+            400,
+        ),
     ];
     for (name, body, want) in http_cases {
         let (status, v) = post(body);
@@ -621,4 +636,57 @@ fn image_urls_are_fetched_only_from_allowed_hosts() {
         .as_str()
         .unwrap()
         .contains("not allowed"));
+}
+
+#[test]
+fn the_vision_tier_batches_images_across_requests() {
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--max-batch",
+            "8",
+            "--max-wait-ms",
+            "1000",
+        ],
+    );
+    // Four different images (the fourth a recoloured copy of the first).
+    let mut recoloured = Vec::new();
+    let mut px = image::load_from_memory(&image("scene.png"))
+        .unwrap()
+        .to_rgb8();
+    px.pixels_mut().for_each(|p| p[0] = 255 - p[0]);
+    px.write_to(
+        &mut std::io::Cursor::new(&mut recoloured),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    let images = vec![
+        image("scene.png"),
+        image("tall.jpg"),
+        image("scene.webp"),
+        recoloured,
+    ];
+    rt().block_on(async {
+        let tasks: Vec<_> = images
+            .into_iter()
+            .map(|img| {
+                let addr = s.grpc.clone();
+                tokio::spawn(async move {
+                    let mut g = client(&addr).await;
+                    generate(&mut g, request(PROMPT, vec![img], 1))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    assert_eq!(metric(&s.http, "iris_encoder_requests_total"), 4.0);
+    let batches = metric(&s.http, "iris_encoder_batch_size_count");
+    assert!(batches < 4.0, "4 images in {batches} batches");
 }
