@@ -314,11 +314,12 @@ impl Registry for EtcdRegistry {
 // ---------------------------------------------------------------- memory
 
 type Watchers = Vec<(String, mpsc::Sender<WatchEvent>)>;
+type Shared = Arc<Mutex<(BTreeMap<String, Vec<u8>>, Watchers)>>;
 
 /// The registry in one process (no expiry: its members live as long as it does).
 #[derive(Clone, Default)]
 pub struct MemoryRegistry {
-    inner: Arc<Mutex<(BTreeMap<String, Vec<u8>>, Watchers)>>,
+    inner: Shared,
 }
 
 impl MemoryRegistry {
