@@ -32,6 +32,7 @@ use crate::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
     LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
 };
+use iris_cluster::{EtcdRegistry, Member, Registry, View};
 
 /// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
 #[derive(Debug, Clone)]
@@ -233,6 +234,32 @@ pub struct Listen {
     /// HTTP address: the OpenAI API (gateway) or `/metrics` and `/health` (tiers).
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub http_addr: SocketAddr,
+    /// etcd endpoints (comma-separated): register this member under a lease there
+    /// (the gateway also finds the tiers there).
+    #[arg(long, env = "IRIS_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The cluster's name: its keys live under `/iris/<cluster>/`.
+    #[arg(long, env = "IRIS_CLUSTER", default_value = "default")]
+    pub cluster: String,
+    /// Seconds a member stays registered after its last keep-alive.
+    #[arg(long, default_value_t = 3)]
+    pub lease_ttl_s: u64,
+    /// The gRPC address others reach this member at (default: the bound address).
+    #[arg(long)]
+    pub advertise_addr: Option<String>,
+}
+
+impl Listen {
+    fn registry(&self) -> Option<Arc<dyn Registry>> {
+        (!self.etcd.is_empty())
+            .then(|| Arc::new(EtcdRegistry::new(&self.etcd)) as Arc<dyn Registry>)
+    }
+}
+
+/// What a member registers: its tier and models.
+pub struct Registration {
+    pub tier: &'static str,
+    pub models: Vec<String>,
 }
 
 /// `iris serve`: every tier and the gateway in one process.
@@ -287,13 +314,14 @@ pub struct GatewayRole {
     #[command(flatten)]
     pub gateway: GatewayArgs,
     /// A vision encoder's gRPC address (repeatable: requests go to the least loaded).
-    #[arg(long = "encoder", required = true)]
+    /// With `--etcd`, the members registered there are used instead.
+    #[arg(long = "encoder", required_unless_present = "etcd")]
     pub encoders: Vec<String>,
     /// A connector's gRPC address (repeatable).
-    #[arg(long = "connector", required = true)]
+    #[arg(long = "connector", required_unless_present = "etcd")]
     pub connectors: Vec<String>,
     /// A decoder's gRPC address (repeatable).
-    #[arg(long = "decoder", required = true)]
+    #[arg(long = "decoder", required_unless_present = "etcd")]
     pub decoders: Vec<String>,
 }
 
@@ -342,29 +370,64 @@ fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<Router> {
         .add_service(builder().build_v1alpha()?))
 }
 
-/// Binds both addresses, prints where, and serves until a shutdown signal.
-async fn run(listen: &Listen, grpc: Router, http: axum::Router) -> anyhow::Result<()> {
+/// Binds both addresses, prints where, registers in etcd when asked, and serves until
+/// SIGTERM / Ctrl-C. On the signal the member deregisters first (gateways stop routing
+/// to it), then stops taking requests and finishes the ones it has.
+async fn run(
+    listen: &Listen,
+    grpc: Router,
+    http: axum::Router,
+    member: Registration,
+) -> anyhow::Result<()> {
     let g = TcpListener::bind(listen.grpc_addr)
         .await
         .with_context(|| format!("binding {}", listen.grpc_addr))?;
     let h = TcpListener::bind(listen.http_addr)
         .await
         .with_context(|| format!("binding {}", listen.http_addr))?;
-    println!(
-        "listening grpc={} http={}",
-        g.local_addr()?,
-        h.local_addr()?
-    );
+    let grpc_addr = g.local_addr()?;
+    let lease = match listen.registry() {
+        Some(reg) => {
+            let addr = listen
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| grpc_addr.to_string());
+            let key = iris_cluster::member_key(&listen.cluster, member.tier, &addr);
+            let value = serde_json::to_vec(&Member {
+                tier: member.tier.into(),
+                addr,
+                models: member.models,
+            })?;
+            let ttl = Duration::from_secs(listen.lease_ttl_s.max(1));
+            Some(reg.register(key, value, ttl).await?)
+        }
+        None => None,
+    };
+    println!("listening grpc={} http={}", grpc_addr, h.local_addr()?);
     use std::io::Write;
     std::io::stdout().flush()?;
-    let grpc = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(g), shutdown_signal());
-    let http = axum::serve(h, http).with_graceful_shutdown(shutdown_signal());
-    tokio::select! {
-        r = grpc => r?,
-        r = http => r?,
-    }
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        if let Some(lease) = lease {
+            lease.close().await;
+        }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(g), stopped(stop.clone()));
+    let http = axum::serve(h, http).with_graceful_shutdown(stopped(stop));
+    let (a, b) = tokio::join!(grpc, http);
+    a?;
+    b?;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn model_ids(m: &ModelArgs) -> Vec<String> {
+    m.models.iter().map(|a| a.id.clone()).collect()
 }
 
 fn gateway_models(m: &ModelArgs) -> anyhow::Result<Vec<GatewayModel>> {
@@ -408,7 +471,11 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .add_service(max(ConnectorServer::new(ConnectorService(connector))))
         .add_service(max(DecoderServer::new(DecoderService(decoder))));
     let router = with_ops(router, &[GATEWAY, VISION, CONNECTOR, DECODER, ""])?;
-    run(&a.listen, router, openai::router(gw, a.gateway.http())).await
+    let me = Registration {
+        tier: "gateway",
+        models: model_ids(&a.models),
+    };
+    run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
 
 pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
@@ -423,7 +490,11 @@ pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
     let router =
         Server::builder().add_service(max(VisionEncoderServer::new(VisionService(vision))));
     let router = with_ops(router, &[VISION, ""])?;
-    run(&a.listen, router, openai::metrics_router(metrics)).await
+    let me = Registration {
+        tier: "encoder",
+        models: model_ids(&a.models),
+    };
+    run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
 pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
@@ -433,7 +504,11 @@ pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
     let router = Server::builder().add_service(max(ConnectorServer::new(ConnectorService(c))));
     let router = with_ops(router, &[CONNECTOR, ""])?;
-    run(&a.listen, router, openai::metrics_router(metrics)).await
+    let me = Registration {
+        tier: "connector",
+        models: model_ids(&a.models),
+    };
+    run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
 pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
@@ -446,7 +521,11 @@ pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
     ));
     let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
     let router = with_ops(router, &[DECODER, ""])?;
-    run(&a.listen, router, openai::metrics_router(metrics)).await
+    let me = Registration {
+        tier: "decoder",
+        models: model_ids(&a.models),
+    };
+    run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
 pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
@@ -457,6 +536,32 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
         connector_client,
     )?));
     let decoder = Arc::new(RemoteDecoder(Replicas::new(&a.decoders, decoder_client)?));
+    if let Some(reg) = a.listen.registry() {
+        // Members come from etcd: a snapshot, then every join and leave.
+        let (v, c, d) = (vision.clone(), connector.clone(), decoder.clone());
+        let mut events = reg.watch(iris_cluster::members_prefix(&a.listen.cluster));
+        tokio::spawn(async move {
+            let mut view = View::default();
+            while let Some(ev) = events.recv().await {
+                view.apply(ev);
+                for (tier, set) in [
+                    ("encoder", v.0.set(&view.addrs("encoder"))),
+                    ("connector", c.0.set(&view.addrs("connector"))),
+                    ("decoder", d.0.set(&view.addrs("decoder"))),
+                ] {
+                    if let Err(e) = set {
+                        tracing::warn!(tier, "bad member address: {}", e.message());
+                    }
+                }
+                tracing::info!(
+                    encoders = ?view.addrs("encoder"),
+                    connectors = ?view.addrs("connector"),
+                    decoders = ?view.addrs("decoder"),
+                    "membership"
+                );
+            }
+        });
+    }
     let gw = Arc::new(Gateway::new(
         gateway_models(&a.models)?,
         vision,
@@ -467,7 +572,11 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
     ));
     let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
     let router = with_ops(router, &[GATEWAY, ""])?;
-    run(&a.listen, router, openai::router(gw, a.gateway.http())).await
+    let me = Registration {
+        tier: "gateway",
+        models: model_ids(&a.models),
+    };
+    run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
 
 /// Logs as JSON lines when `IRIS_LOG_JSON` is set, else text; level from `RUST_LOG`

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -298,7 +298,19 @@ pub struct Member<C> {
     pub addr: String,
     client: C,
     outstanding: AtomicUsize,
+    /// Until when (ms since `EPOCH`) the member is skipped after it was unreachable.
+    down_until: AtomicU64,
 }
+
+/// A process-wide clock origin for `down_until`.
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// How long an unreachable member is passed over (while others are up).
+const DOWN_FOR_MS: u64 = 1000;
 
 /// Counts a call against its member while it lasts.
 struct Outstanding<C>(Arc<Member<C>>);
@@ -344,6 +356,7 @@ impl<C: Clone> Replicas<C> {
                     addr: a.clone(),
                     client: (self.connect)(channel(a)?),
                     outstanding: AtomicUsize::new(0),
+                    down_until: AtomicU64::new(0),
                 })),
             }
         }
@@ -364,35 +377,52 @@ impl<C: Clone> Replicas<C> {
         let members = self.members.read().expect("replicas lock");
         let n = members.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        // Members that were unreachable a moment ago go last.
         let m = (0..n)
             .map(|i| &members[(start + i) % n.max(1)])
             .filter(|m| !tried.contains(&m.addr))
-            .min_by_key(|m| m.outstanding.load(Ordering::Relaxed))?
+            .min_by_key(|m| {
+                let down = m.down_until.load(Ordering::Relaxed) > now;
+                (down, m.outstanding.load(Ordering::Relaxed))
+            })?
             .clone();
         m.outstanding.fetch_add(1, Ordering::Relaxed);
         Some((m.client.clone(), Outstanding(m)))
     }
 
     /// Runs an idempotent call on the least loaded replica, again on another while the
-    /// answer is UNAVAILABLE (the member is down or going away).
+    /// answer is UNAVAILABLE or UNKNOWN (the member is down, going away, or its
+    /// connection broke) or RESOURCE_EXHAUSTED (another may have room). When every
+    /// member is full the answer is RESOURCE_EXHAUSTED.
     async fn call<T, F, Fut>(&self, tier: &str, mut f: F) -> Result<T, Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut tried = Vec::new();
-        let mut last = None;
+        let (mut last, mut full) = (None, None);
         while let Some((client, guard)) = self.pick(&tried) {
             tried.push(guard.0.addr.clone());
             match f(client).await {
-                Err(s) if s.code() == Code::Unavailable => {
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
                     tracing::warn!(tier, member = %guard.0.addr, "unavailable, retrying: {}", s.message());
-                    last = Some(s);
+                    guard
+                        .0
+                        .down_until
+                        .store(now_ms() + DOWN_FOR_MS, Ordering::Relaxed);
+                    last = last.or(Some(s));
+                }
+                Err(s) if s.code() == Code::ResourceExhausted => {
+                    tracing::info!(tier, member = %guard.0.addr, "full, trying another");
+                    full = Some(s);
                 }
                 r => return r,
             }
         }
-        Err(last.unwrap_or_else(|| Status::unavailable(format!("no {tier} member is available"))))
+        Err(full
+            .or(last)
+            .unwrap_or_else(|| Status::unavailable(format!("no {tier} member is available"))))
     }
 }
 

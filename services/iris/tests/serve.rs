@@ -4,77 +4,15 @@
 //! tiers; concurrent requests for one new image encode it once; bad input gets a
 //! specific status; a client that hangs up frees its KV blocks and encoder slots.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::*;
 use iris_proto::v1 as pb;
-use iris_proto::v1::gateway_client::GatewayClient;
 use tonic::Code;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn image(name: &str) -> Vec<u8> {
-    std::fs::read(fixtures().join("images").join(name)).unwrap()
-}
-
-const MODEL: &str = "llava-tiny-hub-f32";
-const PROMPT: &str = "USER: <image>\nWhat is in the picture? ASSISTANT:";
-
-/// A server process, killed when dropped.
-struct Proc {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(bin: &str, args: &[&str]) -> Proc {
-    let mut child = Command::new(bin)
-        .args(args)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e}"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_else(|| panic!("{bin} printed {line:?}"))
-            .to_string()
-    };
-    Proc {
-        grpc: field("grpc="),
-        http: field("http="),
-        child,
-    }
-}
-
-fn model_arg() -> String {
-    fixtures().join(MODEL).display().to_string()
-}
-
-fn serve() -> Proc {
-    spawn(
-        env!("CARGO_BIN_EXE_iris"),
-        &["serve", "--model", &model_arg()],
-    )
-}
 
 /// Encoder, connector, decoder and gateway, each its own process.
 struct Cluster {
@@ -108,54 +46,6 @@ fn cluster() -> Cluster {
         decoder,
         gateway,
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn client(addr: &str) -> GatewayClient<tonic::transport::Channel> {
-    GatewayClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 << 20)
-}
-
-fn request(prompt: &str, images: Vec<Vec<u8>>, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        model: MODEL.into(),
-        prompt: prompt.into(),
-        images,
-        max_tokens,
-        ..Default::default()
-    }
-}
-
-/// Token ids of a gRPC generation, and the time to its first token.
-async fn generate(
-    c: &mut GatewayClient<tonic::transport::Channel>,
-    req: pb::GenerateRequest,
-) -> Result<(Vec<u32>, String, Duration), tonic::Status> {
-    let t0 = Instant::now();
-    let mut s = c.generate(req).await?.into_inner();
-    let (mut ids, mut ttft) = (Vec::new(), None);
-    while let Some(ev) = s.message().await? {
-        match ev.event {
-            Some(pb::generate_event::Event::Token(t)) => {
-                ttft.get_or_insert_with(|| t0.elapsed());
-                ids.push(t.id);
-            }
-            Some(pb::generate_event::Event::Finished(f)) => {
-                return Ok((ids, f.text, ttft.unwrap_or_default()))
-            }
-            None => {}
-        }
-    }
-    panic!("the stream ended without finishing")
 }
 
 /// `iris generate --json`'s token ids and text.
@@ -193,23 +83,6 @@ fn cli_generate(prompt: &str, image_file: &str, max_tokens: u32) -> (Vec<u32>, S
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
     (ids, v["text"].as_str().unwrap().to_string())
-}
-
-/// A counter's value on a process's `/metrics` (summed over its labels).
-fn metric(http: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    // Plain HTTP/1.0 over a socket: usable inside and outside the async tests.
-    let mut sock = std::net::TcpStream::connect(http).unwrap();
-    write!(sock, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut body = String::new();
-    sock.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]

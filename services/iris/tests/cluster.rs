@@ -1,0 +1,262 @@
+//! The cluster over a real etcd: members register under leases and the gateway follows
+//! them (a new encoder gets work, a stopped one leaves at once, a killed one within the
+//! TTL); a killed encoder under load loses no request; etcd going away for 10 s fails
+//! nothing; a burst beyond the decoders' queues is refused at once with
+//! RESOURCE_EXHAUSTED while every accepted request completes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use iris_cluster::etcd_server::EtcdServer;
+use iris_cluster::{members_prefix, EtcdRegistry, Registry};
+use tonic::Code;
+
+const TTL: &str = "2";
+
+struct Etcd {
+    server: EtcdServer,
+    _dir: tempfile::TempDir,
+}
+
+fn etcd() -> Etcd {
+    let dir = tempfile::tempdir().unwrap();
+    Etcd {
+        server: EtcdServer::start_in(dir.path().to_path_buf()).unwrap(),
+        _dir: dir,
+    }
+}
+
+fn member(bin: &str, etcd: &Etcd, extra: &[&str]) -> Proc {
+    let m = model_arg();
+    let ep = etcd.server.endpoint();
+    let mut args = vec!["--model", &m, "--etcd", &ep];
+    args.extend(["--cluster", "test", "--lease-ttl-s", TTL]);
+    args.extend(extra);
+    spawn(bin, &args)
+}
+
+fn encoder(e: &Etcd) -> Proc {
+    member(env!("CARGO_BIN_EXE_iris-encoder"), e, &[])
+}
+
+/// Registered member addresses of `tier`, read from etcd directly.
+fn registered(e: &Etcd, tier: &str) -> Vec<String> {
+    let reg = EtcdRegistry::new(&[e.server.endpoint()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kvs = rt.block_on(reg.get_prefix(members_prefix("test"))).unwrap();
+    let mut view = iris_cluster::View::default();
+    view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
+    view.addrs(tier)
+}
+
+/// Requests with fresh images (so the encoders work), `n` of them, `conc` at a time;
+/// returns each one's latency, panicking on any failure.
+fn load(gateway: &str, n: usize, conc: usize, first: u8) -> Vec<Duration> {
+    rt().block_on(async {
+        let sem = Arc::new(tokio::sync::Semaphore::new(conc));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (addr, sem) = (gateway.to_string(), sem.clone());
+                let img = variant(first.wrapping_add(i as u8));
+                tokio::spawn(async move {
+                    let _permit = sem.acquire().await.unwrap();
+                    let t0 = Instant::now();
+                    let mut g = client(&addr).await;
+                    generate(&mut g, request(PROMPT, vec![img], 2))
+                        .await
+                        .unwrap_or_else(|e| panic!("request {i} failed: {e:?}"));
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+#[test]
+fn the_gateway_follows_members_as_they_join_leave_and_die() {
+    let e = etcd();
+    let mut a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let _d = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &[]);
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(
+        Duration::from_secs(10),
+        "the gateway sees the tiers",
+        || registered(&e, "decoder").len() == 1,
+    );
+    load(&g.grpc, 4, 2, 0);
+    assert_eq!(metric(&a.http, "iris_encoder_requests_total"), 4.0);
+    // A second encoder joins: under load, both get work.
+    let mut b = encoder(&e);
+    eventually(Duration::from_secs(10), "b registered", || {
+        registered(&e, "encoder").len() == 2
+    });
+    load(&g.grpc, 16, 4, 10);
+    let (na, nb) = (
+        metric(&a.http, "iris_encoder_requests_total"),
+        metric(&b.http, "iris_encoder_requests_total"),
+    );
+    assert_eq!(na + nb, 20.0);
+    assert!(nb >= 2.0 && na >= 6.0, "a {na}, b {nb}");
+    // A clean stop deregisters at once.
+    terminate(&mut a);
+    assert_eq!(registered(&e, "encoder"), vec![b.grpc.clone()]);
+    load(&g.grpc, 3, 3, 40);
+    assert_eq!(metric(&b.http, "iris_encoder_requests_total"), nb + 3.0);
+    // kill -9: gone within the TTL.
+    let c = encoder(&e);
+    eventually(Duration::from_secs(10), "c registered", || {
+        registered(&e, "encoder").len() == 2
+    });
+    b.child.kill().unwrap();
+    let t0 = Instant::now();
+    eventually(Duration::from_secs(10), "b expired", || {
+        registered(&e, "encoder") == vec![c.grpc.clone()]
+    });
+    let took = t0.elapsed();
+    println!("a kill -9ed encoder left the registry after {took:?} (TTL {TTL} s)");
+    assert!(took <= Duration::from_millis(2000 + 1500), "{took:?}");
+    load(&g.grpc, 3, 3, 60);
+    assert_eq!(metric(&c.http, "iris_encoder_requests_total"), 3.0);
+}
+
+#[test]
+fn a_killed_encoder_under_load_loses_no_request() {
+    let e = etcd();
+    let mut a = encoder(&e);
+    let b = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let _d = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &[]);
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "encoder").len() == 2 && registered(&e, "decoder").len() == 1
+    });
+    let warm = load(&g.grpc, 8, 4, 0);
+    let gw = g.grpc.clone();
+    let steady = std::thread::spawn(move || load(&gw, 60, 4, 100));
+    std::thread::sleep(Duration::from_millis(300));
+    a.child.kill().unwrap();
+    let lat = steady.join().expect("every request completes");
+    let mut sorted = lat.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    let max = *sorted.last().unwrap();
+    println!(
+        "kill -9 of one of two encoders under load: 60/60 completed; latency median {:?}, \
+         max {:?} (warm median {:?})",
+        median,
+        max,
+        warm[warm.len() / 2]
+    );
+    assert!(metric(&b.http, "iris_encoder_requests_total") > 0.0);
+}
+
+#[test]
+fn etcd_away_for_ten_seconds_fails_nothing_and_members_come_back() {
+    let mut e = etcd();
+    let _a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let _d = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &[]);
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "decoder").len() == 1 && registered(&e, "encoder").len() == 1
+    });
+    load(&g.grpc, 2, 2, 0);
+    e.server.stop();
+    // Requests keep flowing for the 10 s etcd is away.
+    let t0 = Instant::now();
+    let mut k = 10u8;
+    while t0.elapsed() < Duration::from_secs(10) {
+        load(&g.grpc, 2, 2, k);
+        k = k.wrapping_add(2);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    e.server.start().unwrap();
+    eventually(Duration::from_secs(15), "members registered again", || {
+        registered(&e, "encoder").len() == 1
+            && registered(&e, "connector").len() == 1
+            && registered(&e, "decoder").len() == 1
+    });
+    // The gateway resynced: a new encoder joins and gets work.
+    let b = encoder(&e);
+    eventually(Duration::from_secs(10), "b registered", || {
+        registered(&e, "encoder").len() == 2
+    });
+    let t0 = Instant::now();
+    while metric(&b.http, "iris_encoder_requests_total") == 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the gateway never used b"
+        );
+        load(&g.grpc, 4, 4, k);
+        k = k.wrapping_add(4);
+    }
+}
+
+#[test]
+fn a_burst_beyond_capacity_is_refused_at_once_and_the_rest_completes() {
+    let e = etcd();
+    let _a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let _d = member(
+        env!("CARGO_BIN_EXE_iris-decoder"),
+        &e,
+        &["--max-running", "2", "--max-waiting", "2"],
+    );
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "decoder").len() == 1 && registered(&e, "encoder").len() == 1
+    });
+    let img = image("scene.png");
+    let (ok, refused, slowest_refusal) = rt().block_on(async {
+        // Warm the visual cache so the burst reaches the decoder together.
+        let mut c = client(&g.grpc).await;
+        generate(&mut c, request(PROMPT, vec![img.clone()], 1))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let (addr, img) = (g.grpc.clone(), img.clone());
+                tokio::spawn(async move {
+                    let mut c = client(&addr).await;
+                    let t0 = Instant::now();
+                    (
+                        generate(&mut c, request(PROMPT, vec![img], 200)).await,
+                        t0.elapsed(),
+                    )
+                })
+            })
+            .collect();
+        let (mut ok, mut refused, mut slowest) = (0, 0, Duration::ZERO);
+        for t in tasks {
+            match t.await.unwrap() {
+                (Ok((ids, _, _)), _) => {
+                    assert!(!ids.is_empty());
+                    ok += 1;
+                }
+                (Err(s), took) => {
+                    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                    refused += 1;
+                    slowest = slowest.max(took);
+                }
+            }
+        }
+        (ok, refused, slowest)
+    });
+    println!(
+        "burst of 40: {ok} completed, {refused} refused (slowest refusal {slowest_refusal:?})"
+    );
+    assert!(ok >= 4 && refused > 0, "ok {ok}, refused {refused}");
+    assert!(
+        slowest_refusal < Duration::from_secs(5),
+        "{slowest_refusal:?}"
+    );
+}

@@ -1,0 +1,169 @@
+//! Helpers shared by the service tests: server processes on loopback, gRPC clients,
+//! metrics.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iris_proto::v1 as pb;
+use iris_proto::v1::gateway_client::GatewayClient;
+
+pub const MODEL: &str = "llava-tiny-hub-f32";
+pub const PROMPT: &str = "USER: <image>\nWhat is in the picture? ASSISTANT:";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn image(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("images").join(name)).unwrap()
+}
+
+/// A server process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub grpc: String,
+    pub http: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn(bin: &str, args: &[&str]) -> Proc {
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{bin} printed {line:?}"))
+            .to_string()
+    };
+    Proc {
+        grpc: field("grpc="),
+        http: field("http="),
+        child,
+    }
+}
+
+pub fn model_arg() -> String {
+    fixtures().join(MODEL).display().to_string()
+}
+
+pub fn serve() -> Proc {
+    spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &model_arg()],
+    )
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub async fn client(addr: &str) -> GatewayClient<tonic::transport::Channel> {
+    GatewayClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20)
+}
+
+pub fn request(prompt: &str, images: Vec<Vec<u8>>, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: MODEL.into(),
+        prompt: prompt.into(),
+        images,
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Token ids of a gRPC generation, and the time to its first token.
+pub async fn generate(
+    c: &mut GatewayClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, String, Duration), tonic::Status> {
+    let t0 = Instant::now();
+    let mut s = c.generate(req).await?.into_inner();
+    let (mut ids, mut ttft) = (Vec::new(), None);
+    while let Some(ev) = s.message().await? {
+        match ev.event {
+            Some(pb::generate_event::Event::Token(t)) => {
+                ttft.get_or_insert_with(|| t0.elapsed());
+                ids.push(t.id);
+            }
+            Some(pb::generate_event::Event::Finished(f)) => {
+                return Ok((ids, f.text, ttft.unwrap_or_default()))
+            }
+            None => {}
+        }
+    }
+    panic!("the stream ended without finishing")
+}
+
+/// A counter's value on a process's `/metrics` (summed over its labels).
+pub fn metric(http: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    // Plain HTTP/1.0 over a socket: usable inside and outside the async tests.
+    let mut sock = std::net::TcpStream::connect(http).unwrap();
+    write!(sock, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    sock.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The fixture image with its red channel shifted by `k`: a different image (a cache
+/// miss) of the same size.
+pub fn variant(k: u8) -> Vec<u8> {
+    let mut px = image::load_from_memory(&image("scene.png"))
+        .unwrap()
+        .to_rgb8();
+    px.pixels_mut().for_each(|p| p[0] = p[0].wrapping_add(k));
+    let mut out = Vec::new();
+    px.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// Sends SIGTERM (a clean stop) and waits for the process to exit.
+pub fn terminate(p: &mut Proc) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status();
+    let _ = p.child.wait();
+}
+
+/// Polls `f` every 20 ms until it holds; panics after `limit` (a liveness bound).
+pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
