@@ -47,6 +47,9 @@ pub struct EngineConfig {
     /// Prompt tokens prefilled per step, across requests: a long prompt is prefilled in
     /// chunks between decode steps instead of stalling every running request.
     pub prefill_chunk: usize,
+    /// A pause after every step: a test hook that makes tiny models decode slowly
+    /// enough to kill a decoder mid-stream. Zero in service.
+    pub step_delay: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             block_size: 16,
             queue: 256,
             prefill_chunk: 512,
+            step_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -89,6 +93,9 @@ pub struct EncodedPrompt {
     pub visual: Vec<Tensor>,
     /// BLAKE3 of each image's bytes (prefix-cache keys).
     pub image_hashes: Vec<[u8; 32]>,
+    /// Tokens the request already produced (it moved here from a decoder that died):
+    /// generation continues after them, as it would have.
+    pub resume: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -260,6 +267,20 @@ struct TextState {
     sent: usize,
     prefix_offset: usize,
     read_offset: usize,
+}
+
+impl TextState {
+    /// The state after `output` was produced and streamed (a resumed request).
+    fn resumed(p: &crate::processor::Processor, output: &[u32]) -> TextState {
+        let text = p.decode(output).unwrap_or_default();
+        TextState {
+            sent: text.len(),
+            text,
+            // A few tokens of context, so the next piece decodes as it would in place.
+            prefix_offset: output.len().saturating_sub(4),
+            read_offset: output.len(),
+        }
+    }
 }
 
 struct Sequence {
@@ -452,6 +473,9 @@ impl Worker {
             self.admit();
             self.step();
             self.stat(|s| s.steps += 1);
+            if !self.config.step_delay.is_zero() {
+                std::thread::sleep(self.config.step_delay);
+            }
         }
     }
 
@@ -491,6 +515,11 @@ impl Worker {
             Ok(())
         };
         let prepared = match &r.encoded {
+            Some(e) if e.resume.len() >= r.options.max_new_tokens => Err(Error::Input(format!(
+                "{} tokens to resume from, max_new_tokens is {}",
+                e.resume.len(),
+                r.options.max_new_tokens
+            ))),
             Some(e) => fits(&e.input_ids).map(|()| {
                 let prep = PreparedPrompt {
                     input_ids: e.input_ids.clone(),
@@ -508,14 +537,20 @@ impl Worker {
                 Ok((p.encode_images(&prep)?, prep, hashes))
             }),
         };
+        let resume = r
+            .encoded
+            .as_ref()
+            .map(|e| e.resume.clone())
+            .unwrap_or_default();
         match prepared {
             Ok((visual, prepared, image_hashes)) => {
+                let text = TextState::resumed(&p.processor, &resume);
                 self.waiting.push_back(Sequence {
                     image_hashes,
                     submission,
                     prepared,
                     visual,
-                    output: Vec::new(),
+                    output: resume,
                     cache: KvCache::default(),
                     conditioned: false,
                     blocks: Vec::new(),
@@ -524,7 +559,7 @@ impl Worker {
                     prefilled: 0,
                     cached_tokens: 0,
                     last_hidden: None,
-                    text: TextState::default(),
+                    text,
                 });
                 self.stat(|_| {});
             }

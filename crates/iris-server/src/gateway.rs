@@ -14,7 +14,7 @@ use iris_engine::{GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, Retr
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json};
 use iris_proto::v1 as pb;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::cache::{Lookup, VisualCache};
 use crate::metrics::Metrics;
@@ -55,6 +55,8 @@ pub struct GatewayLimits {
     pub request_timeout: Duration,
     /// Bytes of visual tokens the cache keeps.
     pub cache_bytes: usize,
+    /// Times a stream may move to another decoder when its decoder dies.
+    pub max_migrations: usize,
 }
 
 impl Default for GatewayLimits {
@@ -65,6 +67,7 @@ impl Default for GatewayLimits {
             image: ImageLimits::default(),
             request_timeout: Duration::from_secs(300),
             cache_bytes: 1 << 30,
+            max_migrations: 3,
         }
     }
 }
@@ -491,10 +494,17 @@ impl Gateway {
             stop: o.stop.strings.clone(),
             stop_token_ids: o.stop.token_ids.clone(),
             top_logprobs: o.top_logprobs as u32,
+            resume_token_ids: vec![],
         };
-        let events = self.decoder.generate(req, deadline).await?;
+        let first = self.decoder.generate(req.clone(), deadline).await?;
         Ok(Generation {
-            events,
+            events: migrating(
+                first,
+                self.decoder.clone(),
+                req,
+                deadline,
+                self.limits.max_migrations,
+            ),
             prompt_tokens: ids.len(),
             cached_images,
         })
@@ -508,6 +518,67 @@ impl Gateway {
             ))),
         }
     }
+}
+
+/// A decoder's stream that survives the decoder: when it breaks before finishing
+/// (UNAVAILABLE or UNKNOWN: the process died or its connection broke), the request
+/// goes to another decoder with the tokens already streamed, and the stream simply
+/// continues — nothing lost or repeated, and the same tokens it would have produced,
+/// sampling depending only on (seed, position). At most `max` moves; when none is
+/// possible, the stream ends with the decoder tier's error (UNAVAILABLE).
+fn migrating(
+    first: EventStream,
+    decoder: Arc<dyn DecoderTier>,
+    req: pb::DecodeRequest,
+    deadline: Instant,
+    max: usize,
+) -> EventStream {
+    use pb::generate_event::Event;
+    Box::pin(async_stream::stream! {
+        let mut stream = first;
+        let mut produced: Vec<u32> = Vec::new();
+        let mut moves = 0;
+        loop {
+            let broke = match stream.next().await {
+                Some(Ok(mut ev)) => {
+                    match &mut ev.event {
+                        Some(Event::Token(t)) => produced.push(t.id),
+                        Some(Event::Finished(f)) => {
+                            f.completion_tokens = produced.len() as u32;
+                            yield Ok(ev);
+                            break;
+                        }
+                        None => {}
+                    }
+                    yield Ok(ev);
+                    continue;
+                }
+                Some(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown) => s,
+                Some(Err(s)) => {
+                    yield Err(s);
+                    break;
+                }
+                None => Status::unavailable("the decoder ended the stream early"),
+            };
+            if moves == max {
+                yield Err(Status::unavailable(format!(
+                    "the decoder failed {} times: {}", moves + 1, broke.message()
+                )));
+                break;
+            }
+            moves += 1;
+            tracing::warn!(model = %req.model, produced = produced.len(), "decoder lost mid-stream, migrating: {}", broke.message());
+            let mut again = req.clone();
+            again.resume_token_ids = produced.clone();
+            match decoder.generate(again, deadline).await {
+                Ok(s) => stream = s,
+                Err(e) => {
+                    yield Err(e);
+                    break;
+                }
+            }
+        }
+    })
 }
 
 pub fn code_name(c: tonic::Code) -> &'static str {

@@ -158,6 +158,9 @@ pub struct DecoderArgs {
     /// Prompt tokens prefilled per engine step.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Test hook: milliseconds to pause after each engine step.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_step_delay_ms: u64,
 }
 
 impl DecoderArgs {
@@ -168,6 +171,7 @@ impl DecoderArgs {
             block_size: self.block_size,
             queue: self.max_waiting,
             prefill_chunk: self.prefill_chunk,
+            step_delay: Duration::from_millis(self.test_step_delay_ms),
         };
         pipelines
             .iter()
@@ -201,6 +205,9 @@ pub struct GatewayArgs {
     /// Seconds to fetch one image URL.
     #[arg(long, default_value_t = 10)]
     pub image_fetch_timeout_s: u64,
+    /// Times a stream may move to another decoder when its decoder dies (0: never).
+    #[arg(long, default_value_t = 3)]
+    pub max_migrations: usize,
     /// `max_tokens` of an HTTP request that sets none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
@@ -214,6 +221,7 @@ impl GatewayArgs {
             image,
             request_timeout: Duration::from_secs(self.request_timeout_s),
             cache_bytes: self.visual_cache_bytes,
+            max_migrations: self.max_migrations,
         }
     }
 

@@ -269,6 +269,7 @@ impl DecoderTier for LocalDecoder {
             input_ids: req.prompt_token_ids,
             visual,
             image_hashes,
+            resume: req.resume_token_ids,
         });
         let stream = engine.submit(request).map_err(|e| match e {
             iris_engine::Error::Busy(m) => Status::resource_exhausted(m),

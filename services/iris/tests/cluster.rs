@@ -260,3 +260,99 @@ fn a_burst_beyond_capacity_is_refused_at_once_and_the_rest_completes() {
         "{slowest_refusal:?}"
     );
 }
+
+/// Streams all of a generation's events: token ids and final text, or the error.
+async fn stream_all(
+    addr: &str,
+    req: iris_proto::v1::GenerateRequest,
+) -> Result<(Vec<u32>, String), tonic::Status> {
+    let mut c = client(addr).await;
+    generate(&mut c, req)
+        .await
+        .map(|(ids, text, _)| (ids, text))
+}
+
+fn sampled(seed: u64) -> iris_proto::v1::SamplingParams {
+    iris_proto::v1::SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_decoder_killed_mid_stream_hands_its_streams_to_another() {
+    let e = etcd();
+    let _a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let slow = ["--test-step-delay-ms", "15"];
+    let mut d1 = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &slow);
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "decoder").len() == 1 && registered(&e, "encoder").len() == 1
+    });
+    // Greedy and seeded requests; what each gives with no failure.
+    let reqs: Vec<_> = (0..6u64)
+        .map(|i| {
+            let mut r = request(PROMPT, vec![image("scene.png")], 60);
+            if i % 2 == 1 {
+                r.sampling = Some(sampled(i));
+            }
+            r
+        })
+        .collect();
+    let rt = rt();
+    let want: Vec<_> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in &reqs {
+            out.push(stream_all(&g.grpc, r.clone()).await.unwrap());
+        }
+        out
+    });
+    let d2 = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &slow);
+    eventually(Duration::from_secs(10), "d2 registered", || {
+        registered(&e, "decoder").len() == 2
+    });
+    let before = metric(&d2.http, "iris_decoder_requests_total");
+    let got = rt.block_on(async {
+        let tasks: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (addr, r) = (g.grpc.clone(), r.clone());
+                tokio::spawn(async move { stream_all(&addr, r).await })
+            })
+            .collect();
+        // Mid-stream (60 tokens at 15 ms a step take ~1 s): kill -9 the first decoder.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        d1.child.kill().unwrap();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let moved = metric(&d2.http, "iris_decoder_requests_total") - before - 3.0;
+    println!("decoder kill -9 mid-stream: {moved} of 6 streams moved to the other decoder");
+    for (i, (g, w)) in got.into_iter().zip(&want).enumerate() {
+        let g = g.unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        assert_eq!(&g, w, "stream {i} differs from the run without failure");
+    }
+    assert!(moved >= 1.0, "no stream was on the killed decoder");
+    // The last decoder dies too: a stream ends with UNAVAILABLE, promptly.
+    let mut d2 = d2;
+    let t0 = Instant::now();
+    let r = rt.block_on(async {
+        let addr = g.grpc.clone();
+        let req = reqs[0].clone();
+        let task = tokio::spawn(async move { stream_all(&addr, req).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d2.child.kill().unwrap();
+        task.await.unwrap()
+    });
+    let e = r.expect_err("no decoder is left");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let took = t0.elapsed() - Duration::from_millis(300);
+    println!("no decoder left: UNAVAILABLE {took:?} after the kill");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
