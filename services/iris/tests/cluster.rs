@@ -356,3 +356,123 @@ fn a_decoder_killed_mid_stream_hands_its_streams_to_another() {
     println!("no decoder left: UNAVAILABLE {took:?} after the kill");
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+#[test]
+fn a_rolling_restart_of_every_member_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let e = etcd();
+    let bins = [
+        env!("CARGO_BIN_EXE_iris-encoder"),
+        env!("CARGO_BIN_EXE_iris-connector"),
+        env!("CARGO_BIN_EXE_iris-decoder"),
+        env!("CARGO_BIN_EXE_iris-gateway"),
+    ];
+    // Two of each.
+    let mut members: Vec<(usize, Proc)> = (0..8)
+        .map(|i| (i / 2, member(bins[i / 2], &e, &[])))
+        .collect();
+    eventually(Duration::from_secs(15), "all registered", || {
+        ["encoder", "connector", "decoder", "gateway"]
+            .iter()
+            .all(|t| registered(&e, t).len() == 2)
+    });
+    // The load balancer in front of the gateways: the live ones, in turn.
+    let gateways = Arc::new(Mutex::new(
+        members
+            .iter()
+            .filter(|(k, _)| *k == 3)
+            .map(|(_, p)| p.grpc.clone())
+            .collect::<Vec<_>>(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let load = {
+        let (gateways, stop, done, failed) =
+            (gateways.clone(), stop.clone(), done.clone(), failed.clone());
+        std::thread::spawn(move || {
+            rt().block_on(async {
+                let workers: Vec<_> = (0..3)
+                    .map(|w| {
+                        let (gateways, stop, done, failed) =
+                            (gateways.clone(), stop.clone(), done.clone(), failed.clone());
+                        tokio::spawn(async move {
+                            let mut k = w as u8 * 80;
+                            while !stop.load(Ordering::Relaxed) {
+                                k = k.wrapping_add(1);
+                                let req = request(PROMPT, vec![variant(k)], 12);
+                                let mut last = None;
+                                // Connection failures go to the other gateway, as a load
+                                // balancer retries them; any other failure counts.
+                                for attempt in 0..4 {
+                                    let list = gateways.lock().unwrap().clone();
+                                    let addr = list[(k as usize + attempt) % list.len()].clone();
+                                    let Ok(ch) = tonic::transport::Endpoint::from_shared(format!(
+                                        "http://{addr}"
+                                    ))
+                                    .unwrap()
+                                    .connect()
+                                    .await
+                                    else {
+                                        continue;
+                                    };
+                                    let mut c =
+                                        iris_proto::v1::gateway_client::GatewayClient::new(ch);
+                                    match generate(&mut c, req.clone()).await {
+                                        Ok(_) => {
+                                            last = None;
+                                            done.fetch_add(1, Ordering::Relaxed);
+                                            break;
+                                        }
+                                        Err(s) => last = Some(s),
+                                    }
+                                    break;
+                                }
+                                if let Some(s) = last {
+                                    failed.lock().unwrap().push(format!("{s:?}"));
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for w in workers {
+                    w.await.unwrap();
+                }
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let tiers = ["encoder", "connector", "decoder", "gateway"];
+    for i in 0..members.len() {
+        let kind = members[i].0;
+        let fresh = member(bins[kind], &e, &[]);
+        let new_addr = fresh.grpc.clone();
+        eventually(
+            Duration::from_secs(15),
+            "the replacement registered",
+            || registered(&e, tiers[kind]).contains(&new_addr),
+        );
+        if kind == 3 {
+            gateways.lock().unwrap().push(new_addr.clone());
+        }
+        let (_, mut old) = std::mem::replace(&mut members[i], (kind, fresh));
+        if kind == 3 {
+            gateways.lock().unwrap().retain(|a| *a != old.grpc);
+        }
+        terminate(&mut old);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let failed = failed.lock().unwrap();
+    println!(
+        "rolling restart of 8 members under load: {} requests completed, {} failed",
+        done.load(Ordering::Relaxed),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(done.load(Ordering::Relaxed) > 20);
+}
