@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, every unit and end-to-end test (services as
-# separate processes on loopback included), then third-party clients (the `openai`
-# Python client and grpcurl) against `iris serve`. Needs the Rust toolchain; installs a
-# C compiler, protoc, python3-venv and the client packages when missing.
+# separate processes on loopback and a real etcd included), third-party clients (the
+# `openai` Python client and grpcurl) against `iris serve`, and the local cluster
+# launcher. Needs the Rust toolchain; installs a C compiler, protoc, etcd, python3-venv
+# and the client packages when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -16,3 +17,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 bash scripts/client_check.sh
+# The local cluster launcher: up, one request through it, down.
+trap 'IRIS_BIN_DIR=target/debug bash deploy/local/cluster.sh down >/dev/null' EXIT
+IRIS_BIN_DIR=target/debug bash deploy/local/cluster.sh up
+./target/debug/iris chat --addr 127.0.0.1:50051 --model llava-tiny-hub-f32 \
+    --image tests/fixtures/images/scene.png --message "What is in the picture?" --max-tokens 8

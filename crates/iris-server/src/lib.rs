@@ -3,6 +3,7 @@
 //! runners of each role (`iris serve`, `iris-gateway`, `iris-encoder`, ...).
 
 pub mod cache;
+pub mod cluster_cli;
 pub mod gateway;
 pub mod metrics;
 pub mod openai;

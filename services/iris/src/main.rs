@@ -48,6 +48,9 @@ enum Cmd {
     Decoder(iris_server::roles::DecoderRole),
     /// Ask a running gateway (gRPC) a question about images; streams the answer.
     Chat(ChatArgs),
+    /// The cluster's model registry and members in etcd.
+    #[command(subcommand)]
+    Cluster(iris_server::cluster_cli::ClusterCmd),
 }
 
 #[derive(Args)]
@@ -268,6 +271,9 @@ fn main() -> ExitCode {
         Cmd::Encoder(a) => serve_role(iris_server::roles::encoder(a)),
         Cmd::Connector(a) => serve_role(iris_server::roles::connector(a)),
         Cmd::Decoder(a) => serve_role(iris_server::roles::decoder(a)),
+        Cmd::Cluster(c) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(iris_server::cluster_cli::run(c))),
         Cmd::Chat(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(chat(a))),

@@ -476,3 +476,48 @@ fn a_rolling_restart_of_every_member_under_load_fails_no_request() {
     assert!(failed.is_empty(), "{failed:?}");
     assert!(done.load(Ordering::Relaxed) > 20);
 }
+
+#[test]
+fn the_model_registry_is_applied_and_shown_with_the_members() {
+    let e = etcd();
+    let _a = encoder(&e);
+    eventually(Duration::from_secs(10), "the encoder registered", || {
+        registered(&e, "encoder").len() == 1
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.json");
+    std::fs::write(
+        &file,
+        r#"{"models": [{"id": "llava", "encoder": "clip-vit-l-336", "connector": "llava-mlp",
+            "language_model": "vicuna-7b", "tp_size": 2}]}"#,
+    )
+    .unwrap();
+    let iris = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
+            .args(args)
+            .args(["--etcd", &e.server.endpoint(), "--cluster", "test"])
+            .output()
+            .unwrap()
+    };
+    let out = iris(&["cluster", "apply", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = iris(&["cluster", "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"][0]["id"], "llava");
+    assert_eq!(v["models"][0]["tp_size"], 2);
+    assert_eq!(v["members"][0]["tier"], "encoder");
+    // A bad file is refused with a message.
+    std::fs::write(&file, r#"{"models": [{"id": "x"}]}"#).unwrap();
+    let out = iris(&["cluster", "apply", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("models file"));
+}

@@ -1,0 +1,88 @@
+//! `iris cluster apply FILE` and `iris cluster status`: write the model registry to
+//! etcd, and show it with the live members.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use iris_cluster::{members_prefix, models_prefix, EtcdRegistry, Member, ModelEntry, Registry};
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterConn {
+    /// etcd endpoints (comma-separated).
+    #[arg(long, env = "IRIS_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    #[arg(long, env = "IRIS_CLUSTER", default_value = "default")]
+    pub cluster: String,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ClusterCmd {
+    /// Write the served models (JSON: `{"models": [{"id", "encoder", "connector",
+    /// "language_model", "tp_size"}]}`) to the registry.
+    Apply {
+        #[command(flatten)]
+        conn: ClusterConn,
+        file: PathBuf,
+    },
+    /// Print the registered models and the live members, as JSON.
+    Status {
+        #[command(flatten)]
+        conn: ClusterConn,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct ModelsFile {
+    models: Vec<ModelEntry>,
+}
+
+pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Apply { conn, file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let f: ModelsFile = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a models file", file.display()))?;
+            for m in &f.models {
+                anyhow::ensure!(!m.id.is_empty(), "a model without an id");
+                anyhow::ensure!(m.tp_size >= 1, "model `{}`: tp_size must be ≥ 1", m.id);
+            }
+            let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::new(&conn.etcd));
+            for m in &f.models {
+                let key = format!("{}{}", models_prefix(&conn.cluster), m.id);
+                reg.put(key, serde_json::to_vec(m)?).await?;
+            }
+            println!(
+                "applied {} model(s) to cluster `{}`",
+                f.models.len(),
+                conn.cluster
+            );
+        }
+        ClusterCmd::Status { conn } => {
+            let reg = EtcdRegistry::new(&conn.etcd);
+            let models: Vec<ModelEntry> = reg
+                .get_prefix(models_prefix(&conn.cluster))
+                .await?
+                .into_iter()
+                .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+                .collect();
+            let members: Vec<Member> = reg
+                .get_prefix(members_prefix(&conn.cluster))
+                .await?
+                .into_iter()
+                .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "cluster": conn.cluster,
+                    "models": models,
+                    "members": members,
+                }))?
+            );
+        }
+    }
+    Ok(())
+}
