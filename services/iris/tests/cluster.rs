@@ -446,8 +446,8 @@ fn a_rolling_restart_of_every_member_under_load_fails_no_request() {
     };
     std::thread::sleep(Duration::from_millis(500));
     let tiers = ["encoder", "connector", "decoder", "gateway"];
-    for i in 0..members.len() {
-        let kind = members[i].0;
+    for slot in members.iter_mut() {
+        let kind = slot.0;
         let fresh = member(bins[kind], &e, &[]);
         let new_addr = fresh.grpc.clone();
         eventually(
@@ -458,7 +458,7 @@ fn a_rolling_restart_of_every_member_under_load_fails_no_request() {
         if kind == 3 {
             gateways.lock().unwrap().push(new_addr.clone());
         }
-        let (_, mut old) = std::mem::replace(&mut members[i], (kind, fresh));
+        let (_, mut old) = std::mem::replace(slot, (kind, fresh));
         if kind == 3 {
             gateways.lock().unwrap().retain(|a| *a != old.grpc);
         }
