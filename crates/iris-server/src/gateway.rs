@@ -521,7 +521,7 @@ impl Gateway {
 }
 
 /// A decoder's stream that survives the decoder: when it breaks before finishing
-/// (UNAVAILABLE or UNKNOWN: the process died or its connection broke), the request
+/// (the process died or its connection broke), the request
 /// goes to another decoder with the tokens already streamed, and the stream simply
 /// continues — nothing lost or repeated, and the same tokens it would have produced,
 /// sampling depending only on (seed, position). At most `max` moves; when none is
@@ -553,7 +553,10 @@ fn migrating(
                     yield Ok(ev);
                     continue;
                 }
-                Some(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown) => s,
+                // A decoder that dies mid-stream shows as UNAVAILABLE, UNKNOWN (a broken
+                // connection) or CANCELLED (its end reset the stream; the client's own
+                // cancel never reaches here, it drops this stream).
+                Some(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => s,
                 Some(Err(s)) => {
                     yield Err(s);
                     break;

@@ -393,8 +393,8 @@ impl<C: Clone> Replicas<C> {
     }
 
     /// Runs an idempotent call on the least loaded replica, again on another while the
-    /// answer is UNAVAILABLE or UNKNOWN (the member is down, going away, or its
-    /// connection broke) or RESOURCE_EXHAUSTED (another may have room). When every
+    /// answer is UNAVAILABLE, UNKNOWN or CANCELLED (the member is down, going away, or
+    /// its connection broke) or RESOURCE_EXHAUSTED (another may have room). When every
     /// member is full the answer is RESOURCE_EXHAUSTED.
     async fn call<T, F, Fut>(&self, tier: &str, mut f: F) -> Result<T, Status>
     where
@@ -406,7 +406,12 @@ impl<C: Clone> Replicas<C> {
         while let Some((client, guard)) = self.pick(&tried) {
             tried.push(guard.0.addr.clone());
             match f(client).await {
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown) => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+                {
                     tracing::warn!(tier, member = %guard.0.addr, "unavailable, retrying: {}", s.message());
                     guard
                         .0
@@ -421,9 +426,10 @@ impl<C: Clone> Replicas<C> {
                 r => return r,
             }
         }
-        Err(full
-            .or(last)
-            .unwrap_or_else(|| Status::unavailable(format!("no {tier} member is available"))))
+        Err(full.unwrap_or_else(|| match last {
+            Some(s) => Status::unavailable(format!("no {tier} member answered: {}", s.message())),
+            None => Status::unavailable(format!("no {tier} member is available")),
+        }))
     }
 }
 
