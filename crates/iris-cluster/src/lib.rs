@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,6 +33,9 @@ pub struct Member {
     /// Its gRPC address as others reach it.
     pub addr: String,
     pub models: Vec<String>,
+    /// Work in hand (queued and running requests), refreshed while it lives.
+    #[serde(default)]
+    pub load: u32,
 }
 
 /// Which parts make a served model (the model registry).
@@ -100,7 +103,18 @@ impl Drop for Lease {
 pub trait Registry: Send + Sync {
     /// Puts `key` = `value` under a lease of `ttl`, kept alive until the `Lease` closes.
     /// Returns once the key is in place.
-    async fn register(&self, key: String, value: Vec<u8>, ttl: Duration) -> Result<Lease>;
+    async fn register(&self, key: String, value: Vec<u8>, ttl: Duration) -> Result<Lease> {
+        let (_tx, rx) = watch::channel(value);
+        self.register_updating(key, rx, ttl).await
+    }
+    /// `register`, putting the value again (under the same lease) whenever `value`
+    /// changes.
+    async fn register_updating(
+        &self,
+        key: String,
+        value: watch::Receiver<Vec<u8>>,
+        ttl: Duration,
+    ) -> Result<Lease>;
     async fn put(&self, key: String, value: Vec<u8>) -> Result<()>;
     async fn get_prefix(&self, prefix: String) -> Result<Vec<(String, Vec<u8>)>>;
     /// Watches `prefix` until the receiver is dropped.
@@ -143,7 +157,7 @@ impl EtcdRegistry {
     async fn lease_session(
         &self,
         key: &str,
-        value: &[u8],
+        value: &mut watch::Receiver<Vec<u8>>,
         ttl: Duration,
         registered: &mut Option<oneshot::Sender<()>>,
         stop: &mut oneshot::Receiver<oneshot::Sender<()>>,
@@ -152,19 +166,33 @@ impl EtcdRegistry {
             let mut c = self.client().await?;
             let lease = c.lease_grant(ttl.as_secs().max(1) as i64, None).await?.id();
             let opts = etcd_client::PutOptions::new().with_lease(lease);
-            c.put(key, value, Some(opts)).await?;
+            let v = value.borrow_and_update().clone();
+            c.put(key, v, Some(opts.clone())).await?;
             if let Some(r) = registered.take() {
                 let _ = r.send(());
             }
             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            let mut kv = c.clone();
             Ok::<_, Error>((c, lease, async move {
                 let every = (ttl / 3).max(Duration::from_millis(200));
                 loop {
-                    tokio::time::sleep(every).await;
-                    keeper.keep_alive().await?;
-                    match stream.message().await? {
-                        Some(r) if r.ttl() > 0 => {}
-                        _ => return Err::<(), Error>(Error::Other("the lease expired".into())),
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {
+                            keeper.keep_alive().await?;
+                            match stream.message().await? {
+                                Some(r) if r.ttl() > 0 => {}
+                                _ => return Err::<(), Error>(Error::Other("the lease expired".into())),
+                            }
+                        }
+                        changed = value.changed() => {
+                            if changed.is_ok() {
+                                let v = value.borrow_and_update().clone();
+                                kv.put(key, v, Some(opts.clone())).await?;
+                            } else {
+                                // The sender is gone: the value stays as it is.
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 }
             }))
@@ -241,7 +269,12 @@ impl EtcdRegistry {
 
 #[async_trait::async_trait]
 impl Registry for EtcdRegistry {
-    async fn register(&self, key: String, value: Vec<u8>, ttl: Duration) -> Result<Lease> {
+    async fn register_updating(
+        &self,
+        key: String,
+        mut value: watch::Receiver<Vec<u8>>,
+        ttl: Duration,
+    ) -> Result<Lease> {
         let (stop_tx, mut stop) = oneshot::channel::<oneshot::Sender<()>>();
         let (reg_tx, reg_rx) = oneshot::channel();
         let this = self.clone();
@@ -249,7 +282,7 @@ impl Registry for EtcdRegistry {
             let mut registered = Some(reg_tx);
             loop {
                 match this
-                    .lease_session(&key, &value, ttl, &mut registered, &mut stop)
+                    .lease_session(&key, &mut value, ttl, &mut registered, &mut stop)
                     .await
                 {
                     SessionEnd::Stopped(done) => {
@@ -341,12 +374,25 @@ impl MemoryRegistry {
 
 #[async_trait::async_trait]
 impl Registry for MemoryRegistry {
-    async fn register(&self, key: String, value: Vec<u8>, _ttl: Duration) -> Result<Lease> {
-        self.set(key.clone(), Some(value));
-        let (stop, wait) = oneshot::channel::<oneshot::Sender<()>>();
+    async fn register_updating(
+        &self,
+        key: String,
+        mut value: watch::Receiver<Vec<u8>>,
+        _ttl: Duration,
+    ) -> Result<Lease> {
+        self.set(key.clone(), Some(value.borrow_and_update().clone()));
+        let (stop, mut wait) = oneshot::channel::<oneshot::Sender<()>>();
         let this = self.clone();
         tokio::spawn(async move {
-            let done = wait.await;
+            let done = loop {
+                tokio::select! {
+                    done = &mut wait => break done,
+                    changed = value.changed() => match changed {
+                        Ok(()) => this.set(key.clone(), Some(value.borrow_and_update().clone())),
+                        Err(_) => break (&mut wait).await,
+                    },
+                }
+            };
             this.set(key, None);
             if let Ok(done) = done {
                 let _ = done.send(());
@@ -400,6 +446,16 @@ impl View {
         }
     }
 
+    /// Each member of `tier` and the load it reports.
+    pub fn loads(&self, tier: &str) -> Vec<(String, u32)> {
+        self.0
+            .values()
+            .filter_map(|v| serde_json::from_slice::<Member>(v).ok())
+            .filter(|m| m.tier == tier)
+            .map(|m| (m.addr, m.load))
+            .collect()
+    }
+
     /// The members of `tier` (their addresses, sorted).
     pub fn addrs(&self, tier: &str) -> Vec<String> {
         let mut a: Vec<String> = self
@@ -427,6 +483,7 @@ mod tests {
                 tier: "encoder".into(),
                 addr: addr.into(),
                 models: vec!["m".into()],
+                load: 0,
             })
             .unwrap()
         };

@@ -13,6 +13,7 @@ fn member(addr: &str) -> Vec<u8> {
         tier: "encoder".into(),
         addr: addr.into(),
         models: vec!["m".into()],
+        load: 0,
     })
     .unwrap()
 }

@@ -264,10 +264,11 @@ impl Listen {
     }
 }
 
-/// What a member registers: its tier and models.
+/// What a member registers: its tier, models, and how to read its load.
 pub struct Registration {
     pub tier: &'static str,
     pub models: Vec<String>,
+    pub load: Box<dyn Fn() -> u32 + Send + Sync>,
 }
 
 /// `iris serve`: every tier and the gateway in one process.
@@ -401,13 +402,31 @@ async fn run(
                 .clone()
                 .unwrap_or_else(|| grpc_addr.to_string());
             let key = iris_cluster::member_key(&listen.cluster, member.tier, &addr);
-            let value = serde_json::to_vec(&Member {
+            let me = Member {
                 tier: member.tier.into(),
                 addr,
                 models: member.models,
-            })?;
+                load: (member.load)(),
+            };
+            let (tx, rx) = tokio::sync::watch::channel(serde_json::to_vec(&me)?);
+            // The load, refreshed twice a second while it changes.
+            let load = member.load;
+            tokio::spawn(async move {
+                let mut me = me;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let l = load();
+                    if l != me.load {
+                        me.load = l;
+                        let v = serde_json::to_vec(&me).expect("a member serializes");
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
             let ttl = Duration::from_secs(listen.lease_ttl_s.max(1));
-            Some(reg.register(key, value, ttl).await?)
+            Some(reg.register_updating(key, rx, ttl).await?)
         }
         None => None,
     };
@@ -482,6 +501,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let me = Registration {
         tier: "gateway",
         models: model_ids(&a.models),
+        load: Box::new(|| 0),
     };
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
@@ -498,9 +518,11 @@ pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
     let router =
         Server::builder().add_service(max(VisionEncoderServer::new(VisionService(vision))));
     let router = with_ops(router, &[VISION, ""])?;
+    let m = metrics.clone();
     let me = Registration {
         tier: "encoder",
         models: model_ids(&a.models),
+        load: Box::new(move || m.encoder_queue.get().max(0) as u32),
     };
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
@@ -515,6 +537,7 @@ pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
     let me = Registration {
         tier: "connector",
         models: model_ids(&a.models),
+        load: Box::new(|| 0),
     };
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
@@ -523,15 +546,22 @@ pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
-    let d = Arc::new(LocalDecoder::new(
-        a.decoder.engines(&pipelines),
-        metrics.clone(),
-    ));
+    let engines = a.decoder.engines(&pipelines);
+    let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
     let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
     let router = with_ops(router, &[DECODER, ""])?;
     let me = Registration {
         tier: "decoder",
         models: model_ids(&a.models),
+        load: Box::new(move || {
+            engines
+                .values()
+                .map(|e| {
+                    let s = e.stats();
+                    (s.running + s.waiting) as u32
+                })
+                .sum()
+        }),
     };
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
@@ -550,6 +580,7 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
         let mut events = reg.watch(iris_cluster::members_prefix(&a.listen.cluster));
         tokio::spawn(async move {
             let mut view = View::default();
+            let mut seen = Vec::new();
             while let Some(ev) = events.recv().await {
                 view.apply(ev);
                 for (tier, set) in [
@@ -561,12 +592,17 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
                         tracing::warn!(tier, "bad member address: {}", e.message());
                     }
                 }
-                tracing::info!(
-                    encoders = ?view.addrs("encoder"),
-                    connectors = ?view.addrs("connector"),
-                    decoders = ?view.addrs("decoder"),
-                    "membership"
-                );
+                v.0.set_loads(&view.loads("encoder"));
+                c.0.set_loads(&view.loads("connector"));
+                d.0.set_loads(&view.loads("decoder"));
+                let now: Vec<Vec<String>> = ["encoder", "connector", "decoder"]
+                    .iter()
+                    .map(|t| view.addrs(t))
+                    .collect();
+                if now != seen {
+                    tracing::info!(encoders = ?now[0], connectors = ?now[1], decoders = ?now[2], "membership");
+                    seen = now;
+                }
             }
         });
     }
@@ -583,6 +619,7 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
     let me = Registration {
         tier: "gateway",
         models: model_ids(&a.models),
+        load: Box::new(|| 0),
     };
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }

@@ -301,6 +301,8 @@ pub struct Member<C> {
     outstanding: AtomicUsize,
     /// Until when (ms since `EPOCH`) the member is skipped after it was unreachable.
     down_until: AtomicU64,
+    /// The load it last reported in the registry (work from every gateway).
+    reported: AtomicU64,
 }
 
 /// A process-wide clock origin for `down_until`.
@@ -358,11 +360,23 @@ impl<C: Clone> Replicas<C> {
                     client: (self.connect)(channel(a)?),
                     outstanding: AtomicUsize::new(0),
                     down_until: AtomicU64::new(0),
+                    reported: AtomicU64::new(0),
                 })),
             }
         }
         *self.members.write().expect("replicas lock") = new;
         Ok(())
+    }
+
+    /// Loads the members reported (routing weighs them with this gateway's own calls).
+    pub fn set_loads(&self, loads: &[(String, u32)]) {
+        for m in self.members.read().expect("replicas lock").iter() {
+            let l = loads
+                .iter()
+                .find(|(a, _)| *a == m.addr)
+                .map_or(0, |(_, l)| *l);
+            m.reported.store(l as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -385,7 +399,8 @@ impl<C: Clone> Replicas<C> {
             .filter(|m| !tried.contains(&m.addr))
             .min_by_key(|m| {
                 let down = m.down_until.load(Ordering::Relaxed) > now;
-                (down, m.outstanding.load(Ordering::Relaxed))
+                let mine = m.outstanding.load(Ordering::Relaxed) as u64;
+                (down, mine.max(m.reported.load(Ordering::Relaxed)))
             })?
             .clone();
         m.outstanding.fetch_add(1, Ordering::Relaxed);

@@ -52,6 +52,20 @@ fn registered(e: &Etcd, tier: &str) -> Vec<String> {
     view.addrs(tier)
 }
 
+/// The loads the members of `tier` report in etcd.
+fn reported_loads(e: &Etcd, tier: &str) -> Vec<u32> {
+    reported_loads_at(&e.server.endpoint(), tier)
+}
+
+fn reported_loads_at(endpoint: &str, tier: &str) -> Vec<u32> {
+    let reg = EtcdRegistry::new(&[endpoint.to_string()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kvs = rt.block_on(reg.get_prefix(members_prefix("test"))).unwrap();
+    let mut view = iris_cluster::View::default();
+    view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
+    view.loads(tier).into_iter().map(|(_, l)| l).collect()
+}
+
 /// Requests with fresh images (so the encoders work), `n` of them, `conc` at a time;
 /// returns each one's latency, panicking on any failure.
 fn load(gateway: &str, n: usize, conc: usize, first: u8) -> Vec<Duration> {
@@ -221,13 +235,37 @@ fn a_burst_beyond_capacity_is_refused_at_once_and_the_rest_completes() {
     let _d = member(
         env!("CARGO_BIN_EXE_iris-decoder"),
         &e,
-        &["--max-running", "2", "--max-waiting", "2"],
+        &[
+            "--max-running",
+            "2",
+            "--max-waiting",
+            "2",
+            "--test-step-delay-ms",
+            "5",
+        ],
     );
     let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
     eventually(Duration::from_secs(10), "members registered", || {
         registered(&e, "decoder").len() == 1 && registered(&e, "encoder").len() == 1
     });
     let img = image("scene.png");
+    // Watch the decoder's reported load during the burst.
+    let max_load = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (max_load, watching) = (max_load.clone(), watching.clone());
+        let endpoint = e.server.endpoint();
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let l = reported_loads_at(&endpoint, "decoder");
+                max_load.fetch_max(
+                    l.into_iter().max().unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
     let (ok, refused, slowest_refusal) = rt().block_on(async {
         // Warm the visual cache so the burst reaches the decoder together.
         let mut c = client(&g.grpc).await;
@@ -262,6 +300,16 @@ fn a_burst_beyond_capacity_is_refused_at_once_and_the_rest_completes() {
             }
         }
         (ok, refused, slowest)
+    });
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().unwrap();
+    // The decoder reported its load while busy, and reports none once idle.
+    assert!(
+        max_load.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no load was reported"
+    );
+    eventually(Duration::from_secs(10), "idle load reported", || {
+        reported_loads(&e, "decoder") == vec![0]
     });
     println!(
         "burst of 40: {ok} completed, {refused} refused (slowest refusal {slowest_refusal:?})"
