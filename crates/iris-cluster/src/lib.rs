@@ -175,6 +175,7 @@ impl EtcdRegistry {
             let mut kv = c.clone();
             Ok::<_, Error>((c, lease, async move {
                 let every = (ttl / 3).max(Duration::from_millis(200));
+                let mut updating = true;
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {
@@ -184,13 +185,13 @@ impl EtcdRegistry {
                                 _ => return Err::<(), Error>(Error::Other("the lease expired".into())),
                             }
                         }
-                        changed = value.changed() => {
+                        changed = value.changed(), if updating => {
                             if changed.is_ok() {
                                 let v = value.borrow_and_update().clone();
                                 kv.put(key, v, Some(opts.clone())).await?;
                             } else {
                                 // The sender is gone: the value stays as it is.
-                                std::future::pending::<()>().await;
+                                updating = false;
                             }
                         }
                     }
