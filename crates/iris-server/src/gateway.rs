@@ -371,12 +371,6 @@ impl Gateway {
         Ok((model, ids))
     }
 
-    /// The prompt's ids as the model sees them (chat template applied), without
-    /// generating: what the HTTP API reports and tests compare.
-    pub fn prompt_ids(&self, input: &GenerateInput) -> Result<Vec<u32>, Status> {
-        self.validate(input).map(|(_, ids)| ids)
-    }
-
     /// Visual tokens of one image: from the cache, or encoded once by the vision and
     /// connector tiers.
     pub async fn visual_tokens(
