@@ -268,7 +268,7 @@ pub struct Gateway {
 pub struct Generation {
     pub events: EventStream,
     pub prompt_tokens: usize,
-    /// Whether every image's visual tokens came from the cache.
+    /// How many of the images' visual tokens came from the cache.
     pub cached_images: usize,
 }
 
