@@ -314,7 +314,10 @@ fn a_burst_beyond_capacity_is_refused_at_once_and_the_rest_completes() {
     println!(
         "burst of 40: {ok} completed, {refused} refused (slowest refusal {slowest_refusal:?})"
     );
-    assert!(ok >= 1 && refused > 0 && ok + refused == 40, "ok {ok}, refused {refused}");
+    assert!(
+        ok >= 1 && refused > 0 && ok + refused == 40,
+        "ok {ok}, refused {refused}"
+    );
     assert!(
         slowest_refusal < Duration::from_secs(5),
         "{slowest_refusal:?}"
