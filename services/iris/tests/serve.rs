@@ -563,3 +563,28 @@ fn the_vision_tier_batches_images_across_requests() {
     let batches = metric(&s.http, "iris_encoder_batch_size_count");
     assert!(batches < 4.0, "4 images in {batches} batches");
 }
+
+#[test]
+fn a_request_past_its_deadline_ends_deadline_exceeded() {
+    // Every request's deadline is already spent when it reaches the vision tier.
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &model_arg(), "--request-timeout-s", "0"],
+    );
+    let e = rt()
+        .block_on(async {
+            let mut g = client(&s.grpc).await;
+            generate(&mut g, request(PROMPT, vec![image("scene.png")], 4)).await
+        })
+        .expect_err("no time to encode");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let body = serde_json::json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(image("scene.png")))}}]}]});
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{}/v1/chat/completions", s.http))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+}
