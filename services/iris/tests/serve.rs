@@ -588,3 +588,97 @@ fn a_request_past_its_deadline_ends_deadline_exceeded() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 504);
 }
+
+#[test]
+fn embed_and_match_serve_a_retrieval_model_as_hf_scores_it() {
+    let dir = fixtures().join("blip2-tiny-retrieval-f32");
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &dir.display().to_string(),
+            "--model",
+            &model_arg(),
+        ],
+    );
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        let models = g
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let kinds: Vec<(String, String)> = models
+            .models
+            .iter()
+            .map(|m| (m.id.clone(), m.kind.clone()))
+            .collect();
+        assert!(kinds.contains(&("blip2-tiny-retrieval-f32".into(), "retrieval".into())));
+        assert!(kinds.contains(&(MODEL.into(), "generate".into())));
+        for case in golden["cases"].as_array().unwrap() {
+            let img = image(case["image"].as_str().unwrap());
+            let text = case["text"].as_str().unwrap().to_string();
+            let m = g
+                .r#match(pb::MatchRequest {
+                    model: "blip2-tiny-retrieval-f32".into(),
+                    image: img.clone(),
+                    text: text.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                (m.itm_probability as f64 - case["itm_probability"].as_f64().unwrap()).abs()
+                    <= 1e-4
+            );
+            assert!((m.similarity as f64 - case["itc_similarity"].as_f64().unwrap()).abs() <= 1e-4);
+            let e = g
+                .embed(pb::EmbedRequest {
+                    model: "blip2-tiny-retrieval-f32".into(),
+                    images: vec![img],
+                    texts: vec![text],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (img_e, txt_e) = (&e.image_embeds[0], &e.text_embeds[0]);
+            let f = |t: &pb::Tensor| -> Vec<f32> {
+                t.data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            };
+            let (qs, t) = (f(img_e), f(txt_e));
+            let d = t.len();
+            // ITC similarity: the best query's dot product with the text embedding.
+            let best = qs
+                .chunks_exact(d)
+                .map(|q| q.iter().zip(&t).map(|(a, b)| a * b).sum::<f32>())
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert!((best as f64 - case["itc_similarity"].as_f64().unwrap()).abs() <= 1e-4);
+        }
+        // A generation model is not a retrieval model, and the reverse.
+        let e = g
+            .embed(pb::EmbedRequest {
+                model: MODEL.into(),
+                images: vec![],
+                texts: vec!["a".into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let e = generate(
+            &mut g,
+            pb::GenerateRequest {
+                model: "blip2-tiny-retrieval-f32".into(),
+                ..request(PROMPT, vec![image("scene.png")], 4)
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    });
+}
