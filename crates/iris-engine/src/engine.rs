@@ -15,7 +15,7 @@
 //! through it. Full prompt blocks are registered under a hash chain seeded with the
 //! images' BLAKE3 hashes: a later request with the same images and prefix puts those
 //! blocks straight into its table (no copy, no recompute). Cross-attention K/V (BLIP's
-//! decoder, Flamingo's gated layers) is accounted in blocks of the same pool.
+//! decoder, Flamingo's gated layers) lives in blocks of the same pool too.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -645,7 +645,14 @@ impl Worker {
                 None => break,
             }
         }
-        let cross = seq.cache.cross_floats().div_ceil(self.block_floats.max(1));
+        // Cross-attention K/V moves into blocks of the pool when its rows are as wide as
+        // the self-attention's (every model here); otherwise it stays in the sequence
+        // and is accounted in blocks by its size.
+        let kv_width = lm.kv_width();
+        let cross = match seq.cache.cross_rows_max(kv_width) {
+            Some(rows) => rows.div_ceil(bs),
+            None => seq.cache.cross_floats().div_ceil(self.block_floats.max(1)),
+        };
         let fresh = self.blocks_for(total) - hits.len();
         if fresh + cross > self.pool.available() {
             for id in hits {
@@ -663,7 +670,12 @@ impl Worker {
             seq.cross_blocks.push(b);
         }
         let cache = std::mem::take(&mut seq.cache);
-        seq.cache = cache.paged(self.arena.clone(), seq.blocks.clone());
+        seq.cache = cache.paged(
+            self.arena.clone(),
+            seq.blocks.clone(),
+            seq.cross_blocks.clone(),
+            kv_width,
+        );
         let cached = (seq.blocks.len() - fresh) * bs;
         seq.cache.advance(cached);
         seq.prefilled = cached;

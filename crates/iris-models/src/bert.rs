@@ -327,11 +327,11 @@ impl BertLayer {
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let mut a = self.attention.forward_cached(x, cache, layer)?;
         if let Some(c) = &self.crossattention {
-            let (k, v) = cache
-                .cross(layer)
-                .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
             let width = c.shape.n_kv_heads * c.shape.head_dim;
-            a = c.attend(&a, &KvView::Rows { k, v, width }, None)?;
+            let kv = cache
+                .cross(layer, width)
+                .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
+            a = c.attend(&a, &kv, None)?;
         }
         self.ffn.forward(&a)
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::config::{read_json, read_model_config, IdeficsConfig};
-use crate::layers::{sdpa, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::layers::{sdpa_view, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::llama::LlamaLayer;
 use crate::perceiver::{PerceiverDims, PerceiverResampler};
 use crate::vit::VisionTransformer;
@@ -124,7 +124,7 @@ impl GatedCrossAttention {
         let t = x.rows();
         let width = self.shape.n_heads * self.shape.head_dim;
         let mut mixed = vec![0f32; t * width];
-        if let Some((k, v)) = cache.cross(slot) {
+        if cache.cross(slot, width).is_some() {
             let mut q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
             if let Some((qn, _)) = &self.qk_norms {
                 q = per_head(qn, q, self.shape.head_dim)?;
@@ -135,14 +135,11 @@ impl GatedCrossAttention {
                 let Some(img) = cache.image_at(start + i) else {
                     continue;
                 };
-                let rows = img * n_latents * width..(img + 1) * n_latents * width;
-                let o = sdpa(
-                    &q[i * width..(i + 1) * width],
-                    &k[rows.clone()],
-                    &v[rows],
-                    self.shape,
-                    None,
-                );
+                let kv = cache
+                    .cross(slot, width)
+                    .expect("checked above")
+                    .rows(img * n_latents..(img + 1) * n_latents);
+                let o = sdpa_view(&q[i * width..(i + 1) * width], &kv, self.shape, None);
                 mixed[i * width..(i + 1) * width].copy_from_slice(&o);
             }
         }

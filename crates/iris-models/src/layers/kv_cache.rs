@@ -70,11 +70,13 @@ pub enum KvView<'a> {
         layer: RwLockReadGuard<'a, LayerBlocks>,
         table: &'a [u32],
         block_size: usize,
+        /// Rows `first..first + len` of what the table holds.
+        first: usize,
         len: usize,
     },
 }
 
-impl KvView<'_> {
+impl<'a> KvView<'a> {
     /// Number of key (and value) rows.
     pub fn len(&self) -> usize {
         match self {
@@ -85,6 +87,31 @@ impl KvView<'_> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Rows `range` of this view (one image's keys and values, for cross-attention).
+    pub fn rows(self, range: std::ops::Range<usize>) -> KvView<'a> {
+        assert!(range.end <= self.len(), "rows {range:?} of {}", self.len());
+        match self {
+            KvView::Rows { k, v, width } => KvView::Rows {
+                k: &k[range.start * width..range.end * width],
+                v: &v[range.start * width..range.end * width],
+                width,
+            },
+            KvView::Paged {
+                layer,
+                table,
+                block_size,
+                first,
+                ..
+            } => KvView::Paged {
+                layer,
+                table,
+                block_size,
+                first: first + range.start,
+                len: range.len(),
+            },
+        }
     }
 
     /// Row `j`'s keys and values.
@@ -99,9 +126,10 @@ impl KvView<'_> {
                 layer,
                 table,
                 block_size: bs,
+                first,
                 ..
             } => {
-                let w = layer.width;
+                let (w, j) = (layer.width, j + first);
                 let base = table[j / bs] as usize * 2 * bs * w + (j % bs) * w;
                 (
                     &layer.data[base..base + w],
@@ -130,8 +158,12 @@ pub struct KvCache {
     n_layers: usize,
     len: usize,
     /// Per layer, the keys and values of what cross-attention reads (the image), computed
-    /// once per sequence (BLIP's text decoder; Flamingo's gated layers).
+    /// once per sequence (BLIP's text decoder; Flamingo's gated layers): here until
+    /// `paged` moves them into the arena's blocks (`cross_table`).
     cross: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Paged: the blocks holding cross-attention rows, and each slot's row count.
+    cross_table: Vec<u32>,
+    cross_rows: Vec<usize>,
     /// Which image each prompt position's cross-attention reads (IDEFICS: the latest
     /// image before it); positions past the prompt read what its last token read.
     image_of: Vec<Option<usize>>,
@@ -153,16 +185,59 @@ impl KvCache {
             n_layers,
             len: 0,
             cross: vec![None; n_layers],
+            cross_table: Vec::new(),
+            cross_rows: vec![0; n_layers],
             image_of: Vec::new(),
         }
     }
 
     /// This (empty) cache keeps its K/V in `arena`'s blocks, `table` first; the caller
-    /// grows the table (`push_block`) before positions past it are written.
-    pub fn paged(mut self, arena: std::sync::Arc<KvArena>, table: Vec<u32>) -> KvCache {
+    /// grows the table (`push_block`) before positions past it are written. Its
+    /// cross-attention K/V (`width` floats a row, as the arena's layers) move into the
+    /// blocks of `cross_table` (at least `cross_rows_max` rows; see `cross_rows_max`).
+    pub fn paged(
+        mut self,
+        arena: std::sync::Arc<KvArena>,
+        table: Vec<u32>,
+        cross_table: Vec<u32>,
+        width: usize,
+    ) -> KvCache {
         assert!(self.len == 0, "only an empty cache becomes paged");
+        let fits = self
+            .cross_rows_max(width)
+            .is_some_and(|rows| rows <= cross_table.len() * arena.block_size());
+        // Cross K/V of another width than the arena's stay where they are.
+        for (slot, c) in self.cross.iter_mut().enumerate().filter(|_| fits) {
+            if let Some((k, v)) = c.take() {
+                arena.write(slot, &cross_table, 0, (&k, &v), width);
+                self.cross_rows[slot] = k.len() / width.max(1);
+            }
+        }
+        self.cross_table = cross_table;
         self.store = Store::Paged { arena, table };
         self
+    }
+
+    /// Floats of cross-attention K/V held in the cache's own buffers.
+    pub fn cross_floats(&self) -> usize {
+        self.cross
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len())
+            .sum()
+    }
+
+    /// Rows of the largest slot's cross-attention keys (the blocks `paged` needs for
+    /// them), when every slot's rows are `width` wide; `None` when they are not.
+    pub fn cross_rows_max(&self, width: usize) -> Option<usize> {
+        let mut most = 0;
+        for (k, _) in self.cross.iter().flatten() {
+            if width == 0 || k.len() % width != 0 {
+                return None;
+            }
+            most = most.max(k.len() / width);
+        }
+        Some(most)
     }
 
     pub fn push_block(&mut self, block: u32) {
@@ -197,20 +272,23 @@ impl KvCache {
         self.cross[layer] = Some((k, v));
     }
 
-    pub fn cross(&self, layer: usize) -> Option<(&[f32], &[f32])> {
-        self.cross
-            .get(layer)
-            .and_then(|c| c.as_ref())
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-    }
-
-    /// Floats held for cross-attention (what a paged engine accounts in blocks).
-    pub fn cross_floats(&self) -> usize {
-        self.cross
-            .iter()
-            .flatten()
-            .map(|(k, v)| k.len() + v.len())
-            .sum()
+    /// The keys and values cross-attention reads in `layer` (rows `width` wide).
+    pub fn cross(&self, layer: usize, width: usize) -> Option<KvView<'_>> {
+        if let Some((k, v)) = self.cross.get(layer).and_then(|c| c.as_ref()) {
+            return Some(KvView::Rows { k, v, width });
+        }
+        match &self.store {
+            Store::Paged { arena, .. } if self.cross_rows.get(layer).is_some_and(|&r| r > 0) => {
+                Some(KvView::Paged {
+                    layer: arena.layers[layer].read().expect("kv arena lock"),
+                    table: &self.cross_table,
+                    block_size: arena.block_size(),
+                    first: 0,
+                    len: self.cross_rows[layer],
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Tokens cached so far (the next token's position).
@@ -250,6 +328,7 @@ impl KvCache {
                     layer: arena.layers[layer].read().expect("kv arena lock"),
                     table,
                     block_size: arena.block_size(),
+                    first: 0,
                     len: end,
                 }
             }
@@ -287,7 +366,7 @@ mod tests {
     fn paged_rows_read_back_through_the_table() {
         let arena = Arc::new(KvArena::new(2, 8, 4));
         // Blocks out of order, as a pool hands them out.
-        let mut paged = KvCache::new(2).paged(arena.clone(), vec![5, 2]);
+        let mut paged = KvCache::new(2).paged(arena.clone(), vec![5, 2], vec![], 3);
         let mut own = KvCache::new(2);
         let rows = |t: usize, s: f32| -> Vec<f32> { (0..t * 3).map(|i| i as f32 + s).collect() };
         for (step, t) in [6usize, 1, 1].into_iter().enumerate() {
@@ -314,7 +393,7 @@ mod tests {
         }
         assert_eq!(paged.len(), 8);
         // Another sequence sharing the first block reads the same rows.
-        let mut other = KvCache::new(2).paged(arena, vec![5, 3]);
+        let mut other = KvCache::new(2).paged(arena, vec![5, 3], vec![], 3);
         other.advance(4);
         let view = other.append(0, &[9.0; 3], &[9.0; 3], 3);
         let view_own = own.append(0, &[], &[], 3);
@@ -322,5 +401,26 @@ mod tests {
             assert_eq!(view.row(j), view_own.row(j));
         }
         assert_eq!(view.row(4).0, &[9.0; 3]);
+    }
+
+    #[test]
+    fn cross_attention_rows_move_into_the_arena() {
+        let arena = Arc::new(KvArena::new(2, 8, 4));
+        let mut own = KvCache::new(2);
+        let k: Vec<f32> = (0..6 * 3).map(|i| i as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        own.set_cross(1, k.clone(), v.clone());
+        assert_eq!(own.cross_rows_max(3), Some(6));
+        let rows = |c: &KvCache| -> Vec<(Vec<f32>, Vec<f32>)> {
+            let view = c.cross(1, 3).unwrap().rows(2..5);
+            (0..view.len())
+                .map(|j| (view.row(j).0.to_vec(), view.row(j).1.to_vec()))
+                .collect()
+        };
+        let want = rows(&own);
+        let paged = own.paged(arena, vec![0], vec![6, 3], 3);
+        assert_eq!(paged.cross_floats(), 0, "moved out of the sequence");
+        assert_eq!(rows(&paged), want);
+        assert!(paged.cross(0, 3).is_none());
     }
 }
