@@ -45,6 +45,14 @@ pub fn dot_tile_4x4_bf16(w: [&[bf16]; 4], x: [&[bf16]; 4]) -> [[f32; 4]; 4] {
     unsafe { x86::tile_dp(w, x) }
 }
 
+/// `softmax_in_place` with a 16-lane exp (Cephes' `expf` polynomial, within 2 ulp of
+/// the libm result); call only when `simd()` is `Avx512`.
+pub fn softmax_avx512(row: &mut [f32]) {
+    assert!(simd() == Simd::Avx512, "softmax_avx512 needs AVX-512");
+    // SAFETY: the feature was detected at run time.
+    unsafe { x86::softmax(row) }
+}
+
 pub fn simd() -> Simd {
     use std::sync::OnceLock;
     static S: OnceLock<Simd> = OnceLock::new();
@@ -300,6 +308,81 @@ mod x86 {
             }
         }
         out
+    }
+
+    /// e^x for 16 lanes: x = n·ln2 + r, e^r by Cephes' `expf` polynomial, times 2^n.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(
+            _mm512_min_ps(x, _mm512_set1_ps(88.376_26)),
+            _mm512_set1_ps(-103.0),
+        );
+        let n =
+            _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let p = _mm512_fmadd_ps(
+            _mm512_mul_ps(p, r),
+            r,
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// # Safety
+    /// The CPU must have avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let full = n / 16 * 16;
+        let mask = |i: usize| -> __mmask16 { ((1u32 << (n - i).min(16)) - 1) as __mmask16 };
+        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < n {
+            // SAFETY: lanes past n are masked off.
+            let v = unsafe {
+                _mm512_mask_loadu_ps(vmax, if i < full { 0xffff } else { mask(i) }, p.add(i))
+            };
+            vmax = _mm512_max_ps(vmax, v);
+            i += 16;
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        let mut vsum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let m = if i < full { 0xffff } else { mask(i) };
+            // SAFETY: as above.
+            unsafe {
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+                let e = _mm512_maskz_mov_ps(m, e);
+                vsum = _mm512_add_ps(vsum, e);
+                _mm512_mask_storeu_ps(p.add(i), m, e);
+            }
+            i += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
+        let mut i = 0;
+        while i < n {
+            let m = if i < full { 0xffff } else { mask(i) };
+            // SAFETY: as above.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, p.add(i));
+                _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(v, inv));
+            }
+            i += 16;
+        }
     }
 
     /// `Σ w[i]·x[i]`, one accumulator in the tile kernel's order, so a row computed

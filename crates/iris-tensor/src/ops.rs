@@ -218,6 +218,9 @@ pub fn round_scalar(x: f32, dtype: crate::DType) -> f32 {
 
 /// Numerically stable softmax of one row, in place.
 pub fn softmax_in_place(row: &mut [f32]) {
+    if crate::kernels::simd() == crate::kernels::Simd::Avx512 {
+        return crate::kernels::softmax_avx512(row);
+    }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for x in row.iter_mut() {
@@ -231,6 +234,30 @@ pub fn softmax_in_place(row: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vector_softmax_matches_the_scalar_one() {
+        if crate::kernels::simd() != crate::kernels::Simd::Avx512 {
+            return;
+        }
+        for n in [1, 7, 16, 33, 577] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 9.0)
+                .collect();
+            let mut fast = row.clone();
+            crate::kernels::softmax_avx512(&mut fast);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = row.iter().map(|&x| ((x - max) as f64).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (f, e) in fast.iter().zip(&e) {
+                let want = e / sum;
+                assert!(
+                    ((*f as f64) - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12,
+                    "n {n}: {f} vs {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn erf_matches_known_values() {
