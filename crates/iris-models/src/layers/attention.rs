@@ -49,17 +49,14 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
             let kvh = h / group;
             if tq >= GEMM_MIN_QUERIES {
                 // Prefill / ViT: scores and mixing as two matrix products per head.
-                let qh: Vec<f32> = (0..tq)
-                    .flat_map(|i| q[i * qw + h * hd..i * qw + (h + 1) * hd].iter().copied())
-                    .collect();
-                let kh: Vec<f32> = (0..tk).flat_map(|j| key(j, kvh).iter().copied()).collect();
-                let vh: Vec<f32> = (0..tk)
-                    .flat_map(|j| value(j, kvh).iter().copied())
-                    .collect();
+                // The scale goes on the queries (tq·hd products, not tq·tk).
+                let mut qh = gather(tq, hd, |i| &q[i * qw + h * hd..i * qw + (h + 1) * hd]);
+                qh.iter_mut().for_each(|x| *x *= scale);
+                let kh = gather(tk, hd, |j| key(j, kvh));
+                let vh = gather(tk, hd, |j| value(j, kvh));
                 let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
                 for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
                     let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
-                    row[..limit].iter_mut().for_each(|x| *x *= scale);
                     iris_tensor::softmax_in_place(&mut row[..limit]);
                     row[limit..].iter_mut().for_each(|x| *x = 0.0);
                 }
@@ -90,6 +87,13 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
             out[i * qw + h * hd..i * qw + (h + 1) * hd].copy_from_slice(&ph[i * hd..(i + 1) * hd]);
         }
     }
+    out
+}
+
+/// One head's rows back to back, one copy per row.
+fn gather<'a>(n: usize, hd: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * hd);
+    (0..n).for_each(|j| out.extend_from_slice(row(j)));
     out
 }
 
