@@ -185,7 +185,6 @@ pub struct Pipeline {
     pub processor: Processor,
     pub model: Box<dyn VisionLanguageModel>,
     eos_token_ids: Vec<u32>,
-    context_length: usize,
 }
 
 impl Pipeline {
@@ -206,12 +205,7 @@ impl Pipeline {
             processor: spec.processor,
             model,
             eos_token_ids: spec.eos_token_ids,
-            context_length: spec.context_length,
         })
-    }
-
-    pub fn context_length(&self) -> usize {
-        self.context_length
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {

@@ -273,10 +273,6 @@ impl Processor {
         self.style
     }
 
-    pub fn limits(&self) -> ImageLimits {
-        self.limits
-    }
-
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)

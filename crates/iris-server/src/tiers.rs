@@ -379,15 +379,6 @@ impl<C: Clone> Replicas<C> {
         }
     }
 
-    pub fn addrs(&self) -> Vec<String> {
-        self.members
-            .read()
-            .expect("replicas lock")
-            .iter()
-            .map(|m| m.addr.clone())
-            .collect()
-    }
-
     fn pick(&self, tried: &[String]) -> Option<(C, Outstanding<C>)> {
         let members = self.members.read().expect("replicas lock");
         let n = members.len();

@@ -44,12 +44,17 @@ fn encoder(e: &Etcd) -> Proc {
 
 /// Registered member addresses of `tier`, read from etcd directly.
 fn registered(e: &Etcd, tier: &str) -> Vec<String> {
-    let reg = EtcdRegistry::new(&[e.server.endpoint()]);
+    members_at(&e.server.endpoint()).addrs(tier)
+}
+
+/// The members registered in etcd at `endpoint`, read directly.
+fn members_at(endpoint: &str) -> iris_cluster::View {
+    let reg = EtcdRegistry::new(&[endpoint.to_string()]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let kvs = rt.block_on(reg.get_prefix(members_prefix("test"))).unwrap();
     let mut view = iris_cluster::View::default();
     view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
-    view.addrs(tier)
+    view
 }
 
 /// The loads the members of `tier` report in etcd.
@@ -58,12 +63,11 @@ fn reported_loads(e: &Etcd, tier: &str) -> Vec<u32> {
 }
 
 fn reported_loads_at(endpoint: &str, tier: &str) -> Vec<u32> {
-    let reg = EtcdRegistry::new(&[endpoint.to_string()]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let kvs = rt.block_on(reg.get_prefix(members_prefix("test"))).unwrap();
-    let mut view = iris_cluster::View::default();
-    view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
-    view.loads(tier).into_iter().map(|(_, l)| l).collect()
+    members_at(endpoint)
+        .loads(tier)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect()
 }
 
 /// Requests with fresh images (so the encoders work), `n` of them, `conc` at a time;

@@ -34,10 +34,6 @@ impl KvArena {
         self.block_size
     }
 
-    pub fn blocks(&self) -> usize {
-        self.blocks
-    }
-
     /// Writes rows `k`, `v` (`width` floats each) at positions `start..` of a sequence
     /// whose blocks are `table`.
     fn write(&self, layer: usize, table: &[u32], start: usize, kv: (&[f32], &[f32]), w: usize) {
