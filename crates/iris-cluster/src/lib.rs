@@ -174,11 +174,15 @@ impl EtcdRegistry {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
             let mut kv = c.clone();
             Ok::<_, Error>((c, lease, async move {
+                // One ticker for the whole session: value updates must not postpone
+                // the keep-alive (a member whose load changes often would lapse).
                 let every = (ttl / 3).max(Duration::from_millis(200));
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut updating = true;
                 loop {
                     tokio::select! {
-                        _ = tokio::time::sleep(every) => {
+                        _ = tick.tick() => {
                             keeper.keep_alive().await?;
                             match stream.message().await? {
                                 Some(r) if r.ttl() > 0 => {}

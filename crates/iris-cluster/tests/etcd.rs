@@ -101,3 +101,43 @@ async fn registrations_follow_lease_life_and_survive_an_etcd_restart() {
     })
     .await;
 }
+
+/// A member whose load changes more often than the keep-alive period stays registered:
+/// updating the value must not postpone the lease's keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_updated_often_keeps_its_lease_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start_in(dir.path().to_path_buf()).unwrap();
+    let reg = EtcdRegistry::new(&[etcd.endpoint()]);
+    let (tx, rx) = tokio::sync::watch::channel(member("a:1"));
+    let lease = reg
+        .register_updating(member_key("t", "encoder", "a"), rx, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let mut w = reg.watch(members_prefix("t"));
+    let mut view = View::default();
+    until(&mut w, &mut view, Duration::from_secs(5), |v| {
+        v.addrs("encoder") == ["a:1"]
+    })
+    .await;
+    // Three TTLs of updates every 150 ms: not one delete.
+    let t0 = Instant::now();
+    let mut load = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        load += 1;
+        let mut m: Member = serde_json::from_slice(&member("a:1")).unwrap();
+        m.load = load;
+        tx.send(serde_json::to_vec(&m).unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        while let Ok(ev) = w.try_recv() {
+            assert!(
+                !matches!(ev, iris_cluster::WatchEvent::Delete(_)),
+                "the registration lapsed after {:?}",
+                t0.elapsed()
+            );
+            view.apply(ev);
+        }
+    }
+    assert_eq!(view.addrs("encoder"), ["a:1"]);
+    lease.close().await;
+}
