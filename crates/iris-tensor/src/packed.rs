@@ -98,16 +98,7 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
         k.div_ceil(2),
         "matmul_packed: k differs from the weight's"
     );
-    let lda = w.kp * 2;
-    let mut a: Vec<bf16> = Vec::with_capacity(m * lda);
-    a.par_extend((0..m * lda).into_par_iter().map(|e| {
-        let (i, t) = (e / lda, e % lda);
-        if t < k {
-            bf16::from_f32(x[i * k + t])
-        } else {
-            bf16::ZERO
-        }
-    }));
+    let a = pack_rows(x, m, k, w.kp);
     let n = w.n;
     let mut out = vec![0f32; m * n];
     let c = OutPtr(out.as_mut_ptr());
@@ -126,28 +117,16 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
             let mut i = 0;
             while i < m {
                 let rows = MR.min(m - i);
-                let a = &a[i * lda + k0 * 2..];
-                // SAFETY: AVX-512 BF16 was checked above; `a` holds `rows` rows of `lda`
+                let a = &a[(i * w.kp + k0 * MR) * 2..];
+                // SAFETY: AVX-512 BF16 was checked above; `a` holds the row tile's pairs
                 // from `k0` on, `b` kc pairs of PANEL columns; the output rows i.. and
                 // columns of panel p are in `out` and written by this group alone.
-                unsafe {
-                    x86::micro(
-                        a,
-                        lda,
-                        b,
-                        kc,
-                        c.0.add(i * n + p * PANEL),
-                        n,
-                        rows,
-                        cols,
-                        k0 > 0,
-                    )
-                };
+                unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
                 i += rows;
             }
         };
         let mine = g * per_group..((g + 1) * per_group).min(panels);
-        if m * lda * 2 <= STREAM_A_BYTES {
+        if a.len() * 2 <= STREAM_A_BYTES {
             // Decode: the activations stay in L2, so stream each panel front to back
             // (the weights come from DRAM).
             for p in mine {
@@ -166,6 +145,28 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
     out
 }
 
+/// The activations rounded to bf16 and packed by tiles of `MR` rows: tile `r` is
+/// `[kp][MR][2]` (pair `t` of its rows side by side, zero past `m` and `k`), so the
+/// micro-kernel reads one contiguous run per k-pair instead of `MR` rows a whole row
+/// apart (which, at k = 2048, all fall into the same L1 set).
+fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<bf16> {
+    let tile = kp * MR * 2;
+    let mut a = vec![bf16::ZERO; m.div_ceil(MR) * tile];
+    a.par_chunks_mut(tile).enumerate().for_each(|(r, tile)| {
+        for i in 0..MR.min(m - r * MR) {
+            let row = &x[(r * MR + i) * k..][..k];
+            for (t, pair) in row.chunks(2).enumerate() {
+                let at = (t * MR + i) * 2;
+                tile[at] = bf16::from_f32(pair[0]);
+                if let Some(&v) = pair.get(1) {
+                    tile[at + 1] = bf16::from_f32(v);
+                }
+            }
+        }
+    });
+    a
+}
+
 /// The output's base pointer, shared by the threads that write disjoint panels of it.
 struct OutPtr(*mut f32);
 // SAFETY: every thread writes a disjoint set of columns, and `out` outlives the loop.
@@ -179,7 +180,7 @@ mod x86 {
 
     use super::{MR, PANEL};
 
-    /// `c[rows, cols] (+)= a[rows, kc pairs] · b[kc pairs, PANEL]`, `c` with row stride
+    /// `c[rows, cols] (+)= a[kc pairs][MR rows] · b[kc pairs, PANEL]`, `c` with row stride
     /// `ldc`, accumulating onto `c` when `accumulate`.
     ///
     /// # Safety
@@ -189,7 +190,6 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn micro(
         a: &[bf16],
-        lda: usize,
         b: &[bf16],
         kc: usize,
         c: *mut f32,
@@ -215,7 +215,7 @@ mod x86 {
         macro_rules! go {
             ($($r:literal)*) => {
                 match rows {
-                    $($r => unsafe { micro_n::<$r>(a, lda, b, kc, c, ldc, masks, accumulate) },)*
+                    $($r => unsafe { micro_n::<$r>(a, b, kc, c, ldc, masks, accumulate) },)*
                     _ => unreachable!("rows ≤ MR"),
                 }
             };
@@ -229,7 +229,6 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn micro_n<const R: usize>(
         a: &[bf16],
-        lda: usize,
         b: &[bf16],
         kc: usize,
         c: *mut f32,
@@ -238,7 +237,7 @@ mod x86 {
         accumulate: bool,
     ) {
         assert!(b.len() >= kc * PANEL * 2);
-        assert!(a.len() >= (R - 1) * lda + kc * 2);
+        assert!(a.len() >= kc * MR * 2);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
@@ -257,7 +256,7 @@ mod x86 {
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(pb.add(t * 64 + 32) as _));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair = (pa.add(i * lda + t * 2) as *const i32).read_unaligned();
+                    let pair = (pa.add((t * MR + i) * 2) as *const i32).read_unaligned();
                     let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                     row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
