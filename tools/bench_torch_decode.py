@@ -58,10 +58,12 @@ def main():
                           "threads": a.threads, "batch": batch, "tokens_per_s": tps}))
     if a.prefill:
         ids = (torch.arange(a.prefill).unsqueeze(0) * 7919) % 32000
+        secs = float("inf")
         with torch.no_grad():
-            t = time.perf_counter()
-            model(ids, use_cache=True)
-            secs = time.perf_counter() - t
+            for _ in range(3):  # the fastest of three, as `iris bench decode --prefill`
+                t = time.perf_counter()
+                model(ids, use_cache=True)
+                secs = min(secs, time.perf_counter() - t)
         params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
         print(json.dumps({"impl": "pytorch", "dtype": a.dtype, "prefill_tokens": a.prefill, "seconds": secs,
                           "gflops_on_weights": 2 * params * a.prefill / secs / 1e9}))

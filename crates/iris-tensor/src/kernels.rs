@@ -53,6 +53,42 @@ pub fn softmax_avx512(row: &mut [f32]) {
     unsafe { x86::softmax(row) }
 }
 
+/// Rounds every value to bf16 precision in place, exactly as `bf16::from_f32(x).to_f32()`
+/// (round to nearest even, NaN stays NaN), 16 lanes at a time where AVX-512 is present.
+pub fn round_bf16_in_place(v: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: the feature was detected at run time.
+        done = unsafe { x86::round_bf16(v) };
+    }
+    v[done..]
+        .iter_mut()
+        .for_each(|x| *x = bf16::from_f32(*x).to_f32());
+}
+
+/// `x` converted to bf16 into `out` (same length), as `bf16::from_f32` does.
+pub fn to_bf16(x: &[f32], out: &mut [bf16]) {
+    assert_eq!(x.len(), out.len(), "to_bf16: lengths differ");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd() == Simd::Avx512 {
+        // SAFETY: the feature was detected at run time; equal lengths asserted.
+        done = unsafe { x86::to_bf16(x, out) };
+    }
+    for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = bf16::from_f32(v);
+    }
+}
+
+/// `x·σ(a·x)` in place (SiLU with `a` = 1, quick GELU with 1.702), every lane with the
+/// same 16-lane exp as `softmax_avx512`; call only when `simd()` is `Avx512`.
+pub fn sigmoid_gate_avx512(v: &mut [f32], a: f32) {
+    assert!(simd() == Simd::Avx512, "sigmoid_gate_avx512 needs AVX-512");
+    // SAFETY: the feature was detected at run time.
+    unsafe { x86::sigmoid_gate(v, a) }
+}
+
 pub fn simd() -> Simd {
     use std::sync::OnceLock;
     static S: OnceLock<Simd> = OnceLock::new();
@@ -216,6 +252,59 @@ mod x86 {
         }
     }
 
+    /// The bf16 bit patterns (in the high halves) of 16 f32 values: round to nearest
+    /// even by adding 0x7fff plus the kept part's lowest bit, NaNs made quiet.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn bf16_bits(v: __m512i) -> __m512i {
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+        let r = _mm512_add_epi32(v, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        let nan = _mm512_cmpgt_epu32_mask(
+            _mm512_and_si512(v, _mm512_set1_epi32(0x7fff_ffff)),
+            _mm512_set1_epi32(0x7f80_0000),
+        );
+        let quiet = _mm512_or_si512(v, _mm512_set1_epi32(0x0040_0000));
+        let r = _mm512_mask_mov_epi32(r, nan, quiet);
+        _mm512_and_si512(r, _mm512_set1_epi32(0xffff_0000u32 as i32))
+    }
+
+    /// Rounds whole groups of 16 in place; returns how many values it did.
+    ///
+    /// # Safety
+    /// avx512f must be present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn round_bf16(v: &mut [f32]) -> usize {
+        let n = v.len() / 16 * 16;
+        let p = v.as_mut_ptr();
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 ≤ len.
+            unsafe {
+                let x = _mm512_loadu_si512(p.add(i) as *const _);
+                _mm512_storeu_si512(p.add(i) as *mut _, bf16_bits(x));
+            }
+        }
+        n
+    }
+
+    /// Converts whole groups of 16; returns how many values it did.
+    ///
+    /// # Safety
+    /// avx512f must be present; `out` at least as long as `x`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn to_bf16(x: &[f32], out: &mut [bf16]) -> usize {
+        let n = x.len() / 16 * 16;
+        let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 ≤ both lengths.
+            unsafe {
+                let b = bf16_bits(_mm512_loadu_si512(px.add(i) as *const _));
+                let h = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(b));
+                _mm256_storeu_si256(po.add(i) as *mut __m256i, h);
+            }
+        }
+        n
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn load_bh(p: *const bf16) -> __m512bh {
@@ -338,6 +427,28 @@ mod x86 {
             _mm512_add_ps(r, _mm512_set1_ps(1.0)),
         );
         _mm512_scalef_ps(p, n)
+    }
+
+    /// # Safety
+    /// The CPU must have avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sigmoid_gate(v: &mut [f32], a: f32) {
+        let n = v.len();
+        let p = v.as_mut_ptr();
+        let na = _mm512_set1_ps(-a);
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            // The tail masked, not scalar: a value's result never depends on where it sits.
+            let m = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+            // SAFETY: lanes past n are masked off.
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(m, p.add(i));
+                let e = exp16(_mm512_mul_ps(na, x));
+                _mm512_mask_storeu_ps(p.add(i), m, _mm512_div_ps(x, _mm512_add_ps(one, e)));
+            }
+            i += 16;
+        }
     }
 
     /// # Safety
@@ -477,6 +588,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half_bit_for_bit() {
+        let mut v: Vec<f32> = (0..4000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE / 3.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7fbf_ffff),
+        ]);
+        let want: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let mut out = vec![bf16::ZERO; v.len()];
+        to_bf16(&v, &mut out);
+        assert_eq!(out.iter().map(|b| b.to_bits()).collect::<Vec<_>>(), want);
+        let scalar: Vec<u32> = v
+            .iter()
+            .map(|&x| crate::round_scalar(x, crate::DType::BF16).to_bits())
+            .collect();
+        let mut r = v.clone();
+        round_bf16_in_place(&mut r);
+        assert_eq!(
+            scalar,
+            want.iter().map(|&b| (b as u32) << 16).collect::<Vec<_>>()
+        );
+        let got: Vec<u32> = r.iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> = want.iter().map(|&b| (b as u32) << 16).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -147,14 +147,11 @@ fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<bf16> {
     let tile = kp * MR * 2;
     let mut a = vec![bf16::ZERO; m.div_ceil(MR) * tile];
     a.par_chunks_mut(tile).enumerate().for_each(|(r, tile)| {
+        let mut row = vec![bf16::ZERO; kp * 2];
         for i in 0..MR.min(m - r * MR) {
-            let row = &x[(r * MR + i) * k..][..k];
-            for (t, pair) in row.chunks(2).enumerate() {
-                let at = (t * MR + i) * 2;
-                tile[at] = bf16::from_f32(pair[0]);
-                if let Some(&v) = pair.get(1) {
-                    tile[at + 1] = bf16::from_f32(v);
-                }
+            crate::kernels::to_bf16(&x[(r * MR + i) * k..][..k], &mut row[..k]);
+            for (t, pair) in row.chunks_exact(2).enumerate() {
+                tile[(t * MR + i) * 2..][..2].copy_from_slice(pair);
             }
         }
     });

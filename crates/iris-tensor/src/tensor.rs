@@ -201,10 +201,16 @@ impl Tensor {
     pub fn round_to(mut self, dtype: DType) -> Tensor {
         match dtype {
             DType::F32 => {}
-            DType::BF16 => self
-                .f32_mut()
-                .iter_mut()
-                .for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+            DType::BF16 => {
+                use rayon::prelude::*;
+                let v = self.f32_mut();
+                if v.len() <= 1 << 16 {
+                    crate::kernels::round_bf16_in_place(v)
+                } else {
+                    v.par_chunks_mut(1 << 16)
+                        .for_each(crate::kernels::round_bf16_in_place)
+                }
+            }
             DType::F16 => self
                 .f32_mut()
                 .iter_mut()
