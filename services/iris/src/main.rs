@@ -1,9 +1,6 @@
 //! `iris`: the command line. `generate` runs one prompt through a model folder;
 //! `bench decode` measures decode against the memory-bandwidth roofline.
 
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 mod bench;
 mod capfilt;
 mod retrieval;
