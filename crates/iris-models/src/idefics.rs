@@ -107,6 +107,7 @@ impl GatedCrossAttention {
                 n_heads: t.num_attention_heads,
                 n_kv_heads: t.num_attention_heads,
                 head_dim: d / t.num_attention_heads,
+                bf16_products: false,
             },
         })
     }

@@ -51,6 +51,7 @@ impl LlamaAttention {
                 n_heads: nh / ws,
                 n_kv_heads: nkv / ws,
                 head_dim: hd,
+                bf16_products: vb.dtype() == iris_tensor::DType::BF16,
             },
             dtype: vb.dtype(),
         })

@@ -43,6 +43,7 @@ impl OptLayer {
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_attention_heads,
                 head_dim: d / cfg.num_attention_heads,
+                bf16_products: vb.dtype() == iris_tensor::DType::BF16,
             },
             pre_ln: cfg.do_layer_norm_before,
             dtype: vb.dtype(),

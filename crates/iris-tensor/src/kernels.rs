@@ -48,9 +48,15 @@ pub fn dot_tile_4x4_bf16(w: [&[bf16]; 4], x: [&[bf16]; 4]) -> [[f32; 4]; 4] {
 /// `softmax_in_place` with a 16-lane exp (Cephes' `expf` polynomial, within 2 ulp of
 /// the libm result); call only when `simd()` is `Avx512`.
 pub fn softmax_avx512(row: &mut [f32]) {
+    softmax_scaled_avx512(row, 1.0)
+}
+
+/// `softmax(scale · row)` in place (`scale` > 0), as `softmax_avx512`.
+pub fn softmax_scaled_avx512(row: &mut [f32], scale: f32) {
     assert!(simd() == Simd::Avx512, "softmax_avx512 needs AVX-512");
+    assert!(scale > 0.0, "softmax: scale {scale} is not positive");
     // SAFETY: the feature was detected at run time.
-    unsafe { x86::softmax(row) }
+    unsafe { x86::softmax(row, scale) }
 }
 
 /// Rounds every value to bf16 precision in place, exactly as `bf16::from_f32(x).to_f32()`
@@ -454,7 +460,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have avx512f.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn softmax(row: &mut [f32]) {
+    pub unsafe fn softmax(row: &mut [f32], scale: f32) {
         let n = row.len();
         let p = row.as_mut_ptr();
         let full = n / 16 * 16;
@@ -470,13 +476,15 @@ mod x86 {
             i += 16;
         }
         let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        let scale = _mm512_set1_ps(scale);
         let mut vsum = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
             let m = if i < full { 0xffff } else { mask(i) };
             // SAFETY: as above.
             unsafe {
-                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max));
+                let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), max);
+                let e = exp16(_mm512_mul_ps(x, scale));
                 let e = _mm512_maskz_mov_ps(m, e);
                 vsum = _mm512_add_ps(vsum, e);
                 _mm512_mask_storeu_ps(p.add(i), m, e);

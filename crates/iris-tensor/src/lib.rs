@@ -19,5 +19,5 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use matmul::{gemm_f32, linear, linear_packed};
 pub mod packed;
-pub use ops::{round_scalar, softmax_in_place, Activation};
+pub use ops::{round_scalar, softmax_in_place, softmax_scaled_in_place, Activation};
 pub use tensor::Tensor;

@@ -245,13 +245,19 @@ pub fn round_scalar(x: f32, dtype: crate::DType) -> f32 {
 
 /// Numerically stable softmax of one row, in place.
 pub fn softmax_in_place(row: &mut [f32]) {
+    softmax_scaled_in_place(row, 1.0)
+}
+
+/// `softmax(scale · row)` in place, `scale` > 0 (attention's 1/√d applied to f32 scores,
+/// as PyTorch's CPU flash attention does).
+pub fn softmax_scaled_in_place(row: &mut [f32], scale: f32) {
     if crate::kernels::simd() == crate::kernels::Simd::Avx512 {
-        return crate::kernels::softmax_avx512(row);
+        return crate::kernels::softmax_scaled_avx512(row, scale);
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
+        *x = ((*x - max) * scale).exp();
         sum += *x;
     }
     let inv = 1.0 / sum;

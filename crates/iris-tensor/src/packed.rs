@@ -61,6 +61,22 @@ impl PackedBf16 {
         PackedBf16 { data, n, k, kp }
     }
 
+    /// Packs the `[n, k]` matrix whose row `j`, column `t` is `at(j, t)` (rounded to
+    /// bf16): attention packs a head's keys, and its values transposed, this way.
+    pub fn pack_fn(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> PackedBf16 {
+        let kp = k.div_ceil(2);
+        let mut data = vec![bf16::ZERO; n.div_ceil(PANEL) * kp * PANEL * 2];
+        for (p, panel) in data.chunks_mut(kp * PANEL * 2).enumerate() {
+            for c in 0..PANEL.min(n - p * PANEL) {
+                for t in 0..k {
+                    panel[(t / 2) * PANEL * 2 + c * 2 + t % 2] =
+                        bf16::from_f32(at(p * PANEL + c, t));
+                }
+            }
+        }
+        PackedBf16 { data, n, k, kp }
+    }
+
     /// Packs a `[n, k]` bf16 tensor when this CPU runs the packed GEMM (AVX-512 BF16).
     pub fn for_tensor(w: &crate::Tensor) -> Option<PackedBf16> {
         let (n, k) = w.dims2().ok()?;
@@ -81,10 +97,6 @@ impl PackedBf16 {
     pub fn k(&self) -> usize {
         self.k
     }
-
-    fn panels(&self) -> usize {
-        self.n.div_ceil(PANEL)
-    }
 }
 
 /// `x[m, k] · Wᵀ` for f32 activations (rounded to bf16, as PyTorch's bf16 matmul takes
@@ -100,40 +112,73 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
         k.div_ceil(2),
         "matmul_packed: k differs from the weight's"
     );
-    let a = pack_rows(x, m, k, w.kp);
-    let n = w.n;
+    let a = pack_rows(x, m, k, w.kp, true);
+    product(&a, m, w.kp, w, w.n, true)
+}
+
+/// [`matmul_packed`] on one thread (for use inside a parallel loop, e.g. over attention
+/// heads) with only the first `k` of the weight's inputs and its first `n` outputs:
+/// `x[m, k] · W[..n, ..k]ᵀ`, returns `[m, n]`.
+pub fn matmul_packed_part(x: &[f32], m: usize, k: usize, w: &PackedBf16, n: usize) -> Vec<f32> {
+    assert!(
+        crate::kernels::has_avx512_bf16(),
+        "matmul_packed_part needs AVX-512 BF16"
+    );
+    assert_eq!(x.len(), m * k, "matmul_packed_part: x is not [m, k]");
+    assert!(
+        k <= w.k && n <= w.n,
+        "matmul_packed_part: [{n}, {k}] of a [{}, {}] weight",
+        w.n,
+        w.k
+    );
+    let kp = k.div_ceil(2);
+    let a = pack_rows(x, m, k, kp, false);
+    product(&a, m, kp, w, n, false)
+}
+
+/// Rows packed by `pack_rows` (`kp` pairs each) times the first `kp` pairs and `n`
+/// columns of `w`.
+fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: bool) -> Vec<f32> {
     // Not zeroed: the first k-block of every tile stores (rather than adds) each of its
     // rows' columns, so every element is written before `set_len` below.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let c = OutPtr(out.as_mut_ptr());
     // Threads take contiguous groups of panels (each writes only its panels' columns);
     // a panel's k-block meets every row tile in turn.
-    let panels = w.panels();
-    let groups = (rayon::current_num_threads() * 4).clamp(1, panels);
-    let per_group = panels.div_ceil(groups);
-    (0..groups).into_par_iter().for_each(|g| {
+    let panels = n.div_ceil(PANEL);
+    let group = |g: usize, per_group: usize| {
         let c = &c;
         let block = |p: usize, k0: usize| {
-            let kc = KC.min(w.kp - k0);
+            let kc = KC.min(kp - k0);
             let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
             let cols = PANEL.min(n - p * PANEL);
             let mut i = 0;
             while i < m {
                 let rows = MR.min(m - i);
-                let a = &a[(i * w.kp + k0 * MR) * 2..];
-                // SAFETY: AVX-512 BF16 was checked above; `a` holds the row tile's pairs
-                // from `k0` on, `b` kc pairs of PANEL columns; the output rows i.. and
-                // columns of panel p are in `out` and written by this group alone.
+                let a = &a[(i * kp + k0 * MR) * 2..];
+                // SAFETY: AVX-512 BF16 was checked by the callers; `a` holds the row
+                // tile's pairs from `k0` on, `b` kc pairs of PANEL columns; the output
+                // rows i.. and columns of panel p are in `out` and written by this group
+                // alone.
                 unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
                 i += rows;
             }
         };
         for p in g * per_group..((g + 1) * per_group).min(panels) {
-            for k0 in (0..w.kp).step_by(KC) {
+            for k0 in (0..kp).step_by(KC) {
                 block(p, k0);
             }
         }
-    });
+    };
+    if parallel {
+        let groups = (rayon::current_num_threads() * 4).clamp(1, panels.max(1));
+        let per_group = panels.div_ceil(groups);
+        (0..groups)
+            .into_par_iter()
+            .for_each(|g| group(g, per_group));
+    } else {
+        group(0, panels);
+    }
     // SAFETY: every element of the m × n output was stored above.
     unsafe { out.set_len(m * n) };
     out
@@ -143,10 +188,10 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
 /// `[kp][MR][2]` (pair `t` of its rows side by side, zero past `m` and `k`), so the
 /// micro-kernel reads one contiguous run per k-pair instead of `MR` rows a whole row
 /// apart (which, at k = 2048, all fall into the same L1 set).
-fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<bf16> {
+fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool) -> Vec<bf16> {
     let tile = kp * MR * 2;
     let mut a = vec![bf16::ZERO; m.div_ceil(MR) * tile];
-    a.par_chunks_mut(tile).enumerate().for_each(|(r, tile)| {
+    let pack = |(r, tile): (usize, &mut [bf16])| {
         let mut row = vec![bf16::ZERO; kp * 2];
         for i in 0..MR.min(m - r * MR) {
             crate::kernels::to_bf16(&x[(r * MR + i) * k..][..k], &mut row[..k]);
@@ -154,7 +199,12 @@ fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize) -> Vec<bf16> {
                 tile[(t * MR + i) * 2..][..2].copy_from_slice(pair);
             }
         }
-    });
+    };
+    if parallel {
+        a.par_chunks_mut(tile).enumerate().for_each(pack);
+    } else {
+        a.chunks_mut(tile).enumerate().for_each(pack);
+    }
     a
 }
 
@@ -297,6 +347,36 @@ mod tests {
                     assert!(
                         (g - want).abs() < 1e-3,
                         "m{m} n{n} k{k} [{i},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A part of a weight packed from a function: only its first n columns and k inputs.
+    #[test]
+    fn a_part_of_a_function_packed_weight_matches_a_naive_product() {
+        if !crate::kernels::has_avx512_bf16() {
+            return;
+        }
+        let (n, k) = (70, 45);
+        let at = |j: usize, t: usize| {
+            bf16::from_f32(((j * 13 + t * 7) % 19) as f32 / 8.0 - 1.0).to_f32()
+        };
+        let w = PackedBf16::pack_fn(n, k, at);
+        for (m, n2, k2) in [(5, 70, 45), (13, 33, 20), (25, 1, 45), (12, 64, 1)] {
+            let x: Vec<f32> = (0..m * k2)
+                .map(|i| ((i * 11 % 9) as f32 - 4.0) / 4.0)
+                .collect();
+            let got = matmul_packed_part(&x, m, k2, &w, n2);
+            assert_eq!(got.len(), m * n2);
+            for i in 0..m {
+                for j in 0..n2 {
+                    let want: f32 = (0..k2).map(|t| x[i * k2 + t] * at(j, t)).sum();
+                    let g = got[i * n2 + j];
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "m{m} n{n2} k{k2} [{i},{j}]: {g} vs {want}"
                     );
                 }
             }

@@ -11,11 +11,19 @@ use rayon::prelude::*;
 /// From this many queries at once, attention runs as matrix products.
 const GEMM_MIN_QUERIES: usize = 16;
 
+/// Queries per block of the bf16 path: a block's scores stop at its last query's keys.
+const QUERY_BLOCK: usize = 96;
+
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Queries, keys and values are bf16 values (a bf16 model): with many queries the
+    /// products run in bf16 with f32 sums, the scale goes on the f32 scores and the
+    /// probabilities are rounded to bf16 before they mix the values — PyTorch's CPU
+    /// flash attention for bf16, step for step.
+    pub bf16_products: bool,
 }
 
 /// `q`: `[tq, n_heads·hd]`; `k`, `v`: `[tk, n_kv_heads·hd]`. With `causal_offset =
@@ -43,6 +51,9 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
     let scale = 1.0 / (hd as f32).sqrt();
     let key = |j: usize, h: usize| &kv.row(j).0[h * hd..(h + 1) * hd];
     let value = |j: usize, h: usize| &kv.row(j).1[h * hd..(h + 1) * hd];
+    if tq >= GEMM_MIN_QUERIES && s.bf16_products && iris_tensor::kernels::has_avx512_bf16() {
+        return sdpa_bf16(q, kv, s, causal_offset);
+    }
     let per_head: Vec<Vec<f32>> = (0..s.n_heads)
         .into_par_iter()
         .map(|h| {
@@ -81,6 +92,12 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
             out
         })
         .collect();
+    interleave(&per_head, tq, hd)
+}
+
+/// Heads' `[tq, hd]` outputs back into `[tq, n_heads·hd]` rows.
+fn interleave(per_head: &[Vec<f32>], tq: usize, hd: usize) -> Vec<f32> {
+    let qw = per_head.len() * hd;
     let mut out = vec![0f32; tq * qw];
     for (h, ph) in per_head.iter().enumerate() {
         for i in 0..tq {
@@ -88,6 +105,53 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
         }
     }
     out
+}
+
+/// Many queries of a bf16 model: each KV head's keys, and values transposed, are packed
+/// once for the packed `vdpbf16ps` GEMM; queries go in blocks, and a causal block's
+/// scores and mixing stop at the keys its last query sees.
+fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
+    use iris_tensor::packed::{matmul_packed_part, PackedBf16};
+    let hd = s.head_dim;
+    let qw = s.n_heads * hd;
+    let tq = q.len() / qw;
+    let tk = kv.len();
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let packed: Vec<(PackedBf16, PackedBf16)> = (0..s.n_kv_heads)
+        .into_par_iter()
+        .map(|h| {
+            let kh = gather(tk, hd, |j| &kv.row(j).0[h * hd..(h + 1) * hd]);
+            let vh = gather(tk, hd, |j| &kv.row(j).1[h * hd..(h + 1) * hd]);
+            (
+                PackedBf16::pack_fn(tk, hd, |j, d| kh[j * hd + d]),
+                PackedBf16::pack_fn(hd, tk, |d, j| vh[j * hd + d]),
+            )
+        })
+        .collect();
+    let per_head: Vec<Vec<f32>> = (0..s.n_heads)
+        .into_par_iter()
+        .map(|h| {
+            let (pk, pv) = &packed[h / group];
+            let qh = gather(tq, hd, |i| &q[i * qw + h * hd..i * qw + (h + 1) * hd]);
+            let mut out = Vec::with_capacity(tq * hd);
+            for i0 in (0..tq).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(tq - i0);
+                let sees = |i: usize| causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
+                let keys = sees(i0 + rows - 1);
+                let mut scores =
+                    matmul_packed_part(&qh[i0 * hd..(i0 + rows) * hd], rows, hd, pk, keys);
+                for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+                    let limit = sees(i0 + r);
+                    iris_tensor::softmax_scaled_in_place(&mut row[..limit], scale);
+                    row[limit..].iter_mut().for_each(|x| *x = 0.0);
+                }
+                out.extend(matmul_packed_part(&scores, rows, keys, pv, hd));
+            }
+            out
+        })
+        .collect();
+    interleave(&per_head, tq, hd)
 }
 
 /// One head's rows back to back, one copy per row.
@@ -107,6 +171,7 @@ mod tests {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 8,
+            bf16_products: false,
         };
         let (tq, tk) = (20, 20);
         let f = |n: usize, seed: usize| -> Vec<f32> {
@@ -133,12 +198,48 @@ mod tests {
         }
     }
 
+    /// The bf16 path (packed products, blocks of queries cut at the causal limit) gives
+    /// the f32 path's result up to the bf16 rounding of the probabilities.
+    #[test]
+    fn bf16_products_match_the_f32_path() {
+        if !iris_tensor::kernels::has_avx512_bf16() {
+            return;
+        }
+        let shape = |bf16_products| AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 40,
+            bf16_products,
+        };
+        let f = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let x = (((i * 7919 + seed * 131) % 1009) as f32 - 504.0) / 300.0;
+                    iris_tensor::round_scalar(x, iris_tensor::DType::BF16)
+                })
+                .collect()
+        };
+        for (tq, tk, causal) in [(150, 150, Some(0)), (40, 200, Some(160)), (30, 70, None)] {
+            let (q, k, v) = (f(tq * 160, 1), f(tk * 80, 2), f(tk * 80, 3));
+            let want = sdpa(&q, &k, &v, shape(false), causal);
+            let got = sdpa(&q, &k, &v, shape(true), causal);
+            assert_eq!(got.len(), want.len());
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-2, "tq {tq} tk {tk} {causal:?}: off by {worst}");
+        }
+    }
+
     #[test]
     fn causal_first_query_copies_first_value_and_gqa_shares_kv() {
         let s = AttnShape {
             n_heads: 2,
             n_kv_heads: 1,
             head_dim: 2,
+            bf16_products: false,
         };
         let q = vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5];
         let k = vec![1.0, 0.0, 0.0, 1.0];
