@@ -652,6 +652,7 @@ where
         #[command(flatten)]
         args: A,
     }
+    iris_tensor::keep_freed_memory();
     let cli = <Cli<A> as clap::Parser>::parse();
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -259,6 +259,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    iris_tensor::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Generate(a) => generate(a),
