@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
@@ -74,20 +76,37 @@ impl LlamaAttention {
         let (qw, kw) = (q.last_dim(), k.last_dim());
         let (qs, ks) = (q.f32_mut(), k.f32_mut());
         let vs = v.as_f32()?;
-        let mut out = Vec::with_capacity(x.rows() * qw);
+        // Every sequence's rotations and cache writes first, then attention for all of
+        // them at once: sequences in parallel (one fork-join a layer, not one a
+        // sequence), each one's heads in parallel too.
         let mut r0 = 0;
+        let mut first = Vec::with_capacity(rows.len());
         for (cache, &t) in caches.iter_mut().zip(rows) {
             let start = cache.len();
             let positions: Vec<usize> = (start..start + t).collect();
-            let qi = &mut qs[r0 * qw..(r0 + t) * qw];
             let ki = &mut ks[r0 * kw..(r0 + t) * kw];
-            rope.apply(qi, self.shape.n_heads, &positions);
+            rope.apply(
+                &mut qs[r0 * qw..(r0 + t) * qw],
+                self.shape.n_heads,
+                &positions,
+            );
             rope.apply(ki, self.shape.n_kv_heads, &positions);
-            let kv = cache.append(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
-            out.extend(sdpa_view(qi, &kv, self.shape, Some(start)));
+            cache.write(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
+            first.push(r0);
             r0 += t;
         }
-        let o = Tensor::from_f32(out, &[x.rows(), qw])?.round_to(self.dtype);
+        let qs = &*qs;
+        let outs: Vec<Vec<f32>> = caches
+            .par_iter()
+            .zip(rows)
+            .zip(&first)
+            .map(|((cache, &t), &r0)| {
+                let start = cache.len();
+                let kv = cache.view(layer, kw, start + t);
+                sdpa_view(&qs[r0 * qw..(r0 + t) * qw], &kv, self.shape, Some(start))
+            })
+            .collect();
+        let o = Tensor::from_f32(outs.concat(), &[x.rows(), qw])?.round_to(self.dtype);
         self.o_proj.forward(&o)
     }
 }

@@ -302,16 +302,19 @@ impl KvCache {
     /// Panics when a paged cache's table has no block for the new positions: the
     /// engine allocates blocks before it runs a step.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], width: usize) -> KvView<'_> {
+        self.write(layer, k, v, width);
+        self.view(layer, width, self.len + k.len() / width.max(1))
+    }
+
+    /// Writes a step's keys and values to `layer` after the `len()` rows cached (as
+    /// `append`, without the view: a batch writes every sequence first, then reads
+    /// them all at once).
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], width: usize) {
         let t = k.len() / width.max(1);
         match &mut self.store {
             Store::Own { k: ks, v: vs } => {
                 ks[layer].extend_from_slice(k);
                 vs[layer].extend_from_slice(v);
-                KvView::Rows {
-                    k: &ks[layer],
-                    v: &vs[layer],
-                    width,
-                }
             }
             Store::Paged { arena, table } => {
                 let end = self.len + t;
@@ -320,14 +323,25 @@ impl KvCache {
                     "paged KV cache: position {end} past the block table"
                 );
                 arena.write(layer, table, self.len, (k, v), width);
-                KvView::Paged {
-                    layer: arena.layers[layer].read().expect("kv arena lock"),
-                    table,
-                    block_size: arena.block_size(),
-                    first: 0,
-                    len: end,
-                }
             }
+        }
+    }
+
+    /// The first `rows` rows `layer` holds (`len()` plus what this step wrote).
+    pub fn view(&self, layer: usize, width: usize, rows: usize) -> KvView<'_> {
+        match &self.store {
+            Store::Own { k: ks, v: vs } => KvView::Rows {
+                k: &ks[layer][..rows * width],
+                v: &vs[layer][..rows * width],
+                width,
+            },
+            Store::Paged { arena, table } => KvView::Paged {
+                layer: arena.layers[layer].read().expect("kv arena lock"),
+                table,
+                block_size: arena.block_size(),
+                first: 0,
+                len: rows,
+            },
         }
     }
 
