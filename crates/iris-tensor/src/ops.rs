@@ -195,8 +195,14 @@ impl Tensor {
         for row in self.f32_mut().chunks_exact_mut(d) {
             let ms = row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / d as f64;
             let inv = (1.0 / (ms + eps).sqrt()) as f32;
-            for (x, w) in row.iter_mut().zip(&w) {
-                *x = round_scalar(*x * inv, round_dtype) * w;
+            if round_dtype == crate::DType::BF16 {
+                row.iter_mut().for_each(|x| *x *= inv);
+                crate::kernels::round_bf16_in_place(row);
+                row.iter_mut().zip(&w).for_each(|(x, w)| *x *= w);
+            } else {
+                for (x, w) in row.iter_mut().zip(&w) {
+                    *x = round_scalar(*x * inv, round_dtype) * w;
+                }
             }
         }
         Ok(self)
