@@ -1,7 +1,7 @@
 //! GFLOP/s of `linear` with bf16 weights at decode and prefill shapes (TinyLlama's
 //! projections), row-major (`linear`) and packed once (`linear_packed`), best of several
 //! runs:
-//! `cargo run --release -p iris-tensor --example linear_gflops [M,M,..]`.
+//! `cargo run --release -p iris-tensor --example linear_gflops [M,M,..] [NxK,..]`.
 use std::time::Instant;
 
 use iris_tensor::packed::PackedBf16;
@@ -20,7 +20,19 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let shapes = [(2048usize, 2048usize), (5632, 2048), (2048, 5632)];
+    // `[M,M,..] [NxK,NxK,..]`: rows, then weight shapes (TinyLlama's by default; the
+    // ViT-L's are 1024x1024,4096x1024,1024x4096).
+    let shapes: Vec<(usize, usize)> = std::env::args()
+        .nth(2)
+        .map(|s| {
+            s.split(',')
+                .map(|nk| {
+                    let (n, k) = nk.split_once('x').expect("shapes are NxK");
+                    (n.parse().unwrap(), k.parse().unwrap())
+                })
+                .collect()
+        })
+        .unwrap_or(vec![(2048, 2048), (5632, 2048), (2048, 5632)]);
     let ms: Vec<usize> = std::env::args()
         .nth(1)
         .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())

@@ -143,12 +143,12 @@ fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: 
     // rows' columns, so every element is written before `set_len` below.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let c = OutPtr(out.as_mut_ptr());
-    // Threads take contiguous groups of panels (each writes only its panels' columns);
-    // a panel's k-block meets every row tile in turn.
+    // One task a panel (each writes only its panel's columns; rayon balances them over
+    // the threads): the panel's k-block meets every row tile in turn.
     let panels = n.div_ceil(PANEL);
-    let group = |g: usize, per_group: usize| {
+    let panel = |p: usize| {
         let c = &c;
-        let block = |p: usize, k0: usize| {
+        for k0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - k0);
             let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
             let cols = PANEL.min(n - p * PANEL);
@@ -158,26 +158,17 @@ fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: 
                 let a = &a[(i * kp + k0 * MR) * 2..];
                 // SAFETY: AVX-512 BF16 was checked by the callers; `a` holds the row
                 // tile's pairs from `k0` on, `b` kc pairs of PANEL columns; the output
-                // rows i.. and columns of panel p are in `out` and written by this group
+                // rows i.. and columns of panel p are in `out` and written by this task
                 // alone.
                 unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
                 i += rows;
             }
-        };
-        for p in g * per_group..((g + 1) * per_group).min(panels) {
-            for k0 in (0..kp).step_by(KC) {
-                block(p, k0);
-            }
         }
     };
     if parallel {
-        let groups = (rayon::current_num_threads() * 4).clamp(1, panels.max(1));
-        let per_group = panels.div_ceil(groups);
-        (0..groups)
-            .into_par_iter()
-            .for_each(|g| group(g, per_group));
+        (0..panels).into_par_iter().for_each(panel);
     } else {
-        group(0, panels);
+        (0..panels).for_each(panel);
     }
     // SAFETY: every element of the m × n output was stored above.
     unsafe { out.set_len(m * n) };
@@ -210,7 +201,7 @@ fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool) -> Vec<bf
 
 /// The output's base pointer, shared by the threads that write disjoint panels of it.
 struct OutPtr(*mut f32);
-// SAFETY: every thread writes a disjoint set of columns, and `out` outlives the loop.
+// SAFETY: every task writes a disjoint set of columns, and `out` outlives the loop.
 unsafe impl Sync for OutPtr {}
 unsafe impl Send for OutPtr {}
 
