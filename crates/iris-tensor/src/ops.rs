@@ -163,15 +163,15 @@ impl Tensor {
         }
         let w = weight.to_f32_vec();
         let b = bias.map(|b| b.to_f32_vec());
-        for row in self.f32_mut().chunks_exact_mut(d) {
-            let mean = row.iter().map(|&x| x as f64).sum::<f64>() / d as f64;
-            let var = row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        rows_in_parallel(self.f32_mut(), d, |row| {
+            let mean = lane_sum(row, |x| x as f64) / d as f64;
+            let var = lane_sum(row, |x| (x as f64 - mean).powi(2)) / d as f64;
             let inv = 1.0 / (var + eps).sqrt();
             for (i, x) in row.iter_mut().enumerate() {
                 let y = ((*x as f64 - mean) * inv) as f32 * w[i];
                 *x = y + b.as_ref().map_or(0.0, |b| b[i]);
             }
-        }
+        });
         Ok(self)
     }
 
@@ -192,8 +192,8 @@ impl Tensor {
             );
         }
         let w = weight.to_f32_vec();
-        for row in self.f32_mut().chunks_exact_mut(d) {
-            let ms = row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>() / d as f64;
+        rows_in_parallel(self.f32_mut(), d, |row| {
+            let ms = lane_sum(row, |x| (x as f64) * (x as f64)) / d as f64;
             let inv = (1.0 / (ms + eps).sqrt()) as f32;
             if round_dtype == crate::DType::BF16 {
                 row.iter_mut().for_each(|x| *x *= inv);
@@ -204,7 +204,7 @@ impl Tensor {
                     *x = round_scalar(*x * inv, round_dtype) * w;
                 }
             }
-        }
+        });
         Ok(self)
     }
 
@@ -228,6 +228,31 @@ impl Tensor {
             + max;
         row.iter().map(|&x| x - lse).collect()
     }
+}
+
+/// `f` applied to each `d`-wide row, rows spread over the threads when there are many.
+/// A row's result never depends on the others, so batching changes no bit.
+fn rows_in_parallel(v: &mut [f32], d: usize, f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if v.len() < 1 << 15 || d == 0 {
+        v.chunks_exact_mut(d.max(1)).for_each(f);
+    } else {
+        v.par_chunks_exact_mut(d).with_min_len(8).for_each(&f);
+    }
+}
+
+/// `Σ f(x)` in f64 over eight interleaved partial sums (independent add chains that
+/// vectorise, rather than one chain a value long), then the tail.
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// One value rounded to the precision of `dtype` (bf16: as `bf16::from_f32`, inlined

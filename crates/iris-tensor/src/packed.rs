@@ -69,8 +69,10 @@ impl PackedBf16 {
         for (p, panel) in data.chunks_mut(kp * PANEL * 2).enumerate() {
             for c in 0..PANEL.min(n - p * PANEL) {
                 for t in 0..k {
+                    // As bf16::from_f32, through the inlined rounding.
+                    let v = crate::round_scalar(at(p * PANEL + c, t), crate::DType::BF16);
                     panel[(t / 2) * PANEL * 2 + c * 2 + t % 2] =
-                        bf16::from_f32(at(p * PANEL + c, t));
+                        bf16::from_bits((v.to_bits() >> 16) as u16);
                 }
             }
         }
@@ -138,7 +140,7 @@ pub fn matmul_packed_part(x: &[f32], m: usize, k: usize, w: &PackedBf16, n: usiz
 
 /// Rows packed by `pack_rows` (`kp` pairs each) times the first `kp` pairs and `n`
 /// columns of `w`.
-fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: bool) -> Vec<f32> {
+fn product(a: &[u32], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: bool) -> Vec<f32> {
     // Not zeroed: the first k-block of every tile stores (rather than adds) each of its
     // rows' columns, so every element is written before `set_len` below.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
@@ -155,7 +157,7 @@ fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: 
             let mut i = 0;
             while i < m {
                 let rows = MR.min(m - i);
-                let a = &a[(i * kp + k0 * MR) * 2..];
+                let a = &a[i * kp + k0 * MR..];
                 // SAFETY: AVX-512 BF16 was checked by the callers; `a` holds the row
                 // tile's pairs from `k0` on, `b` kc pairs of PANEL columns; the output
                 // rows i.. and columns of panel p are in `out` and written by this task
@@ -179,23 +181,38 @@ fn product(a: &[bf16], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: 
 /// `[kp][MR][2]` (pair `t` of its rows side by side, zero past `m` and `k`), so the
 /// micro-kernel reads one contiguous run per k-pair instead of `MR` rows a whole row
 /// apart (which, at k = 2048, all fall into the same L1 set).
-fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool) -> Vec<bf16> {
-    let tile = kp * MR * 2;
-    let mut a = vec![bf16::ZERO; m.div_ceil(MR) * tile];
-    let pack = |(r, tile): (usize, &mut [bf16])| {
-        let mut row = vec![bf16::ZERO; kp * 2];
-        for i in 0..MR.min(m - r * MR) {
-            crate::kernels::to_bf16(&x[(r * MR + i) * k..][..k], &mut row[..k]);
-            for (t, pair) in row.chunks_exact(2).enumerate() {
-                tile[(t * MR + i) * 2..][..2].copy_from_slice(pair);
+fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool) -> Vec<u32> {
+    let tile = kp * MR;
+    let len = m.div_ceil(MR) * tile;
+    let mut a: Vec<u32> = Vec::with_capacity(len);
+    let pack = |(r, tile): (usize, &mut [std::mem::MaybeUninit<u32>])| {
+        // The tile's rows converted side by side (rows past m stay zero), then
+        // interleaved pair by pair.
+        let mut rows = vec![0u32; MR * kp];
+        for (i, row) in rows
+            .chunks_exact_mut(kp)
+            .take(MR.min(m - r * MR))
+            .enumerate()
+        {
+            // SAFETY: a u32 is two bf16 in memory order, and u32's alignment is larger.
+            let halves =
+                unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut bf16, kp * 2) };
+            crate::kernels::to_bf16(&x[(r * MR + i) * k..][..k], &mut halves[..k]);
+        }
+        for (t, pairs) in tile.chunks_exact_mut(MR).enumerate() {
+            for (i, p) in pairs.iter_mut().enumerate() {
+                p.write(rows[i * kp + t]);
             }
         }
     };
+    let spare = &mut a.spare_capacity_mut()[..len];
     if parallel {
-        a.par_chunks_mut(tile).enumerate().for_each(pack);
+        spare.par_chunks_mut(tile).enumerate().for_each(pack);
     } else {
-        a.chunks_mut(tile).enumerate().for_each(pack);
+        spare.chunks_mut(tile).enumerate().for_each(pack);
     }
+    // SAFETY: every element of every tile was written above.
+    unsafe { a.set_len(len) };
     a
 }
 
@@ -221,7 +238,7 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn micro(
-        a: &[bf16],
+        a: &[u32],
         b: &[bf16],
         kc: usize,
         c: *mut f32,
@@ -260,7 +277,7 @@ mod x86 {
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn micro_n<const R: usize>(
-        a: &[bf16],
+        a: &[u32],
         b: &[bf16],
         kc: usize,
         c: *mut f32,
@@ -269,7 +286,7 @@ mod x86 {
         accumulate: bool,
     ) {
         assert!(b.len() >= kc * PANEL * 2);
-        assert!(a.len() >= kc * MR * 2);
+        assert!(a.len() >= kc * MR);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if accumulate {
             for (i, row) in acc.iter_mut().enumerate() {
@@ -288,7 +305,7 @@ mod x86 {
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(pb.add(t * 64 + 32) as _));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair = (pa.add((t * MR + i) * 2) as *const i32).read_unaligned();
+                    let pair = *pa.add(t * MR + i) as i32;
                     let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                     row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
