@@ -70,9 +70,10 @@ impl LlamaAttention {
         caches: &mut [&mut KvCache],
         rows: &[usize],
     ) -> Result<Tensor> {
-        let mut q = self.q_proj.forward(x)?;
-        let mut k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let [mut q, mut k, v]: [Tensor; 3] =
+            ColumnParallelLinear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                .try_into()
+                .expect("three projections");
         let (qw, kw) = (q.last_dim(), k.last_dim());
         let (qs, ks) = (q.f32_mut(), k.f32_mut());
         let vs = v.as_f32()?;

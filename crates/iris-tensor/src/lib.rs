@@ -17,7 +17,7 @@ mod tensor;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use matmul::{gemm_f32, linear, linear_packed};
+pub use matmul::{gemm_f32, linear, linear_packed, linear_packed_many};
 pub mod packed;
 pub use ops::{round_scalar, softmax_in_place, softmax_scaled_in_place, Activation};
 pub use tensor::Tensor;

@@ -49,6 +49,24 @@ pub fn linear_packed(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>) -> Resul
     with_bias(out, x, n, bias)
 }
 
+/// `linear_packed` for several weights of the same input width at once (see
+/// `packed::matmul_packed_many`).
+pub fn linear_packed_many(
+    x: &Tensor,
+    ws: &[(&PackedBf16, Option<&Tensor>)],
+) -> Result<Vec<Tensor>> {
+    let k = x.last_dim();
+    for (w, bias) in ws {
+        check_shapes(x, w.n(), w.k(), *bias)?;
+    }
+    let weights: Vec<&PackedBf16> = ws.iter().map(|(w, _)| *w).collect();
+    crate::packed::matmul_packed_many(x.as_f32()?, x.rows(), k, &weights)
+        .into_iter()
+        .zip(ws)
+        .map(|(out, (w, bias))| with_bias(out, x, w.n(), *bias))
+        .collect()
+}
+
 fn check_shapes(x: &Tensor, n: usize, k: usize, bias: Option<&Tensor>) -> Result<()> {
     if x.last_dim() != k {
         return shape_err(

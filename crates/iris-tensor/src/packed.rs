@@ -114,8 +114,27 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &PackedBf16) -> Vec<f32> 
         k.div_ceil(2),
         "matmul_packed: k differs from the weight's"
     );
-    let a = pack_rows(x, m, k, w.kp, true);
-    product(&a, m, w.kp, w, w.n, true)
+    matmul_packed_many(x, m, k, &[w])
+        .pop()
+        .expect("one weight, one product")
+}
+
+/// `x · Wᵢᵀ` for several weights of the same `k` (a layer's q, k and v, or gate and
+/// up): the activations are packed once and every weight's panels share one parallel
+/// loop, so the threads meet once rather than once a weight.
+pub fn matmul_packed_many(x: &[f32], m: usize, k: usize, ws: &[&PackedBf16]) -> Vec<Vec<f32>> {
+    assert!(
+        crate::kernels::has_avx512_bf16(),
+        "matmul_packed needs AVX-512 BF16"
+    );
+    assert_eq!(x.len(), m * k, "matmul_packed: x is not [m, k]");
+    let kp = k.div_ceil(2);
+    for w in ws {
+        assert_eq!(w.kp, kp, "matmul_packed: k differs from the weight's");
+    }
+    let a = pack_rows(x, m, k, kp, true);
+    let parts: Vec<_> = ws.iter().map(|w| (*w, w.n)).collect();
+    products(&a, m, kp, &parts, true)
 }
 
 /// [`matmul_packed`] on one thread (for use inside a parallel loop, e.g. over attention
@@ -135,21 +154,34 @@ pub fn matmul_packed_part(x: &[f32], m: usize, k: usize, w: &PackedBf16, n: usiz
     );
     let kp = k.div_ceil(2);
     let a = pack_rows(x, m, k, kp, false);
-    product(&a, m, kp, w, n, false)
+    products(&a, m, kp, &[(w, n)], false)
+        .pop()
+        .expect("one weight, one product")
 }
 
 /// Rows packed by `pack_rows` (`kp` pairs each) times the first `kp` pairs and `n`
-/// columns of `w`.
-fn product(a: &[u32], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: bool) -> Vec<f32> {
+/// columns of each `(w, n)`.
+fn products(
+    a: &[u32],
+    m: usize,
+    kp: usize,
+    ws: &[(&PackedBf16, usize)],
+    parallel: bool,
+) -> Vec<Vec<f32>> {
     // Not zeroed: the first k-block of every tile stores (rather than adds) each of its
     // rows' columns, so every element is written before `set_len` below.
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let c = OutPtr(out.as_mut_ptr());
-    // One task a panel (each writes only its panel's columns; rayon balances them over
-    // the threads): the panel's k-block meets every row tile in turn.
-    let panels = n.div_ceil(PANEL);
-    let panel = |p: usize| {
-        let c = &c;
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| Vec::with_capacity(m * n)).collect();
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    // One task a panel of one weight (each writes only its panel's columns; rayon
+    // balances them over the threads): the panel's k-block meets every row tile in turn.
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL)).map(move |p| (j, p)))
+        .collect();
+    let panel = |&(j, p): &(usize, usize)| {
+        let (w, n) = ws[j];
+        let c = &ptrs[j];
         for k0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - k0);
             let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
@@ -160,21 +192,23 @@ fn product(a: &[u32], m: usize, kp: usize, w: &PackedBf16, n: usize, parallel: b
                 let a = &a[i * kp + k0 * MR..];
                 // SAFETY: AVX-512 BF16 was checked by the callers; `a` holds the row
                 // tile's pairs from `k0` on, `b` kc pairs of PANEL columns; the output
-                // rows i.. and columns of panel p are in `out` and written by this task
-                // alone.
+                // rows i.. and columns of panel p are in output j and written by this
+                // task alone.
                 unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
                 i += rows;
             }
         }
     };
     if parallel {
-        (0..panels).into_par_iter().for_each(panel);
+        tasks.par_iter().for_each(panel);
     } else {
-        (0..panels).for_each(panel);
+        tasks.iter().for_each(panel);
     }
-    // SAFETY: every element of the m × n output was stored above.
-    unsafe { out.set_len(m * n) };
-    out
+    for (o, &(_, n)) in outs.iter_mut().zip(ws) {
+        // SAFETY: every element of the m × n output was stored above.
+        unsafe { o.set_len(m * n) };
+    }
+    outs
 }
 
 /// The activations rounded to bf16 and packed by tiles of `MR` rows: tile `r` is

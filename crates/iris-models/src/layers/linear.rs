@@ -55,6 +55,27 @@ impl Linear {
         Ok(self.product(x, self.bias.as_ref())?.round_to(self.dtype))
     }
 
+    /// `forward` of several layers on the same input: with packed weights, one pass
+    /// that packs `x` once and runs every layer's panels in one parallel loop (a
+    /// layer's q/k/v or gate/up projections), otherwise one layer after another.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let packed: Option<Vec<_>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Packed(w) => Some((&**w, l.bias.as_ref())),
+                Weight::Plain(_) => None,
+            })
+            .collect();
+        match packed {
+            Some(ws) if layers.len() > 1 => Ok(iris_tensor::linear_packed_many(x, &ws)?
+                .into_iter()
+                .zip(layers)
+                .map(|(y, l)| y.round_to(l.dtype))
+                .collect()),
+            _ => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
     /// `x·Wᵀ (+ bias)` in f32, not rounded.
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         Ok(match &self.weight {
@@ -96,6 +117,12 @@ impl ColumnParallelLinear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
+    }
+
+    /// `forward` of several layers on the same input (see `Linear::forward_many`).
+    pub fn forward_many(layers: &[&ColumnParallelLinear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let inner: Vec<&Linear> = layers.iter().map(|l| &l.0).collect();
+        Linear::forward_many(&inner, x)
     }
 }
 

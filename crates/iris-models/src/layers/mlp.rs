@@ -93,12 +93,12 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self
-            .gate_proj
-            .forward(x)?
-            .activation(self.act)
-            .round_to(self.dtype);
-        let h = g.mul_elem(&self.up_proj.forward(x)?)?.round_to(self.dtype);
+        let [g, u]: [Tensor; 2] =
+            ColumnParallelLinear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
+                .try_into()
+                .expect("two projections");
+        let g = g.activation(self.act).round_to(self.dtype);
+        let h = g.mul_elem(&u)?.round_to(self.dtype);
         self.down_proj.forward(&h)
     }
 }
