@@ -3,6 +3,7 @@
 //! optional `project_in`/`project_out`, head tied to the token embeddings.
 
 use iris_tensor::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::config::OptConfig;
 use crate::layers::{sdpa_view, AttnShape, KvCache, LayerNorm, Linear, Mlp};
@@ -50,27 +51,63 @@ impl OptLayer {
         })
     }
 
-    fn attention(&self, x: &Tensor, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let start = cache.len();
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
-        let kv = cache.append(layer, k.as_f32()?, v.as_f32()?, k.last_dim());
-        let o = sdpa_view(q.as_f32()?, &kv, self.shape, Some(start));
-        drop(kv);
+    /// `x` holds the rows of several sequences back to back (`rows[i]` each), each
+    /// continuing its own cache: projections run once over all rows, then every
+    /// sequence's K/V is written and all sequences attend in one parallel loop.
+    fn attention(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                .try_into()
+                .expect("three projections");
+        let (qw, kw) = (q.last_dim(), k.last_dim());
+        let (qs, ks, vs) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
+        let mut first = Vec::with_capacity(rows.len());
+        let mut r0 = 0;
+        for (cache, &t) in caches.iter_mut().zip(rows) {
+            cache.write(
+                layer,
+                &ks[r0 * kw..(r0 + t) * kw],
+                &vs[r0 * kw..(r0 + t) * kw],
+                kw,
+            );
+            first.push(r0);
+            r0 += t;
+        }
+        let outs: Vec<Vec<f32>> = caches
+            .par_iter()
+            .zip(rows)
+            .zip(&first)
+            .map(|((cache, &t), &r0)| {
+                let start = cache.len();
+                let kv = cache.view(layer, kw, start + t);
+                sdpa_view(&qs[r0 * qw..(r0 + t) * qw], &kv, self.shape, Some(start))
+            })
+            .collect();
         self.out_proj
-            .forward(&Tensor::from_f32(o, q.shape())?.round_to(self.dtype))
+            .forward(&Tensor::from_f32(outs.concat(), q.shape())?.round_to(self.dtype))
     }
 
-    fn forward(&self, x: Tensor, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+    ) -> Result<Tensor> {
         let dt = self.dtype;
         if self.pre_ln {
-            let h = self.attention(&self.self_attn_layer_norm.forward(&x)?, layer, cache)?;
+            let h = self.attention(&self.self_attn_layer_norm.forward(&x)?, layer, caches, rows)?;
             let x = x.add_elem(&h)?.round_to(dt);
             let h = self.mlp.forward(&self.final_layer_norm.forward(&x)?)?;
             Ok(x.add_elem(&h)?.round_to(dt))
         } else {
-            let h = self.attention(&x, layer, cache)?;
+            let h = self.attention(&x, layer, caches, rows)?;
             let x = self
                 .self_attn_layer_norm
                 .forward(&x.add_elem(&h)?.round_to(dt))?;
@@ -156,41 +193,68 @@ impl CausalLm for Opt {
     }
 
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (t, start) = (embeds.rows(), cache.len());
-        if start + t > self.cfg.max_position_embeddings {
-            return Err(Error::Input(format!(
-                "{} tokens exceed the model's {} positions",
-                start + t,
-                self.cfg.max_position_embeddings
-            )));
+        Ok(self
+            .forward_batch(&[embeds], &mut [cache])?
+            .pop()
+            .expect("one sequence, one output"))
+    }
+
+    /// Every sequence's rows in one pass through the layers (weights read once a step).
+    fn forward_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<Tensor>> {
+        let rows: Vec<usize> = embeds.iter().map(|e| e.rows()).collect();
+        let mut positions: Vec<u32> = Vec::with_capacity(rows.iter().sum());
+        for (cache, &t) in caches.iter().zip(&rows) {
+            let start = cache.len();
+            if start + t > self.cfg.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "{} tokens exceed the model's {} positions",
+                    start + t,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            positions.extend((start..start + t).map(|p| (p + POSITION_OFFSET) as u32));
         }
+        let embeds = Tensor::cat_rows(embeds)?;
         let mut x = match &self.project_in {
-            Some(p) => p.forward(embeds)?,
-            None => embeds.clone(),
+            Some(p) => p.forward(&embeds)?,
+            None => embeds,
         };
-        let positions: Vec<u32> = (start..start + t)
-            .map(|p| (p + POSITION_OFFSET) as u32)
-            .collect();
         x = x
             .add_elem(&self.embed_positions.index_rows(&positions)?)?
             .round_to(self.dtype);
         for (i, layer) in self.layers.iter().enumerate() {
-            match layer.forward(x, i, cache) {
+            match layer.forward(x, i, caches, &rows) {
                 Ok(y) => x = y,
                 Err(e) => {
-                    cache.rollback(self.cfg.hidden_size);
+                    for cache in caches.iter_mut() {
+                        cache.rollback(self.cfg.hidden_size);
+                    }
                     return Err(e);
                 }
             }
         }
-        cache.advance(t);
+        for (cache, &t) in caches.iter_mut().zip(&rows) {
+            cache.advance(t);
+        }
         if let Some(n) = &self.final_layer_norm {
             x = n.forward(&x)?;
         }
-        match &self.project_out {
-            Some(p) => p.forward(&x),
-            None => Ok(x),
-        }
+        let x = match &self.project_out {
+            Some(p) => p.forward(&x)?,
+            None => x,
+        };
+        let mut r0 = 0;
+        rows.iter()
+            .map(|&t| {
+                let part = x.narrow_rows(r0, t);
+                r0 += t;
+                Ok(part?)
+            })
+            .collect()
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
