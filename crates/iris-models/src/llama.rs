@@ -4,14 +4,12 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::layers::{
-    sdpa_view, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
+    sdpa_batch, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
     RotaryEmbedding, RowParallelLinear,
 };
 use crate::weights::Vb;
@@ -81,7 +79,6 @@ impl LlamaAttention {
         // them at once: sequences in parallel (one fork-join a layer, not one a
         // sequence), each one's heads in parallel too.
         let mut r0 = 0;
-        let mut first = Vec::with_capacity(rows.len());
         for (cache, &t) in caches.iter_mut().zip(rows) {
             let start = cache.len();
             let positions: Vec<usize> = (start..start + t).collect();
@@ -93,21 +90,10 @@ impl LlamaAttention {
             );
             rope.apply(ki, self.shape.n_kv_heads, &positions);
             cache.write(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
-            first.push(r0);
             r0 += t;
         }
-        let qs = &*qs;
-        let outs: Vec<Vec<f32>> = caches
-            .par_iter()
-            .zip(rows)
-            .zip(&first)
-            .map(|((cache, &t), &r0)| {
-                let start = cache.len();
-                let kv = cache.view(layer, kw, start + t);
-                sdpa_view(&qs[r0 * qw..(r0 + t) * qw], &kv, self.shape, Some(start))
-            })
-            .collect();
-        let o = Tensor::from_f32(outs.concat(), &[x.rows(), qw])?.round_to(self.dtype);
+        let out = sdpa_batch(qs, caches, rows, layer, kw, self.shape);
+        let o = Tensor::from_f32(out, &[x.rows(), qw])?.round_to(self.dtype);
         self.o_proj.forward(&o)
     }
 }

@@ -3,10 +3,9 @@
 //! optional `project_in`/`project_out`, head tied to the token embeddings.
 
 use iris_tensor::{DType, Tensor};
-use rayon::prelude::*;
 
 use crate::config::OptConfig;
-use crate::layers::{sdpa_view, AttnShape, KvCache, LayerNorm, Linear, Mlp};
+use crate::layers::{sdpa_batch, AttnShape, KvCache, LayerNorm, Linear, Mlp};
 use crate::vlm::CausalLm;
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -65,9 +64,8 @@ impl OptLayer {
             Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
                 .try_into()
                 .expect("three projections");
-        let (qw, kw) = (q.last_dim(), k.last_dim());
+        let kw = k.last_dim();
         let (qs, ks, vs) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
-        let mut first = Vec::with_capacity(rows.len());
         let mut r0 = 0;
         for (cache, &t) in caches.iter_mut().zip(rows) {
             cache.write(
@@ -76,21 +74,11 @@ impl OptLayer {
                 &vs[r0 * kw..(r0 + t) * kw],
                 kw,
             );
-            first.push(r0);
             r0 += t;
         }
-        let outs: Vec<Vec<f32>> = caches
-            .par_iter()
-            .zip(rows)
-            .zip(&first)
-            .map(|((cache, &t), &r0)| {
-                let start = cache.len();
-                let kv = cache.view(layer, kw, start + t);
-                sdpa_view(&qs[r0 * qw..(r0 + t) * qw], &kv, self.shape, Some(start))
-            })
-            .collect();
+        let out = sdpa_batch(qs, caches, rows, layer, kw, self.shape);
         self.out_proj
-            .forward(&Tensor::from_f32(outs.concat(), q.shape())?.round_to(self.dtype))
+            .forward(&Tensor::from_f32(out, q.shape())?.round_to(self.dtype))
     }
 
     fn forward(

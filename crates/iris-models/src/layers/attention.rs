@@ -5,7 +5,7 @@
 
 use iris_tensor::kernels::dot_f32;
 
-use super::kv_cache::KvView;
+use super::kv_cache::{KvCache, KvView};
 use rayon::prelude::*;
 
 /// From this many queries at once, attention runs as matrix products.
@@ -93,6 +93,40 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
         })
         .collect();
     interleave(&per_head, tq, hd)
+}
+
+/// Causal attention of a batch step: sequence `i`'s queries are the next `rows[i]` rows
+/// of `q` (`[Σ rows, n_heads·hd]`) and its keys and values `layer` of `caches[i]`, this
+/// step's already written after its `len()` cached rows. Sequences run in one parallel
+/// loop (one fork-join a layer, not one a sequence); outputs back to back.
+pub fn sdpa_batch(
+    q: &[f32],
+    caches: &[&mut KvCache],
+    rows: &[usize],
+    layer: usize,
+    kv_width: usize,
+    s: AttnShape,
+) -> Vec<f32> {
+    let qw = s.n_heads * s.head_dim;
+    let first: Vec<usize> = rows
+        .iter()
+        .scan(0, |r0, &t| {
+            let at = *r0;
+            *r0 += t;
+            Some(at)
+        })
+        .collect();
+    let outs: Vec<Vec<f32>> = caches
+        .par_iter()
+        .zip(rows)
+        .zip(&first)
+        .map(|((cache, &t), &r0)| {
+            let start = cache.len();
+            let kv = cache.view(layer, kv_width, start + t);
+            sdpa_view(&q[r0 * qw..(r0 + t) * qw], &kv, s, Some(start))
+        })
+        .collect();
+    outs.concat()
 }
 
 /// Heads' `[tq, hd]` outputs back into `[tq, n_heads·hd]` rows.

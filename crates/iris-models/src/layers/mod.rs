@@ -7,7 +7,7 @@ mod mlp;
 mod norm;
 mod rope;
 
-pub use attention::{sdpa, sdpa_view, AttnShape};
+pub use attention::{sdpa, sdpa_batch, sdpa_view, AttnShape};
 pub use kv_cache::{KvArena, KvCache, KvView};
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear};
 pub use mlp::{GatedMlp, Mlp};
