@@ -45,14 +45,9 @@ pub fn dot_tile_4x4_bf16(w: [&[bf16]; 4], x: [&[bf16]; 4]) -> [[f32; 4]; 4] {
     unsafe { x86::tile_dp(w, x) }
 }
 
-/// `softmax_in_place` with a 16-lane exp (Cephes' `expf` polynomial, within 2 ulp of
-/// the libm result); call only when `simd()` is `Avx512`.
-pub fn softmax_avx512(row: &mut [f32]) {
-    softmax_scaled_avx512(row, 1.0)
-}
-
-/// `softmax(scale · row)` in place (`scale` > 0), as `softmax_avx512`.
-pub fn softmax_scaled_avx512(row: &mut [f32], scale: f32) {
+/// `softmax(scale · row)` in place (`scale` > 0) with a 16-lane exp (Cephes' `expf`
+/// polynomial, within 2 ulp of the libm result); call only when `simd()` is `Avx512`.
+pub fn softmax_avx512(row: &mut [f32], scale: f32) {
     assert!(simd() == Simd::Avx512, "softmax_avx512 needs AVX-512");
     assert!(scale > 0.0, "softmax: scale {scale} is not positive");
     // SAFETY: the feature was detected at run time.

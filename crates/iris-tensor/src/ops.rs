@@ -283,7 +283,7 @@ pub fn softmax_in_place(row: &mut [f32]) {
 /// as PyTorch's CPU flash attention does).
 pub fn softmax_scaled_in_place(row: &mut [f32], scale: f32) {
     if crate::kernels::simd() == crate::kernels::Simd::Avx512 {
-        return crate::kernels::softmax_scaled_avx512(row, scale);
+        return crate::kernels::softmax_avx512(row, scale);
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
@@ -333,7 +333,7 @@ mod tests {
                 .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 9.0)
                 .collect();
             let mut fast = row.clone();
-            crate::kernels::softmax_avx512(&mut fast);
+            crate::kernels::softmax_avx512(&mut fast, 1.0);
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f64> = row.iter().map(|&x| ((x - max) as f64).exp()).collect();
             let sum: f64 = e.iter().sum();
