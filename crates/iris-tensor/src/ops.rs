@@ -80,7 +80,6 @@ fn erf(x: f64) -> f64 {
 
 impl Tensor {
     pub fn activation(mut self, act: Activation) -> Tensor {
-        use rayon::prelude::*;
         let gate = match act {
             Activation::Silu => Some(1.0),
             Activation::QuickGelu => Some(1.702),
@@ -92,12 +91,7 @@ impl Tensor {
             }
             _ => v.iter_mut().for_each(|x| *x = act.apply(*x)),
         };
-        let v = self.f32_mut();
-        if v.len() <= 1 << 15 {
-            f(v)
-        } else {
-            v.par_chunks_mut(1 << 15).for_each(f)
-        }
+        in_chunks(self.f32_mut(), 1 << 15, f);
         self
     }
 
@@ -227,6 +221,17 @@ impl Tensor {
             .ln() as f32
             + max;
         row.iter().map(|&x| x - lse).collect()
+    }
+}
+
+/// `f` over `v` in chunks of `chunk` values spread over the threads, or inline when `v`
+/// is one chunk or less (a fork-join from outside the pool costs more than a small op).
+pub(crate) fn in_chunks(v: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if v.len() <= chunk {
+        f(v)
+    } else {
+        v.par_chunks_mut(chunk).for_each(&f)
     }
 }
 

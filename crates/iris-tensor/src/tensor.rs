@@ -202,14 +202,7 @@ impl Tensor {
         match dtype {
             DType::F32 => {}
             DType::BF16 => {
-                use rayon::prelude::*;
-                let v = self.f32_mut();
-                if v.len() <= 1 << 16 {
-                    crate::kernels::round_bf16_in_place(v)
-                } else {
-                    v.par_chunks_mut(1 << 16)
-                        .for_each(crate::kernels::round_bf16_in_place)
-                }
+                crate::ops::in_chunks(self.f32_mut(), 1 << 16, crate::kernels::round_bf16_in_place)
             }
             DType::F16 => self
                 .f32_mut()
