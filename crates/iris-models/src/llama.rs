@@ -9,7 +9,7 @@ use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::layers::{
-    sdpa_batch, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
+    sdpa_batch, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm, RopeTable,
     RotaryEmbedding, RowParallelLinear,
 };
 use crate::weights::Vb;
@@ -63,7 +63,7 @@ impl LlamaAttention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
+        rope: &RopeTable,
         layer: usize,
         caches: &mut [&mut KvCache],
         rows: &[usize],
@@ -80,15 +80,9 @@ impl LlamaAttention {
         // sequence), each one's heads in parallel too.
         let mut r0 = 0;
         for (cache, &t) in caches.iter_mut().zip(rows) {
-            let start = cache.len();
-            let positions: Vec<usize> = (start..start + t).collect();
             let ki = &mut ks[r0 * kw..(r0 + t) * kw];
-            rope.apply(
-                &mut qs[r0 * qw..(r0 + t) * qw],
-                self.shape.n_heads,
-                &positions,
-            );
-            rope.apply(ki, self.shape.n_kv_heads, &positions);
+            rope.apply(&mut qs[r0 * qw..(r0 + t) * qw], self.shape.n_heads, r0);
+            rope.apply(ki, self.shape.n_kv_heads, r0);
             cache.write(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
             r0 += t;
         }
@@ -139,14 +133,15 @@ impl LlamaLayer {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let rows = [x.rows()];
-        self.forward_batch(x, rope, layer, &mut [cache], &rows)
+        let table = rope.table(&(cache.len()..cache.len() + x.rows()).collect::<Vec<_>>());
+        self.forward_batch(x, &table, layer, &mut [cache], &rows)
     }
 
     /// Several sequences' rows back to back (see `LlamaAttention::forward`).
     pub(crate) fn forward_batch(
         &self,
         x: Tensor,
-        rope: &RotaryEmbedding,
+        rope: &RopeTable,
         layer: usize,
         caches: &mut [&mut KvCache],
         rows: &[usize],
@@ -262,9 +257,29 @@ impl Llama {
                 )));
             }
         }
+        // On a thread of the pool: each parallel loop of the layers then forks from a
+        // worker (work stealing) instead of handing its work to the pool and sleeping
+        // until it is done, a round trip through the scheduler per loop.
+        rayon::scope(|_| self.layers_batch(embeds, caches, &rows))
+    }
+
+    fn layers_batch(
+        &self,
+        embeds: &[&Tensor],
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let mut x = Tensor::cat_rows(embeds)?;
+        // Every row's position (its sequence's cached length on), rotated the same way in
+        // every layer: cos and sin once a step.
+        let positions: Vec<usize> = caches
+            .iter()
+            .zip(rows)
+            .flat_map(|(c, &t)| c.len()..c.len() + t)
+            .collect();
+        let rope = self.rope.table(&positions);
         for (i, layer) in self.layers.iter().enumerate() {
-            match layer.forward_batch(x, &self.rope, i, caches, &rows) {
+            match layer.forward_batch(x, &rope, i, caches, rows) {
                 Ok(y) => x = y,
                 Err(e) => {
                     // Leave every cache as it was before this call.
@@ -275,14 +290,11 @@ impl Llama {
                 }
             }
         }
-        caches
-            .iter_mut()
-            .zip(&rows)
-            .for_each(|(c, &t)| c.advance(t));
+        caches.iter_mut().zip(rows).for_each(|(c, &t)| c.advance(t));
         let x = self.norm.forward(&x)?;
         let mut out = Vec::with_capacity(rows.len());
         let mut r0 = 0;
-        for t in rows {
+        for &t in rows {
             out.push(x.narrow_rows(r0, t)?);
             r0 += t;
         }

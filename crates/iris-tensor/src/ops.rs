@@ -262,7 +262,7 @@ fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
 
 /// One value rounded to the precision of `dtype` (bf16: as `bf16::from_f32`, inlined
 /// bit arithmetic so that loops over it vectorise).
-#[inline]
+#[inline(always)]
 pub fn round_scalar(x: f32, dtype: crate::DType) -> f32 {
     match dtype {
         crate::DType::F32 => x,

@@ -306,26 +306,20 @@ fn random_weights(
     Ok((map, read_per_token))
 }
 
-/// Read bandwidth with all cores: the best of several passes over a 1 GiB buffer.
-/// Read bandwidth of both cores summing 1 GiB, the median of seven passes: the same
-/// statistic as the decode steps it is compared with (the machine is shared, and the
-/// best of a few passes overstated what a step could get by up to a third).
-fn measure_bandwidth() -> f64 {
-    let buf = random(256 << 20, 99);
-    let bytes = (buf.len() * 4) as f64;
-    let mut runs: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            let s: f32 = buf
-                .par_chunks(1 << 20)
-                .map(iris_tensor::kernels::sum_f32)
-                .sum();
-            std::hint::black_box(s);
-            bytes / t.elapsed().as_secs_f64()
-        })
-        .collect();
-    runs.sort_by(f64::total_cmp);
-    runs[runs.len() / 2]
+/// One read pass of both cores summing `buf`: bytes per second.
+fn bandwidth_pass(buf: &[f32]) -> f64 {
+    let t = Instant::now();
+    let s: f32 = buf
+        .par_chunks(1 << 20)
+        .map(iris_tensor::kernels::sum_f32)
+        .sum();
+    std::hint::black_box(s);
+    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
@@ -335,7 +329,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
     });
     let cfg = LlamaConfig::from_value(&cfg_json, false)?;
-    let bw = measure_bandwidth();
+    // 1 GiB, well past the 32 MiB of last-level cache: every pass reads from memory.
+    let bw_buf = random(256 << 20, 99);
     if !a.json {
         println!(
             "decode benchmark: hidden {} layers {} heads {}/{} mlp {} vocab {}; {} threads",
@@ -348,8 +343,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             rayon::current_num_threads()
         );
         println!(
-            "measured read bandwidth: {:.1} GB/s (median of 7; measured again before each batch size)",
-            bw / 1e9
+            "read bandwidth: one pass of both cores over 1 GiB before every timed step; \
+             a step's share of the weight-read bound is taken against the pass just before it"
         );
     }
     for name in &a.dtypes {
@@ -358,9 +353,6 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         let w = Arc::new(Weights::from_tensors(tensors, dtype));
         let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, iris_comm::single())?;
         for &batch in &a.batch {
-            // Measured again right before each batch size's steps, in the same period.
-            let bw = measure_bandwidth();
-            let roofline = bw / bytes as f64;
             let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
             let mut last: Vec<Tensor> = Vec::with_capacity(batch);
             for (s, cache) in caches.iter_mut().enumerate() {
@@ -370,8 +362,12 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 let h = model.forward(&model.embed(&ids)?, cache)?;
                 last.push(h.narrow_rows(h.rows() - 1, 1)?);
             }
-            let mut times = Vec::with_capacity(a.tokens);
+            // The machine is shared: its bandwidth drifts by a third within a minute. So
+            // each step is paired with a bandwidth pass right before it, and the
+            // roofline ratio is the median of the pairs' ratios.
+            let (mut times, mut bws) = (Vec::new(), Vec::new());
             for _ in 0..a.tokens {
+                bws.push(bandwidth_pass(&bw_buf));
                 let t = Instant::now();
                 // One head call and one forward for the whole batch: weights read once.
                 let logits = model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
@@ -385,26 +381,33 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
                 times.push(t.elapsed().as_secs_f64());
             }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            let tps = batch as f64 / median;
+            let ratio = median(
+                times
+                    .iter()
+                    .zip(&bws)
+                    .map(|(t, bw)| bytes as f64 / bw / t)
+                    .collect(),
+            );
+            let (step, bw) = (median(times), median(bws));
+            let roofline = bw / bytes as f64;
+            let tps = batch as f64 / step;
             if a.json {
                 println!(
                     "{}",
                     serde_json::json!({
                         "dtype": dtype.to_string(), "batch": batch, "tokens_per_s": tps,
-                        "roofline_tokens_per_s": roofline, "ratio": tps / roofline / batch as f64,
+                        "roofline_tokens_per_s": roofline, "ratio": ratio,
                         "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
                     })
                 );
             } else {
                 println!(
-                    "{dtype:>5} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s) -> step at {:.1}% of the weight-read bound",
-                    median * 1e3,
+                    "{dtype:>5} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
+                    step * 1e3,
                     a.tokens,
                     bytes as f64 / 1e9,
                     bw / 1e9,
-                    100.0 * (bytes as f64 / bw) / median
+                    100.0 * ratio
                 );
             }
         }

@@ -54,51 +54,78 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
     if tq >= GEMM_MIN_QUERIES && s.bf16_products && iris_tensor::kernels::has_avx512_bf16() {
         return sdpa_bf16(q, kv, s, causal_offset);
     }
+    if tq < GEMM_MIN_QUERIES {
+        // Decode: a task per KV head, its query heads together (they share its keys).
+        let per_group: Vec<Vec<f32>> = (0..s.n_kv_heads)
+            .into_par_iter()
+            .map(|g| attend_group(q, kv, s, causal_offset, g))
+            .collect();
+        return interleave(&per_group, tq, group * hd);
+    }
     let per_head: Vec<Vec<f32>> = (0..s.n_heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
-            if tq >= GEMM_MIN_QUERIES {
-                // Prefill / ViT: scores and mixing as two matrix products per head.
-                // The scale goes on the queries (tq·hd products, not tq·tk).
-                let mut qh = gather(tq, hd, |i| &q[i * qw + h * hd..i * qw + (h + 1) * hd]);
-                qh.iter_mut().for_each(|x| *x *= scale);
-                let kh = gather(tk, hd, |j| key(j, kvh));
-                let vh = gather(tk, hd, |j| value(j, kvh));
-                let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
-                for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
-                    let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
-                    iris_tensor::softmax_in_place(&mut row[..limit]);
-                    row[limit..].iter_mut().for_each(|x| *x = 0.0);
-                }
-                return iris_tensor::gemm_f32(&scores, &vh, tq, hd, tk, false);
-            }
-            let mut out = vec![0f32; tq * hd];
-            let mut scores = vec![0f32; tk];
-            for i in 0..tq {
+            // Prefill / ViT: scores and mixing as two matrix products per head.
+            // The scale goes on the queries (tq·hd products, not tq·tk).
+            let mut qh = gather(tq, hd, |i| &q[i * qw + h * hd..i * qw + (h + 1) * hd]);
+            qh.iter_mut().for_each(|x| *x *= scale);
+            let kh = gather(tk, hd, |j| key(j, kvh));
+            let vh = gather(tk, hd, |j| value(j, kvh));
+            let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
+            for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
                 let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
-                let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-                for (j, sc) in scores[..limit].iter_mut().enumerate() {
-                    *sc = dot_f32(qi, key(j, kvh)) * scale;
-                }
-                iris_tensor::softmax_in_place(&mut scores[..limit]);
-                let o = &mut out[i * hd..(i + 1) * hd];
-                for (j, &p) in scores[..limit].iter().enumerate() {
-                    o.iter_mut()
-                        .zip(value(j, kvh))
-                        .for_each(|(o, v)| *o += p * v);
-                }
+                iris_tensor::softmax_in_place(&mut row[..limit]);
+                row[limit..].iter_mut().for_each(|x| *x = 0.0);
             }
-            out
+            iris_tensor::gemm_f32(&scores, &vh, tq, hd, tk, false)
         })
         .collect();
     interleave(&per_head, tq, hd)
 }
 
+/// The few queries of a decode step for the query heads of KV head `g`, one query and
+/// head at a time (f32 dot products, softmax, then the values mixed in key order):
+/// `[tq, group·hd]`.
+fn attend_group(
+    q: &[f32],
+    kv: &KvView,
+    s: AttnShape,
+    causal_offset: Option<usize>,
+    g: usize,
+) -> Vec<f32> {
+    let hd = s.head_dim;
+    let qw = s.n_heads * hd;
+    let tq = q.len() / qw;
+    let tk = kv.len();
+    let group = s.n_heads / s.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; tq * group * hd];
+    let mut scores = vec![0f32; tk];
+    for i in 0..tq {
+        let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
+        for (h, o) in (g * group..(g + 1) * group).zip(out[i * group * hd..].chunks_exact_mut(hd)) {
+            let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
+            for (j, sc) in scores[..limit].iter_mut().enumerate() {
+                *sc = dot_f32(qi, &kv.row(j).0[g * hd..(g + 1) * hd]) * scale;
+            }
+            iris_tensor::softmax_in_place(&mut scores[..limit]);
+            for (j, &p) in scores[..limit].iter().enumerate() {
+                o.iter_mut()
+                    .zip(&kv.row(j).1[g * hd..(g + 1) * hd])
+                    .for_each(|(o, v)| *o += p * v);
+            }
+        }
+    }
+    out
+}
+
 /// Causal attention of a batch step: sequence `i`'s queries are the next `rows[i]` rows
 /// of `q` (`[Σ rows, n_heads·hd]`) and its keys and values `layer` of `caches[i]`, this
-/// step's already written after its `len()` cached rows. Sequences run in one parallel
-/// loop (one fork-join a layer, not one a sequence); outputs back to back.
+/// step's already written after its `len()` cached rows. One parallel loop for the
+/// whole step (one fork-join a layer, not one a sequence): a task per decoding
+/// sequence and KV head, or per sequence with a prefill's many queries; outputs back to
+/// back.
 pub fn sdpa_batch(
     q: &[f32],
     caches: &[&mut KvCache],
@@ -108,6 +135,7 @@ pub fn sdpa_batch(
     s: AttnShape,
 ) -> Vec<f32> {
     let qw = s.n_heads * s.head_dim;
+    let gw = qw / s.n_kv_heads;
     let first: Vec<usize> = rows
         .iter()
         .scan(0, |r0, &t| {
@@ -116,17 +144,46 @@ pub fn sdpa_batch(
             Some(at)
         })
         .collect();
-    let outs: Vec<Vec<f32>> = caches
-        .par_iter()
-        .zip(rows)
-        .zip(&first)
-        .map(|((cache, &t), &r0)| {
-            let start = cache.len();
-            let kv = cache.view(layer, kv_width, start + t);
-            sdpa_view(&q[r0 * qw..(r0 + t) * qw], &kv, s, Some(start))
+    let tasks: Vec<(usize, Option<usize>)> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &t)| {
+            let groups = if t < GEMM_MIN_QUERIES {
+                s.n_kv_heads
+            } else {
+                0
+            };
+            let whole = (groups == 0).then_some((i, None));
+            whole
+                .into_iter()
+                .chain((0..groups).map(move |g| (i, Some(g))))
         })
         .collect();
-    outs.concat()
+    let outs: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, g)| {
+            let (t, r0, start) = (rows[i], first[i], caches[i].len());
+            let kv = caches[i].view(layer, kv_width, start + t);
+            let q = &q[r0 * qw..(r0 + t) * qw];
+            match g {
+                Some(g) => attend_group(q, &kv, s, Some(start), g),
+                None => sdpa_view(q, &kv, s, Some(start)),
+            }
+        })
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    for (&(i, g), part) in tasks.iter().zip(&outs) {
+        let dst = &mut out[first[i] * qw..(first[i] + rows[i]) * qw];
+        match g {
+            None => dst.copy_from_slice(part),
+            Some(g) => {
+                for (row, src) in dst.chunks_exact_mut(qw).zip(part.chunks_exact(gw)) {
+                    row[g * gw..(g + 1) * gw].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Heads' `[tq, hd]` outputs back into `[tq, n_heads·hd]` rows.
@@ -284,5 +341,47 @@ mod tests {
         assert!((o[4] - 4.0).abs() < 1e-6 && (o[5] - 5.0).abs() < 1e-6);
         let full = sdpa(&q[..4], &k, &v, s, None);
         assert!(full[0] > 3.0 && full[0] < 5.0);
+    }
+
+    /// A batch step (decoding sequences by KV head, a prefill chunk whole) gives each
+    /// sequence exactly what it gets attending alone.
+    #[test]
+    fn a_batch_step_equals_each_sequence_alone() {
+        let s = AttnShape {
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim: 16,
+            bf16_products: false,
+        };
+        let (qw, kw) = (8 * 16, 2 * 16);
+        let f = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 37 + seed * 11) % 29) as f32 - 14.0) / 15.0)
+                .collect()
+        };
+        // (cached rows, new rows): decode, a few rows, a prefill chunk.
+        let shapes = [(5, 1), (9, 3), (0, 20), (30, 1)];
+        let mut caches: Vec<KvCache> = Vec::new();
+        let mut q = Vec::new();
+        for (n, &(cached, new)) in shapes.iter().enumerate() {
+            let mut c = KvCache::new(1);
+            let total = cached + new;
+            c.write(0, &f(cached * kw, 3 * n), &f(cached * kw, 3 * n + 1), kw);
+            c.advance(cached);
+            c.write(0, &f(new * kw, 3 * n + 2), &f(new * kw, 3 * n), kw);
+            assert_eq!(c.view(0, kw, total).len(), total);
+            q.extend(f(new * qw, 7 + n));
+            caches.push(c);
+        }
+        let rows: Vec<usize> = shapes.iter().map(|&(_, t)| t).collect();
+        let refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batch = sdpa_batch(&q, &refs, &rows, 0, kw, s);
+        let mut r0 = 0;
+        for (c, &(cached, new)) in caches.iter().zip(&shapes) {
+            let kv = c.view(0, kw, cached + new);
+            let alone = sdpa_view(&q[r0 * qw..(r0 + new) * qw], &kv, s, Some(cached));
+            assert_eq!(alone, &batch[r0 * qw..(r0 + new) * qw]);
+            r0 += new;
+        }
     }
 }

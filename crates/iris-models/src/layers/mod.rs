@@ -12,4 +12,4 @@ pub use kv_cache::{KvArena, KvCache, KvView};
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear};
 pub use mlp::{GatedMlp, Mlp};
 pub use norm::{LayerNorm, RmsNorm};
-pub use rope::RotaryEmbedding;
+pub use rope::{RopeTable, RotaryEmbedding};

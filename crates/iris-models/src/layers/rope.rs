@@ -53,27 +53,71 @@ impl RotaryEmbedding {
         RotaryEmbedding { inv_freq, dtype }
     }
 
+    /// The rounded cos and sin of every frequency at each of `positions`: computed
+    /// once a step for all layers (and for queries and keys alike).
+    pub fn table(&self, positions: &[usize]) -> RopeTable {
+        let dt = self.dtype;
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * half),
+            Vec::with_capacity(positions.len() * half),
+        );
+        for &pos in positions {
+            for f in &self.inv_freq {
+                let a = pos as f32 * f;
+                cos.push(round(a.cos(), dt));
+                sin.push(round(a.sin(), dt));
+            }
+        }
+        RopeTable {
+            cos,
+            sin,
+            half,
+            dtype: dt,
+        }
+    }
+
     /// Rotates `x` (`[tokens, n_heads·head_dim]`) in place; token `t` is at
     /// `positions[t]`.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) {
-        let half = self.inv_freq.len();
+        self.table(positions).apply(x, n_heads, 0);
+    }
+}
+
+/// cos and sin of a step's positions (see [`RotaryEmbedding::table`]).
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    dtype: DType,
+}
+
+impl RopeTable {
+    /// Rotates `x` (`[tokens, n_heads·head_dim]`) in place, its token `t` at the
+    /// table's position `first + t`.
+    pub fn apply(&self, x: &mut [f32], n_heads: usize, first: usize) {
+        // One loop per dtype, so that the rounding inlines and the loop vectorises.
+        match self.dtype {
+            DType::F32 => self.rotate(x, n_heads, first, |v| v),
+            DType::BF16 => self.rotate(x, n_heads, first, |v| round(v, DType::BF16)),
+            DType::F16 => self.rotate(x, n_heads, first, |v| round(v, DType::F16)),
+        }
+    }
+
+    #[inline(always)]
+    fn rotate(&self, x: &mut [f32], n_heads: usize, first: usize, r: impl Fn(f32) -> f32) {
+        let half = self.half;
         let hd = 2 * half;
-        let dt = self.dtype;
-        for (t, &pos) in positions.iter().enumerate() {
-            let cs: Vec<(f32, f32)> = self
-                .inv_freq
-                .iter()
-                .map(|f| {
-                    let a = pos as f32 * f;
-                    (round(a.cos(), dt), round(a.sin(), dt))
-                })
-                .collect();
-            let row = &mut x[t * n_heads * hd..(t + 1) * n_heads * hd];
+        for (t, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
+            let at = (first + t) * half..(first + t + 1) * half;
+            let (cos, sin) = (&self.cos[at.clone()], &self.sin[at]);
             for head in row.chunks_exact_mut(hd) {
-                for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (x1, x2) = (head[i], head[i + half]);
-                    head[i] = round(round(x1 * c, dt) + round(-x2 * s, dt), dt);
-                    head[i + half] = round(round(x2 * c, dt) + round(x1 * s, dt), dt);
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2, c, s) = (a[i], b[i], cos[i], sin[i]);
+                    a[i] = r(r(x1 * c) + r(-x2 * s));
+                    b[i] = r(r(x2 * c) + r(x1 * s));
                 }
             }
         }
