@@ -257,10 +257,7 @@ impl Llama {
                 )));
             }
         }
-        // On a thread of the pool: each parallel loop of the layers then forks from a
-        // worker (work stealing) instead of handing its work to the pool and sleeping
-        // until it is done, a round trip through the scheduler per loop.
-        rayon::scope(|_| self.layers_batch(embeds, caches, &rows))
+        iris_tensor::on_pool(|| self.layers_batch(embeds, caches, &rows))
     }
 
     fn layers_batch(

@@ -214,17 +214,21 @@ impl CausalLm for Opt {
         x = x
             .add_elem(&self.embed_positions.index_rows(&positions)?)?
             .round_to(self.dtype);
-        for (i, layer) in self.layers.iter().enumerate() {
-            match layer.forward(x, i, caches, &rows) {
-                Ok(y) => x = y,
-                Err(e) => {
-                    for cache in caches.iter_mut() {
-                        cache.rollback(self.cfg.hidden_size);
-                    }
-                    return Err(e);
-                }
+        let layers = iris_tensor::on_pool(|| {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(x, i, caches, &rows)?;
             }
-        }
+            Ok::<_, Error>(x)
+        });
+        let mut x = match layers {
+            Ok(x) => x,
+            Err(e) => {
+                for cache in caches.iter_mut() {
+                    cache.rollback(self.cfg.hidden_size);
+                }
+                return Err(e);
+            }
+        };
         for (cache, &t) in caches.iter_mut().zip(&rows) {
             cache.advance(t);
         }

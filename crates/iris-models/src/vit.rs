@@ -265,16 +265,19 @@ impl VisionTransformer {
                 self.layers.len()
             )));
         }
-        let mut x = self.embeddings(pixel_values)?;
-        if let Some(n) = &self.pre_layrnorm {
-            x = n.forward(&x)?;
-        }
-        let mut states = vec![None; last + 1];
-        states[0] = Some(x.clone());
-        for (i, layer) in self.layers[..last].iter().enumerate() {
-            x = layer.forward(x)?;
-            states[i + 1] = Some(x.clone());
-        }
+        let states = iris_tensor::on_pool(|| {
+            let mut x = self.embeddings(pixel_values)?;
+            if let Some(n) = &self.pre_layrnorm {
+                x = n.forward(&x)?;
+            }
+            let mut states = vec![None; last + 1];
+            states[0] = Some(x.clone());
+            for (i, layer) in self.layers[..last].iter().enumerate() {
+                x = layer.forward(x)?;
+                states[i + 1] = Some(x.clone());
+            }
+            Ok::<_, Error>(states)
+        })?;
         Ok(indices
             .iter()
             .map(|&i| {

@@ -27,6 +27,14 @@ pub use tensor::Tensor;
 /// `munmap`, heap trimming), so the next layer page-faults fresh zeroed pages in again:
 /// 8-9% of a 608-token prefill, half of its system time. Call once, first thing in
 /// `main` (a no-op off glibc).
+/// Runs `f` on a thread of the rayon pool (inline when already on one): a model's
+/// parallel loops then fork from a worker, work stealing, instead of each handing its
+/// work to the pool and sleeping on a latch until it is done — a round trip through the
+/// kernel's scheduler per loop, and a decode step has ~150 of them.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before other threads run.
