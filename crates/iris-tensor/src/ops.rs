@@ -91,7 +91,7 @@ impl Tensor {
             }
             _ => v.iter_mut().for_each(|x| *x = act.apply(*x)),
         };
-        in_chunks(self.f32_mut(), 1 << 15, f);
+        in_chunks(self.f32_mut(), ELEMENTWISE_CHUNK, f);
         self
     }
 
@@ -99,16 +99,30 @@ impl Tensor {
         mut self,
         other: &Tensor,
         op: &'static str,
-        f: impl Fn(f32, f32) -> f32,
+        f: impl Fn(f32, f32) -> f32 + Sync,
     ) -> Result<Tensor> {
         if self.shape() != other.shape() {
             return shape_err(op, format!("{:?} vs {:?}", self.shape(), other.shape()));
         }
-        let b = other.to_f32_vec();
-        self.f32_mut()
-            .iter_mut()
-            .zip(b)
-            .for_each(|(a, b)| *a = f(*a, b));
+        // f32 operands are read in place (no copy); large ones split over the threads.
+        let owned;
+        let b: &[f32] = match other.as_f32() {
+            Ok(b) => b,
+            Err(_) => {
+                owned = other.to_f32_vec();
+                &owned
+            }
+        };
+        let zip = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(a, &b)| *a = f(*a, b));
+        let a = self.f32_mut();
+        if a.len() <= ELEMENTWISE_CHUNK {
+            zip(a, b);
+        } else {
+            use rayon::prelude::*;
+            a.par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(b.par_chunks(ELEMENTWISE_CHUNK))
+                .for_each(|(a, b)| zip(a, b));
+        }
         Ok(self)
     }
 
@@ -226,6 +240,9 @@ impl Tensor {
 
 /// `f` over `v` in chunks of `chunk` values spread over the threads, or inline when `v`
 /// is one chunk or less (a fork-join from outside the pool costs more than a small op).
+/// Values per task of an elementwise pass (smaller passes run inline).
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
 pub(crate) fn in_chunks(v: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync) {
     use rayon::prelude::*;
     if v.len() <= chunk {
