@@ -76,12 +76,6 @@ impl RotaryEmbedding {
             dtype: dt,
         }
     }
-
-    /// Rotates `x` (`[tokens, n_heads·head_dim]`) in place; token `t` is at
-    /// `positions[t]`.
-    pub fn apply(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) {
-        self.table(positions).apply(x, n_heads, 0);
-    }
 }
 
 /// cos and sin of a step's positions (see [`RotaryEmbedding::table`]).
