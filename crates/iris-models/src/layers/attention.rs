@@ -135,7 +135,6 @@ pub fn sdpa_batch(
     s: AttnShape,
 ) -> Vec<f32> {
     let qw = s.n_heads * s.head_dim;
-    let gw = qw / s.n_kv_heads;
     let first: Vec<usize> = rows
         .iter()
         .scan(0, |r0, &t| {
@@ -144,19 +143,17 @@ pub fn sdpa_batch(
             Some(at)
         })
         .collect();
+    // Decoding sequences by KV head (`Some(g)`), a prefill chunk whole (`None`).
     let tasks: Vec<(usize, Option<usize>)> = rows
         .iter()
         .enumerate()
         .flat_map(|(i, &t)| {
-            let groups = if t < GEMM_MIN_QUERIES {
-                s.n_kv_heads
+            let parts: Vec<Option<usize>> = if t < GEMM_MIN_QUERIES {
+                (0..s.n_kv_heads).map(Some).collect()
             } else {
-                0
+                vec![None]
             };
-            let whole = (groups == 0).then_some((i, None));
-            whole
-                .into_iter()
-                .chain((0..groups).map(move |g| (i, Some(g))))
+            parts.into_iter().map(move |g| (i, g))
         })
         .collect();
     let outs: Vec<Vec<f32>> = tasks
@@ -171,16 +168,15 @@ pub fn sdpa_batch(
             }
         })
         .collect();
-    let mut out = vec![0f32; q.len()];
-    for (&(i, g), part) in tasks.iter().zip(&outs) {
-        let dst = &mut out[first[i] * qw..(first[i] + rows[i]) * qw];
-        match g {
-            None => dst.copy_from_slice(part),
-            Some(g) => {
-                for (row, src) in dst.chunks_exact_mut(qw).zip(part.chunks_exact(gw)) {
-                    row[g * gw..(g + 1) * gw].copy_from_slice(src);
-                }
-            }
+    // Tasks are in sequence order: each sequence's rows from its part(s).
+    let mut parts = outs.into_iter();
+    let mut out = Vec::with_capacity(q.len());
+    for &t in rows {
+        if t < GEMM_MIN_QUERIES {
+            let groups: Vec<Vec<f32>> = parts.by_ref().take(s.n_kv_heads).collect();
+            out.extend(interleave(&groups, t, qw / s.n_kv_heads));
+        } else {
+            out.extend(parts.next().expect("a part for each prefill chunk"));
         }
     }
     out
