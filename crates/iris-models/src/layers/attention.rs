@@ -40,15 +40,26 @@ pub fn sdpa(
     sdpa_view(q, &KvView::Rows { k, v, width }, s, causal_offset)
 }
 
+/// What every attention path derives from its inputs: (head width, query row width,
+/// queries, keys, query heads per KV head, 1/√head_dim).
+fn dims(q: &[f32], kv: &KvView, s: AttnShape) -> (usize, usize, usize, usize, usize, f32) {
+    let hd = s.head_dim;
+    let qw = s.n_heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    (
+        hd,
+        qw,
+        q.len() / qw,
+        kv.len(),
+        s.n_heads / s.n_kv_heads,
+        scale,
+    )
+}
+
 /// [`sdpa`] over keys and values wherever they live (a sequence's rows or the blocks
 /// of a paged cache, read through its block table).
 pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
-    let hd = s.head_dim;
-    let qw = s.n_heads * hd;
-    let tq = q.len() / qw;
-    let tk = kv.len();
-    let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let key = |j: usize, h: usize| &kv.row(j).0[h * hd..(h + 1) * hd];
     let value = |j: usize, h: usize| &kv.row(j).1[h * hd..(h + 1) * hd];
     if tq >= GEMM_MIN_QUERIES && s.bf16_products && iris_tensor::kernels::has_avx512_bf16() {
@@ -94,12 +105,7 @@ fn attend_group(
     causal_offset: Option<usize>,
     g: usize,
 ) -> Vec<f32> {
-    let hd = s.head_dim;
-    let qw = s.n_heads * hd;
-    let tq = q.len() / qw;
-    let tk = kv.len();
-    let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let mut out = vec![0f32; tq * group * hd];
     let mut scores = vec![0f32; tk];
     for i in 0..tq {
@@ -199,12 +205,7 @@ fn interleave(per_head: &[Vec<f32>], tq: usize, hd: usize) -> Vec<f32> {
 /// scores and mixing stop at the keys its last query sees.
 fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
     use iris_tensor::packed::{matmul_packed_part, PackedBf16};
-    let hd = s.head_dim;
-    let qw = s.n_heads * hd;
-    let tq = q.len() / qw;
-    let tk = kv.len();
-    let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let packed: Vec<(PackedBf16, PackedBf16)> = (0..s.n_kv_heads)
         .into_par_iter()
         .map(|h| {
