@@ -22,11 +22,6 @@ pub mod packed;
 pub use ops::{round_scalar, softmax_in_place, softmax_scaled_in_place, Activation};
 pub use tensor::Tensor;
 
-/// Keeps freed memory in the process. A forward pass allocates and frees tensors of
-/// megabytes every layer; glibc by default hands those back to the kernel (`mmap` /
-/// `munmap`, heap trimming), so the next layer page-faults fresh zeroed pages in again:
-/// 8-9% of a 608-token prefill, half of its system time. Call once, first thing in
-/// `main` (a no-op off glibc).
 /// Runs `f` on a thread of the rayon pool (inline when already on one): a model's
 /// parallel loops then fork from a worker, work stealing, instead of each handing its
 /// work to the pool and sleeping on a latch until it is done — a round trip through the
@@ -35,6 +30,11 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Keeps freed memory in the process. A forward pass allocates and frees tensors of
+/// megabytes every layer; glibc by default hands those back to the kernel (`mmap` /
+/// `munmap`, heap trimming), so the next layer page-faults fresh zeroed pages in again:
+/// 8-9% of a 608-token prefill, half of its system time. Call once, first thing in
+/// `main` (a no-op off glibc).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before other threads run.

@@ -238,11 +238,11 @@ impl Tensor {
     }
 }
 
-/// `f` over `v` in chunks of `chunk` values spread over the threads, or inline when `v`
-/// is one chunk or less (a fork-join from outside the pool costs more than a small op).
 /// Values per task of an elementwise pass (smaller passes run inline).
 const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
+/// `f` over `v` in chunks of `chunk` values spread over the threads, or inline when `v`
+/// is one chunk or less (a fork-join from outside the pool costs more than a small op).
 pub(crate) fn in_chunks(v: &mut [f32], chunk: usize, f: impl Fn(&mut [f32]) + Sync) {
     use rayon::prelude::*;
     if v.len() <= chunk {

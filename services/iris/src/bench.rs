@@ -112,8 +112,7 @@ fn vit(a: VitArgs) -> anyhow::Result<()> {
         model.hidden_states(&pixels, &[a.layers])?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = median(times);
     let tokens = cfg.num_patches() + 1;
     println!(
         "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype}: {:.2} s per image ({:.0} GFLOP/s on the weights)",
@@ -218,8 +217,7 @@ fn decode_images(a: DecodeImagesArgs) -> anyhow::Result<()> {
             hidden = lm.forward(&lm.embed(&[next])?, &mut cache)?;
             times.push(t.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let median = median(times);
         let ratio = *base.get_or_insert(median);
         println!(
             "{n:>3} image(s): prompt {} tokens, image K/V once {:.3} ms, decode step median {:.3} ms ({:.2}x the first count)",
@@ -317,6 +315,7 @@ fn bandwidth_pass(buf: &[f32]) -> f64 {
     (buf.len() * 4) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The middle value (the upper of the two middle ones for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
