@@ -7,7 +7,7 @@ use iris_models::llava::Llava;
 #[test]
 fn batched_greedy_decode_equals_alone() {
     let m = Llava::load(&fixture("llava-tiny-model-f32"), None, iris_comm::single()).unwrap();
-    let lm = m.llama();
+    let lm = m.llama().unwrap();
     let prompts: [&[u32]; 4] = [
         &[1, 5, 9, 40],
         &[1, 77],

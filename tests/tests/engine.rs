@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use iris_e2e::{fixture, fixtures};
 use iris_engine::{
-    Engine, EngineConfig, EngineRequest, FinishReason, GenerateOptions, Pipeline, PipelineOptions,
-    SamplingParams, StopRules, TokenEvent, TokenStream,
+    Engine, EngineConfig, EngineRequest, ErrorKind, FinishReason, GenerateOptions, Parts, Pipeline,
+    PipelineOptions, RequestError, SamplingParams, StopRules, TokenEvent, TokenStream,
 };
 
 fn image(name: &str) -> Vec<u8> {
@@ -170,16 +170,16 @@ fn bad_requests_are_refused_cleanly() {
         },
     );
     let mut req = requests().remove(0);
-    // More KV than the whole budget: an error event, not a hang.
-    let mut rx = engine.submit(req.clone()).unwrap();
+    // More KV than the whole budget: refused at once (the caller's thread tokenizes
+    // and checks it), not a hang.
+    let e = engine.submit(req.clone()).err().unwrap();
     assert!(
-        matches!(rx.blocking_next().unwrap(), TokenEvent::Error(e) if e.message.contains("KV positions"))
+        e.is_bad_input() && e.to_string().contains("KV positions"),
+        "{e}"
     );
     req.images.clear();
-    let mut rx = engine.submit(req).unwrap();
-    assert!(
-        matches!(rx.blocking_next().unwrap(), TokenEvent::Error(e) if e.message.contains("marker"))
-    );
+    let e = engine.submit(req).err().unwrap();
+    assert!(e.is_bad_input() && e.to_string().contains("marker"), "{e}");
     assert_eq!(engine.stats().free_blocks, 4);
 }
 
@@ -280,6 +280,9 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
         let mut a = engine.submit(running.clone()).unwrap();
         assert!(matches!(a.blocking_next(), Some(TokenEvent::Token { .. })));
         let mut b = engine.submit(long.clone()).unwrap();
+        // `b` was tokenized and its image encoded on this thread while `a` decoded:
+        // those tokens do not count.
+        while let Some(TokenEvent::Token { .. }) = a.try_next() {}
         let first = b.blocking_next().unwrap();
         // Tokens request `a` got while `b`'s prompt was prefilled.
         let mut during = 0;
@@ -431,4 +434,75 @@ fn streams_are_async_and_cancel_with_a_reason() {
         engine.stats().free_blocks,
         EngineConfig::default().kv_blocks
     );
+}
+
+/// The events of a request that may fail: its tokens, then how it ended.
+fn outcome(rx: TokenStream) -> (Vec<u32>, Result<FinishReason, RequestError>) {
+    let mut ids = Vec::new();
+    for ev in rx {
+        match ev {
+            TokenEvent::Token { id, .. } => ids.push(id),
+            TokenEvent::Finished { reason, .. } => return (ids, Ok(reason)),
+            TokenEvent::Error(e) => return (ids, Err(e)),
+        }
+    }
+    panic!("stream ended without a finish or error event")
+}
+
+/// A panic planted in a decode step fails exactly the requests of that step with an
+/// internal error; the requests still waiting, and the next one submitted, give what
+/// they give alone, and every KV block is back.
+#[test]
+fn a_panic_in_a_step_fails_that_steps_requests_and_the_engine_goes_on() {
+    let p = llava();
+    let reqs: Vec<EngineRequest> = requests().into_iter().take(4).collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&p, r)).collect();
+    let config = EngineConfig {
+        max_batch: 2,
+        kv_blocks: 64,
+        block_size: 16,
+        panic_at_step: Some(0),
+        ..Default::default()
+    };
+    let (engine, rxs) = Engine::start_with(p.clone(), config, reqs.clone()).unwrap();
+    let outcomes: Vec<_> = rxs.into_iter().map(outcome).collect();
+    // The first two ran in step 0 (max_batch 2): each streamed its first token, then
+    // the step panicked. The other two were waiting and never saw it.
+    for (i, (ids, end)) in outcomes.iter().enumerate() {
+        if i < 2 {
+            let e = end.as_ref().unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Internal, "{e}");
+            assert!(e.message.contains("planted"), "{e}");
+            assert_eq!(
+                ids[..],
+                want[i][..1],
+                "request {i} streamed its first token"
+            );
+        } else {
+            assert!(end.is_ok(), "request {i}: {end:?}");
+            assert_eq!(ids, &want[i], "request {i}");
+        }
+    }
+    let (ids, end) = outcome(engine.submit(reqs[0].clone()).unwrap());
+    assert_eq!((ids, end.is_ok()), (want[0].clone(), true));
+    let stats = engine.stats();
+    assert_eq!(stats.failed_steps, 1, "{stats:?}");
+    assert_eq!(stats.free_blocks, 64, "every block back: {stats:?}");
+    assert!(engine.is_alive());
+}
+
+/// An engine over a pipeline without its language model (loaded for another tier)
+/// refuses every request as unavailable instead of panicking.
+#[test]
+fn an_engine_without_a_language_model_is_unavailable() {
+    let p = Pipeline::load_parts(
+        &fixture("llava-tiny-hub-f32"),
+        &PipelineOptions::default(),
+        Parts::VISION,
+    )
+    .unwrap();
+    let engine = Engine::start(Arc::new(p), EngineConfig::default());
+    assert!(!engine.is_alive());
+    let e = engine.submit(requests().remove(0)).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
 }

@@ -159,7 +159,7 @@ fn model_stages_match_hf() {
 
         let ids = g.ids("prompt_token_ids");
         let embeds = m.input_embeds(&ids, &visual).unwrap();
-        let lm = m.llama();
+        let lm = m.llama().unwrap();
         let hidden = lm.forward(&embeds, &mut lm.new_cache()).unwrap();
         let logits = lm.logits(&hidden).unwrap();
         check(

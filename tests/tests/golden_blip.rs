@@ -30,7 +30,7 @@ fn captioning_matches_hf() {
             );
             assert!(rel <= 1e-4, "vision features rel {rel} max {max}");
         }
-        let lm = p.model.language_model();
+        let lm = p.model.language_model().unwrap();
         let mut cache = lm.new_cache();
         p.model
             .condition(&mut cache, &prepared.input_ids, &visual)

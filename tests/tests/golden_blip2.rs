@@ -44,7 +44,7 @@ fn stages_match_hf() {
     let embeds = m
         .input_embeds(&g.ids("prompt_token_ids"), &[g.tensor("projected")])
         .unwrap();
-    let lm = m.language_model();
+    let lm = m.language_model().unwrap();
     let hidden = lm.forward(&embeds, &mut lm.new_cache()).unwrap();
     check(
         "logits",

@@ -35,7 +35,7 @@ fn prompt_of(case: &serde_json::Value) -> (String, Vec<Vec<u8>>) {
 fn logits(p: &Pipeline, prompt: &str, images: &[Vec<u8>]) -> (Vec<u32>, Tensor) {
     let prepared = p.processor.prepare(prompt, images).unwrap();
     let visual = p.encode_images(&prepared).unwrap();
-    let lm = p.model.language_model();
+    let lm = p.model.language_model().unwrap();
     let mut cache = lm.new_cache();
     p.model
         .condition(&mut cache, &prepared.input_ids, &visual)

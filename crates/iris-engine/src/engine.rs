@@ -17,7 +17,8 @@
 //! blocks straight into its table (no copy, no recompute). Cross-attention K/V (BLIP's
 //! decoder, Flamingo's gated layers) lives in blocks of the same pool too.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
@@ -26,6 +27,7 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use iris_models::layers::{KvArena, KvCache};
+use iris_models::vlm::CausalLm;
 use iris_tensor::Tensor;
 use tokio::sync::mpsc;
 
@@ -33,7 +35,7 @@ use crate::blocks::{block_hash, BlockId, BlockPool, TokenKey};
 use crate::pipeline::{FinishReason, GenerateOptions, Generation, Pipeline};
 use crate::processor::PreparedPrompt;
 use crate::sampler::{top_logprobs, Sampler};
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -50,6 +52,10 @@ pub struct EngineConfig {
     /// A pause after every step: a test hook that makes tiny models decode slowly
     /// enough to kill a decoder mid-stream. Zero in service.
     pub step_delay: std::time::Duration,
+    /// Test hook: panic in the first step from step N on (counted from 0) that decodes,
+    /// once, mid-way through the batched decode, to show the engine fails that step's requests and goes on.
+    /// `None` in service.
+    pub panic_at_step: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +67,7 @@ impl Default for EngineConfig {
             queue: 256,
             prefill_chunk: 512,
             step_delay: std::time::Duration::ZERO,
+            panic_at_step: None,
         }
     }
 }
@@ -120,19 +127,19 @@ pub enum TokenEvent {
     Error(RequestError),
 }
 
-/// Why a request failed: its message, and whether the request itself was at fault
-/// (a bad image, a prompt too long) rather than the server.
+/// Why a request failed: its message, and what kind of failure it is (the request's
+/// fault, the server's, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestError {
     pub message: String,
-    pub bad_input: bool,
+    pub kind: ErrorKind,
 }
 
 impl From<&Error> for RequestError {
     fn from(e: &Error) -> Self {
         RequestError {
             message: e.to_string(),
-            bad_input: e.is_bad_input(),
+            kind: e.kind(),
         }
     }
 }
@@ -161,6 +168,8 @@ pub struct EngineStats {
     /// Prompt tokens prefilled and tokens decoded, in all.
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
+    /// Steps that panicked (their requests failed; the engine went on).
+    pub failed_steps: u64,
 }
 
 /// A request's events, as an async stream (`futures_core::Stream`, or `next().await`)
@@ -226,7 +235,7 @@ impl TokenStream {
                 TokenEvent::Error(e) => return Err(Error::Failed(e)),
             }
         }
-        Err(Error::Input(
+        Err(Error::Unavailable(
             "the engine stopped before the request ended".into(),
         ))
     }
@@ -254,6 +263,8 @@ impl Drop for TokenStream {
 
 struct Submission {
     request: EngineRequest,
+    /// Tokenized and encoded by the caller, never on the engine's thread.
+    prepared: Prepared,
     events: mpsc::Sender<TokenEvent>,
     cancel: Arc<AtomicBool>,
 }
@@ -283,7 +294,16 @@ impl TextState {
     }
 }
 
+/// A request's ids, images' visual tokens and image hashes, made before it is queued.
+struct Prepared {
+    prompt: PreparedPrompt,
+    visual: Vec<Tensor>,
+    image_hashes: Vec<[u8; 32]>,
+}
+
 struct Sequence {
+    /// Unique within the engine: which requests a failed step had.
+    id: u64,
     submission: Submission,
     /// BLAKE3 of each image's bytes: part of every block hash.
     image_hashes: Vec<[u8; 32]>,
@@ -333,13 +353,50 @@ pub struct Engine {
     tx: Option<SyncSender<Submission>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<EngineStats>>,
+    pipeline: Arc<Pipeline>,
+    budget: usize,
+    /// False once the worker thread has ended for any reason but a clean stop.
+    alive: Arc<AtomicBool>,
+}
+
+/// Marks the engine dead if its thread ends by unwinding.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The language model of an engine's pipeline (checked when the engine starts).
+fn lm(pipeline: &Pipeline) -> &dyn CausalLm {
+    pipeline
+        .model
+        .language_model()
+        .expect("an engine runs only on a pipeline with its language model")
 }
 
 impl Engine {
+    /// Starts the engine's thread. Without the language model (a pipeline loaded for
+    /// another tier) the engine is dead from the start: every request is refused as
+    /// unavailable.
     pub fn start(pipeline: Arc<Pipeline>, config: EngineConfig) -> Engine {
-        Engine::start_with(pipeline, config, Vec::new())
-            .expect("no initial requests to refuse")
-            .0
+        match Engine::start_with(pipeline.clone(), config.clone(), Vec::new()) {
+            Ok((engine, _)) => engine,
+            Err(e) => {
+                tracing::error!("the engine cannot start: {e}");
+                Engine {
+                    tx: None,
+                    thread: None,
+                    stats: Arc::default(),
+                    pipeline,
+                    budget: 0,
+                    alive: Arc::new(AtomicBool::new(false)),
+                }
+            }
+        }
     }
 
     /// Starts with `initial` requests already queued, so the first step sees them all
@@ -349,34 +406,64 @@ impl Engine {
         config: EngineConfig,
         initial: Vec<EngineRequest>,
     ) -> Result<(Engine, Vec<TokenStream>)> {
+        pipeline.model.language_model()?;
         let (tx, rx) = sync_channel(config.queue.max(initial.len()).max(1));
-        let mut streams = Vec::with_capacity(initial.len());
-        for request in initial {
-            streams.push(queue(&tx, request)?);
-        }
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
             ..Default::default()
         }));
-        let s = stats.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut engine = Engine {
+            tx: Some(tx),
+            thread: None,
+            stats: stats.clone(),
+            pipeline: pipeline.clone(),
+            budget: config.kv_blocks * config.block_size,
+            alive: alive.clone(),
+        };
+        let mut streams = Vec::with_capacity(initial.len());
+        for request in initial {
+            streams.push(engine.submit(request)?);
+        }
         let thread = std::thread::Builder::new()
             .name("iris-engine".into())
-            .spawn(move || Worker::new(pipeline, config, rx, s).run())
-            .expect("spawn the engine thread");
-        Ok((
-            Engine {
-                tx: Some(tx),
-                thread: Some(thread),
-                stats,
-            },
-            streams,
-        ))
+            .spawn(move || {
+                let _guard = AliveGuard(alive);
+                Worker::new(pipeline, config, rx, stats).run()
+            })
+            .map_err(|e| Error::Unavailable(format!("spawning the engine thread: {e}")))?;
+        engine.thread = Some(thread);
+        Ok((engine, streams))
     }
 
-    /// Queues a request; its events arrive on the returned stream. Errors when the
-    /// queue is full or the request is invalid.
+    /// Validates, tokenizes and encodes a request on the caller's thread, then queues
+    /// it; its events arrive on the returned stream. Errors when the request is
+    /// invalid, the queue is full (`Busy`) or the engine cannot serve (`Unavailable`).
     pub fn submit(&self, request: EngineRequest) -> Result<TokenStream> {
-        queue(self.tx.as_ref().expect("sender lives until drop"), request)
+        let tx = match (&self.tx, self.is_alive()) {
+            (Some(tx), true) => tx,
+            _ => return Err(Error::Unavailable("the engine has stopped".into())),
+        };
+        request.options.validate()?;
+        let prepared = prepare(&self.pipeline, &request, self.budget)?;
+        // Room for every event a request can produce: the engine never blocks on a client.
+        let (events, rx) = mpsc::channel(request.options.max_new_tokens + 2);
+        let cancel = Arc::new(AtomicBool::new(false));
+        tx.try_send(Submission {
+            request,
+            prepared,
+            events,
+            cancel: cancel.clone(),
+        })
+        .map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => {
+                Error::Busy("the request queue is full".into())
+            }
+            std::sync::mpsc::TrySendError::Disconnected(_) => {
+                Error::Unavailable("the engine has stopped".into())
+            }
+        })?;
+        Ok(TokenStream { rx, cancel })
     }
 
     /// Runs one request to the end (what `iris generate` does).
@@ -387,25 +474,59 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         *self.stats.lock().expect("stats lock")
     }
+
+    /// Whether the engine can still serve: false once its thread died.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
 }
 
-fn queue(tx: &SyncSender<Submission>, request: EngineRequest) -> Result<TokenStream> {
-    request.options.validate()?;
-    // Room for every event a request can produce: the engine never blocks on a client.
-    let (events, rx) = mpsc::channel(request.options.max_new_tokens + 2);
-    let cancel = Arc::new(AtomicBool::new(false));
-    tx.try_send(Submission {
-        request,
-        events,
-        cancel: cancel.clone(),
-    })
-    .map_err(|e| match e {
-        std::sync::mpsc::TrySendError::Full(_) => Error::Busy("the request queue is full".into()),
-        std::sync::mpsc::TrySendError::Disconnected(_) => {
-            Error::Busy("the engine has stopped".into())
+/// A request's ids and visual tokens (tokenized and encoded here unless the request
+/// came encoded), checked to fit the KV budget.
+fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
+    let fits = |ids: &[u32]| {
+        let need = ids.len() + r.options.max_new_tokens;
+        if ids.is_empty() {
+            return Err(Error::Input("the prompt is empty".into()));
         }
-    })?;
-    Ok(TokenStream { rx, cancel })
+        if need > budget {
+            return Err(Error::Input(format!(
+                "the request needs {need} KV positions, more than the engine's {budget}"
+            )));
+        }
+        Ok(())
+    };
+    match &r.encoded {
+        Some(e) if e.resume.len() >= r.options.max_new_tokens => Err(Error::Input(format!(
+            "{} tokens to resume from, max_new_tokens is {}",
+            e.resume.len(),
+            r.options.max_new_tokens
+        ))),
+        Some(e) => {
+            fits(&e.input_ids)?;
+            Ok(Prepared {
+                prompt: PreparedPrompt {
+                    input_ids: e.input_ids.clone(),
+                    pixel_values: Vec::new(),
+                },
+                visual: e.visual.clone(),
+                image_hashes: e.image_hashes.clone(),
+            })
+        }
+        None => {
+            let prompt = p.processor.prepare(&r.prompt, &r.images)?;
+            fits(&prompt.input_ids)?;
+            Ok(Prepared {
+                visual: p.encode_images(&prompt)?,
+                prompt,
+                image_hashes: r
+                    .images
+                    .iter()
+                    .map(|b| *blake3::hash(b).as_bytes())
+                    .collect(),
+            })
+        }
+    }
 }
 
 impl Drop for Engine {
@@ -429,6 +550,9 @@ struct Worker {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     closed: bool,
+    next_id: u64,
+    /// `config.panic_at_step` until it fired.
+    planted_panic: Option<usize>,
 }
 
 impl Worker {
@@ -438,8 +562,9 @@ impl Worker {
         rx: Receiver<Submission>,
         stats: Arc<Mutex<EngineStats>>,
     ) -> Self {
-        let lm = pipeline.model.language_model();
+        let lm = lm(&pipeline);
         let n_layers = lm.new_cache().n_layers();
+        let planted_panic = config.panic_at_step;
         Worker {
             pool: BlockPool::new(config.kv_blocks, config.block_size),
             arena: Arc::new(KvArena::new(n_layers, config.kv_blocks, config.block_size)),
@@ -451,6 +576,8 @@ impl Worker {
             waiting: VecDeque::new(),
             running: Vec::new(),
             closed: false,
+            next_id: 0,
+            planted_panic,
         }
     }
 
@@ -470,8 +597,7 @@ impl Worker {
             if self.closed && self.waiting.is_empty() && self.running.is_empty() {
                 return;
             }
-            self.admit();
-            self.step();
+            self.guarded_step();
             self.stat(|s| s.steps += 1);
             if !self.config.step_delay.is_zero() {
                 std::thread::sleep(self.config.step_delay);
@@ -498,75 +624,92 @@ impl Worker {
         }
     }
 
-    fn prepare(&mut self, submission: Submission) {
+    /// A submission (prepared by its caller) joins the waiting line.
+    fn prepare(&mut self, mut submission: Submission) {
         let p = &self.pipeline;
-        let r = &submission.request;
-        let budget = self.config.kv_blocks * self.config.block_size;
-        let fits = |ids: &[u32]| {
-            let need = ids.len() + r.options.max_new_tokens;
-            if ids.is_empty() {
-                return Err(Error::Input("the prompt is empty".into()));
-            }
-            if need > budget {
-                return Err(Error::Input(format!(
-                    "the request needs {need} KV positions, more than the engine's {budget}"
-                )));
-            }
-            Ok(())
-        };
-        let prepared = match &r.encoded {
-            Some(e) if e.resume.len() >= r.options.max_new_tokens => Err(Error::Input(format!(
-                "{} tokens to resume from, max_new_tokens is {}",
-                e.resume.len(),
-                r.options.max_new_tokens
-            ))),
-            Some(e) => fits(&e.input_ids).map(|()| {
-                let prep = PreparedPrompt {
-                    input_ids: e.input_ids.clone(),
-                    pixel_values: Vec::new(),
-                };
-                (e.visual.clone(), prep, e.image_hashes.clone())
-            }),
-            None => p.processor.prepare(&r.prompt, &r.images).and_then(|prep| {
-                fits(&prep.input_ids)?;
-                let hashes = r
-                    .images
-                    .iter()
-                    .map(|b| *blake3::hash(b).as_bytes())
-                    .collect();
-                Ok((p.encode_images(&prep)?, prep, hashes))
-            }),
-        };
-        let resume = r
+        let resume = submission
+            .request
             .encoded
-            .as_ref()
-            .map(|e| e.resume.clone())
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.resume))
             .unwrap_or_default();
-        match prepared {
-            Ok((visual, prepared, image_hashes)) => {
-                let text = TextState::resumed(&p.processor, &resume);
-                self.waiting.push_back(Sequence {
-                    image_hashes,
-                    submission,
-                    prepared,
-                    visual,
-                    output: resume,
-                    cache: KvCache::default(),
-                    conditioned: false,
-                    blocks: Vec::new(),
-                    cross_blocks: Vec::new(),
-                    embeds: None,
-                    prefilled: 0,
-                    cached_tokens: 0,
-                    last_hidden: None,
-                    text,
-                });
-                self.stat(|_| {});
-            }
-            Err(e) => {
-                let _ = submission.events.try_send(TokenEvent::Error((&e).into()));
+        let text = TextState::resumed(&p.processor, &resume);
+        let Prepared {
+            prompt,
+            visual,
+            image_hashes,
+        } = std::mem::replace(
+            &mut submission.prepared,
+            Prepared {
+                prompt: PreparedPrompt {
+                    input_ids: Vec::new(),
+                    pixel_values: Vec::new(),
+                },
+                visual: Vec::new(),
+                image_hashes: Vec::new(),
+            },
+        );
+        self.next_id += 1;
+        self.waiting.push_back(Sequence {
+            id: self.next_id,
+            image_hashes,
+            submission,
+            prepared: prompt,
+            visual,
+            output: resume,
+            cache: KvCache::default(),
+            conditioned: false,
+            blocks: Vec::new(),
+            cross_blocks: Vec::new(),
+            embeds: None,
+            prefilled: 0,
+            cached_tokens: 0,
+            last_hidden: None,
+            text,
+        });
+        self.stat(|_| {});
+    }
+
+    /// Admission and one step, with a panic contained: every request that was running
+    /// or being admitted ends with an internal error, the KV pool starts afresh (the
+    /// step may have left blocks in any state; the prefix cache goes with it), and the
+    /// requests still waiting are served as if nothing happened.
+    fn guarded_step(&mut self) {
+        let before: Vec<(u64, mpsc::Sender<TokenEvent>)> = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .map(|s| (s.id, s.submission.events.clone()))
+            .collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            self.admit();
+            self.step();
+        }));
+        let Err(panic) = outcome else {
+            return;
+        };
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!("an engine step panicked ({what}); failing its requests");
+        let still_waiting: HashSet<u64> = self.waiting.iter().map(|s| s.id).collect();
+        let error = RequestError {
+            message: format!("internal error: the engine step failed ({what})"),
+            kind: ErrorKind::Internal,
+        };
+        self.running.clear();
+        let mut failed = 0;
+        for (id, events) in before {
+            if !still_waiting.contains(&id) {
+                let _ = events.try_send(TokenEvent::Error(error.clone()));
+                failed += 1;
             }
         }
+        self.pool = BlockPool::new(self.config.kv_blocks, self.config.block_size);
+        self.stat(|s| s.failed_steps += 1);
+        tracing::warn!(failed, "the engine goes on with a fresh KV pool");
     }
 
     fn blocks_for(&self, tokens: usize) -> usize {
@@ -627,7 +770,7 @@ impl Worker {
     /// are not available yet.
     fn start(&mut self, seq: &mut Sequence) -> Result<bool> {
         let model = &self.pipeline.model;
-        let lm = model.language_model();
+        let lm = lm(&self.pipeline);
         if !seq.conditioned {
             seq.cache = lm.new_cache();
             model.condition(&mut seq.cache, &seq.prepared.input_ids, &seq.visual)?;
@@ -697,7 +840,7 @@ impl Worker {
     fn prefill(&mut self) {
         let mut budget = self.config.prefill_chunk.max(1);
         let pipeline = self.pipeline.clone();
-        let lm = pipeline.model.language_model();
+        let lm = lm(&pipeline);
         let bs = self.config.block_size;
         let mut failed = Vec::new();
         for i in 0..self.running.len() {
@@ -800,7 +943,7 @@ impl Worker {
         }
         self.prefill();
         let pipeline = self.pipeline.clone();
-        let lm = pipeline.model.language_model();
+        let lm = lm(&pipeline);
         let (ready, prefilling): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|s| s.last_hidden.is_some());
@@ -895,6 +1038,11 @@ impl Worker {
             i += 1;
         }
         if !decoding.is_empty() {
+            let steps = self.stats.lock().expect("stats lock").steps;
+            if self.planted_panic.is_some_and(|n| steps >= n) {
+                self.planted_panic = None;
+                panic!("test hook: a panic planted in the batched decode");
+            }
             let embeds: Result<Vec<Tensor>> = decoding
                 .iter()
                 .map(|s| Ok(lm.embed(&s.output[s.output.len() - 1..])?))

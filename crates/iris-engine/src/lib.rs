@@ -16,12 +16,31 @@ pub use engine::{
     EncodedPrompt, Engine, EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent,
     TokenStream,
 };
+pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,
 };
 pub use processor::{PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;
 pub use sampler::{argmax, top_logprobs, Sampler, SamplingParams};
+
+/// What kind of failure an error is, for the caller: the one classification every
+/// edge (gRPC status, HTTP status) maps from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is at fault (a bad image, a prompt too long).
+    BadInput,
+    /// A model or resource that is not served here.
+    NotFound,
+    /// Full right now: retry later or elsewhere.
+    Overloaded,
+    /// Cannot serve at all (stopped, a part not loaded here): go elsewhere.
+    Unavailable,
+    /// The request's deadline passed.
+    Deadline,
+    /// The server failed (a bug, a panic, bad model files).
+    Internal,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,9 +54,12 @@ pub enum Error {
     Model(#[from] iris_models::Error),
     #[error(transparent)]
     Tensor(#[from] iris_tensor::Error),
-    /// The engine cannot take the request now (its queue is full, or it stopped).
+    /// The engine cannot take the request now: its queue is full.
     #[error("{0}")]
     Busy(String),
+    /// The engine cannot serve at all: it stopped, or cannot go on.
+    #[error("{0}")]
+    Unavailable(String),
     /// A request the engine ran failed.
     #[error("{0}")]
     Failed(RequestError),
@@ -46,22 +68,28 @@ pub enum Error {
 impl Error {
     /// Whether the caller's input (not the server or the model files) is at fault.
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
+        self.kind() == ErrorKind::BadInput
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        use iris_image::Error as Img;
+        match self {
             Error::Input(_)
-                | Error::Image(
-                    iris_image::Error::TooManyBytes { .. }
-                        | iris_image::Error::TooManyPixels { .. }
-                        | iris_image::Error::Empty
-                        | iris_image::Error::UnknownFormat
-                        | iris_image::Error::Corrupt(_)
-                )
-                | Error::Model(iris_models::Error::Input(_))
-                | Error::Failed(RequestError {
-                    bad_input: true,
-                    ..
-                })
-        )
+            | Error::Model(iris_models::Error::Input(_))
+            | Error::Image(
+                Img::TooManyBytes { .. }
+                | Img::TooManyPixels { .. }
+                | Img::Empty
+                | Img::UnknownFormat
+                | Img::Corrupt(_),
+            ) => ErrorKind::BadInput,
+            Error::Model(iris_models::Error::PartNotLoaded(_)) | Error::Unavailable(_) => {
+                ErrorKind::Unavailable
+            }
+            Error::Busy(_) => ErrorKind::Overloaded,
+            Error::Failed(r) => r.kind,
+            _ => ErrorKind::Internal,
+        }
     }
 }
 

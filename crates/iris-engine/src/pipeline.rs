@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use iris_image::ImageLimits;
-use iris_models::config::{architecture, read_json, token_ids};
+use iris_models::config::{read_json, token_ids};
+use iris_models::registry::{Checkpoint, Family, Parts};
 use iris_models::vlm::VisionLanguageModel;
-use iris_models::{blip::BlipCaptioner, blip2::Blip2, idefics::Idefics, llava::Llava};
 use iris_tensor::{DType, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
@@ -91,7 +91,7 @@ pub struct Generation {
 /// config files alone (the gateway tokenizes and validates with it).
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
-    pub architecture: String,
+    pub family: Family,
     pub processor: Processor,
     pub eos_token_ids: Vec<u32>,
     /// Positions the language model has (prompt plus output).
@@ -102,11 +102,11 @@ impl ModelSpec {
     pub fn read(dir: &Path, limits: ImageLimits) -> Result<ModelSpec> {
         use iris_models::config::{Blip2Config, BlipConfig, IdeficsConfig, LlavaConfig};
         let cfg = read_json(&dir.join("config.json"))?;
-        let arch = architecture(&cfg).unwrap_or_default();
+        let family = Family::of(&cfg)?;
         let mut sep_eos = None;
         // (style, placeholder id, visual tokens per image, model eos, context)
-        let (style, placeholder, per_image, model_eos, context) = match arch.as_str() {
-            iris_models::llava::ARCHITECTURE | "llava" => {
+        let (style, placeholder, per_image, model_eos, context) = match family {
+            Family::Llava => {
                 let c = LlavaConfig::from_value(&cfg)?;
                 let per = c.tokens_per_image();
                 let ctx = c.text.max_position_embeddings;
@@ -118,7 +118,7 @@ impl ModelSpec {
                     ctx,
                 )
             }
-            iris_models::blip2::ARCHITECTURE | "blip-2" => {
+            Family::Blip2 => {
                 let c = Blip2Config::from_value(&cfg)?;
                 let ctx = c.text.max_position_embeddings;
                 let (id, per) = (c.image_token_id, c.num_query_tokens);
@@ -130,12 +130,12 @@ impl ModelSpec {
                     ctx,
                 )
             }
-            iris_models::idefics::ARCHITECTURE | "idefics" => {
+            Family::Idefics => {
                 let c = IdeficsConfig::from_value(&cfg)?;
                 let ctx = c.text.max_position_embeddings;
                 (PromptStyle::Interleaved, None, 0, c.text.eos_token_ids, ctx)
             }
-            iris_models::blip::CAPTION_ARCHITECTURE => {
+            Family::BlipCaption => {
                 let c = BlipConfig::from_value(&cfg)?;
                 // HF's BLIP generate stops at [SEP], whatever generation_config says.
                 sep_eos = Some(vec![c.sep_token_id]);
@@ -144,15 +144,11 @@ impl ModelSpec {
                 };
                 (style, None, 0, vec![], c.max_position_embeddings)
             }
-            other => {
-                return Err(
-                    iris_models::Error::UnknownArchitecture(if other.is_empty() {
-                        "<none>".into()
-                    } else {
-                        other.to_string()
-                    })
-                    .into(),
-                )
+            Family::BlipRetrieval | Family::Blip2Retrieval => {
+                return Err(Error::Input(format!(
+                    "{} is a retrieval model (embed and match), not a generation model",
+                    dir.display()
+                )))
             }
         };
         let processor = Processor::load(dir, style, placeholder, per_image, limits)?;
@@ -172,7 +168,7 @@ impl ModelSpec {
             eos_token_ids.extend(processor.tokenizer().token_to_id("</s>"));
         }
         Ok(ModelSpec {
-            architecture: arch,
+            family,
             processor,
             eos_token_ids,
             context_length: context,
@@ -183,29 +179,51 @@ impl ModelSpec {
 #[derive(Debug)]
 pub struct Pipeline {
     pub processor: Processor,
+    /// The parts loaded here: calling into another part is an error, not a panic.
     pub model: Box<dyn VisionLanguageModel>,
+    pub parts: Parts,
     eos_token_ids: Vec<u32>,
+    /// Names of the checkpoint tensors the parts read, in order.
+    tensors_read: Vec<String>,
+    /// Bytes those tensors take in the checkpoint.
+    bytes_read: usize,
 }
 
 impl Pipeline {
-    /// Loads the model folder `dir`, whatever architecture Iris serves it is.
+    /// Loads every part of the model folder `dir`, whatever architecture Iris serves.
     pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<Pipeline> {
+        Pipeline::load_parts(dir, opts, Parts::ALL)
+    }
+
+    /// Loads `parts` of `dir` (plus its processor and configs, which every part
+    /// needs); each part reads only its own tensors from the memory-mapped checkpoint.
+    pub fn load_parts(dir: &Path, opts: &PipelineOptions, parts: Parts) -> Result<Pipeline> {
         let spec = ModelSpec::read(dir, opts.limits)?;
-        let model: Box<dyn VisionLanguageModel> = match spec.architecture.as_str() {
-            iris_models::llava::ARCHITECTURE | "llava" => {
-                Box::new(Llava::load(dir, opts.dtype, iris_comm::single())?)
-            }
-            iris_models::blip2::ARCHITECTURE | "blip-2" => Box::new(Blip2::load(dir, opts.dtype)?),
-            iris_models::idefics::ARCHITECTURE | "idefics" => {
-                Box::new(Idefics::load(dir, opts.dtype)?)
-            }
-            _ => Box::new(BlipCaptioner::load(dir, opts.dtype)?),
-        };
+        let ck = Checkpoint::open(dir, opts.dtype)?;
+        let model = ck.load_vlm(dir, parts)?;
+        let tensors_read = ck.weights.tensors_read();
+        let bytes_read = tensors_read
+            .iter()
+            .map(|n| ck.weights.stored_bytes(n))
+            .sum();
         Ok(Pipeline {
             processor: spec.processor,
             model,
+            parts,
             eos_token_ids: spec.eos_token_ids,
+            tensors_read,
+            bytes_read,
         })
+    }
+
+    /// The checkpoint tensors this pipeline's parts read (each once per read).
+    pub fn tensors_read(&self) -> &[String] {
+        &self.tensors_read
+    }
+
+    /// Checkpoint bytes of the tensors read.
+    pub fn bytes_read(&self) -> usize {
+        self.bytes_read
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -256,7 +274,7 @@ impl Pipeline {
         opts: &GenerateOptions,
     ) -> Result<Generation> {
         opts.validate()?;
-        let lm = self.model.language_model();
+        let lm = self.model.language_model()?;
         let embeds = self.model.input_embeds(&prepared.input_ids, visual)?;
         let mut cache = lm.new_cache();
         self.model

@@ -3,9 +3,8 @@
 
 use std::path::Path;
 
-use iris_models::blip::BlipRetrieval;
-use iris_models::blip2_retrieval::Blip2Retrieval;
-use iris_models::config::{architecture, read_json};
+use iris_models::config::{read_json, Blip2Config};
+use iris_models::registry::{Checkpoint, Family};
 use iris_models::vlm::{ImageTextRetrieval, MatchScores};
 use iris_tensor::Tensor;
 
@@ -21,27 +20,21 @@ pub struct RetrievalPipeline {
 
 impl RetrievalPipeline {
     pub fn load(dir: &Path, opts: &PipelineOptions) -> Result<RetrievalPipeline> {
-        let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
-        if arch == iris_models::blip::RETRIEVAL_ARCHITECTURE {
-            let model = BlipRetrieval::load(dir, opts.dtype)?;
-            let processor = Processor::load(dir, PromptStyle::Plain, None, 0, opts.limits)?;
-            return Ok(RetrievalPipeline {
-                processor,
-                model: Box::new(model),
-            });
-        }
-        let model = Blip2Retrieval::load(dir, opts.dtype)?;
-        let processor = Processor::load(
-            dir,
-            PromptStyle::Prefix,
-            Some(model.image_token_id()),
-            model.num_query_tokens(),
-            opts.limits,
-        )?;
-        Ok(RetrievalPipeline {
-            processor,
-            model: Box::new(model),
-        })
+        let ck = Checkpoint::open(dir, opts.dtype)?;
+        let (style, placeholder, per_image) = match ck.family {
+            Family::Blip2Retrieval => {
+                let c = Blip2Config::from_value(&read_json(&dir.join("config.json"))?)?;
+                (
+                    PromptStyle::Prefix,
+                    Some(c.image_token_id),
+                    c.num_query_tokens,
+                )
+            }
+            _ => (PromptStyle::Plain, None, 0),
+        };
+        let model = ck.load_retrieval()?;
+        let processor = Processor::load(dir, style, placeholder, per_image, opts.limits)?;
+        Ok(RetrievalPipeline { processor, model })
     }
 
     fn pixel_values(&self, image: &[u8]) -> Result<Tensor> {

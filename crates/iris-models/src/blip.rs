@@ -8,39 +8,40 @@
 //!   `[CLS]` and text `[CLS]`.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use iris_tensor::{Activation, DType, Tensor};
 
 use crate::bert::{BertDims, BertEmbeddings, BertLayer};
-use crate::config::{read_model_config, BlipConfig};
+use crate::config::BlipConfig;
 use crate::layers::{KvCache, LayerNorm, Linear};
-use crate::llava::find_prefix;
+use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
 use crate::vlm::{l2_normalize, CausalLm, ImageTextRetrieval, VisionLanguageModel};
-use crate::weights::{Vb, Weights};
+use crate::weights::Vb;
 use crate::{Error, Result};
 
 pub const CAPTION_ARCHITECTURE: &str = "BlipForConditionalGeneration";
 pub const RETRIEVAL_ARCHITECTURE: &str = "BlipForImageTextRetrieval";
 
+/// The config (checked against the vision tower's width) and the ViT of a BLIP
+/// checkpoint, when `vision` is wanted.
 fn open(
-    dir: &Path,
-    dtype: Option<DType>,
-    arch: &str,
-) -> Result<(BlipConfig, Arc<Weights>, VisionTransformer, DType)> {
-    let raw = read_model_config(dir, &[arch])?;
-    let cfg = BlipConfig::from_value(&raw)?;
-    let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
-    let w = Arc::new(Weights::open(dir, dtype)?);
-    let vit = VisionTransformer::load_vision_model(&w, &cfg.vision)?;
+    ck: &Checkpoint,
+    family: Family,
+    vision: bool,
+) -> Result<(BlipConfig, Option<VisionTransformer>)> {
+    ck.expect(family)?;
+    let cfg = BlipConfig::from_value(&ck.config)?;
     if cfg.encoder_hidden_size != cfg.vision.hidden_size {
         return Err(Error::Config(format!(
             "text encoder_hidden_size {} differs from the vision hidden size {}",
             cfg.encoder_hidden_size, cfg.vision.hidden_size
         )));
     }
-    Ok((cfg, w, vit, dtype))
+    let vit = vision
+        .then(|| VisionTransformer::load_vision_model(&ck.weights, &cfg.vision))
+        .transpose()?;
+    Ok((cfg, vit))
 }
 
 fn dims(cfg: &BlipConfig) -> BertDims {
@@ -121,38 +122,51 @@ impl CausalLm for BlipTextDecoder {
 #[derive(Debug)]
 pub struct BlipCaptioner {
     cfg: BlipConfig,
-    vision_model: VisionTransformer,
-    text_decoder: BlipTextDecoder,
+    vision_model: Option<VisionTransformer>,
+    text_decoder: Option<BlipTextDecoder>,
     dtype: DType,
 }
 
 impl BlipCaptioner {
+    /// Every part of `dir`; `dtype` overrides the checkpoint's.
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<BlipCaptioner> {
-        let (cfg, w, vision_model, dtype) = open(dir, dtype, CAPTION_ARCHITECTURE)?;
-        let td = find_prefix(
-            &w,
-            &["text_decoder", "model.text_decoder"],
-            "bert.embeddings.word_embeddings.weight",
-        )?;
-        let td = w.pp(td);
-        let (embeddings, layers) = load_text(&td.pp("bert"), &cfg)?;
-        let h = cfg.hidden_size;
-        let p = td.pp("cls.predictions");
-        // Tied to the word embeddings unless the checkpoint has its own decoder.
-        let decoder_weight = if p.contains("decoder.weight") {
-            p.get("decoder.weight", &[cfg.vocab_size, h])?
-        } else {
-            embeddings.word_embeddings().clone()
-        };
-        let bias = p.get("bias", &[cfg.vocab_size])?;
-        let text_decoder = BlipTextDecoder {
-            transform: Linear::load(&p.pp("transform.dense"), h, h, true)?,
-            transform_act: cfg.hidden_act,
-            transform_norm: LayerNorm::load(&p.pp("transform.LayerNorm"), h, cfg.layer_norm_eps)?,
-            decoder: Linear::new(decoder_weight, Some(bias), dtype),
-            embeddings,
-            layers,
-        };
+        BlipCaptioner::from_checkpoint(&Checkpoint::open(dir, dtype)?, Parts::ALL)
+    }
+
+    /// The `parts` of an opened checkpoint (BLIP has no connector: its decoder reads
+    /// the vision features through cross-attention).
+    pub fn from_checkpoint(ck: &Checkpoint, parts: Parts) -> Result<BlipCaptioner> {
+        let (cfg, vision_model) = open(ck, Family::BlipCaption, parts.vision)?;
+        let (w, dtype) = (&ck.weights, ck.dtype);
+        let text_decoder = load_if(parts, Part::Language, || {
+            let td = w.find_prefix(
+                &["text_decoder", "model.text_decoder"],
+                "bert.embeddings.word_embeddings.weight",
+            )?;
+            let td = w.pp(td);
+            let (embeddings, layers) = load_text(&td.pp("bert"), &cfg)?;
+            let h = cfg.hidden_size;
+            let p = td.pp("cls.predictions");
+            // Tied to the word embeddings unless the checkpoint has its own decoder.
+            let decoder_weight = if p.contains("decoder.weight") {
+                p.get("decoder.weight", &[cfg.vocab_size, h])?
+            } else {
+                embeddings.word_embeddings().clone()
+            };
+            let bias = p.get("bias", &[cfg.vocab_size])?;
+            Ok(BlipTextDecoder {
+                transform: Linear::load(&p.pp("transform.dense"), h, h, true)?,
+                transform_act: cfg.hidden_act,
+                transform_norm: LayerNorm::load(
+                    &p.pp("transform.LayerNorm"),
+                    h,
+                    cfg.layer_norm_eps,
+                )?,
+                decoder: Linear::new(decoder_weight, Some(bias), dtype),
+                embeddings,
+                layers,
+            })
+        })?;
         Ok(BlipCaptioner {
             cfg,
             vision_model,
@@ -169,7 +183,7 @@ impl BlipCaptioner {
 impl VisionLanguageModel for BlipCaptioner {
     /// The image's features; the decoder reads them through cross-attention.
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.vision_model.forward(pixel_values)
+        part(&self.vision_model, Part::Vision)?.forward(pixel_values)
     }
     /// BLIP's decoder reads the vision features themselves.
     fn connect(&self, features: &Tensor) -> Result<Tensor> {
@@ -182,8 +196,8 @@ impl VisionLanguageModel for BlipCaptioner {
     fn tokens_per_image(&self) -> usize {
         0
     }
-    fn language_model(&self) -> &dyn CausalLm {
-        &self.text_decoder
+    fn language_model(&self) -> Result<&dyn CausalLm> {
+        Ok(part(&self.text_decoder, Part::Language)?)
     }
     fn dtype(&self) -> DType {
         self.dtype
@@ -195,7 +209,8 @@ impl VisionLanguageModel for BlipCaptioner {
                 images.len()
             )));
         };
-        for (i, layer) in self.text_decoder.layers.iter().enumerate() {
+        let decoder = part(&self.text_decoder, Part::Language)?;
+        for (i, layer) in decoder.layers.iter().enumerate() {
             if let Some((k, v)) = layer.cross_kv(image)? {
                 cache.set_cross(i, k, v);
             }
@@ -217,9 +232,15 @@ pub struct BlipRetrieval {
 
 impl BlipRetrieval {
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<BlipRetrieval> {
-        let (cfg, w, vision_model, _) = open(dir, dtype, RETRIEVAL_ARCHITECTURE)?;
-        let te = find_prefix(
-            &w,
+        BlipRetrieval::from_checkpoint(&Checkpoint::open(dir, dtype)?)
+    }
+
+    /// The whole model (the gateway serves retrieval itself, all parts in one place).
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<BlipRetrieval> {
+        let (cfg, vision_model) = open(ck, Family::BlipRetrieval, true)?;
+        let vision_model = vision_model.expect("the vision tower was asked for");
+        let w = &ck.weights;
+        let te = w.find_prefix(
             &["text_encoder", "model.text_encoder"],
             "embeddings.word_embeddings.weight",
         )?;

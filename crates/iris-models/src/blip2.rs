@@ -1,7 +1,8 @@
 //! BLIP-2 (Li et al., 2023) with an OPT decoder, as HF's `modeling_blip_2.py`
 //! `Blip2ForConditionalGeneration`: BLIP ViT → Q-Former (learned queries
 //! cross-attending to the image) → `language_projection` → visual tokens that fill the
-//! image placeholders the processor puts before the text.
+//! image placeholders the processor puts before the text. Parts: the ViT (vision), the
+//! queries + Q-Former + `language_projection` (connector), OPT (language).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,10 +10,10 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::bert::{BertDims, QFormer};
-use crate::config::{read_model_config, Blip2Config};
+use crate::config::Blip2Config;
 use crate::layers::Linear;
-use crate::llava::find_prefix;
 use crate::opt::Opt;
+use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
 use crate::vlm::{CausalLm, VisionLanguageModel};
 use crate::weights::Weights;
@@ -20,41 +21,16 @@ use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "Blip2ForConditionalGeneration";
 
+/// The learned queries and the Q-Former (kept in f32, as HF's `_keep_in_fp32_modules`).
 #[derive(Debug)]
-pub struct Blip2 {
-    parts: Blip2Parts,
-    language_projection: Linear,
-    language_model: Opt,
-}
-
-/// The parts every BLIP-2 head shares: the checkpoint, its config, the ViT, the learned
-/// queries and the Q-Former (kept in f32, as HF's `_keep_in_fp32_modules`).
-#[derive(Debug)]
-pub(crate) struct Blip2Parts {
-    pub w: Arc<Weights>,
-    pub cfg: Blip2Config,
-    pub dtype: DType,
-    pub vision_model: VisionTransformer,
+pub(crate) struct QueryTransformer {
     pub query_tokens: Tensor,
     pub qformer: QFormer,
+    pub num_query_tokens: usize,
 }
 
-impl Blip2Parts {
-    pub fn load(
-        dir: &Path,
-        dtype: Option<DType>,
-        arch: &str,
-        text_input: bool,
-    ) -> Result<Blip2Parts> {
-        let raw = read_model_config(dir, &[arch])?;
-        let cfg = Blip2Config::from_value(&raw)?;
-        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
-        let w = Arc::new(Weights::open(dir, dtype)?);
-        let qformer = find_prefix(&w, &["qformer", "model.qformer"], "layernorm.weight")?;
-        let queries = ["query_tokens", "model.query_tokens"]
-            .into_iter()
-            .find(|n| w.contains(n))
-            .unwrap_or("query_tokens");
+impl QueryTransformer {
+    pub fn load(w: &Arc<Weights>, cfg: &Blip2Config, text_input: bool) -> Result<QueryTransformer> {
         let q = &cfg.qformer;
         if q.encoder_hidden_size != cfg.vision.hidden_size {
             return Err(Error::Config(format!(
@@ -62,6 +38,11 @@ impl Blip2Parts {
                 q.encoder_hidden_size, cfg.vision.hidden_size
             )));
         }
+        let qformer = w.find_prefix(&["qformer", "model.qformer"], "layernorm.weight")?;
+        let queries = ["query_tokens", "model.query_tokens"]
+            .into_iter()
+            .find(|n| w.contains(n))
+            .unwrap_or("query_tokens");
         let dims = BertDims {
             hidden: q.hidden_size,
             intermediate: q.intermediate_size,
@@ -70,8 +51,7 @@ impl Blip2Parts {
             eps: q.layer_norm_eps,
             act: q.hidden_act,
         };
-        Ok(Blip2Parts {
-            vision_model: VisionTransformer::load_vision_model(&w, &cfg.vision)?,
+        Ok(QueryTransformer {
             query_tokens: w
                 .get_as(
                     queries,
@@ -86,9 +66,7 @@ impl Blip2Parts {
                 q.cross_attention_frequency,
                 text_input,
             )?,
-            w,
-            cfg,
-            dtype,
+            num_query_tokens: cfg.num_query_tokens,
         })
     }
 
@@ -96,60 +74,114 @@ impl Blip2Parts {
     pub fn query_output(&self, image_features: &Tensor) -> Result<Tensor> {
         self.qformer.forward(
             &self.query_tokens,
-            self.cfg.num_query_tokens,
+            self.num_query_tokens,
             Some(image_features),
         )
     }
 }
 
+/// What every BLIP-2 retrieval head holds whole: config, ViT, queries and Q-Former.
+#[derive(Debug)]
+pub(crate) struct Blip2Parts {
+    pub w: Arc<Weights>,
+    pub cfg: Blip2Config,
+    pub vision_model: VisionTransformer,
+    pub queries: QueryTransformer,
+}
+
+impl Blip2Parts {
+    pub fn load(ck: &Checkpoint, text_input: bool) -> Result<Blip2Parts> {
+        let cfg = Blip2Config::from_value(&ck.config)?;
+        Ok(Blip2Parts {
+            vision_model: VisionTransformer::load_vision_model(&ck.weights, &cfg.vision)?,
+            queries: QueryTransformer::load(&ck.weights, &cfg, text_input)?,
+            w: ck.weights.clone(),
+            cfg,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Blip2 {
+    cfg: Blip2Config,
+    dtype: DType,
+    vision_model: Option<VisionTransformer>,
+    /// Queries + Q-Former, then `language_projection`.
+    connector: Option<(QueryTransformer, Linear)>,
+    language_model: Option<Opt>,
+}
+
 impl Blip2 {
+    /// Every part of `dir`; `dtype` overrides the checkpoint's.
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2> {
-        let p = Blip2Parts::load(dir, dtype, ARCHITECTURE, false)?;
-        let proj = find_prefix(
-            &p.w,
-            &["language_projection", "model.language_projection"],
-            "weight",
-        )?;
-        let lm = find_prefix(
-            &p.w,
-            &[
-                "language_model.model.decoder",
-                "model.language_model.decoder",
-                "language_model.decoder",
-                "model.language_model.model.decoder",
-            ],
-            "embed_tokens.weight",
-        )?;
-        let (qh, th) = (p.cfg.qformer.hidden_size, p.cfg.text.hidden_size);
+        Blip2::from_checkpoint(&Checkpoint::open(dir, dtype)?, Parts::ALL)
+    }
+
+    /// The `parts` of an opened checkpoint; each reads only its own tensors.
+    pub fn from_checkpoint(ck: &Checkpoint, parts: Parts) -> Result<Blip2> {
+        ck.expect(Family::Blip2)?;
+        let cfg = Blip2Config::from_value(&ck.config)?;
+        let w = &ck.weights;
+        let vision_model = load_if(parts, Part::Vision, || {
+            VisionTransformer::load_vision_model(w, &cfg.vision)
+        })?;
+        let connector = load_if(parts, Part::Connector, || {
+            let proj = w.find_prefix(
+                &["language_projection", "model.language_projection"],
+                "weight",
+            )?;
+            let (qh, th) = (cfg.qformer.hidden_size, cfg.text.hidden_size);
+            Ok((
+                QueryTransformer::load(w, &cfg, false)?,
+                Linear::load(&w.pp(proj), qh, th, true)?,
+            ))
+        })?;
+        let language_model = load_if(parts, Part::Language, || {
+            let lm = w.find_prefix(
+                &[
+                    "language_model.model.decoder",
+                    "model.language_model.decoder",
+                    "language_model.decoder",
+                    "model.language_model.model.decoder",
+                ],
+                "embed_tokens.weight",
+            )?;
+            Opt::load(&w.pp(lm), &cfg.text)
+        })?;
         Ok(Blip2 {
-            language_projection: Linear::load(&p.w.pp(proj), qh, th, true)?,
-            language_model: Opt::load(&p.w.pp(lm), &p.cfg.text)?,
-            parts: p,
+            cfg,
+            dtype: ck.dtype,
+            vision_model,
+            connector,
+            language_model,
         })
     }
 
     pub fn config(&self) -> &Blip2Config {
-        &self.parts.cfg
+        &self.cfg
     }
 
     /// The vision tower's `last_hidden_state` (after `post_layernorm`) for one image.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.parts.vision_model.forward(pixel_values)
+        part(&self.vision_model, Part::Vision)?.forward(pixel_values)
     }
 
     /// The Q-Former's query outputs `[num_query_tokens, qformer_hidden]`.
     pub fn query_output(&self, image_features: &Tensor) -> Result<Tensor> {
-        self.parts.query_output(image_features)
+        part(&self.connector, Part::Connector)?
+            .0
+            .query_output(image_features)
     }
 
     pub fn project(&self, query_output: &Tensor) -> Result<Tensor> {
         // HF casts the (f32) Q-Former output to the model dtype before projecting.
-        self.language_projection
-            .forward(&query_output.clone().round_to(self.parts.dtype))
+        part(&self.connector, Part::Connector)?
+            .1
+            .forward(&query_output.clone().round_to(self.dtype))
     }
 
-    pub fn opt(&self) -> &Opt {
-        &self.language_model
+    pub fn opt(&self) -> Result<&Opt> {
+        part(&self.language_model, Part::Language)
     }
 }
 
@@ -161,15 +193,15 @@ impl VisionLanguageModel for Blip2 {
         self.project(&self.query_output(features)?)
     }
     fn image_token_id(&self) -> u32 {
-        self.parts.cfg.image_token_id
+        self.cfg.image_token_id
     }
     fn tokens_per_image(&self) -> usize {
-        self.parts.cfg.num_query_tokens
+        self.cfg.num_query_tokens
     }
-    fn language_model(&self) -> &dyn CausalLm {
-        &self.language_model
+    fn language_model(&self) -> Result<&dyn CausalLm> {
+        Ok(self.opt()?)
     }
     fn dtype(&self) -> DType {
-        self.parts.dtype
+        self.dtype
     }
 }

@@ -12,7 +12,7 @@ use iris_tensor::{DType, Tensor};
 
 use crate::blip2::Blip2Parts;
 use crate::layers::Linear;
-use crate::llava::find_prefix;
+use crate::registry::{Checkpoint, Family};
 use crate::vlm::{l2_normalize, ImageTextRetrieval};
 use crate::{Error, Result};
 
@@ -30,18 +30,23 @@ pub struct Blip2Retrieval {
 
 impl Blip2Retrieval {
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Blip2Retrieval> {
-        let p = Blip2Parts::load(dir, dtype, ARCHITECTURE, true)?;
+        Blip2Retrieval::from_checkpoint(&Checkpoint::open(dir, dtype)?)
+    }
+
+    /// The whole model (the gateway serves retrieval itself, all parts in one place).
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Blip2Retrieval> {
+        ck.expect(Family::Blip2Retrieval)?;
+        let p = Blip2Parts::load(ck, true)?;
         let q = &p.cfg.qformer;
         let (h, e) = (q.hidden_size, p.cfg.image_text_hidden_size);
-        let emb = find_prefix(
-            &p.w,
+        let emb = p.w.find_prefix(
             &["embeddings", "model.embeddings"],
             "word_embeddings.weight",
         )?;
         let emb = p.w.pp(emb).with_dtype(DType::F32);
         let head = |name: &str, out: usize| -> Result<Linear> {
             let nested = format!("model.{name}");
-            let prefix = find_prefix(&p.w, &[name, &nested], "weight")?;
+            let prefix = p.w.find_prefix(&[name, &nested], "weight")?;
             Linear::load(&p.w.pp(prefix).with_dtype(DType::F32), h, out, true)
         };
         Ok(Blip2Retrieval {
@@ -97,7 +102,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
 
     /// Normalised ITC embeddings of an image, one per query: `[queries, dim]`.
     fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
-        let q = self.parts.query_output(image_features)?;
+        let q = self.parts.queries.query_output(image_features)?;
         Ok(l2_normalize(self.vision_projection.forward(&q)?))
     }
 
@@ -108,6 +113,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
         }
         let out = self
             .parts
+            .queries
             .qformer
             .forward(&self.text_embeddings(ids)?, 0, None)?;
         let cls = out.narrow_rows(0, 1)?;
@@ -118,9 +124,13 @@ impl ImageTextRetrieval for Blip2Retrieval {
     /// ITM logits of an image (its features) with a text.
     fn itm_logits(&self, image_features: &Tensor, ids: &[u32]) -> Result<[f32; 2]> {
         let n = self.num_query_tokens();
-        let joint = Tensor::cat_rows(&[&self.parts.query_tokens, &self.text_embeddings(ids)?])?;
+        let joint = Tensor::cat_rows(&[
+            &self.parts.queries.query_tokens,
+            &self.text_embeddings(ids)?,
+        ])?;
         let out = self
             .parts
+            .queries
             .qformer
             .forward(&joint, n, Some(image_features))?;
         let logits = self.itm_head.forward(&out.narrow_rows(0, n)?)?;

@@ -17,8 +17,8 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
     #[error(
-        "unsupported architecture `{0}` (Iris serves LlavaForConditionalGeneration, BlipForConditionalGeneration and \
-         Blip2ForConditionalGeneration with `generate`, BlipForImageTextRetrieval and \
+        "unsupported architecture `{0}` (Iris serves LlavaForConditionalGeneration, BlipForConditionalGeneration, \
+         Blip2ForConditionalGeneration and IdeficsForVisionText2Text with `generate`, BlipForImageTextRetrieval and \
          Blip2ForImageTextRetrieval with \
          `embed` and `match`)"
     )]
@@ -37,6 +37,8 @@ pub enum Error {
     TensorDType { name: String, dtype: String },
     #[error("bad input: {0}")]
     Input(String),
+    #[error("the {0} of this model is not loaded in this process")]
+    PartNotLoaded(crate::registry::Part),
     #[error(transparent)]
     Tensor(#[from] iris_tensor::Error),
     #[error(transparent)]

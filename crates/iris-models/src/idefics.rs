@@ -12,13 +12,14 @@ use std::sync::Arc;
 
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{read_json, read_model_config, IdeficsConfig};
+use crate::config::{read_json, IdeficsConfig};
 use crate::layers::{sdpa_view, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::llama::LlamaLayer;
 use crate::perceiver::{PerceiverDims, PerceiverResampler};
+use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
 use crate::vlm::{CausalLm, VisionLanguageModel};
-use crate::weights::{Vb, Weights};
+use crate::weights::Vb;
 use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "IdeficsForVisionText2Text";
@@ -253,9 +254,11 @@ impl CausalLm for IdeficsText {
 #[derive(Debug)]
 pub struct Idefics {
     cfg: IdeficsConfig,
-    vision_model: VisionTransformer,
-    perceiver: Option<PerceiverResampler>,
-    text: IdeficsText,
+    vision_model: Option<VisionTransformer>,
+    /// The connector: the resampler, or `None` inside when the model uses none (the
+    /// features pass through).
+    perceiver: Option<Option<PerceiverResampler>>,
+    text: Option<IdeficsText>,
     image_token_id: u32,
     eos_token_ids: Vec<u32>,
     dtype: DType,
@@ -273,34 +276,61 @@ fn added_token_id(dir: &Path, token: &str) -> Result<u32> {
 }
 
 impl Idefics {
+    /// Every part of `dir`; `dtype` overrides the checkpoint's.
     pub fn load(dir: &Path, dtype: Option<DType>) -> Result<Idefics> {
-        let raw = read_model_config(dir, &[ARCHITECTURE, "idefics"])?;
-        let cfg = IdeficsConfig::from_value(&raw)?;
-        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
-        let w = Arc::new(Weights::open(dir, dtype)?);
+        Idefics::from_checkpoint(&Checkpoint::open(dir, dtype)?, dir, Parts::ALL)
+    }
+
+    /// The `parts` of an opened checkpoint (`dir` for the tokenizer's `<image>` id).
+    pub fn from_checkpoint(ck: &Checkpoint, dir: &Path, parts: Parts) -> Result<Idefics> {
+        ck.expect(Family::Idefics)?;
+        let cfg = IdeficsConfig::from_value(&ck.config)?;
+        let (w, dtype) = (&ck.weights, ck.dtype);
         let m = w.pp("model");
-        let comm = iris_comm::single();
-        let t = &cfg.text;
-        let (d, a) = (t.hidden_size, cfg.additional_vocab_size);
-        let extra = |vb: Vb, name: &str| -> Result<Option<Tensor>> {
-            if a == 0 {
-                return Ok(None);
-            }
-            Ok(Some(vb.get(name, &[a, d])?))
-        };
-        let layers = (0..t.num_hidden_layers)
-            .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), t, &comm))
-            .collect::<Result<Vec<_>>>()?;
-        let gated = (0..t.num_hidden_layers.div_ceil(cfg.cross_layer_interval))
-            .map(|i| GatedCrossAttention::load(&m.pp("gated_cross_attn_layers").pp(i), &cfg, &comm))
-            .collect::<Result<Vec<_>>>()?;
         let n_latents = if cfg.use_resampler {
             cfg.resampler_n_latents
         } else {
             cfg.vision.num_patches() + 1
         };
-        let perceiver = if cfg.use_resampler {
-            Some(PerceiverResampler::load(
+        let text = load_if(parts, Part::Language, || {
+            let comm = iris_comm::single();
+            let t = &cfg.text;
+            let (d, a) = (t.hidden_size, cfg.additional_vocab_size);
+            let extra = |vb: Vb, name: &str| -> Result<Option<Tensor>> {
+                if a == 0 {
+                    return Ok(None);
+                }
+                Ok(Some(vb.get(name, &[a, d])?))
+            };
+            let layers = (0..t.num_hidden_layers)
+                .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), t, &comm))
+                .collect::<Result<Vec<_>>>()?;
+            let gated = (0..t.num_hidden_layers.div_ceil(cfg.cross_layer_interval))
+                .map(|i| {
+                    GatedCrossAttention::load(&m.pp("gated_cross_attn_layers").pp(i), &cfg, &comm)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(IdeficsText {
+                embed_tokens: m.get("embed_tokens.weight", &[t.vocab_size, d])?,
+                additional_embedding: extra(m.pp("embed_tokens"), "additional_embedding.weight")?,
+                layers,
+                gated,
+                norm: RmsNorm::load(&m.pp("norm"), d, t.rms_norm_eps)?,
+                lm_head: Linear::load(&w.pp("lm_head"), d, t.vocab_size, false)?,
+                additional_fc: extra(w.pp("lm_head"), "additional_fc.weight")?
+                    .map(|w| Linear::new(w, None, dtype)),
+                rope: RotaryEmbedding::new(t, dtype),
+                interval: cfg.cross_layer_interval,
+                n_latents,
+                vocab_size: t.vocab_size,
+                kv_width: t.num_key_value_heads * t.head_dim,
+            })
+        })?;
+        let perceiver = load_if(parts, Part::Connector, || {
+            if !cfg.use_resampler {
+                return Ok(None);
+            }
+            Ok(Some(PerceiverResampler::load(
                 &m.pp("perceiver_resampler"),
                 PerceiverDims {
                     embed_dim: cfg.vision.hidden_size,
@@ -310,35 +340,21 @@ impl Idefics {
                     n_latents,
                     qk_layer_norms: cfg.qk_layer_norms_perceiver,
                 },
-            )?)
-        } else {
-            None
-        };
-        let text = IdeficsText {
-            embed_tokens: m.get("embed_tokens.weight", &[t.vocab_size, d])?,
-            additional_embedding: extra(m.pp("embed_tokens"), "additional_embedding.weight")?,
-            layers,
-            gated,
-            norm: RmsNorm::load(&m.pp("norm"), d, t.rms_norm_eps)?,
-            lm_head: Linear::load(&w.pp("lm_head"), d, t.vocab_size, false)?,
-            additional_fc: extra(w.pp("lm_head"), "additional_fc.weight")?
-                .map(|w| Linear::new(w, None, dtype)),
-            rope: RotaryEmbedding::new(t, dtype),
-            interval: cfg.cross_layer_interval,
-            n_latents,
-            vocab_size: t.vocab_size,
-            kv_width: t.num_key_value_heads * t.head_dim,
-        };
-        Ok(Idefics {
-            vision_model: VisionTransformer::load(
+            )?))
+        })?;
+        let vision_model = load_if(parts, Part::Vision, || {
+            VisionTransformer::load(
                 &m.pp("vision_model"),
                 &cfg.vision,
                 cfg.vision.num_hidden_layers,
-            )?,
+            )
+        })?;
+        Ok(Idefics {
+            vision_model,
             perceiver,
             text,
             image_token_id: added_token_id(dir, "<image>")?,
-            eos_token_ids: t.eos_token_ids.clone(),
+            eos_token_ids: cfg.text.eos_token_ids.clone(),
             dtype,
             cfg,
         })
@@ -351,14 +367,13 @@ impl Idefics {
     /// The vision tower's last hidden state (IDEFICS uses it before `post_layernorm`).
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let n = self.cfg.vision.num_hidden_layers;
-        Ok(self
-            .vision_model
+        Ok(part(&self.vision_model, Part::Vision)?
             .hidden_states(pixel_values, &[n])?
             .remove(0))
     }
 
     pub fn resample(&self, features: &Tensor) -> Result<Tensor> {
-        match &self.perceiver {
+        match part(&self.perceiver, Part::Connector)? {
             Some(p) => p.forward(features),
             None => Ok(features.clone()),
         }
@@ -401,8 +416,8 @@ impl VisionLanguageModel for Idefics {
     fn tokens_per_image(&self) -> usize {
         0
     }
-    fn language_model(&self) -> &dyn CausalLm {
-        &self.text
+    fn language_model(&self) -> Result<&dyn CausalLm> {
+        Ok(part(&self.text, Part::Language)?)
     }
     fn dtype(&self) -> DType {
         self.dtype
@@ -423,7 +438,8 @@ impl VisionLanguageModel for Idefics {
             return Ok(());
         }
         let all = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?;
-        for (slot, g) in self.text.gated.iter().enumerate() {
+        let text = part(&self.text, Part::Language)?;
+        for (slot, g) in text.gated.iter().enumerate() {
             let mut k = g.k_proj.forward(&all)?;
             if let Some((_, kn)) = &g.qk_norms {
                 k = per_head(kn, k, g.shape.head_dim)?;

@@ -17,6 +17,7 @@ pub mod llama;
 pub mod llava;
 pub mod opt;
 pub mod perceiver;
+pub mod registry;
 pub mod vit;
 pub mod vlm;
 pub mod weights;

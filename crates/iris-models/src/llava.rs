@@ -11,78 +11,43 @@ use std::sync::Arc;
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{read_model_config, LlavaConfig, SelectStrategy};
+use crate::config::{LlavaConfig, SelectStrategy};
 use crate::layers::Mlp;
 use crate::llama::Llama;
+use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
 use crate::vlm::{CausalLm, VisionLanguageModel};
-use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::Result;
 
 pub const ARCHITECTURE: &str = "LlavaForConditionalGeneration";
 
 #[derive(Debug, Clone)]
 pub struct Llava {
     cfg: LlavaConfig,
-    vision_tower: VisionTransformer,
-    multi_modal_projector: Mlp,
-    language_model: Llama,
+    vision_tower: Option<VisionTransformer>,
+    multi_modal_projector: Option<Mlp>,
+    language_model: Option<Llama>,
     dtype: DType,
     /// Hidden-state indices of `vision_feature_layer`, made non-negative.
     feature_layers: Vec<usize>,
 }
 
-/// The first prefix under which `probe` exists.
-pub(crate) fn find_prefix<'a>(
-    w: &Arc<Weights>,
-    candidates: &[&'a str],
-    probe: &str,
-) -> Result<&'a str> {
-    candidates
-        .iter()
-        .copied()
-        .find(|p| w.contains(&format!("{p}.{probe}")))
-        .ok_or_else(|| Error::MissingTensor(format!("{}.{probe}", candidates[0])))
-}
-
 impl Llava {
-    /// Loads `dir` (config.json + safetensors). `dtype` overrides the checkpoint's.
+    /// Loads `dir` (config.json + safetensors), every part. `dtype` overrides the
+    /// checkpoint's.
     pub fn load(dir: &Path, dtype: Option<DType>, comm: Arc<dyn Communicator>) -> Result<Llava> {
-        let raw = read_model_config(dir, &[ARCHITECTURE, "llava"])?;
-        let cfg = LlavaConfig::from_value(&raw)?;
-        let dtype = dtype.or(cfg.dtype).unwrap_or(DType::F32);
-        let w = Arc::new(Weights::open(dir, dtype)?);
+        Llava::from_checkpoint(&Checkpoint::open(dir, dtype)?, Parts::ALL, comm)
+    }
 
-        let vision = find_prefix(
-            &w,
-            &[
-                "vision_tower.vision_model",
-                "vision_tower",
-                "model.vision_tower.vision_model",
-                "model.vision_tower",
-            ],
-            "embeddings.patch_embedding.weight",
-        )?;
-        let lm = find_prefix(
-            &w,
-            &[
-                "language_model.model",
-                "model.language_model",
-                "language_model",
-                "model.language_model.model",
-            ],
-            "embed_tokens.weight",
-        )?;
-        let head = ["language_model.lm_head", "lm_head", "model.lm_head"]
-            .into_iter()
-            .find(|p| w.contains(&format!("{p}.weight")))
-            .unwrap_or("lm_head");
-        let projector = find_prefix(
-            &w,
-            &["multi_modal_projector", "model.multi_modal_projector"],
-            "linear_1.weight",
-        )?;
-
+    /// The `parts` of an opened checkpoint; each reads only its own tensors.
+    pub fn from_checkpoint(
+        ck: &Checkpoint,
+        parts: Parts,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Llava> {
+        ck.expect(Family::Llava)?;
+        let cfg = LlavaConfig::from_value(&ck.config)?;
+        let (w, dtype) = (&ck.weights, ck.dtype);
         let n_states = cfg.vision.num_hidden_layers as i64 + 1;
         let feature_layers: Vec<usize> = cfg
             .vision_feature_layers
@@ -98,16 +63,51 @@ impl Llava {
         let n_layers = feature_layers.iter().copied().max().unwrap_or(0);
         let vision_in = cfg.vision.hidden_size * feature_layers.len();
         let text_d = cfg.text.hidden_size;
-        Ok(Llava {
-            vision_tower: VisionTransformer::load(&w.pp(vision), &cfg.vision, n_layers)?,
-            multi_modal_projector: Mlp::load(
+        let vision_tower = load_if(parts, Part::Vision, || {
+            let vision = w.find_prefix(
+                &[
+                    "vision_tower.vision_model",
+                    "vision_tower",
+                    "model.vision_tower.vision_model",
+                    "model.vision_tower",
+                ],
+                "embeddings.patch_embedding.weight",
+            )?;
+            VisionTransformer::load(&w.pp(vision), &cfg.vision, n_layers)
+        })?;
+        let multi_modal_projector = load_if(parts, Part::Connector, || {
+            let projector = w.find_prefix(
+                &["multi_modal_projector", "model.multi_modal_projector"],
+                "linear_1.weight",
+            )?;
+            Mlp::load(
                 &w.pp(projector),
                 ("linear_1", "linear_2"),
                 (vision_in, text_d, text_d),
                 cfg.projector_hidden_act,
                 cfg.projector_bias,
-            )?,
-            language_model: Llama::load(&w.pp(lm), &w.pp(head), &cfg.text, comm)?,
+            )
+        })?;
+        let language_model = load_if(parts, Part::Language, || {
+            let lm = w.find_prefix(
+                &[
+                    "language_model.model",
+                    "model.language_model",
+                    "language_model",
+                    "model.language_model.model",
+                ],
+                "embed_tokens.weight",
+            )?;
+            let head = ["language_model.lm_head", "lm_head", "model.lm_head"]
+                .into_iter()
+                .find(|p| w.contains(&format!("{p}.weight")))
+                .unwrap_or("lm_head");
+            Llama::load(&w.pp(lm), &w.pp(head), &cfg.text, comm)
+        })?;
+        Ok(Llava {
+            vision_tower,
+            multi_modal_projector,
+            language_model,
             feature_layers,
             dtype,
             cfg,
@@ -122,14 +122,14 @@ impl Llava {
         self.dtype
     }
 
-    pub fn llama(&self) -> &Llama {
-        &self.language_model
+    /// The language model (an error where this process did not load it).
+    pub fn llama(&self) -> Result<&Llama> {
+        part(&self.language_model, Part::Language)
     }
 
     /// The selected vision features of one image `[C, H, W]`: `[tokens, hidden·layers]`.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let states = self
-            .vision_tower
+        let states = part(&self.vision_tower, Part::Vision)?
             .hidden_states(pixel_values, &self.feature_layers)?;
         let skip = match self.cfg.select_strategy {
             SelectStrategy::Default => 1,
@@ -155,7 +155,7 @@ impl Llava {
     }
 
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
-        self.multi_modal_projector.forward(features)
+        part(&self.multi_modal_projector, Part::Connector)?.forward(features)
     }
 
     /// Visual tokens of one image, in the language model's space.
@@ -177,8 +177,8 @@ impl VisionLanguageModel for Llava {
     fn tokens_per_image(&self) -> usize {
         self.cfg.tokens_per_image()
     }
-    fn language_model(&self) -> &dyn CausalLm {
-        &self.language_model
+    fn language_model(&self) -> Result<&dyn CausalLm> {
+        Ok(self.llama()?)
     }
     fn dtype(&self) -> DType {
         self.dtype

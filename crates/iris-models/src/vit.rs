@@ -207,8 +207,7 @@ impl VisionTransformer {
         w: &std::sync::Arc<crate::weights::Weights>,
         cfg: &VisionConfig,
     ) -> Result<Self> {
-        let prefix = crate::llava::find_prefix(
-            w,
+        let prefix = w.find_prefix(
             &["vision_model", "model.vision_model"],
             "embeddings.patch_embedding.weight",
         )?;

@@ -47,7 +47,8 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     }
     fn image_token_id(&self) -> u32;
     fn tokens_per_image(&self) -> usize;
-    fn language_model(&self) -> &dyn CausalLm;
+    /// The language model; an error in a process that did not load it.
+    fn language_model(&self) -> Result<&dyn CausalLm>;
     fn dtype(&self) -> DType;
 
     /// Prepares a sequence's cache for its images before the prompt runs (models that
@@ -66,7 +67,7 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
         if self.tokens_per_image() == 0 {
             // The images enter through cross-attention (`condition`), not the embeddings.
-            return self.language_model().embed(ids);
+            return self.language_model()?.embed(ids);
         }
         let image_token = self.image_token_id();
         let placeholders = ids.iter().filter(|&&i| i == image_token).count();
@@ -83,7 +84,7 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
             .iter()
             .map(|&i| if i == image_token { 0 } else { i })
             .collect();
-        let mut x = self.language_model().embed(&text_ids)?;
+        let mut x = self.language_model()?.embed(&text_ids)?;
         let d = x.last_dim();
         if let Some(bad) = images.iter().find(|t| t.last_dim() != d || t.rows() != per) {
             return Err(Error::Input(format!(

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use iris_tensor::{DType, Tensor};
 use memmap2::Mmap;
@@ -13,6 +14,15 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::error::io_err;
 use crate::{Error, Result};
+
+/// Tensors read from any checkpoint by this process (a check that a role which should
+/// hold no weights, the gateway, never reads one).
+static TENSORS_READ: AtomicU64 = AtomicU64::new(0);
+
+/// How many checkpoint tensors this process has read so far.
+pub fn tensors_read_in_process() -> u64 {
+    TENSORS_READ.load(Ordering::Relaxed)
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -31,6 +41,8 @@ pub struct Weights {
     /// Tensors held in memory (benchmarks with random weights, tests).
     tensors: HashMap<String, Tensor>,
     dtype: DType,
+    /// Names of the tensors read so far, in order (what a part loaded).
+    read: Mutex<Vec<String>>,
 }
 
 impl Weights {
@@ -116,6 +128,7 @@ impl Weights {
             entries,
             tensors: HashMap::new(),
             dtype,
+            read: Mutex::new(Vec::new()),
         })
     }
 
@@ -126,6 +139,7 @@ impl Weights {
             entries: HashMap::new(),
             tensors,
             dtype,
+            read: Mutex::new(Vec::new()),
         }
     }
 
@@ -151,6 +165,11 @@ impl Weights {
     }
 
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        TENSORS_READ.fetch_add(1, Ordering::Relaxed);
+        self.read
+            .lock()
+            .expect("the read log is never poisoned")
+            .push(name.to_string());
         if let Some(t) = self.tensors.get(name) {
             if t.shape() != shape {
                 return Err(Error::TensorShape {
@@ -174,6 +193,32 @@ impl Weights {
         }
         let bytes = &self.maps[e.file][e.range.clone()];
         Ok(Tensor::from_le_bytes(bytes, e.dtype, shape)?.to_dtype(dtype))
+    }
+
+    /// Names of every tensor read so far (each once per read), in order.
+    pub fn tensors_read(&self) -> Vec<String> {
+        self.read
+            .lock()
+            .expect("the read log is never poisoned")
+            .clone()
+    }
+
+    /// Bytes the checkpoint stores for `name` (0 when absent).
+    pub fn stored_bytes(&self, name: &str) -> usize {
+        match self.tensors.get(name) {
+            Some(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            None => self.entries.get(name).map_or(0, |e| e.range.len()),
+        }
+    }
+
+    /// The first of `candidates` under which `probe` exists (checkpoint layouts differ
+    /// between transformers versions and the hub); looking does not read a tensor.
+    pub fn find_prefix<'a>(&self, candidates: &[&'a str], probe: &str) -> Result<&'a str> {
+        candidates
+            .iter()
+            .copied()
+            .find(|p| self.contains(&format!("{p}.{probe}")))
+            .ok_or_else(|| Error::MissingTensor(format!("{}.{probe}", candidates[0])))
     }
 
     /// A view of the tensors under `prefix.`.

@@ -9,15 +9,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use crate::error::ServeError;
 use futures::future::{FutureExt, Shared};
 use iris_tensor::Tensor;
-use tonic::Status;
 
 use crate::metrics::Metrics;
 
 pub type Key = [u8; 32];
 
-type Flight = Shared<Pin<Box<dyn Future<Output = Result<Arc<Tensor>, Status>> + Send>>>;
+type Flight = Shared<Pin<Box<dyn Future<Output = Result<Arc<Tensor>, ServeError>> + Send>>>;
 
 enum Entry {
     Ready {
@@ -96,9 +96,9 @@ impl VisualCache {
         &self,
         key: Key,
         compute: F,
-    ) -> Result<(Arc<Tensor>, Lookup), Status>
+    ) -> Result<(Arc<Tensor>, Lookup), ServeError>
     where
-        F: Future<Output = Result<Tensor, Status>> + Send + 'static,
+        F: Future<Output = Result<Tensor, ServeError>> + Send + 'static,
     {
         let flight = {
             let mut g = self.inner.lock().expect("cache lock");
@@ -249,7 +249,7 @@ mod tests {
     async fn a_failed_or_abandoned_encode_is_not_cached() {
         let cache = Arc::new(VisualCache::new(1 << 20, Arc::new(Metrics::new())));
         let e = cache
-            .get_or_compute([5; 32], async { Err(Status::invalid_argument("bad")) })
+            .get_or_compute([5; 32], async { Err(ServeError::bad_input("bad")) })
             .await;
         assert!(e.is_err());
         // Abandoned: the only waiter gives up; the next caller computes afresh.

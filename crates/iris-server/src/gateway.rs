@@ -10,11 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use iris_engine::{GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, RetrievalPipeline};
+use iris_engine::{
+    Family, GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, RetrievalPipeline, Task,
+};
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json};
 use iris_proto::v1 as pb;
 use tonic::{Code, Status};
+
+use crate::error::ServeError;
 
 use crate::cache::{Lookup, VisualCache};
 use crate::metrics::Metrics;
@@ -92,7 +96,7 @@ impl GatewayModel {
     /// for a retrieval model, which the gateway serves itself, its weights).
     pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> anyhow::Result<GatewayModel> {
         let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
-        let kind = if crate::roles::is_retrieval(dir) {
+        let kind = if Family::of_dir(dir)?.task() == Task::Retrieval {
             let opts = PipelineOptions {
                 dtype: None,
                 limits,
@@ -115,10 +119,10 @@ impl GatewayModel {
         })
     }
 
-    fn spec(&self) -> Result<&ModelSpec, Status> {
+    fn spec(&self) -> Result<&ModelSpec, ServeError> {
         match &self.kind {
             ModelKind::Generate(s) => Ok(s),
-            ModelKind::Retrieval(_) => Err(Status::invalid_argument(format!(
+            ModelKind::Retrieval(_) => Err(ServeError::bad_input(format!(
                 "model `{}` is a retrieval model: use Embed / Match",
                 self.id
             ))),
@@ -199,7 +203,7 @@ pub fn render_chat(
     image_token: &str,
     bos: &str,
     eos: &str,
-) -> Result<String, Status> {
+) -> Result<String, ServeError> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -212,7 +216,7 @@ pub fn render_chat(
         },
     );
     env.add_template("chat", template)
-        .map_err(|e| Status::internal(format!("the model's chat template: {e}")))?;
+        .map_err(|e| ServeError::internal(format!("the model's chat template: {e}")))?;
     let msgs: Vec<serde_json::Value> = messages
         .iter()
         .map(|m| {
@@ -237,7 +241,7 @@ pub fn render_chat(
                 eos_token => eos,
             })
         })
-        .map_err(|e| Status::invalid_argument(format!("rendering the chat template: {e}")))
+        .map_err(|e| ServeError::bad_input(format!("rendering the chat template: {e}")))
 }
 
 /// Splits text with image markers into parts.
@@ -292,11 +296,11 @@ impl Gateway {
         }
     }
 
-    pub fn model(&self, id: &str) -> Result<&GatewayModel, Status> {
+    pub fn model(&self, id: &str) -> Result<&GatewayModel, ServeError> {
         self.models.get(id).ok_or_else(|| {
             let mut known: Vec<&str> = self.models.keys().map(String::as_str).collect();
             known.sort();
-            Status::not_found(format!(
+            ServeError::NotFound(format!(
                 "model `{id}` is not served (served: {})",
                 known.join(", ")
             ))
@@ -308,23 +312,23 @@ impl Gateway {
     }
 
     /// Everything that can be checked before any image is decoded or encoded.
-    fn validate(&self, input: &GenerateInput) -> Result<(&GatewayModel, Vec<u32>), Status> {
+    fn validate(&self, input: &GenerateInput) -> Result<(&GatewayModel, Vec<u32>), ServeError> {
         let model = self.model(&input.model)?;
         let spec = model.spec()?;
         let o = &input.options;
         if o.max_new_tokens == 0 {
-            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+            return Err(ServeError::bad_input("max_tokens must be at least 1"));
         }
         if o.max_new_tokens > self.limits.max_tokens {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServeError::bad_input(format!(
                 "max_tokens {} is more than this server allows ({})",
                 o.max_new_tokens, self.limits.max_tokens
             )));
         }
         o.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ServeError::bad_input(e.to_string()))?;
         if input.images.len() > self.limits.max_images {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServeError::bad_input(format!(
                 "{} images: at most {} per request",
                 input.images.len(),
                 self.limits.max_images
@@ -332,7 +336,7 @@ impl Gateway {
         }
         for (i, img) in input.images.iter().enumerate() {
             iris_image::dimensions(img, self.limits.image)
-                .map_err(|e| Status::invalid_argument(format!("image {}: {e}", i + 1)))?;
+                .map_err(|e| ServeError::bad_input(format!("image {}: {e}", i + 1)))?;
         }
         let marker = spec.processor.image_token();
         let prompt = match (&input.prompt, &input.messages) {
@@ -350,7 +354,7 @@ impl Gateway {
                 )?
             }
             _ => {
-                return Err(Status::invalid_argument(
+                return Err(ServeError::bad_input(
                     "give exactly one of a prompt and (non-empty) messages",
                 ))
             }
@@ -358,10 +362,10 @@ impl Gateway {
         let ids = spec
             .processor
             .tokenize(&prompt, input.images.len())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ServeError::bad_input(e.to_string()))?;
         let need = ids.len() + o.max_new_tokens;
         if need > spec.context_length {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServeError::bad_input(format!(
                 "the prompt's {} tokens plus max_tokens {} exceed the model's context of {}",
                 ids.len(),
                 o.max_new_tokens,
@@ -378,7 +382,7 @@ impl Gateway {
         model: &GatewayModel,
         image: &[u8],
         deadline: Instant,
-    ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), Status> {
+    ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), ServeError> {
         let key = VisualCache::key(&model.digest, image);
         let (vision, connector) = (self.vision.clone(), self.connector.clone());
         let (id, bytes) = (model.id.clone(), image.to_vec());
@@ -394,17 +398,17 @@ impl Gateway {
         &self,
         input: GenerateInput,
         deadline: Instant,
-    ) -> Result<Generation, Status> {
+    ) -> Result<Generation, ServeError> {
         let start = Instant::now();
         let model = input.model.clone();
         let images = input.images.len();
         let result = self.start(input, deadline).await;
         let generation = match result {
             Ok(g) => g,
-            Err(s) => {
-                tracing::info!(%model, images, status = code_name(s.code()), error = s.message(), "refused");
-                self.metrics.count_request(code_name(s.code()));
-                return Err(s);
+            Err(e) => {
+                tracing::info!(%model, images, status = e.label(), error = e.message(), "refused");
+                self.metrics.count_request(e.label());
+                return Err(e);
             }
         };
         let (prompt_tokens, cached_images) = (generation.prompt_tokens, generation.cached_images);
@@ -443,8 +447,9 @@ impl Gateway {
                 }
                 Err(s) if !done => {
                     done = true;
-                    metrics.count_request(code_name(s.code()));
-                    tracing::warn!(%model, status = code_name(s.code()), error = s.message(), "failed");
+                    let e = ServeError::from(s.clone());
+                    metrics.count_request(e.label());
+                    tracing::warn!(%model, status = e.label(), error = e.message(), "failed");
                 }
                 _ => {}
             }
@@ -456,7 +461,11 @@ impl Gateway {
         })
     }
 
-    async fn start(&self, input: GenerateInput, deadline: Instant) -> Result<Generation, Status> {
+    async fn start(
+        &self,
+        input: GenerateInput,
+        deadline: Instant,
+    ) -> Result<Generation, ServeError> {
         let (model, ids) = self.validate(&input)?;
         let mut visual = Vec::with_capacity(input.images.len());
         let mut cached_images = 0;
@@ -504,10 +513,10 @@ impl Gateway {
         })
     }
 
-    pub fn retrieval(&self, id: &str) -> Result<Arc<RetrievalPipeline>, Status> {
+    pub fn retrieval(&self, id: &str) -> Result<Arc<RetrievalPipeline>, ServeError> {
         match &self.model(id)?.kind {
             ModelKind::Retrieval(p) => Ok(p.clone()),
-            ModelKind::Generate(_) => Err(Status::invalid_argument(format!(
+            ModelKind::Generate(_) => Err(ServeError::bad_input(format!(
                 "model `{id}` generates text: Embed and Match take a retrieval model"
             ))),
         }
@@ -570,26 +579,12 @@ fn migrating(
             match decoder.generate(again, deadline).await {
                 Ok(s) => stream = s,
                 Err(e) => {
-                    yield Err(e);
+                    yield Err(e.into());
                     break;
                 }
             }
         }
     })
-}
-
-pub fn code_name(c: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match c {
-        Ok => "ok",
-        Cancelled => "cancelled",
-        InvalidArgument => "invalid_argument",
-        NotFound => "not_found",
-        DeadlineExceeded => "deadline_exceeded",
-        ResourceExhausted => "resource_exhausted",
-        Unavailable => "unavailable",
-        _ => "internal",
-    }
 }
 
 #[cfg(test)]

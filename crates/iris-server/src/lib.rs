@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod cluster_cli;
+pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod openai;

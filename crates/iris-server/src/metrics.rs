@@ -45,6 +45,10 @@ pub struct Metrics {
     pub decode_steps: Family<ModelLabel, Gauge>,
     pub decode_tokens: Family<ModelLabel, Gauge>,
     pub prefix_hit_blocks: Family<ModelLabel, Gauge>,
+    /// Engine steps that panicked (their requests failed; the engine went on).
+    pub failed_steps: Family<ModelLabel, Gauge>,
+    /// 1 while the engine can serve, 0 once it cannot.
+    pub engine_alive: Family<ModelLabel, Gauge>,
     engines: Mutex<Vec<(String, Arc<Engine>)>>,
 }
 
@@ -79,6 +83,8 @@ impl Metrics {
             decode_steps: Family::default(),
             decode_tokens: Family::default(),
             prefix_hit_blocks: Family::default(),
+            failed_steps: Family::default(),
+            engine_alive: Family::default(),
             engines: Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
@@ -167,6 +173,16 @@ impl Metrics {
             "KV blocks reused from the prefix cache",
             m.prefix_hit_blocks.clone(),
         );
+        r.register(
+            "engine_failed_steps",
+            "Engine steps that panicked; their requests failed, the engine went on",
+            m.failed_steps.clone(),
+        );
+        r.register(
+            "engine_alive",
+            "1 while the engine can serve",
+            m.engine_alive.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -196,6 +212,12 @@ impl Metrics {
             self.prefix_hit_blocks
                 .get_or_create(&l)
                 .set(s.prefix_hits as i64);
+            self.failed_steps
+                .get_or_create(&l)
+                .set(s.failed_steps as i64);
+            self.engine_alive
+                .get_or_create(&l)
+                .set(i64::from(engine.is_alive()));
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

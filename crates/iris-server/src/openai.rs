@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::error::ServeError;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -19,7 +20,6 @@ use futures::StreamExt;
 use iris_engine::{GenerateOptions, SamplingParams, StopRules};
 use iris_proto::v1 as pb;
 use serde_json::{json, Value};
-use tonic::{Code, Status};
 
 use crate::gateway::{Gateway, GenerateInput, Message, ModelKind, Part};
 
@@ -95,29 +95,28 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     metrics_text(&s.gateway.metrics)
 }
 
-/// An error in OpenAI's shape with the HTTP status its gRPC code maps to.
-pub struct ApiError(pub Status);
-
-impl IntoResponse for ApiError {
+/// The HTTP mapping of `ServeError`: a status and an error body in OpenAI's shape
+/// (429 carries `Retry-After`).
+impl IntoResponse for ServeError {
     fn into_response(self) -> Response {
-        let (status, kind, code) = match self.0.code() {
-            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
-            Code::NotFound => (
+        let (status, kind, code) = match &self {
+            ServeError::BadInput(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            ServeError::NotFound(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("model_not_found"),
             ),
-            Code::ResourceExhausted => (
+            ServeError::Overloaded(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", None),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            ServeError::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout_error", None),
+            ServeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            ServeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         let body = json!({"error": {
-            "message": self.0.message(),
+            "message": self.message(),
             "type": kind,
             "param": null,
             "code": code,
@@ -131,8 +130,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(Status::invalid_argument(msg.into()))
+fn bad(msg: impl Into<String>) -> ServeError {
+    ServeError::bad_input(msg)
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
@@ -153,7 +152,7 @@ fn unix_now() -> u64 {
 }
 
 /// The request's images, fetched or decoded from `data:` URLs.
-async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ApiError> {
+async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ServeError> {
     let max = s.gateway.limits.image.max_bytes;
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
@@ -212,7 +211,7 @@ struct Parsed {
     logprobs: bool,
 }
 
-async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ApiError> {
+async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     let model = v["model"]
@@ -220,7 +219,7 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ApiError> {
         .ok_or_else(|| bad("`model` is required"))?
         .to_string();
     let gw = &s.gateway;
-    let m = gw.model(&model).map_err(ApiError)?;
+    let m = gw.model(&model)?;
     if let ModelKind::Retrieval(_) = m.kind {
         return Err(bad(format!("model `{model}` is a retrieval model")));
     }
@@ -374,13 +373,13 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
     }
 }
 
-async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeError> {
     let p = parse(&s, &body).await?;
     let gw = s.gateway.clone();
     let model = p.input.model.clone();
     let top_n = p.input.options.top_logprobs;
     let deadline = gw.deadline(None);
-    let generation = gw.generate(p.input, deadline).await.map_err(ApiError)?;
+    let generation = gw.generate(p.input, deadline).await?;
     let id = format!("chatcmpl-{:016x}", rand_seed());
     let created = unix_now();
     let prompt_tokens = generation.prompt_tokens;
@@ -388,7 +387,7 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
         let mut events = generation.events;
         let mut logprobs = Vec::new();
         while let Some(ev) = events.next().await {
-            match ev.map_err(ApiError)?.event {
+            match ev.map_err(ServeError::from)?.event {
                 Some(pb::generate_event::Event::Token(t)) if p.logprobs => {
                     logprobs.push(token_logprob(&gw, &model, &t, top_n));
                 }
@@ -415,9 +414,9 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ApiError
                 _ => {}
             }
         }
-        return Err(ApiError(Status::internal(
+        return Err(ServeError::internal(
             "the decoder ended the stream without finishing",
-        )));
+        ));
     }
     let model_name = model.clone();
     let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use iris_engine::{Engine, EngineConfig, Pipeline, PipelineOptions};
+use iris_engine::{Engine, EngineConfig, Family, Parts, Pipeline, PipelineOptions, Task};
 use iris_image::ImageLimits;
 use iris_proto::v1::connector_server::ConnectorServer;
 use iris_proto::v1::decoder_server::DecoderServer;
@@ -91,31 +91,33 @@ impl ModelArgs {
         }
     }
 
-    fn pipelines(&self) -> anyhow::Result<HashMap<String, Arc<Pipeline>>> {
+    /// The generation models' `parts` (retrieval models are served by the gateway
+    /// itself, not the tiers).
+    fn pipelines(&self, parts: Parts) -> anyhow::Result<HashMap<String, Arc<Pipeline>>> {
         let opts = PipelineOptions {
             dtype: self.dtype,
             limits: self.limits(),
         };
-        self.models
-            .iter()
-            .filter(|m| !is_retrieval(&m.dir))
-            .map(|m| {
-                let p = Pipeline::load(&m.dir, &opts)
-                    .with_context(|| format!("loading {}", m.dir.display()))?;
-                Ok((m.id.clone(), Arc::new(p)))
-            })
-            .collect()
+        let mut out = HashMap::new();
+        for m in &self.models {
+            let family =
+                Family::of_dir(&m.dir).with_context(|| format!("loading {}", m.dir.display()))?;
+            if family.task() == Task::Retrieval {
+                continue;
+            }
+            let p = Pipeline::load_parts(&m.dir, &opts, parts)
+                .with_context(|| format!("loading {}", m.dir.display()))?;
+            tracing::info!(
+                model = %m.id,
+                ?parts,
+                tensors = p.tensors_read().len(),
+                mib = p.bytes_read() >> 20,
+                "loaded"
+            );
+            out.insert(m.id.clone(), Arc::new(p));
+        }
+        Ok(out)
     }
-}
-
-/// Retrieval models (ITC / ITM) are served by the gateway itself, not the tiers.
-pub fn is_retrieval(dir: &std::path::Path) -> bool {
-    let arch = iris_models::config::read_json(&dir.join("config.json"))
-        .ok()
-        .and_then(|c| iris_models::config::architecture(&c))
-        .unwrap_or_default();
-    arch == iris_models::blip::RETRIEVAL_ARCHITECTURE
-        || arch == iris_models::blip2_retrieval::ARCHITECTURE
 }
 
 #[derive(Args, Debug, Clone)]
@@ -161,6 +163,9 @@ pub struct DecoderArgs {
     /// Test hook: milliseconds to pause after each engine step.
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_step_delay_ms: u64,
+    /// Test hook: panic once in the first decoding step from this one on.
+    #[arg(long, hide = true)]
+    pub test_panic_at_step: Option<usize>,
 }
 
 impl DecoderArgs {
@@ -172,6 +177,7 @@ impl DecoderArgs {
             queue: self.max_waiting,
             prefill_chunk: self.prefill_chunk,
             step_delay: Duration::from_millis(self.test_step_delay_ms),
+            panic_at_step: self.test_panic_at_step,
         };
         pipelines
             .iter()
@@ -264,11 +270,24 @@ impl Listen {
     }
 }
 
-/// What a member registers: its tier, models, and how to read its load.
+/// What a member registers: its tier, models, how to read its load, and whether it
+/// can still serve (when it cannot, it deregisters and reports NOT_SERVING).
 pub struct Registration {
     pub tier: &'static str,
     pub models: Vec<String>,
     pub load: Box<dyn Fn() -> u32 + Send + Sync>,
+    pub alive: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Registration {
+    fn new(tier: &'static str, models: Vec<String>) -> Registration {
+        Registration {
+            tier,
+            models,
+            load: Box::new(|| 0),
+            alive: Box::new(|| true),
+        }
+    }
 }
 
 /// `iris serve`: every tier and the gateway in one process.
@@ -356,10 +375,28 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The health service's reporter and the services it reports on.
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    names: Vec<String>,
+}
+
+impl Health {
+    async fn set(&self, status: tonic_health::ServingStatus) {
+        for n in &self.names {
+            self.reporter.set_service_status(n, status).await;
+        }
+    }
+}
+
 /// Adds health (`grpc.health.v1`, each of `names` serving) and reflection.
-fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<Router> {
+fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<(Router, Health)> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let h = Health {
+        reporter: reporter.clone(),
+        names: names.iter().map(|s| s.to_string()).collect(),
+    };
+    let names = h.names.clone();
     tokio::spawn(async move {
         for n in names {
             reporter
@@ -373,10 +410,11 @@ fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<Router> {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // Both reflection versions: grpcurl and many clients still speak v1alpha.
-    Ok(router
+    let router = router
         .add_service(health)
         .add_service(builder().build_v1()?)
-        .add_service(builder().build_v1alpha()?))
+        .add_service(builder().build_v1alpha()?);
+    Ok((router, h))
 }
 
 /// Binds both addresses, prints where, registers in etcd when asked, and serves until
@@ -384,7 +422,7 @@ fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<Router> {
 /// to it), then stops taking requests and finishes the ones it has.
 async fn run(
     listen: &Listen,
-    grpc: Router,
+    (grpc, health): (Router, Health),
     http: axum::Router,
     member: Registration,
 ) -> anyhow::Result<()> {
@@ -395,6 +433,7 @@ async fn run(
         .await
         .with_context(|| format!("binding {}", listen.http_addr))?;
     let grpc_addr = g.local_addr()?;
+    let alive = member.alive;
     let lease = match listen.registry() {
         Some(reg) => {
             let addr = listen
@@ -435,11 +474,30 @@ async fn run(
     std::io::stdout().flush()?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
-        if let Some(lease) = lease {
-            lease.close().await;
+        // A member that cannot serve any more (its engine died) leaves the cluster and
+        // says NOT_SERVING, but keeps answering so callers get UNAVAILABLE, not silence.
+        let dead = async {
+            while alive() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        tokio::select! {
+            _ = shutdown_signal() => {
+                if let Some(lease) = lease {
+                    lease.close().await;
+                }
+                let _ = stop_tx.send(true);
+            }
+            _ = dead => {
+                tracing::error!("this member can no longer serve: deregistering");
+                health.set(tonic_health::ServingStatus::NotServing).await;
+                if let Some(lease) = lease {
+                    lease.close().await;
+                }
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            }
         }
-        let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -475,15 +533,16 @@ const DECODER: &str = "iris.v1.Decoder";
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
-    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
-    let gen = pipelines;
+    // Every part once, shared by the tiers in this process.
+    let gen = tokio::task::spawn_blocking(move || m.pipelines(Parts::ALL)).await??;
     let vision = Arc::new(LocalVision::start(
         gen.clone(),
         a.encoder.batch(),
         metrics.clone(),
     ));
     let connector = Arc::new(LocalConnector::new(gen.clone(), metrics.clone()));
-    let decoder = Arc::new(LocalDecoder::new(a.decoder.engines(&gen), metrics.clone()));
+    let engines = a.decoder.engines(&gen);
+    let decoder = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
     let gw = Arc::new(Gateway::new(
         gateway_models(&a.models)?,
         vision.clone(),
@@ -498,18 +557,15 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .add_service(max(ConnectorServer::new(ConnectorService(connector))))
         .add_service(max(DecoderServer::new(DecoderService(decoder))));
     let router = with_ops(router, &[GATEWAY, VISION, CONNECTOR, DECODER, ""])?;
-    let me = Registration {
-        tier: "gateway",
-        models: model_ids(&a.models),
-        load: Box::new(|| 0),
-    };
+    let mut me = Registration::new("gateway", model_ids(&a.models));
+    me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
 
 pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
-    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
     let vision = Arc::new(LocalVision::start(
         pipelines,
         a.encoder.batch(),
@@ -519,50 +575,42 @@ pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
         Server::builder().add_service(max(VisionEncoderServer::new(VisionService(vision))));
     let router = with_ops(router, &[VISION, ""])?;
     let m = metrics.clone();
-    let me = Registration {
-        tier: "encoder",
-        models: model_ids(&a.models),
-        load: Box::new(move || m.encoder_queue.get().max(0) as u32),
-    };
+    let mut me = Registration::new("encoder", model_ids(&a.models));
+    me.load = Box::new(move || m.encoder_queue.get().max(0) as u32);
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
 pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
-    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
     let router = Server::builder().add_service(max(ConnectorServer::new(ConnectorService(c))));
     let router = with_ops(router, &[CONNECTOR, ""])?;
-    let me = Registration {
-        tier: "connector",
-        models: model_ids(&a.models),
-        load: Box::new(|| 0),
-    };
+    let me = Registration::new("connector", model_ids(&a.models));
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
 pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
-    let pipelines = tokio::task::spawn_blocking(move || m.pipelines()).await??;
+    let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
     let engines = a.decoder.engines(&pipelines);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
     let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
     let router = with_ops(router, &[DECODER, ""])?;
-    let me = Registration {
-        tier: "decoder",
-        models: model_ids(&a.models),
-        load: Box::new(move || {
-            engines
-                .values()
-                .map(|e| {
-                    let s = e.stats();
-                    (s.running + s.waiting) as u32
-                })
-                .sum()
-        }),
-    };
+    let mut me = Registration::new("decoder", model_ids(&a.models));
+    let watched = engines.clone();
+    me.alive = Box::new(move || watched.values().all(|e| e.is_alive()));
+    me.load = Box::new(move || {
+        engines
+            .values()
+            .map(|e| {
+                let s = e.stats();
+                (s.running + s.waiting) as u32
+            })
+            .sum()
+    });
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
@@ -616,11 +664,7 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
     ));
     let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
     let router = with_ops(router, &[GATEWAY, ""])?;
-    let me = Registration {
-        tier: "gateway",
-        models: model_ids(&a.models),
-        load: Box::new(|| 0),
-    };
+    let me = Registration::new("gateway", model_ids(&a.models));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
 

@@ -11,6 +11,7 @@ use iris_proto::v1::gateway_server::Gateway as GatewayApi;
 use iris_proto::v1::vision_encoder_server::VisionEncoder;
 use tonic::{Request, Response, Status};
 
+use crate::error::ServeError;
 use crate::gateway::{parts_of, Gateway, GenerateInput, Message, ModelKind};
 use crate::tiers::{ConnectorTier, DecoderTier, EventStream, VisionTier};
 use crate::wire::{self, MAX_MESSAGE_BYTES};
@@ -154,13 +155,13 @@ impl GatewayApi for GatewayService {
                 .iter()
                 .map(|b| p.embed_image(b).map(|t| wire::tensor_to_wire(&t)))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| wire::status(&e))?;
+                .map_err(ServeError::from)?;
             let texts = r
                 .texts
                 .iter()
                 .map(|t| p.embed_text(t).map(|t| wire::tensor_to_wire(&t)))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| wire::status(&e))?;
+                .map_err(ServeError::from)?;
             Ok(pb::EmbedResponse {
                 image_embeds: images,
                 text_embeds: texts,
@@ -180,7 +181,7 @@ impl GatewayApi for GatewayService {
         let scores = tokio::task::spawn_blocking(move || p.match_pair(&r.image, &r.text))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| wire::status(&e))?;
+            .map_err(ServeError::from)?;
         Ok(Response::new(pb::MatchResponse {
             itm_probability: scores.itm_probability,
             similarity: scores.itc_similarity,

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::wire::{self, MAX_MESSAGE_BYTES};
 
@@ -32,7 +33,7 @@ pub trait VisionTier: Send + Sync {
         model: &str,
         image: Vec<u8>,
         deadline: Instant,
-    ) -> Result<Tensor, Status>;
+    ) -> Result<Tensor, ServeError>;
 }
 
 /// Vision features to visual tokens.
@@ -43,7 +44,7 @@ pub trait ConnectorTier: Send + Sync {
         model: &str,
         features: Tensor,
         deadline: Instant,
-    ) -> Result<Tensor, Status>;
+    ) -> Result<Tensor, ServeError>;
 }
 
 /// Prompt ids and visual tokens to a stream of tokens. Dropping the stream cancels the
@@ -54,20 +55,20 @@ pub trait DecoderTier: Send + Sync {
         &self,
         req: pb::DecodeRequest,
         deadline: Instant,
-    ) -> Result<EventStream, Status>;
+    ) -> Result<EventStream, ServeError>;
 }
 
-fn model_of<'a, T>(models: &'a HashMap<String, T>, model: &str) -> Result<&'a T, Status> {
+fn model_of<'a, T>(models: &'a HashMap<String, T>, model: &str) -> Result<&'a T, ServeError> {
     models
         .get(model)
-        .ok_or_else(|| Status::not_found(format!("model `{model}` is not served here")))
+        .ok_or_else(|| ServeError::NotFound(format!("model `{model}` is not served here")))
 }
 
-fn remaining(deadline: Instant) -> Result<Duration, Status> {
+fn remaining(deadline: Instant) -> Result<Duration, ServeError> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| Status::deadline_exceeded("the request's deadline passed"))
+        .ok_or_else(|| ServeError::Deadline("the request's deadline passed".into()))
 }
 
 // ---------------------------------------------------------------- local
@@ -75,7 +76,7 @@ fn remaining(deadline: Instant) -> Result<Duration, Status> {
 struct Job {
     model: String,
     image: Vec<u8>,
-    reply: oneshot::Sender<Result<Tensor, Status>>,
+    reply: oneshot::Sender<Result<Tensor, ServeError>>,
 }
 
 /// The vision tier in process: a queue that batches images across requests (up to
@@ -140,10 +141,10 @@ impl LocalVision {
                             let pv = p
                                 .processor
                                 .pixel_values(&job.image)
-                                .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+                                .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
                             p.model
                                 .image_features(&pv)
-                                .map_err(|e| wire::status(&e.into()))
+                                .map_err(|e| iris_engine::Error::from(e).into())
                         });
                         m.encoder_requests.inc();
                         let _ = job.reply.send(r);
@@ -165,7 +166,7 @@ impl VisionTier for LocalVision {
         model: &str,
         image: Vec<u8>,
         deadline: Instant,
-    ) -> Result<Tensor, Status> {
+    ) -> Result<Tensor, ServeError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             model: model.to_string(),
@@ -174,16 +175,18 @@ impl VisionTier for LocalVision {
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
-                Status::resource_exhausted("the vision tier's queue is full; retry later")
+                ServeError::Overloaded("the vision tier's queue is full; retry later".into())
             }
-            mpsc::error::TrySendError::Closed(_) => Status::unavailable("the vision tier stopped"),
+            mpsc::error::TrySendError::Closed(_) => {
+                ServeError::Unavailable("the vision tier stopped".into())
+            }
         })?;
         self.metrics.encoder_queue.inc();
         match tokio::time::timeout(remaining(deadline)?, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Status::internal("the vision tier dropped the image")),
-            Err(_) => Err(Status::deadline_exceeded(
-                "encoding the image took too long",
+            Ok(Err(_)) => Err(ServeError::internal("the vision tier dropped the image")),
+            Err(_) => Err(ServeError::Deadline(
+                "encoding the image took too long".into(),
             )),
         }
     }
@@ -211,13 +214,13 @@ impl ConnectorTier for LocalConnector {
         model: &str,
         features: Tensor,
         _deadline: Instant,
-    ) -> Result<Tensor, Status> {
+    ) -> Result<Tensor, ServeError> {
         let p = model_of(&self.models, model)?.clone();
         self.metrics.connector_requests.inc();
         tokio::task::spawn_blocking(move || p.model.connect(&features))
             .await
-            .map_err(|e| Status::internal(format!("connector: {e}")))?
-            .map_err(|e| wire::status(&e.into()))
+            .map_err(|e| ServeError::internal(format!("connector: {e}")))?
+            .map_err(|e| iris_engine::Error::from(e).into())
     }
 }
 
@@ -242,7 +245,7 @@ impl DecoderTier for LocalDecoder {
         &self,
         req: pb::DecodeRequest,
         _deadline: Instant,
-    ) -> Result<EventStream, Status> {
+    ) -> Result<EventStream, ServeError> {
         let engine = model_of(&self.engines, &req.model)?;
         let visual = req
             .visual_tokens
@@ -254,7 +257,7 @@ impl DecoderTier for LocalDecoder {
             .iter()
             .map(|h| {
                 <[u8; 32]>::try_from(h.as_slice())
-                    .map_err(|_| Status::invalid_argument("an image hash is not 32 bytes"))
+                    .map_err(|_| ServeError::bad_input("an image hash is not 32 bytes"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let options = wire::options(
@@ -271,10 +274,7 @@ impl DecoderTier for LocalDecoder {
             image_hashes,
             resume: req.resume_token_ids,
         });
-        let stream = engine.submit(request).map_err(|e| match e {
-            iris_engine::Error::Busy(m) => Status::resource_exhausted(m),
-            e => wire::status(&e),
-        })?;
+        let stream = engine.submit(request)?;
         self.metrics.decoder_requests.inc();
         let mut produced = 0u32;
         Ok(Box::pin(StreamExt::map(stream, move |ev| {
@@ -324,21 +324,21 @@ impl<C> Drop for Outstanding<C> {
     }
 }
 
-fn channel(addr: &str) -> Result<Channel, Status> {
+fn channel(addr: &str) -> Result<Channel, ServeError> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
         format!("http://{addr}")
     };
     Ok(Endpoint::from_shared(uri)
-        .map_err(|e| Status::invalid_argument(format!("address `{addr}`: {e}")))?
+        .map_err(|e| ServeError::bad_input(format!("address `{addr}`: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect_lazy())
 }
 
 impl<C: Clone> Replicas<C> {
-    pub fn new(addrs: &[String], connect: fn(Channel) -> C) -> Result<Self, Status> {
+    pub fn new(addrs: &[String], connect: fn(Channel) -> C) -> Result<Self, ServeError> {
         let r = Replicas {
             members: RwLock::new(Vec::new()),
             turn: AtomicUsize::new(0),
@@ -349,7 +349,7 @@ impl<C: Clone> Replicas<C> {
     }
 
     /// Replaces the member list, keeping the connections of members that stay.
-    pub fn set(&self, addrs: &[String]) -> Result<(), Status> {
+    pub fn set(&self, addrs: &[String]) -> Result<(), ServeError> {
         let old = self.members.read().expect("replicas lock").clone();
         let mut new = Vec::with_capacity(addrs.len());
         for a in addrs {
@@ -441,7 +441,7 @@ impl<C: Clone> Replicas<C> {
 
 fn timed<T>(msg: T, deadline: Instant) -> Result<tonic::Request<T>, Status> {
     let mut r = tonic::Request::new(msg);
-    r.set_timeout(remaining(deadline)?);
+    r.set_timeout(remaining(deadline).map_err(Status::from)?);
     Ok(r)
 }
 
@@ -474,7 +474,7 @@ impl VisionTier for RemoteVision {
         model: &str,
         image: Vec<u8>,
         deadline: Instant,
-    ) -> Result<Tensor, Status> {
+    ) -> Result<Tensor, ServeError> {
         let features = self
             .0
             .call("vision", |mut c| {
@@ -486,8 +486,9 @@ impl VisionTier for RemoteVision {
             })
             .await?
             .features
-            .ok_or_else(|| Status::internal("the vision tier returned no features"))?;
+            .ok_or_else(|| ServeError::internal("the vision tier returned no features"))?;
         wire::tensor_from_wire(&features)
+            .map_err(|e| ServeError::internal(format!("the vision tier's features: {e}")))
     }
 }
 
@@ -498,7 +499,7 @@ impl ConnectorTier for RemoteConnector {
         model: &str,
         features: Tensor,
         deadline: Instant,
-    ) -> Result<Tensor, Status> {
+    ) -> Result<Tensor, ServeError> {
         let features = wire::tensor_to_wire(&features);
         let tokens = self
             .0
@@ -511,8 +512,9 @@ impl ConnectorTier for RemoteConnector {
             })
             .await?
             .visual_tokens
-            .ok_or_else(|| Status::internal("the connector returned no visual tokens"))?;
+            .ok_or_else(|| ServeError::internal("the connector returned no visual tokens"))?;
         wire::tensor_from_wire(&tokens)
+            .map_err(|e| ServeError::internal(format!("the connector's visual tokens: {e}")))
     }
 }
 
@@ -524,7 +526,7 @@ impl DecoderTier for RemoteDecoder {
         &self,
         req: pb::DecodeRequest,
         deadline: Instant,
-    ) -> Result<EventStream, Status> {
+    ) -> Result<EventStream, ServeError> {
         let stream = self
             .0
             .call("decoder", |mut c| {

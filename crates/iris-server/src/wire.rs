@@ -1,11 +1,13 @@
-//! Conversions between Iris types and the wire (`iris.v1`) messages, and the one place
-//! library errors become gRPC statuses.
+//! Conversions between Iris types and the wire (`iris.v1`) messages (errors map to
+//! statuses in `error.rs`).
 
 use half::bf16;
 use iris_engine::{FinishReason, GenerateOptions, SamplingParams, StopRules, TokenEvent};
 use iris_proto::v1 as pb;
 use iris_tensor::{DType, Tensor};
 use tonic::Status;
+
+use crate::error::ServeError;
 
 /// Largest message any Iris service or client takes (LLaVA's 576×4096 visual tokens
 /// are 4.5 MB in bf16, 9 MB in f32; gRPC's default is 4 MB).
@@ -39,21 +41,21 @@ pub fn tensor_to_wire(t: &Tensor) -> pb::Tensor {
 
 /// A wire tensor as f32 (what the models compute in); bad dtypes or sizes are the
 /// caller's error.
-pub fn tensor_from_wire(t: &pb::Tensor) -> Result<Tensor, Status> {
+pub fn tensor_from_wire(t: &pb::Tensor) -> Result<Tensor, ServeError> {
     let dtype = DType::parse(&t.dtype)
-        .ok_or_else(|| Status::invalid_argument(format!("unknown tensor dtype `{}`", t.dtype)))?;
+        .ok_or_else(|| ServeError::bad_input(format!("unknown tensor dtype `{}`", t.dtype)))?;
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     let want = shape
         .iter()
         .try_fold(dtype.size_in_bytes(), |a, &d| a.checked_mul(d));
     if want != Some(t.data.len()) {
-        return Err(Status::invalid_argument(format!(
+        return Err(ServeError::bad_input(format!(
             "tensor of shape {shape:?} {dtype} needs {want:?} bytes, got {}",
             t.data.len()
         )));
     }
     let x = Tensor::from_le_bytes(&t.data, dtype, &shape)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| ServeError::bad_input(e.to_string()))?;
     Ok(if dtype == DType::F32 {
         x
     } else {
@@ -164,17 +166,7 @@ pub fn event_to_wire(ev: TokenEvent, completion_tokens: u32) -> Result<pb::Gener
                 completion_tokens,
                 cached_tokens: cached_tokens as u32,
             }),
-            TokenEvent::Error(e) if e.bad_input => return Err(Status::invalid_argument(e.message)),
-            TokenEvent::Error(e) => return Err(Status::internal(e.message)),
+            TokenEvent::Error(e) => return Err(ServeError::new(e.kind, e.message).into()),
         }),
     })
-}
-
-/// The gRPC status of an engine / model / image error.
-pub fn status(e: &iris_engine::Error) -> Status {
-    if e.is_bad_input() {
-        Status::invalid_argument(e.to_string())
-    } else {
-        Status::internal(e.to_string())
-    }
 }

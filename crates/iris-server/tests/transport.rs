@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iris_proto::v1::connector_server::ConnectorServer;
+use iris_server::error::ServeError;
 use iris_server::services::{max, ConnectorService};
 use iris_server::tiers::{connector_client, ConnectorTier, RemoteConnector, Replicas};
 use iris_tensor::Tensor;
-use tonic::Status;
 
 /// A connector whose projection doubles its input (the transport is under test here,
 /// not the model).
@@ -16,7 +16,7 @@ struct Doubling;
 
 #[tonic::async_trait]
 impl ConnectorTier for Doubling {
-    async fn project(&self, _: &str, f: Tensor, _: Instant) -> Result<Tensor, Status> {
+    async fn project(&self, _: &str, f: Tensor, _: Instant) -> Result<Tensor, ServeError> {
         let v: Vec<f32> = f.to_f32_vec().iter().map(|x| x * 2.0).collect();
         Ok(Tensor::from_f32(v, f.shape()).unwrap())
     }

@@ -199,7 +199,7 @@ fn decode_images(a: DecodeImagesArgs) -> anyhow::Result<()> {
         let images = vec![bytes.clone(); n];
         let prepared = p.processor.prepare(&prompt, &images)?;
         let visual = p.encode_images(&prepared)?;
-        let lm = p.model.language_model();
+        let lm = p.model.language_model()?;
         let mut cache = lm.new_cache();
         let t0 = Instant::now();
         p.model

@@ -682,3 +682,56 @@ fn embed_and_match_serve_a_retrieval_model_as_hf_scores_it() {
         assert_eq!(e.code(), Code::InvalidArgument);
     });
 }
+
+/// A panic planted in an engine step by the test-only hook fails exactly that step's
+/// request — INTERNAL over gRPC, 500 over HTTP — and the next request is answered as
+/// it would have been, with every KV block back.
+#[test]
+fn a_panic_in_an_engine_step_fails_its_request_and_the_engine_goes_on() {
+    let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
+    let body = serde_json::json!({
+        "model": MODEL, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Hello"}],
+    });
+    for over_http in [false, true] {
+        let args = [
+            "serve",
+            "--model",
+            &model_arg(),
+            "--test-panic-at-step",
+            "0",
+        ];
+        let s = spawn(env!("CARGO_BIN_EXE_iris"), &args);
+        let blocks = metric(&s.http, "iris_kv_free_blocks");
+        if over_http {
+            let r = reqwest::blocking::Client::new()
+                .post(format!("http://{}/v1/chat/completions", s.http))
+                .json(&body)
+                .send()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 500);
+            let v: serde_json::Value = r.json().unwrap();
+            assert_eq!(v["error"]["type"], "server_error", "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("internal"));
+        }
+        rt().block_on(async {
+            let mut g = client(&s.grpc).await;
+            if !over_http {
+                let e = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.code(), tonic::Code::Internal, "{e}");
+            }
+            let (ids, text, _) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+                .await
+                .unwrap();
+            assert_eq!((ids, text), (want.clone(), want_text.clone()));
+        });
+        assert_eq!(metric(&s.http, "iris_engine_failed_steps"), 1.0);
+        assert_eq!(metric(&s.http, "iris_engine_alive"), 1.0);
+        eventually(Duration::from_secs(30), "every KV block back", || {
+            metric(&s.http, "iris_kv_free_blocks") == blocks
+        });
+        assert_eq!(metric(&s.http, "iris_requests_total"), 2.0);
+    }
+}

@@ -1,0 +1,286 @@
+//! The one table from a checkpoint's declared architecture (`architectures[0]`, else
+//! `model_type`, as HF's `AutoConfig` reads it) to what Iris serves it as: the model
+//! family, its task (generation or retrieval) and the parts it is made of. Every
+//! other place that needs to know what a model is asks here.
+//!
+//! A model is loaded as parts (`Parts`): a vision tier loads the vision tower, a
+//! connector tier the projector / Q-Former / Perceiver Resampler, a decoder the
+//! language model; each part reads only its own tensors from the memory-mapped
+//! checkpoint, and `Weights::tensors_read` tells which those were.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iris_tensor::DType;
+use serde_json::Value;
+
+use crate::config::{architecture, checkpoint_dtype, read_json};
+use crate::vlm::{ImageTextRetrieval, VisionLanguageModel};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// One part of a vision-language model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The vision tower (ViT) and its feature selection.
+    Vision,
+    /// LLaVA's projector, BLIP-2's Q-Former + language projection, IDEFICS' Perceiver
+    /// Resampler (BLIP's captioner has none: its decoder reads the features).
+    Connector,
+    /// The language model (with IDEFICS' gated cross-attention layers).
+    Language,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Part::Vision => "vision encoder",
+            Part::Connector => "connector",
+            Part::Language => "language model",
+        })
+    }
+}
+
+/// A set of parts to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Parts {
+    pub vision: bool,
+    pub connector: bool,
+    pub language: bool,
+}
+
+impl Parts {
+    pub const NONE: Parts = Parts {
+        vision: false,
+        connector: false,
+        language: false,
+    };
+    pub const ALL: Parts = Parts {
+        vision: true,
+        connector: true,
+        language: true,
+    };
+    pub const VISION: Parts = Parts {
+        vision: true,
+        ..Parts::NONE
+    };
+    pub const CONNECTOR: Parts = Parts {
+        connector: true,
+        ..Parts::NONE
+    };
+    pub const LANGUAGE: Parts = Parts {
+        language: true,
+        ..Parts::NONE
+    };
+
+    pub fn has(self, part: Part) -> bool {
+        match part {
+            Part::Vision => self.vision,
+            Part::Connector => self.connector,
+            Part::Language => self.language,
+        }
+    }
+
+    pub fn union(self, o: Parts) -> Parts {
+        Parts {
+            vision: self.vision || o.vision,
+            connector: self.connector || o.connector,
+            language: self.language || o.language,
+        }
+    }
+}
+
+/// A loaded part, or the error that says it is not loaded in this process.
+pub(crate) fn part<T>(slot: &Option<T>, which: Part) -> Result<&T> {
+    slot.as_ref().ok_or(Error::PartNotLoaded(which))
+}
+
+/// `Some(load())` when `which` is wanted.
+pub(crate) fn load_if<T>(
+    parts: Parts,
+    which: Part,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Option<T>> {
+    parts.has(which).then(load).transpose()
+}
+
+/// The model families Iris serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Llava,
+    Blip2,
+    Idefics,
+    BlipCaption,
+    BlipRetrieval,
+    Blip2Retrieval,
+}
+
+/// What a family is served for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Text from images and a prompt (the tiers and the engine).
+    Generation,
+    /// ITC embeddings and ITM scores (served by the gateway itself).
+    Retrieval,
+}
+
+/// Architecture names (HF class names and `model_type`s) → family.
+const TABLE: &[(&str, Family)] = &[
+    (crate::llava::ARCHITECTURE, Family::Llava),
+    ("llava", Family::Llava),
+    (crate::blip2::ARCHITECTURE, Family::Blip2),
+    ("blip-2", Family::Blip2),
+    (crate::idefics::ARCHITECTURE, Family::Idefics),
+    ("idefics", Family::Idefics),
+    (crate::blip::CAPTION_ARCHITECTURE, Family::BlipCaption),
+    (crate::blip::RETRIEVAL_ARCHITECTURE, Family::BlipRetrieval),
+    (crate::blip2_retrieval::ARCHITECTURE, Family::Blip2Retrieval),
+];
+
+impl Family {
+    /// The family of a parsed `config.json`.
+    pub fn of(config: &Value) -> Result<Family> {
+        let arch = architecture(config).unwrap_or_else(|| "<none>".into());
+        TABLE
+            .iter()
+            .find(|(name, _)| *name == arch)
+            .map(|(_, f)| *f)
+            .ok_or(Error::UnknownArchitecture(arch))
+    }
+
+    /// The family of the model folder `dir`.
+    pub fn of_dir(dir: &Path) -> Result<Family> {
+        Family::of(&read_json(&dir.join("config.json"))?)
+    }
+
+    /// The architecture names this family is declared by.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        TABLE
+            .iter()
+            .filter(move |(_, f)| *f == self)
+            .map(|(n, _)| *n)
+    }
+
+    pub fn task(self) -> Task {
+        match self {
+            Family::BlipRetrieval | Family::Blip2Retrieval => Task::Retrieval,
+            _ => Task::Generation,
+        }
+    }
+
+    /// The parts a model of this family has (BLIP's captioner has no connector).
+    pub fn parts(self) -> Parts {
+        match self {
+            Family::BlipCaption => Parts {
+                connector: false,
+                ..Parts::ALL
+            },
+            _ => Parts::ALL,
+        }
+    }
+}
+
+/// A model folder opened for loading: its config, the dtype its tensors are served in,
+/// and the memory-mapped checkpoint (nothing is read until a part asks for a tensor).
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub family: Family,
+    /// The name the config declares (`architectures[0]`, else `model_type`).
+    pub architecture: String,
+    pub config: Value,
+    pub dtype: DType,
+    pub weights: Arc<Weights>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`; `dtype` overrides the checkpoint's (default f32).
+    pub fn open(dir: &Path, dtype: Option<DType>) -> Result<Checkpoint> {
+        let config = read_json(&dir.join("config.json"))?;
+        let family = Family::of(&config)?;
+        let architecture = architecture(&config).unwrap_or_default();
+        // LLaVA checkpoints may declare their dtype in `text_config` only.
+        let text_dtype = || match family {
+            Family::Llava => config.get("text_config").and_then(checkpoint_dtype),
+            _ => None,
+        };
+        let dtype = dtype
+            .or_else(|| checkpoint_dtype(&config))
+            .or_else(text_dtype)
+            .unwrap_or(DType::F32);
+        let weights = Arc::new(Weights::open(dir, dtype)?);
+        Ok(Checkpoint {
+            family,
+            architecture,
+            config,
+            dtype,
+            weights,
+        })
+    }
+
+    /// Errors unless the checkpoint is of `family`.
+    pub(crate) fn expect(&self, family: Family) -> Result<()> {
+        match self.family == family {
+            true => Ok(()),
+            false => Err(Error::UnknownArchitecture(self.architecture.clone())),
+        }
+    }
+
+    /// The generation model's `parts` (the others are not read).
+    pub fn load_vlm(&self, dir: &Path, parts: Parts) -> Result<Box<dyn VisionLanguageModel>> {
+        use crate::{blip::BlipCaptioner, blip2::Blip2, idefics::Idefics, llava::Llava};
+        Ok(match self.family {
+            Family::Llava => Box::new(Llava::from_checkpoint(self, parts, iris_comm::single())?),
+            Family::Blip2 => Box::new(Blip2::from_checkpoint(self, parts)?),
+            Family::Idefics => Box::new(Idefics::from_checkpoint(self, dir, parts)?),
+            Family::BlipCaption => Box::new(BlipCaptioner::from_checkpoint(self, parts)?),
+            Family::BlipRetrieval | Family::Blip2Retrieval => {
+                return Err(Error::Config(format!(
+                    "`{}` is a retrieval model: it embeds and matches, it does not generate",
+                    self.architecture
+                )))
+            }
+        })
+    }
+
+    /// The retrieval model (every part: the gateway serves it whole).
+    pub fn load_retrieval(&self) -> Result<Box<dyn ImageTextRetrieval>> {
+        use crate::{blip::BlipRetrieval, blip2_retrieval::Blip2Retrieval};
+        Ok(match self.family {
+            Family::BlipRetrieval => Box::new(BlipRetrieval::from_checkpoint(self)?),
+            Family::Blip2Retrieval => Box::new(Blip2Retrieval::from_checkpoint(self)?),
+            _ => {
+                return Err(Error::Config(format!(
+                    "`{}` generates text; it is not a retrieval model (embed, match)",
+                    self.architecture
+                )))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn families_by_class_name_and_model_type() {
+        let f = |v: Value| Family::of(&v).unwrap();
+        assert_eq!(
+            f(json!({"architectures": ["LlavaForConditionalGeneration"]})),
+            Family::Llava
+        );
+        assert_eq!(f(json!({"model_type": "blip-2"})), Family::Blip2);
+        assert_eq!(
+            f(json!({"architectures": ["BlipForImageTextRetrieval"]})).task(),
+            Task::Retrieval
+        );
+        assert!(!Family::BlipCaption.parts().connector);
+        let e = Family::of(&json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
+        assert!(matches!(e, Error::UnknownArchitecture(a) if a == "GPT2LMHeadModel"));
+        assert!(matches!(
+            Family::of(&json!({})),
+            Err(Error::UnknownArchitecture(a)) if a == "<none>"
+        ));
+    }
+}
