@@ -122,3 +122,44 @@ fn a_part_computes_what_the_whole_model_computes_and_refuses_the_rest() {
         assert!(decoder.model.image_features(&pv).is_err());
     }
 }
+
+/// ‖a − b‖ / ‖b‖.
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn a_batch_through_the_vit_equals_each_image_alone() {
+    let images: Vec<Vec<u8>> = ["scene.png", "tall.jpg", "scene.webp"]
+        .iter()
+        .map(|n| std::fs::read(fixtures().join("images").join(n)).unwrap())
+        .collect();
+    for &name in GENERATION {
+        let (p, _) = read(name, Parts::VISION);
+        let pvs: Vec<_> = images
+            .iter()
+            .map(|b| p.processor.pixel_values(b).unwrap())
+            .collect();
+        let batch = p
+            .model
+            .image_features_batch(&pvs.iter().collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(batch.len(), pvs.len());
+        for (i, (pv, got)) in pvs.iter().zip(&batch).enumerate() {
+            let alone = p.model.image_features(pv).unwrap();
+            assert_eq!(got.shape(), alone.shape(), "{name} image {i}");
+            let (g, a) = (got.to_f32_vec(), alone.to_f32_vec());
+            // bf16 models run the packed GEMM (AVX-512 BF16), whose rows do not depend
+            // on the batch: bit for bit. f32 matrix products, and bf16 ones without
+            // that instruction, may take another kernel for more rows.
+            if name.contains("bf16") && iris_tensor::kernels::has_avx512_bf16() {
+                assert_eq!(g, a, "{name} image {i}");
+            } else {
+                let r = rel(&g, &a);
+                assert!(r < 1e-6, "{name} image {i}: relative error {r:e}");
+            }
+        }
+    }
+}

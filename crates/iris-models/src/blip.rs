@@ -185,6 +185,9 @@ impl VisionLanguageModel for BlipCaptioner {
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         part(&self.vision_model, Part::Vision)?.forward(pixel_values)
     }
+    fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        part(&self.vision_model, Part::Vision)?.forward_batch(pixel_values)
+    }
     /// BLIP's decoder reads the vision features themselves.
     fn connect(&self, features: &Tensor) -> Result<Tensor> {
         Ok(features.clone())

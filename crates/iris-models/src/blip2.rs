@@ -189,6 +189,9 @@ impl VisionLanguageModel for Blip2 {
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         Blip2::image_features(self, pixel_values)
     }
+    fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        part(&self.vision_model, Part::Vision)?.forward_batch(pixel_values)
+    }
     fn connect(&self, features: &Tensor) -> Result<Tensor> {
         self.project(&self.query_output(features)?)
     }

@@ -406,6 +406,14 @@ impl VisionLanguageModel for Idefics {
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         Idefics::image_features(self, pixel_values)
     }
+    fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let n = self.cfg.vision.num_hidden_layers;
+        part(&self.vision_model, Part::Vision)?
+            .hidden_states_batch(pixel_values, &[n])?
+            .into_iter()
+            .map(|mut s| Ok(s.remove(0)))
+            .collect()
+    }
     fn connect(&self, features: &Tensor) -> Result<Tensor> {
         self.resample(features)
     }

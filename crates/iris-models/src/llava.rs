@@ -131,6 +131,21 @@ impl Llava {
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let states = part(&self.vision_tower, Part::Vision)?
             .hidden_states(pixel_values, &self.feature_layers)?;
+        self.select(states)
+    }
+
+    /// `image_features` of several images in one stacked ViT pass.
+    pub fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        part(&self.vision_tower, Part::Vision)?
+            .hidden_states_batch(pixel_values, &self.feature_layers)?
+            .into_iter()
+            .map(|states| self.select(states))
+            .collect()
+    }
+
+    /// `vision_feature_layer`'s states of one image, its CLS row dropped or not
+    /// (`vision_feature_select_strategy`), several layers side by side.
+    fn select(&self, states: Vec<Tensor>) -> Result<Tensor> {
         let skip = match self.cfg.select_strategy {
             SelectStrategy::Default => 1,
             SelectStrategy::Full => 0,
@@ -167,6 +182,9 @@ impl Llava {
 impl VisionLanguageModel for Llava {
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         Llava::image_features(self, pixel_values)
+    }
+    fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        Llava::image_features_batch(self, pixel_values)
     }
     fn connect(&self, features: &Tensor) -> Result<Tensor> {
         self.project(features)

@@ -81,11 +81,22 @@ impl VitAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` holds the rows of one or more images, `tokens` rows each: the projections
+    /// run over all of them at once, attention within each image.
+    fn forward(&self, x: &Tensor, tokens: usize) -> Result<Tensor> {
         let q = self.q.forward(x)?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
-        let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, self.shape, None);
+        let (q, k, v) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
+        let step = tokens * x.last_dim();
+        let mut o = Vec::with_capacity(q.len());
+        for ((q, k), v) in q
+            .chunks_exact(step)
+            .zip(k.chunks_exact(step))
+            .zip(v.chunks_exact(step))
+        {
+            o.extend(sdpa(q, k, v, self.shape, None));
+        }
         let o = Tensor::from_f32(o, x.shape())?.round_to(self.dtype);
         self.out.forward(&o)
     }
@@ -118,8 +129,10 @@ impl VitLayer {
         })
     }
 
-    fn forward(&self, x: Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(&x)?)?;
+    fn forward(&self, x: Tensor, tokens: usize) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(&x)?, tokens)?;
         let x = x.add_elem(&h)?.round_to(self.dtype);
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
         Ok(x.add_elem(&h)?.round_to(self.dtype))
@@ -257,6 +270,18 @@ impl VisionTransformer {
     /// Hidden states `indices` (0 = embeddings, after `pre_layrnorm` where the model has
     /// one; i = after layer i) of one image `[C, H, W]`, each `[1 + patches, hidden]`.
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let mut per_image = self.hidden_states_batch(&[pixel_values], indices)?;
+        Ok(per_image.pop().expect("one image in, one out"))
+    }
+
+    /// `hidden_states` of several images in one stacked pass: every linear layer runs
+    /// once over all their rows (the weights are read once for the batch), attention
+    /// within each image. Each image's states equal what it gives alone.
+    pub fn hidden_states_batch(
+        &self,
+        pixel_values: &[&Tensor],
+        indices: &[usize],
+    ) -> Result<Vec<Vec<Tensor>>> {
         let last = indices.iter().copied().max().unwrap_or(0);
         if last > self.layers.len() {
             return Err(Error::Input(format!(
@@ -264,36 +289,59 @@ impl VisionTransformer {
                 self.layers.len()
             )));
         }
+        if pixel_values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self.cfg.num_patches() + 1;
         let states = iris_tensor::on_pool(|| {
-            let mut x = self.embeddings(pixel_values)?;
+            let embeds = pixel_values
+                .iter()
+                .map(|pv| self.embeddings(pv))
+                .collect::<Result<Vec<_>>>()?;
+            let mut x = Tensor::cat_rows(&embeds.iter().collect::<Vec<_>>())?;
             if let Some(n) = &self.pre_layrnorm {
                 x = n.forward(&x)?;
             }
             let mut states = vec![None; last + 1];
             states[0] = Some(x.clone());
             for (i, layer) in self.layers[..last].iter().enumerate() {
-                x = layer.forward(x)?;
+                x = layer.forward(x, tokens)?;
                 states[i + 1] = Some(x.clone());
             }
             Ok::<_, Error>(states)
         })?;
-        Ok(indices
-            .iter()
-            .map(|&i| {
-                states[i]
-                    .clone()
-                    .expect("state computed for every index ≤ last")
+        (0..pixel_values.len())
+            .map(|img| {
+                indices
+                    .iter()
+                    .map(|&i| {
+                        let all = states[i]
+                            .as_ref()
+                            .expect("state computed for every index ≤ last");
+                        Ok(all.narrow_rows(img * tokens, tokens)?)
+                    })
+                    .collect()
             })
-            .collect())
+            .collect()
     }
 
     /// The last hidden state after `post_layernorm` (BLIP's `last_hidden_state`).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let last = self.hidden_states(pixel_values, &[self.layers.len()])?;
-        let x = last.into_iter().next().expect("one state");
-        match &self.post_layernorm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
-        }
+        let mut out = self.forward_batch(&[pixel_values])?;
+        Ok(out.pop().expect("one image in, one out"))
+    }
+
+    /// `forward` of several images in one stacked pass.
+    pub fn forward_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        self.hidden_states_batch(pixel_values, &[self.layers.len()])?
+            .into_iter()
+            .map(|mut states| {
+                let x = states.pop().expect("one state");
+                match &self.post_layernorm {
+                    Some(n) => n.forward(&x),
+                    None => Ok(x),
+                }
+            })
+            .collect()
     }
 }

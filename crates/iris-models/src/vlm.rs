@@ -38,6 +38,14 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     /// The vision tower's output for one image `[C, H, W]`: what the connector reads
     /// (the vision tier's half of `encode_image`).
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// `image_features` of several images; models override it with one stacked pass
+    /// through the vision tower. Each image's features equal what it gives alone.
+    fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
+        pixel_values
+            .iter()
+            .map(|pv| self.image_features(pv))
+            .collect()
+    }
     /// Visual tokens from vision features: the projector, Q-Former or resampler (the
     /// connector tier's half).
     fn connect(&self, features: &Tensor) -> Result<Tensor>;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub encoder_requests: Counter,
     pub encoder_batch: Histogram,
+    /// Stacked passes through a vision tower (one per model per batch).
+    pub encoder_passes: Counter,
     pub encoder_queue: Gauge,
     pub connector_requests: Counter,
     pub decoder_requests: Counter,
@@ -74,6 +76,7 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             encoder_requests: Counter::default(),
             encoder_batch: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            encoder_passes: Counter::default(),
             encoder_queue: Gauge::default(),
             connector_requests: Counter::default(),
             decoder_requests: Counter::default(),
@@ -135,6 +138,11 @@ impl Metrics {
             "encoder_batch_size",
             "Images per vision-tier batch",
             m.encoder_batch.clone(),
+        );
+        r.register(
+            "encoder_passes",
+            "Stacked vision-tower passes (one per model per batch)",
+            m.encoder_passes.clone(),
         );
         r.register(
             "encoder_queue_depth",

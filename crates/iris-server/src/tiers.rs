@@ -132,30 +132,59 @@ impl LocalVision {
                 m.encoder_batch.observe(batch.len() as f64);
                 let models = models.clone();
                 let m = m.clone();
-                let done = tokio::task::spawn_blocking(move || {
-                    for job in batch {
-                        if job.reply.is_closed() {
-                            continue;
-                        }
-                        let r = model_of(&models, &job.model).and_then(|p| {
-                            let pv = p
-                                .processor
-                                .pixel_values(&job.image)
-                                .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
-                            p.model
-                                .image_features(&pv)
-                                .map_err(|e| iris_engine::Error::from(e).into())
-                        });
-                        m.encoder_requests.inc();
-                        let _ = job.reply.send(r);
-                    }
-                });
+                let done = tokio::task::spawn_blocking(move || encode_batch(&models, batch, &m));
                 if let Err(e) = done.await {
                     tracing::error!("vision batch panicked: {e}");
                 }
             }
         });
         LocalVision { tx, metrics }
+    }
+}
+
+/// One batch of the vision tier: each image preprocessed on its own (a bad image fails
+/// only its job), then each model's images through its vision tower in one stacked
+/// pass.
+fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Metrics) {
+    let mut by_model: Vec<(Arc<Pipeline>, Vec<(Job, Tensor)>)> = Vec::new();
+    for job in batch {
+        if job.reply.is_closed() {
+            continue;
+        }
+        m.encoder_requests.inc();
+        let prepared = model_of(models, &job.model).and_then(|p| {
+            let pv = p
+                .processor
+                .pixel_values(&job.image)
+                .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
+            Ok((p.clone(), pv))
+        });
+        match prepared {
+            Ok((p, pv)) => match by_model.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &p)) {
+                Some((_, jobs)) => jobs.push((job, pv)),
+                None => by_model.push((p, vec![(job, pv)])),
+            },
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    for (p, jobs) in by_model {
+        let pvs: Vec<&Tensor> = jobs.iter().map(|(_, pv)| pv).collect();
+        m.encoder_passes.inc();
+        match p.model.image_features_batch(&pvs) {
+            Ok(features) => {
+                for ((job, _), f) in jobs.into_iter().zip(features) {
+                    let _ = job.reply.send(Ok(f));
+                }
+            }
+            Err(e) => {
+                let e = ServeError::from(iris_engine::Error::from(e));
+                for (job, _) in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 

@@ -46,6 +46,9 @@ pub struct VitArgs {
     /// Timed runs (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Images per stacked pass (comma-separated: one measurement each).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
+    batch: Vec<usize>,
 }
 
 fn vit(a: VitArgs) -> anyhow::Result<()> {
@@ -105,25 +108,32 @@ fn vit(a: VitArgs) -> anyhow::Result<()> {
     let w = Arc::new(Weights::from_tensors(map, dtype));
     let model = VisionTransformer::load(&w.pp(""), &cfg, a.layers)?;
     let s = a.image_size;
-    let pixels = Tensor::from_f32(random(3 * s * s, 3), &[3, s, s])?;
-    let mut times = Vec::new();
-    for _ in 0..a.runs.max(1) {
-        let t = Instant::now();
-        model.hidden_states(&pixels, &[a.layers])?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    let median = median(times);
     let tokens = cfg.num_patches() + 1;
-    println!(
-        "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype}: {:.2} s per image ({:.0} GFLOP/s on the weights)",
-        s,
-        s,
-        p,
-        a.layers,
-        params as f64 / 1e6,
-        median,
-        2.0 * params as f64 * tokens as f64 / median / 1e9
-    );
+    for &n in &a.batch {
+        let n = n.max(1);
+        let pixels = (0..n)
+            .map(|i| Tensor::from_f32(random(3 * s * s, 3 + i as u64), &[3, s, s]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch: Vec<&Tensor> = pixels.iter().collect();
+        let mut times = Vec::new();
+        for _ in 0..a.runs.max(1) {
+            let t = Instant::now();
+            model.hidden_states_batch(&batch, &[a.layers])?;
+            times.push(t.elapsed().as_secs_f64() / n as f64);
+        }
+        let median = median(times);
+        println!(
+            "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype} batch {n}: {:.2} s per image, {:.2} images/s ({:.0} GFLOP/s on the weights)",
+            s,
+            s,
+            p,
+            a.layers,
+            params as f64 / 1e6,
+            median,
+            1.0 / median,
+            2.0 * params as f64 * tokens as f64 / median / 1e9
+        );
+    }
     Ok(())
 }
 

@@ -562,6 +562,8 @@ fn the_vision_tier_batches_images_across_requests() {
     assert_eq!(metric(&s.http, "iris_encoder_requests_total"), 4.0);
     let batches = metric(&s.http, "iris_encoder_batch_size_count");
     assert!(batches < 4.0, "4 images in {batches} batches");
+    // Each batch went through the ViT as one stacked pass, not image by image.
+    assert_eq!(metric(&s.http, "iris_encoder_passes_total"), batches);
 }
 
 #[test]
