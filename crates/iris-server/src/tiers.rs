@@ -146,7 +146,9 @@ impl LocalVision {
 /// only its job), then each model's images through its vision tower in one stacked
 /// pass.
 fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Metrics) {
-    let mut by_model: Vec<(Arc<Pipeline>, Vec<(Job, Tensor)>)> = Vec::new();
+    // Jobs with their pixel values, grouped by model.
+    type Group = (Arc<Pipeline>, Vec<(Job, Tensor)>);
+    let mut by_model: Vec<Group> = Vec::new();
     for job in batch {
         if job.reply.is_closed() {
             continue;
