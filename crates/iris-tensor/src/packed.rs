@@ -362,9 +362,7 @@ mod tests {
 
     #[test]
     fn packed_matmul_matches_a_naive_product() {
-        if !crate::kernels::has_avx512_bf16() {
-            return;
-        }
+        let packed = crate::kernels::bf16_kernels_testable("packed_matmul_matches_a_naive_product");
         // The last one spans three k-blocks (the later ones add onto the first).
         for (m, n, k) in [
             (1, 1, 1),
@@ -379,17 +377,23 @@ mod tests {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 13 % 7) as f32 - 3.0) / 4.0)
                 .collect();
-            let got = matmul_packed(&x, m, k, &PackedBf16::pack(&w, n, k));
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f32 = (0..k)
-                        .map(|t| bf16::from_f32(x[i * k + t]).to_f32() * w[j * k + t].to_f32())
-                        .sum();
-                    let g = got[i * n + j];
-                    assert!(
-                        (g - want).abs() < 1e-3,
-                        "m{m} n{n} k{k} [{i},{j}]: {g} vs {want}"
-                    );
+            // The portable product always, the packed one where it runs.
+            let mut products = vec![portable(&x, m, &w, n, k)];
+            if packed {
+                products.push(matmul_packed(&x, m, k, &PackedBf16::pack(&w, n, k)));
+            }
+            for got in products {
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k)
+                            .map(|t| bf16::from_f32(x[i * k + t]).to_f32() * w[j * k + t].to_f32())
+                            .sum();
+                        let g = got[i * n + j];
+                        assert!(
+                            (g - want).abs() < 1e-3,
+                            "m{m} n{n} k{k} [{i},{j}]: {g} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -398,7 +402,9 @@ mod tests {
     /// A part of a weight packed from a function: only its first n columns and k inputs.
     #[test]
     fn a_part_of_a_function_packed_weight_matches_a_naive_product() {
-        if !crate::kernels::has_avx512_bf16() {
+        if !crate::kernels::bf16_kernels_testable("a_part_of_a_function_packed_weight…") {
+            // `pack_fn` exists for the packed kernel only; the portable product of such
+            // a weight is `packed_matmul_matches_a_naive_product`'s.
             return;
         }
         let (n, k) = (70, 45);
@@ -428,9 +434,7 @@ mod tests {
     /// A row's result does not depend on how many rows are multiplied with it.
     #[test]
     fn rows_are_independent_of_the_batch() {
-        if !crate::kernels::has_avx512_bf16() {
-            return;
-        }
+        let packed = crate::kernels::bf16_kernels_testable("rows_are_independent_of_the_batch");
         let (n, k) = (40, 600);
         let w: Vec<bf16> = (0..n * k)
             .map(|i| bf16::from_f32(((i * 7 % 23) as f32 - 11.0) / 9.0))
@@ -439,10 +443,28 @@ mod tests {
         let x: Vec<f32> = (0..29 * k)
             .map(|i| ((i * 5 % 13) as f32 - 6.0) / 5.0)
             .collect();
-        let all = matmul_packed(&x, 29, k, &pw);
+        let product = |x: &[f32], m| match packed {
+            true => matmul_packed(x, m, k, &pw),
+            false => portable(x, m, &w, n, k),
+        };
+        let all = product(&x, 29);
         for i in [0, 11, 12, 28] {
-            let one = matmul_packed(&x[i * k..(i + 1) * k], 1, k, &pw);
-            assert_eq!(one, &all[i * n..(i + 1) * n]);
+            let one = product(&x[i * k..(i + 1) * k], 1);
+            if packed {
+                assert_eq!(one, &all[i * n..(i + 1) * n]);
+            } else {
+                // The portable kernels tile rows: equal up to summation order.
+                for (a, b) in one.iter().zip(&all[i * n..(i + 1) * n]) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
         }
+    }
+
+    /// The product every CPU has: `linear` with the bf16 weight as a tensor.
+    fn portable(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
+        let x = crate::Tensor::from_f32(x.to_vec(), &[m, k]).unwrap();
+        let w = crate::Tensor::from_bf16(w.to_vec(), &[n, k]).unwrap();
+        crate::matmul::linear(&x, &w, None).unwrap().to_f32_vec()
     }
 }
