@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use crate::error::StartError;
 use clap::{Args, Subcommand};
 use iris_cluster::{members_prefix, models_prefix, EtcdRegistry, Member, ModelEntry, Registry};
 
@@ -38,16 +38,20 @@ struct ModelsFile {
     models: Vec<ModelEntry>,
 }
 
-pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: ClusterCmd) -> Result<(), StartError> {
     match cmd {
         ClusterCmd::Apply { conn, file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let invalid = |m: String| StartError::Invalid(format!("{}: {m}", file.display()));
+            let text = std::fs::read_to_string(&file).map_err(|e| invalid(e.to_string()))?;
             let f: ModelsFile = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a models file", file.display()))?;
+                .map_err(|e| invalid(format!("not a models file: {e}")))?;
             for m in &f.models {
-                anyhow::ensure!(!m.id.is_empty(), "a model without an id");
-                anyhow::ensure!(m.tp_size >= 1, "model `{}`: tp_size must be ≥ 1", m.id);
+                if m.id.is_empty() {
+                    return Err(invalid("a model without an id".into()));
+                }
+                if m.tp_size < 1 {
+                    return Err(invalid(format!("model `{}`: tp_size must be ≥ 1", m.id)));
+                }
             }
             let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::new(&conn.etcd));
             for m in &f.models {

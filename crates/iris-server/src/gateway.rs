@@ -94,7 +94,7 @@ pub struct GatewayModel {
 impl GatewayModel {
     /// Reads what the gateway needs of a model folder: its processor and configs (and,
     /// for a retrieval model, which the gateway serves itself, its weights).
-    pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> anyhow::Result<GatewayModel> {
+    pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> iris_engine::Result<GatewayModel> {
         let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
         let kind = if Family::of_dir(dir)?.task() == Task::Retrieval {
             let opts = PipelineOptions {
@@ -114,7 +114,10 @@ impl GatewayModel {
             dir: dir.to_path_buf(),
             architecture: arch,
             kind,
-            digest: model_digest(dir)?,
+            digest: model_digest(dir).map_err(|source| iris_models::Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?,
             chat_template: chat_template(dir, style),
         })
     }

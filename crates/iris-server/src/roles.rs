@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use iris_engine::{Engine, EngineConfig, Family, Parts, Pipeline, PipelineOptions, Task};
 use iris_image::ImageLimits;
@@ -24,6 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
+use crate::error::StartError;
 use crate::gateway::{Gateway, GatewayLimits, GatewayModel};
 use crate::metrics::Metrics;
 use crate::openai::{self, HttpConfig};
@@ -93,20 +93,19 @@ impl ModelArgs {
 
     /// The generation models' `parts` (retrieval models are served by the gateway
     /// itself, not the tiers).
-    fn pipelines(&self, parts: Parts) -> anyhow::Result<HashMap<String, Arc<Pipeline>>> {
+    fn pipelines(&self, parts: Parts) -> Result<HashMap<String, Arc<Pipeline>>, StartError> {
         let opts = PipelineOptions {
             dtype: self.dtype,
             limits: self.limits(),
         };
         let mut out = HashMap::new();
         for m in &self.models {
-            let family =
-                Family::of_dir(&m.dir).with_context(|| format!("loading {}", m.dir.display()))?;
+            let family = Family::of_dir(&m.dir).map_err(|e| StartError::load(&m.dir, e))?;
             if family.task() == Task::Retrieval {
                 continue;
             }
             let p = Pipeline::load_parts(&m.dir, &opts, parts)
-                .with_context(|| format!("loading {}", m.dir.display()))?;
+                .map_err(|e| StartError::load(&m.dir, e))?;
             tracing::info!(
                 model = %m.id,
                 ?parts,
@@ -390,7 +389,7 @@ impl Health {
 }
 
 /// Adds health (`grpc.health.v1`, each of `names` serving) and reflection.
-fn with_ops(router: Router, names: &[&str]) -> anyhow::Result<(Router, Health)> {
+fn with_ops(router: Router, names: &[&str]) -> Result<(Router, Health), StartError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let h = Health {
         reporter: reporter.clone(),
@@ -425,13 +424,14 @@ async fn run(
     (grpc, health): (Router, Health),
     http: axum::Router,
     member: Registration,
-) -> anyhow::Result<()> {
-    let g = TcpListener::bind(listen.grpc_addr)
-        .await
-        .with_context(|| format!("binding {}", listen.grpc_addr))?;
-    let h = TcpListener::bind(listen.http_addr)
-        .await
-        .with_context(|| format!("binding {}", listen.http_addr))?;
+) -> Result<(), StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let g = bind(listen.grpc_addr).await?;
+    let h = bind(listen.http_addr).await?;
     let grpc_addr = g.local_addr()?;
     let alive = member.alive;
     let lease = match listen.registry() {
@@ -515,12 +515,11 @@ fn model_ids(m: &ModelArgs) -> Vec<String> {
     m.models.iter().map(|a| a.id.clone()).collect()
 }
 
-fn gateway_models(m: &ModelArgs) -> anyhow::Result<Vec<GatewayModel>> {
+fn gateway_models(m: &ModelArgs) -> Result<Vec<GatewayModel>, StartError> {
     m.models
         .iter()
         .map(|a| {
-            GatewayModel::load(&a.id, &a.dir, m.limits())
-                .with_context(|| format!("loading {}", a.dir.display()))
+            GatewayModel::load(&a.id, &a.dir, m.limits()).map_err(|e| StartError::load(&a.dir, e))
         })
         .collect()
 }
@@ -530,7 +529,7 @@ const VISION: &str = "iris.v1.VisionEncoder";
 const CONNECTOR: &str = "iris.v1.Connector";
 const DECODER: &str = "iris.v1.Decoder";
 
-pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     // Every part once, shared by the tiers in this process.
@@ -562,7 +561,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }
 
-pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
+pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
@@ -580,7 +579,7 @@ pub async fn encoder(a: EncoderRole) -> anyhow::Result<()> {
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
-pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
+pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
@@ -591,7 +590,7 @@ pub async fn connector(a: ConnectorRole) -> anyhow::Result<()> {
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
-pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
+pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
@@ -614,7 +613,7 @@ pub async fn decoder(a: DecoderRole) -> anyhow::Result<()> {
     run(&a.listen, router, openai::metrics_router(metrics), me).await
 }
 
-pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
+pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let vision = Arc::new(RemoteVision(Replicas::new(&a.encoders, vision_client)?));
     let connector = Arc::new(RemoteConnector(Replicas::new(
@@ -666,49 +665,4 @@ pub async fn gateway(a: GatewayRole) -> anyhow::Result<()> {
     let router = with_ops(router, &[GATEWAY, ""])?;
     let me = Registration::new("gateway", model_ids(&a.models));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
-}
-
-/// Logs as JSON lines when `IRIS_LOG_JSON` is set, else text; level from `RUST_LOG`
-/// (default `info`).
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var_os("IRIS_LOG_JSON").is_some() {
-        let _ = b.json().try_init();
-    } else {
-        let _ = b.try_init();
-    }
-}
-
-/// The entry of the thin binaries: parse `A`, start a runtime, run `f`.
-pub fn main_with<A, F, Fut>(f: F) -> std::process::ExitCode
-where
-    A: clap::Args + Clone,
-    F: FnOnce(A) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    #[derive(clap::Parser)]
-    struct Cli<A: clap::Args> {
-        #[command(flatten)]
-        args: A,
-    }
-    iris_tensor::keep_freed_memory();
-    let cli = <Cli<A> as clap::Parser>::parse();
-    init_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match rt.block_on(f(cli.args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }

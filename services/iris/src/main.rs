@@ -109,16 +109,6 @@ async fn chat(a: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a server role on a tokio runtime, with logging.
-fn serve_role<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
-    iris_server::roles::init_logging();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(f)
-}
-
 #[derive(Args)]
 struct GenerateArgs {
     /// Model folder (HF layout: config.json, safetensors, tokenizer.json, processor config).
@@ -267,23 +257,17 @@ fn main() -> ExitCode {
         Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Capfilt(a) => capfilt::run(a),
         Cmd::Bench(b) => bench::run(b),
-        Cmd::Serve(a) => serve_role(iris_server::roles::serve(a)),
-        Cmd::Gateway(a) => serve_role(iris_server::roles::gateway(a)),
-        Cmd::Encoder(a) => serve_role(iris_server::roles::encoder(a)),
-        Cmd::Connector(a) => serve_role(iris_server::roles::connector(a)),
-        Cmd::Decoder(a) => serve_role(iris_server::roles::decoder(a)),
+        Cmd::Serve(a) => iris_cli::run_role(iris_server::roles::serve(a)),
+        Cmd::Gateway(a) => iris_cli::run_role(iris_server::roles::gateway(a)),
+        Cmd::Encoder(a) => iris_cli::run_role(iris_server::roles::encoder(a)),
+        Cmd::Connector(a) => iris_cli::run_role(iris_server::roles::connector(a)),
+        Cmd::Decoder(a) => iris_cli::run_role(iris_server::roles::decoder(a)),
         Cmd::Cluster(c) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(iris_server::cluster_cli::run(c))),
+            .and_then(|rt| Ok(rt.block_on(iris_server::cluster_cli::run(c))?)),
         Cmd::Chat(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(chat(a))),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    iris_cli::exit(result)
 }

@@ -1,0 +1,65 @@
+//! The process bootstrap every Iris binary shares: logging, the tokio runtime, the
+//! allocator setting, and turning a role's error into an exit status. The libraries
+//! below (iris-server and the rest) start nothing themselves.
+
+use std::process::ExitCode;
+
+/// Logs as JSON lines when `IRIS_LOG_JSON` is set, else text; level from `RUST_LOG`
+/// (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var_os("IRIS_LOG_JSON").is_some() {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+/// Runs a server role on a two-worker tokio runtime, with logging.
+pub fn run_role<F, E>(f: F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(f)?)
+}
+
+/// What a binary returns: success, or the error printed with its causes.
+pub fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The entry of the one-role binaries (`iris-gateway`, `iris-encoder`, ...): parse
+/// `A`, then run the role.
+pub fn main_with<A, F, Fut, E>(f: F) -> ExitCode
+where
+    A: clap::Args + Clone,
+    F: FnOnce(A) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    #[derive(clap::Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    iris_tensor::keep_freed_memory();
+    let cli = <Cli<A> as clap::Parser>::parse();
+    exit(run_role(f(cli.args)))
+}
