@@ -129,47 +129,6 @@ impl From<Status> for ServeError {
     }
 }
 
-/// Why a role could not start or stopped with an error (the binaries print it).
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("loading {path}: {source}")]
-    Load {
-        path: std::path::PathBuf,
-        source: iris_engine::Error,
-    },
-    #[error("binding {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("gRPC reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error(transparent)]
-    Cluster(#[from] iris_cluster::Error),
-    #[error(transparent)]
-    Json(#[from] serde_json::Error),
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    #[error("a start-up task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl StartError {
-    /// `error` while loading the model folder `path`.
-    pub fn load(path: &std::path::Path, error: impl Into<iris_engine::Error>) -> StartError {
-        StartError::Load {
-            path: path.to_path_buf(),
-            source: error.into(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

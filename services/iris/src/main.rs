@@ -37,20 +37,20 @@ enum Cmd {
     #[command(subcommand)]
     Bench(bench::BenchCmd),
     /// Serve models: every tier and the gateway in one process (gRPC + OpenAI HTTP).
-    Serve(iris_server::roles::ServeArgs),
+    Serve(iris_cli::roles::ServeArgs),
     /// The gateway alone, in front of remote tiers.
-    Gateway(iris_server::roles::GatewayRole),
+    Gateway(iris_cli::roles::GatewayRole),
     /// The vision tier alone.
-    Encoder(iris_server::roles::EncoderRole),
+    Encoder(iris_cli::roles::EncoderRole),
     /// The connector tier alone.
-    Connector(iris_server::roles::ConnectorRole),
+    Connector(iris_cli::roles::ConnectorRole),
     /// The decoder tier alone.
-    Decoder(iris_server::roles::DecoderRole),
+    Decoder(iris_cli::roles::DecoderRole),
     /// Ask a running gateway (gRPC) a question about images; streams the answer.
     Chat(ChatArgs),
     /// The cluster's model registry and members in etcd.
     #[command(subcommand)]
-    Cluster(iris_server::cluster_cli::ClusterCmd),
+    Cluster(iris_cli::cluster_cli::ClusterCmd),
 }
 
 #[derive(Args)]
@@ -257,14 +257,14 @@ fn main() -> ExitCode {
         Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Capfilt(a) => capfilt::run(a),
         Cmd::Bench(b) => bench::run(b),
-        Cmd::Serve(a) => iris_cli::run_role(iris_server::roles::serve(a)),
-        Cmd::Gateway(a) => iris_cli::run_role(iris_server::roles::gateway(a)),
-        Cmd::Encoder(a) => iris_cli::run_role(iris_server::roles::encoder(a)),
-        Cmd::Connector(a) => iris_cli::run_role(iris_server::roles::connector(a)),
-        Cmd::Decoder(a) => iris_cli::run_role(iris_server::roles::decoder(a)),
+        Cmd::Serve(a) => iris_cli::run_role(iris_cli::roles::serve(a)),
+        Cmd::Gateway(a) => iris_cli::run_role(iris_cli::roles::gateway(a)),
+        Cmd::Encoder(a) => iris_cli::run_role(iris_cli::roles::encoder(a)),
+        Cmd::Connector(a) => iris_cli::run_role(iris_cli::roles::connector(a)),
+        Cmd::Decoder(a) => iris_cli::run_role(iris_cli::roles::decoder(a)),
         Cmd::Cluster(c) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| Ok(rt.block_on(iris_server::cluster_cli::run(c))?)),
+            .and_then(|rt| Ok(rt.block_on(iris_cli::cluster_cli::run(c))?)),
         Cmd::Chat(a) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(chat(a))),

@@ -1,4 +1,4 @@
 //! `iris-encoder`: the encoder as its own process (same flags as `iris encoder`).
 fn main() -> std::process::ExitCode {
-    iris_cli::main_with(iris_server::roles::encoder)
+    iris_cli::main_with(iris_cli::roles::encoder)
 }

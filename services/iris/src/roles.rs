@@ -23,16 +23,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
-use crate::error::StartError;
-use crate::gateway::{Gateway, GatewayLimits, GatewayModel};
-use crate::metrics::Metrics;
-use crate::openai::{self, HttpConfig};
-use crate::services::{max, ConnectorService, DecoderService, GatewayService, VisionService};
-use crate::tiers::{
+use crate::StartError;
+use iris_cluster::{EtcdRegistry, Member, Registry, View};
+use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
+use iris_server::metrics::Metrics;
+use iris_server::openai::{self, HttpConfig};
+use iris_server::services::{max, ConnectorService, DecoderService, GatewayService, VisionService};
+use iris_server::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
     LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
 };
-use iris_cluster::{EtcdRegistry, Member, Registry, View};
 
 /// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
 #[derive(Debug, Clone)]

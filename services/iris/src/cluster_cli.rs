@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::error::StartError;
+use crate::StartError;
 use clap::{Args, Subcommand};
 use iris_cluster::{members_prefix, models_prefix, EtcdRegistry, Member, ModelEntry, Registry};
 
