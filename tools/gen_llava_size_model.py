@@ -6,6 +6,11 @@ hub layout. For measuring what each tier holds in memory (`tools/tier_memory.sh`
 tokenizer and processor are the tiny fixture's, resized to 336 pixels.
 
     python tools/gen_llava_size_model.py /tmp/llava-size      # ~2.8 GB
+    python tools/gen_llava_size_model.py /tmp/llava-many --many-layers   # ~340 MB
+
+`--many-layers` makes the model of the KV-budget issue instead: a language model of
+1,200 small layers (hidden 96, 6 heads of 16, 2 KV heads, MLP 160, context 2048, f32,
+340 MB) behind the tiny fixture's vision tower — little weight, a lot of KV per token.
 
 The config comes from transformers' own config classes; the weights are written
 tensor by tensor with numpy (normal, std 0.02; norm weights 1), so no 4 GB f32 model
@@ -60,49 +65,63 @@ def shapes(vc, tc):
     return out
 
 
-def bf16_bytes(name, shape, rng):
+def tensor_bytes(name, shape, rng, dtype):
     n = int(np.prod(shape))
     if "norm" in name and name.endswith("weight"):
         x = np.ones(n, dtype=np.float32)
     else:
         x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    if dtype == "F32":
+        return x.tobytes()
     # Round to nearest even, as torch's bf16 conversion does.
     u = x.view(np.uint32)
     u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     return u.astype(np.uint16).tobytes()
 
 
-def main(out):
+def main(out, many_layers):
     os.makedirs(out, exist_ok=True)
-    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                          num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                          hidden_act="quick_gelu")
-    tc = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=300)
+    if many_layers:
+        dtype, size, patch = "F32", 30, 6
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=size, patch_size=patch,
+                              projection_dim=32, hidden_act="quick_gelu")
+        tc = LlamaConfig(vocab_size=302, hidden_size=96, intermediate_size=160, num_hidden_layers=1200,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=300)
+    else:
+        dtype, size, patch = "BF16", 336, 14
+        vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=size, patch_size=patch,
+                              projection_dim=768, hidden_act="quick_gelu")
+        tc = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=300)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=301,
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu", image_seq_length=576)
+                      projector_hidden_act="gelu", image_seq_length=(size // patch) ** 2)
     d = cfg.to_dict()
     d["architectures"] = ["LlavaForConditionalGeneration"]
-    d["dtype"] = "bfloat16"
+    d["dtype"] = "float32" if dtype == "F32" else "bfloat16"
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(d, f, indent=2)
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         shutil.copy(os.path.join(FIXTURE, name), out)
     with open(os.path.join(FIXTURE, "processor_config.json")) as f:
         proc = json.load(f)
-    proc["image_processor"]["crop_size"] = {"height": 336, "width": 336}
-    proc["image_processor"]["size"] = {"shortest_edge": 336}
-    proc["patch_size"] = 14
+    proc["image_processor"]["crop_size"] = {"height": size, "width": size}
+    proc["image_processor"]["size"] = {"shortest_edge": size}
+    proc["patch_size"] = patch
     with open(os.path.join(out, "processor_config.json"), "w") as f:
         json.dump(proc, f, indent=2)
 
     tensors = shapes(vc, tc)
     header, offset = {}, 0
+    width = 4 if dtype == "F32" else 2
     for name, shape in tensors:
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        n = int(np.prod(shape)) * width
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "pt"}
     hb = json.dumps(header, separators=(",", ":")).encode()
@@ -113,12 +132,12 @@ def main(out):
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for name, shape in tensors:
-            f.write(bf16_bytes(name, shape, rng))
+            f.write(tensor_bytes(name, shape, rng, dtype))
             part = ("vision" if name.startswith("vision_tower") else
                     "projector" if name.startswith("multi_modal_projector") else "language")
             params[part] += int(np.prod(shape))
-    print(json.dumps({k: {"params": v, "bf16_bytes": 2 * v} for k, v in params.items()}))
+    print(json.dumps({k: {"params": v, "bytes": width * v} for k, v in params.items()}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--many-layers" in sys.argv[2:])

@@ -506,3 +506,46 @@ fn an_engine_without_a_language_model_is_unavailable() {
     let e = engine.submit(requests().remove(0)).err().unwrap();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
 }
+
+/// Under a KV budget that holds four full-context sequences, 32 concurrent long
+/// requests all complete — queued or preempted — with the same tokens as each alone;
+/// the arena reserved at start never grows and every block comes back.
+#[test]
+fn thirty_two_requests_complete_under_a_budget_of_four_sequences() {
+    let p = llava();
+    let bs = 16;
+    let per_block = iris_engine::kv_block_bytes(&p, bs).unwrap();
+    let context = p.context_length();
+    let budget = 4 * context.div_ceil(bs) * per_block;
+    let blocks = iris_engine::kv_blocks_for_budget(&p, bs, budget, context).unwrap();
+    assert_eq!(blocks, 4 * context.div_ceil(bs));
+    // Below one full-context sequence: refused, with what it would take.
+    let e = iris_engine::kv_blocks_for_budget(&p, bs, per_block, context).unwrap_err();
+    assert!(e.to_string().contains("raise --kv-cache-bytes"), "{e}");
+    let reqs: Vec<EngineRequest> = (0..32)
+        .map(|i| {
+            let mut r = requests().remove(i % 16);
+            // ~400-token prompts: a budget of four full contexts holds about five.
+            let text = format!("Describe the picture in detail, part {i}. ").repeat(25);
+            r.prompt = format!("USER: <image>\n{text} ASSISTANT:");
+            r
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&p, r)).collect();
+    let config = EngineConfig {
+        max_batch: 32,
+        kv_blocks: blocks,
+        block_size: bs,
+        queue: 64,
+        ..Default::default()
+    };
+    let (engine, rxs) = Engine::start_with(p.clone(), config, reqs).unwrap();
+    let reserved = engine.stats().kv_bytes;
+    assert_eq!(reserved, blocks * per_block);
+    for (i, rx) in rxs.into_iter().enumerate() {
+        assert_eq!(drain(rx).0, want[i], "request {i}");
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.free_blocks, blocks, "{stats:?}");
+    assert_eq!(stats.kv_bytes, reserved, "the arena never grows");
+}

@@ -170,6 +170,11 @@ pub struct EngineStats {
     pub decode_tokens: u64,
     /// Steps that panicked (their requests failed; the engine went on).
     pub failed_steps: u64,
+    /// KV blocks in all, and bytes: the arena, reserved at start, never grows.
+    pub total_blocks: usize,
+    pub kv_bytes: usize,
+    /// Bytes of one block across the layers.
+    pub block_bytes: usize,
 }
 
 /// A request's events, as an async stream (`futures_core::Stream`, or `next().await`)
@@ -370,6 +375,38 @@ impl Drop for AliveGuard {
     }
 }
 
+/// Bytes one KV block of `block_size` tokens takes across the language model's layers.
+pub fn kv_block_bytes(pipeline: &Pipeline, block_size: usize) -> Result<usize> {
+    let lm = pipeline.model.language_model()?;
+    Ok(KvArena::block_bytes(
+        lm.new_cache().n_layers(),
+        block_size,
+        lm.kv_width(),
+    ))
+}
+
+/// The KV blocks a budget of `bytes` holds; an error when they cannot hold one
+/// sequence of the model's whole context (`context` positions).
+pub fn kv_blocks_for_budget(
+    pipeline: &Pipeline,
+    block_size: usize,
+    bytes: usize,
+    context: usize,
+) -> Result<usize> {
+    let per = kv_block_bytes(pipeline, block_size)?;
+    let blocks = bytes / per.max(1);
+    let need = context.div_ceil(block_size.max(1));
+    if blocks < need {
+        return Err(Error::Input(format!(
+            "a KV cache of {bytes} bytes holds {blocks} blocks of {block_size} tokens \
+             ({per} bytes each); one sequence of the model's {context}-token context \
+             needs {need} ({} bytes): raise --kv-cache-bytes",
+            need * per
+        )));
+    }
+    Ok(blocks)
+}
+
 /// The language model of an engine's pipeline (checked when the engine starts).
 fn lm(pipeline: &Pipeline) -> &dyn CausalLm {
     pipeline
@@ -406,10 +443,20 @@ impl Engine {
         config: EngineConfig,
         initial: Vec<EngineRequest>,
     ) -> Result<(Engine, Vec<TokenStream>)> {
-        pipeline.model.language_model()?;
         let (tx, rx) = sync_channel(config.queue.max(initial.len()).max(1));
+        // The whole KV budget, committed now: serving never grows memory.
+        let lm = pipeline.model.language_model()?;
+        let arena = Arc::new(KvArena::reserved(
+            lm.new_cache().n_layers(),
+            config.kv_blocks,
+            config.block_size,
+            lm.kv_width(),
+        ));
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
+            total_blocks: config.kv_blocks,
+            block_bytes: kv_block_bytes(&pipeline, config.block_size)?,
+            kv_bytes: arena.bytes(),
             ..Default::default()
         }));
         let alive = Arc::new(AtomicBool::new(true));
@@ -429,7 +476,7 @@ impl Engine {
             .name("iris-engine".into())
             .spawn(move || {
                 let _guard = AliveGuard(alive);
-                Worker::new(pipeline, config, rx, stats).run()
+                Worker::new(pipeline, config, rx, stats, arena).run()
             })
             .map_err(|e| Error::Unavailable(format!("spawning the engine thread: {e}")))?;
         engine.thread = Some(thread);
@@ -561,13 +608,14 @@ impl Worker {
         config: EngineConfig,
         rx: Receiver<Submission>,
         stats: Arc<Mutex<EngineStats>>,
+        arena: Arc<KvArena>,
     ) -> Self {
         let lm = lm(&pipeline);
         let n_layers = lm.new_cache().n_layers();
         let planted_panic = config.panic_at_step;
         Worker {
             pool: BlockPool::new(config.kv_blocks, config.block_size),
-            arena: Arc::new(KvArena::new(n_layers, config.kv_blocks, config.block_size)),
+            arena,
             block_floats: config.block_size * n_layers * 2 * lm.kv_width(),
             pipeline,
             config,

@@ -13,8 +13,8 @@ mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{
-    EncodedPrompt, Engine, EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent,
-    TokenStream,
+    kv_block_bytes, kv_blocks_for_budget, EncodedPrompt, Engine, EngineConfig, EngineRequest,
+    EngineStats, RequestError, TokenEvent, TokenStream,
 };
 pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use pipeline::{

@@ -183,6 +183,8 @@ pub struct Pipeline {
     pub model: Box<dyn VisionLanguageModel>,
     pub parts: Parts,
     eos_token_ids: Vec<u32>,
+    /// Positions the language model has (prompt plus output).
+    context_length: usize,
     /// Names of the checkpoint tensors the parts read, in order.
     tensors_read: Vec<String>,
     /// Bytes those tensors take in the checkpoint.
@@ -211,9 +213,15 @@ impl Pipeline {
             model,
             parts,
             eos_token_ids: spec.eos_token_ids,
+            context_length: spec.context_length,
             tensors_read,
             bytes_read,
         })
+    }
+
+    /// Positions the language model has (prompt plus output).
+    pub fn context_length(&self) -> usize {
+        self.context_length
     }
 
     /// The checkpoint tensors this pipeline's parts read (each once per read).

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub decode_steps: Family<ModelLabel, Gauge>,
     pub decode_tokens: Family<ModelLabel, Gauge>,
     pub prefix_hit_blocks: Family<ModelLabel, Gauge>,
+    /// The KV cache: blocks in all, bytes reserved and bytes of blocks in use
+    /// (held by requests), prefix blocks evicted to make room.
+    pub kv_total_blocks: Family<ModelLabel, Gauge>,
+    pub kv_bytes_total: Family<ModelLabel, Gauge>,
+    pub kv_bytes_used: Family<ModelLabel, Gauge>,
+    pub prefix_evictions: Family<ModelLabel, Gauge>,
     /// Engine steps that panicked (their requests failed; the engine went on).
     pub failed_steps: Family<ModelLabel, Gauge>,
     /// 1 while the engine can serve, 0 once it cannot.
@@ -86,6 +92,10 @@ impl Metrics {
             decode_steps: Family::default(),
             decode_tokens: Family::default(),
             prefix_hit_blocks: Family::default(),
+            kv_total_blocks: Family::default(),
+            kv_bytes_total: Family::default(),
+            kv_bytes_used: Family::default(),
+            prefix_evictions: Family::default(),
             failed_steps: Family::default(),
             engine_alive: Family::default(),
             engines: Mutex::new(Vec::new()),
@@ -182,6 +192,26 @@ impl Metrics {
             m.prefix_hit_blocks.clone(),
         );
         r.register(
+            "kv_total_blocks",
+            "KV blocks in all (the budget)",
+            m.kv_total_blocks.clone(),
+        );
+        r.register(
+            "kv_bytes_total",
+            "Bytes reserved for the KV cache at start-up",
+            m.kv_bytes_total.clone(),
+        );
+        r.register(
+            "kv_bytes_used",
+            "Bytes of KV blocks held by requests (cached prefix blocks no request holds count as free)",
+            m.kv_bytes_used.clone(),
+        );
+        r.register(
+            "prefix_cache_evictions",
+            "Cached prefix blocks evicted to make room",
+            m.prefix_evictions.clone(),
+        );
+        r.register(
             "engine_failed_steps",
             "Engine steps that panicked; their requests failed, the engine went on",
             m.failed_steps.clone(),
@@ -220,6 +250,16 @@ impl Metrics {
             self.prefix_hit_blocks
                 .get_or_create(&l)
                 .set(s.prefix_hits as i64);
+            self.kv_total_blocks
+                .get_or_create(&l)
+                .set(s.total_blocks as i64);
+            self.kv_bytes_total.get_or_create(&l).set(s.kv_bytes as i64);
+            self.kv_bytes_used
+                .get_or_create(&l)
+                .set(((s.total_blocks - s.free_blocks.min(s.total_blocks)) * s.block_bytes) as i64);
+            self.prefix_evictions
+                .get_or_create(&l)
+                .set(s.prefix_evictions as i64);
             self.failed_steps
                 .get_or_create(&l)
                 .set(s.failed_steps as i64);

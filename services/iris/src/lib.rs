@@ -13,7 +13,7 @@ pub mod roles;
 /// Why a role could not start or stopped with an error (the binaries print it).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("loading {path}: {source}")]
+    #[error("loading {}", path.display())]
     Load {
         path: std::path::PathBuf,
         source: iris_engine::Error,
@@ -42,6 +42,14 @@ pub enum StartError {
 }
 
 impl StartError {
+    /// `error` while setting up the model `id`.
+    pub fn load_id(id: &str, error: impl Into<iris_engine::Error>) -> StartError {
+        StartError::Load {
+            path: id.into(),
+            source: error.into(),
+        }
+    }
+
     /// `error` while loading the model folder `path`.
     pub fn load(path: &std::path::Path, error: impl Into<iris_engine::Error>) -> StartError {
         StartError::Load {

@@ -219,7 +219,16 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     };
     // One request through the serving engine (the same scheduler, paged KV cache and
     // sampler that `iris serve` runs).
-    let engine = Engine::start(std::sync::Arc::new(pipe), EngineConfig::default());
+    // KV blocks for one sequence of the model's whole context, no more.
+    let config = EngineConfig::default();
+    let kv_blocks = pipe.context_length().div_ceil(config.block_size) + 1;
+    let engine = Engine::start(
+        std::sync::Arc::new(pipe),
+        EngineConfig {
+            kv_blocks,
+            ..config
+        },
+    );
     let g = engine.generate(EngineRequest::new(a.prompt, images, gen_opts))?;
     if a.json {
         let mut out = serde_json::json!({

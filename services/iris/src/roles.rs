@@ -142,11 +142,57 @@ impl EncoderArgs {
     }
 }
 
+/// A byte count: `4GiB`, `512MiB`, `64KiB`, `2GB`, `1.5GiB` or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: not a number of bytes"))?;
+    Ok((n * scale) as usize)
+}
+
+/// Bytes the kernel says could be allocated now without swapping (`MemAvailable`).
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DecoderArgs {
-    /// KV cache budget, in blocks.
-    #[arg(long, default_value_t = 4096)]
-    pub kv_blocks: usize,
+    /// KV cache budget per model, e.g. `4GiB` (default: `--kv-cache-share` of the memory
+    /// available once the weights are loaded, split over the models, and at most what
+    /// twice `--max-running` full-context sequences need). Reserved at start-up, in the
+    /// model's K/V dtype; a budget below one full-context sequence is an error.
+    #[arg(long, env = "IRIS_KV_CACHE_BYTES", value_parser = parse_bytes, conflicts_with = "kv_blocks")]
+    pub kv_cache_bytes: Option<usize>,
+    /// Share of the available memory the default KV budget takes.
+    #[arg(long, default_value_t = 0.4)]
+    pub kv_cache_share: f64,
+    /// An exact KV block count instead of a budget.
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -168,25 +214,71 @@ pub struct DecoderArgs {
 }
 
 impl DecoderArgs {
-    fn engines(&self, pipelines: &HashMap<String, Arc<Pipeline>>) -> HashMap<String, Arc<Engine>> {
-        let config = EngineConfig {
-            max_batch: self.max_running,
-            kv_blocks: self.kv_blocks,
-            block_size: self.block_size,
-            queue: self.max_waiting,
-            prefill_chunk: self.prefill_chunk,
-            step_delay: Duration::from_millis(self.test_step_delay_ms),
-            panic_at_step: self.test_panic_at_step,
+    /// The KV blocks of one model's engine: the exact count, the budget's, or the
+    /// default share of `available` bytes (split over `models`).
+    fn kv_blocks(
+        &self,
+        id: &str,
+        p: &Pipeline,
+        available: Option<usize>,
+        models: usize,
+    ) -> Result<usize, StartError> {
+        let bs = self.block_size.max(1);
+        if let Some(n) = self.kv_blocks {
+            return Ok(n);
+        }
+        let per_block =
+            iris_engine::kv_block_bytes(p, bs).map_err(|e| StartError::load_id(id, e))?;
+        let context = p.context_length();
+        let (budget, from) = match self.kv_cache_bytes {
+            Some(b) => (b, "--kv-cache-bytes"),
+            None => {
+                let useful = 2 * self.max_running.max(1) * context.div_ceil(bs) * per_block;
+                let share = available
+                    .map(|a| (a as f64 * self.kv_cache_share) as usize / models.max(1))
+                    .unwrap_or(useful);
+                (share.min(useful), "default")
+            }
         };
-        pipelines
-            .iter()
-            .map(|(id, p)| {
-                (
-                    id.clone(),
-                    Arc::new(Engine::start(p.clone(), config.clone())),
-                )
-            })
-            .collect()
+        let blocks = iris_engine::kv_blocks_for_budget(p, bs, budget, context)
+            .map_err(|e| StartError::load_id(id, e))?;
+        tracing::info!(
+            model = id,
+            budget_mib = budget >> 20,
+            from,
+            blocks,
+            block_tokens = bs,
+            block_bytes = per_block,
+            reserved_mib = (blocks * per_block) >> 20,
+            available_mib = available.map(|a| a >> 20),
+            "KV cache"
+        );
+        Ok(blocks)
+    }
+
+    /// One engine per model, each with its KV cache reserved (read the available memory
+    /// after every model's weights are loaded).
+    fn engines(
+        &self,
+        pipelines: &HashMap<String, Arc<Pipeline>>,
+    ) -> Result<HashMap<String, Arc<Engine>>, StartError> {
+        let available = available_memory();
+        let mut out = HashMap::new();
+        for (id, p) in pipelines {
+            let config = EngineConfig {
+                max_batch: self.max_running,
+                kv_blocks: self.kv_blocks(id, p, available, pipelines.len())?,
+                block_size: self.block_size,
+                queue: self.max_waiting,
+                prefill_chunk: self.prefill_chunk,
+                step_delay: Duration::from_millis(self.test_step_delay_ms),
+                panic_at_step: self.test_panic_at_step,
+            };
+            let (engine, _) = Engine::start_with(p.clone(), config, Vec::new())
+                .map_err(|e| StartError::load_id(id, e))?;
+            out.insert(id.clone(), Arc::new(engine));
+        }
+        Ok(out)
     }
 }
 
@@ -540,7 +632,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
         metrics.clone(),
     ));
     let connector = Arc::new(LocalConnector::new(gen.clone(), metrics.clone()));
-    let engines = a.decoder.engines(&gen);
+    let engines = a.decoder.engines(&gen)?;
     let decoder = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
     let gw = Arc::new(Gateway::new(
         gateway_models(&a.models)?,
@@ -594,7 +686,7 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
-    let engines = a.decoder.engines(&pipelines);
+    let engines = a.decoder.engines(&pipelines)?;
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
     let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
     let router = with_ops(router, &[DECODER, ""])?;

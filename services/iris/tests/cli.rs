@@ -610,3 +610,21 @@ fn stop_rules_and_top_logprobs() {
         "stop strings",
     );
 }
+
+/// A KV budget that cannot hold one sequence of the model's whole context is a start-up
+/// error that says so; a bad unit is refused by the flag's parser.
+#[test]
+fn a_kv_budget_below_one_sequence_is_a_startup_error() {
+    let m = fixtures().join("llava-tiny-hub-f32").display().to_string();
+    for args in [
+        vec!["decoder", "--model", &m, "--kv-cache-bytes", "64KiB"],
+        vec!["serve", "--model", &m, "--kv-cache-bytes", "64KiB"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]);
+        assert_clean_failure(&iris(&args), "raise --kv-cache-bytes");
+    }
+    let out = iris(&["decoder", "--model", &m, "--kv-cache-bytes", "4 parsecs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
+}

@@ -22,12 +22,50 @@ pub struct LayerBlocks {
 }
 
 impl KvArena {
+    /// An arena whose layers are allocated when first written (tests, small tools).
     pub fn new(n_layers: usize, blocks: usize, block_size: usize) -> KvArena {
         KvArena {
             block_size,
             blocks,
             layers: (0..n_layers).map(|_| RwLock::default()).collect(),
         }
+    }
+
+    /// An arena for rows `width` floats wide, every layer allocated now, in one buffer
+    /// each, and its pages committed (touched), so the process's memory is what it
+    /// will be for good: serving never grows it.
+    pub fn reserved(n_layers: usize, blocks: usize, block_size: usize, width: usize) -> KvArena {
+        let n = blocks * 2 * block_size * width;
+        // The allocator hands out zeroed pages it has not committed yet; a store of a
+        // value the compiler cannot see is zero commits each page now.
+        let zero = std::hint::black_box(0.0f32);
+        let layers = (0..n_layers)
+            .map(|_| {
+                let mut data = vec![0f32; n];
+                for page in data.chunks_mut(1024) {
+                    page[0] = zero;
+                }
+                RwLock::new(LayerBlocks { width, data })
+            })
+            .collect();
+        KvArena {
+            block_size,
+            blocks,
+            layers,
+        }
+    }
+
+    /// Bytes the arena's layers hold now.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.read().expect("kv arena lock").data.len() * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Bytes one block takes across `n_layers` layers of rows `width` floats wide.
+    pub fn block_bytes(n_layers: usize, block_size: usize, width: usize) -> usize {
+        n_layers * 2 * block_size * width * std::mem::size_of::<f32>()
     }
 
     pub fn block_size(&self) -> usize {
@@ -43,6 +81,7 @@ impl KvArena {
             l.width = w;
             l.data = vec![0f32; self.blocks * 2 * self.block_size * w];
         }
+
         assert_eq!(l.width, w, "one K/V width per layer");
         let bs = self.block_size;
         for (i, (kr, vr)) in k.chunks_exact(w).zip(v.chunks_exact(w)).enumerate() {
