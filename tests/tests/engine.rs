@@ -514,13 +514,14 @@ fn an_engine_without_a_language_model_is_unavailable() {
 fn thirty_two_requests_complete_under_a_budget_of_four_sequences() {
     let p = llava();
     let bs = 16;
-    let per_block = iris_engine::kv_block_bytes(&p, bs).unwrap();
+    let dtype = iris_engine::kv_dtype(&p, None);
+    let per_block = iris_engine::kv_block_bytes(&p, bs, dtype).unwrap();
     let context = p.context_length();
     let budget = 4 * context.div_ceil(bs) * per_block;
-    let blocks = iris_engine::kv_blocks_for_budget(&p, bs, budget, context).unwrap();
+    let blocks = iris_engine::kv_blocks_for_budget(&p, bs, dtype, budget, context).unwrap();
     assert_eq!(blocks, 4 * context.div_ceil(bs));
     // Below one full-context sequence: refused, with what it would take.
-    let e = iris_engine::kv_blocks_for_budget(&p, bs, per_block, context).unwrap_err();
+    let e = iris_engine::kv_blocks_for_budget(&p, bs, dtype, per_block, context).unwrap_err();
     assert!(e.to_string().contains("raise --kv-cache-bytes"), "{e}");
     let reqs: Vec<EngineRequest> = (0..32)
         .map(|i| {
@@ -548,4 +549,39 @@ fn thirty_two_requests_complete_under_a_budget_of_four_sequences() {
     let stats = engine.stats();
     assert_eq!(stats.free_blocks, blocks, "{stats:?}");
     assert_eq!(stats.kv_bytes, reserved, "the arena never grows");
+}
+
+/// A bf16 model's K/V are bf16 values: stored as bf16 (half the bytes, the default
+/// for a bf16 model) the engine gives the same tokens and logprobs, bit for bit, as
+/// with f32 storage and as the single-sequence path (f32 buffers).
+#[test]
+fn bf16_kv_storage_changes_nothing_for_a_bf16_model() {
+    use iris_engine::KvDtype;
+    let p = Arc::new(
+        Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &PipelineOptions::default()).unwrap(),
+    );
+    assert_eq!(iris_engine::kv_dtype(&p, None), KvDtype::Bf16);
+    let reqs: Vec<EngineRequest> = requests().into_iter().take(6).collect();
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| p.generate_with(&r.prompt, &r.images, &r.options).unwrap())
+        .collect();
+    let mut bytes = Vec::new();
+    for dtype in [KvDtype::Bf16, KvDtype::F32] {
+        let config = EngineConfig {
+            kv_blocks: 64,
+            block_size: 8,
+            kv_dtype: Some(dtype),
+            ..Default::default()
+        };
+        let (engine, rxs) = Engine::start_with(p.clone(), config, reqs.clone()).unwrap();
+        for (rx, want) in rxs.into_iter().zip(&alone) {
+            let g = rx.collect_blocking().unwrap();
+            assert_eq!(g.token_ids, want.token_ids, "{dtype}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g.logprobs), bits(&want.logprobs), "{dtype}");
+        }
+        bytes.push(engine.stats().kv_bytes);
+    }
+    assert_eq!(2 * bytes[0], bytes[1], "bf16 K/V take half the bytes");
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-use iris_models::layers::{KvArena, KvCache};
+use iris_models::layers::{KvArena, KvCache, KvDtype};
 use iris_models::vlm::CausalLm;
 use iris_tensor::Tensor;
 use tokio::sync::mpsc;
@@ -56,6 +56,8 @@ pub struct EngineConfig {
     /// once, mid-way through the batched decode, to show the engine fails that step's requests and goes on.
     /// `None` in service.
     pub panic_at_step: Option<usize>,
+    /// How K/V are stored; `None`: the model's dtype (bf16 for a bf16 model, else f32).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             step_delay: std::time::Duration::ZERO,
             panic_at_step: None,
+            kv_dtype: None,
         }
     }
 }
@@ -375,13 +378,23 @@ impl Drop for AliveGuard {
     }
 }
 
+/// The K/V dtype an engine stores: `asked`, else the model's (a bf16 model's K/V are
+/// bf16 values, so bf16 storage loses nothing; f32 models keep f32).
+pub fn kv_dtype(pipeline: &Pipeline, asked: Option<KvDtype>) -> KvDtype {
+    asked.unwrap_or(match pipeline.model.dtype() {
+        iris_tensor::DType::BF16 => KvDtype::Bf16,
+        _ => KvDtype::F32,
+    })
+}
+
 /// Bytes one KV block of `block_size` tokens takes across the language model's layers.
-pub fn kv_block_bytes(pipeline: &Pipeline, block_size: usize) -> Result<usize> {
+pub fn kv_block_bytes(pipeline: &Pipeline, block_size: usize, dtype: KvDtype) -> Result<usize> {
     let lm = pipeline.model.language_model()?;
     Ok(KvArena::block_bytes(
         lm.new_cache().n_layers(),
         block_size,
         lm.kv_width(),
+        dtype,
     ))
 }
 
@@ -390,10 +403,11 @@ pub fn kv_block_bytes(pipeline: &Pipeline, block_size: usize) -> Result<usize> {
 pub fn kv_blocks_for_budget(
     pipeline: &Pipeline,
     block_size: usize,
+    dtype: KvDtype,
     bytes: usize,
     context: usize,
 ) -> Result<usize> {
-    let per = kv_block_bytes(pipeline, block_size)?;
+    let per = kv_block_bytes(pipeline, block_size, dtype)?;
     let blocks = bytes / per.max(1);
     let need = context.div_ceil(block_size.max(1));
     if blocks < need {
@@ -446,16 +460,18 @@ impl Engine {
         let (tx, rx) = sync_channel(config.queue.max(initial.len()).max(1));
         // The whole KV budget, committed now: serving never grows memory.
         let lm = pipeline.model.language_model()?;
+        let dtype = kv_dtype(&pipeline, config.kv_dtype);
         let arena = Arc::new(KvArena::reserved(
             lm.new_cache().n_layers(),
             config.kv_blocks,
             config.block_size,
             lm.kv_width(),
+            dtype,
         ));
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
             total_blocks: config.kv_blocks,
-            block_bytes: kv_block_bytes(&pipeline, config.block_size)?,
+            block_bytes: kv_block_bytes(&pipeline, config.block_size, dtype)?,
             kv_bytes: arena.bytes(),
             ..Default::default()
         }));

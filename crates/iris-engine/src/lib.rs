@@ -13,9 +13,10 @@ mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{
-    kv_block_bytes, kv_blocks_for_budget, EncodedPrompt, Engine, EngineConfig, EngineRequest,
-    EngineStats, RequestError, TokenEvent, TokenStream,
+    kv_block_bytes, kv_blocks_for_budget, kv_dtype, EncodedPrompt, Engine, EngineConfig,
+    EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
 };
+pub use iris_models::layers::KvDtype;
 pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use iris_engine::argmax;
 use iris_models::config::LlamaConfig;
 use iris_models::llama::Llama;
+use iris_models::vlm::CausalLm;
 use iris_models::weights::Weights;
 use iris_tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -185,6 +186,15 @@ pub struct DecodeArgs {
     /// Print one JSON object per dtype and batch.
     #[arg(long)]
     json: bool,
+    /// Where K/V live: `own` (each sequence's f32 buffers), `f32` or `bf16` (the paged
+    /// arena the engine serves from, reserved up front). Comma-separated: each measured.
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("own")])]
+    kv: Vec<String>,
+    /// Positions already in each sequence's cache when decoding starts, filled with
+    /// random K/V (no prefill, so long contexts cost nothing to set up); 0: prefill
+    /// `--prompt` tokens instead.
+    #[arg(long, default_value_t = 0)]
+    context: usize,
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -314,6 +324,41 @@ fn random_weights(
     Ok((map, read_per_token))
 }
 
+/// Each sequence's cache for `kv` (`own`, or the paged arena in `f32` / `bf16`), with
+/// blocks for the context or prompt and every timed step.
+fn decode_caches(
+    model: &Llama,
+    kv: &str,
+    batch: usize,
+    a: &DecodeArgs,
+) -> anyhow::Result<Vec<iris_models::layers::KvCache>> {
+    use iris_models::layers::{KvArena, KvDtype};
+    let dtype = match kv {
+        "own" => return Ok((0..batch).map(|_| model.new_cache()).collect()),
+        "f32" => KvDtype::F32,
+        "bf16" => KvDtype::Bf16,
+        other => anyhow::bail!("--kv {other}: expected own, f32 or bf16"),
+    };
+    let bs = 16;
+    let per = (a.context.max(a.prompt) + a.tokens + 1).div_ceil(bs);
+    let n_layers = model.new_cache().n_layers();
+    let arena = Arc::new(KvArena::reserved(
+        n_layers,
+        per * batch,
+        bs,
+        model.kv_width(),
+        dtype,
+    ));
+    Ok((0..batch)
+        .map(|s| {
+            let table = (s * per..(s + 1) * per).map(|b| b as u32).collect();
+            model
+                .new_cache()
+                .paged(arena.clone(), table, Vec::new(), model.kv_width())
+        })
+        .collect())
+}
+
 /// One read pass of both cores summing `buf`: bytes per second.
 fn bandwidth_pass(buf: &[f32]) -> f64 {
     let t = Instant::now();
@@ -361,63 +406,83 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         let (tensors, bytes) = random_weights(&cfg, dtype)?;
         let w = Arc::new(Weights::from_tensors(tensors, dtype));
         let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, iris_comm::single())?;
-        for &batch in &a.batch {
-            let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
-            let mut last: Vec<Tensor> = Vec::with_capacity(batch);
-            for (s, cache) in caches.iter_mut().enumerate() {
-                let ids: Vec<u32> = (0..a.prompt as u32)
-                    .map(|i| (i * 7919 + s as u32 * 31) % a.vocab as u32)
-                    .collect();
-                let h = model.forward(&model.embed(&ids)?, cache)?;
-                last.push(h.narrow_rows(h.rows() - 1, 1)?);
-            }
-            // The machine is shared: its bandwidth drifts by a third within a minute. So
-            // each step is paired with a bandwidth pass right before it, and the
-            // roofline ratio is the median of the pairs' ratios.
-            let (mut times, mut bws) = (Vec::new(), Vec::new());
-            for _ in 0..a.tokens {
-                bws.push(bandwidth_pass(&bw_buf));
-                let t = Instant::now();
-                // One head call and one forward for the whole batch: weights read once.
-                let logits = model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
-                let v = logits.last_dim();
-                let next: Vec<u32> = logits.as_f32()?.chunks_exact(v).map(argmax).collect();
-                let embeds: Vec<Tensor> = next
-                    .iter()
-                    .map(|&t| model.embed(&[t]))
-                    .collect::<Result<_, _>>()?;
-                let mut refs: Vec<_> = caches.iter_mut().collect();
-                last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
-                times.push(t.elapsed().as_secs_f64());
-            }
-            let ratio = median(
-                times
-                    .iter()
-                    .zip(&bws)
-                    .map(|(t, bw)| bytes as f64 / bw / t)
-                    .collect(),
-            );
-            let (step, bw) = (median(times), median(bws));
-            let roofline = bw / bytes as f64;
-            let tps = batch as f64 / step;
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "dtype": dtype.to_string(), "batch": batch, "tokens_per_s": tps,
-                        "roofline_tokens_per_s": roofline, "ratio": ratio,
-                        "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
-                    })
+        for kv in &a.kv {
+            for &batch in &a.batch {
+                let mut caches = decode_caches(&model, kv, batch, &a)?;
+                let mut last: Vec<Tensor> = Vec::with_capacity(batch);
+                for (s, cache) in caches.iter_mut().enumerate() {
+                    if a.context > 0 {
+                        // Random K/V for `context` positions, then one token's embedding.
+                        let w = model.kv_width();
+                        for layer in 0..cache.n_layers() {
+                            let k = random(a.context * w, (s * 1000 + layer) as u64);
+                            let v = random(a.context * w, (s * 1000 + layer) as u64 + 500);
+                            cache.write(layer, &k, &v, w);
+                        }
+                        cache.advance(a.context);
+                        last.push(model.embed(&[(s as u32 * 31) % a.vocab as u32])?);
+                        continue;
+                    }
+                    let ids: Vec<u32> = (0..a.prompt as u32)
+                        .map(|i| (i * 7919 + s as u32 * 31) % a.vocab as u32)
+                        .collect();
+                    let h = model.forward(&model.embed(&ids)?, cache)?;
+                    last.push(h.narrow_rows(h.rows() - 1, 1)?);
+                }
+                // The machine is shared: its bandwidth drifts by a third within a minute. So
+                // each step is paired with a bandwidth pass right before it, and the
+                // roofline ratio is the median of the pairs' ratios.
+                let (mut times, mut bws) = (Vec::new(), Vec::new());
+                for _ in 0..a.tokens {
+                    bws.push(bandwidth_pass(&bw_buf));
+                    let t = Instant::now();
+                    // One head call and one forward for the whole batch: weights read once.
+                    let logits =
+                        model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
+                    let v = logits.last_dim();
+                    let next: Vec<u32> = logits.as_f32()?.chunks_exact(v).map(argmax).collect();
+                    let embeds: Vec<Tensor> = next
+                        .iter()
+                        .map(|&t| model.embed(&[t]))
+                        .collect::<Result<_, _>>()?;
+                    let mut refs: Vec<_> = caches.iter_mut().collect();
+                    last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let ratio = median(
+                    times
+                        .iter()
+                        .zip(&bws)
+                        .map(|(t, bw)| bytes as f64 / bw / t)
+                        .collect(),
                 );
-            } else {
-                println!(
-                    "{dtype:>5} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
+                let (step, bw) = (median(times), median(bws));
+                let roofline = bw / bytes as f64;
+                let tps = batch as f64 / step;
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "dtype": dtype.to_string(), "kv": kv, "context": a.context,
+                            "batch": batch, "tokens_per_s": tps,
+                            "roofline_tokens_per_s": roofline, "ratio": ratio,
+                            "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
+                        })
+                    );
+                } else {
+                    let kv_note = match (kv.as_str(), a.context) {
+                        ("own", 0) => String::new(),
+                        (kv, c) => format!(" [kv {kv}, context {c}]"),
+                    };
+                    println!(
+                    "{dtype:>5}{kv_note} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
                     step * 1e3,
                     a.tokens,
                     bytes as f64 / 1e9,
                     bw / 1e9,
                     100.0 * ratio
                 );
+                }
             }
         }
         if a.prefill > 0 {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use iris_engine::{Engine, EngineConfig, Family, Parts, Pipeline, PipelineOptions, Task};
+use iris_engine::{Engine, EngineConfig, Family, KvDtype, Parts, Pipeline, PipelineOptions, Task};
 use iris_image::ImageLimits;
 use iris_proto::v1::connector_server::ConnectorServer;
 use iris_proto::v1::decoder_server::DecoderServer;
@@ -179,6 +179,22 @@ fn available_memory() -> Option<usize> {
     Some(kib * 1024)
 }
 
+/// `--kv-cache-dtype`: a dtype, or `None` for the model's.
+#[derive(Debug, Clone, Copy)]
+pub struct KvChoice(pub Option<KvDtype>);
+
+fn parse_kv_dtype(s: &str) -> Result<KvChoice, String> {
+    match s {
+        "auto" => Ok(KvChoice(None)),
+        "bf16" => Ok(KvChoice(Some(KvDtype::Bf16))),
+        "f32" => Ok(KvChoice(Some(KvDtype::F32))),
+        "fp8" | "fp8_e4m3" => Err(format!(
+            "`{s}`: fp8 K/V needs a backend with fp8 (the CUDA backend); the CPU backend stores f32 or bf16"
+        )),
+        _ => Err(format!("`{s}`: expected auto, bf16 or f32")),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct DecoderArgs {
     /// KV cache budget per model, e.g. `4GiB` (default: `--kv-cache-share` of the memory
@@ -193,6 +209,10 @@ pub struct DecoderArgs {
     /// An exact KV block count instead of a budget.
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// How K/V are stored: `auto` (the model's dtype: bf16 for a bf16 model, f32 for
+    /// f32), `bf16`, `f32`. (`fp8` needs a backend that has it; the CPU has none.)
+    #[arg(long, env = "IRIS_KV_CACHE_DTYPE", default_value = "auto", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: KvChoice,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -227,8 +247,9 @@ impl DecoderArgs {
         if let Some(n) = self.kv_blocks {
             return Ok(n);
         }
+        let dtype = iris_engine::kv_dtype(p, self.kv_cache_dtype.0);
         let per_block =
-            iris_engine::kv_block_bytes(p, bs).map_err(|e| StartError::load_id(id, e))?;
+            iris_engine::kv_block_bytes(p, bs, dtype).map_err(|e| StartError::load_id(id, e))?;
         let context = p.context_length();
         let (budget, from) = match self.kv_cache_bytes {
             Some(b) => (b, "--kv-cache-bytes"),
@@ -240,7 +261,7 @@ impl DecoderArgs {
                 (share.min(useful), "default")
             }
         };
-        let blocks = iris_engine::kv_blocks_for_budget(p, bs, budget, context)
+        let blocks = iris_engine::kv_blocks_for_budget(p, bs, dtype, budget, context)
             .map_err(|e| StartError::load_id(id, e))?;
         tracing::info!(
             model = id,
@@ -249,6 +270,7 @@ impl DecoderArgs {
             blocks,
             block_tokens = bs,
             block_bytes = per_block,
+            %dtype,
             reserved_mib = (blocks * per_block) >> 20,
             available_mib = available.map(|a| a >> 20),
             "KV cache"
@@ -273,6 +295,7 @@ impl DecoderArgs {
                 prefill_chunk: self.prefill_chunk,
                 step_delay: Duration::from_millis(self.test_step_delay_ms),
                 panic_at_step: self.test_panic_at_step,
+                kv_dtype: self.kv_cache_dtype.0,
             };
             let (engine, _) = Engine::start_with(p.clone(), config, Vec::new())
                 .map_err(|e| StartError::load_id(id, e))?;

@@ -3,7 +3,7 @@
 //! Scores, softmax and mixing are f32 (as PyTorch's CPU kernels accumulate); heads run
 //! in parallel.
 
-use iris_tensor::kernels::dot_f32;
+use super::KvRow;
 
 use super::kv_cache::{KvCache, KvView};
 use rayon::prelude::*;
@@ -60,8 +60,8 @@ fn dims(q: &[f32], kv: &KvView, s: AttnShape) -> (usize, usize, usize, usize, us
 /// of a paged cache, read through its block table).
 pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
     let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
-    let key = |j: usize, h: usize| &kv.row(j).0[h * hd..(h + 1) * hd];
-    let value = |j: usize, h: usize| &kv.row(j).1[h * hd..(h + 1) * hd];
+    let key = |j: usize, h: usize| kv.row(j).0.part(h * hd..(h + 1) * hd);
+    let value = |j: usize, h: usize| kv.row(j).1.part(h * hd..(h + 1) * hd);
     if tq >= GEMM_MIN_QUERIES && s.bf16_products && iris_tensor::kernels::has_avx512_bf16() {
         return sdpa_bf16(q, kv, s, causal_offset);
     }
@@ -81,8 +81,8 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
             // The scale goes on the queries (tq·hd products, not tq·tk).
             let mut qh = gather(tq, hd, |i| &q[i * qw + h * hd..i * qw + (h + 1) * hd]);
             qh.iter_mut().for_each(|x| *x *= scale);
-            let kh = gather(tk, hd, |j| key(j, kvh));
-            let vh = gather(tk, hd, |j| value(j, kvh));
+            let kh = gather_rows(tk, hd, |j| key(j, kvh));
+            let vh = gather_rows(tk, hd, |j| value(j, kvh));
             let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
             for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
                 let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
@@ -107,19 +107,39 @@ fn attend_group(
 ) -> Vec<f32> {
     let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let mut out = vec![0f32; tq * group * hd];
-    let mut scores = vec![0f32; tk];
+    // Scores of the group's heads, `[head][key]`.
+    let mut scores = vec![0f32; group * tk];
+    let key = |j: usize| kv.row(j).0.part(g * hd..(g + 1) * hd);
     for i in 0..tq {
         let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
-        for (h, o) in (g * group..(g + 1) * group).zip(out[i * group * hd..].chunks_exact_mut(hd)) {
-            let qi = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-            for (j, sc) in scores[..limit].iter_mut().enumerate() {
-                *sc = dot_f32(qi, &kv.row(j).0[g * hd..(g + 1) * hd]) * scale;
+        let q_of = |h: usize| &q[i * qw + (g * group + h) * hd..i * qw + (g * group + h + 1) * hd];
+        // Four heads and four keys a tile: each key is loaded once for four heads.
+        let tiled = if group % 4 == 0 { limit / 4 * 4 } else { 0 };
+        for h0 in (0..group).step_by(4).filter(|_| tiled > 0) {
+            let qs = [q_of(h0), q_of(h0 + 1), q_of(h0 + 2), q_of(h0 + 3)];
+            for j0 in (0..tiled).step_by(4) {
+                let ks = [key(j0), key(j0 + 1), key(j0 + 2), key(j0 + 3)];
+                let t = KvRow::dot_4x4(ks, qs).expect("one view, one dtype");
+                for (dj, tj) in t.iter().enumerate() {
+                    for (dh, v) in tj.iter().enumerate() {
+                        scores[(h0 + dh) * tk + j0 + dj] = v * scale;
+                    }
+                }
             }
-            iris_tensor::softmax_in_place(&mut scores[..limit]);
-            for (j, &p) in scores[..limit].iter().enumerate() {
-                o.iter_mut()
-                    .zip(&kv.row(j).1[g * hd..(g + 1) * hd])
-                    .for_each(|(o, v)| *o += p * v);
+        }
+        for h in 0..group {
+            let row = &mut scores[h * tk..h * tk + limit];
+            for (j, sc) in row.iter_mut().enumerate().skip(tiled) {
+                *sc = key(j).dot(q_of(h)) * scale;
+            }
+            iris_tensor::softmax_in_place(row);
+        }
+        let o = &mut out[i * group * hd..(i + 1) * group * hd];
+        for j in 0..limit {
+            // One value row mixed into every head of the group while it is in cache.
+            let v = kv.row(j).1.part(g * hd..(g + 1) * hd);
+            for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
+                v.add_scaled(scores[h * tk + j], oh);
             }
         }
     }
@@ -209,8 +229,8 @@ fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>)
     let packed: Vec<(PackedBf16, PackedBf16)> = (0..s.n_kv_heads)
         .into_par_iter()
         .map(|h| {
-            let kh = gather(tk, hd, |j| &kv.row(j).0[h * hd..(h + 1) * hd]);
-            let vh = gather(tk, hd, |j| &kv.row(j).1[h * hd..(h + 1) * hd]);
+            let kh = gather_rows(tk, hd, |j| kv.row(j).0.part(h * hd..(h + 1) * hd));
+            let vh = gather_rows(tk, hd, |j| kv.row(j).1.part(h * hd..(h + 1) * hd));
             (
                 PackedBf16::pack_fn(tk, hd, |j, d| kh[j * hd + d]),
                 PackedBf16::pack_fn(hd, tk, |d, j| vh[j * hd + d]),
@@ -246,6 +266,13 @@ fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>)
 fn gather<'a>(n: usize, hd: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(n * hd);
     (0..n).for_each(|j| out.extend_from_slice(row(j)));
+    out
+}
+
+/// [`gather`] of K/V rows in whatever dtype the cache keeps them, as f32.
+fn gather_rows<'a>(n: usize, hd: usize, row: impl Fn(usize) -> KvRow<'a>) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * hd);
+    (0..n).for_each(|j| row(j).extend_into(&mut out));
     out
 }
 

@@ -5,6 +5,159 @@
 
 use std::sync::{RwLock, RwLockReadGuard};
 
+use half::bf16;
+use iris_tensor::kernels::{dot_bf16, dot_f32};
+
+/// How the arena stores keys and values: f32, or bf16 (half the bytes; exact for a
+/// bf16 model, whose K/V are bf16 values already).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// One row (or part of a row) of keys or values, in the arena's dtype.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvRow<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> KvRow<'a> {
+    pub fn len(self) -> usize {
+        match self {
+            KvRow::F32(r) => r.len(),
+            KvRow::Bf16(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range` (one head's part of the row).
+    #[inline]
+    pub fn part(self, range: std::ops::Range<usize>) -> KvRow<'a> {
+        match self {
+            KvRow::F32(r) => KvRow::F32(&r[range]),
+            KvRow::Bf16(r) => KvRow::Bf16(&r[range]),
+        }
+    }
+
+    /// `q · row`, in the same order for both dtypes (a bf16 value widens exactly).
+    #[inline]
+    pub fn dot(self, q: &[f32]) -> f32 {
+        match self {
+            KvRow::F32(r) => dot_f32(q, r),
+            KvRow::Bf16(r) => dot_bf16(r, q),
+        }
+    }
+
+    /// `qs[i] · keys[j]` for four keys and four queries at once (each loaded key serves
+    /// four queries: a decode step's heads of one KV group), as `[j][i]`; `None` when
+    /// the rows are not all of one dtype.
+    #[inline]
+    pub fn dot_4x4(keys: [KvRow<'_>; 4], qs: [&[f32]; 4]) -> Option<[[f32; 4]; 4]> {
+        use iris_tensor::kernels::dot_tile_4x4;
+        match keys {
+            [KvRow::F32(a), KvRow::F32(b), KvRow::F32(c), KvRow::F32(d)] => {
+                Some(dot_tile_4x4([a, b, c, d], qs))
+            }
+            [KvRow::Bf16(a), KvRow::Bf16(b), KvRow::Bf16(c), KvRow::Bf16(d)] => {
+                Some(dot_tile_4x4([a, b, c, d], qs))
+            }
+            _ => None,
+        }
+    }
+
+    /// `out += p · row`.
+    #[inline]
+    pub fn add_scaled(self, p: f32, out: &mut [f32]) {
+        match self {
+            KvRow::F32(r) => out.iter_mut().zip(r).for_each(|(o, v)| *o += p * v),
+            KvRow::Bf16(r) => out
+                .iter_mut()
+                .zip(r)
+                .for_each(|(o, v)| *o += p * v.to_f32()),
+        }
+    }
+
+    /// Appends the row, as f32, to `out`.
+    pub fn extend_into(self, out: &mut Vec<f32>) {
+        match self {
+            KvRow::F32(r) => out.extend_from_slice(r),
+            KvRow::Bf16(r) => out.extend(r.iter().map(|v| v.to_f32())),
+        }
+    }
+
+    pub fn to_vec(self) -> Vec<f32> {
+        let mut v = Vec::with_capacity(self.len());
+        self.extend_into(&mut v);
+        v
+    }
+}
+
+#[derive(Debug)]
+enum Data {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Data::F32(Vec::new())
+    }
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::F32(d) => d.len(),
+            Data::Bf16(d) => d.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Data::F32(d) => d.len() * 4,
+            Data::Bf16(d) => d.len() * 2,
+        }
+    }
+
+    #[inline]
+    fn row(&self, range: std::ops::Range<usize>) -> KvRow<'_> {
+        match self {
+            Data::F32(d) => KvRow::F32(&d[range]),
+            Data::Bf16(d) => KvRow::Bf16(&d[range]),
+        }
+    }
+
+    fn put(&mut self, at: usize, row: &[f32]) {
+        match self {
+            Data::F32(d) => d[at..at + row.len()].copy_from_slice(row),
+            Data::Bf16(d) => iris_tensor::kernels::to_bf16(row, &mut d[at..at + row.len()]),
+        }
+    }
+}
+
 /// Shared K/V storage in blocks of `block_size` tokens. Per layer one buffer holds, for
 /// block `b`, its `block_size` key rows then its `block_size` value rows. Buffers are
 /// zero-allocated when a layer is first written, so untouched blocks cost no memory.
@@ -18,7 +171,7 @@ pub struct KvArena {
 #[derive(Debug, Default)]
 pub struct LayerBlocks {
     width: usize,
-    data: Vec<f32>,
+    data: Data,
 }
 
 impl KvArena {
@@ -34,17 +187,32 @@ impl KvArena {
     /// An arena for rows `width` floats wide, every layer allocated now, in one buffer
     /// each, and its pages committed (touched), so the process's memory is what it
     /// will be for good: serving never grows it.
-    pub fn reserved(n_layers: usize, blocks: usize, block_size: usize, width: usize) -> KvArena {
+    pub fn reserved(
+        n_layers: usize,
+        blocks: usize,
+        block_size: usize,
+        width: usize,
+        dtype: KvDtype,
+    ) -> KvArena {
         let n = blocks * 2 * block_size * width;
         // The allocator hands out zeroed pages it has not committed yet; a store of a
         // value the compiler cannot see is zero commits each page now.
         let zero = std::hint::black_box(0.0f32);
         let layers = (0..n_layers)
             .map(|_| {
-                let mut data = vec![0f32; n];
-                for page in data.chunks_mut(1024) {
-                    page[0] = zero;
-                }
+                let data = match dtype {
+                    KvDtype::F32 => {
+                        let mut d = vec![0f32; n];
+                        d.chunks_mut(1024).for_each(|page| page[0] = zero);
+                        Data::F32(d)
+                    }
+                    KvDtype::Bf16 => {
+                        let mut d = vec![bf16::ZERO; n];
+                        let z = bf16::from_f32(zero);
+                        d.chunks_mut(2048).for_each(|page| page[0] = z);
+                        Data::Bf16(d)
+                    }
+                };
                 RwLock::new(LayerBlocks { width, data })
             })
             .collect();
@@ -59,13 +227,13 @@ impl KvArena {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| l.read().expect("kv arena lock").data.len() * std::mem::size_of::<f32>())
+            .map(|l| l.read().expect("kv arena lock").data.bytes())
             .sum()
     }
 
-    /// Bytes one block takes across `n_layers` layers of rows `width` floats wide.
-    pub fn block_bytes(n_layers: usize, block_size: usize, width: usize) -> usize {
-        n_layers * 2 * block_size * width * std::mem::size_of::<f32>()
+    /// Bytes one block takes across `n_layers` layers of rows `width` values wide.
+    pub fn block_bytes(n_layers: usize, block_size: usize, width: usize, dtype: KvDtype) -> usize {
+        n_layers * 2 * block_size * width * dtype.size_in_bytes()
     }
 
     pub fn block_size(&self) -> usize {
@@ -77,18 +245,17 @@ impl KvArena {
     fn write(&self, layer: usize, table: &[u32], start: usize, kv: (&[f32], &[f32]), w: usize) {
         let (k, v) = kv;
         let mut l = self.layers[layer].write().expect("kv arena lock");
-        if l.data.is_empty() {
+        if l.data.len() == 0 {
             l.width = w;
-            l.data = vec![0f32; self.blocks * 2 * self.block_size * w];
+            l.data = Data::F32(vec![0f32; self.blocks * 2 * self.block_size * w]);
         }
-
         assert_eq!(l.width, w, "one K/V width per layer");
         let bs = self.block_size;
         for (i, (kr, vr)) in k.chunks_exact(w).zip(v.chunks_exact(w)).enumerate() {
             let pos = start + i;
             let base = table[pos / bs] as usize * 2 * bs * w + (pos % bs) * w;
-            l.data[base..base + w].copy_from_slice(kr);
-            l.data[base + bs * w..base + bs * w + w].copy_from_slice(vr);
+            l.data.put(base, kr);
+            l.data.put(base + bs * w, vr);
         }
     }
 }
@@ -151,11 +318,11 @@ impl<'a> KvView<'a> {
 
     /// Row `j`'s keys and values.
     #[inline]
-    pub fn row(&self, j: usize) -> (&[f32], &[f32]) {
+    pub fn row(&self, j: usize) -> (KvRow<'_>, KvRow<'_>) {
         match self {
             KvView::Rows { k, v, width } => {
                 let r = j * width..(j + 1) * width;
-                (&k[r.clone()], &v[r])
+                (KvRow::F32(&k[r.clone()]), KvRow::F32(&v[r]))
             }
             KvView::Paged {
                 layer,
@@ -167,8 +334,8 @@ impl<'a> KvView<'a> {
                 let (w, j) = (layer.width, j + first);
                 let base = table[j / bs] as usize * 2 * bs * w + (j % bs) * w;
                 (
-                    &layer.data[base..base + w],
-                    &layer.data[base + bs * w..base + bs * w + w],
+                    layer.data.row(base..base + w),
+                    layer.data.row(base + bs * w..base + bs * w + w),
                 )
             }
         }
@@ -449,7 +616,7 @@ mod tests {
         for j in 0..4 {
             assert_eq!(view.row(j), view_own.row(j));
         }
-        assert_eq!(view.row(4).0, &[9.0; 3]);
+        assert_eq!(view.row(4).0.to_vec(), &[9.0; 3]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod norm;
 mod rope;
 
 pub use attention::{sdpa, sdpa_batch, sdpa_view, AttnShape};
-pub use kv_cache::{KvArena, KvCache, KvView};
+pub use kv_cache::{KvArena, KvCache, KvDtype, KvRow, KvView};
 pub use linear::{ColumnParallelLinear, Linear, RowParallelLinear};
 pub use mlp::{GatedMlp, Mlp};
 pub use norm::{LayerNorm, RmsNorm};
