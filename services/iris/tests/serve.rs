@@ -734,6 +734,10 @@ fn a_panic_in_an_engine_step_fails_its_request_and_the_engine_goes_on() {
         eventually(Duration::from_secs(30), "every KV block back", || {
             metric(&s.http, "iris_kv_free_blocks") == blocks
         });
+        // The KV cache on /metrics: its budget in blocks and bytes, none held now.
+        assert_eq!(metric(&s.http, "iris_kv_total_blocks"), blocks);
+        assert!(metric(&s.http, "iris_kv_bytes_total") > 0.0);
+        assert_eq!(metric(&s.http, "iris_kv_bytes_used"), 0.0);
         assert_eq!(metric(&s.http, "iris_requests_total"), 2.0);
     }
 }
