@@ -58,6 +58,10 @@ pub struct EngineConfig {
     pub panic_at_step: Option<usize>,
     /// How K/V are stored; `None`: the model's dtype (bf16 for a bf16 model, else f32).
     pub kv_dtype: Option<KvDtype>,
+    /// Test hook: the engine thread itself dies (a panic outside the guarded step) once
+    /// it has run this many steps, to show a dead engine is reported, not hidden.
+    /// `None` in service.
+    pub die_at_step: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +75,7 @@ impl Default for EngineConfig {
             step_delay: std::time::Duration::ZERO,
             panic_at_step: None,
             kv_dtype: None,
+            die_at_step: None,
         }
     }
 }
@@ -660,6 +665,11 @@ impl Worker {
             self.receive();
             if self.closed && self.waiting.is_empty() && self.running.is_empty() {
                 return;
+            }
+            if let Some(n) = self.config.die_at_step {
+                if self.stats.lock().expect("stats lock").steps >= n {
+                    panic!("test hook: the engine thread dies");
+                }
             }
             self.guarded_step();
             self.stat(|s| s.steps += 1);

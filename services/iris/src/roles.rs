@@ -231,6 +231,9 @@ pub struct DecoderArgs {
     /// Test hook: panic once in the first decoding step from this one on.
     #[arg(long, hide = true)]
     pub test_panic_at_step: Option<usize>,
+    /// Test hook: the engine thread dies after this many steps.
+    #[arg(long, hide = true)]
+    pub test_engine_dies_at_step: Option<usize>,
 }
 
 impl DecoderArgs {
@@ -296,6 +299,7 @@ impl DecoderArgs {
                 step_delay: Duration::from_millis(self.test_step_delay_ms),
                 panic_at_step: self.test_panic_at_step,
                 kv_dtype: self.kv_cache_dtype.0,
+                die_at_step: self.test_engine_dies_at_step,
             };
             let (engine, _) = Engine::start_with(p.clone(), config, Vec::new())
                 .map_err(|e| StartError::load_id(id, e))?;

@@ -741,3 +741,57 @@ fn a_panic_in_an_engine_step_fails_its_request_and_the_engine_goes_on() {
         assert_eq!(metric(&s.http, "iris_requests_total"), 2.0);
     }
 }
+
+/// An engine whose thread dies (a test-only hook) is not hidden behind "busy": the
+/// request in flight and every later one end UNAVAILABLE (HTTP 503), `/metrics` says
+/// the engine is dead and the member's health turns NOT_SERVING (with `--etcd` it
+/// would also deregister: the same lease close as SIGTERM's).
+#[test]
+fn a_dead_engine_is_unavailable_and_not_serving() {
+    let args = [
+        "serve",
+        "--model",
+        &model_arg(),
+        "--test-engine-dies-at-step",
+        "0",
+    ];
+    let s = spawn(env!("CARGO_BIN_EXE_iris"), &args);
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        for _ in 0..2 {
+            let e = generate(&mut g, request(PROMPT, vec![image("scene.png")], 4))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        }
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let status = || tonic_health::pb::HealthCheckRequest {
+            service: "iris.v1.Decoder".into(),
+        };
+        let t0 = Instant::now();
+        loop {
+            let r = health.check(status()).await.unwrap().into_inner();
+            if r.status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+            {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "still SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
+    });
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{}/v1/chat/completions", s.http))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(metric(&s.http, "iris_engine_alive"), 0.0);
+}
