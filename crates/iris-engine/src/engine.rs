@@ -106,8 +106,6 @@ impl EngineRequest {
 pub struct EncodedPrompt {
     pub input_ids: Vec<u32>,
     pub visual: Vec<Tensor>,
-    /// BLAKE3 of each image's bytes (prefix-cache keys).
-    pub image_hashes: Vec<[u8; 32]>,
     /// Tokens the request already produced (it moved here from a decoder that died):
     /// generation continues after them, as it would have.
     pub resume: Vec<u32>,
@@ -577,24 +575,38 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
                     input_ids: e.input_ids.clone(),
                     pixel_values: Vec::new(),
                 },
+                image_hashes: e.visual.iter().map(visual_hash).collect(),
                 visual: e.visual.clone(),
-                image_hashes: e.image_hashes.clone(),
             })
         }
         None => {
             let prompt = p.processor.prepare(&r.prompt, &r.images)?;
             fits(&prompt.input_ids)?;
+            let visual = p.encode_images(&prompt)?;
             Ok(Prepared {
-                visual: p.encode_images(&prompt)?,
+                image_hashes: visual.iter().map(visual_hash).collect(),
+                visual,
                 prompt,
-                image_hashes: r
-                    .images
-                    .iter()
-                    .map(|b| *blake3::hash(b).as_bytes())
-                    .collect(),
             })
         }
     }
+}
+
+/// An image's part of the prefix-cache keys: BLAKE3 of its visual tokens (shape, then
+/// f32 values) — of what the decoder computes with, never of a caller's claim about
+/// which image they came from, so no request can store K/V under another's image.
+pub fn visual_hash(t: &Tensor) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for d in t.shape() {
+        h.update(&(*d as u64).to_le_bytes());
+    }
+    let bytes: Vec<u8> = t
+        .to_f32_vec()
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    h.update(&bytes);
+    *h.finalize().as_bytes()
 }
 
 impl Drop for Engine {

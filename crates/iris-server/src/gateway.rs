@@ -490,11 +490,7 @@ impl Gateway {
             model: model.id.clone(),
             prompt_token_ids: ids.clone(),
             visual_tokens: visual,
-            image_hashes: input
-                .images
-                .iter()
-                .map(|b| blake3::hash(b).as_bytes().to_vec())
-                .collect(),
+            image_hashes: Vec::new(),
             sampling: Some(wire::sampling_to_wire(&o.sampling)),
             max_tokens: o.max_new_tokens as u32,
             stop: o.stop.strings.clone(),

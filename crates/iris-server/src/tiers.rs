@@ -283,14 +283,6 @@ impl DecoderTier for LocalDecoder {
             .iter()
             .map(wire::tensor_from_wire)
             .collect::<Result<Vec<_>, _>>()?;
-        let image_hashes = req
-            .image_hashes
-            .iter()
-            .map(|h| {
-                <[u8; 32]>::try_from(h.as_slice())
-                    .map_err(|_| ServeError::bad_input("an image hash is not 32 bytes"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let options = wire::options(
             req.sampling.as_ref(),
             req.max_tokens,
@@ -302,7 +294,6 @@ impl DecoderTier for LocalDecoder {
         request.encoded = Some(EncodedPrompt {
             input_ids: req.prompt_token_ids,
             visual,
-            image_hashes,
             resume: req.resume_token_ids,
         });
         let stream = engine.submit(request)?;

@@ -522,10 +522,22 @@ fn with_ops(router: Router, names: &[&str]) -> Result<(Router, Health), StartErr
                 .await;
         }
     });
+    // Reflection lists the services this process serves, not every one in the protos.
+    let served: Vec<String> = h
+        .names
+        .iter()
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_string())
+        .collect();
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(iris_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for n in &served {
+            b = b.with_service_name(n.clone());
+        }
+        b
     };
     // Both reflection versions: grpcurl and many clients still speak v1alpha.
     let router = router
@@ -669,12 +681,10 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
         a.gateway.limits(a.models.limits()),
         metrics,
     ));
-    let router = Server::builder()
-        .add_service(max(GatewayServer::new(GatewayService(gw.clone()))))
-        .add_service(max(VisionEncoderServer::new(VisionService(vision))))
-        .add_service(max(ConnectorServer::new(ConnectorService(connector))))
-        .add_service(max(DecoderServer::new(DecoderService(decoder))));
-    let router = with_ops(router, &[GATEWAY, VISION, CONNECTOR, DECODER, ""])?;
+    // Only the gateway on the public port: the tiers run in process, and a tier service
+    // here would let any caller hand the decoder made-up visual tokens.
+    let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
+    let router = with_ops(router, &[GATEWAY, ""])?;
     let mut me = Registration::new("gateway", model_ids(&a.models));
     me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await

@@ -771,7 +771,7 @@ fn a_dead_engine_is_unavailable_and_not_serving() {
             .unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let status = || tonic_health::pb::HealthCheckRequest {
-            service: "iris.v1.Decoder".into(),
+            service: "iris.v1.Gateway".into(),
         };
         let t0 = Instant::now();
         loop {
@@ -794,4 +794,99 @@ fn a_dead_engine_is_unavailable_and_not_serving() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(metric(&s.http, "iris_engine_alive"), 0.0);
+}
+
+/// The prefix-cache poisoning attack of issue 13: a caller who reaches a decoder sends
+/// made-up visual tokens with an ordinary prompt's ids and claims they are image X
+/// (`image_hashes = [blake3(X)]`). The decoder keys its cache by the tokens it was
+/// given, not by the claim, so a later ordinary request with image X gets the honest
+/// answer. And `iris serve` does not serve the tier services on its port at all.
+#[test]
+fn forged_visual_tokens_never_reach_another_users_answer() {
+    use iris_proto::v1::decoder_client::DecoderClient;
+    let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
+    let out = Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args([
+            "generate",
+            "--model",
+            &model_arg(),
+            "--prompt",
+            PROMPT,
+            "--json",
+        ])
+        .args([
+            "--image",
+            &fixtures().join("images/scene.png").display().to_string(),
+        ])
+        .args(["--max-new-tokens", "1"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prompt_ids: Vec<u32> = v["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(MODEL).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let image_token = config["image_token_index"].as_u64().unwrap() as u32;
+    let hidden = config["text_config"]["hidden_size"].as_u64().unwrap();
+    let rows = prompt_ids.iter().filter(|&&i| i == image_token).count() as u64;
+    let forged = pb::Tensor {
+        dtype: "f32".into(),
+        shape: vec![rows, hidden],
+        data: std::iter::repeat_n(5.0f32.to_le_bytes(), (rows * hidden) as usize)
+            .flatten()
+            .collect(),
+    };
+    let attack = |addr: String| {
+        let (ids, forged) = (prompt_ids.clone(), forged.clone());
+        async move {
+            let mut d = DecoderClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap()
+                .max_decoding_message_size(64 << 20);
+            let req = pb::DecodeRequest {
+                model: MODEL.into(),
+                prompt_token_ids: ids,
+                visual_tokens: vec![forged],
+                image_hashes: vec![blake3::hash(&image("scene.png")).as_bytes().to_vec()],
+                max_tokens: 8,
+                ..Default::default()
+            };
+            let mut s = d.generate(req).await?.into_inner();
+            let mut got = Vec::new();
+            while let Some(ev) = s.message().await? {
+                match ev.event {
+                    Some(pb::generate_event::Event::Token(t)) => got.push(t.id),
+                    Some(pb::generate_event::Event::Finished(_)) => break,
+                    None => {}
+                }
+            }
+            Ok::<_, tonic::Status>(got)
+        }
+    };
+    let c = cluster();
+    rt().block_on(async {
+        let forged_ids = attack(c.decoder.grpc.clone()).await.unwrap();
+        // The forgery changes what the model says (else this would prove nothing).
+        assert_ne!(forged_ids, want);
+        let mut g = client(&c.gateway.grpc).await;
+        for _ in 0..2 {
+            let (ids, text, _) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+                .await
+                .unwrap();
+            assert_eq!((ids, text), (want.clone(), want_text.clone()));
+        }
+    });
+    // The honest repeat did use the prefix cache (the key is sound, not disabled).
+    assert!(metric(&c.decoder.http, "iris_prefix_cache_hit_blocks") > 0.0);
+    let s = serve();
+    rt().block_on(async {
+        let e = attack(s.grpc.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e}");
+    });
 }
