@@ -570,6 +570,25 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
         ))),
         Some(e) => {
             fits(&e.input_ids)?;
+            // Tensors from the network: checked before any kernel sees them.
+            let want = p.model.visual_shape();
+            for (i, t) in e.visual.iter().enumerate() {
+                let what = format!("visual tokens of image {}", i + 1);
+                iris_models::vlm::check_untrusted(t, want, &what)?;
+            }
+            let per = p.model.tokens_per_image();
+            let slots = e
+                .input_ids
+                .iter()
+                .filter(|&&id| id == p.model.image_token_id())
+                .count();
+            if per > 0 && slots != e.visual.len() * per {
+                return Err(Error::Input(format!(
+                    "the prompt has {slots} image placeholders; {} image(s) of {per} visual tokens need {}",
+                    e.visual.len(),
+                    e.visual.len() * per
+                )));
+            }
             Ok(Prepared {
                 prompt: PreparedPrompt {
                     input_ids: e.input_ids.clone(),

@@ -199,6 +199,15 @@ impl VisionLanguageModel for BlipCaptioner {
     fn tokens_per_image(&self) -> usize {
         0
     }
+    fn feature_shape(&self) -> [usize; 2] {
+        [
+            self.cfg.vision.num_patches() + 1,
+            self.cfg.vision.hidden_size,
+        ]
+    }
+    fn visual_shape(&self) -> [usize; 2] {
+        self.feature_shape()
+    }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(part(&self.text_decoder, Part::Language)?)
     }

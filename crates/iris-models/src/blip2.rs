@@ -201,6 +201,15 @@ impl VisionLanguageModel for Blip2 {
     fn tokens_per_image(&self) -> usize {
         self.cfg.num_query_tokens
     }
+    fn feature_shape(&self) -> [usize; 2] {
+        [
+            self.cfg.vision.num_patches() + 1,
+            self.cfg.vision.hidden_size,
+        ]
+    }
+    fn visual_shape(&self) -> [usize; 2] {
+        [self.cfg.num_query_tokens, self.cfg.text.hidden_size]
+    }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(self.opt()?)
     }

@@ -424,6 +424,20 @@ impl VisionLanguageModel for Idefics {
     fn tokens_per_image(&self) -> usize {
         0
     }
+    fn feature_shape(&self) -> [usize; 2] {
+        [
+            self.cfg.vision.num_patches() + 1,
+            self.cfg.vision.hidden_size,
+        ]
+    }
+    /// The resampler's latents (or the features themselves without one).
+    fn visual_shape(&self) -> [usize; 2] {
+        let rows = match self.cfg.use_resampler {
+            true => self.cfg.resampler_n_latents,
+            false => self.cfg.vision.num_patches() + 1,
+        };
+        [rows, self.cfg.vision.hidden_size]
+    }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(part(&self.text, Part::Language)?)
     }

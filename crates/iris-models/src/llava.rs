@@ -195,6 +195,15 @@ impl VisionLanguageModel for Llava {
     fn tokens_per_image(&self) -> usize {
         self.cfg.tokens_per_image()
     }
+    fn feature_shape(&self) -> [usize; 2] {
+        [
+            self.cfg.tokens_per_image(),
+            self.cfg.vision.hidden_size * self.feature_layers.len(),
+        ]
+    }
+    fn visual_shape(&self) -> [usize; 2] {
+        [self.cfg.tokens_per_image(), self.cfg.text.hidden_size]
+    }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(self.llama()?)
     }

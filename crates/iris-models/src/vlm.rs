@@ -55,6 +55,11 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     }
     fn image_token_id(&self) -> u32;
     fn tokens_per_image(&self) -> usize;
+    /// `[rows, width]` of one image's vision features: what `connect` takes.
+    fn feature_shape(&self) -> [usize; 2];
+    /// `[rows, width]` of one image's visual tokens: what `connect` returns and the
+    /// language model reads (placeholder rows or cross-attention latents).
+    fn visual_shape(&self) -> [usize; 2];
     /// The language model; an error in a process that did not load it.
     fn language_model(&self) -> Result<&dyn CausalLm>;
     fn dtype(&self) -> DType;
@@ -114,6 +119,27 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
         }
         Ok(x)
     }
+}
+
+/// Checks a tensor a caller sent (features, visual tokens) before any kernel sees it:
+/// the exact `[rows, width]` the model takes and finite values.
+pub fn check_untrusted(t: &Tensor, want: [usize; 2], what: &str) -> Result<()> {
+    if t.shape() != want {
+        return Err(Error::Input(format!(
+            "{what} of shape {:?}, the model takes [{}, {}]",
+            t.shape(),
+            want[0],
+            want[1]
+        )));
+    }
+    let values = t.to_f32_vec();
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Input(format!(
+            "{what}: value {i} is {} (every value must be finite)",
+            values[i]
+        )));
+    }
+    Ok(())
 }
 
 /// ITM and ITC scores of one image-text pair.

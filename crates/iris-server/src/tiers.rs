@@ -247,6 +247,8 @@ impl ConnectorTier for LocalConnector {
         _deadline: Instant,
     ) -> Result<Tensor, ServeError> {
         let p = model_of(&self.models, model)?.clone();
+        iris_models::vlm::check_untrusted(&features, p.model.feature_shape(), "features")
+            .map_err(iris_engine::Error::from)?;
         self.metrics.connector_requests.inc();
         tokio::task::spawn_blocking(move || p.model.connect(&features))
             .await

@@ -890,3 +890,71 @@ fn forged_visual_tokens_never_reach_another_users_answer() {
         assert_eq!(e.code(), Code::Unimplemented, "{e}");
     });
 }
+
+/// Tensors from the network are checked before any kernel sees them (issue 13,
+/// finding 3): NaN / Inf visual tokens, a tensor of the wrong width or with 200,000
+/// rows are INVALID_ARGUMENT naming what was wrong, at the decoder and the connector.
+#[test]
+fn untrusted_tensors_are_refused_with_invalid_argument() {
+    use iris_proto::v1::connector_client::ConnectorClient;
+    use iris_proto::v1::decoder_client::DecoderClient;
+    let f32s = |shape: Vec<u64>, fill: f32| pb::Tensor {
+        dtype: "f32".into(),
+        data: std::iter::repeat_n(fill.to_le_bytes(), shape.iter().product::<u64>() as usize)
+            .flatten()
+            .collect(),
+        shape,
+    };
+    // The fixture: 25 visual tokens of width 64 per image; ViT features [25, 32].
+    let mut ids = vec![1u32; 3];
+    ids.extend(std::iter::repeat_n(301, 25));
+    let c = cluster();
+    rt().block_on(async {
+        let mut d = DecoderClient::connect(format!("http://{}", c.decoder.grpc))
+            .await
+            .unwrap()
+            .max_encoding_message_size(256 << 20);
+        for (visual, needle) in [
+            (f32s(vec![25, 64], f32::NAN), "NaN"),
+            (f32s(vec![25, 64], f32::INFINITY), "inf"),
+            (f32s(vec![25, 63], 0.5), "[25, 63]"),
+            (f32s(vec![200_000, 64], 0.5), "[200000, 64]"),
+        ] {
+            let req = pb::DecodeRequest {
+                model: MODEL.into(),
+                prompt_token_ids: ids.clone(),
+                visual_tokens: vec![visual],
+                max_tokens: 2,
+                ..Default::default()
+            };
+            let e = match d.generate(req).await {
+                Err(e) => e,
+                Ok(s) => s.into_inner().message().await.unwrap_err(),
+            };
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains(needle), "{needle}: {e}");
+        }
+        let mut p = ConnectorClient::connect(format!("http://{}", c.connector.grpc))
+            .await
+            .unwrap();
+        for (features, needle) in [
+            (f32s(vec![25, 31], 0.5), "[25, 31]"),
+            (f32s(vec![25, 32], f32::NAN), "NaN"),
+        ] {
+            let req = pb::ProjectRequest {
+                model: MODEL.into(),
+                features: Some(features),
+            };
+            let e = p.project(req).await.unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(e.message().contains(needle), "{needle}: {e}");
+        }
+    });
+    // The tiers go on serving.
+    rt().block_on(async {
+        let mut g = client(&c.gateway.grpc).await;
+        generate(&mut g, request(PROMPT, vec![image("scene.png")], 2))
+            .await
+            .unwrap();
+    });
+}
