@@ -217,18 +217,21 @@ fn same_image_and_prefix_hit_the_prefix_cache() {
     );
     assert_eq!(second, first);
     assert_eq!(second, alone(&p, &req));
-    // A different image of the same size never hits.
-    let mut other = image("scene.png");
-    let png = image::load_from_memory(&other).unwrap().to_rgb8();
-    let mut flipped = png.clone();
-    flipped.put_pixel(0, 0, image::Rgb([255 - png.get_pixel(0, 0)[0], 0, 0]));
-    other.clear();
-    flipped
-        .write_to(
-            &mut std::io::Cursor::new(&mut other),
-            image::ImageFormat::Png,
+    // A different image never hits: blocks are keyed by the visual tokens computed
+    // (an image whose pixel values, hence tokens, were the same would rightly share).
+    let other = image("tall.jpg");
+    assert_ne!(
+        p.encode_images(
+            &p.processor
+                .prepare(&req.prompt, std::slice::from_ref(&other))
+                .unwrap()
         )
-        .unwrap();
+        .unwrap()[0]
+            .to_f32_vec(),
+        p.encode_images(&p.processor.prepare(&req.prompt, &req.images).unwrap())
+            .unwrap()[0]
+            .to_f32_vec()
+    );
     let changed = EngineRequest {
         images: vec![other],
         ..req

@@ -417,7 +417,12 @@ impl Gateway {
         let (prompt_tokens, cached_images) = (generation.prompt_tokens, generation.cached_images);
         let metrics = self.metrics.clone();
         let mut last = None::<Instant>;
-        let mut done = false;
+        // Counts the request once, however it ends: finished, failed, or dropped by a
+        // client that went away (`cancelled`).
+        let mut outcome = Outcome {
+            metrics: metrics.clone(),
+            counted: false,
+        };
         let events = generation.events.map(move |ev| {
             let now = Instant::now();
             match &ev {
@@ -433,10 +438,9 @@ impl Gateway {
                 }
                 Ok(pb::GenerateEvent {
                     event: Some(pb::generate_event::Event::Finished(f)),
-                }) if !done => {
-                    done = true;
+                }) if !outcome.counted => {
+                    outcome.count("ok");
                     metrics.prompt_tokens.inc_by(f.prompt_tokens as u64);
-                    metrics.count_request("ok");
                     tracing::info!(
                         %model,
                         images,
@@ -448,10 +452,9 @@ impl Gateway {
                         "generated"
                     );
                 }
-                Err(s) if !done => {
-                    done = true;
+                Err(s) if !outcome.counted => {
                     let e = ServeError::from(s.clone());
-                    metrics.count_request(e.label());
+                    outcome.count(e.label());
                     tracing::warn!(%model, status = e.label(), error = e.message(), "failed");
                 }
                 _ => {}
@@ -519,6 +522,28 @@ impl Gateway {
                 "model `{id}` generates text: Embed and Match take a retrieval model"
             ))),
         }
+    }
+}
+
+/// A request's count in `iris_requests_total`, made once: at its end, or as
+/// `cancelled` when its stream is dropped before it ended.
+struct Outcome {
+    metrics: Arc<Metrics>,
+    counted: bool,
+}
+
+impl Outcome {
+    fn count(&mut self, status: &str) {
+        if !self.counted {
+            self.counted = true;
+            self.metrics.count_request(status);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.count("cancelled");
     }
 }
 

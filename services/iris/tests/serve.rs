@@ -407,8 +407,9 @@ fn bad_input_gets_a_specific_status_and_the_server_goes_on() {
 }
 
 /// Starts a long generation, reads a few tokens, hangs up; the decoder and encoder
-/// (whose `/metrics` are at `decoder` and `encoder`) must come back to idle.
-fn hang_up_and_wait_idle(gateway: &str, decoder: &str, encoder: &str) {
+/// (whose `/metrics` are at `decoder` and `encoder`) must come back to idle, and the
+/// gateway (`/metrics` at `gateway_http`) counts the request as cancelled.
+fn hang_up_and_wait_idle(gateway: &str, gateway_http: &str, decoder: &str, encoder: &str) {
     let blocks = metric(decoder, "iris_kv_free_blocks");
     assert!(blocks > 0.0);
     rt().block_on(async {
@@ -439,17 +440,26 @@ fn hang_up_and_wait_idle(gateway: &str, decoder: &str, encoder: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // It did not run to 400 tokens.
+    // It did not run to 400 tokens, and the gateway counted it as cancelled.
     assert!(metric(decoder, "iris_decode_tokens") < 400.0);
+    let cancelled = "iris_requests_total{status=\"cancelled\"}";
+    eventually(Duration::from_secs(10), "the hang-up counted", || {
+        metric(gateway_http, cancelled) >= 1.0
+    });
 }
 
 #[test]
 fn a_client_that_hangs_up_frees_kv_blocks_and_encoder_slots() {
     let s = serve();
-    hang_up_and_wait_idle(&s.grpc, &s.http, &s.http);
+    hang_up_and_wait_idle(&s.grpc, &s.http, &s.http, &s.http);
     // Through the gateway to a decoder in another process: the cancel crosses gRPC.
     let c = cluster();
-    hang_up_and_wait_idle(&c.gateway.grpc, &c.decoder.http, &c.encoder.http);
+    hang_up_and_wait_idle(
+        &c.gateway.grpc,
+        &c.gateway.http,
+        &c.decoder.http,
+        &c.encoder.http,
+    );
 }
 
 #[test]
