@@ -10,7 +10,8 @@ use iris_server::error::ServeError;
 pub mod cluster_cli;
 pub mod roles;
 
-/// Why a role could not start or stopped with an error (the binaries print it).
+/// Why a role could not start or stopped with an error (the binaries print it with
+/// its causes, `{:#}`: a message here names the step, its source says what failed).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("loading {}", path.display())]
@@ -18,16 +19,16 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: iris_engine::Error,
     },
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("gRPC server: {0}")]
+    #[error("the gRPC server")]
     Transport(#[from] tonic::transport::Error),
-    #[error("gRPC reflection: {0}")]
+    #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Cluster(#[from] iris_cluster::Error),
@@ -35,7 +36,7 @@ pub enum StartError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Serve(#[from] ServeError),
-    #[error("a start-up task failed: {0}")]
+    #[error("a start-up task failed")]
     Task(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Invalid(String),
