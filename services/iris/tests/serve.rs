@@ -499,11 +499,7 @@ fn image_urls_are_fetched_only_from_allowed_hosts() {
                 {"type": "image_url", "image_url": {"url": url}},
                 {"type": "text", "text": "What is in the picture?"}]}],
         });
-        let r = reqwest::blocking::Client::new()
-            .post(format!("http://{}/v1/chat/completions", s.http))
-            .json(&body)
-            .send()
-            .unwrap();
+        let r = post_chat(&s.http, &body);
         (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
     };
     let (status, v) = ask(format!("http://127.0.0.1:{port}/scene.png"));
@@ -593,11 +589,7 @@ fn a_request_past_its_deadline_ends_deadline_exceeded() {
     let body = serde_json::json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user",
         "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}",
             base64::engine::general_purpose::STANDARD.encode(image("scene.png")))}}]}]});
-    let r = reqwest::blocking::Client::new()
-        .post(format!("http://{}/v1/chat/completions", s.http))
-        .json(&body)
-        .send()
-        .unwrap();
+    let r = post_chat(&s.http, &body);
     assert_eq!(r.status().as_u16(), 504);
 }
 
@@ -716,11 +708,7 @@ fn a_panic_in_an_engine_step_fails_its_request_and_the_engine_goes_on() {
         let s = spawn(env!("CARGO_BIN_EXE_iris"), &args);
         let blocks = metric(&s.http, "iris_kv_free_blocks");
         if over_http {
-            let r = reqwest::blocking::Client::new()
-                .post(format!("http://{}/v1/chat/completions", s.http))
-                .json(&body)
-                .send()
-                .unwrap();
+            let r = post_chat(&s.http, &body);
             assert_eq!(r.status().as_u16(), 500);
             let v: serde_json::Value = r.json().unwrap();
             assert_eq!(v["error"]["type"], "server_error", "{v}");
@@ -797,11 +785,7 @@ fn a_dead_engine_is_unavailable_and_not_serving() {
     let body = serde_json::json!({
         "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}],
     });
-    let r = reqwest::blocking::Client::new()
-        .post(format!("http://{}/v1/chat/completions", s.http))
-        .json(&body)
-        .send()
-        .unwrap();
+    let r = post_chat(&s.http, &body);
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(metric(&s.http, "iris_engine_alive"), 0.0);
 }

@@ -120,6 +120,15 @@ pub async fn generate(
     panic!("the stream ended without finishing")
 }
 
+/// `POST /v1/chat/completions` with a JSON body to the HTTP address `http`.
+pub fn post_chat(http: &str, body: &serde_json::Value) -> reqwest::blocking::Response {
+    reqwest::blocking::Client::new()
+        .post(format!("http://{http}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .unwrap()
+}
+
 /// A counter's value on a process's `/metrics` (summed over its labels).
 pub fn metric(http: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
