@@ -48,8 +48,8 @@ fn cluster() -> Cluster {
     }
 }
 
-/// `iris generate --json`'s token ids and text.
-fn cli_generate(prompt: &str, image_file: &str, max_tokens: u32) -> (Vec<u32>, String) {
+/// `iris generate --json`'s output.
+fn cli_generate_json(prompt: &str, image_file: &str, max_tokens: u32) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_iris"))
         .args([
             "generate",
@@ -75,7 +75,12 @@ fn cli_generate(prompt: &str, image_file: &str, max_tokens: u32) -> (Vec<u32>, S
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `iris generate --json`'s token ids and text.
+fn cli_generate(prompt: &str, image_file: &str, max_tokens: u32) -> (Vec<u32>, String) {
+    let v = cli_generate_json(prompt, image_file, max_tokens);
     let ids = v["token_ids"]
         .as_array()
         .unwrap()
@@ -799,23 +804,7 @@ fn a_dead_engine_is_unavailable_and_not_serving() {
 fn forged_visual_tokens_never_reach_another_users_answer() {
     use iris_proto::v1::decoder_client::DecoderClient;
     let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
-    let out = Command::new(env!("CARGO_BIN_EXE_iris"))
-        .args([
-            "generate",
-            "--model",
-            &model_arg(),
-            "--prompt",
-            PROMPT,
-            "--json",
-        ])
-        .args([
-            "--image",
-            &fixtures().join("images/scene.png").display().to_string(),
-        ])
-        .args(["--max-new-tokens", "1"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cli_generate_json(PROMPT, "scene.png", 1);
     let prompt_ids: Vec<u32> = v["prompt_token_ids"]
         .as_array()
         .unwrap()
