@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::ServeError;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -59,12 +60,35 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
         config,
         http,
     });
+    let body_limit = body_limit(&state.gateway.limits);
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// The largest request body: as many images as a request may carry, each at the
+/// largest size accepted and base64-encoded (4/3) in a `data:` URL, plus 1 MiB of text
+/// and JSON. So any request within the image limits fits, and nothing much larger.
+pub fn body_limit(limits: &crate::gateway::GatewayLimits) -> usize {
+    let per_image = limits.image.max_bytes.div_ceil(3) * 4 + 256;
+    limits.max_images.max(1) * per_image + (1 << 20)
+}
+
+/// Whether `--allow-image-host` entries allow `url`'s host: an entry `host` allows it
+/// on any port, `host:port` on that port only.
+fn host_allowed(allowed: &[String], url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let port = url.port_or_known_default();
+    allowed.iter().any(|entry| match entry.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+            h.trim_matches(['[', ']']) == host.trim_matches(['[', ']']) && p.parse().ok() == port
+        }
+        _ => entry == host,
+    })
 }
 
 /// A router with only `/metrics` and `/health` (the tier processes).
@@ -175,27 +199,25 @@ async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ServeError> {
             parsed.scheme()
         )));
     }
-    let host = parsed.host_str().unwrap_or_default();
-    if !s.config.allowed_image_hosts.iter().any(|h| h == host) {
+    if !host_allowed(&s.config.allowed_image_hosts, &parsed) {
+        let host = parsed.host_str().unwrap_or_default();
         return Err(bad(format!(
             "image URLs from host `{host}` are not allowed (send the image as a data: URL)"
         )));
     }
-    let mut resp = s
-        .http
-        .get(parsed)
-        .send()
-        .await
-        .map_err(|e| bad(format!("fetching `{url}`: {e}")))?;
+    // One answer for every way a fetch fails (refused, timed out, HTTP error), so the
+    // API cannot be used to tell a closed port from an open one.
+    let failed = || bad(format!("the image at `{url}` could not be fetched"));
+    let mut resp = s.http.get(parsed).send().await.map_err(|e| {
+        tracing::info!(%url, "image fetch failed: {e}");
+        failed()
+    })?;
     if !resp.status().is_success() {
-        return Err(bad(format!("fetching `{url}`: HTTP {}", resp.status())));
+        tracing::info!(%url, status = %resp.status(), "image fetch failed");
+        return Err(failed());
     }
     let mut out = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| bad(format!("fetching `{url}`: {e}")))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|_| failed())? {
         out.extend_from_slice(&chunk);
         if out.len() > max {
             return Err(bad(format!("the image at `{url}` is over {max} bytes")));
@@ -366,7 +388,21 @@ fn token_logprob(gw: &Gateway, model: &str, t: &pb::Token, top_n: usize) -> Valu
     e
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // A body over the limit (or unreadable) gets an error in OpenAI's shape too.
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let limit = body_limit(&s.gateway.limits);
+            return bad(format!(
+                "the request body could not be read ({e}; at most {limit} bytes)"
+            ))
+            .into_response();
+        }
+    };
     match completions(s, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -323,7 +323,8 @@ pub struct GatewayArgs {
     /// Seconds a request may take when it sets no deadline.
     #[arg(long, default_value_t = 300)]
     pub request_timeout_s: u64,
-    /// A host whose http(s) image URLs may be fetched (repeatable; none by default).
+    /// A host whose http(s) image URLs may be fetched: `host` (any port) or `host:port`
+    /// (that port only); repeatable, none by default.
     #[arg(long = "allow-image-host")]
     pub allow_image_hosts: Vec<String>,
     /// Seconds to fetch one image URL.

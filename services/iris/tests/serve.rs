@@ -941,3 +941,122 @@ fn untrusted_tensors_are_refused_with_invalid_argument() {
             .unwrap();
     });
 }
+
+/// Limits that agree (issue 13, finding 6): `--allow-image-host host:port` allows that
+/// port only; a failed fetch reads the same whether the port is closed or answers an
+/// error; the body cap follows the image limits (an image of 3 MB, within the 20 MiB
+/// image limit, fits; a body past the cap is an OpenAI-shaped 400, not plain text).
+#[test]
+fn image_hosts_by_port_fetch_errors_alike_and_a_body_cap_from_the_limits() {
+    use std::io::{Read, Write};
+    // An HTTP server that answers 404 to everything, and a port nobody listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ask = |http: &str, content: serde_json::Value| {
+        let body = serde_json::json!({
+            "model": MODEL, "max_tokens": 2,
+            "messages": [{"role": "user", "content": content}],
+        });
+        let r = post_chat(http, &body);
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    let url = |p: u16| serde_json::json!([{"type": "image_url", "image_url": {"url": format!("http://127.0.0.1:{p}/x.png")}}]);
+    let allowed = format!("127.0.0.1:{port}");
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--allow-image-host",
+            &allowed,
+        ],
+    );
+    let (status, v) = ask(&s.http, url(closed));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed"),
+        "{v}"
+    );
+    let (status, v) = ask(&s.http, url(port));
+    assert_eq!(status, 400, "{v}");
+    let http_error = v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .replace(&port.to_string(), "P");
+    // With the bare host every port is allowed: a closed one fails the same way.
+    let any_port = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--allow-image-host",
+            "127.0.0.1",
+        ],
+    );
+    let (status, v) = ask(&any_port.http, url(closed));
+    assert_eq!(status, 400, "{v}");
+    let refused = v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .replace(&closed.to_string(), "P");
+    assert_eq!(refused, http_error);
+    // A 3 MB image as a data: URL fits the default cap (it was 2 MiB).
+    let mut big = Vec::new();
+    let noise = image::RgbImage::from_fn(1000, 1000, |x, y| {
+        let h = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)).wrapping_mul(2246822519);
+        image::Rgb([(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8])
+    });
+    noise
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
+    assert!(big.len() > 2_500_000, "{}", big.len());
+    let data = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&big)
+    );
+    let (status, v) = ask(
+        &s.http,
+        serde_json::json!([{"type": "image_url", "image_url": {"url": data}}]),
+    );
+    assert_eq!(status, 200, "{v}");
+    // Past the cap of a server with small image limits: an OpenAI error.
+    let small = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--max-images",
+            "1",
+            "--max-image-bytes",
+            "100000",
+        ],
+    );
+    let (status, v) = ask(&small.http, serde_json::json!("x".repeat(2 << 20)));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("at most"),
+        "{v}"
+    );
+}
