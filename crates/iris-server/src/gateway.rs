@@ -319,6 +319,7 @@ impl Gateway {
         let model = self.model(&input.model)?;
         let spec = model.spec()?;
         let o = &input.options;
+        check_request_limits(input)?;
         if o.max_new_tokens == 0 {
             return Err(ServeError::bad_input("max_tokens must be at least 1"));
         }
@@ -545,6 +546,53 @@ impl Drop for Outcome {
     fn drop(&mut self) {
         self.count("cancelled");
     }
+}
+
+/// Chat roles a request may use (OpenAI's, less tools).
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant"];
+/// OpenAI's limits, the same for gRPC and HTTP.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+pub const MAX_TOP_LOGPROBS: usize = 20;
+pub const MAX_STOP_STRINGS: usize = 4;
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// The limits every protocol shares, each error naming its parameter.
+fn check_request_limits(input: &GenerateInput) -> Result<(), ServeError> {
+    let o = &input.options;
+    let t = o.sampling.temperature;
+    if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+        return Err(ServeError::bad_input(format!(
+            "temperature: {t} is not in [0, {MAX_TEMPERATURE}]"
+        )));
+    }
+    if o.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(ServeError::bad_input(format!(
+            "top_logprobs: {} is more than {MAX_TOP_LOGPROBS}",
+            o.top_logprobs
+        )));
+    }
+    if o.stop.strings.len() > MAX_STOP_STRINGS {
+        return Err(ServeError::bad_input(format!(
+            "stop: {} strings, at most {MAX_STOP_STRINGS}",
+            o.stop.strings.len()
+        )));
+    }
+    if let Some(long) = o.stop.strings.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ServeError::bad_input(format!(
+            "stop: a string of {} bytes, at most {MAX_STOP_BYTES}",
+            long.len()
+        )));
+    }
+    for (i, m) in input.messages.iter().flatten().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ServeError::bad_input(format!(
+                "messages[{i}].role: `{}` is not one of {}",
+                m.role,
+                ROLES.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A decoder's stream that survives the decoder: when it breaks before finishing

@@ -233,6 +233,37 @@ struct Parsed {
     logprobs: bool,
 }
 
+/// `v[key]` as a number: absent or null is `None`; any other type is a 400 naming the
+/// parameter (OpenAI answers so; a wrong-typed field is never silently the default).
+fn number(v: &Value, key: &str) -> Result<Option<f64>, ServeError> {
+    match &v[key] {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(n.as_f64()),
+        other => Err(bad(format!("{key}: expected a number, got {other}"))),
+    }
+}
+
+/// `v[key]` as a non-negative integer (absent or null: `None`).
+fn count(v: &Value, key: &str) -> Result<Option<u64>, ServeError> {
+    match &v[key] {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| bad(format!("{key}: expected a non-negative integer, got {n}"))),
+        other => Err(bad(format!("{key}: expected an integer, got {other}"))),
+    }
+}
+
+/// `v[key]` as a boolean (absent or null: `None`).
+fn flag(v: &Value, key: &str) -> Result<Option<bool>, ServeError> {
+    match &v[key] {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        other => Err(bad(format!("{key}: expected true or false, got {other}"))),
+    }
+}
+
 async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
@@ -245,8 +276,8 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     if let ModelKind::Retrieval(_) = m.kind {
         return Err(bad(format!("model `{model}` is a retrieval model")));
     }
-    if v["n"].as_u64().is_some_and(|n| n != 1) {
-        return Err(bad("only n = 1 is supported"));
+    if count(&v, "n")?.is_some_and(|n| n != 1) {
+        return Err(bad("n: only 1 is supported"));
     }
     let msgs = v["messages"]
         .as_array()
@@ -299,10 +330,9 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
             content,
         });
     }
-    let f = |k: &str, d: f64| v[k].as_f64().unwrap_or(d) as f32;
-    let max_tokens = v["max_completion_tokens"]
-        .as_u64()
-        .or(v["max_tokens"].as_u64())
+    let f = |k: &str, d: f64| -> Result<f32, ServeError> { Ok(number(&v, k)?.unwrap_or(d) as f32) };
+    let max_tokens = count(&v, "max_completion_tokens")?
+        .or(count(&v, "max_tokens")?)
         .map_or(s.config.default_max_tokens, |n| n as usize);
     let stop = match &v["stop"] {
         Value::String(x) => vec![x.clone()],
@@ -314,19 +344,31 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
         Value::Null => vec![],
         _ => return Err(bad("`stop` must be a string or an array of strings")),
     };
-    let logprobs = v["logprobs"].as_bool().unwrap_or(false);
-    let top = v["top_logprobs"].as_u64().unwrap_or(0) as usize;
-    if top > 20 {
-        return Err(bad("top_logprobs must be at most 20"));
+    let logprobs = flag(&v, "logprobs")?.unwrap_or(false);
+    let top = count(&v, "top_logprobs")?.unwrap_or(0) as usize;
+    if top > crate::gateway::MAX_TOP_LOGPROBS {
+        return Err(bad(format!(
+            "top_logprobs: {top} is more than {}",
+            crate::gateway::MAX_TOP_LOGPROBS
+        )));
     }
+    let seed = match &v["seed"] {
+        Value::Null => rand_seed(),
+        // OpenAI's seeds are 64-bit signed integers: a negative one keeps its bits.
+        Value::Number(n) => n
+            .as_u64()
+            .or(n.as_i64().map(|i| i as u64))
+            .ok_or_else(|| bad(format!("seed: expected an integer, got {n}")))?,
+        other => return Err(bad(format!("seed: expected an integer, got {other}"))),
+    };
     let options = GenerateOptions {
         max_new_tokens: max_tokens,
         sampling: SamplingParams {
-            temperature: f("temperature", 1.0),
-            top_p: f("top_p", 1.0),
-            presence_penalty: f("presence_penalty", 0.0),
-            frequency_penalty: f("frequency_penalty", 0.0),
-            seed: v["seed"].as_u64().unwrap_or_else(rand_seed),
+            temperature: f("temperature", 1.0)?,
+            top_p: f("top_p", 1.0)?,
+            presence_penalty: f("presence_penalty", 0.0)?,
+            frequency_penalty: f("frequency_penalty", 0.0)?,
+            seed,
             ..SamplingParams::default()
         },
         stop: StopRules {
@@ -343,10 +385,8 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
             images,
             options,
         },
-        stream: v["stream"].as_bool().unwrap_or(false),
-        include_usage: v["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false),
+        stream: flag(&v, "stream")?.unwrap_or(false),
+        include_usage: flag(&v["stream_options"], "include_usage")?.unwrap_or(false),
         logprobs,
     })
 }

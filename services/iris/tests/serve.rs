@@ -1060,3 +1060,63 @@ fn image_hosts_by_port_fetch_errors_alike_and_a_body_cap_from_the_limits() {
         "{v}"
     );
 }
+
+/// Strict request parsing (issue 13, finding 4): wrong-typed fields, values past
+/// OpenAI's limits and unknown roles are a 400 naming the parameter — never silently
+/// the default — and gRPC has the same limits.
+#[test]
+fn wrong_typed_or_out_of_range_parameters_are_refused_by_name() {
+    let s = serve();
+    let base = serde_json::json!({
+        "model": MODEL, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Hi"}],
+    });
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let cases = [
+        (with("max_tokens", serde_json::json!(-1)), "max_tokens"),
+        (with("max_tokens", serde_json::json!("8")), "max_tokens"),
+        (with("max_tokens", serde_json::json!(1.5)), "max_tokens"),
+        (with("temperature", serde_json::json!("hot")), "temperature"),
+        (with("temperature", serde_json::json!(1e9)), "temperature"),
+        (with("stream", serde_json::json!("yes")), "stream"),
+        (with("seed", serde_json::json!("abc")), "seed"),
+        (with("logprobs", serde_json::json!(1)), "logprobs"),
+        (
+            with("top_logprobs", serde_json::json!(1000)),
+            "top_logprobs",
+        ),
+        (with("stop", serde_json::json!(vec!["x"; 1000])), "stop"),
+        (with("stop", serde_json::json!("y".repeat(1 << 20))), "stop"),
+        (
+            with(
+                "messages",
+                serde_json::json!([{"role": "banana", "content": "Hi"}]),
+            ),
+            "role",
+        ),
+    ];
+    for (body, param) in cases {
+        let r = post_chat(&s.http, &body);
+        assert_eq!(r.status().as_u16(), 400, "{body}");
+        let v: serde_json::Value = r.json().unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(param), "{param}: {msg}");
+    }
+    // null is "not given" (the default), as OpenAI takes it; a good request still works.
+    let r = post_chat(&s.http, &with("max_tokens", serde_json::Value::Null));
+    assert_eq!(r.status().as_u16(), 200);
+    // gRPC: the same limits.
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        let mut req = request(PROMPT, vec![image("scene.png")], 2);
+        req.top_logprobs = 1000;
+        let e = generate(&mut g, req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("top_logprobs"), "{e}");
+    });
+}
