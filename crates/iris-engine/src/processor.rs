@@ -40,6 +40,8 @@ pub enum PromptStyle {
 #[derive(Debug, Clone)]
 pub struct Processor {
     tokenizer: Tokenizer,
+    /// Bytes of the longest token string the vocabulary has (special tokens included).
+    max_token_bytes: usize,
     image_processor: ImageProcessor,
     image_token: String,
     /// The literal BOS some processors write into the text (IDEFICS).
@@ -109,8 +111,16 @@ impl Processor {
                 _ => None,
             })
             .unwrap_or_else(|| "<s>".to_string());
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Processor {
             bos_token,
+            max_token_bytes,
             tokenizer,
             image_processor: ImageProcessor::from_model_dir(dir)?,
             image_token,
@@ -119,6 +129,14 @@ impl Processor {
             style,
             limits,
         })
+    }
+
+    /// The most bytes of text `tokens` tokens can hold: no token covers more than the
+    /// longest vocabulary string, times 4 for a normalizer that shrinks what it reads
+    /// (UTF-8's widest character to one byte). A prompt over it cannot fit, and is
+    /// refused before the tokenizer spends time and memory on it.
+    pub fn max_text_bytes(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_token_bytes * 4)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

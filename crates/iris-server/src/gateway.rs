@@ -363,6 +363,15 @@ impl Gateway {
                 ))
             }
         };
+        // Bounded work: text that cannot fit the context is refused before tokenizing.
+        let most = spec.processor.max_text_bytes(spec.context_length);
+        if prompt.len() > most {
+            return Err(ServeError::bad_input(format!(
+                "the prompt's {} bytes cannot fit the model's context of {} tokens (at most {most} bytes)",
+                prompt.len(),
+                spec.context_length
+            )));
+        }
         let ids = spec
             .processor
             .tokenize(&prompt, input.images.len())

@@ -1098,6 +1098,14 @@ fn wrong_typed_or_out_of_range_parameters_are_refused_by_name() {
             ),
             "role",
         ),
+        // Bounded work (finding 7): 2 MiB of text is refused before it is tokenized.
+        (
+            with(
+                "messages",
+                serde_json::json!([{"role": "user", "content": "x".repeat(2 << 20)}]),
+            ),
+            "cannot fit",
+        ),
     ];
     for (body, param) in cases {
         let r = post_chat(&s.http, &body);
