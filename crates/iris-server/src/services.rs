@@ -217,18 +217,24 @@ impl GatewayApi for GatewayService {
 
 /// Raises a generated server's message limits to Iris's.
 pub fn max<S: MaxSize>(s: S) -> S {
-    s.max()
+    s.limit(MAX_MESSAGE_BYTES)
+}
+
+/// A server that decodes messages of at most `bytes` (what its work can use; larger
+/// ones are refused before they are read whole) and sends up to Iris's limit.
+pub fn limited<S: MaxSize>(s: S, bytes: usize) -> S {
+    s.limit(bytes.min(MAX_MESSAGE_BYTES))
 }
 
 pub trait MaxSize {
-    fn max(self) -> Self;
+    fn limit(self, decode: usize) -> Self;
 }
 
 macro_rules! impl_max {
     ($($t:ident),*) => {$(
         impl<T> MaxSize for $t<T> {
-            fn max(self) -> Self {
-                self.max_decoding_message_size(MAX_MESSAGE_BYTES)
+            fn limit(self, decode: usize) -> Self {
+                self.max_decoding_message_size(decode)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)
             }
         }

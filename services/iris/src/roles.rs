@@ -28,7 +28,9 @@ use iris_cluster::{EtcdRegistry, Member, Registry, View};
 use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
 use iris_server::metrics::Metrics;
 use iris_server::openai::{self, HttpConfig};
-use iris_server::services::{max, ConnectorService, DecoderService, GatewayService, VisionService};
+use iris_server::services::{
+    limited, max, ConnectorService, DecoderService, GatewayService, VisionService,
+};
 use iris_server::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
     LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
@@ -81,9 +83,38 @@ pub struct ModelArgs {
     /// Largest image accepted, in pixels (checked from the header, before decoding).
     #[arg(long, env = "IRIS_MAX_IMAGE_PIXELS", default_value_t = ImageLimits::default().max_pixels)]
     pub max_image_pixels: u64,
+    /// Most images in one request (the gateway refuses more; the decoder sizes its
+    /// message limit by it).
+    #[arg(long, env = "IRIS_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: usize,
+}
+
+/// The tier a message limit is for.
+#[derive(Debug, Clone, Copy)]
+enum Tier {
+    Encoder,
+    Connector,
+    Decoder,
 }
 
 impl ModelArgs {
+    /// The largest message a tier takes, from what the models it serves can use: one
+    /// image file (encoder), one image's features (connector), the images of a request
+    /// as visual tokens plus a context of ids (decoder), all as f32, plus 1 MiB of room.
+    /// A tier never decodes a message larger than its work can be.
+    fn message_limit(&self, pipelines: &HashMap<String, Arc<Pipeline>>, tier: Tier) -> usize {
+        let room = 1 << 20;
+        let f32s = |[r, c]: [usize; 2]| r * c * 4;
+        let per_model = |p: &Arc<Pipeline>| match tier {
+            Tier::Encoder => self.max_image_bytes,
+            Tier::Connector => f32s(p.model.feature_shape()),
+            Tier::Decoder => {
+                self.max_images * f32s(p.model.visual_shape()) + 8 * p.context_length()
+            }
+        };
+        pipelines.values().map(per_model).max().unwrap_or(0) + room
+    }
+
     fn limits(&self) -> ImageLimits {
         ImageLimits {
             max_bytes: self.max_image_bytes,
@@ -311,9 +342,6 @@ impl DecoderArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct GatewayArgs {
-    /// Most images in one request.
-    #[arg(long, default_value_t = 8)]
-    pub max_images: usize,
     /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
@@ -339,11 +367,11 @@ pub struct GatewayArgs {
 }
 
 impl GatewayArgs {
-    fn limits(&self, image: ImageLimits) -> GatewayLimits {
+    fn limits(&self, models: &ModelArgs) -> GatewayLimits {
         GatewayLimits {
-            max_images: self.max_images,
+            max_images: models.max_images,
             max_tokens: self.max_tokens,
-            image,
+            image: models.limits(),
             request_timeout: Duration::from_secs(self.request_timeout_s),
             cache_bytes: self.visual_cache_bytes,
             max_migrations: self.max_migrations,
@@ -679,7 +707,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
         vision.clone(),
         connector.clone(),
         decoder.clone(),
-        a.gateway.limits(a.models.limits()),
+        a.gateway.limits(&a.models),
         metrics,
     ));
     // Only the gateway on the public port: the tiers run in process, and a tier service
@@ -695,13 +723,16 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
+    let limit = a.models.message_limit(&pipelines, Tier::Encoder);
     let vision = Arc::new(LocalVision::start(
         pipelines,
         a.encoder.batch(),
         metrics.clone(),
     ));
-    let router =
-        Server::builder().add_service(max(VisionEncoderServer::new(VisionService(vision))));
+    let router = Server::builder().add_service(limited(
+        VisionEncoderServer::new(VisionService(vision)),
+        limit,
+    ));
     let router = with_ops(router, &[VISION, ""])?;
     let m = metrics.clone();
     let mut me = Registration::new("encoder", model_ids(&a.models));
@@ -713,8 +744,10 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
+    let limit = a.models.message_limit(&pipelines, Tier::Connector);
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
-    let router = Server::builder().add_service(max(ConnectorServer::new(ConnectorService(c))));
+    let router =
+        Server::builder().add_service(limited(ConnectorServer::new(ConnectorService(c)), limit));
     let router = with_ops(router, &[CONNECTOR, ""])?;
     let me = Registration::new("connector", model_ids(&a.models));
     run(&a.listen, router, openai::metrics_router(metrics), me).await
@@ -725,8 +758,10 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
     let engines = a.decoder.engines(&pipelines)?;
+    let limit = a.models.message_limit(&pipelines, Tier::Decoder);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
-    let router = Server::builder().add_service(max(DecoderServer::new(DecoderService(d))));
+    let router =
+        Server::builder().add_service(limited(DecoderServer::new(DecoderService(d)), limit));
     let router = with_ops(router, &[DECODER, ""])?;
     let mut me = Registration::new("decoder", model_ids(&a.models));
     let watched = engines.clone();
@@ -788,7 +823,7 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         vision,
         connector,
         decoder,
-        a.gateway.limits(a.models.limits()),
+        a.gateway.limits(&a.models),
         metrics,
     ));
     let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));

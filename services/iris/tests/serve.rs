@@ -875,8 +875,9 @@ fn forged_visual_tokens_never_reach_another_users_answer() {
 }
 
 /// Tensors from the network are checked before any kernel sees them (issue 13,
-/// finding 3): NaN / Inf visual tokens, a tensor of the wrong width or with 200,000
-/// rows are INVALID_ARGUMENT naming what was wrong, at the decoder and the connector.
+/// finding 3): NaN / Inf visual tokens, a tensor of the wrong width or rows are
+/// INVALID_ARGUMENT naming what was wrong, at the decoder and the connector; a message
+/// larger than the model can use (200,000 rows) is refused before it is decoded.
 #[test]
 fn untrusted_tensors_are_refused_with_invalid_argument() {
     use iris_proto::v1::connector_client::ConnectorClient;
@@ -897,11 +898,26 @@ fn untrusted_tensors_are_refused_with_invalid_argument() {
             .await
             .unwrap()
             .max_encoding_message_size(256 << 20);
-        for (visual, needle) in [
-            (f32s(vec![25, 64], f32::NAN), "NaN"),
-            (f32s(vec![25, 64], f32::INFINITY), "inf"),
-            (f32s(vec![25, 63], 0.5), "[25, 63]"),
-            (f32s(vec![200_000, 64], 0.5), "[200000, 64]"),
+        for (visual, code, needle) in [
+            (f32s(vec![25, 64], f32::NAN), Code::InvalidArgument, "NaN"),
+            (
+                f32s(vec![25, 64], f32::INFINITY),
+                Code::InvalidArgument,
+                "inf",
+            ),
+            (f32s(vec![25, 63], 0.5), Code::InvalidArgument, "[25, 63]"),
+            (
+                f32s(vec![2_000, 64], 0.5),
+                Code::InvalidArgument,
+                "[2000, 64]",
+            ),
+            // 51 MB: past what this model can use (8 images of [25, 64]), refused by
+            // the transport before it is decoded.
+            (
+                f32s(vec![200_000, 64], 0.5),
+                Code::OutOfRange,
+                "message length too large",
+            ),
         ] {
             let req = pb::DecodeRequest {
                 model: MODEL.into(),
@@ -914,7 +930,7 @@ fn untrusted_tensors_are_refused_with_invalid_argument() {
                 Err(e) => e,
                 Ok(s) => s.into_inner().message().await.unwrap_err(),
             };
-            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert_eq!(e.code(), code, "{e}");
             assert!(e.message().contains(needle), "{needle}: {e}");
         }
         let mut p = ConnectorClient::connect(format!("http://{}", c.connector.grpc))
