@@ -29,7 +29,7 @@ use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
 use iris_server::metrics::Metrics;
 use iris_server::openai::{self, HttpConfig};
 use iris_server::services::{
-    limited, max, ConnectorService, DecoderService, GatewayService, VisionService,
+    limited, ConnectorService, DecoderService, GatewayService, VisionService,
 };
 use iris_server::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
@@ -98,6 +98,12 @@ enum Tier {
 }
 
 impl ModelArgs {
+    /// The largest request the gateway's gRPC port takes: `--max-images` images of
+    /// `--max-image-bytes`, plus 1 MiB of prompt and fields (the HTTP body cap's rule).
+    fn gateway_message_limit(&self) -> usize {
+        self.max_images.max(1) * self.max_image_bytes + (1 << 20)
+    }
+
     /// The largest message a tier takes, from what the models it serves can use: one
     /// image file (encoder), one image's features (connector), the images of a request
     /// as visual tokens plus a context of ids (decoder), all as f32, plus 1 MiB of room.
@@ -712,7 +718,10 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     ));
     // Only the gateway on the public port: the tiers run in process, and a tier service
     // here would let any caller hand the decoder made-up visual tokens.
-    let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
+    let router = Server::builder().add_service(limited(
+        GatewayServer::new(GatewayService(gw.clone())),
+        a.models.gateway_message_limit(),
+    ));
     let router = with_ops(router, &[GATEWAY, ""])?;
     let mut me = Registration::new("gateway", model_ids(&a.models));
     me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
@@ -826,7 +835,10 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         a.gateway.limits(&a.models),
         metrics,
     ));
-    let router = Server::builder().add_service(max(GatewayServer::new(GatewayService(gw.clone()))));
+    let router = Server::builder().add_service(limited(
+        GatewayServer::new(GatewayService(gw.clone())),
+        a.models.gateway_message_limit(),
+    ));
     let router = with_ops(router, &[GATEWAY, ""])?;
     let me = Registration::new("gateway", model_ids(&a.models));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await

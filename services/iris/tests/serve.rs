@@ -1075,6 +1075,14 @@ fn image_hosts_by_port_fetch_errors_alike_and_a_body_cap_from_the_limits() {
         v["error"]["message"].as_str().unwrap().contains("at most"),
         "{v}"
     );
+    // Its gRPC port has the same cap: the 3 MB image is refused before it is decoded.
+    rt().block_on(async {
+        let mut g = client(&small.grpc).await;
+        let e = generate(&mut g, request(PROMPT, vec![big.clone()], 2))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    });
 }
 
 /// Strict request parsing (issue 13, finding 4): wrong-typed fields, values past
