@@ -102,7 +102,16 @@ fn decode_jpeg(bytes: &[u8], width: usize, height: usize) -> Result<RgbImage> {
     }
     // mozjpeg reports libjpeg's fatal errors by unwinding; catch them at this boundary.
     let out = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        use mozjpeg::ColorSpace;
         let d = mozjpeg::Decompress::new_mem(bytes)?;
+        if matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK) {
+            // libjpeg does not convert CMYK to RGB; PIL reads the CMYK (inverted when
+            // an Adobe marker says so) and `convert("RGB")`s it.
+            let mut started = d.to_colorspace(ColorSpace::JCS_CMYK)?;
+            let cmyk = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            return Ok(cmyk_to_rgb(&cmyk, adobe_marker(bytes)));
+        }
         let mut started = d.rgb()?;
         let data = started.read_scanlines::<u8>()?;
         started.finish()?;
@@ -125,6 +134,38 @@ fn decode_jpeg(bytes: &[u8], width: usize, height: usize) -> Result<RgbImage> {
     }
 }
 
+/// Whether the JPEG has an Adobe APP14 segment (before its first scan): its CMYK
+/// channels are stored inverted, as Photoshop writes them (PIL's rawmode "CMYK;I").
+fn adobe_marker(bytes: &[u8]) -> bool {
+    let head = match bytes.windows(2).position(|w| w == [0xFF, 0xDA]) {
+        Some(sos) => &bytes[..sos],
+        None => bytes,
+    };
+    head.windows(9)
+        .any(|w| w[..2] == [0xFF, 0xEE] && &w[4..9] == b"Adobe")
+}
+
+/// CMYK pixels to RGB as PIL's `cmyk2rgb`: r = (255 − c)(255 − k) / 255, rounded as its
+/// `MULDIV255`; `inverted` channels are stored as 255 − value.
+fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for px in cmyk.chunks_exact(4) {
+        let v = |i: usize| match inverted {
+            true => 255 - px[i] as u32,
+            false => px[i] as u32,
+        };
+        let k = 255 - v(3);
+        for c in 0..3 {
+            out.push(muldiv255(255 - v(c), k) as u8);
+        }
+    }
+    out
+}
+
 /// HF's `convert_to_rgb`: images with alpha are composited over opaque white with
 /// PIL's integer `alpha_composite` arithmetic; others are converted directly.
 fn to_rgb(img: DynamicImage) -> RgbImage {
@@ -141,6 +182,12 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
             }
         }
         out
+    } else if let DynamicImage::ImageLuma16(gray) = &img {
+        // PIL opens a 16-bit grayscale PNG as "I;16", and its `convert("RGB")` clips
+        // at 255 rather than scaling to 8 bits.
+        gray.pixels()
+            .flat_map(|p| [p[0].min(255) as u8; 3])
+            .collect()
     } else {
         img.to_rgb8().into_raw()
     };
@@ -242,5 +289,33 @@ mod tests {
         assert_eq!(&rgb.data[..3], &[255, 255, 255]);
         // PIL gives 127, 177, 227 for (0, 100, 200) at alpha 128 over white.
         assert_eq!(&rgb.data[3..], &[127, 177, 227]);
+    }
+
+    /// Color modes PIL converts on load, against what PIL made of them
+    /// (`tools/gen_color_goldens.py`): a CMYK JPEG with an Adobe marker, a 16-bit
+    /// grayscale PNG.
+    #[test]
+    fn cmyk_jpeg_and_16_bit_gray_png_decode_as_pil_converts_them() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images");
+        let goldens: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{dir}/color_goldens.json")).unwrap(),
+        )
+        .unwrap();
+        for name in ["cmyk.jpg", "gray16.png"] {
+            let g = &goldens[name];
+            let bytes = std::fs::read(format!("{dir}/{name}")).unwrap();
+            let img = decode(&bytes, ImageLimits::default()).unwrap();
+            assert_eq!(
+                (img.width as u64, img.height as u64),
+                (g["width"].as_u64().unwrap(), g["height"].as_u64().unwrap())
+            );
+            let want: Vec<u8> = g["rgb"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(img.data, want, "{name}");
+        }
     }
 }
