@@ -274,8 +274,6 @@ impl Drop for TokenStream {
 
 struct Submission {
     request: EngineRequest,
-    /// Tokenized and encoded by the caller, never on the engine's thread.
-    prepared: Prepared,
     events: mpsc::Sender<TokenEvent>,
     cancel: Arc<AtomicBool>,
 }
@@ -305,7 +303,8 @@ impl TextState {
     }
 }
 
-/// A request's ids, images' visual tokens and image hashes, made before it is queued.
+/// A request's ids, images' visual tokens and image hashes, made by the caller before
+/// it is queued (never on the engine's thread), sent beside its `Submission`.
 struct Prepared {
     prompt: PreparedPrompt,
     visual: Vec<Tensor>,
@@ -316,7 +315,7 @@ struct Sequence {
     /// Unique within the engine: which requests a failed step had.
     id: u64,
     submission: Submission,
-    /// BLAKE3 of each image's bytes: part of every block hash.
+    /// Each image's `visual_hash`: part of every block hash.
     image_hashes: Vec<[u8; 32]>,
     prepared: PreparedPrompt,
     visual: Vec<Tensor>,
@@ -361,7 +360,7 @@ impl Sequence {
 }
 
 pub struct Engine {
-    tx: Option<SyncSender<Submission>>,
+    tx: Option<SyncSender<(Submission, Prepared)>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<EngineStats>>,
     pipeline: Arc<Pipeline>,
@@ -464,17 +463,18 @@ impl Engine {
         // The whole KV budget, committed now: serving never grows memory.
         let lm = pipeline.model.language_model()?;
         let dtype = kv_dtype(&pipeline, config.kv_dtype);
+        let (n_layers, width) = (lm.new_cache().n_layers(), lm.kv_width());
         let arena = Arc::new(KvArena::reserved(
-            lm.new_cache().n_layers(),
+            n_layers,
             config.kv_blocks,
             config.block_size,
-            lm.kv_width(),
+            width,
             dtype,
         ));
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
             total_blocks: config.kv_blocks,
-            block_bytes: kv_block_bytes(&pipeline, config.block_size, dtype)?,
+            block_bytes: KvArena::block_bytes(n_layers, config.block_size, width, dtype),
             kv_bytes: arena.bytes(),
             ..Default::default()
         }));
@@ -515,13 +515,12 @@ impl Engine {
         // Room for every event a request can produce: the engine never blocks on a client.
         let (events, rx) = mpsc::channel(request.options.max_new_tokens + 2);
         let cancel = Arc::new(AtomicBool::new(false));
-        tx.try_send(Submission {
+        let submission = Submission {
             request,
-            prepared,
             events,
             cancel: cancel.clone(),
-        })
-        .map_err(|e| match e {
+        };
+        tx.try_send((submission, prepared)).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => {
                 Error::Busy("the request queue is full".into())
             }
@@ -619,12 +618,13 @@ pub fn visual_hash(t: &Tensor) -> [u8; 32] {
     for d in t.shape() {
         h.update(&(*d as u64).to_le_bytes());
     }
-    let bytes: Vec<u8> = t
-        .to_f32_vec()
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
-    h.update(&bytes);
+    // A chunk at a time: no byte copy of the whole tensor (9 MB for LLaVA-1.5's).
+    let mut bytes = Vec::with_capacity(4096 * 4);
+    for chunk in t.f32_values().chunks(4096) {
+        bytes.clear();
+        bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+        h.update(&bytes);
+    }
     *h.finalize().as_bytes()
 }
 
@@ -640,7 +640,7 @@ impl Drop for Engine {
 struct Worker {
     pipeline: Arc<Pipeline>,
     config: EngineConfig,
-    rx: Receiver<Submission>,
+    rx: Receiver<(Submission, Prepared)>,
     stats: Arc<Mutex<EngineStats>>,
     pool: BlockPool,
     arena: Arc<KvArena>,
@@ -658,7 +658,7 @@ impl Worker {
     fn new(
         pipeline: Arc<Pipeline>,
         config: EngineConfig,
-        rx: Receiver<Submission>,
+        rx: Receiver<(Submission, Prepared)>,
         stats: Arc<Mutex<EngineStats>>,
         arena: Arc<KvArena>,
     ) -> Self {
@@ -719,7 +719,7 @@ impl Worker {
                 self.rx.try_recv()
             };
             match next {
-                Ok(sub) => self.prepare(sub),
+                Ok((sub, prepared)) => self.prepare(sub, prepared),
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     self.closed = true;
@@ -730,7 +730,7 @@ impl Worker {
     }
 
     /// A submission (prepared by its caller) joins the waiting line.
-    fn prepare(&mut self, mut submission: Submission) {
+    fn prepare(&mut self, mut submission: Submission, prepared: Prepared) {
         let p = &self.pipeline;
         let resume = submission
             .request
@@ -743,17 +743,7 @@ impl Worker {
             prompt,
             visual,
             image_hashes,
-        } = std::mem::replace(
-            &mut submission.prepared,
-            Prepared {
-                prompt: PreparedPrompt {
-                    input_ids: Vec::new(),
-                    pixel_values: Vec::new(),
-                },
-                visual: Vec::new(),
-                image_hashes: Vec::new(),
-            },
-        );
+        } = prepared;
         self.next_id += 1;
         self.waiting.push_back(Sequence {
             id: self.next_id,
@@ -780,6 +770,9 @@ impl Worker {
     /// step may have left blocks in any state; the prefix cache goes with it), and the
     /// requests still waiting are served as if nothing happened.
     fn guarded_step(&mut self) {
+        // Every request the step could take, waiting ones included: admission may pop
+        // any number past cancelled ones, and a sequence in flight when the step
+        // unwinds is dropped with its sender (a handful of Arc clones a step).
         let before: Vec<(u64, mpsc::Sender<TokenEvent>)> = self
             .running
             .iter()
@@ -1143,10 +1136,11 @@ impl Worker {
             i += 1;
         }
         if !decoding.is_empty() {
-            let steps = self.stats.lock().expect("stats lock").steps;
-            if self.planted_panic.is_some_and(|n| steps >= n) {
-                self.planted_panic = None;
-                panic!("test hook: a panic planted in the batched decode");
+            if let Some(n) = self.planted_panic {
+                if self.stats.lock().expect("stats lock").steps >= n {
+                    self.planted_panic = None;
+                    panic!("test hook: a panic planted in the batched decode");
+                }
             }
             let embeds: Result<Vec<Tensor>> = decoding
                 .iter()

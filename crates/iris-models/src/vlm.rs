@@ -132,7 +132,7 @@ pub fn check_untrusted(t: &Tensor, want: [usize; 2], what: &str) -> Result<()> {
             want[1]
         )));
     }
-    let values = t.to_f32_vec();
+    let values = t.f32_values();
     if let Some(i) = values.iter().position(|x| !x.is_finite()) {
         return Err(Error::Input(format!(
             "{what}: value {i} is {} (every value must be finite)",

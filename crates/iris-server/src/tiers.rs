@@ -247,13 +247,16 @@ impl ConnectorTier for LocalConnector {
         _deadline: Instant,
     ) -> Result<Tensor, ServeError> {
         let p = model_of(&self.models, model)?.clone();
-        iris_models::vlm::check_untrusted(&features, p.model.feature_shape(), "features")
-            .map_err(iris_engine::Error::from)?;
-        self.metrics.connector_requests.inc();
-        tokio::task::spawn_blocking(move || p.model.connect(&features))
-            .await
-            .map_err(|e| ServeError::internal(format!("connector: {e}")))?
-            .map_err(|e| iris_engine::Error::from(e).into())
+        let metrics = self.metrics.clone();
+        // The check reads every value: off the async runtime, with the projection.
+        tokio::task::spawn_blocking(move || {
+            iris_models::vlm::check_untrusted(&features, p.model.feature_shape(), "features")?;
+            metrics.connector_requests.inc();
+            p.model.connect(&features)
+        })
+        .await
+        .map_err(|e| ServeError::internal(format!("connector: {e}")))?
+        .map_err(|e| iris_engine::Error::from(e).into())
     }
 }
 
@@ -298,7 +301,11 @@ impl DecoderTier for LocalDecoder {
             visual,
             resume: req.resume_token_ids,
         });
-        let stream = engine.submit(request)?;
+        // `submit` checks and hashes every visual token: off the async runtime.
+        let engine = engine.clone();
+        let stream = tokio::task::spawn_blocking(move || engine.submit(request))
+            .await
+            .map_err(|e| ServeError::internal(format!("decoder: {e}")))??;
         self.metrics.decoder_requests.inc();
         let mut produced = 0u32;
         Ok(Box::pin(StreamExt::map(stream, move |ev| {

@@ -157,6 +157,14 @@ impl Tensor {
         }
     }
 
+    /// The data as f32: borrowed when stored as f32, widened into a copy otherwise.
+    pub fn f32_values(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &*self.storage {
+            Storage::F32(v) => std::borrow::Cow::Borrowed(v),
+            _ => std::borrow::Cow::Owned(self.to_f32_vec()),
+        }
+    }
+
     /// The data widened to f32 (a copy unless it already is f32 and unshared).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &*self.storage {
