@@ -100,14 +100,22 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn read(dir: &Path, limits: ImageLimits) -> Result<ModelSpec> {
+        ModelSpec::from_config(dir, &read_json(&dir.join("config.json"))?, limits)
+    }
+
+    /// The spec of the model folder `dir` whose `config.json` is `cfg` (already read).
+    pub fn from_config(
+        dir: &Path,
+        cfg: &serde_json::Value,
+        limits: ImageLimits,
+    ) -> Result<ModelSpec> {
         use iris_models::config::{Blip2Config, BlipConfig, IdeficsConfig, LlavaConfig};
-        let cfg = read_json(&dir.join("config.json"))?;
-        let family = Family::of(&cfg)?;
+        let family = Family::of(cfg)?;
         let mut sep_eos = None;
         // (style, placeholder id, visual tokens per image, model eos, context)
         let (style, placeholder, per_image, model_eos, context) = match family {
             Family::Llava => {
-                let c = LlavaConfig::from_value(&cfg)?;
+                let c = LlavaConfig::from_value(cfg)?;
                 let per = c.tokens_per_image();
                 let ctx = c.text.max_position_embeddings;
                 (
@@ -119,7 +127,7 @@ impl ModelSpec {
                 )
             }
             Family::Blip2 => {
-                let c = Blip2Config::from_value(&cfg)?;
+                let c = Blip2Config::from_value(cfg)?;
                 let ctx = c.text.max_position_embeddings;
                 let (id, per) = (c.image_token_id, c.num_query_tokens);
                 (
@@ -131,12 +139,12 @@ impl ModelSpec {
                 )
             }
             Family::Idefics => {
-                let c = IdeficsConfig::from_value(&cfg)?;
+                let c = IdeficsConfig::from_value(cfg)?;
                 let ctx = c.text.max_position_embeddings;
                 (PromptStyle::Interleaved, None, 0, c.text.eos_token_ids, ctx)
             }
             Family::BlipCaption => {
-                let c = BlipConfig::from_value(&cfg)?;
+                let c = BlipConfig::from_value(cfg)?;
                 // HF's BLIP generate stops at [SEP], whatever generation_config says.
                 sep_eos = Some(vec![c.sep_token_id]);
                 let style = PromptStyle::Decoder {
@@ -200,8 +208,8 @@ impl Pipeline {
     /// Loads `parts` of `dir` (plus its processor and configs, which every part
     /// needs); each part reads only its own tensors from the memory-mapped checkpoint.
     pub fn load_parts(dir: &Path, opts: &PipelineOptions, parts: Parts) -> Result<Pipeline> {
-        let spec = ModelSpec::read(dir, opts.limits)?;
         let ck = Checkpoint::open(dir, opts.dtype)?;
+        let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
         let model = ck.load_vlm(dir, parts)?;
         let tensors_read = ck.weights.tensors_read();
         let bytes_read = tensors_read

@@ -655,17 +655,6 @@ impl IdeficsConfig {
     }
 }
 
-/// `dir/config.json`, checked to declare one of `archs` (class or model_type names).
-pub fn read_model_config(dir: &Path, archs: &[&str]) -> Result<Value> {
-    let raw = read_json(&dir.join("config.json"))?;
-    match architecture(&raw) {
-        Some(a) if archs.contains(&a.as_str()) => Ok(raw),
-        other => Err(Error::UnknownArchitecture(
-            other.unwrap_or_else(|| "<none>".into()),
-        )),
-    }
-}
-
 /// The architecture a checkpoint declares (`architectures[0]`, else `model_type`).
 pub fn architecture(cfg: &Value) -> Option<String> {
     cfg.get("architectures")

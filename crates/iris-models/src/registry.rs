@@ -80,14 +80,6 @@ impl Parts {
             Part::Language => self.language,
         }
     }
-
-    pub fn union(self, o: Parts) -> Parts {
-        Parts {
-            vision: self.vision || o.vision,
-            connector: self.connector || o.connector,
-            language: self.language || o.language,
-        }
-    }
 }
 
 /// A loaded part, or the error that says it is not loaded in this process.
@@ -151,14 +143,6 @@ impl Family {
     /// The family of the model folder `dir`.
     pub fn of_dir(dir: &Path) -> Result<Family> {
         Family::of(&read_json(&dir.join("config.json"))?)
-    }
-
-    /// The architecture names this family is declared by.
-    pub fn names(self) -> impl Iterator<Item = &'static str> {
-        TABLE
-            .iter()
-            .filter(move |(_, f)| *f == self)
-            .map(|(n, _)| *n)
     }
 
     pub fn task(self) -> Task {

@@ -63,6 +63,24 @@ pub struct GatewayLimits {
     pub max_migrations: usize,
 }
 
+/// Room for the prompt, the other fields and the encoding around a request's images.
+const REQUEST_ROOM: usize = 1 << 20;
+
+impl GatewayLimits {
+    /// The largest HTTP request body: as many images as a request may carry, each at the
+    /// largest size accepted and base64-encoded (4/3) in a `data:` URL, plus the room. So
+    /// any request within the image limits fits, and nothing much larger.
+    pub fn http_body_bytes(&self) -> usize {
+        let per_image = self.image.max_bytes.div_ceil(3) * 4 + 256;
+        self.max_images.max(1) * per_image + REQUEST_ROOM
+    }
+
+    /// The largest gRPC request: the same images as raw bytes, plus the room.
+    pub fn grpc_request_bytes(&self) -> usize {
+        self.max_images.max(1) * self.image.max_bytes + REQUEST_ROOM
+    }
+}
+
 impl Default for GatewayLimits {
     fn default() -> Self {
         GatewayLimits {
@@ -95,15 +113,16 @@ impl GatewayModel {
     /// Reads what the gateway needs of a model folder: its processor and configs (and,
     /// for a retrieval model, which the gateway serves itself, its weights).
     pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> iris_engine::Result<GatewayModel> {
-        let arch = architecture(&read_json(&dir.join("config.json"))?).unwrap_or_default();
-        let kind = if Family::of_dir(dir)?.task() == Task::Retrieval {
+        let cfg = read_json(&dir.join("config.json"))?;
+        let arch = architecture(&cfg).unwrap_or_default();
+        let kind = if Family::of(&cfg)?.task() == Task::Retrieval {
             let opts = PipelineOptions {
                 dtype: None,
                 limits,
             };
             ModelKind::Retrieval(Arc::new(RetrievalPipeline::load(dir, &opts)?))
         } else {
-            ModelKind::Generate(Box::new(ModelSpec::read(dir, limits)?))
+            ModelKind::Generate(Box::new(ModelSpec::from_config(dir, &cfg, limits)?))
         };
         let style = match &kind {
             ModelKind::Generate(s) => s.processor.style(),

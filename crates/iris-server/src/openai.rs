@@ -60,7 +60,7 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
         config,
         http,
     });
-    let body_limit = body_limit(&state.gateway.limits);
+    let body_limit = state.gateway.limits.http_body_bytes();
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -68,14 +68,6 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
-}
-
-/// The largest request body: as many images as a request may carry, each at the
-/// largest size accepted and base64-encoded (4/3) in a `data:` URL, plus 1 MiB of text
-/// and JSON. So any request within the image limits fits, and nothing much larger.
-pub fn body_limit(limits: &crate::gateway::GatewayLimits) -> usize {
-    let per_image = limits.image.max_bytes.div_ceil(3) * 4 + 256;
-    limits.max_images.max(1) * per_image + (1 << 20)
 }
 
 /// Whether `--allow-image-host` entries allow `url`'s host: an entry `host` allows it
@@ -436,7 +428,7 @@ async fn chat_completions(
     let body = match body {
         Ok(b) => b,
         Err(e) => {
-            let limit = body_limit(&s.gateway.limits);
+            let limit = s.gateway.limits.http_body_bytes();
             return bad(format!(
                 "the request body could not be read ({e}; at most {limit} bytes)"
             ))

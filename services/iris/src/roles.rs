@@ -98,12 +98,6 @@ enum Tier {
 }
 
 impl ModelArgs {
-    /// The largest request the gateway's gRPC port takes: `--max-images` images of
-    /// `--max-image-bytes`, plus 1 MiB of prompt and fields (the HTTP body cap's rule).
-    fn gateway_message_limit(&self) -> usize {
-        self.max_images.max(1) * self.max_image_bytes + (1 << 20)
-    }
-
     /// The largest message a tier takes, from what the models it serves can use: one
     /// image file (encoder), one image's features (connector), the images of a request
     /// as visual tokens plus a context of ids (decoder), all as f32, plus 1 MiB of room.
@@ -582,6 +576,14 @@ fn with_ops(router: Router, names: &[&str]) -> Result<(Router, Health), StartErr
     Ok((router, h))
 }
 
+/// The gateway's gRPC service (its requests capped as its HTTP bodies are), with health
+/// and reflection.
+fn gateway_grpc(gw: &Arc<Gateway>) -> Result<(Router, Health), StartError> {
+    let service = GatewayServer::new(GatewayService(gw.clone()));
+    let router = Server::builder().add_service(limited(service, gw.limits.grpc_request_bytes()));
+    with_ops(router, &[GATEWAY, ""])
+}
+
 /// Binds both addresses, prints where, registers in etcd when asked, and serves until
 /// SIGTERM / Ctrl-C. On the signal the member deregisters first (gateways stop routing
 /// to it), then stops taking requests and finishes the ones it has.
@@ -718,11 +720,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     ));
     // Only the gateway on the public port: the tiers run in process, and a tier service
     // here would let any caller hand the decoder made-up visual tokens.
-    let router = Server::builder().add_service(limited(
-        GatewayServer::new(GatewayService(gw.clone())),
-        a.models.gateway_message_limit(),
-    ));
-    let router = with_ops(router, &[GATEWAY, ""])?;
+    let router = gateway_grpc(&gw)?;
     let mut me = Registration::new("gateway", model_ids(&a.models));
     me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
@@ -835,11 +833,7 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         a.gateway.limits(&a.models),
         metrics,
     ));
-    let router = Server::builder().add_service(limited(
-        GatewayServer::new(GatewayService(gw.clone())),
-        a.models.gateway_message_limit(),
-    ));
-    let router = with_ops(router, &[GATEWAY, ""])?;
+    let router = gateway_grpc(&gw)?;
     let me = Registration::new("gateway", model_ids(&a.models));
     run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
 }

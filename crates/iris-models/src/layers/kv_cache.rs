@@ -42,15 +42,11 @@ pub enum KvRow<'a> {
 }
 
 impl<'a> KvRow<'a> {
-    pub fn len(self) -> usize {
+    fn len(self) -> usize {
         match self {
             KvRow::F32(r) => r.len(),
             KvRow::Bf16(r) => r.len(),
         }
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.len() == 0
     }
 
     /// Elements `range` (one head's part of the row).
