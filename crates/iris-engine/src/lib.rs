@@ -21,7 +21,7 @@ pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,
 };
-pub use processor::{PreparedPrompt, Processor, PromptStyle};
+pub use processor::{Escapes, PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;
 pub use sampler::{argmax, top_logprobs, Sampler, SamplingParams};
 

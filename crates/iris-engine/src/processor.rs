@@ -12,7 +12,11 @@
 //!   dropped right after another image), tokenized without added special tokens;
 //! - plain text (retrieval encoders): the tokenizer's ids as they are.
 //!
-//! Text is encoded by the model's `tokenizer.json` with its special tokens.
+//! Text is encoded by the model's `tokenizer.json` with its special tokens. A raw prompt
+//! keeps its markers and special-token strings; user text of a chat message is only text
+//! ([`Escapes`]): `</s>` typed by a user is the characters `<`, `/`, `s`, `>`, never the
+//! control token (HF's `apply_chat_template` tokenizes the rendered string whole, so
+//! there it would be).
 
 use std::path::Path;
 
@@ -51,6 +55,62 @@ pub struct Processor {
     tokens_per_image: usize,
     style: PromptStyle,
     limits: ImageLimits,
+    /// The same tokenizer with special-token strings read as text (for user text).
+    literal: Tokenizer,
+    /// Every added token's string and id, longest first (the tokenizer's own matching
+    /// is leftmost-longest).
+    added: Vec<(String, u32)>,
+}
+
+/// Opens and closes an escaped piece of user text (Unicode private-use characters: a
+/// user's own are escaped too, so every one in a rendered prompt is ours).
+const OPEN: char = '\u{E000}';
+const CLOSE: char = '\u{E001}';
+
+/// User text of chat messages made safe to render into a template: each special-token
+/// string (or image marker) in it is replaced by a placeholder the template passes
+/// through, and the processor tokenizes the placeholder back as literal text.
+#[derive(Debug, Default, Clone)]
+pub struct Escapes {
+    literals: Vec<String>,
+    /// Bytes the placeholders add over the text they stand for.
+    overhead: usize,
+}
+
+impl Escapes {
+    pub fn is_empty(&self) -> bool {
+        self.literals.is_empty()
+    }
+
+    /// Bytes the escaping added to a rendered prompt (so size checks see the user's text).
+    pub fn overhead(&self) -> usize {
+        self.overhead
+    }
+
+    /// `text` with each placeholder replaced by the literal it stands for.
+    fn restore(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(i) = rest.find(OPEN) {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + OPEN.len_utf8()..];
+            match after.find(CLOSE).and_then(|j| {
+                let n: usize = after[..j].parse().ok()?;
+                Some((self.literals.get(n)?, j))
+            }) {
+                Some((lit, j)) => {
+                    out.push_str(lit);
+                    rest = &after[j + CLOSE.len_utf8()..];
+                }
+                None => {
+                    out.push(OPEN);
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
 }
 
 /// A prompt turned into model inputs.
@@ -118,9 +178,20 @@ impl Processor {
             .max()
             .unwrap_or(1)
             .max(1);
+        let mut literal = tokenizer.clone();
+        literal.set_encode_special_tokens(true);
+        let mut added: Vec<(String, u32)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (t.content, id))
+            .filter(|(c, _)| !c.is_empty())
+            .collect();
+        added.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Ok(Processor {
             bos_token,
             max_token_bytes,
+            literal,
+            added,
             tokenizer,
             image_processor: ImageProcessor::from_model_dir(dir)?,
             image_token,
@@ -157,13 +228,105 @@ impl Processor {
         )?)
     }
 
-    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+    /// The added token (longest first) that `text` starts with.
+    fn added_at(&self, text: &str) -> Option<&(String, u32)> {
+        self.added
+            .iter()
+            .find(|(c, _)| text.starts_with(c.as_str()))
+    }
+
+    /// User text of a chat message, escaped for rendering: its special-token strings,
+    /// image markers and private-use brackets become placeholders (see [`Escapes`]).
+    pub fn escape(&self, text: &str, esc: &mut Escapes) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            let rest = &text[i..];
+            let c = rest.chars().next().expect("not at the end");
+            let lit = match self.added_at(rest) {
+                Some((content, _)) => Some(content.as_str()),
+                None if c == OPEN || c == CLOSE => Some(&rest[..c.len_utf8()]),
+                None => None,
+            };
+            match lit {
+                Some(lit) => {
+                    let before = out.len();
+                    out.push(OPEN);
+                    out.push_str(&esc.literals.len().to_string());
+                    out.push(CLOSE);
+                    esc.overhead += (out.len() - before).saturating_sub(lit.len());
+                    esc.literals.push(lit.to_string());
+                    i += lit.len();
+                }
+                None => {
+                    out.push(c);
+                    i += c.len_utf8();
+                }
+            }
+        }
+        out
+    }
+
+    fn encode(&self, text: &str, special: bool, esc: &Escapes) -> Result<Vec<u32>> {
+        let tok_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        if esc.is_empty() {
+            return Ok(self
+                .tokenizer
+                .encode(text, special)
+                .map_err(tok_err)?
+                .get_ids()
+                .to_vec());
+        }
+        // Split where the tokenizer would, at the template's own added tokens (the
+        // user's are placeholders now); the text between is encoded with special-token
+        // strings as text, placeholders restored. The tokenizer normalizes each piece
+        // between added tokens on its own, so ordinary text comes out as it would whole.
+        let mut pieces = Vec::new();
+        let (mut start, mut i) = (0, 0);
+        while i < text.len() {
+            match self.added_at(&text[i..]) {
+                Some((content, id)) => {
+                    if start < i {
+                        pieces.push(self.encode_literal(&esc.restore(&text[start..i]))?);
+                    }
+                    pieces.push(tokenizers::Encoding::from_tokens(
+                        vec![tokenizers::Token::new(
+                            *id,
+                            content.clone(),
+                            (i, i + content.len()),
+                        )],
+                        0,
+                    ));
+                    i += content.len();
+                    start = i;
+                }
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if start < text.len() {
+            pieces.push(self.encode_literal(&esc.restore(&text[start..]))?);
+        }
+        let merged = tokenizers::Encoding::merge(pieces, false);
         Ok(self
             .tokenizer
-            .encode(text, special)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .post_process(merged, None, special)
+            .map_err(tok_err)?
             .get_ids()
             .to_vec())
+    }
+
+    fn encode_literal(&self, text: &str) -> Result<tokenizers::Encoding> {
+        let enc = self
+            .literal
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        match self.image_token_id {
+            Some(id) if enc.get_ids().contains(&id) => Err(Error::Tokenizer(format!(
+                "the image token `{}` is not a special token: user text could make image slots",
+                self.image_token
+            ))),
+            _ => Ok(enc),
+        }
     }
 
     /// Tokenizes `prompt` with `images` (encoded files, one per marker, in order).
@@ -188,6 +351,17 @@ impl Processor {
     /// The prompt's ids with `n_images` images' placeholders expanded (no pixels
     /// needed: what the gateway does before any image is encoded).
     pub fn tokenize(&self, prompt: &str, n_images: usize) -> Result<Vec<u32>> {
+        self.tokenize_escaped(prompt, n_images, &Escapes::default())
+    }
+
+    /// As [`Processor::tokenize`], for a chat prompt rendered from text escaped with
+    /// `esc`: markers and special tokens count only where the template put them.
+    pub fn tokenize_escaped(
+        &self,
+        prompt: &str,
+        n_images: usize,
+        esc: &Escapes,
+    ) -> Result<Vec<u32>> {
         let marker = self.image_token.as_str();
         let images = vec![(); n_images];
         let markers = prompt.matches(marker).count();
@@ -202,6 +376,7 @@ impl Processor {
                 self.encode(
                     &prompt.replace(marker, &marker.repeat(self.tokens_per_image)),
                     true,
+                    esc,
                 )?
             }
             PromptStyle::Prefix => {
@@ -229,7 +404,7 @@ impl Processor {
                     .image_token_id
                     .expect("Prefix style has an image token");
                 let mut ids = vec![placeholder; images.len() * self.tokens_per_image];
-                ids.extend(self.encode(text, true)?);
+                ids.extend(self.encode(text, true, esc)?);
                 ids
             }
             PromptStyle::Decoder { bos } => {
@@ -240,7 +415,7 @@ impl Processor {
                     )));
                 }
                 let text = prompt.strip_prefix(marker).unwrap_or(prompt).trim_start();
-                let mut ids = self.encode(text, true)?;
+                let mut ids = self.encode(text, true, esc)?;
                 // [CLS] text [SEP] → [DEC] text, as HF's BlipForConditionalGeneration.generate.
                 ids.pop();
                 match ids.first_mut() {
@@ -274,13 +449,13 @@ impl Processor {
                         last_was_image = false;
                     }
                 }
-                self.encode(&text, false)?
+                self.encode(&text, false, esc)?
             }
             PromptStyle::Plain => {
                 if !images.is_empty() {
                     return Err(Error::Input("this model takes text only here".into()));
                 }
-                self.encode(prompt, true)?
+                self.encode(prompt, true, esc)?
             }
         };
         Ok(input_ids)

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use iris_engine::{
-    Family, GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, RetrievalPipeline, Task,
+    Escapes, Family, GenerateOptions, ModelSpec, PipelineOptions, PromptStyle, RetrievalPipeline,
+    Task,
 };
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json};
@@ -362,15 +363,32 @@ impl Gateway {
                 .map_err(|e| ServeError::bad_input(format!("image {}: {e}", i + 1)))?;
         }
         let marker = spec.processor.image_token();
+        let mut esc = Escapes::default();
         let prompt = match (&input.prompt, &input.messages) {
             (Some(p), None) => p.clone(),
             (None, Some(m)) if !m.is_empty() => {
+                // User text is only text: its special-token strings and markers are
+                // escaped, so only the template's own count.
+                let escaped: Vec<Message> = m
+                    .iter()
+                    .map(|m| Message {
+                        role: m.role.clone(),
+                        content: m
+                            .content
+                            .iter()
+                            .map(|p| match p {
+                                Part::Text(t) => Part::Text(spec.processor.escape(t, &mut esc)),
+                                Part::Image => Part::Image,
+                            })
+                            .collect(),
+                    })
+                    .collect();
                 let tok = spec.processor.tokenizer();
                 let name =
                     |id: Option<&u32>| id.and_then(|&i| tok.id_to_token(i)).unwrap_or_default();
                 render_chat(
                     &model.chat_template,
-                    m,
+                    &escaped,
                     marker,
                     &name(tok.token_to_id("<s>").as_ref()),
                     &name(spec.eos_token_ids.first()),
@@ -384,16 +402,16 @@ impl Gateway {
         };
         // Bounded work: text that cannot fit the context is refused before tokenizing.
         let most = spec.processor.max_text_bytes(spec.context_length);
-        if prompt.len() > most {
+        let bytes = prompt.len() - esc.overhead().min(prompt.len());
+        if bytes > most {
             return Err(ServeError::bad_input(format!(
-                "the prompt's {} bytes cannot fit the model's context of {} tokens (at most {most} bytes)",
-                prompt.len(),
+                "the prompt's {bytes} bytes cannot fit the model's context of {} tokens (at most {most} bytes)",
                 spec.context_length
             )));
         }
         let ids = spec
             .processor
-            .tokenize(&prompt, input.images.len())
+            .tokenize_escaped(&prompt, input.images.len(), &esc)
             .map_err(|e| ServeError::bad_input(e.to_string()))?;
         let need = ids.len() + o.max_new_tokens;
         if need > spec.context_length {

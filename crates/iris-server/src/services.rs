@@ -12,7 +12,7 @@ use iris_proto::v1::vision_encoder_server::VisionEncoder;
 use tonic::{Request, Response, Status};
 
 use crate::error::ServeError;
-use crate::gateway::{parts_of, Gateway, GenerateInput, Message, ModelKind};
+use crate::gateway::{parts_of, Gateway, GenerateInput, Message, ModelKind, Part};
 use crate::tiers::{ConnectorTier, DecoderTier, EventStream, VisionTier};
 use crate::wire::{self, MAX_MESSAGE_BYTES};
 use iris_proto::v1::connector_server::ConnectorServer;
@@ -105,15 +105,36 @@ impl GatewayService {
             ModelKind::Generate(s) => s.processor.image_token().to_string(),
             ModelKind::Retrieval(_) => "<image>".to_string(),
         };
-        let messages = (!r.messages.is_empty()).then(|| {
-            r.messages
-                .iter()
-                .map(|m| Message {
+        let messages = if r.messages.is_empty() {
+            None
+        } else {
+            let each = |m: &pb::ChatMessage| -> Result<Message, Status> {
+                let content = match (m.content.is_empty(), m.parts.is_empty()) {
+                    (_, true) => parts_of(&m.content, &marker),
+                    (true, false) => m
+                        .parts
+                        .iter()
+                        .map(|p| match &p.part {
+                            Some(pb::chat_part::Part::Text(t)) => Ok(Part::Text(t.clone())),
+                            Some(pb::chat_part::Part::Image(_)) => Ok(Part::Image),
+                            None => Err(Status::invalid_argument(
+                                "a chat part with neither text nor image",
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    (false, false) => {
+                        return Err(Status::invalid_argument(
+                            "a chat message has content or parts, not both",
+                        ))
+                    }
+                };
+                Ok(Message {
                     role: m.role.clone(),
-                    content: parts_of(&m.content, &marker),
+                    content,
                 })
-                .collect()
-        });
+            };
+            Some(r.messages.iter().map(each).collect::<Result<_, _>>()?)
+        };
         Ok(GenerateInput {
             model: r.model,
             prompt: (!r.prompt.is_empty()).then_some(r.prompt),

@@ -78,9 +78,14 @@ async fn chat(a: ChatArgs) -> anyhow::Result<()> {
         pb::gateway_client::GatewayClient::connect(format!("http://{}", a.addr)).await?;
     let req = pb::GenerateRequest {
         model: a.model,
+        // Parts, so the message is only text (a literal `<image>` in it included).
         messages: vec![pb::ChatMessage {
             role: "user".into(),
-            content: format!("{}{}", "<image>\n".repeat(images.len()), a.message),
+            parts: std::iter::repeat_n(pb::chat_part::Part::Image(true), images.len())
+                .chain([pb::chat_part::Part::Text(a.message)])
+                .map(|p| pb::ChatPart { part: Some(p) })
+                .collect(),
+            ..Default::default()
         }],
         images,
         max_tokens: a.max_tokens,
