@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod error;
 pub mod gateway;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod services;

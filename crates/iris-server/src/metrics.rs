@@ -57,7 +57,23 @@ pub struct Metrics {
     pub failed_steps: Family<ModelLabel, Gauge>,
     /// 1 while the engine can serve, 0 once it cannot.
     pub engine_alive: Family<ModelLabel, Gauge>,
+    /// Connections open now, and those closed by the server by reason (`read_idle`,
+    /// `write_stall`, `limit`, `tls`, `tls_timeout`).
+    pub open_connections: Gauge,
+    pub connections_closed: Family<ReasonLabel, Counter>,
+    /// Connections accepted, by listener (`grpc`, `http`).
+    pub connections_accepted: Family<ListenerLabel, Counter>,
     engines: Mutex<Vec<(String, Arc<Engine>)>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -98,11 +114,29 @@ impl Metrics {
             prefix_evictions: Family::default(),
             failed_steps: Family::default(),
             engine_alive: Family::default(),
+            open_connections: Gauge::default(),
+            connections_closed: Family::default(),
+            connections_accepted: Family::default(),
             engines: Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
         let r = &mut registry;
         r.register("requests", "Gateway requests by status", m.requests.clone());
+        r.register(
+            "open_connections",
+            "Connections open on this process's listeners",
+            m.open_connections.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections the server closed, by reason",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Connections accepted, by listener",
+            m.connections_accepted.clone(),
+        );
         r.register("ttft_seconds", "Time to first token", m.ttft.clone());
         r.register(
             "inter_token_latency_seconds",
@@ -277,6 +311,14 @@ impl Metrics {
         self.requests
             .get_or_create(&StatusLabel {
                 status: status.into(),
+            })
+            .inc();
+    }
+
+    pub fn count_conn_closed(&self, reason: &str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
             })
             .inc();
     }

@@ -19,13 +19,15 @@ use iris_proto::v1::gateway_server::GatewayServer;
 use iris_proto::v1::vision_encoder_server::VisionEncoderServer;
 use iris_tensor::DType;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
 use crate::StartError;
 use iris_cluster::{EtcdRegistry, Member, Registry, View};
 use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
+use iris_server::listen::{self, ConnPolicy, Proto};
 use iris_server::metrics::Metrics;
 use iris_server::openai::{self, HttpConfig};
 use iris_server::services::{
@@ -408,9 +410,36 @@ pub struct Listen {
     /// The gRPC address others reach this member at (default: the bound address).
     #[arg(long)]
     pub advertise_addr: Option<String>,
+    /// Connections each listener keeps open at once; past it a new one is closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection may stay silent: a gRPC peer that sends nothing (the
+    /// server pings every third of it) or any peer that takes no output.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout_s: u64,
+    /// Seconds an HTTP client has to send a request head (the wait of an idle
+    /// keep-alive connection included) and each piece of a body.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_s: u64,
 }
 
 impl Listen {
+    fn policy(&self) -> ConnPolicy {
+        ConnPolicy {
+            max_connections: self.max_connections,
+            idle: Duration::from_secs(self.idle_timeout_s.max(1)),
+            header: Duration::from_secs(self.header_timeout_s.max(1)),
+        }
+    }
+
+    /// A gRPC server that pings its peers every third of the idle timeout.
+    fn server(&self) -> Server {
+        let ping = self.policy().idle / 3;
+        Server::builder()
+            .http2_keepalive_interval(Some(ping))
+            .http2_keepalive_timeout(Some(ping))
+    }
+
     fn registry(&self) -> Option<Arc<dyn Registry>> {
         (!self.etcd.is_empty())
             .then(|| Arc::new(EtcdRegistry::new(&self.etcd)) as Arc<dyn Registry>)
@@ -578,9 +607,11 @@ fn with_ops(router: Router, names: &[&str]) -> Result<(Router, Health), StartErr
 
 /// The gateway's gRPC service (its requests capped as its HTTP bodies are), with health
 /// and reflection.
-fn gateway_grpc(gw: &Arc<Gateway>) -> Result<(Router, Health), StartError> {
+fn gateway_grpc(l: &Listen, gw: &Arc<Gateway>) -> Result<(Router, Health), StartError> {
     let service = GatewayServer::new(GatewayService(gw.clone()));
-    let router = Server::builder().add_service(limited(service, gw.limits.grpc_request_bytes()));
+    let router = l
+        .server()
+        .add_service(limited(service, gw.limits.grpc_request_bytes()));
     with_ops(router, &[GATEWAY, ""])
 }
 
@@ -592,6 +623,7 @@ async fn run(
     (grpc, health): (Router, Health),
     http: axum::Router,
     member: Registration,
+    metrics: Arc<Metrics>,
 ) -> Result<(), StartError> {
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -670,11 +702,16 @@ async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(g), stopped(stop.clone()));
-    let http = axum::serve(h, http).with_graceful_shutdown(stopped(stop));
-    let (a, b) = tokio::join!(grpc, http);
+    let policy = listen.policy();
+    let conns = listen::incoming(g, Proto::Grpc, policy, None, metrics.clone());
+    let grpc = grpc.serve_with_incoming_shutdown(
+        ReceiverStream::new(conns).map(Ok::<_, std::io::Error>),
+        stopped(stop.clone()),
+    );
+    let conns = listen::incoming(h, Proto::Http, policy, None, metrics);
+    let http = listen::serve_http(conns, http, policy, stopped(stop));
+    let (a, ()) = tokio::join!(grpc, http);
     a?;
-    b?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -720,10 +757,18 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     ));
     // Only the gateway on the public port: the tiers run in process, and a tier service
     // here would let any caller hand the decoder made-up visual tokens.
-    let router = gateway_grpc(&gw)?;
+    let router = gateway_grpc(&a.listen, &gw)?;
     let mut me = Registration::new("gateway", model_ids(&a.models));
     me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
-    run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
+    let metrics = gw.metrics.clone();
+    run(
+        &a.listen,
+        router,
+        openai::router(gw, a.gateway.http()),
+        me,
+        metrics,
+    )
+    .await
 }
 
 pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
@@ -736,7 +781,7 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
         a.encoder.batch(),
         metrics.clone(),
     ));
-    let router = Server::builder().add_service(limited(
+    let router = a.listen.server().add_service(limited(
         VisionEncoderServer::new(VisionService(vision)),
         limit,
     ));
@@ -744,7 +789,14 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
     let m = metrics.clone();
     let mut me = Registration::new("encoder", model_ids(&a.models));
     me.load = Box::new(move || m.encoder_queue.get().max(0) as u32);
-    run(&a.listen, router, openai::metrics_router(metrics), me).await
+    run(
+        &a.listen,
+        router,
+        openai::metrics_router(metrics.clone()),
+        me,
+        metrics,
+    )
+    .await
 }
 
 pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
@@ -753,11 +805,20 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
     let limit = a.models.message_limit(&pipelines, Tier::Connector);
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
-    let router =
-        Server::builder().add_service(limited(ConnectorServer::new(ConnectorService(c)), limit));
+    let router = a
+        .listen
+        .server()
+        .add_service(limited(ConnectorServer::new(ConnectorService(c)), limit));
     let router = with_ops(router, &[CONNECTOR, ""])?;
     let me = Registration::new("connector", model_ids(&a.models));
-    run(&a.listen, router, openai::metrics_router(metrics), me).await
+    run(
+        &a.listen,
+        router,
+        openai::metrics_router(metrics.clone()),
+        me,
+        metrics,
+    )
+    .await
 }
 
 pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
@@ -767,8 +828,10 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let engines = a.decoder.engines(&pipelines)?;
     let limit = a.models.message_limit(&pipelines, Tier::Decoder);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
-    let router =
-        Server::builder().add_service(limited(DecoderServer::new(DecoderService(d)), limit));
+    let router = a
+        .listen
+        .server()
+        .add_service(limited(DecoderServer::new(DecoderService(d)), limit));
     let router = with_ops(router, &[DECODER, ""])?;
     let mut me = Registration::new("decoder", model_ids(&a.models));
     let watched = engines.clone();
@@ -782,7 +845,14 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
             })
             .sum()
     });
-    run(&a.listen, router, openai::metrics_router(metrics), me).await
+    run(
+        &a.listen,
+        router,
+        openai::metrics_router(metrics.clone()),
+        me,
+        metrics,
+    )
+    .await
 }
 
 pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
@@ -833,7 +903,15 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         a.gateway.limits(&a.models),
         metrics,
     ));
-    let router = gateway_grpc(&gw)?;
+    let router = gateway_grpc(&a.listen, &gw)?;
     let me = Registration::new("gateway", model_ids(&a.models));
-    run(&a.listen, router, openai::router(gw, a.gateway.http()), me).await
+    let metrics = gw.metrics.clone();
+    run(
+        &a.listen,
+        router,
+        openai::router(gw, a.gateway.http()),
+        me,
+        metrics,
+    )
+    .await
 }

@@ -1225,3 +1225,129 @@ fn a_users_special_token_strings_are_text_and_forge_no_turn() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     });
 }
+
+/// Reads `sock` to its end: true when the server closed it (EOF or reset) within the
+/// socket's read timeout, false when that timeout passed first.
+fn closed_by_server(sock: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn silent_and_slow_connections_are_closed() {
+    use std::io::Write;
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--idle-timeout-s",
+            "2",
+            "--header-timeout-s",
+            "2",
+        ],
+    );
+    let open = |addr: &str, bytes: &[u8]| {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(bytes).unwrap();
+        // A liveness bound only: the server's own timeouts are 2 s.
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c
+    };
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut hostile = vec![
+        ("idle HTTP", open(&s.http, b"")),
+        ("slowloris head", open(&s.http, b"GET /health HTTP/1.1\r\nHost: x\r\n")),
+        (
+            "partial body",
+            open(
+                &s.http,
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"model\":",
+            ),
+        ),
+        ("idle gRPC", open(&s.grpc, b"")),
+        ("gRPC preface only", open(&s.grpc, preface)),
+    ];
+    // A keep-alive HTTP connection that finished a request, then went quiet.
+    let mut kept = open(&s.http, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut first = [0u8; 64];
+    assert!(std::io::Read::read(&mut kept, &mut first).unwrap() > 0);
+    hostile.push(("idle keep-alive", kept));
+    // A real gRPC client idle for longer than the timeout is pinged, not dropped.
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        generate(&mut g, request(PROMPT, vec![image("scene.png")], 2))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        generate(&mut g, request(PROMPT, vec![image("scene.png")], 2))
+            .await
+            .unwrap();
+    });
+    for (what, sock) in hostile.iter_mut() {
+        assert!(closed_by_server(sock), "{what}: still open after 60 s");
+    }
+    // The live client kept its one connection through the quiet (the server's pings
+    // were answered): the gRPC listener saw three connections, not a reconnect.
+    let accepted = reqwest::blocking::get(format!("http://{}/metrics", s.http))
+        .unwrap()
+        .text()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("iris_connections_accepted_total{listener=\"grpc\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(accepted, Some(3.0));
+    assert!(metric(&s.http, "iris_connections_closed_total") >= 1.0);
+}
+
+#[test]
+fn a_listener_keeps_to_its_connection_limit() {
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &model_arg(), "--max-connections", "4"],
+    );
+    let held: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(&s.grpc).unwrap())
+        .collect();
+    let limited = || metric(&s.http, "iris_connections_closed_total");
+    // (Nothing else closes a connection here: timeouts are a minute.)
+    eventually(Duration::from_secs(30), "four connections open", || {
+        metric(&s.http, "iris_open_connections") >= 5.0 // four gRPC + this scrape
+    });
+    let mut fifth = std::net::TcpStream::connect(&s.grpc).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    assert!(
+        closed_by_server(&mut fifth),
+        "the fifth connection stayed open"
+    );
+    assert_eq!(limited(), 1.0);
+    // Slots come back when connections end.
+    drop(held);
+    eventually(Duration::from_secs(30), "slots freed", || {
+        metric(&s.http, "iris_open_connections") <= 1.0
+    });
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        generate(&mut g, request(PROMPT, vec![image("scene.png")], 2))
+            .await
+            .unwrap();
+    });
+}
