@@ -12,6 +12,16 @@ pub struct EtcdServer {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files for an etcd that serves clients over TLS and asks them for certificates
+/// signed by `ca` (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -28,26 +38,43 @@ pub fn etcd_binary() -> String {
 impl EtcdServer {
     /// Starts etcd with its data under `dir` (created).
     pub fn start_in(dir: PathBuf) -> std::io::Result<EtcdServer> {
+        EtcdServer::start_with(dir, None)
+    }
+
+    /// As `start_in`, serving clients over TLS when `tls` is given.
+    pub fn start_with(dir: PathBuf, tls: Option<EtcdTls>) -> std::io::Result<EtcdServer> {
         std::fs::create_dir_all(&dir)?;
         let mut s = EtcdServer {
             child: None,
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         s.start()?;
         Ok(s)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// (Re)starts the process and waits until it answers.
     pub fn start(&mut self) -> std::io::Result<()> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let client = self.endpoint();
-        let child = Command::new(etcd_binary())
+        let mut cmd = Command::new(etcd_binary());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "iris-test", "--data-dir"])
             .arg(self.dir.join("data"))
             .args([

@@ -127,22 +127,42 @@ pub trait Registry: Send + Sync {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     endpoints: Vec<String>,
+    access: EtcdAccess,
+}
+
+/// How to reach a secured etcd: a user and password (etcd's auth), TLS (its CA, and a
+/// client certificate for `--client-cert-auth`).
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    pub user: Option<(String, String)>,
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 const RETRY: Duration = Duration::from_millis(300);
 
 impl EtcdRegistry {
     pub fn new(endpoints: &[String]) -> EtcdRegistry {
+        EtcdRegistry::with_access(endpoints, EtcdAccess::default())
+    }
+
+    pub fn with_access(endpoints: &[String], access: EtcdAccess) -> EtcdRegistry {
         EtcdRegistry {
             endpoints: endpoints.to_vec(),
+            access,
         }
     }
 
     async fn client(&self) -> Result<etcd_client::Client> {
-        let opts = etcd_client::ConnectOptions::new()
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some((user, password)) = &self.access.user {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.access.tls {
+            opts = opts.with_tls(tls.clone());
+        }
         Ok(etcd_client::Client::connect(&self.endpoints, Some(opts)).await?)
     }
 }

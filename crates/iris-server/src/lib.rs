@@ -2,6 +2,7 @@
 //! gateway, the gRPC service handlers, the OpenAI-compatible HTTP API, metrics, and the
 //! one error they return (the processes that run them are in `services/iris`).
 
+pub mod auth;
 pub mod cache;
 pub mod error;
 pub mod gateway;

@@ -22,6 +22,7 @@ use iris_engine::{GenerateOptions, SamplingParams, StopRules};
 use iris_proto::v1 as pb;
 use serde_json::{json, Value};
 
+use crate::auth::Keys;
 use crate::gateway::{Gateway, GenerateInput, Message, ModelKind, Part};
 
 #[derive(Debug, Clone)]
@@ -31,6 +32,10 @@ pub struct HttpConfig {
     pub fetch_timeout: Duration,
     /// `max_tokens` when a request sets none.
     pub default_max_tokens: usize,
+    /// API keys every route but `/health` asks for (none: open).
+    pub keys: Keys,
+    /// `/metrics` without a key.
+    pub open_metrics: bool,
 }
 
 impl Default for HttpConfig {
@@ -39,6 +44,8 @@ impl Default for HttpConfig {
             allowed_image_hosts: Vec::new(),
             fetch_timeout: Duration::from_secs(10),
             default_max_tokens: 256,
+            keys: Keys::default(),
+            open_metrics: false,
         }
     }
 }
@@ -61,13 +68,26 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
         http,
     });
     let body_limit = state.gateway.limits.http_body_bytes();
-    Router::new()
+    let (keys, open_metrics) = (state.config.keys.clone(), state.config.open_metrics);
+    let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
-        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(models));
+    let api = if open_metrics {
+        guarded(api, keys).route("/metrics", get(metrics))
+    } else {
+        guarded(api.route("/metrics", get(metrics)), keys)
+    };
+    api.route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// `routes` behind `keys` (when there are any).
+fn guarded<S: Clone + Send + Sync + 'static>(routes: Router<S>, keys: Keys) -> Router<S> {
+    if keys.is_open() {
+        return routes;
+    }
+    routes.route_layer(axum::middleware::from_fn_with_state(keys, Keys::require))
 }
 
 /// Whether `--allow-image-host` entries allow `url`'s host: an entry `host` allows it
@@ -83,17 +103,22 @@ fn host_allowed(allowed: &[String], url: &reqwest::Url) -> bool {
     })
 }
 
-/// A router with only `/metrics` and `/health` (the tier processes).
-pub fn metrics_router(metrics: Arc<crate::metrics::Metrics>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = metrics.clone();
-                async move { metrics_text(&m) }
-            }),
-        )
-        .route("/health", get(|| async { "ok" }))
+/// A router with only `/metrics` and `/health` (the tier processes): `/metrics` behind
+/// `keys` (the cluster token) unless `open_metrics`.
+pub fn metrics_router(
+    metrics: Arc<crate::metrics::Metrics>,
+    keys: Keys,
+    open_metrics: bool,
+) -> Router {
+    let m = Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { metrics_text(&m) }
+        }),
+    );
+    let m = if open_metrics { m } else { guarded(m, keys) };
+    m.route("/health", get(|| async { "ok" }))
 }
 
 fn metrics_text(m: &crate::metrics::Metrics) -> Response {

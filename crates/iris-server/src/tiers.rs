@@ -324,6 +324,15 @@ pub struct Replicas<C> {
     members: RwLock<Vec<Arc<Member<C>>>>,
     turn: AtomicUsize,
     connect: fn(Channel) -> C,
+    access: TierAccess,
+}
+
+/// How the gateway reaches the tiers: over TLS (verifying them against the cluster CA,
+/// presenting its own certificate) and with the cluster token, when configured.
+#[derive(Clone, Default)]
+pub struct TierAccess {
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 pub struct Member<C> {
@@ -355,25 +364,43 @@ impl<C> Drop for Outstanding<C> {
     }
 }
 
-fn channel(addr: &str) -> Result<Channel, ServeError> {
+fn channel(addr: &str, access: &TierAccess) -> Result<Channel, ServeError> {
+    let scheme = if access.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| ServeError::bad_input(format!("address `{addr}`: {e}")))?
+    let bad = |e: tonic::transport::Error| ServeError::bad_input(format!("address `{addr}`: {e}"));
+    let mut ep = Endpoint::from_shared(uri)
+        .map_err(bad)?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true);
+    if let Some(tls) = &access.tls {
+        ep = ep.tls_config(tls.clone()).map_err(bad)?;
+    }
+    Ok(ep.connect_lazy())
 }
 
 impl<C: Clone> Replicas<C> {
     pub fn new(addrs: &[String], connect: fn(Channel) -> C) -> Result<Self, ServeError> {
+        Replicas::with_access(addrs, connect, TierAccess::default())
+    }
+
+    pub fn with_access(
+        addrs: &[String],
+        connect: fn(Channel) -> C,
+        access: TierAccess,
+    ) -> Result<Self, ServeError> {
         let r = Replicas {
             members: RwLock::new(Vec::new()),
             turn: AtomicUsize::new(0),
             connect,
+            access,
         };
         r.set(addrs)?;
         Ok(r)
@@ -388,7 +415,7 @@ impl<C: Clone> Replicas<C> {
                 Some(m) => new.push(m.clone()),
                 None => new.push(Arc::new(Member {
                     addr: a.clone(),
-                    client: (self.connect)(channel(a)?),
+                    client: (self.connect)(channel(a, &self.access)?),
                     outstanding: AtomicUsize::new(0),
                     down_until: AtomicU64::new(0),
                     reported: AtomicU64::new(0),
@@ -470,10 +497,16 @@ impl<C: Clone> Replicas<C> {
     }
 }
 
-fn timed<T>(msg: T, deadline: Instant) -> Result<tonic::Request<T>, Status> {
-    let mut r = tonic::Request::new(msg);
-    r.set_timeout(remaining(deadline).map_err(Status::from)?);
-    Ok(r)
+impl<C> Replicas<C> {
+    /// A call's request: its deadline, and the cluster token when there is one.
+    fn request<T>(&self, msg: T, deadline: Instant) -> Result<tonic::Request<T>, Status> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(remaining(deadline).map_err(Status::from)?);
+        if let Some(t) = &self.access.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(r)
+    }
 }
 
 pub fn vision_client(c: Channel) -> VisionEncoderClient<Channel> {
@@ -513,7 +546,8 @@ impl VisionTier for RemoteVision {
                     model: model.to_string(),
                     image: image.clone(),
                 };
-                async move { Ok(c.encode(timed(msg, deadline)?).await?.into_inner()) }
+                let req = self.0.request(msg, deadline);
+                async move { Ok(c.encode(req?).await?.into_inner()) }
             })
             .await?
             .features
@@ -539,7 +573,8 @@ impl ConnectorTier for RemoteConnector {
                     model: model.to_string(),
                     features: Some(features.clone()),
                 };
-                async move { Ok(c.project(timed(msg, deadline)?).await?.into_inner()) }
+                let req = self.0.request(msg, deadline);
+                async move { Ok(c.project(req?).await?.into_inner()) }
             })
             .await?
             .visual_tokens
@@ -562,7 +597,8 @@ impl DecoderTier for RemoteDecoder {
             .0
             .call("decoder", |mut c| {
                 let msg = req.clone();
-                async move { Ok(c.generate(timed(msg, deadline)?).await?.into_inner()) }
+                let req = self.0.request(msg, deadline);
+                async move { Ok(c.generate(req?).await?.into_inner()) }
             })
             .await?;
         Ok(Box::pin(stream))

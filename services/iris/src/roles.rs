@@ -25,9 +25,10 @@ use tonic::transport::server::Router;
 use tonic::transport::Server;
 
 use crate::StartError;
-use iris_cluster::{EtcdRegistry, Member, Registry, View};
+use iris_cluster::{EtcdAccess, EtcdRegistry, Member, Registry, View};
+use iris_server::auth::Keys;
 use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
-use iris_server::listen::{self, ConnPolicy, Proto};
+use iris_server::listen::{self, ConnPolicy, Proto, TlsFiles};
 use iris_server::metrics::Metrics;
 use iris_server::openai::{self, HttpConfig};
 use iris_server::services::{
@@ -35,8 +36,10 @@ use iris_server::services::{
 };
 use iris_server::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
-    LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas,
+    LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas, TierAccess,
 };
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ClientTlsConfig;
 
 /// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
 #[derive(Debug, Clone)]
@@ -366,6 +369,18 @@ pub struct GatewayArgs {
     /// `max_tokens` of an HTTP request that sets none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// API keys a client must send (HTTP `Authorization: Bearer KEY`, gRPC
+    /// `authorization` metadata); comma-separated or repeated. None: open.
+    #[arg(
+        long = "api-key",
+        env = "IRIS_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl GatewayArgs {
@@ -380,11 +395,24 @@ impl GatewayArgs {
         }
     }
 
-    fn http(&self) -> HttpConfig {
+    fn keys(&self) -> Result<Keys, StartError> {
+        let mut keys = self.api_keys.clone();
+        if let Some(f) = &self.api_key_file {
+            keys.extend(
+                iris_server::auth::read_key_file(f)
+                    .map_err(|e| StartError::Invalid(format!("{}: {e}", f.display())))?,
+            );
+        }
+        Ok(Keys::new("API key", keys))
+    }
+
+    fn http(&self, keys: &Keys, open_metrics: bool) -> HttpConfig {
         HttpConfig {
             allowed_image_hosts: self.allow_image_hosts.clone(),
             fetch_timeout: Duration::from_secs(self.image_fetch_timeout_s),
             default_max_tokens: self.default_max_tokens,
+            keys: keys.clone(),
+            open_metrics,
         }
     }
 }
@@ -421,6 +449,55 @@ pub struct Listen {
     /// keep-alive connection included) and each piece of a body.
     #[arg(long, default_value_t = 10)]
     pub header_timeout_s: u64,
+    /// This process's PEM certificate chain: TLS on both its listeners, and the client
+    /// certificate it presents to the members and the etcd it calls.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// gRPC callers must present a certificate this CA signed (mutual TLS; at a tier,
+    /// the cluster's CA).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The CA of the members this process calls: calls go over TLS, verified by it.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The cluster's shared secret: a tier refuses calls (and `/metrics`) without it,
+    /// the gateway sends it.
+    #[arg(long, env = "IRIS_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// A file holding the cluster token (its first line).
+    #[arg(long, conflicts_with = "cluster_token")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// `/metrics` answers without an API key or cluster token.
+    #[arg(long)]
+    pub open_metrics: bool,
+    /// etcd's CA: talk to etcd over TLS (`--tls-cert` is the client certificate).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// etcd user (etcd's auth), with `--etcd-password` / `IRIS_ETCD_PASSWORD`.
+    #[arg(long, env = "IRIS_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "IRIS_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+/// What a process's credentials and certificates make of its listeners and calls.
+#[derive(Clone, Default)]
+pub struct Security {
+    grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    http_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The cluster token a tier asks for.
+    cluster: Keys,
+    /// How the gateway calls the tiers.
+    tiers: TierAccess,
+    etcd: EtcdAccess,
+}
+
+fn read_pem(path: &std::path::Path) -> Result<String, StartError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| StartError::Invalid(format!("{}: {e}", path.display())))
 }
 
 impl Listen {
@@ -432,6 +509,69 @@ impl Listen {
         }
     }
 
+    /// Reads the certificates, keys and tokens the flags name (a bad one is a start-up
+    /// error naming the file).
+    pub fn security(&self) -> Result<Security, StartError> {
+        let bad = |e: std::io::Error| StartError::Invalid(format!("TLS: {e}"));
+        let files = |client_ca: Option<PathBuf>| {
+            Some(TlsFiles {
+                cert: self.tls_cert.clone()?,
+                key: self.tls_key.clone()?,
+                client_ca,
+            })
+        };
+        let (grpc_tls, http_tls) = match (files(self.tls_client_ca.clone()), files(None)) {
+            (Some(g), Some(h)) => (
+                Some(listen::server_tls(&g, &[b"h2"]).map_err(bad)?),
+                Some(listen::server_tls(&h, &[b"http/1.1"]).map_err(bad)?),
+            ),
+            _ => (None, None),
+        };
+        let token = match (&self.cluster_token, &self.cluster_token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(f)) => iris_server::auth::read_key_file(f)
+                .map_err(|e| StartError::Invalid(format!("{}: {e}", f.display())))?
+                .into_iter()
+                .next(),
+            (None, None) => None,
+        }
+        .filter(|t| !t.is_empty());
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some(tonic::transport::Identity::from_pem(
+                read_pem(c)?,
+                read_pem(k)?,
+            )),
+            _ => None,
+        };
+        let client_tls = |ca: &std::path::Path| -> Result<ClientTlsConfig, StartError> {
+            let mut c = ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read_pem(ca)?));
+            if let Some(id) = identity.clone() {
+                c = c.identity(id);
+            }
+            Ok(c)
+        };
+        let tiers = TierAccess {
+            tls: self.tls_ca.as_deref().map(client_tls).transpose()?,
+            token: token
+                .as_deref()
+                .map(iris_server::auth::bearer_metadata)
+                .transpose()
+                .map_err(|e| StartError::Invalid(format!("--cluster-token: {e}")))?,
+        };
+        let etcd = EtcdAccess {
+            user: self.etcd_user.clone().zip(self.etcd_password.clone()),
+            tls: self.etcd_ca.as_deref().map(client_tls).transpose()?,
+        };
+        Ok(Security {
+            grpc_tls,
+            http_tls,
+            cluster: Keys::new("cluster token", token),
+            tiers,
+            etcd,
+        })
+    }
+
     /// A gRPC server that pings its peers every third of the idle timeout.
     fn server(&self) -> Server {
         let ping = self.policy().idle / 3;
@@ -440,9 +580,10 @@ impl Listen {
             .http2_keepalive_timeout(Some(ping))
     }
 
-    fn registry(&self) -> Option<Arc<dyn Registry>> {
-        (!self.etcd.is_empty())
-            .then(|| Arc::new(EtcdRegistry::new(&self.etcd)) as Arc<dyn Registry>)
+    fn registry(&self, sec: &Security) -> Option<Arc<dyn Registry>> {
+        (!self.etcd.is_empty()).then(|| {
+            Arc::new(EtcdRegistry::with_access(&self.etcd, sec.etcd.clone())) as Arc<dyn Registry>
+        })
     }
 }
 
@@ -607,11 +748,16 @@ fn with_ops(router: Router, names: &[&str]) -> Result<(Router, Health), StartErr
 
 /// The gateway's gRPC service (its requests capped as its HTTP bodies are), with health
 /// and reflection.
-fn gateway_grpc(l: &Listen, gw: &Arc<Gateway>) -> Result<(Router, Health), StartError> {
+fn gateway_grpc(
+    l: &Listen,
+    gw: &Arc<Gateway>,
+    keys: &Keys,
+) -> Result<(Router, Health), StartError> {
     let service = GatewayServer::new(GatewayService(gw.clone()));
+    let service = limited(service, gw.limits.grpc_request_bytes());
     let router = l
         .server()
-        .add_service(limited(service, gw.limits.grpc_request_bytes()));
+        .add_service(InterceptedService::new(service, keys.interceptor()));
     with_ops(router, &[GATEWAY, ""])
 }
 
@@ -624,6 +770,7 @@ async fn run(
     http: axum::Router,
     member: Registration,
     metrics: Arc<Metrics>,
+    sec: &Security,
 ) -> Result<(), StartError> {
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -634,7 +781,7 @@ async fn run(
     let h = bind(listen.http_addr).await?;
     let grpc_addr = g.local_addr()?;
     let alive = member.alive;
-    let lease = match listen.registry() {
+    let lease = match listen.registry(sec) {
         Some(reg) => {
             let addr = listen
                 .advertise_addr
@@ -703,12 +850,18 @@ async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let policy = listen.policy();
-    let conns = listen::incoming(g, Proto::Grpc, policy, None, metrics.clone());
+    let conns = listen::incoming(
+        g,
+        Proto::Grpc,
+        policy,
+        sec.grpc_tls.clone(),
+        metrics.clone(),
+    );
     let grpc = grpc.serve_with_incoming_shutdown(
         ReceiverStream::new(conns).map(Ok::<_, std::io::Error>),
         stopped(stop.clone()),
     );
-    let conns = listen::incoming(h, Proto::Http, policy, None, metrics);
+    let conns = listen::incoming(h, Proto::Http, policy, sec.http_tls.clone(), metrics);
     let http = listen::serve_http(conns, http, policy, stopped(stop));
     let (a, ()) = tokio::join!(grpc, http);
     a?;
@@ -735,6 +888,8 @@ const CONNECTOR: &str = "iris.v1.Connector";
 const DECODER: &str = "iris.v1.Decoder";
 
 pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
+    let sec = a.listen.security()?;
+    let keys = a.gateway.keys()?;
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     // Every part once, shared by the tiers in this process.
@@ -757,21 +912,16 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     ));
     // Only the gateway on the public port: the tiers run in process, and a tier service
     // here would let any caller hand the decoder made-up visual tokens.
-    let router = gateway_grpc(&a.listen, &gw)?;
+    let router = gateway_grpc(&a.listen, &gw, &keys)?;
     let mut me = Registration::new("gateway", model_ids(&a.models));
     me.alive = Box::new(move || engines.values().all(|e| e.is_alive()));
     let metrics = gw.metrics.clone();
-    run(
-        &a.listen,
-        router,
-        openai::router(gw, a.gateway.http()),
-        me,
-        metrics,
-    )
-    .await
+    let http = openai::router(gw, a.gateway.http(&keys, a.listen.open_metrics));
+    run(&a.listen, router, http, me, metrics, &sec).await
 }
 
 pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
+    let sec = a.listen.security()?;
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
@@ -781,57 +931,48 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
         a.encoder.batch(),
         metrics.clone(),
     ));
-    let router = a.listen.server().add_service(limited(
-        VisionEncoderServer::new(VisionService(vision)),
-        limit,
-    ));
+    let service = limited(VisionEncoderServer::new(VisionService(vision)), limit);
+    let router = a
+        .listen
+        .server()
+        .add_service(InterceptedService::new(service, sec.cluster.interceptor()));
     let router = with_ops(router, &[VISION, ""])?;
     let m = metrics.clone();
     let mut me = Registration::new("encoder", model_ids(&a.models));
     me.load = Box::new(move || m.encoder_queue.get().max(0) as u32);
-    run(
-        &a.listen,
-        router,
-        openai::metrics_router(metrics.clone()),
-        me,
-        metrics,
-    )
-    .await
+    let http = openai::metrics_router(metrics.clone(), sec.cluster.clone(), a.listen.open_metrics);
+    run(&a.listen, router, http, me, metrics, &sec).await
 }
 
 pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
+    let sec = a.listen.security()?;
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
     let limit = a.models.message_limit(&pipelines, Tier::Connector);
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
-    let router = a
-        .listen
-        .server()
-        .add_service(limited(ConnectorServer::new(ConnectorService(c)), limit));
+    let router = a.listen.server().add_service(InterceptedService::new(
+        limited(ConnectorServer::new(ConnectorService(c)), limit),
+        sec.cluster.interceptor(),
+    ));
     let router = with_ops(router, &[CONNECTOR, ""])?;
     let me = Registration::new("connector", model_ids(&a.models));
-    run(
-        &a.listen,
-        router,
-        openai::metrics_router(metrics.clone()),
-        me,
-        metrics,
-    )
-    .await
+    let http = openai::metrics_router(metrics.clone(), sec.cluster.clone(), a.listen.open_metrics);
+    run(&a.listen, router, http, me, metrics, &sec).await
 }
 
 pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
+    let sec = a.listen.security()?;
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
     let engines = a.decoder.engines(&pipelines)?;
     let limit = a.models.message_limit(&pipelines, Tier::Decoder);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
-    let router = a
-        .listen
-        .server()
-        .add_service(limited(DecoderServer::new(DecoderService(d)), limit));
+    let router = a.listen.server().add_service(InterceptedService::new(
+        limited(DecoderServer::new(DecoderService(d)), limit),
+        sec.cluster.interceptor(),
+    ));
     let router = with_ops(router, &[DECODER, ""])?;
     let mut me = Registration::new("decoder", model_ids(&a.models));
     let watched = engines.clone();
@@ -845,25 +986,31 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
             })
             .sum()
     });
-    run(
-        &a.listen,
-        router,
-        openai::metrics_router(metrics.clone()),
-        me,
-        metrics,
-    )
-    .await
+    let http = openai::metrics_router(metrics.clone(), sec.cluster.clone(), a.listen.open_metrics);
+    run(&a.listen, router, http, me, metrics, &sec).await
 }
 
 pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
+    let sec = a.listen.security()?;
+    let keys = a.gateway.keys()?;
     let metrics = Arc::new(Metrics::new());
-    let vision = Arc::new(RemoteVision(Replicas::new(&a.encoders, vision_client)?));
-    let connector = Arc::new(RemoteConnector(Replicas::new(
+    let access = || sec.tiers.clone();
+    let vision = Arc::new(RemoteVision(Replicas::with_access(
+        &a.encoders,
+        vision_client,
+        access(),
+    )?));
+    let connector = Arc::new(RemoteConnector(Replicas::with_access(
         &a.connectors,
         connector_client,
+        access(),
     )?));
-    let decoder = Arc::new(RemoteDecoder(Replicas::new(&a.decoders, decoder_client)?));
-    if let Some(reg) = a.listen.registry() {
+    let decoder = Arc::new(RemoteDecoder(Replicas::with_access(
+        &a.decoders,
+        decoder_client,
+        access(),
+    )?));
+    if let Some(reg) = a.listen.registry(&sec) {
         // Members come from etcd: a snapshot, then every join and leave.
         let (v, c, d) = (vision.clone(), connector.clone(), decoder.clone());
         let mut events = reg.watch(iris_cluster::members_prefix(&a.listen.cluster));
@@ -903,15 +1050,9 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         a.gateway.limits(&a.models),
         metrics,
     ));
-    let router = gateway_grpc(&a.listen, &gw)?;
+    let router = gateway_grpc(&a.listen, &gw, &keys)?;
     let me = Registration::new("gateway", model_ids(&a.models));
     let metrics = gw.metrics.clone();
-    run(
-        &a.listen,
-        router,
-        openai::router(gw, a.gateway.http()),
-        me,
-        metrics,
-    )
-    .await
+    let http = openai::router(gw, a.gateway.http(&keys, a.listen.open_metrics));
+    run(&a.listen, router, http, me, metrics, &sec).await
 }
