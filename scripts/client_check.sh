@@ -16,7 +16,8 @@ fi
 
 cargo build -q -p iris
 log="$(mktemp)"
-./target/debug/iris serve --model tests/fixtures/llava-tiny-hub-f32 \
+key="client-check-$$"
+IRIS_API_KEY="$key" ./target/debug/iris serve --model tests/fixtures/llava-tiny-hub-f32 \
     --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 >"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
@@ -25,4 +26,4 @@ grpc="$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$log")"
 http="$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$log")"
 "$venv/bin/python" tools/client_check.py --http "$http" --grpc "$grpc" \
     --model llava-tiny-hub-f32 --image tests/fixtures/images/scene.png \
-    --grpcurl "$venv/bin/grpcurl"
+    --grpcurl "$venv/bin/grpcurl" --api-key "$key"

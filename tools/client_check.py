@@ -29,9 +29,16 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--grpcurl", default=shutil.which("grpcurl") or "grpcurl")
+    ap.add_argument("--api-key", default="unused", help="the key the server was given")
     a = ap.parse_args()
 
-    client = openai.OpenAI(base_url=f"http://{a.http}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://{a.http}/v1", api_key=a.api_key)
+    if a.api_key != "unused":
+        try:
+            openai.OpenAI(base_url=f"http://{a.http}/v1", api_key="wrong").models.list()
+            fail("a wrong API key was accepted")
+        except openai.AuthenticationError:
+            pass
     models = [m.id for m in client.models.list()]
     if a.model not in models:
         fail(f"{a.model} not in /v1/models: {models}")
@@ -84,9 +91,14 @@ def main():
     health = run("-d", '{"service": "iris.v1.Gateway"}', a.grpc, "grpc.health.v1.Health/Check")
     if json.loads(health.stdout or "{}").get("status") != "SERVING":
         fail(f"health: {health.stdout} {health.stderr}")
-    models = run(a.grpc, "iris.v1.Gateway/ListModels")
+    auth = ["-H", f"authorization: Bearer {a.api_key}"]
+    models = run(*auth, a.grpc, "iris.v1.Gateway/ListModels")
     if a.model not in models.stdout:
         fail(f"ListModels by reflection: {models.stdout} {models.stderr}")
+    if a.api_key != "unused":
+        refused = run(a.grpc, "iris.v1.Gateway/ListModels")
+        if "Unauthenticated" not in refused.stderr:
+            fail(f"ListModels without the key: {refused.stdout} {refused.stderr}")
     print(f"grpcurl: {len(services)} services by reflection, Gateway SERVING")
 
 
