@@ -214,6 +214,11 @@ impl Processor {
         &self.tokenizer
     }
 
+    /// The limits images are decoded under.
+    pub fn limits(&self) -> ImageLimits {
+        self.limits
+    }
+
     pub fn image_token(&self) -> &str {
         &self.image_token
     }

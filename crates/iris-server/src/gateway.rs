@@ -53,6 +53,8 @@ pub struct GenerateInput {
 #[derive(Debug, Clone)]
 pub struct GatewayLimits {
     pub max_images: usize,
+    /// Pixels (from the headers) all of a request's images may have together.
+    pub max_request_pixels: u64,
     /// Upper bound on `max_tokens` whatever the context allows.
     pub max_tokens: usize,
     pub image: ImageLimits,
@@ -86,6 +88,7 @@ impl Default for GatewayLimits {
     fn default() -> Self {
         GatewayLimits {
             max_images: 8,
+            max_request_pixels: 40_000_000,
             max_tokens: 4096,
             image: ImageLimits::default(),
             request_timeout: Duration::from_secs(300),
@@ -358,9 +361,18 @@ impl Gateway {
                 self.limits.max_images
             )));
         }
+        let mut pixels = 0u64;
         for (i, img) in input.images.iter().enumerate() {
-            iris_image::dimensions(img, self.limits.image)
+            let (w, h) = iris_image::dimensions(img, self.limits.image)
                 .map_err(|e| ServeError::bad_input(format!("image {}: {e}", i + 1)))?;
+            pixels += u64::from(w) * u64::from(h);
+        }
+        // Bounded work: decoding is paid per pixel, and one request may not take it all.
+        if pixels > self.limits.max_request_pixels {
+            return Err(ServeError::bad_input(format!(
+                "the request's images have {pixels} pixels: at most {} in all per request",
+                self.limits.max_request_pixels
+            )));
         }
         let marker = spec.processor.image_token();
         let mut esc = Escapes::default();

@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Stacked passes through a vision tower (one per model per batch).
     pub encoder_passes: Counter,
     pub encoder_queue: Gauge,
+    /// Images waiting for a decode thread.
+    pub decode_queue: Gauge,
     pub connector_requests: Counter,
     pub decoder_requests: Counter,
     /// Engine state per model, read at each scrape.
@@ -100,6 +102,7 @@ impl Metrics {
             encoder_batch: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             encoder_passes: Counter::default(),
             encoder_queue: Gauge::default(),
+            decode_queue: Gauge::default(),
             connector_requests: Counter::default(),
             decoder_requests: Counter::default(),
             queue_depth: Family::default(),
@@ -122,6 +125,11 @@ impl Metrics {
         };
         let r = &mut registry;
         r.register("requests", "Gateway requests by status", m.requests.clone());
+        r.register(
+            "image_decode_queue",
+            "Images waiting for a decode thread",
+            m.decode_queue.clone(),
+        );
         r.register(
             "open_connections",
             "Connections open on this process's listeners",

@@ -75,8 +75,114 @@ fn remaining(deadline: Instant) -> Result<Duration, ServeError> {
 
 struct Job {
     model: String,
-    image: Vec<u8>,
+    /// The image, decoded and preprocessed.
+    pixel_values: Tensor,
     reply: oneshot::Sender<Result<Tensor, ServeError>>,
+}
+
+/// Image decoding off the batch loop, on `threads` threads of its own, smallest image
+/// (by header pixels) first: a request with a small new image is not queued behind
+/// another's 40-megapixel ones, and a decode whose caller left is skipped.
+pub struct DecodePool {
+    shared: Arc<PoolShared>,
+}
+
+struct PoolShared {
+    queue: std::sync::Mutex<(std::collections::BinaryHeap<DecodeTask>, u64)>,
+    ready: std::sync::Condvar,
+    max_queued: usize,
+    /// Images waiting to be decoded (`iris_image_decode_queue`).
+    queued: prometheus_client::metrics::gauge::Gauge,
+}
+
+struct DecodeTask {
+    pixels: u64,
+    seq: u64,
+    run: Box<dyn FnOnce() + Send>,
+}
+
+impl PartialEq for DecodeTask {
+    fn eq(&self, o: &Self) -> bool {
+        (self.pixels, self.seq) == (o.pixels, o.seq)
+    }
+}
+impl Eq for DecodeTask {}
+impl PartialOrd for DecodeTask {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for DecodeTask {
+    /// The max-heap's top is the fewest pixels, then the earliest.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.pixels, o.seq).cmp(&(self.pixels, self.seq))
+    }
+}
+
+impl DecodePool {
+    pub fn new(
+        threads: usize,
+        max_queued: usize,
+        queued: prometheus_client::metrics::gauge::Gauge,
+    ) -> DecodePool {
+        let shared = Arc::new(PoolShared {
+            queue: std::sync::Mutex::new((std::collections::BinaryHeap::new(), 0)),
+            ready: std::sync::Condvar::new(),
+            max_queued: max_queued.max(1),
+            queued,
+        });
+        for i in 0..threads.max(1) {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("iris-decode-{i}"))
+                .spawn(move || loop {
+                    let task = {
+                        let mut q = shared.queue.lock().expect("decode queue");
+                        loop {
+                            match q.0.pop() {
+                                Some(t) => {
+                                    shared.queued.dec();
+                                    break t;
+                                }
+                                None => q = shared.ready.wait(q).expect("decode queue"),
+                            }
+                        }
+                    };
+                    (task.run)();
+                })
+                .expect("a decode thread");
+        }
+        DecodePool { shared }
+    }
+
+    /// Runs `f` on the pool, ahead of larger images; `None` when the queue is full.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        pixels: u64,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ServeError> {
+        let (tx, rx) = oneshot::channel();
+        let run = Box::new(move || {
+            if !tx.is_closed() {
+                let _ = tx.send(f());
+            }
+        });
+        {
+            let mut q = self.shared.queue.lock().expect("decode queue");
+            if q.0.len() >= self.shared.max_queued {
+                return Err(ServeError::Overloaded(
+                    "the image decoder's queue is full; retry later".into(),
+                ));
+            }
+            q.1 += 1;
+            let seq = q.1;
+            q.0.push(DecodeTask { pixels, seq, run });
+            self.shared.queued.inc();
+        }
+        self.shared.ready.notify_one();
+        rx.await
+            .map_err(|_| ServeError::internal("an image decode failed"))
+    }
 }
 
 /// The vision tier in process: a queue that batches images across requests (up to
@@ -85,6 +191,8 @@ struct Job {
 /// went away before its batch ran is dropped unencoded.
 pub struct LocalVision {
     tx: mpsc::Sender<Job>,
+    models: Arc<HashMap<String, Arc<Pipeline>>>,
+    decode: DecodePool,
     metrics: Arc<Metrics>,
 }
 
@@ -93,6 +201,8 @@ pub struct BatchConfig {
     pub max_batch: usize,
     pub max_wait: Duration,
     pub queue: usize,
+    /// Threads that decode and preprocess images.
+    pub decode_threads: usize,
 }
 
 impl Default for BatchConfig {
@@ -101,6 +211,7 @@ impl Default for BatchConfig {
             max_batch: 8,
             max_wait: Duration::from_millis(5),
             queue: 1024,
+            decode_threads: 2,
         }
     }
 }
@@ -114,6 +225,7 @@ impl LocalVision {
         let (tx, mut rx) = mpsc::channel::<Job>(config.queue.max(1));
         let m = metrics.clone();
         let models = Arc::new(models);
+        let pool_models = models.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -138,36 +250,43 @@ impl LocalVision {
                 }
             }
         });
-        LocalVision { tx, metrics }
+        LocalVision {
+            tx,
+            models: pool_models,
+            decode: DecodePool::new(
+                config.decode_threads,
+                config.queue,
+                metrics.decode_queue.clone(),
+            ),
+            metrics,
+        }
     }
 }
 
-/// One batch of the vision tier: each image preprocessed on its own (a bad image fails
-/// only its job), then each model's images through its vision tower in one stacked
-/// pass.
+/// One batch of the vision tier (images decoded already): each model's images through
+/// its vision tower in one stacked pass.
 fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Metrics) {
-    // Jobs with their pixel values, grouped by model.
-    type Group = (Arc<Pipeline>, Vec<(Job, Tensor)>);
+    type Reply = oneshot::Sender<Result<Tensor, ServeError>>;
+    type Group = (Arc<Pipeline>, Vec<(Reply, Tensor)>);
+    // Replies with their pixel values, grouped by model.
     let mut by_model: Vec<Group> = Vec::new();
-    for job in batch {
-        if job.reply.is_closed() {
+    for Job {
+        model,
+        pixel_values,
+        reply,
+    } in batch
+    {
+        if reply.is_closed() {
             continue;
         }
         m.encoder_requests.inc();
-        let prepared = model_of(models, &job.model).and_then(|p| {
-            let pv = p
-                .processor
-                .pixel_values(&job.image)
-                .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
-            Ok((p.clone(), pv))
-        });
-        match prepared {
-            Ok((p, pv)) => match by_model.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &p)) {
-                Some((_, jobs)) => jobs.push((job, pv)),
-                None => by_model.push((p, vec![(job, pv)])),
+        match model_of(models, &model) {
+            Ok(p) => match by_model.iter_mut().find(|(q, _)| Arc::ptr_eq(q, p)) {
+                Some((_, jobs)) => jobs.push((reply, pixel_values)),
+                None => by_model.push((p.clone(), vec![(reply, pixel_values)])),
             },
             Err(e) => {
-                let _ = job.reply.send(Err(e));
+                let _ = reply.send(Err(e));
             }
         }
     }
@@ -176,14 +295,14 @@ fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Me
         m.encoder_passes.inc();
         match p.model.image_features_batch(&pvs) {
             Ok(features) => {
-                for ((job, _), f) in jobs.into_iter().zip(features) {
-                    let _ = job.reply.send(Ok(f));
+                for ((reply, _), f) in jobs.into_iter().zip(features) {
+                    let _ = reply.send(Ok(f));
                 }
             }
             Err(e) => {
                 let e = ServeError::from(iris_engine::Error::from(e));
-                for (job, _) in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
+                for (reply, _) in jobs {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -198,10 +317,25 @@ impl VisionTier for LocalVision {
         image: Vec<u8>,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
+        // Decoded on the pool first (its header read here: a bad one costs nothing).
+        let p = model_of(&self.models, model)?.clone();
+        let (w, h) = iris_image::dimensions(&image, p.processor.limits())
+            .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
+        let decoded = self.decode.run(u64::from(w) * u64::from(h), move || {
+            p.processor.pixel_values(&image)
+        });
+        let pixel_values = match tokio::time::timeout(remaining(deadline)?, decoded).await {
+            Ok(r) => r?.map_err(|e| ServeError::bad_input(format!("image: {e}")))?,
+            Err(_) => {
+                return Err(ServeError::Deadline(
+                    "decoding the image took too long".into(),
+                ))
+            }
+        };
         let (reply, rx) = oneshot::channel();
         let job = Job {
             model: model.to_string(),
-            image,
+            pixel_values,
             reply,
         };
         self.tx.try_send(job).map_err(|e| match e {
@@ -602,5 +736,76 @@ impl DecoderTier for RemoteDecoder {
             })
             .await?;
         Ok(Box::pin(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    #[tokio::test]
+    async fn the_decode_pool_takes_the_smallest_image_first() {
+        let queued = Gauge::default();
+        let pool = Arc::new(DecodePool::new(1, 16, queued.clone()));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Hold the one thread until the others are queued.
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let p = pool.clone();
+        let held = tokio::spawn(async move {
+            p.run(0, move || {
+                let _ = started_tx.send(());
+                gate_rx.recv().unwrap();
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        let mut tasks = Vec::new();
+        for (name, pixels) in [
+            ("big-1", 40_000_000),
+            ("big-2", 40_000_000),
+            ("small", 300_000),
+        ] {
+            let (p, order) = (pool.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                p.run(pixels, move || order.lock().unwrap().push(name))
+                    .await
+            }));
+            while queued.get() < tasks.len() as i64 {
+                tokio::task::yield_now().await;
+            }
+        }
+        gate_tx.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["small", "big-1", "big-2"]);
+        assert_eq!(queued.get(), 0);
+        // A full queue refuses rather than grows.
+        let queued = Gauge::default();
+        let tiny = Arc::new(DecodePool::new(1, 1, queued.clone()));
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        let t = tiny.clone();
+        let blocker = tokio::spawn(async move {
+            t.run(0, move || {
+                let _ = started_tx.send(());
+                gate_rx.recv().unwrap();
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        let t = tiny.clone();
+        let waiting = tokio::spawn(async move { t.run(1, || ()).await });
+        while queued.get() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let full = tiny.run(1, || ()).await;
+        assert!(matches!(full, Err(ServeError::Overloaded(_))), "{full:?}");
+        gate_tx.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        waiting.await.unwrap().unwrap();
     }
 }

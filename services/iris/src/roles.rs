@@ -92,6 +92,9 @@ pub struct ModelArgs {
     /// message limit by it).
     #[arg(long, env = "IRIS_MAX_IMAGES", default_value_t = 8)]
     pub max_images: usize,
+    /// Pixels a request's images may have in all (from their headers).
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_request_pixels: u64,
 }
 
 /// The tier a message limit is for.
@@ -166,6 +169,9 @@ pub struct EncoderArgs {
     /// Images waiting before new ones are refused (RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 1024)]
     pub encoder_queue: usize,
+    /// Threads that decode and preprocess images (smallest image first).
+    #[arg(long, default_value_t = 2)]
+    pub decode_threads: usize,
 }
 
 impl EncoderArgs {
@@ -174,6 +180,7 @@ impl EncoderArgs {
             max_batch: self.max_batch,
             max_wait: Duration::from_millis(self.max_wait_ms),
             queue: self.encoder_queue,
+            decode_threads: self.decode_threads,
         }
     }
 }
@@ -387,6 +394,7 @@ impl GatewayArgs {
     fn limits(&self, models: &ModelArgs) -> GatewayLimits {
         GatewayLimits {
             max_images: models.max_images,
+            max_request_pixels: models.max_request_pixels,
             max_tokens: self.max_tokens,
             image: models.limits(),
             request_timeout: Duration::from_secs(self.request_timeout_s),

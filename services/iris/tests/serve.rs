@@ -1351,3 +1351,80 @@ fn a_listener_keeps_to_its_connection_limit() {
             .unwrap();
     });
 }
+
+/// A valid `side`×`side` PNG of zeros except one pixel of value `k` (a different image,
+/// for the cache, at the same cost to decode).
+fn big_png(side: u32, k: u8) -> Vec<u8> {
+    let mut px = image::RgbImage::new(side, side);
+    px.put_pixel(0, 0, image::Rgb([k, 0, 0]));
+    let mut out = Vec::new();
+    px.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_request_keeps_to_a_pixel_budget_and_small_images_pass_big_ones() {
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &[
+            "serve",
+            "--model",
+            &model_arg(),
+            "--decode-threads",
+            "1",
+            "--max-request-pixels",
+            "30000000",
+        ],
+    );
+    let big = |k| big_png(5000, k);
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        // Two 25-megapixel images are each allowed, together over the budget: refused
+        // from their headers, before any decode.
+        let prompt = "USER: <image>\n<image>\nWhat is in the picture? ASSISTANT:";
+        let e = generate(&mut g, request(prompt, vec![big(1), big(2)], 2))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("pixels"), "{e}");
+        assert_eq!(metric(&s.http, "iris_encoder_requests_total"), 0.0);
+
+        // Four requests with a new 25-megapixel image each, one decode thread: while
+        // at least two wait for it, a request with a small new image goes ahead of them.
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut bigs = Vec::new();
+        for k in 0..4u8 {
+            let (order, grpc) = (order.clone(), s.grpc.clone());
+            let img = big(10 + k);
+            bigs.push(tokio::spawn(async move {
+                let mut g = client(&grpc).await;
+                generate(&mut g, request(PROMPT, vec![img], 1))
+                    .await
+                    .unwrap();
+                order.lock().unwrap().push(format!("big-{k}"));
+            }));
+        }
+        let http = s.http.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually(Duration::from_secs(120), "two big images queued", || {
+                metric(&http, "iris_image_decode_queue") >= 2.0
+            })
+        })
+        .await
+        .unwrap();
+        generate(&mut g, request(PROMPT, vec![variant(7)], 1))
+            .await
+            .unwrap();
+        order.lock().unwrap().push("small".to_string());
+        for b in bigs {
+            b.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let small = order.iter().position(|n| n == "small").unwrap();
+        assert!(
+            small < 3,
+            "the small image waited for the big ones: {order:?}"
+        );
+    });
+}
