@@ -2,8 +2,9 @@
 # The whole test suite: formatting, lints, every unit and end-to-end test (services as
 # separate processes on loopback and a real etcd included), third-party clients (the
 # `openai` Python client and grpcurl) against `iris serve`, and the local cluster
-# launcher. Needs the Rust toolchain; installs a C compiler, protoc, etcd, python3-venv
-# and the client packages when missing.
+# launcher, and a short bounded run of each fuzz target (scripts/fuzz.sh). Needs the
+# Rust toolchain; installs a C compiler, protoc, etcd, python3-venv, cargo-fuzz and the
+# client packages when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -16,6 +17,7 @@ done
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+bash scripts/fuzz.sh
 bash scripts/client_check.sh
 # The local cluster launcher: up, one request through it, down.
 trap 'IRIS_BIN_DIR=target/debug bash deploy/local/cluster.sh down >/dev/null' EXIT

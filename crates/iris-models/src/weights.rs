@@ -147,6 +147,18 @@ impl Weights {
         self.dtype
     }
 
+    /// Every tensor's name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self
+            .entries
+            .keys()
+            .chain(self.tensors.keys())
+            .cloned()
+            .collect();
+        n.sort();
+        n
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name) || self.tensors.contains_key(name)
     }
