@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::roles::EtcdArgs;
 use crate::StartError;
 use clap::{Args, Subcommand};
 use iris_cluster::{members_prefix, models_prefix, EtcdRegistry, Member, ModelEntry, Registry};
@@ -15,6 +16,17 @@ pub struct ClusterConn {
     pub etcd: Vec<String>,
     #[arg(long, env = "IRIS_CLUSTER", default_value = "default")]
     pub cluster: String,
+    #[command(flatten)]
+    pub auth: EtcdArgs,
+}
+
+impl ClusterConn {
+    fn registry(&self) -> Result<EtcdRegistry, StartError> {
+        Ok(EtcdRegistry::with_access(
+            &self.etcd,
+            self.auth.access(None)?,
+        ))
+    }
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -53,7 +65,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<(), StartError> {
                     return Err(invalid(format!("model `{}`: tp_size must be ≥ 1", m.id)));
                 }
             }
-            let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::new(&conn.etcd));
+            let reg: Arc<dyn Registry> = Arc::new(conn.registry()?);
             for m in &f.models {
                 let key = format!("{}{}", models_prefix(&conn.cluster), m.id);
                 reg.put(key, serde_json::to_vec(m)?).await?;
@@ -65,7 +77,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<(), StartError> {
             );
         }
         ClusterCmd::Status { conn } => {
-            let reg = EtcdRegistry::new(&conn.etcd);
+            let reg = conn.registry()?;
             let models: Vec<ModelEntry> = reg
                 .get_prefix(models_prefix(&conn.cluster))
                 .await?

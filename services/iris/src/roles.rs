@@ -481,14 +481,59 @@ pub struct Listen {
     /// `/metrics` answers without an API key or cluster token.
     #[arg(long)]
     pub open_metrics: bool,
-    /// etcd's CA: talk to etcd over TLS (`--tls-cert` is the client certificate).
+    #[command(flatten)]
+    pub etcd_auth: EtcdArgs,
+}
+
+/// How to reach a secured etcd (every role, and `iris cluster`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct EtcdArgs {
+    /// etcd's CA: talk to etcd over TLS (`https://` endpoints).
     #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd's `--client-cert-auth` (a role's default: its
+    /// `--tls-cert`).
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// etcd user (etcd's auth), with `--etcd-password` / `IRIS_ETCD_PASSWORD`.
     #[arg(long, env = "IRIS_ETCD_USER", requires = "etcd_password")]
     pub etcd_user: Option<String>,
     #[arg(long, env = "IRIS_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    /// The access these flags give; `identity` is the client certificate when no
+    /// `--etcd-cert` is given.
+    pub fn access(
+        &self,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<EtcdAccess, StartError> {
+        let id = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => identity,
+        };
+        let tls = match &self.etcd_ca {
+            Some(ca) => {
+                let mut t = ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read_pem(ca)?));
+                if let Some((c, k)) = id {
+                    t = t.identity(tonic::transport::Identity::from_pem(
+                        read_pem(c)?,
+                        read_pem(k)?,
+                    ));
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(EtcdAccess {
+            user: self.etcd_user.clone().zip(self.etcd_password.clone()),
+            tls,
+        })
+    }
 }
 
 /// What a process's credentials and certificates make of its listeners and calls.
@@ -567,10 +612,9 @@ impl Listen {
                 .transpose()
                 .map_err(|e| StartError::Invalid(format!("--cluster-token: {e}")))?,
         };
-        let etcd = EtcdAccess {
-            user: self.etcd_user.clone().zip(self.etcd_password.clone()),
-            tls: self.etcd_ca.as_deref().map(client_tls).transpose()?,
-        };
+        let etcd = self
+            .etcd_auth
+            .access(self.tls_cert.as_deref().zip(self.tls_key.as_deref()))?;
         Ok(Security {
             grpc_tls,
             http_tls,

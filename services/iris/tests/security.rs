@@ -395,6 +395,25 @@ fn members_reach_an_etcd_that_asks_for_certificates_and_a_password() {
     eventually(std::time::Duration::from_secs(60), "four members", || {
         members() == 4
     });
+    // `iris cluster status` reaches it with the same credentials, and not without.
+    let status = |password: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
+            .args(["cluster", "status", "--etcd", &ep, "--cluster", "sec"])
+            .args(["--etcd-ca", s(&cluster.ca), "--etcd-cert", s(&cluster.cert)])
+            .args(["--etcd-key", s(&cluster.key), "--etcd-user", "root"])
+            .args(["--etcd-password", password])
+            .output()
+            .unwrap()
+    };
+    let ok = status("root-pw");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(v["members"].as_array().unwrap().len(), 4, "{v}");
+    assert!(!status("wrong").status.success());
     let ca = Certificate::from_pem(std::fs::read(&cluster.ca).unwrap());
     rt().block_on(async {
         let ch = Endpoint::from_shared(format!("https://{}", gateway.grpc))
