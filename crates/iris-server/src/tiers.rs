@@ -744,12 +744,13 @@ mod tests {
     use super::*;
     use prometheus_client::metrics::gauge::Gauge;
 
-    #[tokio::test]
-    async fn the_decode_pool_takes_the_smallest_image_first() {
-        let queued = Gauge::default();
-        let pool = Arc::new(DecodePool::new(1, 16, queued.clone()));
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        // Hold the one thread until the others are queued.
+    /// Occupies the pool's one thread until the returned gate is opened.
+    async fn hold(
+        pool: &Arc<DecodePool>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    ) {
         let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = oneshot::channel();
         let p = pool.clone();
@@ -761,6 +762,16 @@ mod tests {
             .await
         });
         started_rx.await.unwrap();
+        (gate_tx, held)
+    }
+
+    #[tokio::test]
+    async fn the_decode_pool_takes_the_smallest_image_first() {
+        let queued = Gauge::default();
+        let pool = Arc::new(DecodePool::new(1, 16, queued.clone()));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Hold the one thread until the others are queued.
+        let (gate_tx, held) = hold(&pool).await;
         let mut tasks = Vec::new();
         for (name, pixels) in [
             ("big-1", 40_000_000),
@@ -786,17 +797,7 @@ mod tests {
         // A full queue refuses rather than grows.
         let queued = Gauge::default();
         let tiny = Arc::new(DecodePool::new(1, 1, queued.clone()));
-        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started_rx) = oneshot::channel();
-        let t = tiny.clone();
-        let blocker = tokio::spawn(async move {
-            t.run(0, move || {
-                let _ = started_tx.send(());
-                gate_rx.recv().unwrap();
-            })
-            .await
-        });
-        started_rx.await.unwrap();
+        let (gate_tx, blocker) = hold(&tiny).await;
         let t = tiny.clone();
         let waiting = tokio::spawn(async move { t.run(1, || ()).await });
         while queued.get() < 1 {
