@@ -624,6 +624,26 @@ impl Listen {
         })
     }
 
+    /// Logs a warning when this process listens beyond loopback and lets anyone in: a
+    /// tier (`keys` None) without a cluster token or client certificates, a gateway
+    /// without API keys.
+    fn warn_if_open(&self, sec: &Security, keys: Option<&Keys>) {
+        if self.grpc_addr.ip().is_loopback() {
+            return;
+        }
+        match keys {
+            None if sec.cluster.is_open() && self.tls_client_ca.is_none() => tracing::warn!(
+                addr = %self.grpc_addr,
+                "this tier answers any caller: give it --cluster-token or --tls-client-ca"
+            ),
+            Some(k) if k.is_open() => tracing::warn!(
+                addr = %self.grpc_addr,
+                "the gateway answers any client: give it --api-key"
+            ),
+            _ => {}
+        }
+    }
+
     /// A gRPC server that pings its peers every third of the idle timeout.
     fn server(&self) -> Server {
         let ping = self.policy().idle / 3;
@@ -942,6 +962,7 @@ const DECODER: &str = "iris.v1.Decoder";
 pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
     let sec = a.listen.security()?;
     let keys = a.gateway.keys()?;
+    a.listen.warn_if_open(&sec, Some(&keys));
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     // Every part once, shared by the tiers in this process.
@@ -974,6 +995,7 @@ pub async fn serve(a: ServeArgs) -> Result<(), StartError> {
 
 pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
     let sec = a.listen.security()?;
+    a.listen.warn_if_open(&sec, None);
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
@@ -998,6 +1020,7 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
 
 pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let sec = a.listen.security()?;
+    a.listen.warn_if_open(&sec, None);
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
@@ -1015,6 +1038,7 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
 
 pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let sec = a.listen.security()?;
+    a.listen.warn_if_open(&sec, None);
     let metrics = Arc::new(Metrics::new());
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
@@ -1045,6 +1069,7 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
 pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
     let sec = a.listen.security()?;
     let keys = a.gateway.keys()?;
+    a.listen.warn_if_open(&sec, Some(&keys));
     let metrics = Arc::new(Metrics::new());
     let access = || sec.tiers.clone();
     let vision = Arc::new(RemoteVision(Replicas::with_access(
