@@ -60,6 +60,24 @@ def safetensors(tensors):
     return struct.pack("<Q", len(h)) + h + data
 
 
+def gguf(meta, tensors):
+    """A GGUF v3 file: `meta` [(key, type, bytes)], `tensors` [(name, dims, type, data)]."""
+    def string(x):
+        return struct.pack("<Q", len(x)) + x.encode()
+    b = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for k, ty, raw in meta:
+        b += string(k) + struct.pack("<I", ty) + raw
+    off, data = 0, b""
+    for name, dims, ty, raw in tensors:
+        b += string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        b += struct.pack("<IQ", ty, off)
+        pad = raw + b"\0" * (-len(raw) % 32)
+        data += pad
+        off += len(pad)
+    b += b"\0" * (-len(b) % 32)
+    return b + data
+
+
 def main():
     shutil.rmtree(os.path.join(HERE, "seeds"), ignore_errors=True)
     for img in ["scene.png", "scene.webp", "tall.jpg", "cmyk.jpg", "gray16.png"]:
@@ -69,6 +87,14 @@ def main():
     out("safetensors", "two", safetensors({"a": ("F32", [2, 2], f32), "b": ("BF16", [2], b"\x80\x3f\x00\x40")}))
     out("safetensors", "f16", safetensors({"x": ("F16", [1, 2], b"\x00\x3c\x00\x40")}))
     out("safetensors", "truncated", safetensors({"a": ("F32", [2, 2], f32)})[:-3])
+
+    tokens = struct.pack("<IQ", 8, 2) + struct.pack("<Q", 3) + b"<s>" + struct.pack("<Q", 1) + b"a"
+    meta = [("general.architecture", 8, struct.pack("<Q", 5) + b"llama"),
+            ("llama.block_count", 4, struct.pack("<I", 1)),
+            ("tokenizer.ggml.tokens", 9, tokens)]
+    out("gguf", "small", gguf(meta, [("token_embd.weight", [32, 2], 3, b"\1" * 40),
+                                    ("output_norm.weight", [8], 0, struct.pack("<8f", *range(8)))]))
+    out("gguf", "q8", gguf([], [("w", [32], 8, b"\2" * 34)]))
 
     out("chat", "empty", b"")
     out("chat", "some", bytes(range(64)))

@@ -16,6 +16,9 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# A real GGUF checkpoint for the header test, cached outside the repo.
+IRIS_SMOLLM2_GGUF="$(bash scripts/models.sh)"
+export IRIS_SMOLLM2_GGUF IRIS_REQUIRE_MODELS=1
 cargo test --workspace
 bash scripts/fuzz.sh
 bash scripts/client_check.sh

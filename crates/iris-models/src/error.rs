@@ -25,6 +25,8 @@ pub enum Error {
     UnknownArchitecture(String),
     #[error("{path}: not a valid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
+    #[error("not a valid GGUF file: {0}")]
+    Gguf(String),
     #[error("tensor `{0}` is missing from the checkpoint")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {got:?}, expected {want:?}")]

@@ -11,6 +11,7 @@ pub mod blip2;
 pub mod blip2_retrieval;
 pub mod config;
 mod error;
+pub mod gguf;
 pub mod idefics;
 pub mod layers;
 pub mod llama;
