@@ -196,7 +196,11 @@ def main():
     ap.add_argument("--restart-every", type=float, default=180)
     ap.add_argument("--sample-every", type=float, default=30)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--visual-cache-bytes", type=int, default=4 << 20,
+                    help="small, so the cache fills early and the gateway's memory must level off")
     a = ap.parse_args()
+    # A SIGTERM stops the members too (through the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     work = tempfile.mkdtemp(prefix="iris-soak-")
     ep, peer = free_port(), free_port()
@@ -229,7 +233,7 @@ def main():
         member("connector", "iris-connector")
         d1 = member("decoder-1", "iris-decoder", ["--kv-blocks", "512"])
         d2 = member("decoder-2", "iris-decoder", ["--kv-blocks", "512"])
-        gw = member("gateway", "iris-gateway", ["--visual-cache-bytes", str(64 << 20)])
+        gw = member("gateway", "iris-gateway", ["--visual-cache-bytes", str(a.visual_cache_bytes)])
         time.sleep(3)
         images = [open(os.path.join(ROOT, "tests", "fixtures", "images", f), "rb").read()
                   for f in ["scene.png", "scene.webp", "tall.jpg"]]
@@ -259,6 +263,7 @@ def main():
                     row[d.name + ":kv_used_mib"] = round(mt.get("iris_kv_bytes_used", 0) / 2**20, 2)
                 g = metrics(gw.http)
                 row["gateway:open_conns"] = g.get("iris_open_connections", 0)
+                row["gateway:visual_cache_mib"] = round(g.get("iris_visual_cache_bytes", 0) / 2**20, 2)
                 row["gateway:requests"] = g.get("iris_requests_total", 0)
                 samples.append(row)
                 print(json.dumps(row), flush=True)
