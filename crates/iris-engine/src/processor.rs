@@ -60,6 +60,8 @@ pub struct Processor {
     /// Every added token's string and id, longest first (the tokenizer's own matching
     /// is leftmost-longest).
     added: Vec<(String, u32)>,
+    /// The bytes an added token starts with: elsewhere none is looked for.
+    added_first: [bool; 256],
 }
 
 /// Opens and closes an escaped piece of user text (Unicode private-use characters: a
@@ -187,7 +189,12 @@ impl Processor {
             .filter(|(c, _)| !c.is_empty())
             .collect();
         added.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let mut added_first = [false; 256];
+        for (c, _) in &added {
+            added_first[c.as_bytes()[0] as usize] = true;
+        }
         Ok(Processor {
+            added_first,
             bos_token,
             max_token_bytes,
             literal,
@@ -235,6 +242,10 @@ impl Processor {
 
     /// The added token (longest first) that `text` starts with.
     fn added_at(&self, text: &str) -> Option<&(String, u32)> {
+        let first = *text.as_bytes().first()?;
+        if !self.added_first[first as usize] {
+            return None;
+        }
         self.added
             .iter()
             .find(|(c, _)| text.starts_with(c.as_str()))
