@@ -86,25 +86,6 @@ impl Keys {
         }
     }
 
-    /// A tonic interceptor that refuses calls without a key (UNAUTHENTICATED).
-    pub fn interceptor(
-        &self,
-    ) -> impl Fn(GrpcRequest<()>) -> Result<GrpcRequest<()>, Status> + Clone + Send + Sync + 'static
-    {
-        let keys = self.clone();
-        move |req: GrpcRequest<()>| {
-            let v = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            if keys.allows(v) {
-                Ok(req)
-            } else {
-                Err(Status::unauthenticated(keys.refusal(v)))
-            }
-        }
-    }
-
     /// Axum middleware: 401 with an OpenAI error body for a request without a key.
     pub async fn require(
         axum::extract::State(keys): axum::extract::State<Keys>,
@@ -130,6 +111,21 @@ impl Keys {
             axum::Json(body),
         )
             .into_response()
+    }
+}
+
+/// Keys as a tonic interceptor: a call without one is UNAUTHENTICATED.
+impl tonic::service::Interceptor for Keys {
+    fn call(&mut self, req: GrpcRequest<()>) -> Result<GrpcRequest<()>, Status> {
+        let v = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if self.allows(v) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(self.refusal(v)))
+        }
     }
 }
 

@@ -38,6 +38,9 @@ use iris_server::tiers::{
     connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
     LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas, TierAccess,
 };
+use std::convert::Infallible;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ClientTlsConfig;
 
@@ -511,24 +514,12 @@ impl EtcdArgs {
         &self,
         identity: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<EtcdAccess, StartError> {
-        let id = match (&self.etcd_cert, &self.etcd_key) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => identity,
-        };
-        let tls = match &self.etcd_ca {
-            Some(ca) => {
-                let mut t = ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(read_pem(ca)?));
-                if let Some((c, k)) = id {
-                    t = t.identity(tonic::transport::Identity::from_pem(
-                        read_pem(c)?,
-                        read_pem(k)?,
-                    ));
-                }
-                Some(t)
-            }
-            None => None,
-        };
+        let id = (self.etcd_cert.as_deref().zip(self.etcd_key.as_deref())).or(identity);
+        let tls = self
+            .etcd_ca
+            .as_deref()
+            .map(|ca| client_tls(ca, id))
+            .transpose()?;
         Ok(EtcdAccess {
             user: self.etcd_user.clone().zip(self.etcd_password.clone()),
             tls,
@@ -551,6 +542,23 @@ pub struct Security {
 fn read_pem(path: &std::path::Path) -> Result<String, StartError> {
     std::fs::read_to_string(path)
         .map_err(|e| StartError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// A TLS client's config: servers verified by `ca`, `identity` (certificate, key) its
+/// client certificate when given.
+fn client_tls(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<ClientTlsConfig, StartError> {
+    let mut t = ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read_pem(ca)?));
+    if let Some((cert, key)) = identity {
+        t = t.identity(tonic::transport::Identity::from_pem(
+            read_pem(cert)?,
+            read_pem(key)?,
+        ));
+    }
+    Ok(t)
 }
 
 impl Listen {
@@ -589,32 +597,20 @@ impl Listen {
             (None, None) => None,
         }
         .filter(|t| !t.is_empty());
-        let identity = match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => Some(tonic::transport::Identity::from_pem(
-                read_pem(c)?,
-                read_pem(k)?,
-            )),
-            _ => None,
-        };
-        let client_tls = |ca: &std::path::Path| -> Result<ClientTlsConfig, StartError> {
-            let mut c = ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(read_pem(ca)?));
-            if let Some(id) = identity.clone() {
-                c = c.identity(id);
-            }
-            Ok(c)
-        };
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
         let tiers = TierAccess {
-            tls: self.tls_ca.as_deref().map(client_tls).transpose()?,
+            tls: self
+                .tls_ca
+                .as_deref()
+                .map(|ca| client_tls(ca, identity))
+                .transpose()?,
             token: token
                 .as_deref()
                 .map(iris_server::auth::bearer_metadata)
                 .transpose()
                 .map_err(|e| StartError::Invalid(format!("--cluster-token: {e}")))?,
         };
-        let etcd = self
-            .etcd_auth
-            .access(self.tls_cert.as_deref().zip(self.tls_key.as_deref()))?;
+        let etcd = self.etcd_auth.access(identity)?;
         Ok(Security {
             grpc_tls,
             http_tls,
@@ -826,11 +822,38 @@ fn gateway_grpc(
     keys: &Keys,
 ) -> Result<(Router, Health), StartError> {
     let service = GatewayServer::new(GatewayService(gw.clone()));
-    let service = limited(service, gw.limits.grpc_request_bytes());
+    guarded_grpc(
+        l,
+        limited(service, gw.limits.grpc_request_bytes()),
+        keys,
+        GATEWAY,
+    )
+}
+
+/// The gRPC server of a role: its service `name` behind `keys` (API keys at the
+/// gateway, the cluster token at a tier), beside health and reflection, which stay open.
+fn guarded_grpc<S>(
+    l: &Listen,
+    service: S,
+    keys: &Keys,
+    name: &str,
+) -> Result<(Router, Health), StartError>
+where
+    InterceptedService<S, Keys>: Service<http::Request<tonic::body::Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <InterceptedService<S, Keys> as Service<http::Request<tonic::body::Body>>>::Response:
+        axum::response::IntoResponse,
+    <InterceptedService<S, Keys> as Service<http::Request<tonic::body::Body>>>::Future:
+        Send + 'static,
+{
     let router = l
         .server()
-        .add_service(InterceptedService::new(service, keys.interceptor()));
-    with_ops(router, &[GATEWAY, ""])
+        .add_service(InterceptedService::new(service, keys.clone()));
+    with_ops(router, &[name, ""])
 }
 
 /// Binds both addresses, prints where, registers in etcd when asked, and serves until
@@ -1006,11 +1029,7 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
         metrics.clone(),
     ));
     let service = limited(VisionEncoderServer::new(VisionService(vision)), limit);
-    let router = a
-        .listen
-        .server()
-        .add_service(InterceptedService::new(service, sec.cluster.interceptor()));
-    let router = with_ops(router, &[VISION, ""])?;
+    let router = guarded_grpc(&a.listen, service, &sec.cluster, VISION)?;
     let m = metrics.clone();
     let mut me = Registration::new("encoder", model_ids(&a.models));
     me.load = Box::new(move || m.encoder_queue.get().max(0) as u32);
@@ -1026,11 +1045,8 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
     let limit = a.models.message_limit(&pipelines, Tier::Connector);
     let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
-    let router = a.listen.server().add_service(InterceptedService::new(
-        limited(ConnectorServer::new(ConnectorService(c)), limit),
-        sec.cluster.interceptor(),
-    ));
-    let router = with_ops(router, &[CONNECTOR, ""])?;
+    let service = limited(ConnectorServer::new(ConnectorService(c)), limit);
+    let router = guarded_grpc(&a.listen, service, &sec.cluster, CONNECTOR)?;
     let me = Registration::new("connector", model_ids(&a.models));
     let http = openai::metrics_router(metrics.clone(), sec.cluster.clone(), a.listen.open_metrics);
     run(&a.listen, router, http, me, metrics, &sec).await
@@ -1045,11 +1061,8 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let engines = a.decoder.engines(&pipelines)?;
     let limit = a.models.message_limit(&pipelines, Tier::Decoder);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
-    let router = a.listen.server().add_service(InterceptedService::new(
-        limited(DecoderServer::new(DecoderService(d)), limit),
-        sec.cluster.interceptor(),
-    ));
-    let router = with_ops(router, &[DECODER, ""])?;
+    let service = limited(DecoderServer::new(DecoderService(d)), limit);
+    let router = guarded_grpc(&a.listen, service, &sec.cluster, DECODER)?;
     let mut me = Registration::new("decoder", model_ids(&a.models));
     let watched = engines.clone();
     me.alive = Box::new(move || watched.values().all(|e| e.is_alive()));
