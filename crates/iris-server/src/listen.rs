@@ -134,10 +134,6 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.info.remote_addr
-    }
-
     /// Polls `timer` (started on the first wait) and fails the wait once it fires.
     fn waited(
         timer: &mut Option<Pin<Box<Sleep>>>,
@@ -158,29 +154,7 @@ impl Conn {
             Poll::Pending => Poll::Pending,
         }
     }
-}
 
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        match Pin::new(&mut me.io).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                me.read_since = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending if me.read_idle => {
-                Conn::waited(&mut me.read_since, me.idle, cx, &me.metrics, "read_idle").map(Err)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Conn {
     fn write_op<T>(
         &mut self,
         cx: &mut Context<'_>,
@@ -199,6 +173,26 @@ impl Conn {
                 "write_stall",
             )
             .map(Err),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        match Pin::new(&mut me.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                me.read_since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending if me.read_idle => {
+                Conn::waited(&mut me.read_since, me.idle, cx, &me.metrics, "read_idle").map(Err)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -278,10 +272,9 @@ pub fn incoming(
             };
             let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
             tokio::spawn(async move {
-                if let Some(mut conn) =
-                    handshake(tcp, remote, slot, policy, acceptor, metrics).await
+                if let Some(conn) =
+                    handshake(tcp, remote, slot, proto, policy, acceptor, metrics).await
                 {
-                    conn.read_idle = proto == Proto::Grpc;
                     let _ = tx.send(conn).await;
                 }
             });
@@ -294,6 +287,7 @@ async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
     slot: OwnedSemaphorePermit,
+    proto: Proto,
     policy: ConnPolicy,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     metrics: Arc<Metrics>,
@@ -322,7 +316,7 @@ async fn handshake(
     Some(Conn {
         io,
         idle: policy.idle,
-        read_idle: true,
+        read_idle: proto == Proto::Grpc,
         read_since: None,
         write_since: None,
         info,

@@ -88,11 +88,18 @@ pub struct DecodePool {
 }
 
 struct PoolShared {
-    queue: std::sync::Mutex<(std::collections::BinaryHeap<DecodeTask>, u64)>,
+    queue: std::sync::Mutex<DecodeQueue>,
     ready: std::sync::Condvar,
     max_queued: usize,
     /// Images waiting to be decoded (`iris_image_decode_queue`).
     queued: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Default)]
+struct DecodeQueue {
+    tasks: std::collections::BinaryHeap<DecodeTask>,
+    /// Tasks ever queued: the next one's place among equals.
+    queued: u64,
 }
 
 struct DecodeTask {
@@ -126,7 +133,7 @@ impl DecodePool {
         queued: prometheus_client::metrics::gauge::Gauge,
     ) -> DecodePool {
         let shared = Arc::new(PoolShared {
-            queue: std::sync::Mutex::new((std::collections::BinaryHeap::new(), 0)),
+            queue: std::sync::Mutex::new(DecodeQueue::default()),
             ready: std::sync::Condvar::new(),
             max_queued: max_queued.max(1),
             queued,
@@ -139,7 +146,7 @@ impl DecodePool {
                     let task = {
                         let mut q = shared.queue.lock().expect("decode queue");
                         loop {
-                            match q.0.pop() {
+                            match q.tasks.pop() {
                                 Some(t) => {
                                     shared.queued.dec();
                                     break t;
@@ -155,7 +162,7 @@ impl DecodePool {
         DecodePool { shared }
     }
 
-    /// Runs `f` on the pool, ahead of larger images; `None` when the queue is full.
+    /// Runs `f` on the pool, ahead of larger images; OVERLOADED when the queue is full.
     pub async fn run<T: Send + 'static>(
         &self,
         pixels: u64,
@@ -169,14 +176,14 @@ impl DecodePool {
         });
         {
             let mut q = self.shared.queue.lock().expect("decode queue");
-            if q.0.len() >= self.shared.max_queued {
+            if q.tasks.len() >= self.shared.max_queued {
                 return Err(ServeError::Overloaded(
                     "the image decoder's queue is full; retry later".into(),
                 ));
             }
-            q.1 += 1;
-            let seq = q.1;
-            q.0.push(DecodeTask { pixels, seq, run });
+            q.queued += 1;
+            let seq = q.queued;
+            q.tasks.push(DecodeTask { pixels, seq, run });
             self.shared.queued.inc();
         }
         self.shared.ready.notify_one();
