@@ -23,7 +23,7 @@ fn batched_greedy_decode_equals_alone() {
             (0..steps)
                 .map(|_| {
                     let l = lm.logits(&h.narrow_rows(h.rows() - 1, 1).unwrap()).unwrap();
-                    let t = argmax(l.as_f32().unwrap());
+                    let t = argmax(&l.to_f32_vec());
                     h = lm.forward(&lm.embed(&[t]).unwrap(), &mut cache).unwrap();
                     t
                 })
@@ -43,10 +43,9 @@ fn batched_greedy_decode_equals_alone() {
             .iter()
             .map(|h| {
                 argmax(
-                    lm.logits(&h.narrow_rows(h.rows() - 1, 1).unwrap())
+                    &lm.logits(&h.narrow_rows(h.rows() - 1, 1).unwrap())
                         .unwrap()
-                        .as_f32()
-                        .unwrap(),
+                        .to_f32_vec(),
                 )
             })
             .collect();

@@ -165,7 +165,7 @@ fn model_stages_match_hf() {
         check(
             "logits",
             case,
-            logits.as_f32().unwrap(),
+            &logits.to_f32_vec(),
             &g.tensor("logits").to_f32_vec(),
         );
     }

@@ -41,7 +41,7 @@ fn captioning_matches_hf() {
             .logits(&hidden.narrow_rows(hidden.rows() - 1, 1).unwrap())
             .unwrap();
         let (rel, max) = errors(
-            logits.as_f32().unwrap(),
+            &logits.to_f32_vec(),
             &g.tensor(&format!("first_logits_{i}")).to_f32_vec(),
         );
         assert!(

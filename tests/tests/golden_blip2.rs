@@ -48,7 +48,7 @@ fn stages_match_hf() {
     let hidden = lm.forward(&embeds, &mut lm.new_cache()).unwrap();
     check(
         "logits",
-        lm.logits(&hidden).unwrap().as_f32().unwrap(),
+        &lm.logits(&hidden).unwrap().to_f32_vec(),
         &g.tensor("logits").to_f32_vec(),
     );
 }

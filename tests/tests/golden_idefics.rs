@@ -80,7 +80,7 @@ fn check_prompts(fixture_name: &str, names: &[&str]) {
             .collect();
         assert_eq!(m.image_of(&ids), want, "{name}: image per token");
         let (rel, max) = errors(
-            got.as_f32().unwrap(),
+            &got.to_f32_vec(),
             &g.tensor(&format!("{name}/logits")).to_f32_vec(),
         );
         eprintln!("{name}: logits rel {rel:.2e} max {max:.2e}");
@@ -137,7 +137,7 @@ fn the_image_matters() {
     let (ids, a) = logits(&p, prompt, &[image("scene.png"), image("tall.jpg")]);
     let (_, b) = logits(&p, prompt, &[image("tall.jpg"), image("tall.jpg")]);
     let v = a.last_dim();
-    let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+    let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
     let image_token = p.model.image_token_id();
     let first = ids.iter().position(|&i| i == image_token).unwrap();
     // Before the first image nothing reads an image: identical logits.

@@ -7,12 +7,16 @@
 
 use std::sync::Arc;
 
+use iris_tensor::Tensor;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("rank {rank} is out of range for world size {world_size}")]
     BadRank { rank: usize, world_size: usize },
     #[error("collective failed: {0}")]
     Collective(String),
+    #[error(transparent)]
+    Tensor(#[from] iris_tensor::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -21,8 +25,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Element-wise sum of `buf` across all ranks, result in every rank's `buf`.
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Element-wise sum of `t` across all ranks; every rank gets the sum.
+    fn all_reduce_sum(&self, t: Tensor) -> Result<Tensor>;
 }
 
 /// The group of one: every collective returns its input.
@@ -36,8 +40,8 @@ impl Communicator for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<()> {
-        Ok(())
+    fn all_reduce_sum(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t)
     }
 }
 
@@ -68,9 +72,8 @@ mod tests {
     #[test]
     fn single_rank_is_identity_and_shards_cover() {
         let c = single();
-        let mut v = vec![1.0, 2.0];
-        c.all_reduce_sum(&mut v).unwrap();
-        assert_eq!(v, vec![1.0, 2.0]);
+        let t = Tensor::from_f32(vec![1.0, 2.0], &[2]).unwrap();
+        assert_eq!(c.all_reduce_sum(t).unwrap().to_f32_vec(), vec![1.0, 2.0]);
         assert_eq!(shard_range(8, 1, 4).unwrap(), 2..4);
         assert!(shard_range(7, 0, 2).is_err());
         assert!(shard_range(8, 4, 4).is_err());

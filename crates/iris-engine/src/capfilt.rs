@@ -19,8 +19,8 @@ use serde::Serialize;
 
 use crate::pipeline::{GenerateOptions, Pipeline};
 use crate::retrieval::RetrievalPipeline;
-use crate::sampler::SamplingParams;
 use crate::{Error, Result};
+use iris_tensor::sample::SamplingParams;
 
 #[derive(Debug, Clone)]
 pub struct CapFiltOptions {

@@ -26,16 +26,16 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-use iris_models::layers::{KvArena, KvCache, KvDtype};
 use iris_models::vlm::CausalLm;
+use iris_tensor::kv::{KvArena, KvCache, KvDtype};
 use iris_tensor::Tensor;
 use tokio::sync::mpsc;
 
 use crate::blocks::{block_hash, BlockId, BlockPool, TokenKey};
 use crate::pipeline::{FinishReason, GenerateOptions, Generation, Pipeline};
 use crate::processor::PreparedPrompt;
-use crate::sampler::{top_logprobs, Sampler};
 use crate::{Error, ErrorKind, Result};
+use iris_tensor::sample::{Draw, Sampler};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -593,7 +593,7 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
                     input_ids: e.input_ids.clone(),
                     pixel_values: Vec::new(),
                 },
-                image_hashes: e.visual.iter().map(visual_hash).collect(),
+                image_hashes: e.visual.iter().map(visual_hash).collect::<Result<_>>()?,
                 visual: e.visual.clone(),
             })
         }
@@ -602,7 +602,7 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
             fits(&prompt.input_ids)?;
             let visual = p.encode_images(&prompt)?;
             Ok(Prepared {
-                image_hashes: visual.iter().map(visual_hash).collect(),
+                image_hashes: visual.iter().map(visual_hash).collect::<Result<_>>()?,
                 visual,
                 prompt,
             })
@@ -613,19 +613,19 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
 /// An image's part of the prefix-cache keys: BLAKE3 of its visual tokens (shape, then
 /// f32 values) — of what the decoder computes with, never of a caller's claim about
 /// which image they came from, so no request can store K/V under another's image.
-pub fn visual_hash(t: &Tensor) -> [u8; 32] {
+pub fn visual_hash(t: &Tensor) -> Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     for d in t.shape() {
         h.update(&(*d as u64).to_le_bytes());
     }
     // A chunk at a time: no byte copy of the whole tensor (9 MB for LLaVA-1.5's).
     let mut bytes = Vec::with_capacity(4096 * 4);
-    for chunk in t.f32_values().chunks(4096) {
+    t.visit_f32(4096, |chunk| {
         bytes.clear();
         bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
         h.update(&bytes);
-    }
-    *h.finalize().as_bytes()
+    })?;
+    Ok(*h.finalize().as_bytes())
 }
 
 impl Drop for Engine {
@@ -1060,22 +1060,31 @@ impl Worker {
             Ok(l) => l,
             Err(e) => return self.fail_all(ready, &e),
         };
-        let v = logits.last_dim();
-        let all = logits.as_f32().expect("logits are f32");
+        // One draw a row on the logits' device: only ids and log-probabilities come back.
+        let samplers: Vec<Sampler> = ready
+            .iter()
+            .map(|s| Sampler::new(s.submission.request.options.sampling))
+            .collect();
+        let draws: Vec<Draw> = ready
+            .iter()
+            .zip(&samplers)
+            .map(|(seq, sampler)| Draw {
+                sampler,
+                position: seq.prepared.input_ids.len() + seq.output.len(),
+                prompt: &seq.prepared.input_ids,
+                output: &seq.output,
+                top_logprobs: seq.submission.request.options.top_logprobs,
+            })
+            .collect();
+        let drawn = match logits.sample_rows(&draws) {
+            Ok(d) => d,
+            Err(e) => return self.fail_all(ready, &Error::from(e)),
+        };
         let mut decoding = Vec::with_capacity(ready.len());
-        for (i, mut seq) in ready.into_iter().enumerate() {
+        for (mut seq, drawn) in ready.into_iter().zip(drawn) {
             seq.last_hidden = None;
-            let row = &all[i * v..(i + 1) * v];
             let opts = seq.submission.request.options.clone();
-            let sampler = Sampler::new(opts.sampling);
-            let position = seq.prepared.input_ids.len() + seq.output.len();
-            let next = sampler.sample(row, position, &seq.prepared.input_ids, &seq.output);
-            let lp = Tensor::log_softmax_row(row);
-            let top = if opts.top_logprobs > 0 {
-                top_logprobs(&lp, opts.top_logprobs)
-            } else {
-                Vec::new()
-            };
+            let next = drawn.id;
             seq.output.push(next);
             self.stat(|s| s.decode_tokens += 1);
             let mut reason = if pipeline.eos_token_ids().contains(&next) {
@@ -1093,8 +1102,8 @@ impl Worker {
             }
             let event = TokenEvent::Token {
                 id: next,
-                logprob: lp[next as usize],
-                top_logprobs: top,
+                logprob: drawn.logprob,
+                top_logprobs: drawn.top_logprobs,
                 text: delta,
             };
             if seq.submission.events.try_send(event).is_err() {

@@ -9,21 +9,20 @@ mod engine;
 mod pipeline;
 mod processor;
 mod retrieval;
-mod sampler;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{
     kv_block_bytes, kv_blocks_for_budget, kv_dtype, EncodedPrompt, Engine, EngineConfig,
     EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
 };
-pub use iris_models::layers::KvDtype;
 pub use iris_models::registry::{Family, Part, Parts, Task};
+pub use iris_tensor::kv::KvDtype;
+pub use iris_tensor::sample::{argmax, top_logprobs, Sampler, SamplingParams};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,
 };
 pub use processor::{Escapes, PreparedPrompt, Processor, PromptStyle};
 pub use retrieval::RetrievalPipeline;
-pub use sampler::{argmax, top_logprobs, Sampler, SamplingParams};
 
 /// What kind of failure an error is, for the caller: the one classification every
 /// edge (gRPC status, HTTP status) maps from.

@@ -11,8 +11,8 @@ use iris_models::vlm::VisionLanguageModel;
 use iris_tensor::{DType, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
-use crate::sampler::{top_logprobs, Sampler, SamplingParams};
 use crate::{Error, Result};
+use iris_tensor::sample::{Draw, Sampler, SamplingParams};
 
 #[derive(Debug, Clone, Default)]
 pub struct PipelineOptions {
@@ -305,13 +305,18 @@ impl Pipeline {
         while token_ids.len() < opts.max_new_tokens {
             let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
             let logits = lm.logits(&last)?;
-            let logits = logits.as_f32()?;
-            let position = prepared.input_ids.len() + token_ids.len();
-            let next = sampler.sample(logits, position, &prepared.input_ids, &token_ids);
-            let lp = Tensor::log_softmax_row(logits);
-            logprobs.push(lp[next as usize]);
+            let draw = Draw {
+                sampler: &sampler,
+                position: prepared.input_ids.len() + token_ids.len(),
+                prompt: &prepared.input_ids,
+                output: &token_ids,
+                top_logprobs: opts.top_logprobs,
+            };
+            let drawn = logits.sample_rows(&[draw])?.remove(0);
+            let next = drawn.id;
+            logprobs.push(drawn.logprob);
             if opts.top_logprobs > 0 {
-                top.push(top_logprobs(&lp, opts.top_logprobs));
+                top.push(drawn.top_logprobs);
             }
             token_ids.push(next);
             if self.eos_token_ids.contains(&next) {

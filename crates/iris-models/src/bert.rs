@@ -7,7 +7,9 @@
 
 use iris_tensor::{Activation, Tensor};
 
-use crate::layers::{sdpa_view, AttnShape, KvCache, KvView, LayerNorm, Linear};
+use crate::layers::{
+    attention, attention_cached, attention_cross, AttnShape, KvCache, LayerNorm, Linear,
+};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -58,39 +60,36 @@ impl BertAttention {
     /// Attention of `x` over `context` (itself when `None`), then the residual norm.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (k, v) = self.context_kv(context.unwrap_or(x))?;
-        let width = self.shape.n_kv_heads * self.shape.head_dim;
-        let kv = KvView::Rows {
-            k: &k,
-            v: &v,
-            width,
-        };
-        self.attend(x, &kv, None)
+        let q = self.query.forward(x)?;
+        self.finish(x, attention(&q, &k, &v, self.shape, None)?)
     }
 
     /// Keys and values of a context (computed once per image for cross-attention).
-    pub fn context_kv(&self, context: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((
-            self.key.forward(context)?.to_f32_vec(),
-            self.value.forward(context)?.to_f32_vec(),
-        ))
+    pub fn context_kv(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.key.forward(context)?, self.value.forward(context)?))
     }
 
-    /// `x` attending to given keys and values (causally from position `causal_offset`
-    /// when set), then the output projection and residual norm.
-    pub fn attend(&self, x: &Tensor, kv: &KvView, causal_offset: Option<usize>) -> Result<Tensor> {
-        let q = self.query.forward(x)?;
-        let o = sdpa_view(q.as_f32()?, kv, self.shape, causal_offset);
-        let o = self.dense.forward(&Tensor::from_f32(o, q.shape())?)?;
+    /// The output projection and residual norm of attention's output `o`.
+    fn finish(&self, x: &Tensor, o: Tensor) -> Result<Tensor> {
+        let o = self.dense.forward(&o)?;
         self.norm.forward(&o.add_elem(x)?)
     }
 
-    /// Causal self-attention over the cache (a decoder step); appends this step's K/V.
+    /// `x` attending to the cross-attention keys and values `layer` of `cache` holds.
+    pub fn attend_cross(&self, x: &Tensor, cache: &KvCache, layer: usize) -> Result<Tensor> {
+        let q = self.query.forward(x)?;
+        let o = attention_cross(&q, cache, layer, None, self.shape)?
+            .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
+        self.finish(x, o)
+    }
+
+    /// Causal self-attention over the cache (a decoder step); writes this step's K/V.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let start = cache.len();
         let (k, v) = self.context_kv(x)?;
-        let width = k.len() / x.rows().max(1);
-        let kv = cache.append(layer, &k, &v, width);
-        self.attend(x, &kv, Some(start))
+        cache.write(layer, &k, &v)?;
+        let q = self.query.forward(x)?;
+        let o = attention_cached(&q, &[cache], &[x.rows()], layer, self.shape)?;
+        self.finish(x, o)
     }
 }
 
@@ -119,7 +118,7 @@ impl BertFeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.intermediate.forward(x)?.activation(self.act);
+        let h = self.intermediate.forward(x)?.activation(self.act)?;
         let h = self.output.forward(&h)?;
         self.norm.forward(&h.add_elem(x)?)
     }
@@ -328,17 +327,13 @@ impl BertLayer {
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
         let mut a = self.attention.forward_cached(x, cache, layer)?;
         if let Some(c) = &self.crossattention {
-            let width = c.shape.n_kv_heads * c.shape.head_dim;
-            let kv = cache
-                .cross(layer, width)
-                .ok_or_else(|| Error::Input("the text decoder needs an image".into()))?;
-            a = c.attend(&a, &kv, None)?;
+            a = c.attend_cross(&a, cache, layer)?;
         }
         self.ffn.forward(&a)
     }
 
     /// This layer's cross-attention K/V of an image.
-    pub fn cross_kv(&self, image: &Tensor) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    pub fn cross_kv(&self, image: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         self.crossattention
             .as_ref()
             .map(|c| c.context_kv(image))

@@ -114,7 +114,7 @@ impl CausalLm for BlipTextDecoder {
         let h = self
             .transform
             .forward(hidden)?
-            .activation(self.transform_act);
+            .activation(self.transform_act)?;
         self.decoder.forward(&self.transform_norm.forward(&h)?)
     }
 }
@@ -162,7 +162,7 @@ impl BlipCaptioner {
                     h,
                     cfg.layer_norm_eps,
                 )?,
-                decoder: Linear::new(decoder_weight, Some(bias), dtype),
+                decoder: Linear::new(decoder_weight, Some(bias), dtype)?,
                 embeddings,
                 layers,
             })
@@ -224,7 +224,7 @@ impl VisionLanguageModel for BlipCaptioner {
         let decoder = part(&self.text_decoder, Part::Language)?;
         for (i, layer) in decoder.layers.iter().enumerate() {
             if let Some((k, v)) = layer.cross_kv(image)? {
-                cache.set_cross(i, k, v);
+                cache.set_cross(i, k, v)?;
             }
         }
         Ok(())
@@ -296,14 +296,14 @@ impl ImageTextRetrieval for BlipRetrieval {
     }
 
     fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
-        Ok(l2_normalize(
+        l2_normalize(
             self.vision_proj
                 .forward(&image_features.narrow_rows(0, 1)?)?,
-        ))
+        )
     }
 
     fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
-        let e = l2_normalize(self.text_proj.forward(&self.text_cls(ids, None)?)?);
+        let e = l2_normalize(self.text_proj.forward(&self.text_cls(ids, None)?)?)?;
         Ok(e.reshape(&[e.elem_count()])?)
     }
 
@@ -311,7 +311,7 @@ impl ImageTextRetrieval for BlipRetrieval {
         let l = self
             .itm_head
             .forward(&self.text_cls(ids, Some(image_features))?)?;
-        let l = l.as_f32()?;
+        let l = l.host_f32()?;
         Ok([l[0], l[1]])
     }
 }

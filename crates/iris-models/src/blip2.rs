@@ -177,7 +177,7 @@ impl Blip2 {
         // HF casts the (f32) Q-Former output to the model dtype before projecting.
         part(&self.connector, Part::Connector)?
             .1
-            .forward(&query_output.clone().round_to(self.dtype))
+            .forward(&query_output.clone().round_to(self.dtype)?)
     }
 
     pub fn opt(&self) -> Result<&Opt> {

@@ -103,7 +103,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
     /// Normalised ITC embeddings of an image, one per query: `[queries, dim]`.
     fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
         let q = self.parts.queries.query_output(image_features)?;
-        Ok(l2_normalize(self.vision_projection.forward(&q)?))
+        l2_normalize(self.vision_projection.forward(&q)?)
     }
 
     /// The normalised ITC embedding of a text: `[dim]`.
@@ -117,7 +117,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
             .qformer
             .forward(&self.text_embeddings(ids)?, 0, None)?;
         let cls = out.narrow_rows(0, 1)?;
-        let e = l2_normalize(self.text_projection.forward(&cls)?);
+        let e = l2_normalize(self.text_projection.forward(&cls)?)?;
         Ok(e.reshape(&[e.elem_count()])?)
     }
 
@@ -134,7 +134,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
             .qformer
             .forward(&joint, n, Some(image_features))?;
         let logits = self.itm_head.forward(&out.narrow_rows(0, n)?)?;
-        let l = logits.as_f32()?;
+        let l = logits.host_f32()?;
         let mean = |c: usize| l.chunks_exact(2).map(|r| r[c]).sum::<f32>() / n as f32;
         Ok([mean(0), mean(1)])
     }

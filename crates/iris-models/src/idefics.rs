@@ -13,7 +13,9 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::config::{read_json, IdeficsConfig};
-use crate::layers::{sdpa_view, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::layers::{
+    attention_cross, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding,
+};
 use crate::llama::LlamaLayer;
 use crate::perceiver::{PerceiverDims, PerceiverResampler};
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
@@ -24,24 +26,11 @@ use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "IdeficsForVisionText2Text";
 
-/// `tanh(alpha)`, one value or one per channel.
-fn gate(vb: &Vb, name: &str, hidden: usize, vector: bool) -> Result<Vec<f32>> {
+/// `tanh(alpha)`, one value or one per channel, as f32.
+fn gate(vb: &Vb, name: &str, hidden: usize, vector: bool) -> Result<Tensor> {
     let shape: &[usize] = if vector { &[1, 1, hidden] } else { &[1] };
-    Ok(vb
-        .get(name, shape)?
-        .to_f32_vec()
-        .into_iter()
-        .map(f32::tanh)
-        .collect())
-}
-
-fn apply_gate(x: &mut Tensor, g: &[f32]) {
-    let d = x.last_dim();
-    for row in x.f32_mut().chunks_exact_mut(d) {
-        for (i, v) in row.iter_mut().enumerate() {
-            *v *= if g.len() == 1 { g[0] } else { g[i] };
-        }
-    }
+    let g = vb.get(name, shape)?.to_dtype(DType::F32)?;
+    Ok(g.reshape(&[g.elem_count()])?.tanh()?)
 }
 
 #[derive(Debug, Clone)]
@@ -53,8 +42,8 @@ struct GatedCrossAttention {
     o_proj: Linear,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
-    alpha_cross_attn: Vec<f32>,
-    alpha_dense: Vec<f32>,
+    alpha_cross_attn: Tensor,
+    alpha_dense: Tensor,
     /// RMSNorms over each head of q and k (`qk_layer_norms`, IDEFICS-80B).
     qk_norms: Option<(RmsNorm, RmsNorm)>,
     shape: AttnShape,
@@ -125,36 +114,45 @@ impl GatedCrossAttention {
     ) -> Result<Tensor> {
         let t = x.rows();
         let width = self.shape.n_heads * self.shape.head_dim;
-        let mut mixed = vec![0f32; t * width];
-        if cache.cross(slot, width).is_some() {
+        let mixed = if cache.has_cross(slot) {
             let mut q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
             if let Some((qn, _)) = &self.qk_norms {
                 q = per_head(qn, q, self.shape.head_dim)?;
             }
-            let q = q.as_f32()?;
-            for i in 0..t {
-                // Tokens that see no image get nothing (HF zeroes them after attention).
-                let Some(img) = cache.image_at(start + i) else {
-                    continue;
-                };
-                let kv = cache
-                    .cross(slot, width)
-                    .expect("checked above")
-                    .rows(img * n_latents..(img + 1) * n_latents);
-                let o = sdpa_view(&q[i * width..(i + 1) * width], &kv, self.shape, None);
-                mixed[i * width..(i + 1) * width].copy_from_slice(&o);
+            // Runs of tokens reading the same image attend together; tokens that see
+            // no image get nothing (HF zeroes them after attention).
+            let mut parts = Vec::new();
+            let mut i = 0;
+            while i < t {
+                let img = cache.image_at(start + i);
+                let run = (i..t)
+                    .take_while(|&j| cache.image_at(start + j) == img)
+                    .count();
+                let q_run = q.narrow_rows(i, run)?;
+                parts.push(match img {
+                    Some(img) => {
+                        let keys = img * n_latents..(img + 1) * n_latents;
+                        attention_cross(&q_run, cache, slot, Some(keys), self.shape)?
+                            .ok_or_else(|| Error::Input("no image keys in the cache".into()))?
+                    }
+                    None => Tensor::zeros_on(&[run, width], x.device())?,
+                });
+                i += run;
             }
-        }
-        let mut attn = self
+            Tensor::cat_rows(&parts.iter().collect::<Vec<_>>())?
+        } else {
+            Tensor::zeros_on(&[t, width], x.device())?
+        };
+        let attn = self
             .o_proj
-            .forward(&Tensor::from_f32(mixed, &[t, width])?)?;
-        apply_gate(&mut attn, &self.alpha_cross_attn);
+            .forward(&mixed)?
+            .mul_row(&self.alpha_cross_attn)?;
         let x = x.add_elem(&attn)?;
         // The dense half is gated by alpha only: it runs for every token.
-        let mut h = self
+        let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        apply_gate(&mut h, &self.alpha_dense);
+            .forward(&self.post_attention_layernorm.forward(&x)?)?
+            .mul_row(&self.alpha_dense)?;
         Ok(x.add_elem(&h)?)
     }
 }
@@ -187,22 +185,39 @@ impl CausalLm for IdeficsText {
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let d = self.embed_tokens.last_dim();
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for &id in ids {
-            let id = id as usize;
-            let row = match (&self.additional_embedding, id.checked_sub(self.vocab_size)) {
-                (_, None) => self.embed_tokens.index_rows(&[id as u32])?,
-                (Some(extra), Some(j)) if j < extra.rows() => extra.index_rows(&[j as u32])?,
-                _ => {
-                    return Err(Error::Input(format!(
-                        "token id {id} is outside the vocabulary"
-                    )))
-                }
-            };
-            out.extend_from_slice(row.as_f32()?);
+        // Ids past the vocabulary read the additional embedding (IDEFICS' decoupled
+        // `<image>` and `<fake_token_around_image>`).
+        let extra_rows = self.additional_embedding.as_ref().map_or(0, |e| e.rows());
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.vocab_size + extra_rows)
+        {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
         }
-        Ok(Tensor::from_f32(out, &[ids.len(), d])?)
+        let main: Vec<u32> = ids
+            .iter()
+            .map(|&id| {
+                if (id as usize) < self.vocab_size {
+                    id
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let x = self.embed_tokens.index_rows(&main)?;
+        let (at, extra_ids): (Vec<usize>, Vec<u32>) = ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &id)| Some((i, (id as usize).checked_sub(self.vocab_size)? as u32)))
+            .unzip();
+        match &self.additional_embedding {
+            Some(extra) if !at.is_empty() => {
+                Ok(x.scatter_rows(&at, &extra.index_rows(&extra_ids)?)?)
+            }
+            _ => Ok(x),
+        }
     }
 
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -240,14 +255,7 @@ impl CausalLm for IdeficsText {
             return Ok(main);
         };
         let extra = fc.forward(hidden)?;
-        let (a, b) = (main.last_dim(), extra.last_dim());
-        let (m, e) = (main.as_f32()?, extra.as_f32()?);
-        let mut out = Vec::with_capacity(hidden.rows() * (a + b));
-        for r in 0..hidden.rows() {
-            out.extend_from_slice(&m[r * a..(r + 1) * a]);
-            out.extend_from_slice(&e[r * b..(r + 1) * b]);
-        }
-        Ok(Tensor::from_f32(out, &[hidden.rows(), a + b])?)
+        Ok(Tensor::cat_cols(&[&main, &extra])?)
     }
 }
 
@@ -318,7 +326,8 @@ impl Idefics {
                 norm: RmsNorm::load(&m.pp("norm"), d, t.rms_norm_eps)?,
                 lm_head: Linear::load(&w.pp("lm_head"), d, t.vocab_size, false)?,
                 additional_fc: extra(w.pp("lm_head"), "additional_fc.weight")?
-                    .map(|w| Linear::new(w, None, dtype)),
+                    .map(|w| Linear::new(w, None, dtype))
+                    .transpose()?,
                 rope: RotaryEmbedding::new(t, dtype),
                 interval: cfg.cross_layer_interval,
                 n_latents,
@@ -466,9 +475,8 @@ impl VisionLanguageModel for Idefics {
             if let Some((_, kn)) = &g.qk_norms {
                 k = per_head(kn, k, g.shape.head_dim)?;
             }
-            let k = k.to_f32_vec();
-            let v = g.v_proj.forward(&all)?.to_f32_vec();
-            cache.set_cross(slot, k, v);
+            let v = g.v_proj.forward(&all)?;
+            cache.set_cross(slot, k, v)?;
         }
         Ok(())
     }

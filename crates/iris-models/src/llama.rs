@@ -9,8 +9,8 @@ use iris_tensor::{DType, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::layers::{
-    sdpa_batch, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm, RopeTable,
-    RotaryEmbedding, RowParallelLinear,
+    attention_cached, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
+    RopeTable, RotaryEmbedding, RowParallelLinear,
 };
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -68,26 +68,16 @@ impl LlamaAttention {
         caches: &mut [&mut KvCache],
         rows: &[usize],
     ) -> Result<Tensor> {
-        let [mut q, mut k, v]: [Tensor; 3] =
+        let [q, k, v]: [Tensor; 3] =
             ColumnParallelLinear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
                 .try_into()
                 .expect("three projections");
-        let (qw, kw) = (q.last_dim(), k.last_dim());
-        let (qs, ks) = (q.f32_mut(), k.f32_mut());
-        let vs = v.as_f32()?;
-        // Every sequence's rotations and cache writes first, then attention for all of
-        // them at once: sequences in parallel (one fork-join a layer, not one a
-        // sequence), each one's heads in parallel too.
-        let mut r0 = 0;
-        for (cache, &t) in caches.iter_mut().zip(rows) {
-            let ki = &mut ks[r0 * kw..(r0 + t) * kw];
-            rope.apply(&mut qs[r0 * qw..(r0 + t) * qw], self.shape.n_heads, r0);
-            rope.apply(ki, self.shape.n_kv_heads, r0);
-            cache.write(layer, ki, &vs[r0 * kw..(r0 + t) * kw], kw);
-            r0 += t;
-        }
-        let out = sdpa_batch(qs, caches, rows, layer, kw, self.shape);
-        let o = Tensor::from_f32(out, &[x.rows(), qw])?.round_to(self.dtype);
+        // Every row rotated at its own position, every sequence's K/V written, then
+        // attention for all of them at once.
+        let q = q.rope(rope, self.shape.n_heads)?;
+        let k = k.rope(rope, self.shape.n_kv_heads)?;
+        KvCache::write_batch(caches, rows, layer, &k, &v)?;
+        let o = attention_cached(&q, caches, rows, layer, self.shape)?.round_to(self.dtype)?;
         self.o_proj.forward(&o)
     }
 }
@@ -133,7 +123,8 @@ impl LlamaLayer {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let rows = [x.rows()];
-        let table = rope.table(&(cache.len()..cache.len() + x.rows()).collect::<Vec<_>>());
+        let positions: Vec<usize> = (cache.len()..cache.len() + x.rows()).collect();
+        let table = rope.table(&positions, x.device())?;
         self.forward_batch(x, &table, layer, &mut [cache], &rows)
     }
 
@@ -153,11 +144,11 @@ impl LlamaLayer {
             caches,
             rows,
         )?;
-        let x = x.add_elem(&h)?.round_to(self.dtype);
+        let x = x.add_elem(&h)?.round_to(self.dtype)?;
         let h = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok(x.add_elem(&h)?.round_to(self.dtype))
+        Ok(x.add_elem(&h)?.round_to(self.dtype)?)
     }
 }
 
@@ -190,7 +181,7 @@ impl Llama {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = vb.get("embed_tokens.weight", &[v, d])?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None, vb.dtype())
+            Linear::new(embed_tokens.clone(), None, vb.dtype())?
         } else {
             Linear::load(head, d, v, false)?
         };
@@ -274,7 +265,7 @@ impl Llama {
             .zip(rows)
             .flat_map(|(c, &t)| c.len()..c.len() + t)
             .collect();
-        let rope = self.rope.table(&positions);
+        let rope = self.rope.table(&positions, x.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
             match layer.forward_batch(x, &rope, i, caches, rows) {
                 Ok(y) => x = y,

@@ -159,14 +159,7 @@ impl Llava {
             return Ok(selected.into_iter().next().expect("one state"));
         }
         // Several layers are concatenated along the feature dimension.
-        let d = self.cfg.vision.hidden_size;
-        let mut out = Vec::with_capacity(rows * d * selected.len());
-        for r in 0..rows {
-            for s in &selected {
-                out.extend_from_slice(&s.as_f32()?[r * d..(r + 1) * d]);
-            }
-        }
-        Ok(Tensor::from_f32(out, &[rows, d * selected.len()])?)
+        Ok(Tensor::cat_cols(&selected.iter().collect::<Vec<_>>())?)
     }
 
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {

@@ -5,7 +5,7 @@
 use iris_tensor::{DType, Tensor};
 
 use crate::config::OptConfig;
-use crate::layers::{sdpa_batch, AttnShape, KvCache, LayerNorm, Linear, Mlp};
+use crate::layers::{attention_cached, AttnShape, KvCache, LayerNorm, Linear, Mlp};
 use crate::vlm::CausalLm;
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -64,21 +64,9 @@ impl OptLayer {
             Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
                 .try_into()
                 .expect("three projections");
-        let kw = k.last_dim();
-        let (qs, ks, vs) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
-        let mut r0 = 0;
-        for (cache, &t) in caches.iter_mut().zip(rows) {
-            cache.write(
-                layer,
-                &ks[r0 * kw..(r0 + t) * kw],
-                &vs[r0 * kw..(r0 + t) * kw],
-                kw,
-            );
-            r0 += t;
-        }
-        let out = sdpa_batch(qs, caches, rows, layer, kw, self.shape);
-        self.out_proj
-            .forward(&Tensor::from_f32(out, q.shape())?.round_to(self.dtype))
+        KvCache::write_batch(caches, rows, layer, &k, &v)?;
+        let o = attention_cached(&q, caches, rows, layer, self.shape)?.round_to(self.dtype)?;
+        self.out_proj.forward(&o)
     }
 
     fn forward(
@@ -91,16 +79,17 @@ impl OptLayer {
         let dt = self.dtype;
         if self.pre_ln {
             let h = self.attention(&self.self_attn_layer_norm.forward(&x)?, layer, caches, rows)?;
-            let x = x.add_elem(&h)?.round_to(dt);
+            let x = x.add_elem(&h)?.round_to(dt)?;
             let h = self.mlp.forward(&self.final_layer_norm.forward(&x)?)?;
-            Ok(x.add_elem(&h)?.round_to(dt))
+            Ok(x.add_elem(&h)?.round_to(dt)?)
         } else {
             let h = self.attention(&x, layer, caches, rows)?;
             let x = self
                 .self_attn_layer_norm
-                .forward(&x.add_elem(&h)?.round_to(dt))?;
+                .forward(&x.add_elem(&h)?.round_to(dt)?)?;
             let h = self.mlp.forward(&x)?;
-            self.final_layer_norm.forward(&x.add_elem(&h)?.round_to(dt))
+            self.final_layer_norm
+                .forward(&x.add_elem(&h)?.round_to(dt)?)
         }
     }
 }
@@ -145,7 +134,7 @@ impl Opt {
                 "embed_positions.weight",
                 &[cfg.max_position_embeddings + POSITION_OFFSET, d],
             )?,
-            lm_head: Linear::new(embed_tokens.clone(), None, vb.dtype()),
+            lm_head: Linear::new(embed_tokens.clone(), None, vb.dtype())?,
             embed_tokens,
             project_in: projections.0,
             project_out: projections.1,
@@ -213,7 +202,7 @@ impl CausalLm for Opt {
         };
         x = x
             .add_elem(&self.embed_positions.index_rows(&positions)?)?
-            .round_to(self.dtype);
+            .round_to(self.dtype)?;
         let layers = iris_tensor::on_pool(|| {
             for (i, layer) in self.layers.iter().enumerate() {
                 x = layer.forward(x, i, caches, &rows)?;

@@ -5,7 +5,7 @@
 
 use iris_tensor::{Activation, DType, Tensor};
 
-use crate::layers::{sdpa, AttnShape, LayerNorm, Linear};
+use crate::layers::{attention, AttnShape, LayerNorm, Linear};
 use crate::weights::Vb;
 use crate::Result;
 
@@ -87,7 +87,7 @@ impl PerceiverResampler {
             })
             .collect::<Result<_>>()?;
         Ok(PerceiverResampler {
-            latents: vb.get("latents", &[d.n_latents, e])?.to_dtype(DType::F32),
+            latents: vb.get("latents", &[d.n_latents, e])?.to_dtype(DType::F32)?,
             blocks,
             layer_norm: LayerNorm::load(&vb.pp("layer_norm"), e, eps)?,
         })
@@ -107,12 +107,12 @@ impl PerceiverResampler {
                 k = per_head(kn, k, b.shape.head_dim)?;
             }
             let v = b.v_proj.forward(&kv_in)?;
-            let o = sdpa(q.as_f32()?, k.as_f32()?, v.as_f32()?, b.shape, None);
-            let attn = b.output_proj.forward(&Tensor::from_f32(o, q.shape())?)?;
+            let o = attention(&q, &k, &v, b.shape, None)?;
+            let attn = b.output_proj.forward(&o)?;
             latents = attn.add_elem(&latents)?;
             let h =
                 b.fc.forward(&b.ln.forward(&latents)?)?
-                    .activation(Activation::Relu);
+                    .activation(Activation::Relu)?;
             latents = b.c_proj.forward(&h)?.add_elem(&latents)?;
         }
         self.layer_norm.forward(&latents)

@@ -9,7 +9,7 @@
 use iris_tensor::{DType, Tensor};
 
 use crate::config::VisionConfig;
-use crate::layers::{sdpa, AttnShape, LayerNorm, Linear, Mlp};
+use crate::layers::{attention_blocks, AttnShape, LayerNorm, Linear, Mlp};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -23,16 +23,12 @@ struct VitAttention {
     dtype: DType,
 }
 
-/// Rows `i·d..(i+1)·d` of a fused `[3d, ..]` tensor.
+/// Rows `i·d..(i+1)·d` of a fused `[3d, ..]` weight or `[3d]` bias, in its dtype.
 fn third(t: &Tensor, i: usize, d: usize) -> Result<Tensor> {
-    let cols = t.elem_count() / (3 * d);
-    let data = t.to_f32_vec()[i * d * cols..(i + 1) * d * cols].to_vec();
-    let shape: Vec<usize> = if t.rank() == 1 {
-        vec![d]
-    } else {
-        vec![d, cols]
-    };
-    Ok(Tensor::from_f32(data, &shape)?.to_dtype(t.dtype()))
+    if t.rank() == 1 {
+        return Ok(t.reshape(&[3, d])?.narrow_rows(i, 1)?.reshape(&[d])?);
+    }
+    Ok(t.narrow_rows(i * d, d)?)
 }
 
 impl VitAttention {
@@ -44,17 +40,20 @@ impl VitAttention {
             let bias = if vb.contains("qkv.bias") {
                 Some(vb.get("qkv.bias", &[3 * d])?)
             } else if vb.contains("q_bias") {
-                let (qb, vb_) = (vb.get("q_bias", &[d])?, vb.get("v_bias", &[d])?);
-                let mut all = qb.to_f32_vec();
-                all.extend(std::iter::repeat_n(0.0, d));
-                all.extend(vb_.to_f32_vec());
-                Some(Tensor::from_f32(all, &[3 * d])?.to_dtype(dtype))
+                // BLIP-2's ViT has no key bias: zeros between the query's and value's.
+                let (qb, vb_) = (
+                    vb.get("q_bias", &[d])?.reshape(&[1, d])?,
+                    vb.get("v_bias", &[d])?.reshape(&[1, d])?,
+                );
+                let zeros = Tensor::zeros_on(&[1, d], qb.device())?;
+                let all = Tensor::cat_rows(&[&qb, &zeros, &vb_])?;
+                Some(all.reshape(&[3 * d])?.to_dtype(dtype)?)
             } else {
                 None
             };
             let part = |i| -> Result<Linear> {
                 let b = bias.as_ref().map(|b| third(b, i, d)).transpose()?;
-                Ok(Linear::new(third(&w, i, d)?, b, dtype))
+                Linear::new(third(&w, i, d)?, b, dtype)
             };
             let out = Linear::load(&vb.pp("projection"), d, d, true)?;
             (part(0)?, part(1)?, part(2)?, out)
@@ -87,17 +86,9 @@ impl VitAttention {
         let q = self.q.forward(x)?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
-        let (q, k, v) = (q.as_f32()?, k.as_f32()?, v.as_f32()?);
-        let step = tokens * x.last_dim();
-        let mut o = Vec::with_capacity(q.len());
-        for ((q, k), v) in q
-            .chunks_exact(step)
-            .zip(k.chunks_exact(step))
-            .zip(v.chunks_exact(step))
-        {
-            o.extend(sdpa(q, k, v, self.shape, None));
-        }
-        let o = Tensor::from_f32(o, x.shape())?.round_to(self.dtype);
+        let o = attention_blocks(&q, &k, &v, tokens, self.shape, None)?
+            .reshape(x.shape())?
+            .round_to(self.dtype)?;
         self.out.forward(&o)
     }
 }
@@ -133,9 +124,9 @@ impl VitLayer {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(&x)?, tokens)?;
-        let x = x.add_elem(&h)?.round_to(self.dtype);
+        let x = x.add_elem(&h)?.round_to(self.dtype)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&x)?)?;
-        Ok(x.add_elem(&h)?.round_to(self.dtype))
+        Ok(x.add_elem(&h)?.round_to(self.dtype)?)
     }
 }
 
@@ -241,30 +232,16 @@ impl VisionTransformer {
                 pixel_values.shape()
             )));
         }
-        let px = pixel_values.clone().round_to(self.dtype);
-        let px = px.as_f32()?;
-        let g = s / p;
-        let mut cols = Vec::with_capacity(g * g * c * p * p);
-        for gy in 0..g {
-            for gx in 0..g {
-                for ch in 0..c {
-                    for ky in 0..p {
-                        let row = ch * s * s + (gy * p + ky) * s + gx * p;
-                        cols.extend_from_slice(&px[row..row + p]);
-                    }
-                }
-            }
-        }
-        let patches = Tensor::from_f32(cols, &[g * g, c * p * p])?;
+        let patches = pixel_values.clone().round_to(self.dtype)?.patches(p)?;
         let patch_embeds =
             iris_tensor::linear(&patches, &self.patch_embedding, self.patch_bias.as_ref())?
-                .round_to(self.dtype);
+                .round_to(self.dtype)?;
         let cls = self
             .class_embedding
-            .to_dtype(DType::F32)
+            .to_dtype(DType::F32)?
             .reshape(&[1, self.cfg.hidden_size])?;
         let x = Tensor::cat_rows(&[&cls, &patch_embeds])?;
-        Ok(x.add_elem(&self.position_embedding)?.round_to(self.dtype))
+        Ok(x.add_elem(&self.position_embedding)?.round_to(self.dtype)?)
     }
 
     /// Hidden states `indices` (0 = embeddings, after `pre_layrnorm` where the model has

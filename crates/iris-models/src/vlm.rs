@@ -105,18 +105,9 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
                 bad.shape()
             )));
         }
-        let visual: Vec<&[f32]> = images
-            .iter()
-            .map(|t| t.as_f32())
-            .collect::<std::result::Result<_, _>>()?;
-        let mut next = visual.iter().flat_map(|v| v.chunks_exact(d));
-        let xs = x.f32_mut();
-        for (pos, &id) in ids.iter().enumerate() {
-            if id == image_token {
-                let row = next.next().expect("counts checked above");
-                xs[pos * d..(pos + 1) * d].copy_from_slice(row);
-            }
-        }
+        let at: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] == image_token).collect();
+        let visual = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?;
+        x = x.scatter_rows(&at, &visual)?;
         Ok(x)
     }
 }
@@ -132,11 +123,9 @@ pub fn check_untrusted(t: &Tensor, want: [usize; 2], what: &str) -> Result<()> {
             want[1]
         )));
     }
-    let values = t.f32_values();
-    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+    if let Some((i, x)) = t.first_non_finite()? {
         return Err(Error::Input(format!(
-            "{what}: value {i} is {} (every value must be finite)",
-            values[i]
+            "{what}: value {i} is {x} (every value must be finite)"
         )));
     }
     Ok(())
@@ -151,13 +140,8 @@ pub struct MatchScores {
 }
 
 /// Rows scaled to unit L2 norm.
-pub fn l2_normalize(mut t: Tensor) -> Tensor {
-    let d = t.last_dim();
-    for row in t.f32_mut().chunks_exact_mut(d) {
-        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|x| *x /= n);
-    }
-    t
+pub fn l2_normalize(t: Tensor) -> Result<Tensor> {
+    Ok(t.l2_normalize()?)
 }
 
 /// Image-text retrieval heads (BLIP, BLIP-2): contrastive embeddings and matching.
@@ -179,11 +163,11 @@ pub trait ImageTextRetrieval: Send + Sync + Debug {
         let (e0, e1) = ((itm_logits[0] - m).exp(), (itm_logits[1] - m).exp());
         let img = self.image_embeds(&feats)?;
         let txt = self.text_embeds(ids)?;
-        let t = txt.as_f32()?;
-        let itc_similarity = img
-            .as_f32()?
-            .chunks_exact(t.len())
-            .map(|q| iris_tensor::kernels::dot_f32(q, t))
+        // Each image row's cosine with the text: `img · txtᵀ`.
+        let txt = txt.reshape(&[1, txt.elem_count()])?;
+        let itc_similarity = iris_tensor::linear(&img, &txt, None)?
+            .host_f32()?
+            .into_iter()
             .fold(f32::NEG_INFINITY, f32::max);
         Ok(MatchScores {
             itm_logits,

@@ -190,7 +190,7 @@ impl Weights {
                     got: t.shape().to_vec(),
                 });
             }
-            return Ok(t.to_dtype(dtype));
+            return Ok(t.to_dtype(dtype)?);
         }
         let e = self
             .entries
@@ -204,7 +204,7 @@ impl Weights {
             });
         }
         let bytes = &self.maps[e.file][e.range.clone()];
-        Ok(Tensor::from_le_bytes(bytes, e.dtype, shape)?.to_dtype(dtype))
+        Ok(Tensor::from_le_bytes(bytes, e.dtype, shape)?.to_dtype(dtype)?)
     }
 
     /// Names of every tensor read so far (each once per read), in order.
@@ -340,7 +340,7 @@ impl Vb {
             .collect();
         let mut new_shape = shape.to_vec();
         new_shape[dim] = range.len();
-        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype()))
+        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype())?)
     }
 }
 

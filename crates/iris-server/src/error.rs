@@ -94,6 +94,14 @@ impl From<iris_engine::Error> for ServeError {
     }
 }
 
+/// A tensor operation failed outside the models (the wire's conversions): shapes are
+/// checked before, so this is the server's fault.
+impl From<iris_tensor::Error> for ServeError {
+    fn from(e: iris_tensor::Error) -> ServeError {
+        ServeError::internal(e.to_string())
+    }
+}
+
 /// The gRPC mapping.
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Status {

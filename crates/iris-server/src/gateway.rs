@@ -545,7 +545,7 @@ impl Gateway {
         for r in lookups {
             let (tokens, lookup) = r?;
             cached_images += usize::from(lookup == Lookup::Hit);
-            visual.push(wire::tensor_to_wire_compact(&tokens));
+            visual.push(wire::tensor_to_wire_compact(&tokens)?);
         }
         let o = &input.options;
         let req = pb::DecodeRequest {

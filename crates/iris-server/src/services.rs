@@ -55,7 +55,7 @@ impl VisionEncoder for VisionService {
         let r = req.into_inner();
         let features = self.0.encode(&r.model, r.image, d).await?;
         Ok(Response::new(pb::EncodeResponse {
-            features: Some(wire::tensor_to_wire_compact(&features)),
+            features: Some(wire::tensor_to_wire_compact(&features)?),
         }))
     }
 }
@@ -77,7 +77,7 @@ impl Connector for ConnectorService {
         )?;
         let tokens = self.0.project(&r.model, features, d).await?;
         Ok(Response::new(pb::ProjectResponse {
-            visual_tokens: Some(wire::tensor_to_wire_compact(&tokens)),
+            visual_tokens: Some(wire::tensor_to_wire_compact(&tokens)?),
         }))
     }
 }
@@ -174,15 +174,13 @@ impl GatewayApi for GatewayService {
             let images = r
                 .images
                 .iter()
-                .map(|b| p.embed_image(b).map(|t| wire::tensor_to_wire(&t)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(ServeError::from)?;
+                .map(|b| wire::tensor_to_wire(&p.embed_image(b)?))
+                .collect::<Result<Vec<_>, ServeError>>()?;
             let texts = r
                 .texts
                 .iter()
-                .map(|t| p.embed_text(t).map(|t| wire::tensor_to_wire(&t)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(ServeError::from)?;
+                .map(|t| wire::tensor_to_wire(&p.embed_text(t)?))
+                .collect::<Result<Vec<_>, ServeError>>()?;
             Ok(pb::EmbedResponse {
                 image_embeds: images,
                 text_embeds: texts,

@@ -706,7 +706,7 @@ impl ConnectorTier for RemoteConnector {
         features: Tensor,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        let features = wire::tensor_to_wire(&features);
+        let features = wire::tensor_to_wire(&features)?;
         let tokens = self
             .0
             .call("connector", |mut c| {

@@ -13,30 +13,17 @@ use crate::error::ServeError;
 /// are 4.5 MB in bf16, 9 MB in f32; gRPC's default is 4 MB).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-pub fn tensor_to_wire(t: &Tensor) -> pb::Tensor {
-    let data: Vec<u8> = match t.dtype() {
-        DType::BF16 => t
-            .as_bf16()
-            .expect("bf16 storage")
-            .iter()
-            .flat_map(|v| v.to_bits().to_le_bytes())
-            .collect(),
-        _ => t
-            .to_f32_vec()
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+pub fn tensor_to_wire(t: &Tensor) -> Result<pb::Tensor, ServeError> {
+    let dtype = if t.dtype() == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
     };
-    pb::Tensor {
-        dtype: if t.dtype() == DType::BF16 {
-            "bf16"
-        } else {
-            "f32"
-        }
-        .into(),
+    Ok(pb::Tensor {
+        dtype: dtype.to_string(),
         shape: t.shape().iter().map(|&d| d as u64).collect(),
-        data,
-    }
+        data: t.to_dtype(dtype)?.to_le_bytes()?,
+    })
 }
 
 /// A wire tensor as f32 (what the models compute in); bad dtypes or sizes are the
@@ -56,23 +43,20 @@ pub fn tensor_from_wire(t: &pb::Tensor) -> Result<Tensor, ServeError> {
     }
     let x = Tensor::from_le_bytes(&t.data, dtype, &shape)
         .map_err(|e| ServeError::bad_input(e.to_string()))?;
-    Ok(if dtype == DType::F32 {
-        x
-    } else {
-        x.to_dtype(DType::F32)
-    })
+    x.to_dtype(DType::F32)
+        .map_err(|e| ServeError::bad_input(e.to_string()))
 }
 
 /// `tensor_to_wire`, in bf16 when that loses nothing (a bf16 model's visual tokens,
 /// half the bytes).
-pub fn tensor_to_wire_compact(t: &Tensor) -> pb::Tensor {
+pub fn tensor_to_wire_compact(t: &Tensor) -> Result<pb::Tensor, ServeError> {
     if t.dtype() == DType::F32 {
-        let v = t.to_f32_vec();
+        let v = t.host_f32()?;
         if v.iter()
             .all(|&x| bf16::from_f32(x).to_f32().to_bits() == x.to_bits())
         {
             let b: Vec<bf16> = v.into_iter().map(bf16::from_f32).collect();
-            return tensor_to_wire(&Tensor::from_bf16(b, t.shape()).expect("same shape"));
+            return tensor_to_wire(&Tensor::from_bf16(b, t.shape())?);
         }
     }
     tensor_to_wire(t)

@@ -1,11 +1,11 @@
 //! GFLOP/s of `linear` with bf16 weights at decode and prefill shapes (TinyLlama's
-//! projections), row-major (`linear`) and packed once (`linear_packed`), best of several
+//! projections), row-major (`linear`) and as a `Weight` (packed once where the CPU has
+//! AVX-512 BF16), best of several
 //! runs:
 //! `cargo run --release -p iris-tensor --example linear_gflops [M,M,..] [NxK,..]`.
 use std::time::Instant;
 
-use iris_tensor::packed::PackedBf16;
-use iris_tensor::{linear, linear_packed, DType, Tensor};
+use iris_tensor::{linear, DType, Tensor, Weight};
 
 /// The fastest of `reps` runs: on a shared machine the minimum is the stable figure.
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -45,8 +45,10 @@ fn main() {
             &[n, k],
         )
         .unwrap()
-        .to_dtype(DType::BF16);
-        let packed = PackedBf16::for_tensor(&w);
+        .to_dtype(DType::BF16)
+        .unwrap();
+        let packed =
+            iris_tensor::kernels::has_avx512_bf16().then(|| Weight::new(w.clone()).unwrap());
         for &m in &ms {
             let x = Tensor::from_f32(
                 (0..m * k)
@@ -62,7 +64,7 @@ fn main() {
             });
             let packed = packed.as_ref().map(|p| {
                 time(reps, || {
-                    std::hint::black_box(linear_packed(&x, p, None).unwrap());
+                    std::hint::black_box(p.linear(&x, None).unwrap());
                 })
             });
             println!(

@@ -19,6 +19,10 @@ pub enum Error {
     NotCompiledWithCuda,
     #[error("CUDA backend: {0}")]
     Cuda(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("KV cache: {0}")]
+    Kv(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

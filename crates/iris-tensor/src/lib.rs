@@ -1,27 +1,38 @@
-//! Iris' tensor runtime: contiguous row-major tensors in f32, bf16 or f16, the CPU
-//! kernels the models need, and a `Device` with a CPU backend and a CUDA slot.
+//! Iris' tensor runtime: contiguous row-major tensors in f32, bf16 or f16 on a
+//! [`Device`], and every operation the models compose — linear layers, norms, RoPE,
+//! attention over given keys or over the paged KV cache, gathers, gating, sampling —
+//! as a method of one backend trait (`storage::BackendStorage`) that the CPU backend
+//! (`cpu/`) implements and the CUDA backend plugs into. Model code composes tensor
+//! operations; host memory is reached only in this crate and through the explicit
+//! copies loaders, the wire and tests use.
 //!
 //! Activations are kept in f32; weights keep their storage dtype and are widened inside
 //! the matrix kernels, so decode reads 2 bytes per bf16 weight. To follow a bf16
 //! reference (PyTorch rounds every op's output to bf16), model code calls
 //! [`Tensor::round_to`] where PyTorch would have produced a bf16 tensor.
 
+mod activation;
+pub mod attention;
+mod cpu;
 mod device;
 mod dtype;
 mod error;
-pub mod kernels;
-mod matmul;
-mod ops;
+pub mod kv;
+mod rope;
+pub mod sample;
+mod storage;
 mod tensor;
+mod weight;
 
+pub use activation::Activation;
+pub use cpu::ops::{round_scalar, softmax_in_place, softmax_scaled_in_place};
+pub use cpu::{kernels, packed};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use matmul::{gemm_f32, linear, linear_packed, linear_packed_many};
-pub mod packed;
-pub use ops::{round_scalar, softmax_in_place, softmax_scaled_in_place, Activation};
+pub use rope::RopeTable;
 pub use tensor::Tensor;
-
+pub use weight::{linear, Weight};
 /// Runs `f` on a thread of the rayon pool (inline when already on one): a model's
 /// parallel loops then fork from a worker, work stealing, instead of each handing its
 /// work to the pool and sleeping on a latch until it is done — a round trip through the

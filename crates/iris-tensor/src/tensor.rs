@@ -1,20 +1,18 @@
-//! The `Tensor` type: shape plus shared, contiguous, row-major storage.
+//! The `Tensor` type: a shape plus shared, contiguous, row-major storage on a device.
+//! Model code composes its methods; host memory is reached only through the explicit
+//! copies at the bottom (`to_f32_vec`, `host_f32`, `to_le_bytes`), which is what the
+//! loaders, the wire and the tests use.
 
 use std::sync::Arc;
 
 use half::{bf16, f16};
 
 use crate::error::shape_err;
-use crate::{DType, Error, Result};
+use crate::storage::{BackendStorage, Binary, CpuStorage, Storage, Unary};
+use crate::{Activation, DType, Device, Error, Result};
 
-#[derive(Debug, Clone)]
-pub(crate) enum Storage {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-    F16(Vec<f16>),
-}
-
-/// A contiguous row-major tensor on the CPU. Cloning is cheap (the storage is shared).
+/// A contiguous row-major tensor. Cloning is cheap (the storage is shared); an
+/// operation that changes values copies shared storage first.
 #[derive(Debug, Clone)]
 pub struct Tensor {
     pub(crate) storage: Arc<Storage>,
@@ -34,40 +32,44 @@ fn check_len(shape: &[usize], got: usize) -> Result<()> {
 }
 
 impl Tensor {
+    pub(crate) fn new(storage: Storage, shape: Vec<usize>) -> Tensor {
+        Tensor {
+            storage: Arc::new(storage),
+            shape,
+        }
+    }
+
+    fn cpu_new(storage: CpuStorage, shape: &[usize]) -> Result<Tensor> {
+        check_len(shape, storage.len())?;
+        Ok(Tensor::new(Storage::Cpu(storage), shape.to_vec()))
+    }
+
+    /// The same shape over new storage.
+    fn with(&self, storage: Storage) -> Tensor {
+        Tensor::new(storage, self.shape.clone())
+    }
+
     pub fn from_f32(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        check_len(shape, data.len())?;
-        Ok(Tensor {
-            storage: Arc::new(Storage::F32(data)),
-            shape: shape.to_vec(),
-        })
+        Tensor::cpu_new(CpuStorage::F32(data), shape)
     }
 
     pub fn from_bf16(data: Vec<bf16>, shape: &[usize]) -> Result<Tensor> {
-        check_len(shape, data.len())?;
-        Ok(Tensor {
-            storage: Arc::new(Storage::BF16(data)),
-            shape: shape.to_vec(),
-        })
+        Tensor::cpu_new(CpuStorage::BF16(data), shape)
     }
 
     pub fn from_f16(data: Vec<f16>, shape: &[usize]) -> Result<Tensor> {
-        check_len(shape, data.len())?;
-        Ok(Tensor {
-            storage: Arc::new(Storage::F16(data)),
-            shape: shape.to_vec(),
-        })
+        Tensor::cpu_new(CpuStorage::F16(data), shape)
     }
 
-    /// Builds a tensor of `dtype` from little-endian bytes (a safetensors payload).
+    /// Builds a host tensor of `src` from little-endian bytes (a safetensors payload).
     pub fn from_le_bytes(bytes: &[u8], src: DType, shape: &[usize]) -> Result<Tensor> {
-        let n = bytes.len() / src.size_in_bytes();
         if !bytes.len().is_multiple_of(src.size_in_bytes()) {
             return shape_err(
                 "from_le_bytes",
                 "byte length is not a multiple of dtype size",
             );
         }
-        check_len(shape, n)?;
+        check_len(shape, bytes.len() / src.size_in_bytes())?;
         let u16s = || {
             bytes
                 .chunks_exact(2)
@@ -86,20 +88,38 @@ impl Tensor {
         }
     }
 
+    /// f32 zeros on the host.
     pub fn zeros(shape: &[usize]) -> Tensor {
         let n = shape.iter().product();
-        Tensor {
-            storage: Arc::new(Storage::F32(vec![0.0; n])),
-            shape: shape.to_vec(),
+        Tensor::new(Storage::Cpu(CpuStorage::F32(vec![0.0; n])), shape.to_vec())
+    }
+
+    /// f32 zeros on `device`.
+    pub fn zeros_on(shape: &[usize], device: Device) -> Result<Tensor> {
+        Tensor::zeros(shape).to_device(device)
+    }
+
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    /// This tensor on `device` (itself when it is there already).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
         }
+        let host = self.storage.to_cpu()?;
+        Ok(self.with(match device {
+            Device::Cpu => Storage::Cpu(host),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Storage::Cuda(crate::cuda::CudaStorage::upload(&host, n)?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(Error::NotCompiledWithCuda),
+        }))
     }
 
     pub fn dtype(&self) -> DType {
-        match &*self.storage {
-            Storage::F32(_) => DType::F32,
-            Storage::BF16(_) => DType::BF16,
-            Storage::F16(_) => DType::F16,
-        }
+        self.storage.dtype()
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -139,88 +159,173 @@ impl Tensor {
         })
     }
 
-    /// The f32 data; errors for other dtypes (activations are always f32).
-    pub fn as_f32(&self) -> Result<&[f32]> {
+    /// Host storage (the CPU backend's kernels and tests of this crate).
+    pub(crate) fn cpu(&self) -> Result<&CpuStorage> {
         match &*self.storage {
-            Storage::F32(v) => Ok(v),
-            _ => Err(Error::DType {
-                op: "as_f32",
-                dtype: self.dtype(),
-            }),
+            Storage::Cpu(s) => Ok(s),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(Error::Device(format!(
+                "a host operation on a tensor on {}",
+                self.device()
+            ))),
         }
     }
 
-    pub fn as_bf16(&self) -> Option<&[bf16]> {
+    /// The f32 host data; errors for other dtypes and devices.
+    pub(crate) fn as_f32(&self) -> Result<&[f32]> {
+        self.cpu()?.as_f32()
+    }
+
+    /// The values as host f32: borrowed when they are, copied otherwise.
+    pub(crate) fn f32_host(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         match &*self.storage {
-            Storage::BF16(v) => Some(v),
-            _ => None,
+            Storage::Cpu(s) => Ok(s.f32_values()),
+            #[allow(unreachable_patterns)]
+            other => Ok(std::borrow::Cow::Owned(other.to_cpu()?.to_f32_vec())),
         }
     }
 
-    /// The data as f32: borrowed when stored as f32, widened into a copy otherwise.
-    pub fn f32_values(&self) -> std::borrow::Cow<'_, [f32]> {
-        match &*self.storage {
-            Storage::F32(v) => std::borrow::Cow::Borrowed(v),
-            _ => std::borrow::Cow::Owned(self.to_f32_vec()),
-        }
-    }
-
-    /// The data widened to f32 (a copy unless it already is f32 and unshared).
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        match &*self.storage {
-            Storage::F32(v) => v.clone(),
-            Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-
-    /// Mutable f32 data, copying the storage if it is shared or of another dtype.
-    pub fn f32_mut(&mut self) -> &mut [f32] {
-        if !matches!(&*self.storage, Storage::F32(_)) {
-            self.storage = Arc::new(Storage::F32(self.to_f32_vec()));
-        }
-        match Arc::make_mut(&mut self.storage) {
-            Storage::F32(v) => v,
-            _ => unreachable!("converted to f32 just above"),
-        }
+    /// Mutable storage, copied first when shared.
+    fn storage_mut(&mut self) -> &mut Storage {
+        Arc::make_mut(&mut self.storage)
     }
 
     /// Converts the storage to `dtype` (round to nearest even for narrowing).
-    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
-            return self.clone();
+            return Ok(self.clone());
         }
-        let storage = match dtype {
-            DType::F32 => Storage::F32(self.to_f32_vec()),
-            DType::BF16 => Storage::BF16(match &*self.storage {
-                Storage::F16(v) => v.iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
-                _ => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
-            }),
-            DType::F16 => Storage::F16(self.to_f32_vec().into_iter().map(f16::from_f32).collect()),
-        };
-        Tensor {
-            storage: Arc::new(storage),
-            shape: self.shape.clone(),
-        }
+        Ok(self.with(self.storage.to_dtype(dtype)?))
     }
 
     /// Rounds f32 activations to the precision of `dtype`, keeping f32 storage: what
     /// PyTorch's cast to `dtype` does to values. A no-op for f32.
-    pub fn round_to(mut self, dtype: DType) -> Tensor {
-        match dtype {
-            DType::F32 => {}
-            DType::BF16 => {
-                crate::ops::in_chunks(self.f32_mut(), 1 << 16, crate::kernels::round_bf16_in_place)
-            }
-            DType::F16 => self
-                .f32_mut()
-                .iter_mut()
-                .for_each(|x| *x = f16::from_f32(*x).to_f32()),
+    pub fn round_to(mut self, dtype: DType) -> Result<Tensor> {
+        if dtype != DType::F32 {
+            self.storage_mut().round_to(dtype)?;
         }
-        self
+        Ok(self)
     }
 
-    /// Rows `start..start+len` of the tensor seen as `[rows, last_dim]`.
+    fn unary(mut self, op: Unary) -> Result<Tensor> {
+        self.storage_mut().unary(op)?;
+        Ok(self)
+    }
+
+    pub fn activation(self, act: Activation) -> Result<Tensor> {
+        self.unary(Unary::Activation(act))
+    }
+
+    pub fn scale(self, s: f32) -> Result<Tensor> {
+        self.unary(Unary::Scale(s))
+    }
+
+    pub fn tanh(self) -> Result<Tensor> {
+        self.unary(Unary::Tanh)
+    }
+
+    fn binary(mut self, other: &Tensor, op: Binary) -> Result<Tensor> {
+        if self.shape() != other.shape() {
+            return shape_err(
+                "binary",
+                format!("{op:?} of {:?} and {:?}", self.shape(), other.shape()),
+            );
+        }
+        self.storage_mut().binary(&other.storage, op)?;
+        Ok(self)
+    }
+
+    pub fn add_elem(self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, Binary::Add)
+    }
+
+    pub fn mul_elem(self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, Binary::Mul)
+    }
+
+    fn binary_row(mut self, row: &Tensor, op: Binary) -> Result<Tensor> {
+        let d = self.last_dim();
+        if row.elem_count() != d && row.elem_count() != 1 {
+            return shape_err(
+                "binary_row",
+                format!("{op:?} of a row of {} for last dim {d}", row.elem_count()),
+            );
+        }
+        self.storage_mut().binary_row(d, &row.storage, op)?;
+        Ok(self)
+    }
+
+    /// Adds a `[last_dim]` vector (or one value) to every row.
+    pub fn add_row(self, row: &Tensor) -> Result<Tensor> {
+        self.binary_row(row, Binary::Add)
+    }
+
+    /// Multiplies every row by a `[last_dim]` vector (or one value): a gate.
+    pub fn mul_row(self, row: &Tensor) -> Result<Tensor> {
+        self.binary_row(row, Binary::Mul)
+    }
+
+    /// LayerNorm over the last dimension (biased variance, as torch).
+    pub fn layer_norm(
+        mut self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let d = self.last_dim();
+        if weight.elem_count() != d || bias.is_some_and(|b| b.elem_count() != d) {
+            return shape_err(
+                "layer_norm",
+                format!("weight of {} for dim {d}", weight.elem_count()),
+            );
+        }
+        let b = bias.map(|b| &*b.storage);
+        self.storage_mut().layer_norm(d, &weight.storage, b, eps)?;
+        Ok(self)
+    }
+
+    /// RMSNorm over the last dimension: `w · x / sqrt(mean(x²) + eps)` (LLaMA). The
+    /// normalised value is rounded to `round_dtype` before the weight multiplies it, as
+    /// HF's `LlamaRMSNorm` casts back to the input dtype first.
+    pub fn rms_norm(mut self, weight: &Tensor, eps: f64, round_dtype: DType) -> Result<Tensor> {
+        let d = self.last_dim();
+        if weight.elem_count() != d {
+            return shape_err(
+                "rms_norm",
+                format!("weight of {} for dim {d}", weight.elem_count()),
+            );
+        }
+        self.storage_mut()
+            .rms_norm(d, &weight.storage, eps, round_dtype)?;
+        Ok(self)
+    }
+
+    /// Softmax over the last dimension.
+    pub fn softmax_last(mut self) -> Result<Tensor> {
+        let d = self.last_dim();
+        self.storage_mut().softmax(d)?;
+        Ok(self)
+    }
+
+    /// Rows scaled to unit L2 norm (a norm below 1e-12 counts as 1e-12).
+    pub fn l2_normalize(mut self) -> Result<Tensor> {
+        let d = self.last_dim();
+        self.storage_mut().l2_normalize(d)?;
+        Ok(self)
+    }
+
+    /// `[m,k] · [k,n]` of f32 tensors.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (m, k) = self.dims2()?;
+        let (k2, n) = rhs.dims2()?;
+        if k != k2 {
+            return shape_err("matmul", format!("[{m},{k}] · [{k2},{n}]"));
+        }
+        let s = self.storage.matmul(m, k, &rhs.storage, n)?;
+        Ok(Tensor::new(s, vec![m, n]))
+    }
+
+    /// Rows `start..start+len` of the tensor seen as `[rows, last_dim]`, in its dtype.
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let d = self.last_dim();
         if start + len > self.rows() {
@@ -229,45 +334,132 @@ impl Tensor {
                 format!("rows {start}..{} of {}", start + len, self.rows()),
             );
         }
-        let data = self.to_f32_slice_range(start * d, (start + len) * d);
-        Tensor::from_f32(data, &[len, d])
+        let s = self.storage.narrow_rows(d, start, len)?;
+        Ok(Tensor::new(s, vec![len, d]))
     }
 
-    fn to_f32_slice_range(&self, a: usize, b: usize) -> Vec<f32> {
-        match &*self.storage {
-            Storage::F32(v) => v[a..b].to_vec(),
-            Storage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-            Storage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+    /// Columns `start..start+len` of the tensor seen as `[rows, last_dim]`.
+    pub fn narrow_cols(&self, start: usize, len: usize) -> Result<Tensor> {
+        let d = self.last_dim();
+        if start + len > d {
+            return shape_err(
+                "narrow_cols",
+                format!("cols {start}..{} of {d}", start + len),
+            );
         }
+        let s = self.storage.narrow_cols(d, start, len)?;
+        Ok(Tensor::new(s, vec![self.rows(), len]))
     }
 
     /// Gathers rows by index (an embedding lookup); the result is f32.
     pub fn index_rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let d = self.last_dim();
-        let rows = self.rows();
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for &id in ids {
-            let id = id as usize;
-            if id >= rows {
-                return shape_err("index_rows", format!("index {id} out of range {rows}"));
-            }
-            out.extend(self.to_f32_slice_range(id * d, (id + 1) * d));
+        let (d, rows) = (self.last_dim(), self.rows());
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
+            return shape_err("index_rows", format!("index {bad} out of range {rows}"));
         }
-        Tensor::from_f32(out, &[ids.len(), d])
+        let s = self.storage.gather_rows(d, ids)?;
+        Ok(Tensor::new(s, vec![ids.len(), d]))
     }
 
-    /// Concatenates f32 tensors along the first dimension (as `[rows, last_dim]`).
+    /// Concatenates tensors along the first dimension (as `[rows, last_dim]`), in f32.
     pub fn cat_rows(parts: &[&Tensor]) -> Result<Tensor> {
         let d = parts.first().map(|t| t.last_dim()).unwrap_or(0);
-        let mut out = Vec::new();
-        let mut rows = 0;
-        for p in parts {
-            if p.last_dim() != d {
-                return shape_err("cat_rows", format!("last dims {} and {d}", p.last_dim()));
-            }
-            out.extend_from_slice(p.as_f32()?);
-            rows += p.rows();
+        if let Some(p) = parts.iter().find(|p| p.last_dim() != d) {
+            return shape_err("cat_rows", format!("last dims {} and {d}", p.last_dim()));
         }
-        Tensor::from_f32(out, &[rows, d])
+        let rows = parts.iter().map(|p| p.rows()).sum();
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(&[0, 0]));
+        }
+        let storages: Vec<&Storage> = parts.iter().map(|p| &*p.storage).collect();
+        Ok(Tensor::new(Storage::cat_rows(&storages)?, vec![rows, d]))
+    }
+
+    /// Concatenates `[rows, dᵢ]` tensors along the last dimension, in f32.
+    pub fn cat_cols(parts: &[&Tensor]) -> Result<Tensor> {
+        let rows = parts.first().map(|t| t.rows()).unwrap_or(0);
+        if let Some(p) = parts.iter().find(|p| p.rows() != rows) {
+            return shape_err("cat_cols", format!("rows {} and {rows}", p.rows()));
+        }
+        let width = parts.iter().map(|p| p.last_dim()).sum();
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(&[0, 0]));
+        }
+        let storages: Vec<(&Storage, usize)> =
+            parts.iter().map(|p| (&*p.storage, p.last_dim())).collect();
+        Ok(Tensor::new(
+            Storage::cat_cols(&storages, rows)?,
+            vec![rows, width],
+        ))
+    }
+
+    /// Row `at[i]` becomes row `i` of `src` (visual tokens into a prompt's embeddings).
+    pub fn scatter_rows(mut self, at: &[usize], src: &Tensor) -> Result<Tensor> {
+        let d = self.last_dim();
+        if src.last_dim() != d || src.rows() != at.len() {
+            return shape_err(
+                "scatter_rows",
+                format!("{} rows of {:?} into width {d}", at.len(), src.shape()),
+            );
+        }
+        if let Some(&bad) = at.iter().find(|&&r| r >= self.rows()) {
+            return shape_err("scatter_rows", format!("row {bad} of {}", self.rows()));
+        }
+        self.storage_mut().scatter_rows(d, at, &src.storage)?;
+        Ok(self)
+    }
+
+    /// A `[c, s, s]` image as its `p`×`p` patches, `[(s/p)², c·p·p]`, each patch's
+    /// channels then rows then columns (a ViT's patch convolution as one product).
+    pub fn patches(&self, p: usize) -> Result<Tensor> {
+        let [c, s, s2] = self.shape[..] else {
+            return shape_err("patches", format!("an image of shape {:?}", self.shape));
+        };
+        if s != s2 || p == 0 || !s.is_multiple_of(p) {
+            return shape_err("patches", format!("{s}×{s2} in patches of {p}"));
+        }
+        let g = s / p;
+        let st = self.storage.patches(c, s, p)?;
+        Ok(Tensor::new(st, vec![g * g, c * p * p]))
+    }
+
+    /// The first value that is not finite, with its index (checking untrusted input).
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f32)>> {
+        self.storage.first_non_finite()
+    }
+
+    /// A host copy widened to f32 (the answer of a model, a test's comparison).
+    pub fn host_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.storage.to_cpu()?.to_f32_vec())
+    }
+
+    /// [`Tensor::host_f32`] that panics when the device fails (tests and tools).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.host_f32().expect("copy to the host")
+    }
+
+    /// The values as little-endian bytes of their own dtype (the wire, a file).
+    pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
+        Ok(match self.storage.to_cpu()? {
+            CpuStorage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            CpuStorage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            CpuStorage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        })
+    }
+
+    /// Calls `f` on the f32 values a chunk at a time, without copying a host f32 tensor
+    /// whole (hashing visual tokens).
+    pub fn visit_f32(&self, chunk: usize, mut f: impl FnMut(&[f32])) -> Result<()> {
+        let host;
+        let cpu = match &*self.storage {
+            Storage::Cpu(s) => s,
+            #[allow(unreachable_patterns)]
+            other => {
+                host = other.to_cpu()?;
+                &host
+            }
+        };
+        cpu.f32_values().chunks(chunk.max(1)).for_each(&mut f);
+        Ok(())
     }
 }

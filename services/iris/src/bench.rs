@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
-use iris_engine::argmax;
 use iris_models::config::LlamaConfig;
 use iris_models::llama::Llama;
 use iris_models::vlm::CausalLm;
@@ -104,7 +103,7 @@ fn vit(a: VitArgs) -> anyhow::Result<()> {
         if name.contains("norm") && name.ends_with("weight") {
             data.iter_mut().for_each(|x| *x += 1.0);
         }
-        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype));
+        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype)?);
     }
     let w = Arc::new(Weights::from_tensors(map, dtype));
     let model = VisionTransformer::load(&w.pp(""), &cfg, a.layers)?;
@@ -233,7 +232,7 @@ fn decode_images(a: DecodeImagesArgs) -> anyhow::Result<()> {
         for _ in 0..a.tokens {
             let t = Instant::now();
             let last = hidden.narrow_rows(hidden.rows() - 1, 1)?;
-            let next = argmax(lm.logits(&last)?.as_f32()?);
+            let next = lm.logits(&last)?.argmax_rows()?[0];
             hidden = lm.forward(&lm.embed(&[next])?, &mut cache)?;
             times.push(t.elapsed().as_secs_f64());
         }
@@ -319,7 +318,7 @@ fn random_weights(
         } else {
             n
         } * dtype.size_in_bytes();
-        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype));
+        map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype)?);
     }
     Ok((map, read_per_token))
 }
@@ -332,7 +331,7 @@ fn decode_caches(
     batch: usize,
     a: &DecodeArgs,
 ) -> anyhow::Result<Vec<iris_models::layers::KvCache>> {
-    use iris_models::layers::{KvArena, KvDtype};
+    use iris_tensor::kv::{KvArena, KvDtype};
     let dtype = match kv {
         "own" => return Ok((0..batch).map(|_| model.new_cache()).collect()),
         "f32" => KvDtype::F32,
@@ -417,7 +416,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                         for layer in 0..cache.n_layers() {
                             let k = random(a.context * w, (s * 1000 + layer) as u64);
                             let v = random(a.context * w, (s * 1000 + layer) as u64 + 500);
-                            cache.write(layer, &k, &v, w);
+                            let rows = |x| Tensor::from_f32(x, &[a.context, w]);
+                            cache.write(layer, &rows(k)?, &rows(v)?)?;
                         }
                         cache.advance(a.context);
                         last.push(model.embed(&[(s as u32 * 31) % a.vocab as u32])?);
@@ -439,8 +439,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                     // One head call and one forward for the whole batch: weights read once.
                     let logits =
                         model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
-                    let v = logits.last_dim();
-                    let next: Vec<u32> = logits.as_f32()?.chunks_exact(v).map(argmax).collect();
+                    let next = logits.argmax_rows()?;
                     let embeds: Vec<Tensor> = next
                         .iter()
                         .map(|&t| model.embed(&[t]))

@@ -6,15 +6,13 @@
 use std::sync::Arc;
 
 use iris_comm::{shard_range, Communicator};
-use iris_tensor::packed::PackedBf16;
-use iris_tensor::{DType, Tensor};
+use iris_tensor::{DType, Tensor, Weight};
 
 use crate::weights::Vb;
 use crate::Result;
 
-/// `y = x·Wᵀ + b`, the output rounded to the model's dtype as PyTorch would. A bf16
-/// weight is packed once, at load, for the `vdpbf16ps` GEMM where the CPU has it (the
-/// row-major original is dropped, or left to its memory map).
+/// `y = x·Wᵀ + b`, the output rounded to the model's dtype as PyTorch would; the weight
+/// held as its backend multiplies fastest (`iris_tensor::Weight`).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
@@ -22,23 +20,13 @@ pub struct Linear {
     dtype: DType,
 }
 
-#[derive(Debug, Clone)]
-enum Weight {
-    Plain(Tensor),
-    Packed(Arc<PackedBf16>),
-}
-
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Linear {
-        let weight = match PackedBf16::for_tensor(&weight) {
-            Some(p) => Weight::Packed(Arc::new(p)),
-            None => Weight::Plain(weight),
-        };
-        Linear {
-            weight,
+    pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Result<Linear> {
+        Ok(Linear {
+            weight: Weight::new(weight)?,
             bias,
             dtype,
-        }
+        })
     }
 
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
@@ -48,48 +36,35 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear::new(weight, bias, vb.dtype()))
+        Linear::new(weight, bias, vb.dtype())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.product(x, self.bias.as_ref())?.round_to(self.dtype))
+        Ok(self.product(x, self.bias.as_ref())?.round_to(self.dtype)?)
     }
 
-    /// `forward` of several layers on the same input: with packed weights, one pass
-    /// that packs `x` once and runs every layer's panels in one parallel loop (a
-    /// layer's q/k/v or gate/up projections), otherwise one layer after another.
+    /// `forward` of several layers on the same input (a layer's q/k/v or gate/up
+    /// projections: one pass where the backend can).
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Option<Vec<_>> = layers
+        let ws: Vec<(&Weight, Option<&Tensor>)> = layers
             .iter()
-            .map(|l| match &l.weight {
-                Weight::Packed(w) => Some((&**w, l.bias.as_ref())),
-                Weight::Plain(_) => None,
-            })
+            .map(|l| (&l.weight, l.bias.as_ref()))
             .collect();
-        match packed {
-            Some(ws) if layers.len() > 1 => Ok(iris_tensor::linear_packed_many(x, &ws)?
-                .into_iter()
-                .zip(layers)
-                .map(|(y, l)| y.round_to(l.dtype))
-                .collect()),
-            _ => layers.iter().map(|l| l.forward(x)).collect(),
-        }
+        Weight::linear_many(&ws, x)?
+            .into_iter()
+            .zip(layers)
+            .map(|(y, l)| Ok(y.round_to(l.dtype)?))
+            .collect()
     }
 
     /// `x·Wᵀ (+ bias)` in f32, not rounded.
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        Ok(match &self.weight {
-            Weight::Plain(w) => iris_tensor::linear(x, w, bias)?,
-            Weight::Packed(w) => iris_tensor::linear_packed(x, w, bias)?,
-        })
+        Ok(self.weight.linear(x, bias)?)
     }
 
     /// Output features.
     pub fn out_dim(&self) -> usize {
-        match &self.weight {
-            Weight::Plain(w) => w.shape()[0],
-            Weight::Packed(w) => w.n(),
-        }
+        self.weight.out_dim()
     }
 }
 
@@ -112,7 +87,7 @@ impl ColumnParallelLinear {
         } else {
             None
         };
-        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())))
+        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())?))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -151,18 +126,17 @@ impl RowParallelLinear {
             None
         };
         Ok(RowParallelLinear {
-            inner: Linear::new(weight, None, vb.dtype()),
+            inner: Linear::new(weight, None, vb.dtype())?,
             bias,
             comm,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.inner.product(x, None)?;
-        self.comm.all_reduce_sum(y.f32_mut())?;
+        let mut y = self.comm.all_reduce_sum(self.inner.product(x, None)?)?;
         if let Some(b) = &self.bias {
             y = y.add_row(b)?;
         }
-        Ok(y.round_to(self.inner.dtype))
+        Ok(y.round_to(self.inner.dtype)?)
     }
 }

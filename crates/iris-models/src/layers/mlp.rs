@@ -41,8 +41,8 @@ impl Mlp {
         let h = self
             .fc1
             .forward(x)?
-            .activation(self.act)
-            .round_to(self.dtype);
+            .activation(self.act)?
+            .round_to(self.dtype)?;
         self.fc2.forward(&h)
     }
 }
@@ -97,8 +97,8 @@ impl GatedMlp {
             ColumnParallelLinear::forward_many(&[&self.gate_proj, &self.up_proj], x)?
                 .try_into()
                 .expect("two projections");
-        let g = g.activation(self.act).round_to(self.dtype);
-        let h = g.mul_elem(&u)?.round_to(self.dtype);
+        let g = g.activation(self.act)?.round_to(self.dtype)?;
+        let h = g.mul_elem(&u)?.round_to(self.dtype)?;
         self.down_proj.forward(&h)
     }
 }

@@ -26,7 +26,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone()
             .layer_norm(&self.weight, Some(&self.bias), self.eps)?
-            .round_to(self.dtype))
+            .round_to(self.dtype)?)
     }
 }
 
@@ -49,6 +49,6 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone()
             .rms_norm(&self.weight, self.eps, self.dtype)?
-            .round_to(self.dtype))
+            .round_to(self.dtype)?)
     }
 }

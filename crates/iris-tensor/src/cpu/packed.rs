@@ -79,17 +79,6 @@ impl PackedBf16 {
         PackedBf16 { data, n, k, kp }
     }
 
-    /// Packs a `[n, k]` bf16 tensor when this CPU runs the packed GEMM (AVX-512 BF16).
-    pub fn for_tensor(w: &crate::Tensor) -> Option<PackedBf16> {
-        let (n, k) = w.dims2().ok()?;
-        match &*w.storage {
-            crate::tensor::Storage::BF16(v) if crate::kernels::has_avx512_bf16() => {
-                Some(PackedBf16::pack(v, n, k))
-            }
-            _ => None,
-        }
-    }
-
     /// Output columns.
     pub fn n(&self) -> usize {
         self.n
@@ -465,6 +454,6 @@ mod tests {
     fn portable(x: &[f32], m: usize, w: &[bf16], n: usize, k: usize) -> Vec<f32> {
         let x = crate::Tensor::from_f32(x.to_vec(), &[m, k]).unwrap();
         let w = crate::Tensor::from_bf16(w.to_vec(), &[n, k]).unwrap();
-        crate::matmul::linear(&x, &w, None).unwrap().to_f32_vec()
+        crate::linear(&x, &w, None).unwrap().to_f32_vec()
     }
 }

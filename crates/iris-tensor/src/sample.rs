@@ -1,4 +1,6 @@
-//! Token choice per request: repetition / presence / frequency penalties, then greedy at
+//! Token choice per request, as a tensor operation over a step's logits
+//! ([`Tensor::sample_rows`]: only token ids and their log-probabilities leave the
+//! device): repetition / presence / frequency penalties, then greedy at
 //! temperature 0, else temperature, top-k, top-p (nucleus, Holtzman et al., 2019) and
 //! min-p, in vLLM's order. Each draw derives from (seed, position) alone, so a request
 //! gives the same tokens batched or alone, and resumed from any point.
@@ -212,6 +214,75 @@ pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
         .collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     top
+}
+
+/// One row's draw: its sampler, the position of the token being chosen, the tokens
+/// the penalties see, and how many top log-probabilities to report.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw<'a> {
+    pub sampler: &'a Sampler,
+    pub position: usize,
+    pub prompt: &'a [u32],
+    pub output: &'a [u32],
+    pub top_logprobs: usize,
+}
+
+/// A drawn token with its log-probability (of the unpenalized logits, as vLLM and
+/// OpenAI report) and the most likely tokens', most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    pub id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of a row (f64 accumulation), for reporting logprobs.
+pub fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = row
+        .iter()
+        .map(|&x| ((x - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    row.iter().map(|&x| x - lse).collect()
+}
+
+impl crate::Tensor {
+    /// Draws one token from each row of `[rows, vocab]` logits (`draws[i]` for row `i`).
+    pub fn sample_rows(&self, draws: &[Draw<'_>]) -> crate::Result<Vec<Drawn>> {
+        let v = self.last_dim();
+        if draws.len() != self.rows() || v == 0 {
+            return crate::error::shape_err(
+                "sample_rows",
+                format!("{} draws from logits {:?}", draws.len(), self.shape()),
+            );
+        }
+        let all = self.f32_host()?;
+        Ok(all
+            .chunks_exact(v)
+            .zip(draws)
+            .map(|(row, d)| {
+                let id = d.sampler.sample(row, d.position, d.prompt, d.output);
+                let lp = log_softmax(row);
+                Drawn {
+                    id,
+                    logprob: lp[id as usize],
+                    top_logprobs: if d.top_logprobs > 0 {
+                        top_logprobs(&lp, d.top_logprobs)
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect())
+    }
+
+    /// The index of each row's largest value (greedy decoding, benchmarks).
+    pub fn argmax_rows(&self) -> crate::Result<Vec<u32>> {
+        let v = self.last_dim().max(1);
+        Ok(self.f32_host()?.chunks_exact(v).map(argmax).collect())
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `linear`: `y = x·Wᵀ + b` with `x` f32 `[.., k]` and `W` `[n, k]` in any dtype.
+//! The CPU backend's `linear`: `y = x·Wᵀ` with `x` f32 `[m, k]` and `W` `[n, k]` in any
+//! dtype.
 //!
 //! Few rows (decode): each weight row is read once, in its storage dtype, and dotted
 //! with every activation row while it sits in L1; output rows are split across the
@@ -7,107 +8,48 @@
 
 use rayon::prelude::*;
 
-use crate::error::shape_err;
 use half::bf16;
 
 use crate::kernels::{
     dot_bf16_dp, dot_tile_4x4, dot_tile_4x4_bf16, has_avx512_bf16, TileLanes, WeightElem,
 };
 use crate::packed::PackedBf16;
-use crate::tensor::Storage;
-use crate::{Result, Tensor};
+use crate::storage::CpuStorage;
 
 /// Up to this many activation rows (a decode batch), weights are read once in their
 /// dtype and multiplied by 4×4 register tiles; above it (prefill), `gemm`.
 const SMALL_M: usize = 64;
 
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (n, k) = w.dims2()?;
-    check_shapes(x, n, k, bias)?;
-    let m = x.rows();
-    let xs = x.as_f32()?;
-    let bf16_tiles = w.dtype() == crate::DType::BF16 && has_avx512_bf16();
-    let out = if m <= SMALL_M {
+/// `x[m, k] · W[n, k]ᵀ` in f32 for a weight in any dtype.
+pub(crate) fn linear(xs: &[f32], m: usize, k: usize, w: &CpuStorage, n: usize) -> Vec<f32> {
+    if m <= SMALL_M {
         small_m(xs, m, w, n, k)
-    } else if bf16_tiles {
+    } else if let (CpuStorage::BF16(wv), true) = (w, has_avx512_bf16()) {
         // Prefill with bf16 weights: a packed `vdpbf16ps` GEMM.
-        let Storage::BF16(wv) = &*w.storage else {
-            unreachable!("bf16 weight")
-        };
         crate::packed::matmul_packed(xs, m, k, &PackedBf16::pack(wv, n, k))
     } else {
         large_m(xs, m, w, n, k)
-    };
-    with_bias(out, x, n, bias)
-}
-
-/// `linear` with a weight packed once for the `vdpbf16ps` GEMM (every row count).
-pub fn linear_packed(x: &Tensor, w: &PackedBf16, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (n, k) = (w.n(), w.k());
-    check_shapes(x, n, k, bias)?;
-    let out = crate::packed::matmul_packed(x.as_f32()?, x.rows(), k, w);
-    with_bias(out, x, n, bias)
-}
-
-/// `linear_packed` for several weights of the same input width at once (see
-/// `packed::matmul_packed_many`).
-pub fn linear_packed_many(
-    x: &Tensor,
-    ws: &[(&PackedBf16, Option<&Tensor>)],
-) -> Result<Vec<Tensor>> {
-    let k = x.last_dim();
-    for (w, bias) in ws {
-        check_shapes(x, w.n(), w.k(), *bias)?;
     }
-    let weights: Vec<&PackedBf16> = ws.iter().map(|(w, _)| *w).collect();
-    crate::packed::matmul_packed_many(x.as_f32()?, x.rows(), k, &weights)
-        .into_iter()
-        .zip(ws)
-        .map(|(out, (w, bias))| with_bias(out, x, w.n(), *bias))
-        .collect()
 }
 
-fn check_shapes(x: &Tensor, n: usize, k: usize, bias: Option<&Tensor>) -> Result<()> {
-    if x.last_dim() != k {
-        return shape_err(
-            "linear",
-            format!("input {:?} against weight [{n}, {k}]", x.shape()),
-        );
+/// `out[i, j] += b[j]` for every `n`-wide row.
+pub(crate) fn add_bias(out: &mut [f32], n: usize, b: &[f32]) {
+    for row in out.chunks_exact_mut(n) {
+        row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
     }
-    if let Some(b) = bias {
-        if b.elem_count() != n {
-            return shape_err(
-                "linear",
-                format!("bias of {} for {n} outputs", b.elem_count()),
-            );
-        }
-    }
-    Ok(())
 }
 
-fn with_bias(mut out: Vec<f32>, x: &Tensor, n: usize, bias: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(b) = bias {
-        let b = b.to_f32_vec();
-        for row in out.chunks_exact_mut(n) {
-            row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
-        }
-    }
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().expect("x has last dim k") = n;
-    Tensor::from_f32(out, &shape)
-}
-
-fn small_m(xs: &[f32], m: usize, w: &Tensor, n: usize, k: usize) -> Vec<f32> {
-    match &*w.storage {
-        Storage::F32(v) => small_m_typed(xs, m, v, n, k),
+fn small_m(xs: &[f32], m: usize, w: &CpuStorage, n: usize, k: usize) -> Vec<f32> {
+    match w {
+        CpuStorage::F32(v) => small_m_typed(xs, m, v, n, k),
         // bf16 × bf16 with `vdpbf16ps`: activations rounded to bf16 first, as PyTorch's
         // bf16 matmul takes them (in bf16 mode they already are).
-        Storage::BF16(v) if has_avx512_bf16() => {
+        CpuStorage::BF16(v) if has_avx512_bf16() => {
             let xb: Vec<bf16> = xs.iter().map(|&x| bf16::from_f32(x)).collect();
             small_m_tiled(&xb, m, v, n, k, dot_tile_4x4_bf16, dot_bf16_dp)
         }
-        Storage::BF16(v) => small_m_typed(xs, m, v, n, k),
-        Storage::F16(v) => small_m_typed(xs, m, v, n, k),
+        CpuStorage::BF16(v) => small_m_typed(xs, m, v, n, k),
+        CpuStorage::F16(v) => small_m_typed(xs, m, v, n, k),
     }
 }
 
@@ -179,17 +121,10 @@ fn small_m_tiled<W: Sync, X: Sync>(
     out
 }
 
-fn large_m(xs: &[f32], m: usize, w: &Tensor, n: usize, k: usize) -> Vec<f32> {
-    let widened;
-    let wf: &[f32] = match &*w.storage {
-        Storage::F32(v) => v,
-        _ => {
-            widened = w.to_f32_vec();
-            &widened
-        }
-    };
+fn large_m(xs: &[f32], m: usize, w: &CpuStorage, n: usize, k: usize) -> Vec<f32> {
+    let wf = w.f32_values();
     let mut out = vec![0f32; m * n];
-    matmul_f32(xs, wf, &mut out, m, n, k, true);
+    matmul_f32(xs, &wf, &mut out, m, n, k, true);
     out
 }
 
@@ -256,24 +191,9 @@ pub(crate) fn matmul_f32(
     }
 }
 
-impl Tensor {
-    /// `[m,k] · [k,n]` for f32 tensors (attention scores and mixing).
-    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let (m, k) = self.dims2()?;
-        let (k2, n) = rhs.dims2()?;
-        if k != k2 {
-            return shape_err("matmul", format!("[{m},{k}] · [{k2},{n}]"));
-        }
-        let mut out = vec![0f32; m * n];
-        matmul_f32(self.as_f32()?, rhs.as_f32()?, &mut out, m, n, k, false);
-        Tensor::from_f32(out, &[m, n])
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::DType;
+    use crate::{linear, DType, Tensor};
 
     fn naive(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let mut o = vec![0f32; m * n];
@@ -297,7 +217,10 @@ mod tests {
                 .collect();
             let xt = Tensor::from_f32(x.clone(), &[m, k]).unwrap();
             for dt in [DType::F32, DType::BF16, DType::F16] {
-                let wt = Tensor::from_f32(w.clone(), &[n, k]).unwrap().to_dtype(dt);
+                let wt = Tensor::from_f32(w.clone(), &[n, k])
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
                 let want = naive(&x, &wt.to_f32_vec(), m, n, k);
                 let got = linear(&xt, &wt, None).unwrap();
                 assert_eq!(got.shape(), &[m, n]);
@@ -317,7 +240,10 @@ mod tests {
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
             .collect();
         for dt in [DType::F32, DType::BF16, DType::F16] {
-            let wt = Tensor::from_f32(w.clone(), &[n, k]).unwrap().to_dtype(dt);
+            let wt = Tensor::from_f32(w.clone(), &[n, k])
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             for m in [4, 7, 13, 64] {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| ((i * 13 % 11) as f32 - 5.0) / 7.0)

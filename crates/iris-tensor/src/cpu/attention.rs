@@ -1,11 +1,10 @@
-//! Scaled dot-product attention over contiguous `[tokens, heads·head_dim]` buffers,
-//! with grouped-query attention (Ainslie et al., 2023) and an optional causal mask.
-//! Scores, softmax and mixing are f32 (as PyTorch's CPU kernels accumulate); heads run
-//! in parallel.
+//! The CPU backend's attention over contiguous `[tokens, heads·head_dim]` buffers or a
+//! paged cache's blocks, with grouped-query attention (Ainslie et al., 2023) and an
+//! optional causal mask. Scores, softmax and mixing are f32 (as PyTorch's CPU kernels
+//! accumulate); heads run in parallel.
 
-use super::KvRow;
-
-use super::kv_cache::{KvCache, KvView};
+use crate::attention::AttnShape;
+use crate::kv::{KvCache, KvRow, KvView};
 use rayon::prelude::*;
 
 /// From this many queries at once, attention runs as matrix products.
@@ -14,22 +13,10 @@ const GEMM_MIN_QUERIES: usize = 16;
 /// Queries per block of the bf16 path: a block's scores stop at its last query's keys.
 const QUERY_BLOCK: usize = 96;
 
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    /// Queries, keys and values are bf16 values (a bf16 model): with many queries the
-    /// products run in bf16 with f32 sums, the scale goes on the f32 scores and the
-    /// probabilities are rounded to bf16 before they mix the values — PyTorch's CPU
-    /// flash attention for bf16, step for step.
-    pub bf16_products: bool,
-}
-
 /// `q`: `[tq, n_heads·hd]`; `k`, `v`: `[tk, n_kv_heads·hd]`. With `causal_offset =
 /// Some(p)`, query `i` sits at position `p + i` and sees keys `0..=p+i`; with `None`
 /// every query sees every key. Returns `[tq, n_heads·hd]`.
-pub fn sdpa(
+pub(crate) fn sdpa(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -58,11 +45,16 @@ fn dims(q: &[f32], kv: &KvView, s: AttnShape) -> (usize, usize, usize, usize, us
 
 /// [`sdpa`] over keys and values wherever they live (a sequence's rows or the blocks
 /// of a paged cache, read through its block table).
-pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
+pub(crate) fn sdpa_view(
+    q: &[f32],
+    kv: &KvView,
+    s: AttnShape,
+    causal_offset: Option<usize>,
+) -> Vec<f32> {
     let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let key = |j: usize, h: usize| kv.row(j).0.part(h * hd..(h + 1) * hd);
     let value = |j: usize, h: usize| kv.row(j).1.part(h * hd..(h + 1) * hd);
-    if tq >= GEMM_MIN_QUERIES && s.bf16_products && iris_tensor::kernels::has_avx512_bf16() {
+    if tq >= GEMM_MIN_QUERIES && s.bf16_products && crate::kernels::has_avx512_bf16() {
         return sdpa_bf16(q, kv, s, causal_offset);
     }
     if tq < GEMM_MIN_QUERIES {
@@ -83,13 +75,13 @@ pub fn sdpa_view(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usi
             qh.iter_mut().for_each(|x| *x *= scale);
             let kh = gather_rows(tk, hd, |j| key(j, kvh));
             let vh = gather_rows(tk, hd, |j| value(j, kvh));
-            let mut scores = iris_tensor::gemm_f32(&qh, &kh, tq, tk, hd, true);
+            let mut scores = crate::cpu::matmul::gemm_f32(&qh, &kh, tq, tk, hd, true);
             for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
                 let limit = causal_offset.map_or(tk, |p| (p + i + 1).min(tk));
-                iris_tensor::softmax_in_place(&mut row[..limit]);
+                crate::softmax_in_place(&mut row[..limit]);
                 row[limit..].iter_mut().for_each(|x| *x = 0.0);
             }
-            iris_tensor::gemm_f32(&scores, &vh, tq, hd, tk, false)
+            crate::cpu::matmul::gemm_f32(&scores, &vh, tq, hd, tk, false)
         })
         .collect();
     interleave(&per_head, tq, hd)
@@ -132,7 +124,7 @@ fn attend_group(
             for (j, sc) in row.iter_mut().enumerate().skip(tiled) {
                 *sc = key(j).dot(q_of(h)) * scale;
             }
-            iris_tensor::softmax_in_place(row);
+            crate::softmax_in_place(row);
         }
         let o = &mut out[i * group * hd..(i + 1) * group * hd];
         for j in 0..limit {
@@ -152,7 +144,7 @@ fn attend_group(
 /// whole step (one fork-join a layer, not one a sequence): a task per decoding
 /// sequence and KV head, or per sequence with a prefill's many queries; outputs back to
 /// back.
-pub fn sdpa_batch(
+pub(crate) fn sdpa_batch(
     q: &[f32],
     caches: &[&mut KvCache],
     rows: &[usize],
@@ -224,7 +216,7 @@ fn interleave(per_head: &[Vec<f32>], tq: usize, hd: usize) -> Vec<f32> {
 /// once for the packed `vdpbf16ps` GEMM; queries go in blocks, and a causal block's
 /// scores and mixing stop at the keys its last query sees.
 fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>) -> Vec<f32> {
-    use iris_tensor::packed::{matmul_packed_part, PackedBf16};
+    use crate::packed::{matmul_packed_part, PackedBf16};
     let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let packed: Vec<(PackedBf16, PackedBf16)> = (0..s.n_kv_heads)
         .into_par_iter()
@@ -251,7 +243,7 @@ fn sdpa_bf16(q: &[f32], kv: &KvView, s: AttnShape, causal_offset: Option<usize>)
                     matmul_packed_part(&qh[i0 * hd..(i0 + rows) * hd], rows, hd, pk, keys);
                 for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
                     let limit = sees(i0 + r);
-                    iris_tensor::softmax_scaled_in_place(&mut row[..limit], scale);
+                    crate::softmax_scaled_in_place(&mut row[..limit], scale);
                     row[limit..].iter_mut().for_each(|x| *x = 0.0);
                 }
                 out.extend(matmul_packed_part(&scores, rows, keys, pv, hd));
@@ -319,7 +311,7 @@ mod tests {
     fn bf16_products_match_the_f32_path() {
         // Without the instruction `bf16_products` takes the f32 path: still run, the
         // two agree trivially, and the note says so.
-        iris_tensor::kernels::bf16_kernels_testable("bf16_products_match_the_f32_path");
+        crate::kernels::bf16_kernels_testable("bf16_products_match_the_f32_path");
         let shape = |bf16_products| AttnShape {
             n_heads: 4,
             n_kv_heads: 2,
@@ -330,7 +322,7 @@ mod tests {
             (0..n)
                 .map(|i| {
                     let x = (((i * 7919 + seed * 131) % 1009) as f32 - 504.0) / 300.0;
-                    iris_tensor::round_scalar(x, iris_tensor::DType::BF16)
+                    crate::round_scalar(x, crate::DType::BF16)
                 })
                 .collect()
         };
@@ -390,9 +382,11 @@ mod tests {
         for (n, &(cached, new)) in shapes.iter().enumerate() {
             let mut c = KvCache::new(1);
             let total = cached + new;
-            c.write(0, &f(cached * kw, 3 * n), &f(cached * kw, 3 * n + 1), kw);
+            c.write_rows(0, &f(cached * kw, 3 * n), &f(cached * kw, 3 * n + 1), kw)
+                .unwrap();
             c.advance(cached);
-            c.write(0, &f(new * kw, 3 * n + 2), &f(new * kw, 3 * n), kw);
+            c.write_rows(0, &f(new * kw, 3 * n + 2), &f(new * kw, 3 * n), kw)
+                .unwrap();
             assert_eq!(c.view(0, kw, total).len(), total);
             q.extend(f(new * qw, 7 + n));
             caches.push(c);

@@ -5,8 +5,9 @@
 
 use std::sync::{RwLock, RwLockReadGuard};
 
+use crate::kernels::{dot_bf16, dot_f32};
+use crate::{Result, Tensor};
 use half::bf16;
-use iris_tensor::kernels::{dot_bf16, dot_f32};
 
 /// How the arena stores keys and values: f32, or bf16 (half the bytes; exact for a
 /// bf16 model, whose K/V are bf16 values already).
@@ -36,12 +37,13 @@ impl std::fmt::Display for KvDtype {
 
 /// One row (or part of a row) of keys or values, in the arena's dtype.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KvRow<'a> {
+pub(crate) enum KvRow<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
 }
 
 impl<'a> KvRow<'a> {
+    #[cfg(test)]
     fn len(self) -> usize {
         match self {
             KvRow::F32(r) => r.len(),
@@ -72,7 +74,7 @@ impl<'a> KvRow<'a> {
     /// the rows are not all of one dtype.
     #[inline]
     pub fn dot_4x4(keys: [KvRow<'_>; 4], qs: [&[f32]; 4]) -> Option<[[f32; 4]; 4]> {
-        use iris_tensor::kernels::dot_tile_4x4;
+        use crate::kernels::dot_tile_4x4;
         match keys {
             [KvRow::F32(a), KvRow::F32(b), KvRow::F32(c), KvRow::F32(d)] => {
                 Some(dot_tile_4x4([a, b, c, d], qs))
@@ -104,6 +106,7 @@ impl<'a> KvRow<'a> {
         }
     }
 
+    #[cfg(test)]
     pub fn to_vec(self) -> Vec<f32> {
         let mut v = Vec::with_capacity(self.len());
         self.extend_into(&mut v);
@@ -149,7 +152,7 @@ impl Data {
     fn put(&mut self, at: usize, row: &[f32]) {
         match self {
             Data::F32(d) => d[at..at + row.len()].copy_from_slice(row),
-            Data::Bf16(d) => iris_tensor::kernels::to_bf16(row, &mut d[at..at + row.len()]),
+            Data::Bf16(d) => crate::kernels::to_bf16(row, &mut d[at..at + row.len()]),
         }
     }
 }
@@ -165,7 +168,7 @@ pub struct KvArena {
 }
 
 #[derive(Debug, Default)]
-pub struct LayerBlocks {
+pub(crate) struct LayerBlocks {
     width: usize,
     data: Data,
 }
@@ -236,6 +239,12 @@ impl KvArena {
         self.block_size
     }
 
+    /// The row width `layer` holds, once written.
+    fn width(&self, layer: usize) -> Option<usize> {
+        let l = self.layers[layer].read().expect("kv arena lock");
+        (l.data.len() > 0).then_some(l.width)
+    }
+
     /// Writes rows `k`, `v` (`width` floats each) at positions `start..` of a sequence
     /// whose blocks are `table`.
     fn write(&self, layer: usize, table: &[u32], start: usize, kv: (&[f32], &[f32]), w: usize) {
@@ -258,7 +267,7 @@ impl KvArena {
 
 /// Keys and values one attention call reads: contiguous rows, or rows found through a
 /// block table.
-pub enum KvView<'a> {
+pub(crate) enum KvView<'a> {
     Rows {
         k: &'a [f32],
         v: &'a [f32],
@@ -281,10 +290,6 @@ impl<'a> KvView<'a> {
             KvView::Rows { k, width, .. } => k.len() / width.max(&1),
             KvView::Paged { len, .. } => *len,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Rows `range` of this view (one image's keys and values, for cross-attention).
@@ -358,7 +363,7 @@ pub struct KvCache {
     /// Per layer, the keys and values of what cross-attention reads (the image), computed
     /// once per sequence (BLIP's text decoder; Flamingo's gated layers): here until
     /// `paged` moves them into the arena's blocks (`cross_table`).
-    cross: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    cross: Vec<Option<(Tensor, Tensor)>>,
     /// Paged: the blocks holding cross-attention rows, and each slot's row count.
     cross_table: Vec<u32>,
     cross_rows: Vec<usize>,
@@ -407,7 +412,11 @@ impl KvCache {
         // Cross K/V of another width than the arena's stay where they are.
         for (slot, c) in self.cross.iter_mut().enumerate().filter(|_| fits) {
             if let Some((k, v)) = c.take() {
-                arena.write(slot, &cross_table, 0, (&k, &v), width);
+                let (k, v) = (
+                    k.as_f32().expect("set_cross keeps host f32"),
+                    v.as_f32().expect("set_cross keeps host f32"),
+                );
+                arena.write(slot, &cross_table, 0, (k, v), width);
                 self.cross_rows[slot] = k.len() / width.max(1);
             }
         }
@@ -421,7 +430,7 @@ impl KvCache {
         self.cross
             .iter()
             .flatten()
-            .map(|(k, v)| k.len() + v.len())
+            .map(|(k, v)| k.elem_count() + v.elem_count())
             .sum()
     }
 
@@ -430,10 +439,10 @@ impl KvCache {
     pub fn cross_rows_max(&self, width: usize) -> Option<usize> {
         let mut most = 0;
         for (k, _) in self.cross.iter().flatten() {
-            if width == 0 || k.len() % width != 0 {
+            if width == 0 || k.last_dim() != width {
                 return None;
             }
-            most = most.max(k.len() / width);
+            most = most.max(k.rows());
         }
         Some(most)
     }
@@ -466,13 +475,33 @@ impl KvCache {
             .flatten()
     }
 
-    pub fn set_cross(&mut self, layer: usize, k: Vec<f32>, v: Vec<f32>) {
+    /// The keys and values `[rows, width]` cross-attention reads in `layer` (an
+    /// image's, computed once per sequence).
+    pub fn set_cross(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<()> {
+        if k.shape() != v.shape() || k.rank() != 2 {
+            return crate::error::shape_err(
+                "set_cross",
+                format!("keys {:?} values {:?}", k.shape(), v.shape()),
+            );
+        }
+        // Held in f32, as the attention kernels read them.
+        let f32_host = |t: Tensor| t.to_device(crate::Device::Cpu)?.to_dtype(crate::DType::F32);
+        let (k, v) = (f32_host(k)?, f32_host(v)?);
         self.cross[layer] = Some((k, v));
+        Ok(())
+    }
+
+    /// Whether `layer` has cross-attention keys and values.
+    pub fn has_cross(&self, layer: usize) -> bool {
+        self.cross.get(layer).is_some_and(|c| c.is_some())
+            || (matches!(self.store, Store::Paged { .. })
+                && self.cross_rows.get(layer).is_some_and(|&r| r > 0))
     }
 
     /// The keys and values cross-attention reads in `layer` (rows `width` wide).
-    pub fn cross(&self, layer: usize, width: usize) -> Option<KvView<'_>> {
+    pub(crate) fn cross(&self, layer: usize, width: usize) -> Option<KvView<'_>> {
         if let Some((k, v)) = self.cross.get(layer).and_then(|c| c.as_ref()) {
+            let (k, v) = (k.as_f32().ok()?, v.as_f32().ok()?);
             return Some(KvView::Rows { k, v, width });
         }
         match &self.store {
@@ -498,20 +527,77 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends a step's keys and values (`width` floats a row) to `layer`; returns
-    /// everything the layer holds, this step included.
-    ///
-    /// Panics when a paged cache's table has no block for the new positions: the
-    /// engine allocates blocks before it runs a step.
-    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], width: usize) -> KvView<'_> {
-        self.write(layer, k, v, width);
+    /// Writes a step's keys and values (`[rows, width]` each) to `layer` after the
+    /// `len()` rows cached; attention then reads them with the cached ones. Errors
+    /// when a paged cache's table has no block for the new positions (the engine
+    /// allocates blocks before it runs a step).
+    pub fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        if k.shape() != v.shape() {
+            return crate::error::shape_err(
+                "kv write",
+                format!("keys {:?} values {:?}", k.shape(), v.shape()),
+            );
+        }
+        let width = k.last_dim();
+        let (k, v) = (k.f32_host()?, v.f32_host()?);
+        self.write_rows(layer, &k, &v, width)
+    }
+
+    /// [`KvCache::write`] of a batch step: sequence `i`'s keys and values are the next
+    /// `rows[i]` rows of `k` and `v`.
+    pub fn write_batch(
+        caches: &mut [&mut KvCache],
+        rows: &[usize],
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        if k.shape() != v.shape()
+            || rows.len() != caches.len()
+            || rows.iter().sum::<usize>() != k.rows()
+        {
+            return crate::error::shape_err(
+                "kv write",
+                format!(
+                    "keys {:?} values {:?} for rows {rows:?}",
+                    k.shape(),
+                    v.shape()
+                ),
+            );
+        }
+        let w = k.last_dim();
+        let (k, v) = (k.f32_host()?, v.f32_host()?);
+        let mut r0 = 0;
+        for (cache, &t) in caches.iter_mut().zip(rows) {
+            let r = r0 * w..(r0 + t) * w;
+            cache.write_rows(layer, &k[r.clone()], &v[r], w)?;
+            r0 += t;
+        }
+        Ok(())
+    }
+
+    /// Writes host rows and returns everything `layer` holds, them included (tests).
+    #[cfg(test)]
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        width: usize,
+    ) -> KvView<'_> {
+        self.write_rows(layer, k, v, width)
+            .expect("blocks for the rows");
         self.view(layer, width, self.len + k.len() / width.max(1))
     }
 
-    /// Writes a step's keys and values to `layer` after the `len()` rows cached (as
-    /// `append`, without the view: a batch writes every sequence first, then reads
-    /// them all at once).
-    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], width: usize) {
+    /// [`KvCache::write`] of host rows.
+    pub(crate) fn write_rows(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        width: usize,
+    ) -> Result<()> {
         let t = k.len() / width.max(1);
         match &mut self.store {
             Store::Own { k: ks, v: vs } => {
@@ -520,17 +606,24 @@ impl KvCache {
             }
             Store::Paged { arena, table } => {
                 let end = self.len + t;
-                assert!(
-                    end <= table.len() * arena.block_size(),
-                    "paged KV cache: position {end} past the block table"
-                );
+                if end > table.len() * arena.block_size() {
+                    return Err(crate::Error::Kv(format!(
+                        "paged KV cache: position {end} past the block table"
+                    )));
+                }
+                if let Some(w) = arena.width(layer).filter(|&w| w != width) {
+                    return Err(crate::Error::Kv(format!(
+                        "rows of {width} values in a layer of {w}"
+                    )));
+                }
                 arena.write(layer, table, self.len, (k, v), width);
             }
         }
+        Ok(())
     }
 
     /// The first `rows` rows `layer` holds (`len()` plus what this step wrote).
-    pub fn view(&self, layer: usize, width: usize, rows: usize) -> KvView<'_> {
+    pub(crate) fn view(&self, layer: usize, width: usize, rows: usize) -> KvView<'_> {
         match &self.store {
             Store::Own { k: ks, v: vs } => KvView::Rows {
                 k: &ks[layer][..rows * width],
@@ -621,7 +714,8 @@ mod tests {
         let mut own = KvCache::new(2);
         let k: Vec<f32> = (0..6 * 3).map(|i| i as f32).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
-        own.set_cross(1, k.clone(), v.clone());
+        let t = |x: &Vec<f32>| Tensor::from_f32(x.clone(), &[6, 3]).unwrap();
+        own.set_cross(1, t(&k), t(&v)).unwrap();
         assert_eq!(own.cross_rows_max(3), Some(6));
         let rows = |c: &KvCache| -> Vec<(Vec<f32>, Vec<f32>)> {
             let view = c.cross(1, 3).unwrap().rows(2..5);

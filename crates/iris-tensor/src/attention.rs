@@ -1,0 +1,184 @@
+//! Attention as tensor operations: scaled dot-product attention with grouped-query
+//! heads (Ainslie et al., 2023) over given keys and values (prefill, a ViT's images,
+//! cross-attention) or over sequences' caches (a batch step over the paged KV arena).
+//! Each runs on its operands' backend.
+
+use std::ops::Range;
+
+use crate::error::shape_err;
+use crate::kv::KvCache;
+use crate::storage::{BackendStorage, Storage};
+use crate::{Device, Error, Result, Tensor};
+
+/// Heads of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Queries, keys and values are bf16 values (a bf16 model): with many queries the
+    /// products run in bf16 with f32 sums, the scale goes on the f32 scores and the
+    /// probabilities are rounded to bf16 before they mix the values — PyTorch's CPU
+    /// flash attention for bf16, step for step.
+    pub bf16_products: bool,
+}
+
+impl AttnShape {
+    fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    fn check(&self, q: &Tensor) -> Result<()> {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return shape_err(
+                "attention",
+                format!(
+                    "{} query heads over {} KV heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            );
+        }
+        if q.last_dim() != self.q_width() {
+            return shape_err(
+                "attention",
+                format!(
+                    "queries {:?} for {} heads of {}",
+                    q.shape(),
+                    self.n_heads,
+                    self.head_dim
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `q` `[tq, n_heads·hd]` attending to `k`, `v` `[tk, n_kv_heads·hd]`: with `causal =
+/// Some(p)` query `i` sits at position `p + i` and sees keys `0..=p+i`; with `None`
+/// every query sees every key. Returns `[tq, n_heads·hd]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: AttnShape,
+    causal: Option<usize>,
+) -> Result<Tensor> {
+    attention_blocks(q, k, v, q.rows(), s, causal)
+}
+
+/// [`attention`] of independent blocks of `tokens` rows each (a ViT's images, batched
+/// for the projections): block `b`'s queries see only block `b`'s keys.
+pub fn attention_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    tokens: usize,
+    s: AttnShape,
+    causal: Option<usize>,
+) -> Result<Tensor> {
+    s.check(q)?;
+    if k.shape() != v.shape() || k.last_dim() != s.kv_width() {
+        return shape_err(
+            "attention",
+            format!(
+                "keys {:?} values {:?} for {} KV heads",
+                k.shape(),
+                v.shape(),
+                s.n_kv_heads
+            ),
+        );
+    }
+    let blocks = q.rows().checked_div(tokens).unwrap_or(0);
+    if blocks * tokens != q.rows()
+        || (blocks > 0 && !k.rows().is_multiple_of(blocks))
+        || (blocks > 1 && k.rows() != q.rows())
+    {
+        return shape_err(
+            "attention",
+            format!(
+                "{} queries, {} keys in blocks of {tokens}",
+                q.rows(),
+                k.rows()
+            ),
+        );
+    }
+    let out = Storage::attention(&q.storage, &k.storage, &v.storage, s, causal, blocks.max(1))?;
+    Ok(Tensor::new(out, vec![q.rows(), s.q_width()]))
+}
+
+/// A batch step's attention over the sequences' caches: sequence `i`'s queries are the
+/// next `rows[i]` rows of `q` (`[Σ rows, n_heads·hd]`), its keys and values `layer` of
+/// `caches[i]` — this step's already written (`KvCache::write`) after its `len()`
+/// cached rows — causally from its `len()`. One parallel loop for the whole step.
+pub fn attention_cached(
+    q: &Tensor,
+    caches: &[&mut KvCache],
+    rows: &[usize],
+    layer: usize,
+    s: AttnShape,
+) -> Result<Tensor> {
+    s.check(q)?;
+    if rows.len() != caches.len() || rows.iter().sum::<usize>() != q.rows() {
+        return shape_err(
+            "attention_cached",
+            format!(
+                "{} rows for {:?} over {} caches",
+                q.rows(),
+                rows,
+                caches.len()
+            ),
+        );
+    }
+    match q.device() {
+        Device::Cpu => {
+            let out = crate::cpu::attention::sdpa_batch(
+                q.as_f32()?,
+                caches,
+                rows,
+                layer,
+                s.kv_width(),
+                s,
+            );
+            Tensor::from_f32(out, &[q.rows(), s.q_width()])
+        }
+        other => Err(Error::Device(format!(
+            "attention over a KV cache on {other}"
+        ))),
+    }
+}
+
+/// `q` attending to the cross-attention keys and values `layer` of `cache` holds (an
+/// image's), their rows `keys` when given (one image of several); `None` when the
+/// cache has none for `layer`.
+pub fn attention_cross(
+    q: &Tensor,
+    cache: &KvCache,
+    layer: usize,
+    keys: Option<Range<usize>>,
+    s: AttnShape,
+) -> Result<Option<Tensor>> {
+    s.check(q)?;
+    let Some(kv) = cache.cross(layer, s.kv_width()) else {
+        return Ok(None);
+    };
+    let kv = match keys {
+        Some(r) if r.end > kv.len() => {
+            return shape_err("attention_cross", format!("keys {r:?} of {}", kv.len()))
+        }
+        Some(r) => kv.rows(r),
+        None => kv,
+    };
+    match q.device() {
+        Device::Cpu => {
+            let out = crate::cpu::attention::sdpa_view(q.as_f32()?, &kv, s, None);
+            Ok(Some(Tensor::from_f32(out, &[q.rows(), s.q_width()])?))
+        }
+        other => Err(Error::Device(format!(
+            "cross-attention over a KV cache on {other}"
+        ))),
+    }
+}
