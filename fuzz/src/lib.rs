@@ -48,6 +48,7 @@ pub fn harness() -> &'static Harness {
         let opts = PipelineOptions {
             dtype: None,
             limits: limits(),
+            ..Default::default()
         };
         let p = Arc::new(Pipeline::load_parts(&dir, &opts, Parts::ALL).unwrap());
         let pipelines: HashMap<String, Arc<Pipeline>> = [(MODEL.to_string(), p.clone())].into();

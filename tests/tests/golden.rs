@@ -219,6 +219,7 @@ fn bf16_checkpoint_runs_in_f32_when_asked() {
     let opts = PipelineOptions {
         dtype: Some(DType::F32),
         limits: ImageLimits::default(),
+        ..Default::default()
     };
     let p = Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &opts).unwrap();
     assert_eq!(p.model.dtype(), DType::F32);

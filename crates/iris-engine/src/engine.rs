@@ -464,13 +464,14 @@ impl Engine {
         let lm = pipeline.model.language_model()?;
         let dtype = kv_dtype(&pipeline, config.kv_dtype);
         let (n_layers, width) = (lm.new_cache().n_layers(), lm.kv_width());
-        let arena = Arc::new(KvArena::reserved(
+        let arena = Arc::new(KvArena::reserved_on(
             n_layers,
             config.kv_blocks,
             config.block_size,
             width,
             dtype,
-        ));
+            pipeline.device(),
+        )?);
         let stats = Arc::new(Mutex::new(EngineStats {
             free_blocks: config.kv_blocks,
             total_blocks: config.kv_blocks,

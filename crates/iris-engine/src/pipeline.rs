@@ -8,7 +8,7 @@ use iris_image::ImageLimits;
 use iris_models::config::{read_json, token_ids};
 use iris_models::registry::{Checkpoint, Family, Parts};
 use iris_models::vlm::VisionLanguageModel;
-use iris_tensor::{DType, Tensor};
+use iris_tensor::{DType, Device, Tensor};
 
 use crate::processor::{PreparedPrompt, Processor, PromptStyle};
 use crate::{Error, Result};
@@ -19,6 +19,8 @@ pub struct PipelineOptions {
     /// Overrides the checkpoint's dtype.
     pub dtype: Option<DType>,
     pub limits: ImageLimits,
+    /// Where the weights, activations and KV cache live.
+    pub device: Device,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -197,6 +199,7 @@ pub struct Pipeline {
     tensors_read: Vec<String>,
     /// Bytes those tensors take in the checkpoint.
     bytes_read: usize,
+    device: Device,
 }
 
 impl Pipeline {
@@ -208,7 +211,7 @@ impl Pipeline {
     /// Loads `parts` of `dir` (plus its processor and configs, which every part
     /// needs); each part reads only its own tensors from the memory-mapped checkpoint.
     pub fn load_parts(dir: &Path, opts: &PipelineOptions, parts: Parts) -> Result<Pipeline> {
-        let ck = Checkpoint::open(dir, opts.dtype)?;
+        let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
         let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
         let model = ck.load_vlm(dir, parts)?;
         let tensors_read = ck.weights.tensors_read();
@@ -224,7 +227,13 @@ impl Pipeline {
             context_length: spec.context_length,
             tensors_read,
             bytes_read,
+            device: opts.device,
         })
+    }
+
+    /// Where the model runs (its KV arena goes there too).
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Positions the language model has (prompt plus output).

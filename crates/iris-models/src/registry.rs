@@ -179,6 +179,15 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens `dir`; `dtype` overrides the checkpoint's (default f32).
     pub fn open(dir: &Path, dtype: Option<DType>) -> Result<Checkpoint> {
+        Checkpoint::open_on(dir, dtype, iris_tensor::Device::Cpu)
+    }
+
+    /// [`Checkpoint::open`] whose tensors are read onto `device`.
+    pub fn open_on(
+        dir: &Path,
+        dtype: Option<DType>,
+        device: iris_tensor::Device,
+    ) -> Result<Checkpoint> {
         let config = read_json(&dir.join("config.json"))?;
         let family = Family::of(&config)?;
         let architecture = architecture(&config).unwrap_or_default();
@@ -191,7 +200,7 @@ impl Checkpoint {
             .or_else(|| checkpoint_dtype(&config))
             .or_else(text_dtype)
             .unwrap_or(DType::F32);
-        let weights = Arc::new(Weights::open(dir, dtype)?);
+        let weights = Arc::new(Weights::open(dir, dtype)?.on(device));
         Ok(Checkpoint {
             family,
             architecture,

@@ -232,7 +232,11 @@ impl VisionTransformer {
                 pixel_values.shape()
             )));
         }
-        let patches = pixel_values.clone().round_to(self.dtype)?.patches(p)?;
+        // Pixels come from the host: uploaded to the tower's device first.
+        let patches = pixel_values
+            .to_device(self.patch_embedding.device())?
+            .round_to(self.dtype)?
+            .patches(p)?;
         let patch_embeds =
             iris_tensor::linear(&patches, &self.patch_embedding, self.patch_bias.as_ref())?
                 .round_to(self.dtype)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use iris_tensor::{DType, Tensor};
+use iris_tensor::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
@@ -41,6 +41,8 @@ pub struct Weights {
     /// Tensors held in memory (benchmarks with random weights, tests).
     tensors: HashMap<String, Tensor>,
     dtype: DType,
+    /// Where tensors go when read (the host by default).
+    device: Device,
     /// Names of the tensors read so far, in order (what a part loaded).
     read: Mutex<Vec<String>>,
 }
@@ -128,6 +130,7 @@ impl Weights {
             entries,
             tensors: HashMap::new(),
             dtype,
+            device: Device::Cpu,
             read: Mutex::new(Vec::new()),
         })
     }
@@ -139,8 +142,19 @@ impl Weights {
             entries: HashMap::new(),
             tensors,
             dtype,
+            device: Device::Cpu,
             read: Mutex::new(Vec::new()),
         }
+    }
+
+    /// These weights, read onto `device` (each tensor uploaded as a part loads it).
+    pub fn on(mut self, device: Device) -> Weights {
+        self.device = device;
+        self
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn dtype(&self) -> DType {
@@ -177,6 +191,11 @@ impl Weights {
     }
 
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Ok(self.get_host(name, shape, dtype)?.to_device(self.device)?)
+    }
+
+    /// [`Weights::get_as`] on the host (shards are cut there, then uploaded).
+    fn get_host(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         TENSORS_READ.fetch_add(1, Ordering::Relaxed);
         self.read
             .lock()
@@ -321,10 +340,10 @@ impl Vb {
         dim: usize,
         range: std::ops::Range<usize>,
     ) -> Result<Tensor> {
-        let t = self.get(name, shape)?;
         if range == (0..shape[dim]) {
-            return Ok(t);
+            return self.get(name, shape);
         }
+        let t = self.w.get_host(&self.path(name), shape, self.dtype)?;
         // Seen as [outer, shape[dim], inner], keep `range` of the middle dimension.
         let outer: usize = shape[..dim].iter().product();
         let inner: usize = shape[dim + 1..].iter().product();
@@ -340,7 +359,14 @@ impl Vb {
             .collect();
         let mut new_shape = shape.to_vec();
         new_shape[dim] = range.len();
-        Ok(Tensor::from_f32(data, &new_shape)?.to_dtype(self.dtype())?)
+        Ok(Tensor::from_f32(data, &new_shape)?
+            .to_dtype(self.dtype())?
+            .to_device(self.w.device)?)
+    }
+
+    /// Where this checkpoint's tensors are read onto.
+    pub fn device(&self) -> Device {
+        self.w.device
     }
 }
 

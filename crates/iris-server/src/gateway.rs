@@ -123,6 +123,7 @@ impl GatewayModel {
             let opts = PipelineOptions {
                 dtype: None,
                 limits,
+                ..Default::default()
             };
             ModelKind::Retrieval(Arc::new(RetrievalPipeline::load(dir, &opts)?))
         } else {

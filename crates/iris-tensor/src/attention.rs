@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::error::shape_err;
 use crate::kv::KvCache;
 use crate::storage::{BackendStorage, Storage};
-use crate::{Device, Error, Result, Tensor};
+use crate::{Device, Result, Tensor};
 
 /// Heads of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -133,22 +133,21 @@ pub fn attention_cached(
             ),
         );
     }
-    match q.device() {
-        Device::Cpu => {
-            let out = crate::cpu::attention::sdpa_batch(
-                q.as_f32()?,
-                caches,
-                rows,
-                layer,
-                s.kv_width(),
-                s,
-            );
-            Tensor::from_f32(out, &[q.rows(), s.q_width()])
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = q.device() {
+        if caches
+            .iter()
+            .all(|c| c.paged_parts().is_some_and(|(a, _)| a.gpu().is_some()))
+        {
+            return crate::cuda::paged_attention(q, caches, rows, layer, s);
         }
-        other => Err(Error::Device(format!(
-            "attention over a KV cache on {other}"
-        ))),
     }
+    // Host caches: the host kernels (a device's queries visit the host and come back,
+    // for the tools and tests that keep a sequence's own buffers).
+    let host = q.to_device(Device::Cpu)?;
+    let out =
+        crate::cpu::attention::sdpa_batch(host.as_f32()?, caches, rows, layer, s.kv_width(), s);
+    Tensor::from_f32(out, &[q.rows(), s.q_width()])?.to_device(q.device())
 }
 
 /// `q` attending to the cross-attention keys and values `layer` of `cache` holds (an
@@ -162,6 +161,20 @@ pub fn attention_cross(
     s: AttnShape,
 ) -> Result<Option<Tensor>> {
     s.check(q)?;
+    if let Some((k, v)) = cache.cross_tensors(layer) {
+        // Keys and values the sequence holds as tensors, on any device.
+        let (k, v) = match keys {
+            Some(r) if r.end > k.rows() => {
+                return shape_err("attention_cross", format!("keys {r:?} of {}", k.rows()))
+            }
+            Some(r) => (
+                k.narrow_rows(r.start, r.len())?,
+                v.narrow_rows(r.start, r.len())?,
+            ),
+            None => (k.clone(), v.clone()),
+        };
+        return attention(q, &k, &v, s, None).map(Some);
+    }
     let Some(kv) = cache.cross(layer, s.kv_width()) else {
         return Ok(None);
     };
@@ -172,13 +185,10 @@ pub fn attention_cross(
         Some(r) => kv.rows(r),
         None => kv,
     };
-    match q.device() {
-        Device::Cpu => {
-            let out = crate::cpu::attention::sdpa_view(q.as_f32()?, &kv, s, None);
-            Ok(Some(Tensor::from_f32(out, &[q.rows(), s.q_width()])?))
-        }
-        other => Err(Error::Device(format!(
-            "cross-attention over a KV cache on {other}"
-        ))),
-    }
+    // Rows in a host arena's blocks.
+    let host = q.to_device(Device::Cpu)?;
+    let out = crate::cpu::attention::sdpa_view(host.as_f32()?, &kv, s, None);
+    Ok(Some(
+        Tensor::from_f32(out, &[q.rows(), s.q_width()])?.to_device(q.device())?,
+    ))
 }

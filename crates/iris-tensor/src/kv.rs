@@ -165,6 +165,18 @@ pub struct KvArena {
     block_size: usize,
     blocks: usize,
     layers: Vec<RwLock<LayerBlocks>>,
+    /// On a GPU: every layer's blocks in device memory (then `layers` stay empty).
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuArena>,
+}
+
+/// A KV arena in device memory: per layer one buffer laid out as the host's.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub(crate) struct GpuArena {
+    pub(crate) layers: Vec<RwLock<crate::cuda::CudaStorage>>,
+    pub(crate) width: usize,
+    pub(crate) dtype: KvDtype,
 }
 
 #[derive(Debug, Default)]
@@ -180,7 +192,58 @@ impl KvArena {
             block_size,
             blocks,
             layers: (0..n_layers).map(|_| RwLock::default()).collect(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
+    }
+
+    /// [`KvArena::reserved`] on `device`: in device memory on a GPU.
+    pub fn reserved_on(
+        n_layers: usize,
+        blocks: usize,
+        block_size: usize,
+        width: usize,
+        dtype: KvDtype,
+        device: crate::Device,
+    ) -> Result<KvArena> {
+        match device {
+            crate::Device::Cpu => Ok(KvArena::reserved(
+                n_layers, blocks, block_size, width, dtype,
+            )),
+            #[cfg(feature = "cuda")]
+            crate::Device::Cuda(n) => {
+                let elems = blocks * 2 * block_size * width;
+                let layers = (0..n_layers)
+                    .map(|_| crate::cuda::CudaStorage::zeros(n, elems, dtype).map(RwLock::new))
+                    .collect::<Result<_>>()?;
+                Ok(KvArena {
+                    block_size,
+                    blocks,
+                    layers: (0..n_layers).map(|_| RwLock::default()).collect(),
+                    gpu: Some(GpuArena {
+                        layers,
+                        width,
+                        dtype,
+                    }),
+                })
+            }
+            #[cfg(not(feature = "cuda"))]
+            crate::Device::Cuda(_) => Err(crate::Error::NotCompiledWithCuda),
+        }
+    }
+
+    /// Where the blocks are.
+    pub fn device(&self) -> crate::Device {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.layers[0].read().expect("kv arena lock").device_of();
+        }
+        crate::Device::Cpu
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu(&self) -> Option<&GpuArena> {
+        self.gpu.as_ref()
     }
 
     /// An arena for rows `width` floats wide, every layer allocated now, in one buffer
@@ -219,11 +282,18 @@ impl KvArena {
             block_size,
             blocks,
             layers,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
     }
 
     /// Bytes the arena's layers hold now.
     pub fn bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            let per = self.blocks * 2 * self.block_size * g.width * g.dtype.size_in_bytes();
+            return g.layers.len() * per;
+        }
         self.layers
             .iter()
             .map(|l| l.read().expect("kv arena lock").data.bytes())
@@ -241,6 +311,10 @@ impl KvArena {
 
     /// The row width `layer` holds, once written.
     fn width(&self, layer: usize) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.width);
+        }
         let l = self.layers[layer].read().expect("kv arena lock");
         (l.data.len() > 0).then_some(l.width)
     }
@@ -406,9 +480,17 @@ impl KvCache {
         width: usize,
     ) -> KvCache {
         assert!(self.len == 0, "only an empty cache becomes paged");
-        let fits = self
-            .cross_rows_max(width)
-            .is_some_and(|rows| rows <= cross_table.len() * arena.block_size());
+        // Cross K/V move into a host arena's blocks; on a GPU they stay device tensors
+        // of the sequence (read by the same attention kernel as any given K/V).
+        let fits = arena.device() == crate::Device::Cpu
+            && self
+                .cross
+                .iter()
+                .flatten()
+                .all(|(k, _)| k.device() == crate::Device::Cpu)
+            && self
+                .cross_rows_max(width)
+                .is_some_and(|rows| rows <= cross_table.len() * arena.block_size());
         // Cross K/V of another width than the arena's stay where they are.
         for (slot, c) in self.cross.iter_mut().enumerate().filter(|_| fits) {
             if let Some((k, v)) = c.take() {
@@ -484,9 +566,11 @@ impl KvCache {
                 format!("keys {:?} values {:?}", k.shape(), v.shape()),
             );
         }
-        // Held in f32, as the attention kernels read them.
-        let f32_host = |t: Tensor| t.to_device(crate::Device::Cpu)?.to_dtype(crate::DType::F32);
-        let (k, v) = (f32_host(k)?, f32_host(v)?);
+        // Held in f32 on their device, as the attention kernels read them.
+        let (k, v) = (
+            k.to_dtype(crate::DType::F32)?,
+            v.to_dtype(crate::DType::F32)?,
+        );
         self.cross[layer] = Some((k, v));
         Ok(())
     }
@@ -538,9 +622,8 @@ impl KvCache {
                 format!("keys {:?} values {:?}", k.shape(), v.shape()),
             );
         }
-        let width = k.last_dim();
-        let (k, v) = (k.f32_host()?, v.f32_host()?);
-        self.write_rows(layer, &k, &v, width)
+        let rows = [k.rows()];
+        KvCache::write_batch(&mut [self], &rows, layer, k, v)
     }
 
     /// [`KvCache::write`] of a batch step: sequence `i`'s keys and values are the next
@@ -566,6 +649,14 @@ impl KvCache {
             );
         }
         let w = k.last_dim();
+        #[cfg(feature = "cuda")]
+        if let (crate::Device::Cuda(_), Some(arena)) =
+            (k.device(), caches.first().and_then(|c| c.arena()))
+        {
+            if arena.gpu().is_some() {
+                return crate::cuda::kv_write_batch(caches, rows, layer, k, v);
+            }
+        }
         let (k, v) = (k.f32_host()?, v.f32_host()?);
         let mut r0 = 0;
         for (cache, &t) in caches.iter_mut().zip(rows) {
@@ -574,6 +665,26 @@ impl KvCache {
             r0 += t;
         }
         Ok(())
+    }
+
+    /// The arena and block table of a paged cache.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn paged_parts(&self) -> Option<(&std::sync::Arc<KvArena>, &[u32])> {
+        match &self.store {
+            Store::Paged { arena, table } => Some((arena, table)),
+            Store::Own { .. } => None,
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn arena(&self) -> Option<&std::sync::Arc<KvArena>> {
+        self.paged_parts().map(|p| p.0)
+    }
+
+    /// The cross-attention keys and values `layer` keeps as tensors (not moved into
+    /// host blocks).
+    pub(crate) fn cross_tensors(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.cross.get(layer).and_then(|c| c.as_ref())
     }
 
     /// Writes host rows and returns everything `layer` holds, them included (tests).

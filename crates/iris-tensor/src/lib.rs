@@ -14,6 +14,8 @@
 mod activation;
 pub mod attention;
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

@@ -67,7 +67,8 @@ impl Tensor {
             );
         }
         let (cos, sin) = (&*table.cos.storage, &*table.sin.storage);
-        std::sync::Arc::make_mut(&mut self.storage).rope(d, cos, sin, n_heads, table.dtype)?;
+        self.storage_mut()?
+            .rope(d, cos, sin, n_heads, table.dtype)?;
         Ok(self)
     }
 }

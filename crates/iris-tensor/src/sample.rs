@@ -258,6 +258,28 @@ impl crate::Tensor {
                 format!("{} draws from logits {:?}", draws.len(), self.shape()),
             );
         }
+        #[cfg(feature = "cuda")]
+        if let crate::Device::Cuda(_) = self.device() {
+            // Greedy rows without penalties or top log-probabilities (the common decode
+            // step) draw on the device: only ids and one float a row come back.
+            let greedy = draws.iter().all(|d| {
+                d.sampler.params.temperature == 0.0
+                    && !d.sampler.params.penalized()
+                    && d.top_logprobs == 0
+            });
+            if greedy {
+                let (ids, lps) = crate::cuda::argmax_rows(self)?;
+                return Ok(ids
+                    .into_iter()
+                    .zip(lps)
+                    .map(|(id, logprob)| Drawn {
+                        id,
+                        logprob,
+                        top_logprobs: Vec::new(),
+                    })
+                    .collect());
+            }
+        }
         let all = self.f32_host()?;
         Ok(all
             .chunks_exact(v)

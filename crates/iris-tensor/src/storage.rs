@@ -19,7 +19,7 @@ pub(crate) enum CpuStorage {
 }
 
 /// A backend's storage.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum Storage {
     Cpu(CpuStorage),
     #[cfg(feature = "cuda")]
@@ -44,9 +44,11 @@ pub(crate) enum Binary {
 /// The operations a backend provides. Shapes are checked by `Tensor` before a backend
 /// sees them: here every operand is contiguous and row-major, and `d` is the width of
 /// the rows an operation works on.
-pub(crate) trait BackendStorage: Sized + Clone {
+pub(crate) trait BackendStorage: Sized {
     fn device(&self) -> Device;
     fn dtype(&self) -> DType;
+    /// A copy on the same device (device memory can run out: fallible).
+    fn try_clone(&self) -> Result<Self>;
     /// A host copy in the same dtype.
     fn to_cpu(&self) -> Result<CpuStorage>;
     /// Round to nearest even when narrowing.
@@ -213,6 +215,14 @@ impl BackendStorage for Storage {
 
     fn dtype(&self) -> DType {
         unary_dispatch!(self, s => s.dtype())
+    }
+
+    fn try_clone(&self) -> Result<Self> {
+        match self {
+            Storage::Cpu(s) => Ok(Storage::Cpu(s.clone())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.try_clone().map(Storage::Cuda),
+        }
     }
 
     fn to_cpu(&self) -> Result<CpuStorage> {

@@ -186,8 +186,11 @@ impl Tensor {
     }
 
     /// Mutable storage, copied first when shared.
-    fn storage_mut(&mut self) -> &mut Storage {
-        Arc::make_mut(&mut self.storage)
+    pub(crate) fn storage_mut(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(self.storage.try_clone()?);
+        }
+        Ok(Arc::get_mut(&mut self.storage).expect("unshared: copied just above"))
     }
 
     /// Converts the storage to `dtype` (round to nearest even for narrowing).
@@ -202,13 +205,13 @@ impl Tensor {
     /// PyTorch's cast to `dtype` does to values. A no-op for f32.
     pub fn round_to(mut self, dtype: DType) -> Result<Tensor> {
         if dtype != DType::F32 {
-            self.storage_mut().round_to(dtype)?;
+            self.storage_mut()?.round_to(dtype)?;
         }
         Ok(self)
     }
 
     fn unary(mut self, op: Unary) -> Result<Tensor> {
-        self.storage_mut().unary(op)?;
+        self.storage_mut()?.unary(op)?;
         Ok(self)
     }
 
@@ -231,7 +234,7 @@ impl Tensor {
                 format!("{op:?} of {:?} and {:?}", self.shape(), other.shape()),
             );
         }
-        self.storage_mut().binary(&other.storage, op)?;
+        self.storage_mut()?.binary(&other.storage, op)?;
         Ok(self)
     }
 
@@ -251,7 +254,7 @@ impl Tensor {
                 format!("{op:?} of a row of {} for last dim {d}", row.elem_count()),
             );
         }
-        self.storage_mut().binary_row(d, &row.storage, op)?;
+        self.storage_mut()?.binary_row(d, &row.storage, op)?;
         Ok(self)
     }
 
@@ -280,7 +283,7 @@ impl Tensor {
             );
         }
         let b = bias.map(|b| &*b.storage);
-        self.storage_mut().layer_norm(d, &weight.storage, b, eps)?;
+        self.storage_mut()?.layer_norm(d, &weight.storage, b, eps)?;
         Ok(self)
     }
 
@@ -295,7 +298,7 @@ impl Tensor {
                 format!("weight of {} for dim {d}", weight.elem_count()),
             );
         }
-        self.storage_mut()
+        self.storage_mut()?
             .rms_norm(d, &weight.storage, eps, round_dtype)?;
         Ok(self)
     }
@@ -303,14 +306,14 @@ impl Tensor {
     /// Softmax over the last dimension.
     pub fn softmax_last(mut self) -> Result<Tensor> {
         let d = self.last_dim();
-        self.storage_mut().softmax(d)?;
+        self.storage_mut()?.softmax(d)?;
         Ok(self)
     }
 
     /// Rows scaled to unit L2 norm (a norm below 1e-12 counts as 1e-12).
     pub fn l2_normalize(mut self) -> Result<Tensor> {
         let d = self.last_dim();
-        self.storage_mut().l2_normalize(d)?;
+        self.storage_mut()?.l2_normalize(d)?;
         Ok(self)
     }
 
@@ -405,7 +408,7 @@ impl Tensor {
         if let Some(&bad) = at.iter().find(|&&r| r >= self.rows()) {
             return shape_err("scatter_rows", format!("row {bad} of {}", self.rows()));
         }
-        self.storage_mut().scatter_rows(d, at, &src.storage)?;
+        self.storage_mut()?.scatter_rows(d, at, &src.storage)?;
         Ok(self)
     }
 

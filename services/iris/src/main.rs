@@ -190,9 +190,7 @@ pub(crate) fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    if Device::parse(&a.device)? != Device::Cpu {
-        anyhow::bail!("only the CPU backend runs models today");
-    }
+    let device = Device::parse(&a.device)?;
     let images = read_files(&a.images)?;
     let opts = PipelineOptions {
         dtype: a.dtype,
@@ -200,6 +198,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             max_bytes: a.max_image_bytes,
             max_pixels: a.max_image_pixels,
         },
+        device,
     };
     let pipe = Pipeline::load(&a.model, &opts)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;

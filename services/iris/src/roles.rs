@@ -17,7 +17,7 @@ use iris_proto::v1::connector_server::ConnectorServer;
 use iris_proto::v1::decoder_server::DecoderServer;
 use iris_proto::v1::gateway_server::GatewayServer;
 use iris_proto::v1::vision_encoder_server::VisionEncoderServer;
-use iris_tensor::DType;
+use iris_tensor::{DType, Device};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
@@ -77,6 +77,12 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// `cpu`, `cuda` or `cuda:N`: a CUDA device is opened (its kernels compiled) now, so a
+/// machine without one fails here with the reason.
+fn parse_device(s: &str) -> Result<Device, String> {
+    Device::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A model to serve: `[ID=]DIR` (repeatable; the id defaults to the folder's name).
@@ -85,6 +91,10 @@ pub struct ModelArgs {
     /// Compute dtype (default: each checkpoint's).
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
+    /// Where the models run: cpu, cuda or cuda:N (the CUDA backend needs a build with
+    /// `--features cuda` and a GPU; without either this is a clear error at start-up).
+    #[arg(long, env = "IRIS_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
     /// Largest image file accepted, in bytes.
     #[arg(long, env = "IRIS_MAX_IMAGE_BYTES", default_value_t = ImageLimits::default().max_bytes)]
     pub max_image_bytes: usize,
@@ -139,6 +149,7 @@ impl ModelArgs {
         let opts = PipelineOptions {
             dtype: self.dtype,
             limits: self.limits(),
+            device: self.device,
         };
         let mut out = HashMap::new();
         for m in &self.models {

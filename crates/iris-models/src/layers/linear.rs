@@ -46,6 +46,10 @@ impl Linear {
     /// `forward` of several layers on the same input (a layer's q/k/v or gate/up
     /// projections: one pass where the backend can).
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let x = &match layers.first() {
+            Some(l) => x.to_device(l.weight.device())?,
+            None => x.clone(),
+        };
         let ws: Vec<(&Weight, Option<&Tensor>)> = layers
             .iter()
             .map(|l| (&l.weight, l.bias.as_ref()))
@@ -57,9 +61,12 @@ impl Linear {
             .collect()
     }
 
-    /// `x·Wᵀ (+ bias)` in f32, not rounded.
+    /// `x·Wᵀ (+ bias)` in f32, not rounded. An input from the host (visual tokens or
+    /// features off the wire) is uploaded to the weight's device here, where it first
+    /// meets the model; on the same device this is a no-op.
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.weight.linear(x, bias)?)
+        let x = x.to_device(self.weight.device())?;
+        Ok(self.weight.linear(&x, bias)?)
     }
 
     /// Output features.

@@ -24,7 +24,8 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone()
+        // (A host input is uploaded where it meets the weights, as in `Linear`.)
+        Ok(x.to_device(self.weight.device())?
             .layer_norm(&self.weight, Some(&self.bias), self.eps)?
             .round_to(self.dtype)?)
     }
@@ -47,7 +48,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone()
+        Ok(x.to_device(self.weight.device())?
             .rms_norm(&self.weight, self.eps, self.dtype)?
             .round_to(self.dtype)?)
     }

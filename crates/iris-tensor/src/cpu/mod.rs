@@ -23,6 +23,10 @@ impl BackendStorage for CpuStorage {
         CpuStorage::dtype(self)
     }
 
+    fn try_clone(&self) -> Result<Self> {
+        Ok(self.clone())
+    }
+
     fn to_cpu(&self) -> Result<CpuStorage> {
         Ok(self.clone())
     }
