@@ -2,7 +2,8 @@
 # The whole test suite: formatting, lints, every unit and end-to-end test (services as
 # separate processes on loopback and a real etcd included), third-party clients (the
 # `openai` Python client and grpcurl) against `iris serve`, and the local cluster
-# launcher, and a short bounded run of each fuzz target (scripts/fuzz.sh). Needs the
+# launcher, a short bounded run of each fuzz target (scripts/fuzz.sh), and the CUDA
+# backend's build and NVRTC compile of every kernel (no GPU needed). Needs the
 # Rust toolchain; installs a C compiler, protoc, etcd, python3-venv, cargo-fuzz and the
 # client packages when missing.
 set -euo pipefail
@@ -16,10 +17,17 @@ done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The CUDA backend builds without CUDA (cudarc loads it at run time): lints and a build.
+cargo clippy --workspace --all-targets --features iris/cuda,iris-e2e/cuda -- -D warnings
+cargo build -p iris --features cuda
 # A real GGUF checkpoint for the header test, cached outside the repo.
 IRIS_SMOLLM2_GGUF="$(bash scripts/models.sh)"
 export IRIS_SMOLLM2_GGUF IRIS_REQUIRE_MODELS=1
 cargo test --workspace
+# Every CUDA kernel compiled by NVRTC (from PyPI, cached) to PTX for sm_80 and sm_90,
+# and the backend suite again in a CUDA build (on the CPU: no GPU here).
+LD_LIBRARY_PATH="$(bash scripts/nvrtc.sh)" IRIS_REQUIRE_NVRTC=1 \
+    cargo test -p iris-tensor --features cuda
 bash scripts/fuzz.sh
 bash scripts/client_check.sh
 # The local cluster launcher: up, one request through it, down.

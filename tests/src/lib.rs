@@ -2,11 +2,32 @@
 
 use std::path::PathBuf;
 
+use iris_engine::PipelineOptions;
 use iris_models::weights::Weights;
-use iris_tensor::{DType, Tensor};
+use iris_tensor::{DType, Device, Tensor};
 
+/// The device `IRIS_TEST_DEVICE` names (`cpu` by default): `tools/gpu-check.sh` runs the
+/// goldens on CUDA with it.
+pub fn test_device() -> Device {
+    let name = std::env::var("IRIS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    Device::parse(&name).unwrap_or_else(|e| panic!("IRIS_TEST_DEVICE={name}: {e}"))
+}
+
+/// Pipeline options of the goldens: everything default, on [`test_device`].
+pub fn options() -> PipelineOptions {
+    PipelineOptions {
+        device: test_device(),
+        ..Default::default()
+    }
+}
+
+/// The fixtures folder: `IRIS_FIXTURES` when set (a test binary run on another
+/// machine, as `tools/gpu-check.sh` does), else this crate's `fixtures/`.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("IRIS_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -41,7 +41,7 @@ const CASES: [Case; 4] = [
 ];
 
 fn pipeline(name: &str) -> Pipeline {
-    Pipeline::load(&fixture(name), &PipelineOptions::default()).expect("fixture loads")
+    Pipeline::load(&fixture(name), &iris_e2e::options()).expect("fixture loads")
 }
 
 fn images(g: &Golden) -> Vec<Vec<u8>> {
@@ -219,7 +219,7 @@ fn bf16_checkpoint_runs_in_f32_when_asked() {
     let opts = PipelineOptions {
         dtype: Some(DType::F32),
         limits: ImageLimits::default(),
-        ..Default::default()
+        device: iris_e2e::test_device(),
     };
     let p = Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &opts).unwrap();
     assert_eq!(p.model.dtype(), DType::F32);

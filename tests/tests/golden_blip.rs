@@ -3,13 +3,13 @@
 //! logits / probability, ITC similarity), f32 within 1e-4.
 
 use iris_e2e::{errors, fixture, fixtures, Golden};
-use iris_engine::{Pipeline, PipelineOptions, RetrievalPipeline, SamplingParams};
+use iris_engine::{Pipeline, RetrievalPipeline, SamplingParams};
 
 #[test]
 fn captioning_matches_hf() {
     let name = "blip-tiny-caption-f32";
     let g = Golden::load(name);
-    let p = Pipeline::load(&fixture(name), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap();
     let image = std::fs::read(
         fixtures()
             .join("images")
@@ -95,7 +95,7 @@ fn retrieval_matches_hf() {
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture(name).join("golden.json")).unwrap())
             .unwrap();
-    let p = RetrievalPipeline::load(&fixture(name), &PipelineOptions::default()).unwrap();
+    let p = RetrievalPipeline::load(&fixture(name), &iris_e2e::options()).unwrap();
     for (i, case) in g["cases"].as_array().unwrap().iter().enumerate() {
         let image = std::fs::read(
             fixtures()

@@ -3,7 +3,7 @@
 //! relative (f32), each stage fed HF's input to it; identical greedy ids.
 
 use iris_e2e::{errors, fixture, Golden};
-use iris_engine::{Pipeline, PipelineOptions, SamplingParams};
+use iris_engine::{Pipeline, SamplingParams};
 use iris_models::blip2::Blip2;
 use iris_models::vlm::VisionLanguageModel;
 
@@ -56,7 +56,7 @@ fn stages_match_hf() {
 #[test]
 fn processor_and_greedy_generation_match_hf() {
     let g = Golden::load(NAME);
-    let p = Pipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     let image = std::fs::read(&g.image_paths()[0]).unwrap();
     let prompt = g.json["prompt"].as_str().unwrap();
     let prepared = p
@@ -93,7 +93,7 @@ fn processor_and_greedy_generation_match_hf() {
 
 #[test]
 fn one_image_before_the_text() {
-    let p = Pipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     let img = std::fs::read(fixture("images").join("scene.png")).unwrap();
     let two = p
         .processor

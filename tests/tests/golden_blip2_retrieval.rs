@@ -2,14 +2,14 @@
 //! images and texts, ITC similarity and ITM logits / probability within 1e-4.
 
 use iris_e2e::{errors, fixture, fixtures, Golden};
-use iris_engine::{PipelineOptions, RetrievalPipeline};
+use iris_engine::RetrievalPipeline;
 
 const NAME: &str = "blip2-tiny-retrieval-f32";
 
 #[test]
 fn itc_and_itm_match_hf() {
     let g = Golden::load(NAME);
-    let p = RetrievalPipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = RetrievalPipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture(NAME).join("config.json")).unwrap())
             .unwrap();
@@ -70,7 +70,7 @@ fn itc_and_itm_match_hf() {
 
 #[test]
 fn bad_retrieval_input_is_an_error() {
-    let p = RetrievalPipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = RetrievalPipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     assert!(p.embed_text("   ").unwrap_err().is_bad_input());
     assert!(p.embed_image(b"not an image").unwrap_err().is_bad_input());
     let long = "cat ".repeat(500);

@@ -5,7 +5,7 @@
 //! output (the gates are open), and a token reads only the latest image before it.
 
 use iris_e2e::{errors, fixture, fixtures, Golden};
-use iris_engine::{Pipeline, PipelineOptions, SamplingParams};
+use iris_engine::{Pipeline, SamplingParams};
 use iris_models::idefics::Idefics;
 use iris_tensor::Tensor;
 
@@ -59,7 +59,7 @@ fn qk_norm_variant_matches_hf() {
 
 fn check_prompts(fixture_name: &str, names: &[&str]) {
     let g = Golden::load(fixture_name);
-    let p = Pipeline::load(&fixture(fixture_name), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(fixture_name), &iris_e2e::options()).unwrap();
     let m = Idefics::load(&fixture(fixture_name), None).unwrap();
     for &name in names {
         let case = &g.json[name];
@@ -132,7 +132,7 @@ fn vision_and_perceiver_match_hf() {
 
 #[test]
 fn the_image_matters() {
-    let p = Pipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     let prompt = "User: <image> What is in the picture? <image> And here? Assistant:";
     let (ids, a) = logits(&p, prompt, &[image("scene.png"), image("tall.jpg")]);
     let (_, b) = logits(&p, prompt, &[image("tall.jpg"), image("tall.jpg")]);
@@ -163,7 +163,7 @@ fn the_image_matters() {
 #[test]
 fn a_token_reads_only_its_latest_image() {
     let m = Idefics::load(&fixture(NAME), None).unwrap();
-    let p = Pipeline::load(&fixture(NAME), &PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(&fixture(NAME), &iris_e2e::options()).unwrap();
     let prompt = "A <image> B <image> C </s> D";
     let ids = p
         .processor

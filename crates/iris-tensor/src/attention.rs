@@ -133,14 +133,16 @@ pub fn attention_cached(
             ),
         );
     }
+    // Caches in a GPU arena: the paged kernel, on the arena's device.
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = q.device() {
-        if caches
-            .iter()
-            .all(|c| c.paged_parts().is_some_and(|(a, _)| a.gpu().is_some()))
-        {
-            return crate::cuda::paged_attention(q, caches, rows, layer, s);
-        }
+    if let Some(dev) = caches
+        .first()
+        .and_then(|c| c.paged_parts())
+        .filter(|(a, _)| a.gpu().is_some())
+        .map(|(a, _)| a.device())
+    {
+        let out = crate::cuda::paged_attention(&q.to_device(dev)?, caches, rows, layer, s)?;
+        return out.to_device(q.device());
     }
     // Host caches: the host kernels (a device's queries visit the host and come back,
     // for the tools and tests that keep a sequence's own buffers).

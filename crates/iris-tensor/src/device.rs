@@ -27,6 +27,18 @@ impl Device {
         }
     }
 
+    /// Waits until the device has finished the work queued on it (timing; a no-op on
+    /// the CPU, whose operations finish before they return).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => crate::cuda::synchronize(*n),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::NotCompiledWithCuda),
+        }
+    }
+
     /// Whether this build has the CUDA backend.
     pub fn cuda_compiled() -> bool {
         cfg!(feature = "cuda")

@@ -649,13 +649,16 @@ impl KvCache {
             );
         }
         let w = k.last_dim();
+        // Into a GPU arena on the GPU (host rows are uploaded first).
         #[cfg(feature = "cuda")]
-        if let (crate::Device::Cuda(_), Some(arena)) =
-            (k.device(), caches.first().and_then(|c| c.arena()))
+        if let Some(dev) = caches
+            .first()
+            .and_then(|c| c.arena())
+            .filter(|a| a.gpu().is_some())
+            .map(|a| a.device())
         {
-            if arena.gpu().is_some() {
-                return crate::cuda::kv_write_batch(caches, rows, layer, k, v);
-            }
+            let (k, v) = (k.to_device(dev)?, v.to_device(dev)?);
+            return crate::cuda::kv_write_batch(caches, rows, layer, &k, &v);
         }
         let (k, v) = (k.f32_host()?, v.f32_host()?);
         let mut r0 = 0;

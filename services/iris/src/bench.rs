@@ -12,7 +12,7 @@ use iris_models::config::LlamaConfig;
 use iris_models::llama::Llama;
 use iris_models::vlm::CausalLm;
 use iris_models::weights::Weights;
-use iris_tensor::{DType, Tensor};
+use iris_tensor::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 #[derive(Subcommand)]
@@ -49,6 +49,9 @@ pub struct VitArgs {
     /// Images per stacked pass (comma-separated: one measurement each).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
     batch: Vec<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn vit(a: VitArgs) -> anyhow::Result<()> {
@@ -105,7 +108,8 @@ fn vit(a: VitArgs) -> anyhow::Result<()> {
         }
         map.insert(name, Tensor::from_f32(data, &shape)?.to_dtype(dtype)?);
     }
-    let w = Arc::new(Weights::from_tensors(map, dtype));
+    let device = Device::parse(&a.device)?;
+    let w = Arc::new(Weights::from_tensors(map, dtype).on(device));
     let model = VisionTransformer::load(&w.pp(""), &cfg, a.layers)?;
     let s = a.image_size;
     let tokens = cfg.num_patches() + 1;
@@ -119,11 +123,12 @@ fn vit(a: VitArgs) -> anyhow::Result<()> {
         for _ in 0..a.runs.max(1) {
             let t = Instant::now();
             model.hidden_states_batch(&batch, &[a.layers])?;
+            device.synchronize()?;
             times.push(t.elapsed().as_secs_f64() / n as f64);
         }
         let median = median(times);
         println!(
-            "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype} batch {n}: {:.2} s per image, {:.2} images/s ({:.0} GFLOP/s on the weights)",
+            "ViT {}x{} patch {} ({} layers, hidden {d}, {:.0}M params) {dtype} batch {n} on {device}: {:.4} s per image, {:.2} images/s ({:.0} GFLOP/s on the weights)",
             s,
             s,
             p,
@@ -153,7 +158,7 @@ pub struct DecodeImagesArgs {
     tokens: usize,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct DecodeArgs {
     /// Weight dtypes to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("f32"), String::from("bf16")])]
@@ -194,6 +199,10 @@ pub struct DecodeArgs {
     /// `--prompt` tokens instead.
     #[arg(long, default_value_t = 0)]
     context: usize,
+    /// cpu, cuda or cuda:N. On a GPU the bandwidth pass is a device-to-device copy of
+    /// 1 GiB (read and write counted) and every step ends synchronized.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -330,6 +339,7 @@ fn decode_caches(
     kv: &str,
     batch: usize,
     a: &DecodeArgs,
+    device: Device,
 ) -> anyhow::Result<Vec<iris_models::layers::KvCache>> {
     use iris_tensor::kv::{KvArena, KvDtype};
     let dtype = match kv {
@@ -341,13 +351,14 @@ fn decode_caches(
     let bs = 16;
     let per = (a.context.max(a.prompt) + a.tokens + 1).div_ceil(bs);
     let n_layers = model.new_cache().n_layers();
-    let arena = Arc::new(KvArena::reserved(
+    let arena = Arc::new(KvArena::reserved_on(
         n_layers,
         per * batch,
         bs,
         model.kv_width(),
         dtype,
-    ));
+        device,
+    )?);
     Ok((0..batch)
         .map(|s| {
             let table = (s * per..(s + 1) * per).map(|b| b as u32).collect();
@@ -358,15 +369,45 @@ fn decode_caches(
         .collect())
 }
 
-/// One read pass of both cores summing `buf`: bytes per second.
-fn bandwidth_pass(buf: &[f32]) -> f64 {
-    let t = Instant::now();
-    let s: f32 = buf
-        .par_chunks(1 << 20)
-        .map(iris_tensor::kernels::sum_f32)
-        .sum();
-    std::hint::black_box(s);
-    (buf.len() * 4) as f64 / t.elapsed().as_secs_f64()
+/// Memory bandwidth, measured next to every timed step.
+enum Bandwidth {
+    /// One read pass of both cores summing a host buffer.
+    Host(Vec<f32>),
+    /// A device-to-device copy (read and written: twice its bytes move).
+    Device(Tensor),
+}
+
+impl Bandwidth {
+    fn new(device: Device) -> anyhow::Result<Bandwidth> {
+        Ok(match device {
+            Device::Cpu => Bandwidth::Host(random(256 << 20, 99)),
+            d => Bandwidth::Device(Tensor::zeros_on(&[256, 1 << 20], d)?),
+        })
+    }
+
+    /// Bytes per second of one pass.
+    fn pass(&self) -> anyhow::Result<f64> {
+        Ok(match self {
+            Bandwidth::Host(buf) => {
+                let t = Instant::now();
+                let s: f32 = buf
+                    .par_chunks(1 << 20)
+                    .map(iris_tensor::kernels::sum_f32)
+                    .sum();
+                std::hint::black_box(s);
+                (buf.len() * 4) as f64 / t.elapsed().as_secs_f64()
+            }
+            Bandwidth::Device(x) => {
+                x.device().synchronize()?;
+                let t = Instant::now();
+                let copy = x.narrow_rows(0, x.rows())?;
+                x.device().synchronize()?;
+                let secs = t.elapsed().as_secs_f64();
+                drop(copy);
+                (2 * x.elem_count() * 4) as f64 / secs
+            }
+        })
+    }
 }
 
 /// The middle value (the upper of the two middle ones for an even count).
@@ -382,8 +423,10 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
     });
     let cfg = LlamaConfig::from_value(&cfg_json, false)?;
-    // 1 GiB, well past the 32 MiB of last-level cache: every pass reads from memory.
-    let bw_buf = random(256 << 20, 99);
+    let device = Device::parse(&a.device)?;
+    // 1 GiB, well past the 32 MiB of last-level cache (and a GPU's L2): every pass
+    // reads from memory.
+    let bw = Bandwidth::new(device)?;
     if !a.json {
         println!(
             "decode benchmark: hidden {} layers {} heads {}/{} mlp {} vocab {}; {} threads",
@@ -403,11 +446,12 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     for name in &a.dtypes {
         let dtype = DType::parse(name).ok_or_else(|| anyhow::anyhow!("unknown dtype {name}"))?;
         let (tensors, bytes) = random_weights(&cfg, dtype)?;
-        let w = Arc::new(Weights::from_tensors(tensors, dtype));
+        let w = Arc::new(Weights::from_tensors(tensors, dtype).on(device));
         let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, iris_comm::single())?;
+        drop(w);
         for kv in &a.kv {
             for &batch in &a.batch {
-                let mut caches = decode_caches(&model, kv, batch, &a)?;
+                let mut caches = decode_caches(&model, kv, batch, &a, device)?;
                 let mut last: Vec<Tensor> = Vec::with_capacity(batch);
                 for (s, cache) in caches.iter_mut().enumerate() {
                     if a.context > 0 {
@@ -416,7 +460,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                         for layer in 0..cache.n_layers() {
                             let k = random(a.context * w, (s * 1000 + layer) as u64);
                             let v = random(a.context * w, (s * 1000 + layer) as u64 + 500);
-                            let rows = |x| Tensor::from_f32(x, &[a.context, w]);
+                            let rows = |x| Tensor::from_f32(x, &[a.context, w])?.to_device(device);
                             cache.write(layer, &rows(k)?, &rows(v)?)?;
                         }
                         cache.advance(a.context);
@@ -434,7 +478,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 // roofline ratio is the median of the pairs' ratios.
                 let (mut times, mut bws) = (Vec::new(), Vec::new());
                 for _ in 0..a.tokens {
-                    bws.push(bandwidth_pass(&bw_buf));
+                    bws.push(bw.pass()?);
                     let t = Instant::now();
                     // One head call and one forward for the whole batch: weights read once.
                     let logits =
@@ -446,6 +490,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                         .collect::<Result<_, _>>()?;
                     let mut refs: Vec<_> = caches.iter_mut().collect();
                     last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
+                    device.synchronize()?;
                     times.push(t.elapsed().as_secs_f64());
                 }
                 let ratio = median(
@@ -493,11 +538,19 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             // The fastest of three (each into a fresh cache): a shared machine's noise
             // only ever adds time. tools/bench_torch_decode.py does the same.
             let mut secs = f64::INFINITY;
+            let prefill_args = DecodeArgs {
+                prompt: a.prefill,
+                tokens: 0,
+                context: 0,
+                ..a.clone()
+            };
+            let kv = if device == Device::Cpu { "own" } else { "bf16" };
             for _ in 0..3 {
-                let mut cache = model.new_cache();
+                let mut cache = decode_caches(&model, kv, 1, &prefill_args, device)?.remove(0);
                 let t = Instant::now();
                 let h = model.forward(&embeds, &mut cache)?;
                 model.logits(&h.narrow_rows(h.rows() - 1, 1)?)?;
+                device.synchronize()?;
                 secs = secs.min(t.elapsed().as_secs_f64());
             }
             let params = (bytes / dtype.size_in_bytes()) as f64;

@@ -128,6 +128,14 @@ pub(crate) fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     Ok(g)
 }
 
+/// Waits for GPU `ordinal`'s stream.
+pub(crate) fn synchronize(ordinal: usize) -> Result<()> {
+    gpu(ordinal)?
+        .stream
+        .synchronize()
+        .map_err(|e| cuda_err("synchronizing", e))
+}
+
 fn open(ordinal: usize) -> Result<Gpu> {
     // SAFETY: each probe tries to load a shared library by name, nothing more.
     let present = unsafe {
@@ -440,6 +448,12 @@ fn gemm(
         .workspace
         .lock()
         .map_err(|_| Error::Cuda("cuBLASLt workspace poisoned".into()))?;
+    // cuBLASLt runs in the calling thread's current context: the engine's thread is
+    // not the one that opened the device.
+    gpu.stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| cuda_err("binding the context", e))?;
     // SAFETY: every handle made here is destroyed before returning; the pointers are
     // live device allocations of at least the described sizes (callers check shapes),
     // and the workspace lock serializes the calls sharing the workspace.
@@ -758,14 +772,14 @@ impl BackendStorage for CudaStorage {
         let g = &self.gpu;
         // A 16-bit weight multiplies activations rounded to its dtype (PyTorch's bf16
         // matmul takes bf16 inputs); sums and the output are f32.
-        let x = match w.dtype() {
-            DType::F32 => self.as_f32_owned()?.into_owned(),
-            _ => return self.linear_half(m, k, w, n, b),
-        };
+        if w.dtype() != DType::F32 {
+            return self.linear_half(m, k, w, n, b);
+        }
+        let x = self.as_f32_owned()?;
         let mut out = g.zeros::<f32>(m * n)?;
         {
             let s = &g.stream;
-            let (px, _gx) = x.device_ptr(s);
+            let (px, _gx) = (*x).device_ptr(s);
             let (pw, _gw) = ptr_of!(w, s);
             let (po, _go) = out.device_ptr_mut(s);
             let f = lts::cudaDataType_t::CUDA_R_32F;
@@ -958,14 +972,14 @@ impl BackendStorage for CudaStorage {
         let n = at.len();
         let at: Vec<u32> = at.iter().map(|&r| r as u32).collect();
         let at = g.upload(&at)?;
-        let s = src.as_f32_owned()?.into_owned();
+        let s = src.as_f32_owned()?;
         let x = self.f32_mut()?;
         launch!(
             g,
             "scatter_rows",
             Gpu::elementwise(n * d),
             x,
-            &s,
+            &*s,
             &at,
             &n,
             &d
@@ -1108,8 +1122,7 @@ impl CudaStorage {
         b: Option<&Self>,
     ) -> Result<Self> {
         let g = &self.gpu;
-        let xh = self.as_f32_owned()?.into_owned();
-        let xh = CudaStorage::f32(g, xh, m * k).to_dtype(w.dtype())?;
+        let xh = self.to_dtype(w.dtype())?;
         let mut out = g.zeros::<f32>(m * n)?;
         {
             let s = &g.stream;
