@@ -24,9 +24,10 @@ cargo build -p iris --features cuda
 IRIS_SMOLLM2_GGUF="$(bash scripts/models.sh)"
 export IRIS_SMOLLM2_GGUF IRIS_REQUIRE_MODELS=1
 cargo test --workspace
-# Every CUDA kernel compiled by NVRTC (from PyPI, cached) to PTX for sm_80 and sm_90,
-# and the backend suite again in a CUDA build (on the CPU: no GPU here).
-LD_LIBRARY_PATH="$(bash scripts/nvrtc.sh)" IRIS_REQUIRE_NVRTC=1 \
+# Every CUDA kernel compiled by NVRTC (from PyPI, cached) to PTX for sm_80 and sm_90
+# and assembled by ptxas (no spills), and the backend suite again in a CUDA build (on
+# the CPU: no GPU here).
+LD_LIBRARY_PATH="$(bash scripts/nvrtc.sh)" IRIS_REQUIRE_NVRTC=1 IRIS_PTXAS="$(bash scripts/ptxas.sh)" \
     cargo test -p iris-tensor --features cuda
 bash scripts/fuzz.sh
 bash scripts/client_check.sh

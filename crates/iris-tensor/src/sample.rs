@@ -76,7 +76,7 @@ impl SamplingParams {
 
 #[derive(Debug, Clone)]
 pub struct Sampler {
-    params: SamplingParams,
+    pub(crate) params: SamplingParams,
 }
 
 /// SplitMix64: a well-mixed u64 from any u64.
@@ -248,6 +248,21 @@ pub fn log_softmax(row: &[f32]) -> Vec<f32> {
     row.iter().map(|&x| x - lse).collect()
 }
 
+/// One row's draw on the host.
+fn draw_host(row: &[f32], d: &Draw<'_>) -> Drawn {
+    let id = d.sampler.sample(row, d.position, d.prompt, d.output);
+    let lp = log_softmax(row);
+    Drawn {
+        id,
+        logprob: lp[id as usize],
+        top_logprobs: if d.top_logprobs > 0 {
+            top_logprobs(&lp, d.top_logprobs)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
 impl crate::Tensor {
     /// Draws one token from each row of `[rows, vocab]` logits (`draws[i]` for row `i`).
     pub fn sample_rows(&self, draws: &[Draw<'_>]) -> crate::Result<Vec<Drawn>> {
@@ -260,44 +275,53 @@ impl crate::Tensor {
         }
         #[cfg(feature = "cuda")]
         if let crate::Device::Cuda(_) = self.device() {
-            // Greedy rows without penalties or top log-probabilities (the common decode
-            // step) draw on the device: only ids and one float a row come back.
-            let greedy = draws.iter().all(|d| {
-                d.sampler.params.temperature == 0.0
-                    && !d.sampler.params.penalized()
-                    && d.top_logprobs == 0
-            });
-            if greedy {
-                let (ids, lps) = crate::cuda::argmax_rows(self)?;
-                return Ok(ids
-                    .into_iter()
-                    .zip(lps)
-                    .map(|(id, logprob)| Drawn {
-                        id,
-                        logprob,
-                        top_logprobs: Vec::new(),
-                    })
-                    .collect());
-            }
+            return self.sample_rows_on_gpu(draws);
         }
         let all = self.f32_host()?;
         Ok(all
             .chunks_exact(v)
             .zip(draws)
-            .map(|(row, d)| {
-                let id = d.sampler.sample(row, d.position, d.prompt, d.output);
-                let lp = log_softmax(row);
-                Drawn {
+            .map(|(row, d)| draw_host(row, d))
+            .collect())
+    }
+
+    /// [`Tensor::sample_rows`] of logits on a GPU: greedy rows without penalties or top
+    /// log-probabilities by the argmax kernel, other unpenalized rows by the sampling
+    /// kernel (the host sampler's rules, on the device); only ids and log-probabilities
+    /// come back. Rows with penalties, and rows whose nucleus reaches past the kernel's
+    /// candidates, copy their logits back and draw on the host.
+    #[cfg(feature = "cuda")]
+    fn sample_rows_on_gpu(&self, draws: &[Draw<'_>]) -> crate::Result<Vec<Drawn>> {
+        let plain_greedy = draws.iter().all(|d| {
+            d.sampler.params.temperature == 0.0
+                && !d.sampler.params.penalized()
+                && d.top_logprobs == 0
+        });
+        if plain_greedy {
+            let (ids, lps) = crate::cuda::argmax_rows(self)?;
+            return Ok(ids
+                .into_iter()
+                .zip(lps)
+                .map(|(id, logprob)| Drawn {
                     id,
-                    logprob: lp[id as usize],
-                    top_logprobs: if d.top_logprobs > 0 {
-                        top_logprobs(&lp, d.top_logprobs)
-                    } else {
-                        Vec::new()
-                    },
+                    logprob,
+                    top_logprobs: Vec::new(),
+                })
+                .collect());
+        }
+        let on_device = crate::cuda::sample_rows(self, draws)?;
+        on_device
+            .into_iter()
+            .zip(draws)
+            .enumerate()
+            .map(|(r, (drawn, d))| match drawn {
+                Some(drawn) if !d.sampler.params.penalized() => Ok(drawn),
+                _ => {
+                    let row = self.narrow_rows(r, 1)?.host_f32()?;
+                    Ok(draw_host(&row, d))
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// The index of each row's largest value (greedy decoding, benchmarks).

@@ -747,28 +747,86 @@ fn untrusted_values_and_token_choice() {
     }
     assert_eq!(drawn[2].id, 77, "first of two equal maxima");
     assert_eq!(t.argmax_rows().unwrap()[2], 77);
-    // Sampled rows (temperature, top-k, top-p, with top log-probabilities) give the
-    // host sampler's choice on every backend.
-    let sampled = Sampler::new(SamplingParams {
-        temperature: 0.8,
-        top_k: 50,
-        top_p: 0.9,
-        seed: 7,
-        ..Default::default()
-    });
-    let draws: Vec<Draw> = (0..rows)
-        .map(|i| Draw {
-            sampler: &sampled,
-            position: i,
-            prompt: &empty,
-            output: &empty,
-            top_logprobs: 3,
-        })
-        .collect();
-    let drawn = t.sample_rows(&draws).unwrap();
-    for (r, d) in drawn.iter().enumerate() {
-        let row = &logits[r * vocab..(r + 1) * vocab];
-        assert_eq!(d.id, sampled.sample(row, r, &empty, &empty), "row {r}");
-        assert_eq!(d.top_logprobs.len(), 3);
+    // Sampled rows give the host sampler's choice on every backend, whatever rule binds:
+    // top-k, a nucleus inside or past a GPU's candidates, min-p, penalties, greedy with
+    // top log-probabilities; and the host's log-probabilities.
+    let host_draw =
+        |row: &[f32], s: &Sampler, pos: usize, out: &[u32]| s.sample(row, pos, &empty, out);
+    let configs = [
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.9,
+            seed: 7,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 0.3,
+            seed: 8,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            seed: 9,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            min_p: 0.2,
+            seed: 10,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 2000,
+            top_p: 0.99,
+            seed: 11,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.5,
+            repetition_penalty: 1.3,
+            presence_penalty: 0.5,
+            seed: 12,
+            ..Default::default()
+        },
+        SamplingParams::default(),
+    ];
+    let output = [77u32, 5, 5];
+    for (c, params) in configs.iter().enumerate() {
+        let sampler = Sampler::new(*params);
+        let draws: Vec<Draw> = (0..rows)
+            .map(|i| Draw {
+                sampler: &sampler,
+                position: 40 + i,
+                prompt: &empty,
+                output: &output,
+                top_logprobs: 3,
+            })
+            .collect();
+        let drawn = t.sample_rows(&draws).unwrap();
+        for (r, d) in drawn.iter().enumerate() {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            assert_eq!(
+                d.id,
+                host_draw(row, &sampler, 40 + r, &output),
+                "config {c} row {r}"
+            );
+            let lp = iris_tensor::sample::log_softmax(row);
+            assert!(
+                (d.logprob - lp[d.id as usize]).abs() < 1e-4,
+                "config {c} row {r} logprob"
+            );
+            let want = iris_tensor::sample::top_logprobs(&lp, 3);
+            assert_eq!(
+                d.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(),
+                want.iter().map(|t| t.0).collect::<Vec<_>>(),
+                "config {c} row {r} top ids"
+            );
+            for (g, w) in d.top_logprobs.iter().zip(&want) {
+                assert!((g.1 - w.1).abs() < 1e-4, "config {c} row {r} top logprob");
+            }
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! Every CUDA kernel source compiles with NVRTC to PTX for the architectures Iris
 //! serves on (A100: sm_80, H100/H200: sm_90), and the PTX holds every kernel the
 //! backend launches. Runs without a GPU: CI points `LD_LIBRARY_PATH` at NVRTC from
-//! PyPI (`scripts/nvrtc.sh`); with `IRIS_REQUIRE_NVRTC=1` a missing NVRTC fails.
+//! PyPI (`scripts/nvrtc.sh`); with `IRIS_REQUIRE_NVRTC=1` a missing NVRTC fails. With
+//! `IRIS_PTXAS` (`scripts/ptxas.sh`) the PTX is also assembled for each architecture, as
+//! a GPU's driver does when it loads the module, and each kernel's registers and spills
+//! are printed.
 #![cfg(feature = "cuda")]
 
 use iris_tensor::cuda::{compile, compile_source, nvrtc_present as present, KERNELS, SOURCE};
@@ -29,6 +32,9 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             ptx.contains(&format!(".target {arch}")),
             "{arch}: no target line"
         );
+        if let Some(ptxas) = std::env::var_os("IRIS_PTXAS") {
+            assemble(&ptxas, arch, &ptx);
+        }
         for name in KERNELS {
             assert!(
                 ptx.contains(&format!(".entry {name}(")),
@@ -51,4 +57,35 @@ fn a_broken_source_is_an_error_with_the_compiler_log() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope"), "{err}");
+}
+
+/// `ptxas -arch=<arch> -v` on the PTX: it must assemble, and no kernel may spill.
+fn assemble(ptxas: &std::ffi::OsStr, arch: &str, ptx: &str) {
+    let dir = std::env::temp_dir().join(format!("iris-ptx-{}-{arch}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("kernels.ptx");
+    std::fs::write(&src, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch={arch}"))
+        .arg("-v")
+        .arg(&src)
+        .arg("-o")
+        .arg(dir.join("kernels.cubin"))
+        .output()
+        .expect("run ptxas");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{arch}: ptxas failed:\n{log}");
+    for line in log
+        .lines()
+        .filter(|l| l.contains("registers") || l.contains("spill"))
+    {
+        eprintln!("{arch}: {}", line.trim());
+    }
+    for line in log.lines().filter(|l| l.contains("bytes spill")) {
+        assert!(
+            line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+            "{arch}: a kernel spills registers: {line}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -471,3 +471,207 @@ extern "C" __global__ void kv_write(void* arena, const u32* table, const float* 
         }
     }
 }
+
+// ---------------------------------------------------------------- sampling
+
+// SplitMix64, as the host sampler's (iris_tensor::sample).
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// An order-preserving unsigned key of a float (larger float, larger key).
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+#define SAMPLE_THREADS 512
+#define CANDIDATES 512
+#define TARGET 256
+#define TOP_LOGPROBS 20
+
+// One block of SAMPLE_THREADS per row: the host sampler's draw (temperature, top-k,
+// top-p, min-p, the (seed, position) draw) on the device, over the candidates that can
+// matter: the TARGET most likely tokens and any tied with the last. Sorted by (scaled
+// logit desc, id asc) as the host sorts. status 0: `ids` holds the draw; 1: the
+// nucleus reaches past the candidates (or ties overflow them) — the caller draws on
+// the host from the whole row. Also each row's chosen log-probability and its
+// `n_top` most likely tokens' (`top_ids`, `top_lps`, TOP_LOGPROBS a row).
+extern "C" __global__ void sample_rows(const float* x, size_t d, const float* temperature,
+                                       const u32* top_k, const float* top_p,
+                                       const float* min_p, const unsigned long long* seed,
+                                       const unsigned long long* position, u32 n_top,
+                                       u32* ids, float* logprobs, u32* status, u32* top_ids,
+                                       float* top_lps) {
+    __shared__ float shared[32];
+    __shared__ u32 hist[256];
+    __shared__ float cand_s[CANDIDATES];
+    __shared__ u32 cand_id[CANDIDATES];
+    __shared__ u32 count;
+    __shared__ u32 prefix, prefix_mask, need;
+    __shared__ double dsum[SAMPLE_THREADS / 32];
+    const size_t r = blockIdx.x;
+    const float* row = x + r * d;
+    // Greedy rows (temperature 0) take the first candidate: the argmax, first on ties.
+    const bool greedy = !(temperature[r] > 0.0f);
+    const float t = greedy ? 1.0f : temperature[r];
+    const int tid = threadIdx.x;
+
+    // The row's max, and Σ exp(l - max) (log-probabilities) and Σ exp((l - max)/t)
+    // (the draw), in f64 as the host.
+    float m = NEG_INF;
+    for (size_t i = tid; i < d; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = block_max(m, shared);
+    double s1 = 0.0, st = 0.0;
+    for (size_t i = tid; i < d; i += blockDim.x) {
+        s1 += exp((double)(row[i] - m));
+        st += exp((double)((row[i] - m) / t));
+    }
+    for (int pass = 0; pass < 2; ++pass) {
+        double v = pass == 0 ? s1 : st;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (tid % 32 == 0) dsum[tid / 32] = v;
+        __syncthreads();
+        if (tid == 0) {
+            double a = 0.0;
+            for (int w = 0; w < SAMPLE_THREADS / 32; ++w) a += dsum[w];
+            dsum[0] = a;
+        }
+        __syncthreads();
+        if (pass == 0) s1 = dsum[0]; else st = dsum[0];
+        __syncthreads();
+    }
+    const float lse = (float)log(s1) + m;
+
+    // Radix select (8 bits a pass) of the TARGET-th largest scaled logit's key.
+    if (tid == 0) {
+        prefix = 0;
+        prefix_mask = 0;
+        need = d < TARGET ? (u32)d : TARGET;
+        count = 0;
+    }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (size_t i = tid; i < d; i += blockDim.x) {
+            u32 k = order_key((row[i] - m) / t);
+            if ((k & prefix_mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            u32 above = 0;
+            int digit = 255;
+            for (; digit > 0; --digit) {
+                if (above + hist[digit] >= need) break;
+                above += hist[digit];
+            }
+            need -= above;
+            prefix |= (u32)digit << shift;
+            prefix_mask |= 255u << shift;
+        }
+        __syncthreads();
+    }
+    const u32 threshold = prefix;
+
+    // Every token at or above the threshold.
+    for (size_t i = tid; i < d; i += blockDim.x) {
+        float sv = (row[i] - m) / t;
+        if (order_key(sv) >= threshold) {
+            u32 at = atomicAdd(&count, 1u);
+            if (at < CANDIDATES) {
+                cand_s[at] = sv;
+                cand_id[at] = (u32)i;
+            }
+        }
+    }
+    __syncthreads();
+    const u32 n = min(count, (u32)CANDIDATES);
+    for (u32 i = n + tid; i < CANDIDATES; i += blockDim.x) {
+        cand_s[i] = NEG_INF;
+        cand_id[i] = 0xffffffffu;
+    }
+    __syncthreads();
+    // Bitonic sort: (scaled logit desc, id asc) first.
+    for (u32 size = 2; size <= CANDIDATES; size <<= 1) {
+        for (u32 stride = size >> 1; stride > 0; stride >>= 1) {
+            for (u32 i = tid; i < CANDIDATES; i += blockDim.x) {
+                u32 j = i ^ stride;
+                if (j > i) {
+                    bool before_ij = cand_s[i] > cand_s[j] ||
+                                     (cand_s[i] == cand_s[j] && cand_id[i] < cand_id[j]);
+                    bool up = (i & size) == 0;
+                    if (up != before_ij) {
+                        float ts = cand_s[i];
+                        cand_s[i] = cand_s[j];
+                        cand_s[j] = ts;
+                        u32 ti = cand_id[i];
+                        cand_id[i] = cand_id[j];
+                        cand_id[j] = ti;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (tid != 0) return;
+    for (u32 i = 0; i < n_top && i < TOP_LOGPROBS; ++i) {
+        u32 id = i < n ? cand_id[i] : 0;
+        top_ids[r * TOP_LOGPROBS + i] = id;
+        top_lps[r * TOP_LOGPROBS + i] = i < n ? row[id] - lse : NEG_INF;
+    }
+    if (greedy) {
+        ids[r] = cand_id[0];
+        logprobs[r] = row[cand_id[0]] - lse;
+        status[r] = 0;
+        return;
+    }
+    if (count > CANDIDATES) {
+        status[r] = 1;
+        return;
+    }
+    // The host's keep rules over the sorted candidates.
+    u32 keep = n;
+    u32 k = top_k[r];
+    bool limited = k > 0 && k <= n;
+    if (k > 0 && k < keep) keep = k;
+    double mass = 0.0;
+    bool reached = false;
+    for (u32 i = 0; i < keep; ++i) {
+        mass += exp((double)cand_s[i]) / st;
+        if (mass >= (double)top_p[r]) {
+            keep = i + 1;
+            reached = true;
+            break;
+        }
+    }
+    if (!reached && !limited && n < d) {
+        status[r] = 1;  // the nucleus may hold tokens past the candidates
+        return;
+    }
+    if (min_p[r] > 0.0f) {
+        double floor = exp((double)cand_s[0]) / st * (double)min_p[r];
+        u32 kept = 0;
+        while (kept < keep && exp((double)cand_s[kept]) / st >= floor) ++kept;
+        keep = kept > 0 ? kept : 1;
+    }
+    double kept_mass = 0.0;
+    for (u32 i = 0; i < keep; ++i) kept_mass += exp((double)cand_s[i]) / st;
+    unsigned long long rnd = splitmix64(seed[r] ^ splitmix64(position[r]));
+    double u = (double)(rnd >> 11) / 9007199254740992.0 * kept_mass;
+    double acc = 0.0;
+    u32 choice = cand_id[keep - 1];
+    for (u32 i = 0; i < keep; ++i) {
+        acc += exp((double)cand_s[i]) / st;
+        if (u < acc) {
+            choice = cand_id[i];
+            break;
+        }
+    }
+    ids[r] = choice;
+    logprobs[r] = row[choice] - lse;
+    status[r] = 0;
+}

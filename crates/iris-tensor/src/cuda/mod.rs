@@ -47,6 +47,7 @@ pub const KERNELS: &[&str] = &[
     "attention",
     "paged_attention",
     "kv_write",
+    "sample_rows",
 ];
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -1389,4 +1390,95 @@ pub(crate) fn paged_attention(
 /// Greedy draws on the device: each row's argmax and its log-probability.
 pub(crate) fn argmax_rows(logits: &crate::Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
     on_gpu(logits, "logits")?.argmax_rows(logits.last_dim())
+}
+
+/// Top log-probabilities the sampling kernel returns a row (OpenAI allows 20).
+const TOP_LOGPROBS: usize = 20;
+
+/// The device's draws for `draws` (one a row of `[rows, vocab]` logits), as
+/// `iris_tensor::sample`'s host sampler draws them; `None` for a row the kernel hands
+/// back (its nucleus reaches past the candidates): the caller draws it on the host.
+pub(crate) fn sample_rows(
+    logits: &crate::Tensor,
+    draws: &[crate::sample::Draw<'_>],
+) -> Result<Vec<Option<crate::sample::Drawn>>> {
+    let x = on_gpu(logits, "logits")?;
+    let g = &x.gpu;
+    let (rows, d) = (logits.rows(), logits.last_dim());
+    let xf = x.as_f32_owned()?;
+    let p = |f: &dyn Fn(&crate::sample::SamplingParams) -> f32| -> Vec<f32> {
+        draws.iter().map(|dr| f(&dr.sampler.params)).collect()
+    };
+    let (temperature, top_p, min_p) = (
+        g.upload(&p(&|s| s.temperature))?,
+        g.upload(&p(&|s| s.top_p))?,
+        g.upload(&p(&|s| s.min_p))?,
+    );
+    let top_k: Vec<u32> = draws
+        .iter()
+        .map(|dr| dr.sampler.params.top_k.min(u32::MAX as usize) as u32)
+        .collect();
+    let top_k = g.upload(&top_k)?;
+    let seed: Vec<u64> = draws.iter().map(|dr| dr.sampler.params.seed).collect();
+    let position: Vec<u64> = draws.iter().map(|dr| dr.position as u64).collect();
+    let (seed, position) = (g.upload(&seed)?, g.upload(&position)?);
+    let n_top = draws
+        .iter()
+        .map(|dr| dr.top_logprobs)
+        .max()
+        .unwrap_or(0)
+        .min(TOP_LOGPROBS) as u32;
+    let mut ids = g.zeros::<u32>(rows)?;
+    let mut lps = g.zeros::<f32>(rows)?;
+    let mut status = g.zeros::<u32>(rows)?;
+    let mut top_ids = g.zeros::<u32>(rows * TOP_LOGPROBS)?;
+    let mut top_lps = g.zeros::<f32>(rows * TOP_LOGPROBS)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        g,
+        "sample_rows",
+        cfg,
+        &*xf,
+        &d,
+        &temperature,
+        &top_k,
+        &top_p,
+        &min_p,
+        &seed,
+        &position,
+        &n_top,
+        &mut ids,
+        &mut lps,
+        &mut status,
+        &mut top_ids,
+        &mut top_lps
+    )?;
+    let (ids, lps, status) = (
+        g.download(&ids, rows)?,
+        g.download(&lps, rows)?,
+        g.download(&status, rows)?,
+    );
+    let (top_ids, top_lps) = if n_top > 0 {
+        (
+            g.download(&top_ids, rows * TOP_LOGPROBS)?,
+            g.download(&top_lps, rows * TOP_LOGPROBS)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok((0..rows)
+        .map(|r| {
+            (status[r] == 0).then(|| crate::sample::Drawn {
+                id: ids[r],
+                logprob: lps[r],
+                top_logprobs: (0..draws[r].top_logprobs.min(TOP_LOGPROBS).min(d))
+                    .map(|i| (top_ids[r * TOP_LOGPROBS + i], top_lps[r * TOP_LOGPROBS + i]))
+                    .collect(),
+            })
+        })
+        .collect())
 }
