@@ -1,9 +1,14 @@
 //! Collectives between the ranks of a tensor-parallel group (Megatron-LM style: one
 //! all-reduce after attention and one after the MLP). At world size 1 every collective
 //! is a no-op, so the single-device path is the tensor-parallel path with N = 1
-//! (as in mistral.rs). Multi-process CPU and NCCL communicators implement the same
-//! trait.
-#![forbid(unsafe_code)]
+//! (as in mistral.rs). The CPU communicator ([`cpu::CpuComm`]) joins ranks in separate
+//! processes over shared memory ([`shm::Shm`], one host) or TCP ([`cpu::Tcp`]).
+#![deny(unsafe_code)]
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod shm;
 
 use std::sync::Arc;
 
@@ -27,6 +32,13 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn world_size(&self) -> usize;
     /// Element-wise sum of `t` across all ranks; every rank gets the sum.
     fn all_reduce_sum(&self, t: Tensor) -> Result<Tensor>;
+    /// Every rank's `[rows, dᵣ]` side by side along the last dimension, in rank order
+    /// (a vocab-parallel head's logits), f32.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+    /// `root`'s `data` on every rank (the others' `data` is ignored).
+    fn broadcast_bytes(&self, data: &[u8], root: usize) -> Result<Vec<u8>>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()>;
 }
 
 /// The group of one: every collective returns its input.
@@ -42,6 +54,21 @@ impl Communicator for SingleRank {
     }
     fn all_reduce_sum(&self, t: Tensor) -> Result<Tensor> {
         Ok(t)
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(iris_tensor::DType::F32)?)
+    }
+    fn broadcast_bytes(&self, data: &[u8], root: usize) -> Result<Vec<u8>> {
+        if root != 0 {
+            return Err(Error::BadRank {
+                rank: root,
+                world_size: 1,
+            });
+        }
+        Ok(data.to_vec())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -28,18 +28,43 @@ struct LlamaAttention {
 
 impl LlamaAttention {
     fn load(vb: &Vb, cfg: &LlamaConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
-        let (d, hd, ws) = (cfg.hidden_size, cfg.head_dim, comm.world_size());
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (ws, rank) = (comm.world_size(), comm.rank());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        if nkv % ws != 0 {
+        if nh % ws != 0 {
             return Err(Error::Config(format!(
-                "{nkv} KV heads do not split over {ws} ranks"
+                "{}: {nh} attention heads do not split over {ws} ranks",
+                vb.pp("q_proj").path_of("weight")
             )));
         }
+        // KV heads split over the ranks, or — fewer heads than ranks — each replicated
+        // on the ranks whose query heads read it (as vLLM does).
+        let (kv_rows, local_kv) = if nkv % ws == 0 {
+            let per = nkv / ws;
+            (rank * per * hd..(rank + 1) * per * hd, per)
+        } else if ws % nkv == 0 {
+            let h = rank / (ws / nkv);
+            (h * hd..(h + 1) * hd, 1)
+        } else {
+            return Err(Error::Config(format!(
+                "{}: {nkv} KV heads neither split over nor replicate onto {ws} ranks",
+                vb.pp("k_proj").path_of("weight")
+            )));
+        };
         let c = comm.as_ref();
+        let kv = |name: &str| {
+            ColumnParallelLinear::load_rows(
+                &vb.pp(name),
+                d,
+                nkv * hd,
+                cfg.qkv_bias,
+                kv_rows.clone(),
+            )
+        };
         Ok(LlamaAttention {
             q_proj: ColumnParallelLinear::load(&vb.pp("q_proj"), d, nh * hd, cfg.qkv_bias, c)?,
-            k_proj: ColumnParallelLinear::load(&vb.pp("k_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
-            v_proj: ColumnParallelLinear::load(&vb.pp("v_proj"), d, nkv * hd, cfg.qkv_bias, c)?,
+            k_proj: kv("k_proj")?,
+            v_proj: kv("v_proj")?,
             o_proj: RowParallelLinear::load(
                 &vb.pp("o_proj"),
                 nh * hd,
@@ -49,7 +74,7 @@ impl LlamaAttention {
             )?,
             shape: AttnShape {
                 n_heads: nh / ws,
-                n_kv_heads: nkv / ws,
+                n_kv_heads: local_kv,
                 head_dim: hd,
                 bf16_products: vb.dtype() == iris_tensor::DType::BF16,
             },
@@ -80,6 +105,15 @@ impl LlamaAttention {
         let o = attention_cached(&q, caches, rows, layer, self.shape)?.round_to(self.dtype)?;
         self.o_proj.forward(&o)
     }
+}
+
+/// The vocabulary rows rank `rank` of `world` holds: the vocabulary padded up to a
+/// multiple of the ranks and split evenly (vLLM's padding), the padding rows held by
+/// nobody — so the last rank may hold fewer, and gathered logits are exactly `vocab`
+/// wide.
+pub fn vocab_range(vocab: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let per = vocab.div_ceil(world.max(1));
+    (rank * per).min(vocab)..((rank + 1) * per).min(vocab)
 }
 
 /// One LLaMA decoder layer (also IDEFICS' text layers).
@@ -154,7 +188,11 @@ impl LlamaLayer {
 
 #[derive(Debug, Clone)]
 pub struct Llama {
+    /// This rank's rows of the vocabulary (all of them at one rank).
     embed_tokens: Tensor,
+    /// The vocabulary rows this rank holds (`vocab_range`).
+    vocab_rows: std::ops::Range<usize>,
+    comm: Arc<dyn Communicator>,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -171,25 +209,32 @@ impl Llama {
         cfg: &LlamaConfig,
         comm: Arc<dyn Communicator>,
     ) -> Result<Llama> {
-        if comm.world_size() != 1 {
-            // The layers shard already; the vocab-parallel embedding and head gather
-            // arrive with the multi-rank communicators.
-            return Err(Error::Config(
-                "tensor parallelism above 1 rank is not available yet".into(),
-            ));
-        }
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed_tokens = vb.get("embed_tokens.weight", &[v, d])?;
+        // Vocab-parallel embedding and head: each rank its rows of the vocabulary.
+        let vocab_rows = vocab_range(v, comm.rank(), comm.world_size());
+        if vocab_rows.is_empty() {
+            return Err(Error::Config(format!(
+                "a vocabulary of {v} is too small for {} ranks",
+                comm.world_size()
+            )));
+        }
+        let embed_tokens = vb.get_rows("embed_tokens.weight", &[v, d], vocab_rows.clone())?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None, vb.dtype())?
         } else {
-            Linear::load(head, d, v, false)?
+            Linear::new(
+                head.get_rows("weight", &[v, d], vocab_rows.clone())?,
+                None,
+                head.dtype(),
+            )?
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LlamaLayer::load(&vb.pp("layers").pp(i), cfg, &comm))
             .collect::<Result<_>>()?;
         Ok(Llama {
             embed_tokens,
+            vocab_rows,
+            comm,
             layers,
             norm: RmsNorm::load(&vb.pp("norm"), d, cfg.rms_norm_eps)?,
             lm_head,
@@ -214,7 +259,23 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        Ok(self.embed_tokens.index_rows(ids)?)
+        if self.comm.world_size() == 1 {
+            return Ok(self.embed_tokens.index_rows(ids)?);
+        }
+        // This rank's rows of the ids in its part of the vocabulary, zeros elsewhere,
+        // summed over the ranks.
+        let d = self.embed_tokens.last_dim();
+        let (at, local): (Vec<usize>, Vec<u32>) = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| self.vocab_rows.contains(&(id as usize)))
+            .map(|(i, &id)| (i, id - self.vocab_rows.start as u32))
+            .unzip();
+        let mut x = Tensor::zeros_on(&[ids.len(), d], self.embed_tokens.device())?;
+        if !at.is_empty() {
+            x = x.scatter_rows(&at, &self.embed_tokens.index_rows(&local)?)?;
+        }
+        Ok(self.comm.all_reduce_sum(x)?)
     }
 
     /// Runs `embeds` (`[t, hidden]`) after the cached tokens; returns the final-normed
@@ -295,9 +356,14 @@ impl Llama {
         })
     }
 
-    /// Logits `[t, vocab]` of final hidden states.
+    /// Logits `[t, vocab]` of final hidden states (every rank's part of the vocabulary,
+    /// gathered).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        let local = self.lm_head.forward(hidden)?;
+        if self.comm.world_size() == 1 {
+            return Ok(local);
+        }
+        Ok(self.comm.all_gather(&local)?)
     }
 }
 

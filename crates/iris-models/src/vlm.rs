@@ -106,6 +106,9 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
             )));
         }
         let at: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] == image_token).collect();
+        if at.is_empty() {
+            return Ok(x); // a text-only prompt
+        }
         let visual = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?.to_device(x.device())?;
         x = x.scatter_rows(&at, &visual)?;
         Ok(x)

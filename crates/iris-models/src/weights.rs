@@ -288,6 +288,11 @@ impl Vb {
         }
     }
 
+    /// The full name of `name` under this prefix (for errors).
+    pub fn path_of(&self, name: &str) -> String {
+        self.path(name)
+    }
+
     fn path(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()

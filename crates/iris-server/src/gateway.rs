@@ -117,13 +117,23 @@ impl GatewayModel {
     /// Reads what the gateway needs of a model folder: its processor and configs (and,
     /// for a retrieval model, which the gateway serves itself, its weights).
     pub fn load(id: &str, dir: &Path, limits: ImageLimits) -> iris_engine::Result<GatewayModel> {
+        GatewayModel::load_on(id, dir, limits, iris_tensor::Device::Cpu)
+    }
+
+    /// [`GatewayModel::load`] with a retrieval model's weights on `device`.
+    pub fn load_on(
+        id: &str,
+        dir: &Path,
+        limits: ImageLimits,
+        device: iris_tensor::Device,
+    ) -> iris_engine::Result<GatewayModel> {
         let cfg = read_json(&dir.join("config.json"))?;
         let arch = architecture(&cfg).unwrap_or_default();
         let kind = if Family::of(&cfg)?.task() == Task::Retrieval {
             let opts = PipelineOptions {
                 dtype: None,
                 limits,
-                ..Default::default()
+                device,
             };
             ModelKind::Retrieval(Arc::new(RetrievalPipeline::load(dir, &opts)?))
         } else {

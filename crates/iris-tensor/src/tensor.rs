@@ -398,6 +398,9 @@ impl Tensor {
 
     /// Row `at[i]` becomes row `i` of `src` (visual tokens into a prompt's embeddings).
     pub fn scatter_rows(mut self, at: &[usize], src: &Tensor) -> Result<Tensor> {
+        if at.is_empty() && src.elem_count() == 0 {
+            return Ok(self);
+        }
         let d = self.last_dim();
         if src.last_dim() != d || src.rows() != at.len() {
             return shape_err(

@@ -393,7 +393,15 @@ fn gathers_narrows_concats_scatters_and_patches() {
         }
     }
     close(&got, &want, 0.0, "scatter_rows");
-    assert!(x.scatter_rows(&[6, 0], &b).is_err());
+    assert!(x.clone().scatter_rows(&[6, 0], &b).is_err());
+    // No rows (a prompt without images): the tensor as it was.
+    let none = Tensor::cat_rows(&[]).unwrap();
+    close(
+        &host(&x.scatter_rows(&[], &none).unwrap()),
+        &xv.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        0.0,
+        "scatter of nothing",
+    );
     // Patches of a [3, 8, 8] image in 4×4: [(8/4)², 3·16].
     let (ch, s, p) = (3, 8, 4);
     let px = rand(ch * s * s, 35);

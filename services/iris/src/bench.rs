@@ -25,6 +25,10 @@ pub enum BenchCmd {
     /// Decode step time of a cross-attention model (IDEFICS, BLIP) with 1 and N images:
     /// the images' K/V are computed once, so a step should cost the same.
     DecodeImages(DecodeImagesArgs),
+    /// All-reduce latency of the CPU transports between rank processes.
+    Allreduce(AllreduceArgs),
+    #[command(hide = true)]
+    AllreduceRank(AllreduceRankArgs),
 }
 
 #[derive(Args)]
@@ -210,6 +214,8 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::DecodeImages(a) => decode_images(a),
         BenchCmd::Vit(a) => vit(a),
+        BenchCmd::Allreduce(a) => allreduce(a),
+        BenchCmd::AllreduceRank(a) => allreduce_rank(a),
     }
 }
 
@@ -559,6 +565,131 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 a.prefill,
                 secs,
                 2.0 * params * a.prefill as f64 / secs / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct AllreduceArgs {
+    /// Transports to measure: shm (one host), tcp (loopback here).
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("shm"), String::from("tcp")])]
+    transports: Vec<String>,
+    /// Ranks (processes).
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// f32 values per all-reduce (default: a decode step's hidden state, TinyLlama's
+    /// 2048 and LLaMA-7B's 4096 wide, at batch 1, 8 and 32).
+    #[arg(long, value_delimiter = ',', default_values_t = [2048usize, 4096, 16384, 32768, 65536, 131072])]
+    sizes: Vec<usize>,
+    #[arg(long, default_value_t = 2000)]
+    iters: usize,
+}
+
+#[derive(Args)]
+pub struct AllreduceRankArgs {
+    #[arg(long)]
+    transport: String,
+    #[arg(long)]
+    rank: usize,
+    #[arg(long)]
+    world: usize,
+    #[arg(long)]
+    group: String,
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    #[arg(long)]
+    iters: usize,
+}
+
+/// Starts `world` rank processes per transport; rank 0 prints each size's latency.
+fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "all-reduce (sum, f32) between {} rank processes on {} cores; median and p90 of {} calls after 100 warm-up",
+        a.world,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.iters
+    );
+    for t in &a.transports {
+        let group = match t.as_str() {
+            "shm" => std::env::temp_dir()
+                .join(format!("iris-allreduce-{}", std::process::id()))
+                .display()
+                .to_string(),
+            "tcp" => (0..a.world)
+                .map(|_| -> anyhow::Result<String> {
+                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                        .local_addr()?
+                        .to_string())
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .join(","),
+            other => anyhow::bail!("--transports {other}: expected shm or tcp"),
+        };
+        let children = (0..a.world)
+            .map(|rank| {
+                std::process::Command::new(&exe)
+                    .args(["bench", "allreduce-rank", "--transport", t])
+                    .args(["--group", &group, "--rank", &rank.to_string()])
+                    .args(["--world", &a.world.to_string(), "--sizes", &sizes])
+                    .args(["--iters", &a.iters.to_string()])
+                    .spawn()
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for c in children {
+            let status = c.wait_with_output()?.status;
+            anyhow::ensure!(status.success(), "a {t} rank failed: {status}");
+        }
+    }
+    Ok(())
+}
+
+fn allreduce_rank(a: AllreduceRankArgs) -> anyhow::Result<()> {
+    use iris_comm::cpu::{CpuComm, Tcp};
+    use iris_comm::Communicator;
+    let comm: Box<dyn Communicator> = match a.transport.as_str() {
+        "shm" => Box::new(CpuComm::new(iris_comm::shm::Shm::join(
+            std::path::Path::new(&a.group),
+            a.rank,
+            a.world,
+            iris_comm::shm::DEFAULT_SLOT_BYTES,
+        )?)),
+        _ => {
+            let addrs = a
+                .group
+                .split(',')
+                .map(|s| s.parse())
+                .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
+            Box::new(CpuComm::new(Tcp::join(&addrs, a.rank)?))
+        }
+    };
+    for &n in &a.sizes {
+        let x = Tensor::from_f32(random(n, a.rank as u64 + 1), &[n])?;
+        let mut times = Vec::with_capacity(a.iters);
+        for i in 0..a.iters + 100 {
+            comm.barrier()?;
+            let t = Instant::now();
+            std::hint::black_box(comm.all_reduce_sum(x.clone())?);
+            if i >= 100 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        if a.rank == 0 {
+            println!(
+                "{:>4} {n:>7} values ({:>4} KiB): median {:7.1} us, p90 {:7.1} us",
+                a.transport,
+                n * 4 / 1024,
+                times[times.len() / 2] * 1e6,
+                times[times.len() * 9 / 10] * 1e6
             );
         }
     }

@@ -983,7 +983,8 @@ fn gateway_models(m: &ModelArgs) -> Result<Vec<GatewayModel>, StartError> {
     m.models
         .iter()
         .map(|a| {
-            GatewayModel::load(&a.id, &a.dir, m.limits()).map_err(|e| StartError::load(&a.dir, e))
+            GatewayModel::load_on(&a.id, &a.dir, m.limits(), m.device)
+                .map_err(|e| StartError::load(&a.dir, e))
         })
         .collect()
 }

@@ -97,6 +97,24 @@ impl ColumnParallelLinear {
         Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())?))
     }
 
+    /// The output rows `rows` of the full layer, whatever the rank (KV heads replicated
+    /// over more ranks than there are heads).
+    pub fn load_rows(
+        vb: &Vb,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Self> {
+        let weight = vb.get_rows("weight", &[out_dim, in_dim], rows.clone())?;
+        let bias = if bias {
+            Some(vb.get_rows("bias", &[out_dim], rows)?)
+        } else {
+            None
+        };
+        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())?))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
     }

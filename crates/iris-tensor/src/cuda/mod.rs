@@ -1482,3 +1482,42 @@ pub(crate) fn sample_rows(
         })
         .collect())
 }
+
+/// cudarc, for the crates that drive the same devices (iris-comm's NCCL).
+pub use cudarc;
+
+/// GPU `ordinal`'s stream (every operation of the backend runs on it).
+pub fn stream_of(ordinal: usize) -> Result<Arc<CudaStream>> {
+    Ok(gpu(ordinal)?.stream.clone())
+}
+
+/// A copy of a GPU tensor's values as f32 device memory (widened when 16-bit).
+pub fn f32_copy(t: &crate::Tensor) -> Result<CudaSlice<f32>> {
+    let s = on_gpu(t, "a device copy")?;
+    let f = s.as_f32_owned()?;
+    match f {
+        std::borrow::Cow::Owned(v) => Ok(v),
+        std::borrow::Cow::Borrowed(v) => s
+            .gpu
+            .stream
+            .clone_dtod(v)
+            .map_err(|e| cuda_err("copying device memory", e)),
+    }
+}
+
+/// A tensor of `shape` over f32 device memory of GPU `ordinal`.
+pub fn from_f32(data: CudaSlice<f32>, shape: &[usize], ordinal: usize) -> Result<crate::Tensor> {
+    let n: usize = shape.iter().product();
+    if data.len() < n {
+        return Err(Error::ElementCount {
+            shape: shape.to_vec(),
+            want: n,
+            got: data.len(),
+        });
+    }
+    let g = gpu(ordinal)?;
+    Ok(crate::Tensor::new(
+        crate::storage::Storage::Cuda(CudaStorage::f32(&g, data, n)),
+        shape.to_vec(),
+    ))
+}

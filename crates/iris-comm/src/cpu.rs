@@ -1,0 +1,251 @@
+//! The CPU communicator: ranks as separate processes, every collective built on one
+//! primitive of a byte transport — each rank's bytes to every rank (`exchange`). With
+//! the few ranks a CPU group has (2–8) and a decode step's sizes (a few KiB to MiB),
+//! gathering whole buffers and reducing locally is one round trip, fewer than a ring's
+//! 2(N−1); every rank sums the same buffers in rank order, so every rank gets the same
+//! bits. Two transports: shared memory between the processes of one host
+//! ([`crate::shm::Shm`]) and TCP between hosts ([`Tcp`]).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use iris_tensor::{DType, Tensor};
+
+use crate::{Communicator, Error, Result};
+
+/// Moves bytes between the ranks of a group.
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Every rank's `data`, indexed by rank (this rank's included). Every rank must
+    /// call it, in the same order of operations.
+    fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+}
+
+/// A [`Communicator`] over a byte transport.
+#[derive(Debug)]
+pub struct CpuComm<T: Transport> {
+    t: T,
+}
+
+impl<T: Transport> CpuComm<T> {
+    pub fn new(t: T) -> CpuComm<T> {
+        CpuComm { t }
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+impl<T: Transport> Communicator for CpuComm<T> {
+    fn rank(&self) -> usize {
+        self.t.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.t.world_size()
+    }
+
+    fn all_reduce_sum(&self, t: Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t);
+        }
+        let device = t.device();
+        let mine = t.host_f32()?;
+        let all = self.t.exchange(&f32_bytes(&mine))?;
+        let mut sum = vec![0f32; mine.len()];
+        for (r, b) in all.iter().enumerate() {
+            if b.len() != mine.len() * 4 {
+                return Err(Error::Collective(format!(
+                    "all-reduce: rank {r} sent {} values, this rank {}",
+                    b.len() / 4,
+                    mine.len()
+                )));
+            }
+            for (s, x) in sum.iter_mut().zip(bytes_f32(b)) {
+                *s += x;
+            }
+        }
+        Ok(Tensor::from_f32(sum, t.shape())?.to_device(device)?)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t.to_dtype(DType::F32)?);
+        }
+        let rows = t.rows();
+        let all = self.t.exchange(&f32_bytes(&t.host_f32()?))?;
+        let parts = all
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                let v = bytes_f32(b);
+                if rows == 0 || !v.len().is_multiple_of(rows) {
+                    return Err(Error::Collective(format!(
+                        "all-gather: rank {r} sent {} values for {rows} rows",
+                        v.len()
+                    )));
+                }
+                let d = v.len() / rows;
+                Ok(Tensor::from_f32(v, &[rows, d])?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        Ok(Tensor::cat_cols(&refs)?.to_device(t.device())?)
+    }
+
+    fn broadcast_bytes(&self, data: &[u8], root: usize) -> Result<Vec<u8>> {
+        if root >= self.world_size() {
+            return Err(Error::BadRank {
+                rank: root,
+                world_size: self.world_size(),
+            });
+        }
+        let mine = if self.rank() == root { data } else { &[] };
+        Ok(self.t.exchange(mine)?.swap_remove(root))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.t.exchange(&[]).map(|_| ())
+    }
+}
+
+/// A full mesh of TCP connections (`TCP_NODELAY`), one per pair of ranks: for ranks on
+/// different hosts.
+#[derive(Debug)]
+pub struct Tcp {
+    rank: usize,
+    /// Connections to every other rank, by rank (`None` at this rank's index): a
+    /// handle that writes and one that reads, so sending and receiving never wait on
+    /// each other.
+    peers: Vec<Option<Peer>>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    writer: Mutex<TcpStream>,
+    reader: Mutex<TcpStream>,
+}
+
+impl Peer {
+    fn new(s: TcpStream) -> std::io::Result<Peer> {
+        Ok(Peer {
+            reader: Mutex::new(s.try_clone()?),
+            writer: Mutex::new(s),
+        })
+    }
+}
+
+/// How long ranks wait for each other while the group forms.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Tcp {
+    /// Joins the group whose ranks listen at `addrs` (rank `r` at `addrs[r]`): binds
+    /// this rank's address, connects to the ranks below it and accepts the ranks above.
+    pub fn join(addrs: &[SocketAddr], rank: usize) -> Result<Tcp> {
+        let n = addrs.len();
+        if rank >= n {
+            return Err(Error::BadRank {
+                rank,
+                world_size: n,
+            });
+        }
+        let io = |what: &str, e: std::io::Error| Error::Collective(format!("tcp {what}: {e}"));
+        let listener = TcpListener::bind(addrs[rank]).map_err(|e| io("bind", e))?;
+        let mut peers: Vec<Option<Peer>> = (0..n).map(|_| None).collect();
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        for (r, addr) in addrs.iter().enumerate().take(rank) {
+            let mut s = loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(io(&format!("connect to rank {r}"), e)),
+                }
+            };
+            s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
+            s.write_all(&(rank as u64).to_le_bytes())
+                .map_err(|e| io("hello", e))?;
+            peers[r] = Some(Peer::new(s).map_err(|e| io("clone", e))?);
+        }
+        for _ in rank + 1..n {
+            let (mut s, _) = listener.accept().map_err(|e| io("accept", e))?;
+            s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).map_err(|e| io("hello", e))?;
+            let r = u64::from_le_bytes(b) as usize;
+            if r <= rank || r >= n || peers[r].is_some() {
+                return Err(Error::Collective(format!(
+                    "tcp: unexpected rank {r} joined"
+                )));
+            }
+            peers[r] = Some(Peer::new(s).map_err(|e| io("clone", e))?);
+        }
+        Ok(Tcp { rank, peers })
+    }
+}
+
+impl Transport for Tcp {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let io = |e: std::io::Error| Error::Collective(format!("tcp exchange: {e}"));
+        let n = self.peers.len();
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); n];
+        out[self.rank] = data.to_vec();
+        let peers: Vec<(usize, &Peer)> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter_map(|(r, p)| p.as_ref().map(|p| (r, p)))
+            .collect();
+        // Sending on one thread and receiving on another: two ranks sending each other
+        // more than a socket buffer at once cannot deadlock.
+        std::thread::scope(|scope| -> Result<()> {
+            let sender = scope.spawn(|| -> Result<()> {
+                for (_, p) in &peers {
+                    let mut s = p
+                        .writer
+                        .lock()
+                        .map_err(|_| Error::Collective("tcp: poisoned".into()))?;
+                    s.write_all(&(data.len() as u64).to_le_bytes())
+                        .map_err(io)?;
+                    s.write_all(data).map_err(io)?;
+                }
+                Ok(())
+            });
+            for (r, p) in &peers {
+                let mut s = p
+                    .reader
+                    .lock()
+                    .map_err(|_| Error::Collective("tcp: poisoned".into()))?;
+                let mut len = [0u8; 8];
+                s.read_exact(&mut len).map_err(io)?;
+                let len = u64::from_le_bytes(len) as usize;
+                let mut buf = vec![0u8; len];
+                s.read_exact(&mut buf).map_err(io)?;
+                out[*r] = buf;
+            }
+            sender
+                .join()
+                .map_err(|_| Error::Collective("tcp: the sending thread panicked".into()))?
+        })?;
+        Ok(out)
+    }
+}
