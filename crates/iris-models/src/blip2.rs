@@ -119,6 +119,15 @@ impl Blip2 {
 
     /// The `parts` of an opened checkpoint; each reads only its own tensors.
     pub fn from_checkpoint(ck: &Checkpoint, parts: Parts) -> Result<Blip2> {
+        Blip2::from_checkpoint_tp(ck, parts, iris_comm::single())
+    }
+
+    /// [`Blip2::from_checkpoint`] with the language model's shard of rank `comm`.
+    pub fn from_checkpoint_tp(
+        ck: &Checkpoint,
+        parts: Parts,
+        comm: std::sync::Arc<dyn iris_comm::Communicator>,
+    ) -> Result<Blip2> {
         ck.expect(Family::Blip2)?;
         let cfg = Blip2Config::from_value(&ck.config)?;
         let w = &ck.weights;
@@ -146,7 +155,7 @@ impl Blip2 {
                 ],
                 "embed_tokens.weight",
             )?;
-            Opt::load(&w.pp(lm), &cfg.text)
+            Opt::load(&w.pp(lm), &cfg.text, comm.clone())
         })?;
         Ok(Blip2 {
             cfg,

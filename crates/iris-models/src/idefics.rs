@@ -14,7 +14,8 @@ use iris_tensor::{DType, Tensor};
 
 use crate::config::{read_json, IdeficsConfig};
 use crate::layers::{
-    attention_cross, AttnShape, GatedMlp, KvCache, Linear, RmsNorm, RotaryEmbedding,
+    attention_cross, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
+    RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
 };
 use crate::llama::LlamaLayer;
 use crate::perceiver::{PerceiverDims, PerceiverResampler};
@@ -36,10 +37,10 @@ fn gate(vb: &Vb, name: &str, hidden: usize, vector: bool) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct GatedCrossAttention {
     input_layernorm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: ColumnParallelLinear,
+    k_proj: ColumnParallelLinear,
+    v_proj: ColumnParallelLinear,
+    o_proj: RowParallelLinear,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
     alpha_cross_attn: Tensor,
@@ -61,14 +62,22 @@ fn per_head(norm: &RmsNorm, x: Tensor, head_dim: usize) -> Result<Tensor> {
 impl GatedCrossAttention {
     fn load(vb: &Vb, cfg: &IdeficsConfig, comm: &Arc<dyn iris_comm::Communicator>) -> Result<Self> {
         let t = &cfg.text;
-        let (d, vd) = (t.hidden_size, cfg.vision.hidden_size);
+        let (d, vd, ws) = (t.hidden_size, cfg.vision.hidden_size, comm.world_size());
         let a = vb.pp("cross_attn");
+        let nh = t.num_attention_heads;
+        if !nh.is_multiple_of(ws) {
+            return Err(Error::Config(format!(
+                "{}: {nh} attention heads do not split over {ws} ranks",
+                a.pp("q_proj").path_of("weight")
+            )));
+        }
+        let c = comm.as_ref();
         Ok(GatedCrossAttention {
             input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), d, t.rms_norm_eps)?,
-            q_proj: Linear::load(&a.pp("q_proj"), d, d, false)?,
-            k_proj: Linear::load(&a.pp("k_proj"), vd, d, false)?,
-            v_proj: Linear::load(&a.pp("v_proj"), vd, d, false)?,
-            o_proj: Linear::load(&a.pp("o_proj"), d, d, false)?,
+            q_proj: ColumnParallelLinear::load(&a.pp("q_proj"), d, d, false, c)?,
+            k_proj: ColumnParallelLinear::load(&a.pp("k_proj"), vd, d, false, c)?,
+            v_proj: ColumnParallelLinear::load(&a.pp("v_proj"), vd, d, false, c)?,
+            o_proj: RowParallelLinear::load(&a.pp("o_proj"), d, d, false, comm.clone())?,
             post_attention_layernorm: RmsNorm::load(
                 &vb.pp("post_attention_layernorm"),
                 d,
@@ -94,8 +103,8 @@ impl GatedCrossAttention {
             alpha_cross_attn: gate(vb, "alpha_cross_attn", d, cfg.alpha_vector)?,
             alpha_dense: gate(vb, "alpha_dense", d, cfg.alpha_vector)?,
             shape: AttnShape {
-                n_heads: t.num_attention_heads,
-                n_kv_heads: t.num_attention_heads,
+                n_heads: nh / ws,
+                n_kv_heads: nh / ws,
                 head_dim: d / t.num_attention_heads,
                 bf16_products: false,
             },
@@ -113,6 +122,7 @@ impl GatedCrossAttention {
         n_latents: usize,
     ) -> Result<Tensor> {
         let t = x.rows();
+        // This rank's heads.
         let width = self.shape.n_heads * self.shape.head_dim;
         let mixed = if cache.has_cross(slot) {
             let mut q = self.q_proj.forward(&self.input_layernorm.forward(&x)?)?;
@@ -160,7 +170,8 @@ impl GatedCrossAttention {
 /// The text model: decoupled embeddings and head, LLaMA layers, gated cross-attention.
 #[derive(Debug)]
 pub struct IdeficsText {
-    embed_tokens: Tensor,
+    /// This rank's rows of the vocabulary; the head's rows match.
+    embed_tokens: VocabParallelEmbedding,
     additional_embedding: Option<Tensor>,
     layers: Vec<LlamaLayer>,
     gated: Vec<GatedCrossAttention>,
@@ -206,7 +217,7 @@ impl CausalLm for IdeficsText {
                 }
             })
             .collect();
-        let x = self.embed_tokens.index_rows(&main)?;
+        let x = self.embed_tokens.embed(&main)?;
         let (at, extra_ids): (Vec<usize>, Vec<u32>) = ids
             .iter()
             .enumerate()
@@ -250,7 +261,9 @@ impl CausalLm for IdeficsText {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let main = self.lm_head.forward(hidden)?;
+        let main = self
+            .embed_tokens
+            .gather_logits(self.lm_head.forward(hidden)?)?;
         let Some(fc) = &self.additional_fc else {
             return Ok(main);
         };
@@ -291,6 +304,18 @@ impl Idefics {
 
     /// The `parts` of an opened checkpoint (`dir` for the tokenizer's `<image>` id).
     pub fn from_checkpoint(ck: &Checkpoint, dir: &Path, parts: Parts) -> Result<Idefics> {
+        Idefics::from_checkpoint_tp(ck, dir, parts, iris_comm::single())
+    }
+
+    /// [`Idefics::from_checkpoint`] with the text model's shard of rank `comm` (its
+    /// LLaMA layers and gated cross-attention split; the few added tokens' embedding
+    /// and head replicated).
+    pub fn from_checkpoint_tp(
+        ck: &Checkpoint,
+        dir: &Path,
+        parts: Parts,
+        comm: Arc<dyn iris_comm::Communicator>,
+    ) -> Result<Idefics> {
         ck.expect(Family::Idefics)?;
         let cfg = IdeficsConfig::from_value(&ck.config)?;
         let (w, dtype) = (&ck.weights, ck.dtype);
@@ -301,7 +326,6 @@ impl Idefics {
             cfg.vision.num_patches() + 1
         };
         let text = load_if(parts, Part::Language, || {
-            let comm = iris_comm::single();
             let t = &cfg.text;
             let (d, a) = (t.hidden_size, cfg.additional_vocab_size);
             let extra = |vb: Vb, name: &str| -> Result<Option<Tensor>> {
@@ -318,13 +342,27 @@ impl Idefics {
                     GatedCrossAttention::load(&m.pp("gated_cross_attn_layers").pp(i), &cfg, &comm)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let embed_tokens = VocabParallelEmbedding::load(
+                &m,
+                "embed_tokens.weight",
+                t.vocab_size,
+                d,
+                comm.clone(),
+            )?;
+            let lm_head = Linear::new(
+                w.pp("lm_head")
+                    .get_rows("weight", &[t.vocab_size, d], embed_tokens.rows())?,
+                None,
+                dtype,
+            )?;
+            let kv_width = layers.first().map_or(0, |l| l.kv_width());
             Ok(IdeficsText {
-                embed_tokens: m.get("embed_tokens.weight", &[t.vocab_size, d])?,
+                embed_tokens,
                 additional_embedding: extra(m.pp("embed_tokens"), "additional_embedding.weight")?,
                 layers,
                 gated,
                 norm: RmsNorm::load(&m.pp("norm"), d, t.rms_norm_eps)?,
-                lm_head: Linear::load(&w.pp("lm_head"), d, t.vocab_size, false)?,
+                lm_head,
                 additional_fc: extra(w.pp("lm_head"), "additional_fc.weight")?
                     .map(|w| Linear::new(w, None, dtype))
                     .transpose()?,
@@ -332,7 +370,7 @@ impl Idefics {
                 interval: cfg.cross_layer_interval,
                 n_latents,
                 vocab_size: t.vocab_size,
-                kv_width: t.num_key_value_heads * t.head_dim,
+                kv_width,
             })
         })?;
         let perceiver = load_if(parts, Part::Connector, || {

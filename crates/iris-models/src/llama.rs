@@ -10,7 +10,7 @@ use iris_tensor::{DType, Tensor};
 use crate::config::LlamaConfig;
 use crate::layers::{
     attention_cached, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
-    RopeTable, RotaryEmbedding, RowParallelLinear,
+    RopeTable, RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
 };
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -31,7 +31,7 @@ impl LlamaAttention {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (ws, rank) = (comm.world_size(), comm.rank());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        if nh % ws != 0 {
+        if !nh.is_multiple_of(ws) {
             return Err(Error::Config(format!(
                 "{}: {nh} attention heads do not split over {ws} ranks",
                 vb.pp("q_proj").path_of("weight")
@@ -107,15 +107,6 @@ impl LlamaAttention {
     }
 }
 
-/// The vocabulary rows rank `rank` of `world` holds: the vocabulary padded up to a
-/// multiple of the ranks and split evenly (vLLM's padding), the padding rows held by
-/// nobody — so the last rank may hold fewer, and gathered logits are exactly `vocab`
-/// wide.
-pub fn vocab_range(vocab: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
-    let per = vocab.div_ceil(world.max(1));
-    (rank * per).min(vocab)..((rank + 1) * per).min(vocab)
-}
-
 /// One LLaMA decoder layer (also IDEFICS' text layers).
 #[derive(Debug, Clone)]
 pub(crate) struct LlamaLayer {
@@ -162,6 +153,11 @@ impl LlamaLayer {
         self.forward_batch(x, &table, layer, &mut [cache], &rows)
     }
 
+    /// Values of one token's keys (or values) in this layer's cache, on this rank.
+    pub(crate) fn kv_width(&self) -> usize {
+        self.self_attn.shape.n_kv_heads * self.self_attn.shape.head_dim
+    }
+
     /// Several sequences' rows back to back (see `LlamaAttention::forward`).
     pub(crate) fn forward_batch(
         &self,
@@ -189,10 +185,7 @@ impl LlamaLayer {
 #[derive(Debug, Clone)]
 pub struct Llama {
     /// This rank's rows of the vocabulary (all of them at one rank).
-    embed_tokens: Tensor,
-    /// The vocabulary rows this rank holds (`vocab_range`).
-    vocab_rows: std::ops::Range<usize>,
-    comm: Arc<dyn Communicator>,
+    embed_tokens: VocabParallelEmbedding,
     layers: Vec<LlamaLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -211,19 +204,13 @@ impl Llama {
     ) -> Result<Llama> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         // Vocab-parallel embedding and head: each rank its rows of the vocabulary.
-        let vocab_rows = vocab_range(v, comm.rank(), comm.world_size());
-        if vocab_rows.is_empty() {
-            return Err(Error::Config(format!(
-                "a vocabulary of {v} is too small for {} ranks",
-                comm.world_size()
-            )));
-        }
-        let embed_tokens = vb.get_rows("embed_tokens.weight", &[v, d], vocab_rows.clone())?;
+        let embed_tokens =
+            VocabParallelEmbedding::load(vb, "embed_tokens.weight", v, d, comm.clone())?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None, vb.dtype())?
+            Linear::new(embed_tokens.table().clone(), None, vb.dtype())?
         } else {
             Linear::new(
-                head.get_rows("weight", &[v, d], vocab_rows.clone())?,
+                head.get_rows("weight", &[v, d], embed_tokens.rows())?,
                 None,
                 head.dtype(),
             )?
@@ -233,8 +220,6 @@ impl Llama {
             .collect::<Result<_>>()?;
         Ok(Llama {
             embed_tokens,
-            vocab_rows,
-            comm,
             layers,
             norm: RmsNorm::load(&vb.pp("norm"), d, cfg.rms_norm_eps)?,
             lm_head,
@@ -259,23 +244,7 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        if self.comm.world_size() == 1 {
-            return Ok(self.embed_tokens.index_rows(ids)?);
-        }
-        // This rank's rows of the ids in its part of the vocabulary, zeros elsewhere,
-        // summed over the ranks.
-        let d = self.embed_tokens.last_dim();
-        let (at, local): (Vec<usize>, Vec<u32>) = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, &id)| self.vocab_rows.contains(&(id as usize)))
-            .map(|(i, &id)| (i, id - self.vocab_rows.start as u32))
-            .unzip();
-        let mut x = Tensor::zeros_on(&[ids.len(), d], self.embed_tokens.device())?;
-        if !at.is_empty() {
-            x = x.scatter_rows(&at, &self.embed_tokens.index_rows(&local)?)?;
-        }
-        Ok(self.comm.all_reduce_sum(x)?)
+        self.embed_tokens.embed(ids)
     }
 
     /// Runs `embeds` (`[t, hidden]`) after the cached tokens; returns the final-normed
@@ -359,11 +328,8 @@ impl Llama {
     /// Logits `[t, vocab]` of final hidden states (every rank's part of the vocabulary,
     /// gathered).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let local = self.lm_head.forward(hidden)?;
-        if self.comm.world_size() == 1 {
-            return Ok(local);
-        }
-        Ok(self.comm.all_gather(&local)?)
+        self.embed_tokens
+            .gather_logits(self.lm_head.forward(hidden)?)
     }
 }
 

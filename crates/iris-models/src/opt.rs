@@ -2,10 +2,16 @@
 //! offset of 2, pre-LN (or post-LN) layers with biased projections and a ReLU MLP,
 //! optional `project_in`/`project_out`, head tied to the token embeddings.
 
-use iris_tensor::{DType, Tensor};
+use std::sync::Arc;
+
+use iris_comm::Communicator;
+use iris_tensor::{Activation, DType, Tensor};
 
 use crate::config::OptConfig;
-use crate::layers::{attention_cached, AttnShape, KvCache, LayerNorm, Linear, Mlp};
+use crate::layers::{
+    attention_cached, AttnShape, ColumnParallelLinear, KvCache, LayerNorm, Linear,
+    RowParallelLinear, VocabParallelEmbedding,
+};
 use crate::vlm::CausalLm;
 use crate::weights::Vb;
 use crate::{Error, Result};
@@ -16,32 +22,53 @@ const POSITION_OFFSET: usize = 2;
 #[derive(Debug, Clone)]
 struct OptLayer {
     self_attn_layer_norm: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: ColumnParallelLinear,
+    k_proj: ColumnParallelLinear,
+    v_proj: ColumnParallelLinear,
+    out_proj: RowParallelLinear,
     final_layer_norm: LayerNorm,
-    mlp: Mlp,
+    fc1: ColumnParallelLinear,
+    fc2: RowParallelLinear,
+    act: Activation,
+    /// Heads on this rank.
     shape: AttnShape,
     pre_ln: bool,
     dtype: DType,
 }
 
 impl OptLayer {
-    fn load(vb: &Vb, cfg: &OptConfig) -> Result<Self> {
-        let (d, b) = (cfg.hidden_size, cfg.enable_bias);
+    fn load(vb: &Vb, cfg: &OptConfig, comm: &Arc<dyn Communicator>) -> Result<Self> {
+        let (d, b, ws) = (cfg.hidden_size, cfg.enable_bias, comm.world_size());
+        let nh = cfg.num_attention_heads;
         let a = vb.pp("self_attn");
+        if !nh.is_multiple_of(ws) {
+            return Err(Error::Config(format!(
+                "{}: {nh} attention heads do not split over {ws} ranks",
+                a.pp("q_proj").path_of("weight")
+            )));
+        }
+        if !cfg.ffn_dim.is_multiple_of(ws) {
+            return Err(Error::Config(format!(
+                "{}: {} rows do not split over {ws} ranks",
+                vb.pp("fc1").path_of("weight"),
+                cfg.ffn_dim
+            )));
+        }
+        let c = comm.as_ref();
+        let col = |name: &str, i, o| ColumnParallelLinear::load(&a.pp(name), i, o, b, c);
         Ok(OptLayer {
             self_attn_layer_norm: LayerNorm::load(&vb.pp("self_attn_layer_norm"), d, 1e-5)?,
-            q_proj: Linear::load(&a.pp("q_proj"), d, d, b)?,
-            k_proj: Linear::load(&a.pp("k_proj"), d, d, b)?,
-            v_proj: Linear::load(&a.pp("v_proj"), d, d, b)?,
-            out_proj: Linear::load(&a.pp("out_proj"), d, d, b)?,
+            q_proj: col("q_proj", d, d)?,
+            k_proj: col("k_proj", d, d)?,
+            v_proj: col("v_proj", d, d)?,
+            out_proj: RowParallelLinear::load(&a.pp("out_proj"), d, d, b, comm.clone())?,
             final_layer_norm: LayerNorm::load(&vb.pp("final_layer_norm"), d, 1e-5)?,
-            mlp: Mlp::load(vb, ("fc1", "fc2"), (d, cfg.ffn_dim, d), cfg.activation, b)?,
+            fc1: ColumnParallelLinear::load(&vb.pp("fc1"), d, cfg.ffn_dim, b, c)?,
+            fc2: RowParallelLinear::load(&vb.pp("fc2"), cfg.ffn_dim, d, b, comm.clone())?,
+            act: cfg.activation,
             shape: AttnShape {
-                n_heads: cfg.num_attention_heads,
-                n_kv_heads: cfg.num_attention_heads,
+                n_heads: nh / ws,
+                n_kv_heads: nh / ws,
                 head_dim: d / cfg.num_attention_heads,
                 bf16_products: vb.dtype() == iris_tensor::DType::BF16,
             },
@@ -61,12 +88,22 @@ impl OptLayer {
         rows: &[usize],
     ) -> Result<Tensor> {
         let [q, k, v]: [Tensor; 3] =
-            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+            ColumnParallelLinear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
                 .try_into()
                 .expect("three projections");
         KvCache::write_batch(caches, rows, layer, &k, &v)?;
         let o = attention_cached(&q, caches, rows, layer, self.shape)?.round_to(self.dtype)?;
         self.out_proj.forward(&o)
+    }
+
+    /// `fc2(act(fc1(x)))`, the hidden width split over the ranks.
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self
+            .fc1
+            .forward(x)?
+            .activation(self.act)?
+            .round_to(self.dtype)?;
+        self.fc2.forward(&h)
     }
 
     fn forward(
@@ -80,14 +117,14 @@ impl OptLayer {
         if self.pre_ln {
             let h = self.attention(&self.self_attn_layer_norm.forward(&x)?, layer, caches, rows)?;
             let x = x.add_elem(&h)?.round_to(dt)?;
-            let h = self.mlp.forward(&self.final_layer_norm.forward(&x)?)?;
+            let h = self.mlp(&self.final_layer_norm.forward(&x)?)?;
             Ok(x.add_elem(&h)?.round_to(dt)?)
         } else {
             let h = self.attention(&x, layer, caches, rows)?;
             let x = self
                 .self_attn_layer_norm
                 .forward(&x.add_elem(&h)?.round_to(dt)?)?;
-            let h = self.mlp.forward(&x)?;
+            let h = self.mlp(&x)?;
             self.final_layer_norm
                 .forward(&x.add_elem(&h)?.round_to(dt)?)
         }
@@ -96,7 +133,8 @@ impl OptLayer {
 
 #[derive(Debug, Clone)]
 pub struct Opt {
-    embed_tokens: Tensor,
+    /// This rank's rows of the vocabulary; the head is tied to them.
+    embed_tokens: VocabParallelEmbedding,
     embed_positions: Tensor,
     project_in: Option<Linear>,
     project_out: Option<Linear>,
@@ -109,10 +147,18 @@ pub struct Opt {
 
 impl Opt {
     /// `vb` points at the decoder (`embed_tokens`, `embed_positions`, `layers`, ...);
-    /// the head is tied to `embed_tokens`, as in every OPT checkpoint.
-    pub fn load(vb: &Vb, cfg: &OptConfig) -> Result<Opt> {
+    /// the head is tied to `embed_tokens`, as in every OPT checkpoint. `comm`: this
+    /// rank's group (heads, MLP and vocabulary split over it; `iris_comm::single()`
+    /// for the whole model).
+    pub fn load(vb: &Vb, cfg: &OptConfig, comm: Arc<dyn Communicator>) -> Result<Opt> {
         let (d, e) = (cfg.hidden_size, cfg.word_embed_proj_dim);
-        let embed_tokens = vb.get("embed_tokens.weight", &[cfg.vocab_size, e])?;
+        let embed_tokens = VocabParallelEmbedding::load(
+            vb,
+            "embed_tokens.weight",
+            cfg.vocab_size,
+            e,
+            comm.clone(),
+        )?;
         let projections = if e != d {
             (
                 Some(Linear::load(&vb.pp("project_in"), e, d, false)?),
@@ -122,7 +168,7 @@ impl Opt {
             (None, None)
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| OptLayer::load(&vb.pp("layers").pp(i), cfg))
+            .map(|i| OptLayer::load(&vb.pp("layers").pp(i), cfg, &comm))
             .collect::<Result<_>>()?;
         let final_layer_norm = if cfg.final_layer_norm {
             Some(LayerNorm::load(&vb.pp("final_layer_norm"), d, 1e-5)?)
@@ -134,7 +180,7 @@ impl Opt {
                 "embed_positions.weight",
                 &[cfg.max_position_embeddings + POSITION_OFFSET, d],
             )?,
-            lm_head: Linear::new(embed_tokens.clone(), None, vb.dtype())?,
+            lm_head: Linear::new(embed_tokens.table().clone(), None, vb.dtype())?,
             embed_tokens,
             project_in: projections.0,
             project_out: projections.1,
@@ -156,7 +202,9 @@ impl CausalLm for Opt {
     }
 
     fn kv_width(&self) -> usize {
-        self.cfg.hidden_size
+        self.layers.first().map_or(self.cfg.hidden_size, |l| {
+            l.shape.n_kv_heads * l.shape.head_dim
+        })
     }
 
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
@@ -166,7 +214,7 @@ impl CausalLm for Opt {
                 self.cfg.vocab_size
             )));
         }
-        Ok(self.embed_tokens.index_rows(ids)?)
+        self.embed_tokens.embed(ids)
     }
 
     fn forward(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -212,8 +260,9 @@ impl CausalLm for Opt {
         let mut x = match layers {
             Ok(x) => x,
             Err(e) => {
+                let width = self.kv_width();
                 for cache in caches.iter_mut() {
-                    cache.rollback(self.cfg.hidden_size);
+                    cache.rollback(width);
                 }
                 return Err(e);
             }
@@ -239,6 +288,7 @@ impl CausalLm for Opt {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+        self.embed_tokens
+            .gather_logits(self.lm_head.forward(hidden)?)
     }
 }

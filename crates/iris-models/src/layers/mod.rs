@@ -1,10 +1,12 @@
 //! The layers every model composes, each written once.
 
+mod embedding;
 mod linear;
 mod mlp;
 mod norm;
 mod rope;
 
+pub use embedding::{vocab_range, VocabParallelEmbedding};
 pub use iris_tensor::attention::{
     attention, attention_blocks, attention_cached, attention_cross, AttnShape,
 };
