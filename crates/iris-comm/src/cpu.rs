@@ -28,11 +28,37 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct CpuComm<T: Transport> {
     t: T,
+    /// Collectives run and the time spent in them (for benchmarks).
+    calls: std::sync::atomic::AtomicU64,
+    nanos: std::sync::atomic::AtomicU64,
 }
 
 impl<T: Transport> CpuComm<T> {
     pub fn new(t: T) -> CpuComm<T> {
-        CpuComm { t }
+        CpuComm {
+            t,
+            calls: Default::default(),
+            nanos: Default::default(),
+        }
+    }
+
+    /// Collectives run so far and the seconds spent in them (waiting for the other
+    /// ranks included).
+    pub fn time_in_collectives(&self) -> (u64, f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.calls.load(Relaxed),
+            self.nanos.load(Relaxed) as f64 * 1e-9,
+        )
+    }
+
+    fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = Instant::now();
+        let out = self.t.exchange(data);
+        self.calls.fetch_add(1, Relaxed);
+        self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        out
     }
 }
 
@@ -61,7 +87,7 @@ impl<T: Transport> Communicator for CpuComm<T> {
         }
         let device = t.device();
         let mine = t.host_f32()?;
-        let all = self.t.exchange(&f32_bytes(&mine))?;
+        let all = self.exchange(&f32_bytes(&mine))?;
         let mut sum = vec![0f32; mine.len()];
         for (r, b) in all.iter().enumerate() {
             if b.len() != mine.len() * 4 {
@@ -83,7 +109,7 @@ impl<T: Transport> Communicator for CpuComm<T> {
             return Ok(t.to_dtype(DType::F32)?);
         }
         let rows = t.rows();
-        let all = self.t.exchange(&f32_bytes(&t.host_f32()?))?;
+        let all = self.exchange(&f32_bytes(&t.host_f32()?))?;
         let parts = all
             .iter()
             .enumerate()
@@ -111,11 +137,11 @@ impl<T: Transport> Communicator for CpuComm<T> {
             });
         }
         let mine = if self.rank() == root { data } else { &[] };
-        Ok(self.t.exchange(mine)?.swap_remove(root))
+        Ok(self.exchange(mine)?.swap_remove(root))
     }
 
     fn barrier(&self) -> Result<()> {
-        self.t.exchange(&[]).map(|_| ())
+        self.exchange(&[]).map(|_| ())
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Weights {
     device: Device,
     /// Names of the tensors read so far, in order (what a part loaded).
     read: Mutex<Vec<String>>,
+    /// Checkpoint bytes read so far (a shard counts its slice only).
+    bytes_read: AtomicU64,
 }
 
 impl Weights {
@@ -132,6 +134,7 @@ impl Weights {
             dtype,
             device: Device::Cpu,
             read: Mutex::new(Vec::new()),
+            bytes_read: AtomicU64::new(0),
         })
     }
 
@@ -144,6 +147,7 @@ impl Weights {
             dtype,
             device: Device::Cpu,
             read: Mutex::new(Vec::new()),
+            bytes_read: AtomicU64::new(0),
         }
     }
 
@@ -194,13 +198,46 @@ impl Weights {
         Ok(self.get_host(name, shape, dtype)?.to_device(self.device)?)
     }
 
-    /// [`Weights::get_as`] on the host (shards are cut there, then uploaded).
+    /// [`Weights::get_as`] on the host.
     fn get_host(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let full = shape.first().map_or(0..1, |&n| 0..n);
+        self.get_host_slice(name, shape, dtype, 0, full)
+    }
+
+    /// The slice `range` of dimension `dim` of `name` (checked against `shape`), as
+    /// `dtype` on the host: from a memory-mapped file only the slice's bytes are read,
+    /// so a rank's shards touch only their own pages of the checkpoint.
+    fn get_host_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
         TENSORS_READ.fetch_add(1, Ordering::Relaxed);
         self.read
             .lock()
             .expect("the read log is never poisoned")
             .push(name.to_string());
+        let slice_err = || {
+            Err(Error::Config(format!(
+                "{name}: rows {range:?} of dimension {dim} of {shape:?}"
+            )))
+        };
+        let (outer, mid, inner) = match shape.get(dim) {
+            Some(&m) if range.end <= m && range.start <= range.end => (
+                shape[..dim].iter().product::<usize>(),
+                m,
+                shape[dim + 1..].iter().product::<usize>(),
+            ),
+            _ if shape.is_empty() && range == (0..1) => (1, 1, 1),
+            _ => return slice_err(),
+        };
+        let mut new_shape = shape.to_vec();
+        if let Some(n) = new_shape.get_mut(dim) {
+            *n = range.len();
+        }
         if let Some(t) = self.tensors.get(name) {
             if t.shape() != shape {
                 return Err(Error::TensorShape {
@@ -209,7 +246,26 @@ impl Weights {
                     got: t.shape().to_vec(),
                 });
             }
-            return Ok(t.to_dtype(dtype)?);
+            let t = t.to_dtype(dtype)?;
+            let held = (outer * range.len() * inner * dtype.size_in_bytes()) as u64;
+            self.bytes_read.fetch_add(held, Ordering::Relaxed);
+            if range.len() == mid {
+                return Ok(t);
+            }
+            if shape.len() == 2 && dim == 1 {
+                return Ok(t.narrow_cols(range.start, range.len())?);
+            }
+            // [outer, mid, inner] → the middle rows of each outer block.
+            let parts = (0..outer)
+                .map(|o| {
+                    t.reshape(&[outer * mid, inner])?
+                        .narrow_rows(o * mid + range.start, range.len())
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            return Ok(Tensor::cat_rows(&refs)?
+                .to_dtype(dtype)?
+                .reshape(&new_shape)?);
         }
         let e = self
             .entries
@@ -222,8 +278,31 @@ impl Weights {
                 got: e.shape.clone(),
             });
         }
-        let bytes = &self.maps[e.file][e.range.clone()];
-        Ok(Tensor::from_le_bytes(bytes, e.dtype, shape)?.to_dtype(dtype)?)
+        let all = &self.maps[e.file][e.range.clone()];
+        let es = e.dtype.size_in_bytes();
+        let t = if range.len() == mid {
+            self.bytes_read
+                .fetch_add(all.len() as u64, Ordering::Relaxed);
+            Tensor::from_le_bytes(all, e.dtype, shape)?
+        } else {
+            // Each outer block's rows `range`, contiguous in the file.
+            let mut bytes = Vec::with_capacity(outer * range.len() * inner * es);
+            for o in 0..outer {
+                let a = ((o * mid + range.start) * inner) * es;
+                let b = ((o * mid + range.end) * inner) * es;
+                bytes.extend_from_slice(&all[a..b]);
+            }
+            self.bytes_read
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Tensor::from_le_bytes(&bytes, e.dtype, &new_shape)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Bytes of the tensors handed out so far (a shard: its slice), in the stored dtype
+    /// for files and the served dtype for in-memory tensors: what the parts loaded hold.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     /// Names of every tensor read so far (each once per read), in order.
@@ -348,24 +427,9 @@ impl Vb {
         if range == (0..shape[dim]) {
             return self.get(name, shape);
         }
-        let t = self.w.get_host(&self.path(name), shape, self.dtype)?;
-        // Seen as [outer, shape[dim], inner], keep `range` of the middle dimension.
-        let outer: usize = shape[..dim].iter().product();
-        let inner: usize = shape[dim + 1..].iter().product();
-        let full = t.to_f32_vec();
-        let data: Vec<f32> = full
-            .chunks_exact(shape[dim] * inner)
-            .take(outer)
-            .flat_map(|block| {
-                block[range.start * inner..range.end * inner]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        let mut new_shape = shape.to_vec();
-        new_shape[dim] = range.len();
-        Ok(Tensor::from_f32(data, &new_shape)?
-            .to_dtype(self.dtype())?
+        Ok(self
+            .w
+            .get_host_slice(&self.path(name), shape, self.dtype, dim, range)?
             .to_device(self.w.device)?)
     }
 
@@ -414,10 +478,32 @@ mod tests {
         assert_eq!(t.to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0]);
         assert!(matches!(w.get("a.w", &[4]), Err(Error::TensorShape { .. })));
         assert!(matches!(w.get("b", &[4]), Err(Error::MissingTensor(_))));
+        let before = w.bytes_read();
         let c = w.pp("a").get_cols("w", &[2, 2], 1..2).unwrap();
         assert_eq!(c.to_f32_vec(), vec![2.0, 4.0]);
         let r = w.pp("a").get_rows("w", &[2, 2], 1..2).unwrap();
         assert_eq!(r.to_f32_vec(), vec![3.0, 4.0]);
+        // A shard reads its own bytes only (two f32 values each; the dtype conversion
+        // happens after the read).
+        assert_eq!(w.bytes_read() - before, 16);
+        // The same shards of in-memory tensors.
+        let m = Arc::new(Weights::from_tensors(
+            [(
+                "w".to_string(),
+                Tensor::from_f32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap(),
+            )]
+            .into(),
+            DType::F32,
+        ));
+        assert_eq!(
+            m.pp("").get_cols("w", &[2, 3], 1..3).unwrap().to_f32_vec(),
+            vec![2.0, 3.0, 5.0, 6.0]
+        );
+        assert_eq!(
+            m.pp("").get_rows("w", &[2, 3], 1..2).unwrap().to_f32_vec(),
+            vec![4.0, 5.0, 6.0]
+        );
+        assert!(m.pp("").get_rows("w", &[2, 3], 1..3).is_err());
     }
 
     #[test]

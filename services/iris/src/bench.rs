@@ -207,6 +207,18 @@ pub struct DecodeArgs {
     /// 1 GiB (read and write counted) and every step ends synchronized.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Tensor-parallel ranks: N rank processes (one rayon thread each), the model split
+    /// over them; rank 0 prints, with the time its collectives took per step.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// How the ranks talk: shm (one host) or tcp (loopback here).
+    #[arg(long, default_value = "shm")]
+    tp_transport: String,
+    /// Set in the rank processes `--tp` starts.
+    #[arg(long, hide = true)]
+    tp_rank: Option<usize>,
+    #[arg(long, hide = true)]
+    tp_group: Option<String>,
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -422,7 +434,81 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `--tp N`: N rank processes running the same benchmark on their shards.
+fn decode_tp(a: &DecodeArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let group = match a.tp_transport.as_str() {
+        "shm" => std::env::temp_dir()
+            .join(format!("iris-tp-{}", std::process::id()))
+            .display()
+            .to_string(),
+        "tcp" => (0..a.tp)
+            .map(|_| -> anyhow::Result<String> {
+                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .to_string())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .join(","),
+        other => anyhow::bail!("--tp-transport {other}: expected shm or tcp"),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let children = (0..a.tp)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .args(["--tp-rank", &rank.to_string(), "--tp-group", &group])
+                // One core a rank.
+                .env("RAYON_NUM_THREADS", "1")
+                .spawn()
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for c in children {
+        let status = c.wait_with_output()?.status;
+        anyhow::ensure!(status.success(), "a rank failed: {status}");
+    }
+    Ok(())
+}
+
+/// Collectives run and seconds spent in them so far.
+type CollectiveTime = Box<dyn Fn() -> (u64, f64)>;
+
+/// This process's communicator: a rank of `--tp`'s group, or alone.
+fn decode_comm(
+    a: &DecodeArgs,
+) -> anyhow::Result<(Arc<dyn iris_comm::Communicator>, CollectiveTime)> {
+    use iris_comm::cpu::{CpuComm, Tcp};
+    let (Some(rank), Some(group)) = (a.tp_rank, &a.tp_group) else {
+        return Ok((iris_comm::single(), Box::new(|| (0, 0.0))));
+    };
+    Ok(match a.tp_transport.as_str() {
+        "shm" => {
+            let path = std::path::Path::new(group);
+            let shm =
+                iris_comm::shm::Shm::join(path, rank, a.tp, iris_comm::shm::DEFAULT_SLOT_BYTES)?;
+            let c = Arc::new(CpuComm::new(shm));
+            let stats = c.clone();
+            (c, Box::new(move || stats.time_in_collectives()))
+        }
+        _ => {
+            let addrs = group
+                .split(',')
+                .map(|s| s.parse())
+                .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
+            let c = Arc::new(CpuComm::new(Tcp::join(&addrs, rank)?));
+            let stats = c.clone();
+            (c, Box::new(move || stats.time_in_collectives()))
+        }
+    })
+}
+
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+    if a.tp > 1 && a.tp_rank.is_none() {
+        return decode_tp(&a);
+    }
+    let (comm, collectives) = decode_comm(&a)?;
+    // Only rank 0 of a group prints.
+    let quiet = comm.rank() != 0;
     let cfg_json = serde_json::json!({
         "hidden_size": a.hidden, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
         "num_key_value_heads": a.kv_heads, "intermediate_size": a.intermediate, "vocab_size": a.vocab,
@@ -433,7 +519,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     // 1 GiB, well past the 32 MiB of last-level cache (and a GPU's L2): every pass
     // reads from memory.
     let bw = Bandwidth::new(device)?;
-    if !a.json {
+    if !a.json && !quiet {
         println!(
             "decode benchmark: hidden {} layers {} heads {}/{} mlp {} vocab {}; {} threads",
             a.hidden,
@@ -452,9 +538,27 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     for name in &a.dtypes {
         let dtype = DType::parse(name).ok_or_else(|| anyhow::anyhow!("unknown dtype {name}"))?;
         let (tensors, bytes) = random_weights(&cfg, dtype)?;
+        let total: usize = tensors
+            .values()
+            .map(|t| t.elem_count() * dtype.size_in_bytes())
+            .sum();
         let w = Arc::new(Weights::from_tensors(tensors, dtype).on(device));
-        let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, iris_comm::single())?;
+        let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, comm.clone())?;
+        let held = w.bytes_read();
         drop(w);
+        if !a.json && comm.world_size() > 1 {
+            // Every rank says what it holds.
+            println!(
+                "{dtype} rank {} of {}: {:.3} GB of weights ({:.1}% of the model's {:.3} GB), {} threads",
+                comm.rank(),
+                comm.world_size(),
+                held as f64 / 1e9,
+                100.0 * held as f64 / total as f64,
+                total as f64 / 1e9,
+                rayon::current_num_threads()
+            );
+        }
+        comm.barrier()?;
         for kv in &a.kv {
             for &batch in &a.batch {
                 let mut caches = decode_caches(&model, kv, batch, &a, device)?;
@@ -483,8 +587,12 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 // each step is paired with a bandwidth pass right before it, and the
                 // roofline ratio is the median of the pairs' ratios.
                 let (mut times, mut bws) = (Vec::new(), Vec::new());
+                let (mut coll_calls, mut coll_secs) = (0u64, 0f64);
                 for _ in 0..a.tokens {
+                    comm.barrier()?;
                     bws.push(bw.pass()?);
+                    comm.barrier()?;
+                    let (calls0, secs0) = collectives();
                     let t = Instant::now();
                     // One head call and one forward for the whole batch: weights read once.
                     let logits =
@@ -498,6 +606,9 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                     last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
                     device.synchronize()?;
                     times.push(t.elapsed().as_secs_f64());
+                    let (calls1, secs1) = collectives();
+                    coll_calls += calls1 - calls0;
+                    coll_secs += secs1 - secs0;
                 }
                 let ratio = median(
                     times
@@ -509,6 +620,20 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 let (step, bw) = (median(times), median(bws));
                 let roofline = bw / bytes as f64;
                 let tps = batch as f64 / step;
+                // Collectives of the timed steps (the barriers around each pass excluded).
+                let steps = a.tokens.max(1) as f64;
+                let coll_calls = coll_calls as f64 / steps;
+                let coll_ms = coll_secs / steps * 1e3;
+                if quiet {
+                    continue;
+                }
+                if comm.world_size() > 1 && !a.json {
+                    println!(
+                        "  TP {} over {}: {coll_calls:.0} collectives a step, {coll_ms:.2} ms a step in them (waiting for the other ranks included)",
+                        comm.world_size(),
+                        a.tp_transport
+                    );
+                }
                 if a.json {
                     println!(
                         "{}",
@@ -536,6 +661,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             }
         }
         if a.prefill > 0 {
+            comm.barrier()?;
             // A LLaVA-1.5 prompt: 576 visual tokens + text, as embeddings.
             let ids: Vec<u32> = (0..a.prefill as u32)
                 .map(|i| (i * 7919) % a.vocab as u32)
@@ -560,6 +686,9 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 secs = secs.min(t.elapsed().as_secs_f64());
             }
             let params = (bytes / dtype.size_in_bytes()) as f64;
+            if quiet {
+                continue;
+            }
             println!(
                 "{dtype:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
                 a.prefill,
