@@ -27,7 +27,7 @@ cargo test --workspace
 # Every CUDA kernel compiled by NVRTC (from PyPI, cached) to PTX for sm_80 and sm_90
 # and assembled by ptxas (no spills), and the backend suite again in a CUDA build (on
 # the CPU: no GPU here).
-LD_LIBRARY_PATH="$(bash scripts/nvrtc.sh)" IRIS_REQUIRE_NVRTC=1 IRIS_PTXAS="$(bash scripts/ptxas.sh)" \
+LD_LIBRARY_PATH="$(bash scripts/cuda-tools.sh nvrtc)" IRIS_REQUIRE_NVRTC=1 IRIS_PTXAS="$(bash scripts/cuda-tools.sh ptxas)" \
     cargo test -p iris-tensor --features cuda
 bash scripts/fuzz.sh
 bash scripts/client_check.sh

@@ -26,17 +26,17 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 
 /// A [`Communicator`] over a byte transport.
 #[derive(Debug)]
-pub struct CpuComm<T: Transport> {
-    t: T,
+pub struct CpuComm {
+    t: Box<dyn Transport>,
     /// Collectives run and the time spent in them (for benchmarks).
     calls: std::sync::atomic::AtomicU64,
     nanos: std::sync::atomic::AtomicU64,
 }
 
-impl<T: Transport> CpuComm<T> {
-    pub fn new(t: T) -> CpuComm<T> {
+impl CpuComm {
+    pub fn new(t: impl Transport + 'static) -> CpuComm {
         CpuComm {
-            t,
+            t: Box::new(t),
             calls: Default::default(),
             nanos: Default::default(),
         }
@@ -72,7 +72,64 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-impl<T: Transport> Communicator for CpuComm<T> {
+/// Where `world` ranks on this machine meet over `transport`: for `shm` a file name in
+/// the temporary folder (unique to this process and `tag`), for `tcp` `world` free
+/// loopback addresses, comma-separated.
+pub fn local_group(transport: &str, world: usize, tag: &str) -> Result<String> {
+    match transport {
+        "shm" => Ok(std::env::temp_dir()
+            .join(format!("iris-{tag}-{}", std::process::id()))
+            .display()
+            .to_string()),
+        "tcp" => (0..world)
+            .map(|_| {
+                // Bound and released: the ranks bind them right after.
+                TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.to_string())
+                    .map_err(|e| Error::Collective(format!("tcp: a free port: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|a| a.join(",")),
+        other => Err(Error::Collective(format!(
+            "transport `{other}`: expected shm or tcp"
+        ))),
+    }
+}
+
+impl CpuComm {
+    /// Joins `group` (see [`local_group`]; for `tcp` every rank's address) as `rank` of
+    /// `world` over `transport`.
+    pub fn join(transport: &str, group: &str, rank: usize, world: usize) -> Result<CpuComm> {
+        match transport {
+            "shm" => Ok(CpuComm::new(crate::shm::Shm::join(
+                std::path::Path::new(group),
+                rank,
+                world,
+                crate::shm::DEFAULT_SLOT_BYTES,
+            )?)),
+            "tcp" => {
+                let addrs = group
+                    .split(',')
+                    .map(|a| a.parse())
+                    .collect::<std::result::Result<Vec<SocketAddr>, _>>()
+                    .map_err(|e| Error::Collective(format!("tcp group `{group}`: {e}")))?;
+                if addrs.len() != world {
+                    return Err(Error::Collective(format!(
+                        "tcp group of {} addresses for {world} ranks",
+                        addrs.len()
+                    )));
+                }
+                Ok(CpuComm::new(Tcp::join(&addrs, rank)?))
+            }
+            other => Err(Error::Collective(format!(
+                "transport `{other}`: expected shm or tcp"
+            ))),
+        }
+    }
+}
+
+impl Communicator for CpuComm {
     fn rank(&self) -> usize {
         self.t.rank()
     }

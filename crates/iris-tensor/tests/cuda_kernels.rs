@@ -1,8 +1,8 @@
 //! Every CUDA kernel source compiles with NVRTC to PTX for the architectures Iris
 //! serves on (A100: sm_80, H100/H200: sm_90), and the PTX holds every kernel the
 //! backend launches. Runs without a GPU: CI points `LD_LIBRARY_PATH` at NVRTC from
-//! PyPI (`scripts/nvrtc.sh`); with `IRIS_REQUIRE_NVRTC=1` a missing NVRTC fails. With
-//! `IRIS_PTXAS` (`scripts/ptxas.sh`) the PTX is also assembled for each architecture, as
+//! PyPI (`scripts/cuda-tools.sh nvrtc`); with `IRIS_REQUIRE_NVRTC=1` a missing NVRTC fails. With
+//! `IRIS_PTXAS` (`scripts/cuda-tools.sh ptxas`) the PTX is also assembled for each architecture, as
 //! a GPU's driver does when it loads the module, and each kernel's registers and spills
 //! are printed.
 #![cfg(feature = "cuda")]

@@ -437,21 +437,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `--tp N`: N rank processes running the same benchmark on their shards.
 fn decode_tp(a: &DecodeArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let group = match a.tp_transport.as_str() {
-        "shm" => std::env::temp_dir()
-            .join(format!("iris-tp-{}", std::process::id()))
-            .display()
-            .to_string(),
-        "tcp" => (0..a.tp)
-            .map(|_| -> anyhow::Result<String> {
-                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .to_string())
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?
-            .join(","),
-        other => anyhow::bail!("--tp-transport {other}: expected shm or tcp"),
-    };
+    let group = iris_comm::cpu::local_group(&a.tp_transport, a.tp, "tp")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let children = (0..a.tp)
         .map(|rank| {
@@ -477,29 +463,17 @@ type CollectiveTime = Box<dyn Fn() -> (u64, f64)>;
 fn decode_comm(
     a: &DecodeArgs,
 ) -> anyhow::Result<(Arc<dyn iris_comm::Communicator>, CollectiveTime)> {
-    use iris_comm::cpu::{CpuComm, Tcp};
     let (Some(rank), Some(group)) = (a.tp_rank, &a.tp_group) else {
         return Ok((iris_comm::single(), Box::new(|| (0, 0.0))));
     };
-    Ok(match a.tp_transport.as_str() {
-        "shm" => {
-            let path = std::path::Path::new(group);
-            let shm =
-                iris_comm::shm::Shm::join(path, rank, a.tp, iris_comm::shm::DEFAULT_SLOT_BYTES)?;
-            let c = Arc::new(CpuComm::new(shm));
-            let stats = c.clone();
-            (c, Box::new(move || stats.time_in_collectives()))
-        }
-        _ => {
-            let addrs = group
-                .split(',')
-                .map(|s| s.parse())
-                .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
-            let c = Arc::new(CpuComm::new(Tcp::join(&addrs, rank)?));
-            let stats = c.clone();
-            (c, Box::new(move || stats.time_in_collectives()))
-        }
-    })
+    let c = Arc::new(iris_comm::cpu::CpuComm::join(
+        &a.tp_transport,
+        group,
+        rank,
+        a.tp,
+    )?);
+    let stats = c.clone();
+    Ok((c, Box::new(move || stats.time_in_collectives())))
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
@@ -748,21 +722,7 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
         a.iters
     );
     for t in &a.transports {
-        let group = match t.as_str() {
-            "shm" => std::env::temp_dir()
-                .join(format!("iris-allreduce-{}", std::process::id()))
-                .display()
-                .to_string(),
-            "tcp" => (0..a.world)
-                .map(|_| -> anyhow::Result<String> {
-                    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                        .local_addr()?
-                        .to_string())
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?
-                .join(","),
-            other => anyhow::bail!("--transports {other}: expected shm or tcp"),
-        };
+        let group = iris_comm::cpu::local_group(t, a.world, "allreduce")?;
         let children = (0..a.world)
             .map(|rank| {
                 std::process::Command::new(&exe)
@@ -782,24 +742,8 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
 }
 
 fn allreduce_rank(a: AllreduceRankArgs) -> anyhow::Result<()> {
-    use iris_comm::cpu::{CpuComm, Tcp};
     use iris_comm::Communicator;
-    let comm: Box<dyn Communicator> = match a.transport.as_str() {
-        "shm" => Box::new(CpuComm::new(iris_comm::shm::Shm::join(
-            std::path::Path::new(&a.group),
-            a.rank,
-            a.world,
-            iris_comm::shm::DEFAULT_SLOT_BYTES,
-        )?)),
-        _ => {
-            let addrs = a
-                .group
-                .split(',')
-                .map(|s| s.parse())
-                .collect::<Result<Vec<std::net::SocketAddr>, _>>()?;
-            Box::new(CpuComm::new(Tcp::join(&addrs, a.rank)?))
-        }
-    };
+    let comm = iris_comm::cpu::CpuComm::join(&a.transport, &a.group, a.rank, a.world)?;
     for &n in &a.sizes {
         let x = Tensor::from_f32(random(n, a.rank as u64 + 1), &[n])?;
         let mut times = Vec::with_capacity(a.iters);

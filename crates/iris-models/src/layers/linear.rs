@@ -88,13 +88,7 @@ impl ColumnParallelLinear {
         comm: &dyn Communicator,
     ) -> Result<Self> {
         let rows = shard_range(out_dim, comm.rank(), comm.world_size())?;
-        let weight = vb.get_rows("weight", &[out_dim, in_dim], rows.clone())?;
-        let bias = if bias {
-            Some(vb.get_rows("bias", &[out_dim], rows)?)
-        } else {
-            None
-        };
-        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())?))
+        ColumnParallelLinear::load_rows(vb, in_dim, out_dim, bias, rows)
     }
 
     /// The output rows `rows` of the full layer, whatever the rank (KV heads replicated

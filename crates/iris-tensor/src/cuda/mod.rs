@@ -433,6 +433,24 @@ struct Mat {
     ty: lts::cudaDataType,
 }
 
+impl Mat {
+    /// A column-major `rows × cols` matrix stored densely (leading dimension `rows`).
+    fn dense(
+        ptr: cudarc::driver::sys::CUdeviceptr,
+        rows: usize,
+        cols: usize,
+        ty: lts::cudaDataType,
+    ) -> Mat {
+        Mat {
+            ptr,
+            rows: rows as u64,
+            cols: cols as u64,
+            ld: rows as i64,
+            ty,
+        }
+    }
+}
+
 /// `D = op(A) · B` (column-major; `op` transposes A when `trans_a`), f32 scale and
 /// accumulation (`compute`), D f32.
 fn gemm(
@@ -742,27 +760,9 @@ impl BackendStorage for CudaStorage {
                 g,
                 lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 false,
-                Mat {
-                    ptr: pb,
-                    rows: n as u64,
-                    cols: k as u64,
-                    ld: n as i64,
-                    ty: f,
-                },
-                Mat {
-                    ptr: pa,
-                    rows: k as u64,
-                    cols: m as u64,
-                    ld: k as i64,
-                    ty: f,
-                },
-                Mat {
-                    ptr: po,
-                    rows: n as u64,
-                    cols: m as u64,
-                    ld: n as i64,
-                    ty: f,
-                },
+                Mat::dense(pb, n, k, f),
+                Mat::dense(pa, k, m, f),
+                Mat::dense(po, n, m, f),
             )?;
         }
         Ok(CudaStorage::f32(g, out, m * n))
@@ -772,45 +772,28 @@ impl BackendStorage for CudaStorage {
         self.same_gpu(w, "linear")?;
         let g = &self.gpu;
         // A 16-bit weight multiplies activations rounded to its dtype (PyTorch's bf16
-        // matmul takes bf16 inputs); sums and the output are f32.
-        if w.dtype() != DType::F32 {
-            return self.linear_half(m, k, w, n, b);
-        }
-        let x = self.as_f32_owned()?;
+        // matmul takes bf16 inputs); sums and the output are f32, f32 weights in f32.
+        let x = if self.dtype() == w.dtype() {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(self.to_dtype(w.dtype())?)
+        };
         let mut out = g.zeros::<f32>(m * n)?;
         {
             let s = &g.stream;
-            let (px, _gx) = (*x).device_ptr(s);
+            let (px, _gx) = ptr_of!(x, s);
             let (pw, _gw) = ptr_of!(w, s);
             let (po, _go) = out.device_ptr_mut(s);
-            let f = lts::cudaDataType_t::CUDA_R_32F;
+            let t = blas_type(w.dtype());
             // Row-major Y[m,n] = X·Wᵀ is column-major Yᵀ[n,m] = W·Xᵀ: W row-major [n,k]
             // is column-major [k,n], transposed; X row-major is column-major [k,m].
             gemm(
                 g,
                 lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 true,
-                Mat {
-                    ptr: pw,
-                    rows: k as u64,
-                    cols: n as u64,
-                    ld: k as i64,
-                    ty: f,
-                },
-                Mat {
-                    ptr: px,
-                    rows: k as u64,
-                    cols: m as u64,
-                    ld: k as i64,
-                    ty: f,
-                },
-                Mat {
-                    ptr: po,
-                    rows: n as u64,
-                    cols: m as u64,
-                    ld: n as i64,
-                    ty: f,
-                },
+                Mat::dense(pw, k, n, t),
+                Mat::dense(px, k, m, t),
+                Mat::dense(po, n, m, lts::cudaDataType_t::CUDA_R_32F),
             )?;
         }
         let mut y = CudaStorage::f32(g, out, m * n);
@@ -864,50 +847,34 @@ impl BackendStorage for CudaStorage {
         let g = &self.gpu;
         let rows = self.len / d.max(1);
         let n = rows * len;
-        let es: i32 = match self.data {
-            Data::F32(_) => 4,
-            _ => 2,
-        };
+        // One kernel for both element sizes (it copies `es`-byte elements).
+        fn cols<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+            g: &Gpu,
+            src: &CudaSlice<T>,
+            (rows, d, start, len): (usize, usize, usize, usize),
+        ) -> Result<CudaSlice<T>> {
+            let es = std::mem::size_of::<T>() as i32;
+            let mut out = g.zeros::<T>(rows * len)?;
+            let cfg = Gpu::elementwise(rows * len);
+            launch!(
+                g,
+                "narrow_cols",
+                cfg,
+                src,
+                &mut out,
+                &rows,
+                &d,
+                &start,
+                &len,
+                &es
+            )?;
+            Ok(out)
+        }
+        let dims = (rows, d, start, len);
         let data = match &self.data {
-            Data::F32(s) => {
-                let mut out = g.zeros::<f32>(n)?;
-                // SAFETY (of the reinterpretation): the kernel copies `es`-byte elements.
-                let (src, dst) = (s, &mut out);
-                launch!(
-                    g,
-                    "narrow_cols",
-                    Gpu::elementwise(n),
-                    src,
-                    dst,
-                    &rows,
-                    &d,
-                    &start,
-                    &len,
-                    &es
-                )?;
-                Data::F32(out)
-            }
-            Data::BF16(s) | Data::F16(s) => {
-                let mut out = g.zeros::<u16>(n)?;
-                let (src, dst) = (s, &mut out);
-                launch!(
-                    g,
-                    "narrow_cols",
-                    Gpu::elementwise(n),
-                    src,
-                    dst,
-                    &rows,
-                    &d,
-                    &start,
-                    &len,
-                    &es
-                )?;
-                if matches!(self.data, Data::BF16(_)) {
-                    Data::BF16(out)
-                } else {
-                    Data::F16(out)
-                }
-            }
+            Data::F32(s) => Data::F32(cols(g, s, dims)?),
+            Data::BF16(s) => Data::BF16(cols(g, s, dims)?),
+            Data::F16(s) => Data::F16(cols(g, s, dims)?),
         };
         Ok(CudaStorage {
             data,
@@ -1112,59 +1079,6 @@ fn check_heads(s: AttnShape) -> Result<()> {
 }
 
 impl CudaStorage {
-    /// `linear` with a 16-bit weight: activations rounded to the weight's dtype on the
-    /// device, then a bf16/f16 GEMM with f32 sums into f32.
-    fn linear_half(
-        &self,
-        m: usize,
-        k: usize,
-        w: &Self,
-        n: usize,
-        b: Option<&Self>,
-    ) -> Result<Self> {
-        let g = &self.gpu;
-        let xh = self.to_dtype(w.dtype())?;
-        let mut out = g.zeros::<f32>(m * n)?;
-        {
-            let s = &g.stream;
-            let (px, _gx) = ptr_of!(xh, s);
-            let (pw, _gw) = ptr_of!(w, s);
-            let (po, _go) = out.device_ptr_mut(s);
-            let h = blas_type(w.dtype());
-            gemm(
-                g,
-                lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                true,
-                Mat {
-                    ptr: pw,
-                    rows: k as u64,
-                    cols: n as u64,
-                    ld: k as i64,
-                    ty: h,
-                },
-                Mat {
-                    ptr: px,
-                    rows: k as u64,
-                    cols: m as u64,
-                    ld: k as i64,
-                    ty: h,
-                },
-                Mat {
-                    ptr: po,
-                    rows: n as u64,
-                    cols: m as u64,
-                    ld: n as i64,
-                    ty: lts::cudaDataType_t::CUDA_R_32F,
-                },
-            )?;
-        }
-        let mut y = CudaStorage::f32(g, out, m * n);
-        if let Some(b) = b {
-            y.binary_row(n, b, Binary::Add)?;
-        }
-        Ok(y)
-    }
-
     /// Each row's largest value (first on ties) and its log-probability, on the
     /// device: a greedy decode step copies back ids and one float a row.
     pub(crate) fn argmax_rows(&self, d: usize) -> Result<(Vec<u32>, Vec<f32>)> {
