@@ -152,3 +152,106 @@ fn heads_that_do_not_split_are_a_load_error_naming_the_tensor() {
         );
     }
 }
+
+/// The engine over a group of two ranks (rank 1 following on its own thread and pool):
+/// concurrent requests (batched steps), two with the same prompt and image (prefix-cache
+/// hits), give the tokens of the engine over one rank, for LLaVA, BLIP-2 and IDEFICS.
+#[test]
+fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
+    use iris_engine::tp::follow;
+    use iris_engine::{Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, TokenEvent};
+    use iris_models::registry::Parts;
+    let image = |n: &str| std::fs::read(iris_e2e::fixtures().join("images").join(n)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, prompt) in [
+        (
+            "llava-tiny-hub-f32",
+            "USER: <image>\nWhat is in the picture? ASSISTANT:",
+        ),
+        (
+            "blip2-tiny-opt-f32",
+            "Question: what is in the picture? Answer:",
+        ),
+        (
+            "idefics-tiny-f32",
+            "User: What is in the picture? <image> Assistant:",
+        ),
+    ] {
+        let requests: Vec<EngineRequest> = (0..4)
+            .map(|i| {
+                let img = if i == 3 { "tall.jpg" } else { "scene.png" };
+                // Requests 0 and 1 are the same prompt and image: the second reuses the
+                // first's prompt blocks.
+                let p = if i == 2 {
+                    format!("{prompt} A")
+                } else {
+                    prompt.to_string()
+                };
+                EngineRequest::new(
+                    p,
+                    vec![image(img)],
+                    GenerateOptions::new(5, Default::default()),
+                )
+            })
+            .collect();
+        let run = |p: Arc<Pipeline>| -> (Vec<Vec<u32>>, usize) {
+            let engine = Engine::start(
+                p,
+                EngineConfig {
+                    kv_blocks: 64,
+                    block_size: 4,
+                    ..Default::default()
+                },
+            );
+            let streams: Vec<_> = requests
+                .iter()
+                .map(|r| engine.submit(r.clone()).unwrap())
+                .collect();
+            let outs = streams
+                .into_iter()
+                .map(|s| {
+                    s.filter_map(|e| match e {
+                        TokenEvent::Token { id, .. } => Some(id),
+                        TokenEvent::Error(e) => panic!("{e}"),
+                        _ => None,
+                    })
+                    .collect()
+                })
+                .collect();
+            (outs, engine.stats().prefix_hits as usize)
+        };
+        let (want, _) = run(Arc::new(
+            Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap(),
+        ));
+        let path = dir.path().join(format!("engine-{name}"));
+        let (got, hits) = std::thread::scope(|s| {
+            let follower = s.spawn(|| {
+                let comm: Arc<dyn Communicator> =
+                    Arc::new(CpuComm::new(Shm::join(&path, 1, 2, 1 << 20).unwrap()));
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        let p = Pipeline::load_tp(
+                            &fixture(name),
+                            &iris_e2e::options(),
+                            Parts::ALL,
+                            comm.clone(),
+                        )
+                        .unwrap();
+                        follow(&*p.model, &*comm, iris_tensor::Device::Cpu).unwrap();
+                    })
+            });
+            let comm: Arc<dyn Communicator> =
+                Arc::new(CpuComm::new(Shm::join(&path, 0, 2, 1 << 20).unwrap()));
+            let p =
+                Pipeline::load_tp(&fixture(name), &iris_e2e::options(), Parts::ALL, comm).unwrap();
+            let out = run(Arc::new(p));
+            follower.join().unwrap();
+            out
+        });
+        assert_eq!(got, want, "{name}: TP 2 tokens");
+        assert!(hits > 0, "{name}: the repeated prompt hit the prefix cache");
+    }
+}

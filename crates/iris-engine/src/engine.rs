@@ -463,6 +463,9 @@ impl Engine {
         // The whole KV budget, committed now: serving never grows memory.
         let lm = pipeline.model.language_model()?;
         let dtype = kv_dtype(&pipeline, config.kv_dtype);
+        pipeline
+            .model
+            .prepare_kv(config.kv_blocks, config.block_size, dtype)?;
         let (n_layers, width) = (lm.new_cache().n_layers(), lm.kv_width());
         let arena = Arc::new(KvArena::reserved_on(
             n_layers,

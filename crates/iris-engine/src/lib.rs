@@ -9,6 +9,7 @@ mod engine;
 mod pipeline;
 mod processor;
 mod retrieval;
+pub mod tp;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{

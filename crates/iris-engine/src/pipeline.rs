@@ -236,6 +236,39 @@ impl Pipeline {
         self.device
     }
 
+    /// Rank `comm.rank()` of a tensor-parallel group over `dir`: rank 0 loads `parts`
+    /// (the language model as its shard) behind a [`crate::tp::TpLeader`] that announces
+    /// each language-model call to the other ranks; the other ranks load their shard of
+    /// the language model only, for [`crate::tp::follow`].
+    pub fn load_tp(
+        dir: &Path,
+        opts: &PipelineOptions,
+        parts: Parts,
+        comm: std::sync::Arc<dyn iris_comm::Communicator>,
+    ) -> Result<Pipeline> {
+        let leader = comm.rank() == 0;
+        let parts = if leader { parts } else { Parts::LANGUAGE };
+        let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
+        let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
+        let shard = ck.load_vlm_tp(dir, parts, comm.clone())?;
+        let model: Box<dyn VisionLanguageModel> = if leader {
+            Box::new(crate::tp::TpLeader::new(shard, comm))
+        } else {
+            shard
+        };
+        let tensors_read = ck.weights.tensors_read();
+        Ok(Pipeline {
+            processor: spec.processor,
+            model,
+            parts,
+            eos_token_ids: spec.eos_token_ids,
+            context_length: spec.context_length,
+            tensors_read,
+            bytes_read: ck.weights.bytes_read() as usize,
+            device: opts.device,
+        })
+    }
+
     /// Positions the language model has (prompt plus output).
     pub fn context_length(&self) -> usize {
         self.context_length

@@ -220,11 +220,26 @@ impl Checkpoint {
 
     /// The generation model's `parts` (the others are not read).
     pub fn load_vlm(&self, dir: &Path, parts: Parts) -> Result<Box<dyn VisionLanguageModel>> {
+        self.load_vlm_tp(dir, parts, iris_comm::single())
+    }
+
+    /// [`Checkpoint::load_vlm`] with the language model's shard of rank `comm`.
+    pub fn load_vlm_tp(
+        &self,
+        dir: &Path,
+        parts: Parts,
+        comm: Arc<dyn iris_comm::Communicator>,
+    ) -> Result<Box<dyn VisionLanguageModel>> {
         use crate::{blip::BlipCaptioner, blip2::Blip2, idefics::Idefics, llava::Llava};
         Ok(match self.family {
-            Family::Llava => Box::new(Llava::from_checkpoint(self, parts, iris_comm::single())?),
-            Family::Blip2 => Box::new(Blip2::from_checkpoint(self, parts)?),
-            Family::Idefics => Box::new(Idefics::from_checkpoint(self, dir, parts)?),
+            Family::Llava => Box::new(Llava::from_checkpoint(self, parts, comm)?),
+            Family::Blip2 => Box::new(Blip2::from_checkpoint_tp(self, parts, comm)?),
+            Family::Idefics => Box::new(Idefics::from_checkpoint_tp(self, dir, parts, comm)?),
+            Family::BlipCaption if comm.world_size() > 1 => {
+                return Err(Error::Config(
+                    "BLIP's BERT text decoder does not split over ranks".into(),
+                ))
+            }
             Family::BlipCaption => Box::new(BlipCaptioner::from_checkpoint(self, parts)?),
             Family::BlipRetrieval | Family::Blip2Retrieval => {
                 return Err(Error::Config(format!(

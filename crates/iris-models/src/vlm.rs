@@ -6,7 +6,7 @@ use std::fmt::Debug;
 
 use iris_tensor::{DType, Tensor};
 
-use crate::layers::KvCache;
+use crate::layers::{KvCache, KvDtype};
 use crate::{Error, Result};
 
 pub trait CausalLm: Send + Sync + Debug {
@@ -63,6 +63,12 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     /// The language model; an error in a process that did not load it.
     fn language_model(&self) -> Result<&dyn CausalLm>;
     fn dtype(&self) -> DType;
+
+    /// The engine's KV arena is `blocks` of `block_size` tokens in `dtype` (a
+    /// tensor-parallel leader tells its other ranks, which reserve theirs alike).
+    fn prepare_kv(&self, _blocks: usize, _block_size: usize, _dtype: KvDtype) -> Result<()> {
+        Ok(())
+    }
 
     /// Prepares a sequence's cache for its images before the prompt runs (models that
     /// read images through cross-attention store their keys and values there).

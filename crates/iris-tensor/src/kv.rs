@@ -431,6 +431,9 @@ enum Store {
 
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Unique in the process: a tensor-parallel group's other ranks keep their shard of
+    /// this sequence's cache under it.
+    id: u64,
     store: Store,
     n_layers: usize,
     len: usize,
@@ -452,9 +455,27 @@ impl Default for KvCache {
     }
 }
 
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Ids of caches dropped since the last [`KvCache::take_dropped`], kept only once
+/// [`KvCache::track_drops`] is on (a tensor-parallel leader's process).
+static DROPPED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+static TRACK_DROPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if TRACK_DROPS.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(mut d) = DROPPED.lock() {
+                d.push(self.id);
+            }
+        }
+    }
+}
+
 impl KvCache {
     pub fn new(n_layers: usize) -> KvCache {
         KvCache {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             store: Store::Own {
                 k: vec![Vec::new(); n_layers],
                 v: vec![Vec::new(); n_layers],
@@ -600,6 +621,42 @@ impl KvCache {
             }
             _ => None,
         }
+    }
+
+    /// This cache's process-unique id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// From now on, record the ids of dropped caches (for [`KvCache::take_dropped`]).
+    pub fn track_drops() {
+        TRACK_DROPS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Ids of the caches dropped since the last call.
+    pub fn take_dropped() -> Vec<u64> {
+        DROPPED
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    /// The block table and cross-attention blocks of a paged cache.
+    pub fn tables(&self) -> Option<(&[u32], &[u32])> {
+        match &self.store {
+            Store::Paged { table, .. } => Some((table, &self.cross_table)),
+            Store::Own { .. } => None,
+        }
+    }
+
+    /// Mirrors another rank's cache of the same sequence: its block table and its
+    /// length (a paged cache; its K/V are in this rank's blocks of the same ids).
+    pub fn mirror(&mut self, table: &[u32], len: usize) {
+        if let Store::Paged { table: t, .. } = &mut self.store {
+            t.clear();
+            t.extend_from_slice(table);
+        }
+        self.len = len;
     }
 
     /// Tokens cached so far (the next token's position).
