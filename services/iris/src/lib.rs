@@ -9,6 +9,7 @@ use iris_server::error::ServeError;
 
 pub mod cluster_cli;
 pub mod roles;
+pub mod tp_group;
 
 /// Why a role could not start or stopped with an error (the binaries print it with
 /// its causes, `{:#}`: a message here names the step, its source says what failed).

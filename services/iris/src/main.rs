@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use iris_engine::{
-    Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, PipelineOptions,
+    Engine, EngineConfig, EngineRequest, GenerateOptions, Parts, Pipeline, PipelineOptions,
     SamplingParams, StopRules,
 };
 use iris_image::ImageLimits;
@@ -51,6 +51,9 @@ enum Cmd {
     /// The cluster's model registry and members in etcd.
     #[command(subcommand)]
     Cluster(iris_cli::cluster_cli::ClusterCmd),
+    /// One rank of a local tensor-parallel group (`--tp`), started by rank 0.
+    #[command(hide = true)]
+    TpRank(iris_cli::tp_group::RankArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +163,10 @@ struct GenerateArgs {
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, env = "IRIS_DEVICE", default_value = "cpu")]
     device: String,
+    /// Split the language model over N rank processes on this machine (tensor
+    /// parallelism over shared memory; rank 0 is this process).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
     /// Compute dtype (default: the checkpoint's).
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
@@ -200,8 +207,14 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         },
         device,
     };
-    let pipe = Pipeline::load(&a.model, &opts)
-        .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;
+    let (pipe, _group) = if a.tp > 1 {
+        let (p, g) = iris_cli::tp_group::LocalGroup::start(&a.model, &opts, Parts::ALL, a.tp)?;
+        (p, Some(g))
+    } else {
+        let p = Pipeline::load(&a.model, &opts)
+            .map_err(|e| anyhow::anyhow!("loading {}: {e}", a.model.display()))?;
+        (p, None)
+    };
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -266,6 +279,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Generate(a) => generate(a),
+        Cmd::TpRank(a) => iris_cli::tp_group::rank(a),
         Cmd::Embed(a) => retrieval::embed(a),
         Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Capfilt(a) => capfilt::run(a),

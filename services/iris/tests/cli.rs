@@ -628,3 +628,59 @@ fn a_kv_budget_below_one_sequence_is_a_startup_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 }
+
+/// `iris generate --tp N`: rank processes on this machine (shared memory) give the
+/// tokens and log-probabilities of one rank, for each family, at TP 2 and 4.
+#[test]
+fn tensor_parallel_generate_matches_one_rank() {
+    for (name, prompt) in [
+        (
+            "llava-tiny-hub-f32",
+            "USER: <image>\nWhat is in the picture? ASSISTANT:",
+        ),
+        (
+            "llava-tiny-model-f32",
+            "USER: <image>\nWhat is in the picture? ASSISTANT:",
+        ),
+        (
+            "blip2-tiny-opt-f32",
+            "Question: what is in the picture? Answer:",
+        ),
+        (
+            "idefics-tiny-f32",
+            "User: What is in the picture? <image> Assistant:",
+        ),
+    ] {
+        let model = fixtures().join(name);
+        let run = |tp: &str| {
+            let out = generate(
+                &model,
+                &[image("scene.png")],
+                prompt,
+                &["--max-new-tokens", "6", "--tp", tp],
+            );
+            assert!(
+                out.status.success(),
+                "{name} --tp {tp}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        };
+        let one = run("1");
+        for tp in ["2", "4"] {
+            let got = run(tp);
+            assert_eq!(got["token_ids"], one["token_ids"], "{name} --tp {tp}");
+            let lp = |v: &serde_json::Value| -> Vec<f64> {
+                v["logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            for (g, w) in lp(&got).iter().zip(lp(&one)) {
+                assert!((g - w).abs() < 1e-4, "{name} --tp {tp}: logprob {g} vs {w}");
+            }
+        }
+    }
+}
