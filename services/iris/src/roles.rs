@@ -95,6 +95,11 @@ pub struct ModelArgs {
     /// `--features cuda` and a GPU; without either this is a clear error at start-up).
     #[arg(long, env = "IRIS_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// Split each language model over N rank processes on this machine (tensor
+    /// parallelism over shared memory; rank 0 is this process; the decoder and
+    /// `iris serve`).
+    #[arg(long, env = "IRIS_TP", default_value_t = 1)]
+    pub tp: usize,
     /// Largest image file accepted, in bytes.
     #[arg(long, env = "IRIS_MAX_IMAGE_BYTES", default_value_t = ImageLimits::default().max_bytes)]
     pub max_image_bytes: usize,
@@ -157,8 +162,18 @@ impl ModelArgs {
             if family.task() == Task::Retrieval {
                 continue;
             }
-            let p = Pipeline::load_parts(&m.dir, &opts, parts)
-                .map_err(|e| StartError::load(&m.dir, e))?;
+            let p = if self.tp > 1 && parts.language {
+                let (p, group) = crate::tp_group::LocalGroup::start(&m.dir, &opts, parts, self.tp)
+                    .map_err(|e| {
+                        StartError::load(&m.dir, iris_engine::Error::Unavailable(format!("{e:#}")))
+                    })?;
+                // The ranks live as long as this process (they go with it).
+                crate::tp_group::keep(group);
+                p
+            } else {
+                Pipeline::load_parts(&m.dir, &opts, parts)
+                    .map_err(|e| StartError::load(&m.dir, e))?
+            };
             tracing::info!(
                 model = %m.id,
                 ?parts,

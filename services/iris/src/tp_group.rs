@@ -70,6 +70,16 @@ impl Drop for LocalGroup {
     }
 }
 
+/// Groups that live as long as the process (a serving role's).
+static KEPT: std::sync::Mutex<Vec<LocalGroup>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `group` until the process exits; its ranks exit with it.
+pub fn keep(group: LocalGroup) {
+    if let Ok(mut k) = KEPT.lock() {
+        k.push(group);
+    }
+}
+
 /// `iris tp-rank`: one rank (not 0) of a local group.
 #[derive(Args)]
 pub struct RankArgs {
@@ -88,6 +98,12 @@ pub struct RankArgs {
 }
 
 pub fn rank(a: RankArgs) -> anyhow::Result<()> {
+    // Go when rank 0's process goes, however it ends.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets this process's parent-death signal.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+    }
     let device = Device::parse(&a.device)?;
     let dtype = a
         .dtype

@@ -1428,3 +1428,38 @@ fn a_request_keeps_to_a_pixel_budget_and_small_images_pass_big_ones() {
         );
     });
 }
+
+/// `iris serve --tp 2`: the decoder's language model over two rank processes gives
+/// `iris generate`'s tokens over gRPC, a repeated request hits the prefix cache, and
+/// the rank process goes when the server goes.
+#[test]
+fn iris_serve_over_two_ranks_gives_the_same_tokens() {
+    let (want, want_text) = cli_generate(PROMPT, "scene.png", 8);
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &model_arg(), "--tp", "2"],
+    );
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        for _ in 0..2 {
+            let (ids, text, _) = generate(&mut g, request(PROMPT, vec![image("scene.png")], 8))
+                .await
+                .unwrap();
+            assert_eq!((ids, text), (want.clone(), want_text.clone()));
+        }
+    });
+    let metrics = reqwest::blocking::get(format!("http://{}/metrics", s.http))
+        .unwrap()
+        .text()
+        .unwrap();
+    let hits: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("iris_prefix_cache_hit_blocks"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        hits > 0.0,
+        "the second request reused the first's blocks: {metrics}"
+    );
+}
