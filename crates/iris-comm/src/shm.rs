@@ -19,7 +19,11 @@ use crate::cpu::Transport;
 use crate::{Error, Result};
 
 const MAGIC: u64 = 0x4952_4953_5348_4d31; // "IRISSHM1"
-const HEADER: usize = 64;
+/// Magic, world, slot bytes, the barrier counter, then each rank's process id.
+const PIDS: usize = 4;
+/// The most ranks a group may have (their process ids fill the header).
+pub const MAX_RANKS: usize = 60;
+const HEADER: usize = 8 * (PIDS + MAX_RANKS);
 
 /// Default bytes a rank can send per round (a decode step's all-reduce is a few KiB).
 pub const DEFAULT_SLOT_BYTES: usize = 4 << 20;
@@ -64,6 +68,11 @@ impl Shm {
                 rank,
                 world_size: world,
             });
+        }
+        if world > MAX_RANKS {
+            return Err(Error::Collective(format!(
+                "shared memory: {world} ranks, at most {MAX_RANKS}"
+            )));
         }
         let len = HEADER + 2 * world * (8 + slot_bytes);
         let deadline = Instant::now() + BARRIER_TIMEOUT;
@@ -123,12 +132,22 @@ impl Shm {
                 ));
             }
         }
+        shm.word(PIDS + rank)
+            .store(u64::from(std::process::id()), Ordering::Release);
         // Everyone has mapped it: the name can go (the mapping lives on).
         shm.barrier()?;
         if rank == 0 {
             std::fs::remove_file(path).map_err(|e| io("remove", e))?;
         }
         Ok(shm)
+    }
+
+    /// A rank whose process is gone (it died, or was killed), if any.
+    fn gone(&self) -> Option<usize> {
+        (0..self.world).find(|&r| {
+            let pid = self.word(PIDS + r).load(Ordering::Acquire);
+            pid != 0 && pid != u64::from(std::process::id()) && !alive(pid as i32)
+        })
     }
 
     /// The `i`-th 8-byte word of the header.
@@ -165,8 +184,16 @@ impl Shm {
             } else if spins < 4000 {
                 std::thread::yield_now();
             } else {
-                // Another rank is descheduled or gone: stop burning its core.
+                // Another rank is descheduled or gone: stop burning its core, and every
+                // few milliseconds look whether a rank's process still exists.
                 std::thread::sleep(Duration::from_micros(50));
+                if spins % 64 == 0 {
+                    if let Some(r) = self.gone() {
+                        return Err(Error::Collective(format!(
+                            "shared memory: rank {r}'s process is gone"
+                        )));
+                    }
+                }
                 if start.elapsed() > BARRIER_TIMEOUT {
                     return Err(Error::Collective(format!(
                         "shared memory: {} of {} ranks reached the barrier in {BARRIER_TIMEOUT:?}",
@@ -256,5 +283,26 @@ impl Shm {
             }
         }
         Ok(out)
+    }
+}
+
+/// Whether process `pid` is running: it exists (signal 0 checks without sending
+/// anything) and is not a zombie (exited, not yet reaped by its parent — a rank's
+/// parent is often the rank 0 that is asking).
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only asks whether the process exists.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::kill(pid, 0) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    // `/proc/<pid>/stat`: "pid (comm) S ...", the state after the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next()),
+            Some(Some('Z' | 'X'))
+        ),
+        Err(_) => r == 0,
     }
 }

@@ -74,6 +74,19 @@ fn rank_process() {
     let rank: usize = rank.parse().unwrap();
     let world: usize = std::env::var("IRIS_COMM_WORLD").unwrap().parse().unwrap();
     let group = std::env::var("IRIS_COMM_GROUP").unwrap();
+    if std::env::var_os("IRIS_COMM_DIE").is_some() {
+        // The dead-rank case: rank 1 joins, then exits; rank 0's next collective fails.
+        let t = Shm::join(std::path::Path::new(&group), rank, world, 1 << 20).unwrap();
+        if rank == 1 {
+            std::process::exit(0);
+        }
+        let err = CpuComm::new(t)
+            .all_reduce_sum(Tensor::from_f32(vec![1.0; 8], &[8]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rank 1's process is gone"), "{err}");
+        return;
+    }
     match std::env::var("IRIS_COMM_TRANSPORT").unwrap().as_str() {
         "shm" => {
             let t = Shm::join(std::path::Path::new(&group), rank, world, 1 << 20).unwrap();
@@ -89,6 +102,10 @@ fn rank_process() {
 
 /// Starts `world` rank processes and waits for them all; each must pass `check`.
 fn run_group(transport: &str, world: usize, group: &str) {
+    run_group_with(transport, world, group, &[]);
+}
+
+fn run_group_with(transport: &str, world: usize, group: &str, env: &[(&str, &str)]) {
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..world)
         .map(|rank| {
@@ -104,6 +121,7 @@ fn run_group(transport: &str, world: usize, group: &str) {
                 .env("IRIS_COMM_WORLD", world.to_string())
                 .env("IRIS_COMM_GROUP", group)
                 .env("IRIS_COMM_TRANSPORT", transport)
+                .envs(env.iter().copied())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -132,6 +150,16 @@ fn shared_memory_collectives_across_processes() {
             "the group's file is removed once every rank mapped it"
         );
     }
+}
+
+/// A rank whose process is gone fails the others' next collective (not after the
+/// barrier's 30 s: its process id is in the shared header), even while the dead
+/// process is a zombie its parent has not reaped.
+#[test]
+fn a_dead_rank_fails_the_next_collective() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dies");
+    run_group_with("shm", 2, path.to_str().unwrap(), &[("IRIS_COMM_DIE", "1")]);
 }
 
 #[test]

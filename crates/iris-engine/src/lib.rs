@@ -84,9 +84,9 @@ impl Error {
                 | Img::UnknownFormat
                 | Img::Corrupt(_),
             ) => ErrorKind::BadInput,
-            Error::Model(iris_models::Error::PartNotLoaded(_)) | Error::Unavailable(_) => {
-                ErrorKind::Unavailable
-            }
+            // A tensor-parallel rank that is gone: this group cannot serve; another can.
+            Error::Model(iris_models::Error::PartNotLoaded(_) | iris_models::Error::Comm(_))
+            | Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Busy(_) => ErrorKind::Overloaded,
             Error::Failed(r) => r.kind,
             _ => ErrorKind::Internal,
