@@ -187,7 +187,7 @@ impl Shm {
                 // Another rank is descheduled or gone: stop burning its core, and every
                 // few milliseconds look whether a rank's process still exists.
                 std::thread::sleep(Duration::from_micros(50));
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     if let Some(r) = self.gone() {
                         return Err(Error::Collective(format!(
                             "shared memory: rank {r}'s process is gone"
