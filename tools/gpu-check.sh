@@ -7,7 +7,8 @@
 #   3. a LLaMA-7B-shaped bf16 model with random weights made here: decode tokens/s at
 #      batch 1, 8, 32, 64 against the HBM roofline (bandwidth measured in the same
 #      run by a device-to-device copy), prefill tokens/s;
-#   4. one CLIP ViT-L/14-336 batch;
+#   4. one rank over NCCL (the tensor-parallel path on one GPU), one CLIP
+#      ViT-L/14-336 batch;
 #   5. HF transformers (PyTorch eager, bf16, sdpa) on the same shapes, then the ratios.
 # Inside 10 minutes; every stage has its own time limit and the check goes on after a
 # failed stage, so one failure does not hide the rest.
@@ -44,21 +45,25 @@ done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 
 stage "backend test suite on $DEVICE"
-IRIS_TEST_DEVICE=$DEVICE timeout 60 "$BIN/backend" --test-threads 1 2>&1 | tail -n 40 || fail "backend suite"
+IRIS_TEST_DEVICE=$DEVICE timeout 50 "$BIN/backend" --test-threads 1 2>&1 | tail -n 40 || fail "backend suite"
 
 stage "golden tests on $DEVICE"
-IRIS_TEST_DEVICE=$DEVICE IRIS_FIXTURES="$PWD/tests/fixtures" timeout 60 "$BIN/goldens" --test-threads 1 2>&1 | tail -n 40 || fail "goldens"
+IRIS_TEST_DEVICE=$DEVICE IRIS_FIXTURES="$PWD/tests/fixtures" timeout 50 "$BIN/goldens" --test-threads 1 2>&1 | tail -n 40 || fail "goldens"
 
 # LLaMA-7B: hidden 4096, 32 layers, 32 heads (no GQA), MLP 11008, vocabulary 32000.
 shape="--hidden 4096 --layers 32 --heads 32 --intermediate 11008 --vocab 32000"
 stage "Iris: LLaMA-7B-shaped bf16 decode and prefill on $DEVICE"
-timeout 180 "$BIN/iris" bench decode --device "$DEVICE" --dtypes bf16 $shape --kv-heads 32 \
+timeout 170 "$BIN/iris" bench decode --device "$DEVICE" --dtypes bf16 $shape --kv-heads 32 \
     --batch 1,8,32,64 --kv bf16 --tokens 16 --prefill 512 --json 2>&1 | tee "$out/iris_decode.txt" | tail -n 8 || fail "iris decode"
+stage "Iris: one rank over NCCL (TinyLlama shape, bf16, batch 1)"
+timeout 50 "$BIN/iris" bench decode --device "$DEVICE" --dtypes bf16 --tp 1 --tp-transport nccl \
+    --kv bf16 --batch 1 --tokens 8 2>&1 | tail -n 2 || fail "iris nccl"
+
 stage "Iris: CLIP ViT-L/14-336 on $DEVICE"
-timeout 60 "$BIN/iris" bench vit --device "$DEVICE" --batch 1,8 --runs 3 2>&1 | tee "$out/iris_vit.txt" | tail -n 2 || fail "iris vit"
+timeout 50 "$BIN/iris" bench vit --device "$DEVICE" --batch 1,8 --runs 3 2>&1 | tee "$out/iris_vit.txt" | tail -n 2 || fail "iris vit"
 
 stage "HF transformers (PyTorch eager, bf16, sdpa) on the same shapes"
-timeout 200 "$PYTHON" tools/bench_torch_decode.py --device cuda --dtype bf16 $shape --kv-heads 32 \
+timeout 190 "$PYTHON" tools/bench_torch_decode.py --device cuda --dtype bf16 $shape --kv-heads 32 \
     --batch 1,8,32,64 --tokens 16 --prefill 512 --vit --vit-batch 8 2>&1 | grep '"impl"' | tee "$out/torch.txt" || fail "torch"
 
 stage "summary"

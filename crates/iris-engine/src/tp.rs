@@ -265,18 +265,20 @@ struct TpLeaderLm {
     /// Held from a call's announcement to its end: the ranks see calls in the order
     /// their collectives run.
     order: Mutex<()>,
+    /// Ids of dropped caches, for the next step's message.
+    drops: Mutex<std::sync::mpsc::Receiver<u64>>,
 }
 
 impl TpLeader {
     /// `inner` is rank 0's model (loaded with `comm`).
     pub fn new(inner: Box<dyn VisionLanguageModel>, comm: Arc<dyn Communicator>) -> TpLeader {
-        KvCache::track_drops();
         let inner: Arc<dyn VisionLanguageModel> = Arc::from(inner);
         TpLeader {
             lm: TpLeaderLm {
                 inner: inner.clone(),
                 comm,
                 order: Mutex::new(()),
+                drops: Mutex::new(KvCache::drops()),
             },
             inner,
         }
@@ -355,8 +357,13 @@ impl CausalLm for TpLeaderLm {
                 len: c.len(),
             })
             .collect();
+        let dropped = self
+            .drops
+            .lock()
+            .map(|d| d.try_iter().collect())
+            .unwrap_or_default();
         let msg = Msg::Forward {
-            dropped: KvCache::take_dropped(),
+            dropped,
             seqs,
             embeds: embeds.iter().map(|&e| e.clone()).collect(),
         };

@@ -457,16 +457,17 @@ impl Default for KvCache {
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Ids of caches dropped since the last [`KvCache::take_dropped`], kept only once
-/// [`KvCache::track_drops`] is on (a tensor-parallel leader's process).
-static DROPPED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
-static TRACK_DROPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Who hears of dropped caches ([`KvCache::drops`]: tensor-parallel leaders).
+static DROP_SUBSCRIBERS: std::sync::Mutex<Vec<std::sync::mpsc::Sender<u64>>> =
+    std::sync::Mutex::new(Vec::new());
+static ANY_SUBSCRIBER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Drop for KvCache {
     fn drop(&mut self) {
-        if TRACK_DROPS.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok(mut d) = DROPPED.lock() {
-                d.push(self.id);
+        if ANY_SUBSCRIBER.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(mut subs) = DROP_SUBSCRIBERS.lock() {
+                // A subscriber that went away is forgotten.
+                subs.retain(|s| s.send(self.id).is_ok());
             }
         }
     }
@@ -628,17 +629,15 @@ impl KvCache {
         self.id
     }
 
-    /// From now on, record the ids of dropped caches (for [`KvCache::take_dropped`]).
-    pub fn track_drops() {
-        TRACK_DROPS.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Ids of the caches dropped since the last call.
-    pub fn take_dropped() -> Vec<u64> {
-        DROPPED
-            .lock()
-            .map(|mut d| std::mem::take(&mut *d))
-            .unwrap_or_default()
+    /// The ids of every cache of this process dropped from now on (a tensor-parallel
+    /// leader tells its ranks; ids are unique, so other leaders' drops are harmless).
+    pub fn drops() -> std::sync::mpsc::Receiver<u64> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut subs) = DROP_SUBSCRIBERS.lock() {
+            subs.push(tx);
+        }
+        ANY_SUBSCRIBER.store(true, std::sync::atomic::Ordering::Relaxed);
+        rx
     }
 
     /// The block table and cross-attention blocks of a paged cache.

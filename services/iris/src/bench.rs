@@ -211,7 +211,8 @@ pub struct DecodeArgs {
     /// over them; rank 0 prints, with the time its collectives took per step.
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// How the ranks talk: shm (one host) or tcp (loopback here).
+    /// How the ranks talk: shm (one host) or tcp (loopback here); nccl (a CUDA build,
+    /// `--tp 1` on one GPU: the NCCL path with one rank).
     #[arg(long, default_value = "shm")]
     tp_transport: String,
     /// Set in the rank processes `--tp` starts.
@@ -463,6 +464,15 @@ type CollectiveTime = Box<dyn Fn() -> (u64, f64)>;
 fn decode_comm(
     a: &DecodeArgs,
 ) -> anyhow::Result<(Arc<dyn iris_comm::Communicator>, CollectiveTime)> {
+    #[cfg(feature = "cuda")]
+    if a.tp_transport == "nccl" {
+        // One rank over NCCL (a one-GPU machine's check of the NCCL path).
+        anyhow::ensure!(a.tp == 1, "--tp-transport nccl runs one rank (--tp 1) here");
+        let device = Device::parse(&a.device)?;
+        let id = iris_comm::nccl::unique_id()?;
+        let c = iris_comm::nccl::Nccl::join(device, 0, 1, &id)?;
+        return Ok((Arc::new(c), Box::new(|| (0, 0.0))));
+    }
     let (Some(rank), Some(group)) = (a.tp_rank, &a.tp_group) else {
         return Ok((iris_comm::single(), Box::new(|| (0, 0.0))));
     };
