@@ -211,24 +211,7 @@ impl Pipeline {
     /// Loads `parts` of `dir` (plus its processor and configs, which every part
     /// needs); each part reads only its own tensors from the memory-mapped checkpoint.
     pub fn load_parts(dir: &Path, opts: &PipelineOptions, parts: Parts) -> Result<Pipeline> {
-        let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
-        let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
-        let model = ck.load_vlm(dir, parts)?;
-        let tensors_read = ck.weights.tensors_read();
-        let bytes_read = tensors_read
-            .iter()
-            .map(|n| ck.weights.stored_bytes(n))
-            .sum();
-        Ok(Pipeline {
-            processor: spec.processor,
-            model,
-            parts,
-            eos_token_ids: spec.eos_token_ids,
-            context_length: spec.context_length,
-            tensors_read,
-            bytes_read,
-            device: opts.device,
-        })
+        Pipeline::load_tp(dir, opts, parts, iris_comm::single())
     }
 
     /// Where the model runs (its KV arena goes there too).
@@ -236,7 +219,8 @@ impl Pipeline {
         self.device
     }
 
-    /// Rank `comm.rank()` of a tensor-parallel group over `dir`: rank 0 loads `parts`
+    /// Rank `comm.rank()` of a tensor-parallel group over `dir` (a group of one: the
+    /// whole model, as `load_parts`): rank 0 loads `parts`
     /// (the language model as its shard) behind a [`crate::tp::TpLeader`] that announces
     /// each language-model call to the other ranks; the other ranks load their shard of
     /// the language model only, for [`crate::tp::follow`].
@@ -251,7 +235,7 @@ impl Pipeline {
         let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
         let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
         let shard = ck.load_vlm_tp(dir, parts, comm.clone())?;
-        let model: Box<dyn VisionLanguageModel> = if leader {
+        let model: Box<dyn VisionLanguageModel> = if leader && comm.world_size() > 1 {
             Box::new(crate::tp::TpLeader::new(shard, comm))
         } else {
             shard

@@ -1179,36 +1179,14 @@ pub(crate) fn kv_write_batch(
             vf.slice(r0 * w..(r0 + t) * w),
         );
         let (bs, code) = (arena.block_size(), dtype_code(l.dtype()));
-        let n = t;
+        let cfg = Gpu::elementwise(t * w);
         match &mut l.data {
-            Data::F32(a) => launch!(
-                g,
-                "kv_write",
-                Gpu::elementwise(n * w),
-                a,
-                &table,
-                &kr,
-                &vr,
-                &n,
-                &start,
-                &w,
-                &bs,
-                &code
-            )?,
-            Data::BF16(a) | Data::F16(a) => launch!(
-                g,
-                "kv_write",
-                Gpu::elementwise(n * w),
-                a,
-                &table,
-                &kr,
-                &vr,
-                &n,
-                &start,
-                &w,
-                &bs,
-                &code
-            )?,
+            Data::F32(a) => {
+                launch!(g, "kv_write", cfg, a, &table, &kr, &vr, &t, &start, &w, &bs, &code)?
+            }
+            Data::BF16(a) | Data::F16(a) => {
+                launch!(g, "kv_write", cfg, a, &table, &kr, &vr, &t, &start, &w, &bs, &code)?
+            }
         }
         r0 += t;
     }
