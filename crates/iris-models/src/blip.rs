@@ -16,7 +16,7 @@ use crate::config::BlipConfig;
 use crate::layers::{KvCache, LayerNorm, Linear};
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
-use crate::vlm::{l2_normalize, CausalLm, ImageTextRetrieval, VisionLanguageModel};
+use crate::vlm::{CausalLm, ImageTextRetrieval, VisionLanguageModel};
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -296,14 +296,17 @@ impl ImageTextRetrieval for BlipRetrieval {
     }
 
     fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
-        l2_normalize(
-            self.vision_proj
-                .forward(&image_features.narrow_rows(0, 1)?)?,
-        )
+        Ok(self
+            .vision_proj
+            .forward(&image_features.narrow_rows(0, 1)?)?
+            .l2_normalize()?)
     }
 
     fn text_embeds(&self, ids: &[u32]) -> Result<Tensor> {
-        let e = l2_normalize(self.text_proj.forward(&self.text_cls(ids, None)?)?)?;
+        let e = self
+            .text_proj
+            .forward(&self.text_cls(ids, None)?)?
+            .l2_normalize()?;
         Ok(e.reshape(&[e.elem_count()])?)
     }
 

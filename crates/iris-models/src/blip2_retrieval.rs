@@ -13,7 +13,7 @@ use iris_tensor::{DType, Tensor};
 use crate::blip2::Blip2Parts;
 use crate::layers::Linear;
 use crate::registry::{Checkpoint, Family};
-use crate::vlm::{l2_normalize, ImageTextRetrieval};
+use crate::vlm::ImageTextRetrieval;
 use crate::{Error, Result};
 
 pub const ARCHITECTURE: &str = "Blip2ForImageTextRetrieval";
@@ -103,7 +103,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
     /// Normalised ITC embeddings of an image, one per query: `[queries, dim]`.
     fn image_embeds(&self, image_features: &Tensor) -> Result<Tensor> {
         let q = self.parts.queries.query_output(image_features)?;
-        l2_normalize(self.vision_projection.forward(&q)?)
+        Ok(self.vision_projection.forward(&q)?.l2_normalize()?)
     }
 
     /// The normalised ITC embedding of a text: `[dim]`.
@@ -117,7 +117,7 @@ impl ImageTextRetrieval for Blip2Retrieval {
             .qformer
             .forward(&self.text_embeddings(ids)?, 0, None)?;
         let cls = out.narrow_rows(0, 1)?;
-        let e = l2_normalize(self.text_projection.forward(&cls)?)?;
+        let e = self.text_projection.forward(&cls)?.l2_normalize()?;
         Ok(e.reshape(&[e.elem_count()])?)
     }
 

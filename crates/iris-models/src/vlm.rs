@@ -115,8 +115,11 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
         if at.is_empty() {
             return Ok(x); // a text-only prompt
         }
-        let visual = Tensor::cat_rows(&images.iter().collect::<Vec<_>>())?.to_device(x.device())?;
-        x = x.scatter_rows(&at, &visual)?;
+        // Each image's rows straight into its placeholders (no concatenated copy).
+        let device = x.device();
+        for (rows, image) in at.chunks(per).zip(images) {
+            x = x.scatter_rows(rows, &image.to_device(device)?)?;
+        }
         Ok(x)
     }
 }
@@ -146,11 +149,6 @@ pub struct MatchScores {
     pub itm_logits: [f32; 2],
     pub itm_probability: f32,
     pub itc_similarity: f32,
-}
-
-/// Rows scaled to unit L2 norm.
-pub fn l2_normalize(t: Tensor) -> Result<Tensor> {
-    Ok(t.l2_normalize()?)
 }
 
 /// Image-text retrieval heads (BLIP, BLIP-2): contrastive embeddings and matching.
