@@ -6,7 +6,9 @@
 //! and unit tests.
 //!
 //! Keys: `/iris/<cluster>/members/<tier>/<id>` → [`Member`] (JSON), attached to the
-//! member's lease; `/iris/<cluster>/models/<id>` → [`ModelEntry`] (JSON).
+//! member's lease; `/iris/<cluster>/models/<id>` → [`ModelEntry`] (JSON);
+//! `/iris/<cluster>/groups/<model>/<group>/…` where a tensor-parallel decoder group's
+//! ranks meet ([`group_prefix`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,12 @@ pub fn members_prefix(cluster: &str) -> String {
 
 pub fn member_key(cluster: &str, tier: &str, id: &str) -> String {
     format!("/iris/{cluster}/members/{tier}/{id}")
+}
+
+/// Where the ranks of tensor-parallel group `group` of `model` meet: `ranks/<rank>`
+/// (each rank, under its lease) and `rendezvous` (rank 0's, once all are there).
+pub fn group_prefix(cluster: &str, model: &str, group: &str) -> String {
+    format!("/iris/{cluster}/groups/{model}/{group}/")
 }
 
 pub fn models_prefix(cluster: &str) -> String {

@@ -22,6 +22,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// Every rank's `data`, indexed by rank (this rank's included). Every rank must
     /// call it, in the same order of operations.
     fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>>;
+    /// Whether the other ranks are still there (see [`Communicator::check`]).
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A [`Communicator`] over a byte transport.
@@ -200,6 +204,10 @@ impl Communicator for CpuComm {
     fn barrier(&self) -> Result<()> {
         self.exchange(&[]).map(|_| ())
     }
+
+    fn check(&self) -> Result<()> {
+        self.t.check()
+    }
 }
 
 /// A full mesh of TCP connections (`TCP_NODELAY`), one per pair of ranks: for ranks on
@@ -235,6 +243,28 @@ impl Tcp {
     /// Joins the group whose ranks listen at `addrs` (rank `r` at `addrs[r]`): binds
     /// this rank's address, connects to the ranks below it and accepts the ranks above.
     pub fn join(addrs: &[SocketAddr], rank: usize) -> Result<Tcp> {
+        let at = addrs.get(rank).ok_or(Error::BadRank {
+            rank,
+            world_size: addrs.len(),
+        })?;
+        let listener =
+            TcpListener::bind(at).map_err(|e| Error::Collective(format!("tcp bind {at}: {e}")))?;
+        let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        Tcp::join_bound(listener, &names, rank, 0)
+    }
+
+    /// [`Tcp::join`] with this rank's listener already bound (to the address the
+    /// others know as `addrs[rank]`); the others' addresses may be host names,
+    /// resolved as the connections are made (a peer's name may appear late). Each
+    /// connection opens with `token` and its rank: a connection with another token (a
+    /// rank of an earlier group at the same address, a stray client) is closed and
+    /// the wait goes on.
+    pub fn join_bound(
+        listener: TcpListener,
+        addrs: &[String],
+        rank: usize,
+        token: u64,
+    ) -> Result<Tcp> {
         let n = addrs.len();
         if rank >= n {
             return Err(Error::BadRank {
@@ -243,12 +273,11 @@ impl Tcp {
             });
         }
         let io = |what: &str, e: std::io::Error| Error::Collective(format!("tcp {what}: {e}"));
-        let listener = TcpListener::bind(addrs[rank]).map_err(|e| io("bind", e))?;
         let mut peers: Vec<Option<Peer>> = (0..n).map(|_| None).collect();
         let deadline = Instant::now() + JOIN_TIMEOUT;
         for (r, addr) in addrs.iter().enumerate().take(rank) {
             let mut s = loop {
-                match TcpStream::connect(addr) {
+                match TcpStream::connect(addr.as_str()) {
                     Ok(s) => break s,
                     Err(_) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(20));
@@ -257,22 +286,48 @@ impl Tcp {
                 }
             };
             s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
-            s.write_all(&(rank as u64).to_le_bytes())
-                .map_err(|e| io("hello", e))?;
+            let mut hello = token.to_le_bytes().to_vec();
+            hello.extend_from_slice(&(rank as u64).to_le_bytes());
+            s.write_all(&hello).map_err(|e| io("hello", e))?;
             peers[r] = Some(Peer::new(s).map_err(|e| io("clone", e))?);
         }
-        for _ in rank + 1..n {
-            let (mut s, _) = listener.accept().map_err(|e| io("accept", e))?;
-            s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b).map_err(|e| io("hello", e))?;
-            let r = u64::from_le_bytes(b) as usize;
-            if r <= rank || r >= n || peers[r].is_some() {
-                return Err(Error::Collective(format!(
-                    "tcp: unexpected rank {r} joined"
-                )));
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| io("listener", e))?;
+        let mut waiting = n - rank - 1;
+        while waiting > 0 {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(Error::Collective(format!(
+                            "tcp: {waiting} rank(s) above {rank} did not connect in {JOIN_TIMEOUT:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(e) => return Err(io("accept", e)),
+            };
+            let hello = (|| -> std::io::Result<[u8; 16]> {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut b = [0u8; 16];
+                s.read_exact(&mut b)?;
+                s.set_read_timeout(None)?;
+                s.set_nodelay(true)?;
+                Ok(b)
+            })();
+            let Ok(b) = hello else { continue };
+            let (t, r) = (
+                u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(b[8..].try_into().expect("8 bytes")) as usize,
+            );
+            if t != token || r <= rank || r >= n || peers[r].is_some() {
+                continue;
             }
             peers[r] = Some(Peer::new(s).map_err(|e| io("clone", e))?);
+            waiting -= 1;
         }
         Ok(Tcp { rank, peers })
     }
@@ -281,6 +336,37 @@ impl Tcp {
 impl Transport for Tcp {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// A peer whose connection the other end closed (its process died and the
+    /// kernel closed its socket) is gone: `poll` reports the hang-up even while bytes
+    /// the peer sent before dying are still unread.
+    fn check(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        for (r, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            // The reader's descriptor (the writer shares its socket); a reader busy
+            // in an exchange will hear of a hang-up itself.
+            let fd = match p.reader.try_lock() {
+                Ok(s) => s.as_raw_fd(),
+                Err(_) => continue,
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes the one pollfd given, for a socket that
+            // stays open while `self` lives, and does not block (timeout 0).
+            #[allow(unsafe_code)]
+            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                return Err(Error::Collective(format!(
+                    "tcp: rank {r} is gone (its connection closed)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn world_size(&self) -> usize {

@@ -39,6 +39,12 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     fn broadcast_bytes(&self, data: &[u8], root: usize) -> Result<Vec<u8>>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Whether every other rank is still there, asked between collectives without
+    /// involving them (a dead rank's process, a closed connection); an error names
+    /// the one that is gone. Transports that cannot tell say yes.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The group of one: every collective returns its input.

@@ -248,6 +248,15 @@ impl Transport for Shm {
         self.world
     }
 
+    fn check(&self) -> Result<()> {
+        match self.gone() {
+            Some(r) => Err(Error::Collective(format!(
+                "shared memory: rank {r}'s process is gone"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn exchange(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         if data.len() <= self.slot_bytes {
             // The common case: one round, the length travels with the data.

@@ -74,20 +74,54 @@ fn rank_process() {
     let rank: usize = rank.parse().unwrap();
     let world: usize = std::env::var("IRIS_COMM_WORLD").unwrap().parse().unwrap();
     let group = std::env::var("IRIS_COMM_GROUP").unwrap();
+    let transport = std::env::var("IRIS_COMM_TRANSPORT").unwrap();
     if std::env::var_os("IRIS_COMM_DIE").is_some() {
-        // The dead-rank case: rank 1 joins, then exits; rank 0's next collective fails.
-        let t = Shm::join(std::path::Path::new(&group), rank, world, 1 << 20).unwrap();
+        // The dead-rank case: rank 1 joins, then exits; rank 0 sees it gone between
+        // collectives (`check`), and its next collective fails.
+        let comm = match transport.as_str() {
+            "shm" => {
+                CpuComm::new(Shm::join(std::path::Path::new(&group), rank, world, 1 << 20).unwrap())
+            }
+            _ => {
+                let addrs: Vec<SocketAddr> = group.split(',').map(|a| a.parse().unwrap()).collect();
+                CpuComm::new(Tcp::join(&addrs, rank).unwrap())
+            }
+        };
+        comm.barrier().unwrap();
+        if rank == 0 {
+            comm.check().expect("every rank is there");
+        }
+        comm.barrier().unwrap();
         if rank == 1 {
             std::process::exit(0);
         }
-        let err = CpuComm::new(t)
+        let t0 = std::time::Instant::now();
+        let err = loop {
+            match comm.check() {
+                Err(e) => break e.to_string(),
+                Ok(()) => {
+                    assert!(
+                        t0.elapsed() < std::time::Duration::from_secs(20),
+                        "never seen gone"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        };
+        assert!(err.contains("rank 1") && err.contains("gone"), "{err}");
+        let err = comm
             .all_reduce_sum(Tensor::from_f32(vec![1.0; 8], &[8]).unwrap())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("rank 1's process is gone"), "{err}");
+        let why = if transport == "shm" {
+            "rank 1's process is gone"
+        } else {
+            "tcp exchange"
+        };
+        assert!(err.contains(why), "{err}");
         return;
     }
-    match std::env::var("IRIS_COMM_TRANSPORT").unwrap().as_str() {
+    match transport.as_str() {
         "shm" => {
             let t = Shm::join(std::path::Path::new(&group), rank, world, 1 << 20).unwrap();
             check(&CpuComm::new(t));
@@ -152,14 +186,22 @@ fn shared_memory_collectives_across_processes() {
     }
 }
 
-/// A rank whose process is gone fails the others' next collective (not after the
-/// barrier's 30 s: its process id is in the shared header), even while the dead
-/// process is a zombie its parent has not reaped.
+/// A rank whose process is gone is seen gone between collectives (`check`) and fails
+/// the others' next collective — over shared memory not after the barrier's 30 s (its
+/// process id is in the shared header), even while the dead process is a zombie its
+/// parent has not reaped; over TCP from the closed connection.
 #[test]
 fn a_dead_rank_fails_the_next_collective() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dies");
     run_group_with("shm", 2, path.to_str().unwrap(), &[("IRIS_COMM_DIE", "1")]);
+    let addrs: Vec<String> = (0..2)
+        .map(|_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        })
+        .collect();
+    run_group_with("tcp", 2, &addrs.join(","), &[("IRIS_COMM_DIE", "1")]);
 }
 
 #[test]

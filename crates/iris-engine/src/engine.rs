@@ -510,6 +510,11 @@ impl Engine {
     /// it; its events arrive on the returned stream. Errors when the request is
     /// invalid, the queue is full (`Busy`) or the engine cannot serve (`Unavailable`).
     pub fn submit(&self, request: EngineRequest) -> Result<TokenStream> {
+        if let Some(why) = self.pipeline.group().and_then(|g| g.broken()) {
+            return Err(Error::Unavailable(format!(
+                "the tensor-parallel group is broken: {why}"
+            )));
+        }
         let tx = match (&self.tx, self.is_alive()) {
             (Some(tx), true) => tx,
             _ => return Err(Error::Unavailable("the engine has stopped".into())),
@@ -544,9 +549,11 @@ impl Engine {
         *self.stats.lock().expect("stats lock")
     }
 
-    /// Whether the engine can still serve: false once its thread died.
+    /// Whether the engine can still serve: false once its thread died or its
+    /// tensor-parallel group broke.
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+            && self.pipeline.group().is_none_or(|g| g.broken().is_none())
     }
 }
 

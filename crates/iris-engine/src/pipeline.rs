@@ -200,6 +200,8 @@ pub struct Pipeline {
     /// Bytes those tensors take in the checkpoint.
     bytes_read: usize,
     device: Device,
+    /// Rank 0 of a tensor-parallel group: whether the group can still serve.
+    group: Option<std::sync::Arc<crate::tp::GroupHealth>>,
 }
 
 impl Pipeline {
@@ -235,8 +237,11 @@ impl Pipeline {
         let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
         let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
         let shard = ck.load_vlm_tp(dir, parts, comm.clone())?;
+        let mut group = None;
         let model: Box<dyn VisionLanguageModel> = if leader && comm.world_size() > 1 {
-            Box::new(crate::tp::TpLeader::new(shard, comm))
+            let l = crate::tp::TpLeader::new(shard, comm);
+            group = Some(l.health());
+            Box::new(l)
         } else {
             shard
         };
@@ -250,7 +255,14 @@ impl Pipeline {
             tensors_read,
             bytes_read: ck.weights.bytes_read() as usize,
             device: opts.device,
+            group,
         })
+    }
+
+    /// Rank 0 of a tensor-parallel group: the group's health (a caller that learns a
+    /// rank is gone breaks it).
+    pub fn group(&self) -> Option<&std::sync::Arc<crate::tp::GroupHealth>> {
+        self.group.as_ref()
     }
 
     /// Positions the language model has (prompt plus output).

@@ -255,8 +255,40 @@ impl Msg {
 #[derive(Debug)]
 pub struct TpLeader {
     inner: Arc<dyn VisionLanguageModel>,
-    lm: TpLeaderLm,
+    lm: Arc<TpLeaderLm>,
 }
+
+/// Whether a group can still serve. It breaks once, for good: a collective failed, a
+/// rank was found gone between steps (the leader looks every [`CHECK_EVERY`]), or the
+/// caller saw a rank leave (its etcd registration expired). A broken group refuses
+/// every call at once (UNAVAILABLE) instead of waiting on a rank that will not come.
+#[derive(Debug, Default)]
+pub struct GroupHealth {
+    broken: Mutex<Option<String>>,
+}
+
+impl GroupHealth {
+    /// Why the group broke, if it did.
+    pub fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .map_or(Some("poisoned".into()), |b| b.clone())
+    }
+
+    /// Breaks the group (the first reason stays).
+    pub fn fail(&self, why: impl Into<String>) {
+        if let Ok(mut b) = self.broken.lock() {
+            if b.is_none() {
+                let why = why.into();
+                tracing::error!("the tensor-parallel group broke: {why}");
+                *b = Some(why);
+            }
+        }
+    }
+}
+
+/// How often an idle leader looks whether its ranks are still there.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug)]
 struct TpLeaderLm {
@@ -267,25 +299,53 @@ struct TpLeaderLm {
     order: Mutex<()>,
     /// Ids of dropped caches, for the next step's message.
     drops: Mutex<std::sync::mpsc::Receiver<u64>>,
+    health: Arc<GroupHealth>,
 }
 
 impl TpLeader {
     /// `inner` is rank 0's model (loaded with `comm`).
     pub fn new(inner: Box<dyn VisionLanguageModel>, comm: Arc<dyn Communicator>) -> TpLeader {
         let inner: Arc<dyn VisionLanguageModel> = Arc::from(inner);
-        TpLeader {
-            lm: TpLeaderLm {
-                inner: inner.clone(),
-                comm,
-                order: Mutex::new(()),
-                drops: Mutex::new(KvCache::drops()),
-            },
-            inner,
-        }
+        let lm = Arc::new(TpLeaderLm {
+            inner: inner.clone(),
+            comm,
+            order: Mutex::new(()),
+            drops: Mutex::new(KvCache::drops()),
+            health: Arc::new(GroupHealth::default()),
+        });
+        // Between calls, look whether the ranks are still there; ends with the leader.
+        let watched = Arc::downgrade(&lm);
+        let _ = std::thread::Builder::new()
+            .name("iris-tp-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(CHECK_EVERY);
+                let Some(lm) = watched.upgrade() else { return };
+                if lm.health.broken().is_some() {
+                    return;
+                }
+                // Not during a call: its collectives report a gone rank themselves.
+                let call = lm.order.try_lock();
+                if call.is_ok() {
+                    if let Err(e) = lm.comm.check() {
+                        lm.health.fail(e.to_string());
+                    }
+                }
+                drop(call);
+            });
+        TpLeader { lm, inner }
     }
 
-    /// Tells the other ranks to return from [`follow`] (also done when dropped).
+    /// The group's health (shared: a caller may break it too).
+    pub fn health(&self) -> Arc<GroupHealth> {
+        self.lm.health.clone()
+    }
+
+    /// Tells the other ranks to return from [`follow`] (also done when dropped; a
+    /// broken group has no one to tell).
     pub fn stop(&self) -> Result<()> {
+        if self.lm.health.broken().is_some() {
+            return Ok(());
+        }
         self.lm.announce(&Msg::Stop, || Ok(()))
     }
 }
@@ -309,11 +369,23 @@ impl TpLeaderLm {
             .order
             .lock()
             .map_err(|_| Error::Input("tensor-parallel leader poisoned".into()))?;
+        if let Some(why) = self.health.broken() {
+            return Err(Error::Unavailable(format!(
+                "the tensor-parallel group is broken: {why}"
+            )));
+        }
         let bytes = msg.encode()?;
-        self.comm
-            .broadcast_bytes(&bytes, 0)
-            .map_err(iris_models::Error::from)?;
-        f()
+        let sent = self.comm.broadcast_bytes(&bytes, 0);
+        if let Err(e) = &sent {
+            self.health.fail(e.to_string());
+        }
+        sent.map_err(iris_models::Error::from)?;
+        let out = f();
+        // A collective inside the call failed: the ranks are out of step for good.
+        if let Err(Error::Model(iris_models::Error::Comm(e))) = &out {
+            self.health.fail(e.to_string());
+        }
+        out
     }
 }
 
@@ -404,7 +476,7 @@ impl VisionLanguageModel for TpLeader {
     }
     fn language_model(&self) -> iris_models::Result<&dyn CausalLm> {
         self.inner.language_model()?;
-        Ok(&self.lm)
+        Ok(&*self.lm)
     }
     fn dtype(&self) -> DType {
         self.inner.dtype()

@@ -117,6 +117,20 @@ where
         args: A,
     }
     iris_tensor::keep_freed_memory();
+    // A rank of a local tensor-parallel group (`--tp N`): this binary, started by
+    // rank 0 (`iris tp-rank`, whichever binary rank 0 is).
+    if std::env::args().nth(1).as_deref() == Some("tp-rank") {
+        #[derive(clap::Parser)]
+        struct Rank {
+            #[arg(hide = true)]
+            _cmd: String,
+            #[command(flatten)]
+            args: tp_group::RankArgs,
+        }
+        let r = <Rank as clap::Parser>::parse();
+        init_logging();
+        return exit(tp_group::rank(r.args));
+    }
     let cli = <Cli<A> as clap::Parser>::parse();
     exit(run_role(f(cli.args)))
 }

@@ -24,6 +24,7 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 
+use crate::tp_group::{Formed, GroupArgs};
 use crate::StartError;
 use iris_cluster::{EtcdAccess, EtcdRegistry, Member, Registry, View};
 use iris_server::auth::Keys;
@@ -150,18 +151,30 @@ impl ModelArgs {
 
     /// The generation models' `parts` (retrieval models are served by the gateway
     /// itself, not the tiers).
-    fn pipelines(&self, parts: Parts) -> Result<HashMap<String, Arc<Pipeline>>, StartError> {
-        let opts = PipelineOptions {
+    fn options(&self) -> PipelineOptions {
+        PipelineOptions {
             dtype: self.dtype,
             limits: self.limits(),
             device: self.device,
-        };
-        let mut out = HashMap::new();
+        }
+    }
+
+    /// The models that generate (those the tiers serve).
+    fn generative(&self) -> Result<Vec<&ModelArg>, StartError> {
+        let mut out = Vec::new();
         for m in &self.models {
             let family = Family::of_dir(&m.dir).map_err(|e| StartError::load(&m.dir, e))?;
-            if family.task() == Task::Retrieval {
-                continue;
+            if family.task() != Task::Retrieval {
+                out.push(m);
             }
+        }
+        Ok(out)
+    }
+
+    fn pipelines(&self, parts: Parts) -> Result<HashMap<String, Arc<Pipeline>>, StartError> {
+        let opts = self.options();
+        let mut out = HashMap::new();
+        for m in self.generative()? {
             let p = if self.tp > 1 && parts.language {
                 let (p, group) = crate::tp_group::LocalGroup::start(&m.dir, &opts, parts, self.tp)
                     .map_err(|e| {
@@ -174,17 +187,64 @@ impl ModelArgs {
                 Pipeline::load_parts(&m.dir, &opts, parts)
                     .map_err(|e| StartError::load(&m.dir, e))?
             };
-            tracing::info!(
-                model = %m.id,
-                ?parts,
-                tensors = p.tensors_read().len(),
-                mib = p.bytes_read() >> 20,
-                "loaded"
-            );
+            log_loaded(&m.id, parts, &p);
             out.insert(m.id.clone(), Arc::new(p));
         }
         Ok(out)
     }
+
+    /// Rank `rank` of each model's decoder group (`--rank`): forms the group through
+    /// etcd or the static addresses, then loads this rank's shard.
+    async fn group_pipelines(
+        &self,
+        listen: &Listen,
+        sec: &Security,
+        g: &GroupArgs,
+        rank: usize,
+    ) -> Result<Vec<(String, Pipeline, Formed)>, StartError> {
+        let models = self.generative()?;
+        if listen.etcd.is_empty() && models.len() > 1 {
+            return Err(StartError::Invalid(
+                "--tp-addrs forms one group: serve one model, or meet through --etcd".into(),
+            ));
+        }
+        let ttl = Duration::from_secs(listen.lease_ttl_s.max(1));
+        let mut out = Vec::new();
+        for m in models {
+            let formed = crate::tp_group::form(
+                listen.registry(sec),
+                &listen.cluster,
+                &m.id,
+                g,
+                rank,
+                self.tp,
+                ttl,
+            )
+            .await
+            .map_err(|e| {
+                StartError::load(&m.dir, iris_engine::Error::Unavailable(format!("{e:#}")))
+            })?;
+            let (dir, opts, comm) = (m.dir.clone(), self.options(), formed.comm.clone());
+            let p = tokio::task::spawn_blocking(move || {
+                Pipeline::load_tp(&dir, &opts, Parts::LANGUAGE, comm)
+            })
+            .await?
+            .map_err(|e| StartError::load(&m.dir, e))?;
+            log_loaded(&m.id, Parts::LANGUAGE, &p);
+            out.push((m.id.clone(), p, formed));
+        }
+        Ok(out)
+    }
+}
+
+fn log_loaded(id: &str, parts: Parts, p: &Pipeline) {
+    tracing::info!(
+        model = %id,
+        ?parts,
+        tensors = p.tensors_read().len(),
+        mib = p.bytes_read() >> 20,
+        "loaded"
+    );
 }
 
 #[derive(Args, Debug, Clone)]
@@ -742,6 +802,8 @@ pub struct DecoderRole {
     pub listen: Listen,
     #[command(flatten)]
     pub decoder: DecoderArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1081,10 +1143,35 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
 
 pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     let sec = a.listen.security()?;
+    if let Some(rank) = a.group.rank.filter(|&r| r > 0) {
+        return follow_group(&a, &sec, rank).await;
+    }
     a.listen.warn_if_open(&sec, None);
     let metrics = Arc::new(Metrics::new());
-    let m = a.models.clone();
-    let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
+    // Rank 0 of a group started rank by rank: the group, then the member. The engines'
+    // first call (their KV arena) reaches every rank, so the member registers below
+    // only once the whole group is up.
+    let (pipelines, _groups) = if a.group.rank == Some(0) {
+        let ttl = Duration::from_secs(a.listen.lease_ttl_s.max(1));
+        let mut pipelines = HashMap::new();
+        let mut groups = Vec::new();
+        for (id, p, formed) in a
+            .models
+            .group_pipelines(&a.listen, &sec, &a.group, 0)
+            .await?
+        {
+            if let (Some(reg), Some(health)) = (a.listen.registry(&sec), p.group()) {
+                crate::tp_group::watch_ranks(reg, &formed, health.clone(), ttl);
+            }
+            pipelines.insert(id, Arc::new(p));
+            groups.push(formed);
+        }
+        (pipelines, groups)
+    } else {
+        let m = a.models.clone();
+        let p = tokio::task::spawn_blocking(move || m.pipelines(Parts::LANGUAGE)).await??;
+        (p, Vec::new())
+    };
     let engines = a.decoder.engines(&pipelines)?;
     let limit = a.models.message_limit(&pipelines, Tier::Decoder);
     let d = Arc::new(LocalDecoder::new(engines.clone(), metrics.clone()));
@@ -1104,6 +1191,31 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
     });
     let http = openai::metrics_router(metrics.clone(), sec.cluster.clone(), a.listen.open_metrics);
     run(&a.listen, router, http, me, metrics, &sec).await
+}
+
+/// A rank above 0 of a decoder group: forms each model's group, loads its shard and
+/// follows rank 0 until rank 0 stops (returns) or is gone (an error: the process
+/// exits with a failure, and its supervisor restarts it into a new group).
+async fn follow_group(a: &DecoderRole, sec: &Security, rank: usize) -> Result<(), StartError> {
+    let device = a.models.device;
+    let mut ranks = Vec::new();
+    for (id, p, formed) in a
+        .models
+        .group_pipelines(&a.listen, sec, &a.group, rank)
+        .await?
+    {
+        ranks.push(tokio::task::spawn_blocking(move || {
+            let r = iris_engine::tp::follow(&*p.model, &*formed.comm, device);
+            drop(formed);
+            r.map_err(|e| StartError::Invalid(format!("rank {rank} of {id}'s group: {e}")))
+        }));
+    }
+    tracing::info!(rank, "following rank 0");
+    for r in ranks {
+        r.await??;
+    }
+    tracing::info!(rank, "rank 0 stopped the group");
+    Ok(())
 }
 
 pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {

@@ -123,3 +123,367 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
     iris_engine::tp::follow(&*pipe.model, &*comm, device)?;
     Ok(())
 }
+
+// ------------------------------------------------------------------ cluster groups
+
+/// A decoder group of separately started processes (`iris-decoder --tp N --rank R`),
+/// one per rank, on one host or several.
+#[derive(Args, Debug, Clone)]
+pub struct GroupArgs {
+    /// This process is rank R of a group of `--tp` ranks started separately (one
+    /// process per rank, on any hosts): rank 0 serves and registers the group as one
+    /// decoder member, the others follow it. Without it, `--tp N` starts ranks 1..N
+    /// here as child processes.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// The group's name: its ranks meet in etcd under
+    /// `/iris/<cluster>/groups/<model>/<group>/`.
+    #[arg(long = "group", default_value = "0")]
+    pub group: String,
+    /// Every rank's collective address in rank order, comma-separated: the group
+    /// meets there over TCP without etcd (one model).
+    #[arg(long = "tp-addrs", value_delimiter = ',')]
+    pub tp_addrs: Vec<String>,
+    /// Where this rank's collectives listen (with etcd; port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub tp_listen: std::net::SocketAddr,
+    /// The address the other ranks reach this one's collectives at (default: the
+    /// bound one; `host:port`, a name is resolved when they connect).
+    #[arg(long)]
+    pub tp_advertise: Option<String>,
+    /// How the ranks exchange: `shm` (shared memory, one host), `tcp`, or `auto`
+    /// (shared memory when every rank reports this host, else TCP).
+    #[arg(long, default_value = "auto")]
+    pub tp_transport: String,
+}
+
+/// What a rank registers under `/groups/<model>/<group>/ranks/<rank>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RankEntry {
+    rank: usize,
+    world: usize,
+    /// Its collectives' TCP address.
+    addr: String,
+    /// Which host (and filesystem) it runs on: the hostname and the boot id.
+    host: String,
+    /// This process's registration (a restarted rank has another).
+    nonce: u64,
+}
+
+/// What rank 0 publishes under `/groups/<model>/<group>/rendezvous` once every rank
+/// is registered: how the group meets, and which registration of each rank is in it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Rendezvous {
+    token: u64,
+    transport: String,
+    /// The shared-memory file (`shm`).
+    shm: Option<String>,
+    ranks: Vec<RankEntry>,
+}
+
+/// A rank's place in a formed group: its communicator and the etcd registrations that
+/// live as long as it serves.
+pub struct Formed {
+    pub comm: Arc<iris_comm::cpu::CpuComm>,
+    /// The group's key prefix and its ranks' registrations (for [`watch_ranks`]).
+    pub prefix: Option<String>,
+    ranks: Vec<RankEntry>,
+    _leases: Vec<iris_cluster::Lease>,
+}
+
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// The hostname and boot id: processes that report the same one share a kernel and a
+/// filesystem (two pods on one node have different hostnames).
+fn host_id() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}/{}",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
+}
+
+/// A stable 64-bit digest (FNV-1a) of `s`: the static group's connection token.
+fn digest(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Forms rank `rank` of `world` of the group `g` for `model`: through etcd (`reg`)
+/// when given, else at the static `--tp-addrs`. Returns once the communicator joins
+/// every rank.
+pub async fn form(
+    reg: Option<Arc<dyn iris_cluster::Registry>>,
+    cluster: &str,
+    model: &str,
+    g: &GroupArgs,
+    rank: usize,
+    world: usize,
+    ttl: std::time::Duration,
+) -> anyhow::Result<Formed> {
+    use anyhow::{bail, Context};
+    if rank >= world {
+        bail!("--rank {rank} is not below --tp {world}");
+    }
+    if !["auto", "shm", "tcp"].contains(&g.tp_transport.as_str()) {
+        bail!(
+            "--tp-transport {}: expected auto, shm or tcp",
+            g.tp_transport
+        );
+    }
+    let Some(reg) = reg else {
+        if g.tp_addrs.len() != world {
+            bail!(
+                "rank {rank} of {world}: give --etcd, or --tp-addrs with {world} addresses \
+                 (got {})",
+                g.tp_addrs.len()
+            );
+        }
+        if g.tp_transport == "shm" {
+            bail!("--tp-addrs forms a TCP group; shared memory needs --etcd or a local --tp");
+        }
+        let addrs = g.tp_addrs.clone();
+        let token = digest(&format!("{model}/{}", g.group));
+        let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let at = &addrs[rank];
+            let listener =
+                std::net::TcpListener::bind(at).with_context(|| format!("binding {at}"))?;
+            Ok(iris_comm::cpu::Tcp::join_bound(
+                listener, &addrs, rank, token,
+            )?)
+        })
+        .await??;
+        return Ok(Formed {
+            comm: Arc::new(iris_comm::cpu::CpuComm::new(comm)),
+            prefix: None,
+            ranks: Vec::new(),
+            _leases: Vec::new(),
+        });
+    };
+    let prefix = iris_cluster::group_prefix(cluster, model, &g.group);
+    let listener = std::net::TcpListener::bind(g.tp_listen)
+        .with_context(|| format!("binding {}", g.tp_listen))?;
+    let me = RankEntry {
+        rank,
+        world,
+        addr: match &g.tp_advertise {
+            Some(a) => a.clone(),
+            None => listener.local_addr()?.to_string(),
+        },
+        host: host_id(),
+        nonce: nonce(),
+    };
+    let mut leases = vec![
+        reg.register(
+            format!("{prefix}ranks/{rank}"),
+            serde_json::to_vec(&me)?,
+            ttl,
+        )
+        .await?,
+    ];
+    tracing::info!(model, group = %g.group, rank, world, addr = %me.addr, "waiting for the group");
+    let rv = if rank == 0 {
+        let ranks = wait_for_ranks(&*reg, &prefix, &me, world).await?;
+        let same_host = ranks.iter().all(|r| r.host == me.host);
+        let transport = match g.tp_transport.as_str() {
+            "auto" if same_host => "shm",
+            "auto" => "tcp",
+            "shm" if !same_host => bail!("--tp-transport shm: the ranks are on different hosts"),
+            t => t,
+        };
+        let token = nonce();
+        let rv = Rendezvous {
+            token,
+            transport: transport.into(),
+            shm: (transport == "shm").then(|| {
+                std::env::temp_dir()
+                    .join(format!("iris-group-{token:016x}"))
+                    .display()
+                    .to_string()
+            }),
+            ranks,
+        };
+        leases.push(
+            reg.register(format!("{prefix}rendezvous"), serde_json::to_vec(&rv)?, ttl)
+                .await?,
+        );
+        rv
+    } else {
+        wait_for_rendezvous(&*reg, &prefix, &me).await?
+    };
+    tracing::info!(model, group = %g.group, rank, transport = %rv.transport, "joining the group");
+    let joined = rv.clone();
+    let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        Ok(match joined.shm.as_deref() {
+            Some(path) => iris_comm::cpu::CpuComm::join("shm", path, rank, world)?,
+            None => {
+                let addrs: Vec<String> = joined.ranks.iter().map(|r| r.addr.clone()).collect();
+                iris_comm::cpu::CpuComm::new(iris_comm::cpu::Tcp::join_bound(
+                    listener,
+                    &addrs,
+                    rank,
+                    joined.token,
+                )?)
+            }
+        })
+    })
+    .await??;
+    Ok(Formed {
+        comm: Arc::new(comm),
+        prefix: Some(prefix),
+        ranks: rv.ranks,
+        _leases: leases,
+    })
+}
+
+/// Rank 0: waits until ranks 0..`world` are registered, each for a group of `world`
+/// (this registration as rank 0); returns them in rank order.
+async fn wait_for_ranks(
+    reg: &dyn iris_cluster::Registry,
+    prefix: &str,
+    me: &RankEntry,
+    world: usize,
+) -> anyhow::Result<Vec<RankEntry>> {
+    let mut events = reg.watch(format!("{prefix}ranks/"));
+    let mut seen: std::collections::BTreeMap<String, RankEntry> = Default::default();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            iris_cluster::WatchEvent::Snapshot(kvs) => {
+                seen.clear();
+                for (k, v) in kvs {
+                    if let Ok(e) = serde_json::from_slice(&v) {
+                        seen.insert(k, e);
+                    }
+                }
+            }
+            iris_cluster::WatchEvent::Put(k, v) => {
+                if let Ok(e) = serde_json::from_slice(&v) {
+                    seen.insert(k, e);
+                }
+            }
+            iris_cluster::WatchEvent::Delete(k) => {
+                seen.remove(&k);
+            }
+        }
+        let ranks: Vec<Option<&RankEntry>> = (0..world)
+            .map(|r| seen.values().find(|e| e.rank == r && e.world == world))
+            .collect();
+        if let Some(other) = seen.values().find(|e| e.world != world) {
+            tracing::warn!(
+                rank = other.rank,
+                world = other.world,
+                "a rank registered for another group size"
+            );
+        }
+        if ranks[0].is_some_and(|r| r.nonce == me.nonce) && ranks.iter().all(Option::is_some) {
+            return Ok(ranks.into_iter().flatten().cloned().collect());
+        }
+    }
+    anyhow::bail!("the etcd watch ended before the group formed")
+}
+
+/// Ranks above 0: waits for rank 0's rendezvous that includes this registration.
+async fn wait_for_rendezvous(
+    reg: &dyn iris_cluster::Registry,
+    prefix: &str,
+    me: &RankEntry,
+) -> anyhow::Result<Rendezvous> {
+    let key = format!("{prefix}rendezvous");
+    let mut events = reg.watch(key.clone());
+    while let Some(ev) = events.recv().await {
+        let value = match ev {
+            iris_cluster::WatchEvent::Snapshot(kvs) => {
+                kvs.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+            }
+            iris_cluster::WatchEvent::Put(k, v) if k == key => Some(v),
+            _ => None,
+        };
+        let Some(rv) = value.and_then(|v| serde_json::from_slice::<Rendezvous>(&v).ok()) else {
+            continue;
+        };
+        if rv.ranks.get(me.rank).is_some_and(|r| r.nonce == me.nonce) {
+            return Ok(rv);
+        }
+    }
+    anyhow::bail!("the etcd watch ended before the group formed")
+}
+
+/// Rank 0 of an etcd group: breaks the group (`health`) when a rank of it leaves etcd
+/// — its registration replaced (the rank restarted) at once, or missing for two lease
+/// TTLs (its lease expired: the process is gone or cut off). Ends when the group breaks
+/// or the registry is dropped.
+pub fn watch_ranks(
+    reg: Arc<dyn iris_cluster::Registry>,
+    formed: &Formed,
+    health: Arc<iris_engine::tp::GroupHealth>,
+    ttl: std::time::Duration,
+) {
+    let Some(prefix) = formed.prefix.clone() else {
+        return;
+    };
+    let ranks = formed.ranks.clone();
+    tokio::spawn(async move {
+        let mut events = reg.watch(format!("{prefix}ranks/"));
+        let mut seen: std::collections::BTreeMap<String, RankEntry> = Default::default();
+        let mut missing_since: Vec<Option<std::time::Instant>> = vec![None; ranks.len()];
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(iris_cluster::WatchEvent::Snapshot(kvs)) => {
+                        seen = kvs
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?)))
+                            .collect();
+                    }
+                    Some(iris_cluster::WatchEvent::Put(k, v)) => {
+                        if let Ok(e) = serde_json::from_slice(&v) {
+                            seen.insert(k, e);
+                        }
+                    }
+                    Some(iris_cluster::WatchEvent::Delete(k)) => {
+                        seen.remove(&k);
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {}
+            }
+            if health.broken().is_some() {
+                return;
+            }
+            for (r, want) in ranks.iter().enumerate() {
+                let now = seen.values().find(|e| e.rank == r);
+                match now {
+                    Some(e) if e.nonce == want.nonce => missing_since[r] = None,
+                    Some(_) => {
+                        health.fail(format!("rank {r} restarted (a new registration in etcd)"));
+                        return;
+                    }
+                    None => {
+                        let since = *missing_since[r].get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > 2 * ttl {
+                            health.fail(format!("rank {r}'s etcd registration expired"));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}

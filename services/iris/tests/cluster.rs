@@ -588,3 +588,254 @@ fn the_model_registry_is_applied_and_shown_with_the_members() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("models file"));
 }
+
+/// A rank process, killed (and reaped) when dropped.
+struct RankProc(std::process::Child);
+
+impl Drop for RankProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A rank above 0 of decoder group `group` (it prints nothing: it only follows).
+fn rank_process(e: Option<&Etcd>, group: &str, rank: usize, extra: &[&str]) -> RankProc {
+    let m = model_arg();
+    let r = rank.to_string();
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_iris-decoder"));
+    c.args(["--model", &m, "--tp", "2", "--rank", &r, "--group", group]);
+    if let Some(e) = e {
+        c.args([
+            "--etcd",
+            &e.server.endpoint(),
+            "--cluster",
+            "test",
+            "--lease-ttl-s",
+            TTL,
+        ]);
+    }
+    RankProc(
+        c.args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The ranks of `group` registered in etcd.
+fn group_ranks(e: &Etcd, group: &str) -> usize {
+    let reg = EtcdRegistry::new(&[e.server.endpoint()]);
+    let prefix = iris_cluster::group_prefix("test", MODEL, group) + "ranks/";
+    rt().block_on(reg.get_prefix(prefix)).unwrap().len()
+}
+
+/// Sends `reqs` at once; kills `victim` after `after`.
+fn streams_with_a_kill(
+    gateway: &str,
+    reqs: &[iris_proto::v1::GenerateRequest],
+    after: Duration,
+    victim: &mut RankProc,
+) -> Vec<Result<(Vec<u32>, String), tonic::Status>> {
+    rt().block_on(async {
+        let tasks: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (addr, r) = (gateway.to_string(), r.clone());
+                tokio::spawn(async move { stream_all(&addr, r).await })
+            })
+            .collect();
+        tokio::time::sleep(after).await;
+        victim.0.kill().unwrap();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+#[test]
+fn a_killed_rank_breaks_its_group_and_another_group_finishes_its_streams() {
+    let e = etcd();
+    let _a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let dec = env!("CARGO_BIN_EXE_iris-decoder");
+    let slow = ["--test-step-delay-ms", "15"];
+    // Group a (TCP): rank 0 first. It waits for rank 1 and registers nothing meanwhile.
+    let a0 = {
+        let ep = e.server.endpoint();
+        std::thread::spawn(move || {
+            let m = model_arg();
+            spawn(
+                dec,
+                &[
+                    "--model",
+                    &m,
+                    "--etcd",
+                    &ep,
+                    "--cluster",
+                    "test",
+                    "--lease-ttl-s",
+                    TTL,
+                    "--tp",
+                    "2",
+                    "--rank",
+                    "0",
+                    "--group",
+                    "a",
+                    "--tp-transport",
+                    "tcp",
+                    "--test-step-delay-ms",
+                    "15",
+                ],
+            )
+        })
+    };
+    eventually(Duration::from_secs(20), "rank 0 of a in etcd", || {
+        group_ranks(&e, "a") == 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        registered(&e, "decoder").is_empty(),
+        "a group of one rank out of two registered as a decoder"
+    );
+    let mut a1 = rank_process(Some(&e), "a", 1, &["--tp-transport", "tcp"]);
+    let a0 = a0.join().unwrap();
+    // Group b: the ranks find they share a host and meet over shared memory.
+    let mut b1 = rank_process(Some(&e), "b", 1, &slow);
+    let b0 = member(
+        dec,
+        &e,
+        &[&["--tp", "2", "--rank", "0", "--group", "b"][..], &slow].concat(),
+    );
+    let g = member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &[]);
+    eventually(
+        Duration::from_secs(20),
+        "two groups, two decoder members",
+        || {
+            let mut d = registered(&e, "decoder");
+            d.sort();
+            let mut want = vec![a0.grpc.clone(), b0.grpc.clone()];
+            want.sort();
+            d == want && group_ranks(&e, "a") == 2 && group_ranks(&e, "b") == 2
+        },
+    );
+    let reqs: Vec<_> = (0..6u64)
+        .map(|i| {
+            let mut r = request(PROMPT, vec![image("scene.png")], 60);
+            if i % 2 == 1 {
+                r.sampling = Some(sampled(i));
+            }
+            r
+        })
+        .collect();
+    let rt = rt();
+    let want: Vec<_> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in &reqs {
+            out.push(stream_all(&g.grpc, r.clone()).await.unwrap());
+        }
+        out
+    });
+    let count = |p: &Proc| metric(&p.http, "iris_decoder_requests_total");
+    let (a_before, b_before) = (count(&a0), count(&b0));
+    // Mid-stream (60 tokens at 15 ms a step take ~1 s): kill -9 rank 1 of group a.
+    let got = streams_with_a_kill(&g.grpc, &reqs, Duration::from_millis(400), &mut a1);
+    let (on_a, on_b) = (count(&a0) - a_before, count(&b0) - b_before);
+    println!(
+        "rank 1 of group a killed mid-stream: group a had taken {on_a} of 6 streams, group b \
+         ran {on_b} ({} moved)",
+        on_a + on_b - 6.0
+    );
+    for (i, (g, w)) in got.into_iter().zip(&want).enumerate() {
+        let g = g.unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        assert_eq!(&g, w, "stream {i} differs from the run without failure");
+    }
+    assert!(on_a + on_b > 6.0, "no stream was on the broken group");
+    // The broken group leaves the membership; its rank 0 stays up, refusing work.
+    let took = eventually(Duration::from_secs(10), "group a deregistered", || {
+        registered(&e, "decoder") == vec![b0.grpc.clone()]
+    });
+    println!("the broken group left the membership {took:?} after the streams ended");
+    let mut a0 = a0;
+    assert!(
+        a0.child.try_wait().unwrap().is_none(),
+        "rank 0 of the broken group exited"
+    );
+    // A rank of group b dies while the group is idle: rank 0 finds it gone between
+    // steps and the group leaves too; with no decoder left a request is UNAVAILABLE.
+    b1.0.kill().unwrap();
+    let took = eventually(Duration::from_secs(10), "group b deregistered", || {
+        registered(&e, "decoder").is_empty()
+    });
+    println!("an idle group whose rank 1 was killed left the membership in {took:?}");
+    let r = rt.block_on(stream_all(&g.grpc, reqs[0].clone()));
+    assert_eq!(r.expect_err("no decoder is left").code(), Code::Unavailable);
+}
+
+#[test]
+fn a_group_meets_at_static_addresses_without_etcd() {
+    let m = model_arg();
+    let enc = spawn(env!("CARGO_BIN_EXE_iris-encoder"), &["--model", &m]);
+    let con = spawn(env!("CARGO_BIN_EXE_iris-connector"), &["--model", &m]);
+    let one = spawn(env!("CARGO_BIN_EXE_iris-decoder"), &["--model", &m]);
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let addrs = format!("{},{}", free(), free());
+    let _r1 = rank_process(None, "s", 1, &["--tp-addrs", &addrs]);
+    let r0 = spawn(
+        env!("CARGO_BIN_EXE_iris-decoder"),
+        &[
+            "--model",
+            &m,
+            "--tp",
+            "2",
+            "--rank",
+            "0",
+            "--group",
+            "s",
+            "--tp-addrs",
+            &addrs,
+        ],
+    );
+    let gateway = |d: &Proc| {
+        spawn(
+            env!("CARGO_BIN_EXE_iris-gateway"),
+            &[
+                "--model",
+                &m,
+                "--encoder",
+                &enc.grpc,
+                "--connector",
+                &con.grpc,
+                "--decoder",
+                &d.grpc,
+            ],
+        )
+    };
+    let (g1, g2) = (gateway(&one), gateway(&r0));
+    let rt = rt();
+    for seed in [0u64, 7] {
+        let mut r = request(PROMPT, vec![image("scene.png")], 12);
+        if seed > 0 {
+            r.sampling = Some(sampled(seed));
+        }
+        let (want, got) = rt.block_on(async {
+            (
+                stream_all(&g1.grpc, r.clone()).await.unwrap(),
+                stream_all(&g2.grpc, r).await.unwrap(),
+            )
+        });
+        assert_eq!(
+            got, want,
+            "the group of two at --tp-addrs differs from one rank"
+        );
+    }
+}
