@@ -211,16 +211,14 @@ impl ModelArgs {
         let ttl = Duration::from_secs(listen.lease_ttl_s.max(1));
         let mut out = Vec::new();
         for m in models {
-            let formed = crate::tp_group::form(
-                listen.registry(sec),
-                &listen.cluster,
-                &m.id,
-                g,
-                rank,
-                self.tp,
+            let at = crate::tp_group::Place {
+                reg: listen.registry(sec),
+                cluster: &listen.cluster,
                 ttl,
-            )
-            .await
+                device: self.device,
+            };
+            let formed = crate::tp_group::form(at, &m.id, g, rank, self.tp)
+                .await
             .map_err(|e| {
                 StartError::load(&m.dir, iris_engine::Error::Unavailable(format!("{e:#}")))
             })?;

@@ -151,8 +151,10 @@ pub struct GroupArgs {
     /// bound one; `host:port`, a name is resolved when they connect).
     #[arg(long)]
     pub tp_advertise: Option<String>,
-    /// How the ranks exchange: `shm` (shared memory, one host), `tcp`, or `auto`
-    /// (shared memory when every rank reports this host, else TCP).
+    /// How the ranks exchange: `shm` (shared memory, one host), `tcp`, `nccl` (GPU
+    /// ranks, a CUDA build; rank 0 publishes the NCCL unique id through etcd), or
+    /// `auto` (NCCL on GPUs, else shared memory when every rank reports this host,
+    /// else TCP).
     #[arg(long, default_value = "auto")]
     pub tp_transport: String,
 }
@@ -178,13 +180,16 @@ struct Rendezvous {
     transport: String,
     /// The shared-memory file (`shm`).
     shm: Option<String>,
+    /// NCCL's unique id, hex (`nccl`).
+    #[serde(default)]
+    nccl: Option<String>,
     ranks: Vec<RankEntry>,
 }
 
 /// A rank's place in a formed group: its communicator and the etcd registrations that
 /// live as long as it serves.
 pub struct Formed {
-    pub comm: Arc<iris_comm::cpu::CpuComm>,
+    pub comm: Arc<dyn iris_comm::Communicator>,
     /// The group's key prefix and its ranks' registrations (for [`watch_ranks`]).
     pub prefix: Option<String>,
     ranks: Vec<RankEntry>,
@@ -225,27 +230,40 @@ fn digest(s: &str) -> u64 {
     })
 }
 
-/// Forms rank `rank` of `world` of the group `g` for `model`: through etcd (`reg`)
-/// when given, else at the static `--tp-addrs`. Returns once the communicator joins
-/// every rank.
+/// Where a group's ranks are and how long their registrations last.
+pub struct Place<'a> {
+    pub reg: Option<Arc<dyn iris_cluster::Registry>>,
+    pub cluster: &'a str,
+    pub ttl: std::time::Duration,
+    pub device: Device,
+}
+
+/// Forms rank `rank` of `world` of the group `g` for `model`: through etcd when
+/// given, else at the static `--tp-addrs`. Returns once the communicator joins every
+/// rank.
 pub async fn form(
-    reg: Option<Arc<dyn iris_cluster::Registry>>,
-    cluster: &str,
+    at: Place<'_>,
     model: &str,
     g: &GroupArgs,
     rank: usize,
     world: usize,
-    ttl: std::time::Duration,
 ) -> anyhow::Result<Formed> {
     use anyhow::{bail, Context};
+    let Place {
+        reg,
+        cluster,
+        ttl,
+        device,
+    } = at;
     if rank >= world {
         bail!("--rank {rank} is not below --tp {world}");
     }
-    if !["auto", "shm", "tcp"].contains(&g.tp_transport.as_str()) {
-        bail!(
-            "--tp-transport {}: expected auto, shm or tcp",
-            g.tp_transport
-        );
+    if !["auto", "shm", "tcp", "nccl"].contains(&g.tp_transport.as_str()) {
+        bail!("--tp-transport {}: expected auto, shm, tcp or nccl", g.tp_transport);
+    }
+    let gpu = matches!(device, Device::Cuda(_));
+    if g.tp_transport == "nccl" && !(gpu && cfg!(feature = "cuda")) {
+        bail!("--tp-transport nccl: the ranks need --device cuda and a CUDA build");
     }
     let Some(reg) = reg else {
         if g.tp_addrs.len() != world {
@@ -255,8 +273,11 @@ pub async fn form(
                 g.tp_addrs.len()
             );
         }
-        if g.tp_transport == "shm" {
-            bail!("--tp-addrs forms a TCP group; shared memory needs --etcd or a local --tp");
+        if g.tp_transport == "shm" || g.tp_transport == "nccl" {
+            bail!(
+                "--tp-addrs forms a TCP group; {} needs --etcd (or a local --tp)",
+                g.tp_transport
+            );
         }
         let addrs = g.tp_addrs.clone();
         let token = digest(&format!("{model}/{}", g.group));
@@ -302,6 +323,7 @@ pub async fn form(
         let ranks = wait_for_ranks(&*reg, &prefix, &me, world).await?;
         let same_host = ranks.iter().all(|r| r.host == me.host);
         let transport = match g.tp_transport.as_str() {
+            "auto" if gpu && cfg!(feature = "cuda") => "nccl",
             "auto" if same_host => "shm",
             "auto" => "tcp",
             "shm" if !same_host => bail!("--tp-transport shm: the ranks are on different hosts"),
@@ -317,6 +339,11 @@ pub async fn form(
                     .display()
                     .to_string()
             }),
+            nccl: if transport == "nccl" {
+                Some(nccl_id()?)
+            } else {
+                None
+            },
             ranks,
         };
         leases.push(
@@ -329,8 +356,11 @@ pub async fn form(
     };
     tracing::info!(model, group = %g.group, rank, transport = %rv.transport, "joining the group");
     let joined = rv.clone();
-    let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        Ok(match joined.shm.as_deref() {
+    let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<dyn iris_comm::Communicator>> {
+        if let Some(id) = &joined.nccl {
+            return nccl_join(device, rank, world, id);
+        }
+        Ok(Arc::new(match joined.shm.as_deref() {
             Some(path) => iris_comm::cpu::CpuComm::join("shm", path, rank, world)?,
             None => {
                 let addrs: Vec<String> = joined.ranks.iter().map(|r| r.addr.clone()).collect();
@@ -341,15 +371,49 @@ pub async fn form(
                     joined.token,
                 )?)
             }
-        })
+        }))
     })
     .await??;
     Ok(Formed {
-        comm: Arc::new(comm),
+        comm,
         prefix: Some(prefix),
         ranks: rv.ranks,
         _leases: leases,
     })
+}
+
+/// A new NCCL unique id, hex (rank 0 of a GPU group).
+fn nccl_id() -> anyhow::Result<String> {
+    #[cfg(feature = "cuda")]
+    {
+        let id = iris_comm::nccl::unique_id()?;
+        Ok(id.iter().map(|b| format!("{b:02x}")).collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("NCCL needs a CUDA build")
+}
+
+/// Joins the NCCL group of the hex unique id `id` on `device`.
+fn nccl_join(
+    device: Device,
+    rank: usize,
+    world: usize,
+    id: &str,
+) -> anyhow::Result<Arc<dyn iris_comm::Communicator>> {
+    #[cfg(feature = "cuda")]
+    {
+        let bytes = (0..id.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(id.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|e| anyhow::anyhow!("the rendezvous's NCCL id: {e}"))?;
+        Ok(Arc::new(iris_comm::nccl::Nccl::join(device, rank, world, &bytes)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, rank, world, id);
+        anyhow::bail!("the group runs on NCCL: this build has no CUDA")
+    }
 }
 
 /// Rank 0: waits until ranks 0..`world` are registered, each for a group of `world`
