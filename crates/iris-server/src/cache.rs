@@ -84,10 +84,33 @@ impl VisualCache {
     }
 
     pub fn key(model_digest: &[u8; 32], image: &[u8]) -> Key {
+        VisualCache::key_of(model_digest, blake3::hash(image).as_bytes())
+    }
+
+    /// The key of an image whose BLAKE3 is `image_hash` under `digest`.
+    pub fn key_of(digest: &[u8; 32], image_hash: &Key) -> Key {
         let mut h = blake3::Hasher::new();
-        h.update(model_digest);
-        h.update(blake3::hash(image).as_bytes());
+        h.update(digest);
+        h.update(image_hash);
         *h.finalize().as_bytes()
+    }
+
+    /// What is held under `key`, if it is ready (a hit, made the most recently used).
+    pub fn get(&self, key: &Key) -> Option<Arc<Tensor>> {
+        let mut g = self.inner.lock().expect("cache lock");
+        g.tick += 1;
+        let now = g.tick;
+        let inner = &mut *g;
+        match inner.entries.get_mut(key) {
+            Some(Entry::Ready { tokens, tick, .. }) => {
+                inner.by_use.remove(tick);
+                *tick = now;
+                inner.by_use.insert(now, *key);
+                self.metrics.cache_hits.inc();
+                Some(tokens.clone())
+            }
+            _ => None,
+        }
     }
 
     /// The visual tokens under `key`, from the cache or from `compute` (run once for

@@ -187,6 +187,55 @@ pub fn model_digest(dir: &Path) -> std::io::Result<[u8; 32]> {
     Ok(*h.finalize().as_bytes())
 }
 
+/// BLAKE3 of what a vision tower's features depend on: the tensors it read from the
+/// checkpoint (`tensors`, by name and f32 value, so a bf16 and an f32 copy of one tower
+/// agree), the compute dtype, the image processor's config and the vision settings of
+/// `config.json` (`vision_config`, `vision_feature_*`). Two models with the same
+/// tower share its encodes in the cluster-wide cache.
+pub fn tower_digest(
+    dir: &Path,
+    tensors: &[String],
+    dtype: Option<iris_tensor::DType>,
+) -> Result<[u8; 32], ServeError> {
+    let bad = |e: String| ServeError::internal(format!("{}: {e}", dir.display()));
+    let w = iris_models::weights::Weights::open(dir, iris_tensor::DType::F32)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut h = blake3::Hasher::new();
+    let mut names = tensors.to_vec();
+    names.sort();
+    names.dedup();
+    for n in &names {
+        let shape = w.shape(n).ok_or_else(|| bad(format!("no tensor {n}")))?;
+        let t = w.get(n, &shape).map_err(|e| bad(e.to_string()))?;
+        h.update(n.as_bytes());
+        h.update(&(shape.len() as u64).to_le_bytes());
+        shape.iter().for_each(|d| {
+            h.update(&(*d as u64).to_le_bytes());
+        });
+        h.update(&t.to_le_bytes().map_err(|e| bad(e.to_string()))?);
+    }
+    h.update(format!("dtype={dtype:?}").as_bytes());
+    for f in ["preprocessor_config.json", "processor_config.json"] {
+        if let Ok(b) = std::fs::read(dir.join(f)) {
+            h.update(f.as_bytes());
+            h.update(&b);
+        }
+    }
+    let config: serde_json::Value = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some(o) = config.as_object() {
+        for (k, v) in o {
+            if k == "vision_config" || k.starts_with("vision_feature") {
+                h.update(k.as_bytes());
+                h.update(v.to_string().as_bytes());
+            }
+        }
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
 /// The model's chat template (`chat_template.json`, `chat_template.jinja` or
 /// `tokenizer_config.json`), else a plain one in the model family's prompt format.
 fn chat_template(dir: &Path, style: PromptStyle) -> String {
@@ -456,13 +505,22 @@ impl Gateway {
         image: &[u8],
         deadline: Instant,
     ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), ServeError> {
-        let key = VisualCache::key(&model.digest, image);
+        let image_key = *blake3::hash(image).as_bytes();
+        let key = VisualCache::key_of(&model.digest, &image_key);
         let (vision, connector) = (self.vision.clone(), self.connector.clone());
         let (id, bytes) = (model.id.clone(), image.to_vec());
+        // This gateway's cache first, then the cluster's: the key's owner among the
+        // connectors, then the image's owner among the encoders (which keeps the
+        // features for every model on its tower). In one process both are this cache.
         self.cache
             .get_or_compute(key, async move {
-                let features = vision.encode(&id, bytes, deadline).await?;
-                connector.project(&id, features, deadline).await
+                match connector.cached(&id, key, deadline).await {
+                    Ok(Some(tokens)) => return Ok(tokens),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!("the connectors' cache did not answer: {e}"),
+                }
+                let features = vision.encode_keyed(&id, bytes, image_key, deadline).await?;
+                connector.project_keyed(&id, features, key, deadline).await
             })
             .await
     }

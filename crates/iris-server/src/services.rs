@@ -43,6 +43,17 @@ fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
 /// Tier calls without a deadline of their own get this long.
 const TIER_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// A cache key from the wire: absent (empty) or 32 bytes.
+fn key(b: &[u8]) -> Result<Option<crate::cache::Key>, Status> {
+    match b.len() {
+        0 => Ok(None),
+        32 => Ok(Some(b.try_into().expect("32 bytes"))),
+        n => Err(Status::invalid_argument(format!(
+            "a cache key is 32 bytes, not {n}"
+        ))),
+    }
+}
+
 pub struct VisionService(pub Arc<dyn VisionTier>);
 
 #[tonic::async_trait]
@@ -53,7 +64,10 @@ impl VisionEncoder for VisionService {
     ) -> Result<Response<pb::EncodeResponse>, Status> {
         let d = deadline(&req, TIER_TIMEOUT);
         let r = req.into_inner();
-        let features = self.0.encode(&r.model, r.image, d).await?;
+        let features = match key(&r.image_key)? {
+            Some(k) => self.0.encode_keyed(&r.model, r.image, k, d).await?,
+            None => self.0.encode(&r.model, r.image, d).await?,
+        };
         Ok(Response::new(pb::EncodeResponse {
             features: Some(wire::tensor_to_wire_compact(&features)?),
         }))
@@ -70,12 +84,22 @@ impl Connector for ConnectorService {
     ) -> Result<Response<pb::ProjectResponse>, Status> {
         let d = deadline(&req, TIER_TIMEOUT);
         let r = req.into_inner();
-        let features = wire::tensor_from_wire(
-            r.features
-                .as_ref()
-                .ok_or_else(|| Status::invalid_argument("no features"))?,
-        )?;
-        let tokens = self.0.project(&r.model, features, d).await?;
+        let key = key(&r.key)?;
+        let Some(features) = r.features.as_ref() else {
+            // A lookup in the cluster-wide cache: the tokens, or none.
+            let k = key.ok_or_else(|| Status::invalid_argument("no features"))?;
+            let tokens = self.0.cached(&r.model, k, d).await?;
+            return Ok(Response::new(pb::ProjectResponse {
+                visual_tokens: tokens
+                    .map(|t| wire::tensor_to_wire_compact(&t))
+                    .transpose()?,
+            }));
+        };
+        let features = wire::tensor_from_wire(features)?;
+        let tokens = match key {
+            Some(k) => self.0.project_keyed(&r.model, features, k, d).await?,
+            None => self.0.project(&r.model, features, d).await?,
+        };
         Ok(Response::new(pb::ProjectResponse {
             visual_tokens: Some(wire::tensor_to_wire_compact(&tokens)?),
         }))

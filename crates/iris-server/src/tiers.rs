@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::cache::{Key, VisualCache};
 use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::wire::{self, MAX_MESSAGE_BYTES};
@@ -34,6 +35,19 @@ pub trait VisionTier: Send + Sync {
         image: Vec<u8>,
         deadline: Instant,
     ) -> Result<Tensor, ServeError>;
+
+    /// `encode` as part of the cluster-wide cache: `image_key` is BLAKE3 of `image`. A
+    /// caching member keeps the features under it (with its tower's digest); a remote
+    /// tier sends the call to the key's owner among its members.
+    async fn encode_keyed(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        _image_key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.encode(model, image, deadline).await
+    }
 }
 
 /// Vision features to visual tokens.
@@ -45,6 +59,27 @@ pub trait ConnectorTier: Send + Sync {
         features: Tensor,
         deadline: Instant,
     ) -> Result<Tensor, ServeError>;
+
+    /// The visual tokens held under `key` (the cluster-wide cache), if any.
+    async fn cached(
+        &self,
+        _model: &str,
+        _key: Key,
+        _deadline: Instant,
+    ) -> Result<Option<Tensor>, ServeError> {
+        Ok(None)
+    }
+
+    /// `project`, keeping the tokens under `key` (the cluster-wide cache).
+    async fn project_keyed(
+        &self,
+        model: &str,
+        features: Tensor,
+        _key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.project(model, features, deadline).await
+    }
 }
 
 /// Prompt ids and visual tokens to a stream of tokens. Dropping the stream cancels the
@@ -401,6 +436,126 @@ impl ConnectorTier for LocalConnector {
     }
 }
 
+/// A vision member's share of the cluster-wide cache: the features of the images it
+/// owns, keyed by the image's content and the tower's digest (so models on one tower
+/// share them), bounded by bytes, least recently used out first, one encode for all
+/// concurrent callers of a key.
+pub struct CachingVision {
+    inner: Arc<dyn VisionTier>,
+    cache: VisualCache,
+    /// Each model's vision-tower digest ([`crate::gateway::tower_digest`]).
+    towers: HashMap<String, [u8; 32]>,
+}
+
+impl CachingVision {
+    pub fn new(
+        inner: Arc<dyn VisionTier>,
+        towers: HashMap<String, [u8; 32]>,
+        capacity_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> CachingVision {
+        CachingVision {
+            inner,
+            cache: VisualCache::new(capacity_bytes, metrics),
+            towers,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VisionTier for CachingVision {
+    async fn encode(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.inner.encode(model, image, deadline).await
+    }
+
+    async fn encode_keyed(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        image_key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        let tower = model_of(&self.towers, model)?;
+        // The key says which image; the bytes are what is encoded, so they must agree.
+        if *blake3::hash(&image).as_bytes() != image_key {
+            return Err(ServeError::bad_input("image_key is not the image's BLAKE3"));
+        }
+        let key = VisualCache::key_of(tower, &image_key);
+        let (inner, model) = (self.inner.clone(), model.to_string());
+        let (features, _) = self
+            .cache
+            .get_or_compute(
+                key,
+                async move { inner.encode(&model, image, deadline).await },
+            )
+            .await?;
+        Ok((*features).clone())
+    }
+}
+
+/// A connector member's share of the cluster-wide cache: the visual tokens of the
+/// keys it owns (the gateway's keys: image and model digest).
+pub struct CachingConnector {
+    inner: Arc<dyn ConnectorTier>,
+    cache: VisualCache,
+}
+
+impl CachingConnector {
+    pub fn new(
+        inner: Arc<dyn ConnectorTier>,
+        capacity_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> CachingConnector {
+        CachingConnector {
+            inner,
+            cache: VisualCache::new(capacity_bytes, metrics),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectorTier for CachingConnector {
+    async fn project(
+        &self,
+        model: &str,
+        features: Tensor,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.inner.project(model, features, deadline).await
+    }
+
+    async fn cached(
+        &self,
+        _model: &str,
+        key: Key,
+        _deadline: Instant,
+    ) -> Result<Option<Tensor>, ServeError> {
+        Ok(self.cache.get(&key).map(|t| (*t).clone()))
+    }
+
+    async fn project_keyed(
+        &self,
+        model: &str,
+        features: Tensor,
+        key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        let (inner, model) = (self.inner.clone(), model.to_string());
+        let (tokens, _) = self
+            .cache
+            .get_or_compute(key, async move {
+                inner.project(&model, features, deadline).await
+            })
+            .await?;
+        Ok((*tokens).clone())
+    }
+}
+
 /// The decoder tier in process: one engine per model.
 pub struct LocalDecoder {
     engines: HashMap<String, Arc<Engine>>,
@@ -578,21 +733,46 @@ impl<C: Clone> Replicas<C> {
         }
     }
 
-    fn pick(&self, tried: &[String]) -> Option<(C, Outstanding<C>)> {
+    fn pick(&self, tried: &[String], key: Option<&Key>) -> Option<(C, Outstanding<C>)> {
         let members = self.members.read().expect("replicas lock");
         let n = members.len();
-        let start = self.turn.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
-        // Members that were unreachable a moment ago go last.
-        let m = (0..n)
-            .map(|i| &members[(start + i) % n.max(1)])
-            .filter(|m| !tried.contains(&m.addr))
-            .min_by_key(|m| {
-                let down = m.down_until.load(Ordering::Relaxed) > now;
-                let mine = m.outstanding.load(Ordering::Relaxed) as u64;
-                (down, mine.max(m.reported.load(Ordering::Relaxed)))
-            })?
-            .clone();
+        let load = |m: &Member<C>| {
+            let mine = m.outstanding.load(Ordering::Relaxed) as u64;
+            mine.max(m.reported.load(Ordering::Relaxed))
+        };
+        let down = |m: &Member<C>| m.down_until.load(Ordering::Relaxed) > now;
+        let m = match key {
+            // Least loaded, ties in turn; members that were unreachable a moment ago
+            // go last.
+            None => {
+                let start = self.turn.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &members[(start + i) % n.max(1)])
+                    .filter(|m| !tried.contains(&m.addr))
+                    .min_by_key(|m| (down(m), load(m)))?
+                    .clone()
+            }
+            // The key's owner: rendezvous hashing over the members (every gateway
+            // with the same membership picks the same one; a member joining or leaving
+            // moves only its own keys), with bounded load — an owner above 1.25× the
+            // mean load (plus one) hands the key to the next in its order.
+            Some(key) => {
+                let mut order: Vec<&Arc<Member<C>>> = members
+                    .iter()
+                    .filter(|m| !tried.contains(&m.addr))
+                    .collect();
+                order.sort_by_key(|m| std::cmp::Reverse(owner_score(key, &m.addr)));
+                let total: u64 = members.iter().map(|m| load(m)).sum();
+                let bound = (5 * (total + 1)).div_ceil(4 * n.max(1) as u64);
+                order
+                    .iter()
+                    .find(|m| !down(m) && load(m) <= bound)
+                    .or_else(|| order.iter().find(|m| !down(m)))
+                    .or(order.first())
+                    .map(|m| (*m).clone())?
+            }
+        };
         m.outstanding.fetch_add(1, Ordering::Relaxed);
         Some((m.client.clone(), Outstanding(m)))
     }
@@ -601,14 +781,28 @@ impl<C: Clone> Replicas<C> {
     /// answer is UNAVAILABLE, UNKNOWN or CANCELLED (the member is down, going away, or
     /// its connection broke) or RESOURCE_EXHAUSTED (another may have room). When every
     /// member is full the answer is RESOURCE_EXHAUSTED.
-    async fn call<T, F, Fut>(&self, tier: &str, mut f: F) -> Result<T, Status>
+    async fn call<T, F, Fut>(&self, tier: &str, f: F) -> Result<T, Status>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.call_for(tier, None, f).await
+    }
+
+    /// `call`, first at `key`'s owner when a key is given (then its next members).
+    async fn call_for<T, F, Fut>(
+        &self,
+        tier: &str,
+        key: Option<&Key>,
+        mut f: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut tried = Vec::new();
         let (mut last, mut full) = (None, None);
-        while let Some((client, guard)) = self.pick(&tried) {
+        while let Some((client, guard)) = self.pick(&tried, key) {
             tried.push(guard.0.addr.clone());
             match f(client).await {
                 Err(s)
@@ -636,6 +830,15 @@ impl<C: Clone> Replicas<C> {
             None => Status::unavailable(format!("no {tier} member is available")),
         }))
     }
+}
+
+/// A member's rendezvous-hashing score for `key`: the highest scoring member owns it.
+fn owner_score(key: &Key, addr: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(key);
+    h.update(addr.as_bytes());
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 impl<C> Replicas<C> {
@@ -672,20 +875,21 @@ pub struct RemoteVision(pub Replicas<VisionEncoderClient<Channel>>);
 pub struct RemoteConnector(pub Replicas<ConnectorClient<Channel>>);
 pub struct RemoteDecoder(pub Replicas<DecoderClient<Channel>>);
 
-#[async_trait::async_trait]
-impl VisionTier for RemoteVision {
-    async fn encode(
+impl RemoteVision {
+    async fn encode_at(
         &self,
         model: &str,
         image: Vec<u8>,
+        image_key: Option<Key>,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
         let features = self
             .0
-            .call("vision", |mut c| {
+            .call_for("vision", image_key.as_ref(), |mut c| {
                 let msg = pb::EncodeRequest {
                     model: model.to_string(),
                     image: image.clone(),
+                    image_key: image_key.map(|k| k.to_vec()).unwrap_or_default(),
                 };
                 let req = self.0.request(msg, deadline);
                 async move { Ok(c.encode(req?).await?.into_inner()) }
@@ -699,6 +903,66 @@ impl VisionTier for RemoteVision {
 }
 
 #[async_trait::async_trait]
+impl VisionTier for RemoteVision {
+    async fn encode(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.encode_at(model, image, None, deadline).await
+    }
+
+    async fn encode_keyed(
+        &self,
+        model: &str,
+        image: Vec<u8>,
+        image_key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.encode_at(model, image, Some(image_key), deadline)
+            .await
+    }
+}
+
+impl RemoteConnector {
+    /// A Project call (at `key`'s owner when keyed); `features` absent: a lookup.
+    async fn project_at(
+        &self,
+        model: &str,
+        features: Option<Tensor>,
+        key: Option<Key>,
+        deadline: Instant,
+    ) -> Result<Option<Tensor>, ServeError> {
+        let features = features.as_ref().map(wire::tensor_to_wire).transpose()?;
+        let tokens = self
+            .0
+            .call_for("connector", key.as_ref(), |mut c| {
+                let msg = pb::ProjectRequest {
+                    model: model.to_string(),
+                    features: features.clone(),
+                    key: key.map(|k| k.to_vec()).unwrap_or_default(),
+                };
+                let req = self.0.request(msg, deadline);
+                async move { Ok(c.project(req?).await?.into_inner()) }
+            })
+            .await?
+            .visual_tokens;
+        tokens
+            .map(|t| {
+                wire::tensor_from_wire(&t).map_err(|e| {
+                    ServeError::internal(format!("the connector's visual tokens: {e}"))
+                })
+            })
+            .transpose()
+    }
+}
+
+fn no_tokens() -> ServeError {
+    ServeError::internal("the connector returned no visual tokens")
+}
+
+#[async_trait::async_trait]
 impl ConnectorTier for RemoteConnector {
     async fn project(
         &self,
@@ -706,22 +970,30 @@ impl ConnectorTier for RemoteConnector {
         features: Tensor,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        let features = wire::tensor_to_wire(&features)?;
-        let tokens = self
-            .0
-            .call("connector", |mut c| {
-                let msg = pb::ProjectRequest {
-                    model: model.to_string(),
-                    features: Some(features.clone()),
-                };
-                let req = self.0.request(msg, deadline);
-                async move { Ok(c.project(req?).await?.into_inner()) }
-            })
+        self.project_at(model, Some(features), None, deadline)
             .await?
-            .visual_tokens
-            .ok_or_else(|| ServeError::internal("the connector returned no visual tokens"))?;
-        wire::tensor_from_wire(&tokens)
-            .map_err(|e| ServeError::internal(format!("the connector's visual tokens: {e}")))
+            .ok_or_else(no_tokens)
+    }
+
+    async fn cached(
+        &self,
+        model: &str,
+        key: Key,
+        deadline: Instant,
+    ) -> Result<Option<Tensor>, ServeError> {
+        self.project_at(model, None, Some(key), deadline).await
+    }
+
+    async fn project_keyed(
+        &self,
+        model: &str,
+        features: Tensor,
+        key: Key,
+        deadline: Instant,
+    ) -> Result<Tensor, ServeError> {
+        self.project_at(model, Some(features), Some(key), deadline)
+            .await?
+            .ok_or_else(no_tokens)
     }
 }
 

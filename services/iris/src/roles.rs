@@ -36,8 +36,9 @@ use iris_server::services::{
     limited, ConnectorService, DecoderService, GatewayService, VisionService,
 };
 use iris_server::tiers::{
-    connector_client, decoder_client, vision_client, BatchConfig, LocalConnector, LocalDecoder,
-    LocalVision, RemoteConnector, RemoteDecoder, RemoteVision, Replicas, TierAccess,
+    connector_client, decoder_client, vision_client, BatchConfig, CachingConnector, CachingVision,
+    LocalConnector, LocalDecoder, LocalVision, RemoteConnector, RemoteDecoder, RemoteVision,
+    Replicas, TierAccess,
 };
 use std::convert::Infallible;
 use tonic::codegen::{http, Service};
@@ -219,9 +220,9 @@ impl ModelArgs {
             };
             let formed = crate::tp_group::form(at, &m.id, g, rank, self.tp)
                 .await
-            .map_err(|e| {
-                StartError::load(&m.dir, iris_engine::Error::Unavailable(format!("{e:#}")))
-            })?;
+                .map_err(|e| {
+                    StartError::load(&m.dir, iris_engine::Error::Unavailable(format!("{e:#}")))
+                })?;
             let (dir, opts, comm) = (m.dir.clone(), self.options(), formed.comm.clone());
             let p = tokio::task::spawn_blocking(move || {
                 Pipeline::load_tp(&dir, &opts, Parts::LANGUAGE, comm)
@@ -230,6 +231,23 @@ impl ModelArgs {
             .map_err(|e| StartError::load(&m.dir, e))?;
             log_loaded(&m.id, Parts::LANGUAGE, &p);
             out.push((m.id.clone(), p, formed));
+        }
+        Ok(out)
+    }
+}
+
+impl ModelArgs {
+    /// Each model's vision-tower digest (the cluster-wide cache's feature keys).
+    fn tower_digests(
+        &self,
+        pipelines: &HashMap<String, Arc<Pipeline>>,
+    ) -> Result<HashMap<String, [u8; 32]>, StartError> {
+        let mut out = HashMap::new();
+        for m in &self.models {
+            if let Some(p) = pipelines.get(&m.id) {
+                let d = iris_server::gateway::tower_digest(&m.dir, p.tensors_read(), self.dtype)?;
+                out.insert(m.id.clone(), d);
+            }
         }
         Ok(out)
     }
@@ -247,6 +265,10 @@ fn log_loaded(id: &str, parts: Parts, p: &Pipeline) {
 
 #[derive(Args, Debug, Clone)]
 pub struct EncoderArgs {
+    /// Bytes of vision features this encoder keeps for the images it owns in the
+    /// cluster-wide cache (least recently used out first; 0: none kept).
+    #[arg(long, value_parser = parse_bytes, default_value = "1GiB")]
+    pub feature_cache_bytes: usize,
     /// Most images encoded in one batch.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -790,6 +812,10 @@ pub struct ConnectorRole {
     pub models: ModelArgs,
     #[command(flatten)]
     pub listen: Listen,
+    /// Bytes of visual tokens this connector keeps for the keys it owns in the
+    /// cluster-wide cache (least recently used out first; 0: none kept).
+    #[arg(long, value_parser = parse_bytes, default_value = "1GiB")]
+    pub token_cache_bytes: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1110,9 +1136,19 @@ pub async fn encoder(a: EncoderRole) -> Result<(), StartError> {
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::VISION)).await??;
     let limit = a.models.message_limit(&pipelines, Tier::Encoder);
-    let vision = Arc::new(LocalVision::start(
+    let towers = {
+        let (m, p) = (a.models.clone(), pipelines.clone());
+        tokio::task::spawn_blocking(move || m.tower_digests(&p)).await??
+    };
+    let local: Arc<dyn iris_server::tiers::VisionTier> = Arc::new(LocalVision::start(
         pipelines,
         a.encoder.batch(),
+        metrics.clone(),
+    ));
+    let vision = Arc::new(CachingVision::new(
+        local,
+        towers,
+        a.encoder.feature_cache_bytes,
         metrics.clone(),
     ));
     let service = limited(VisionEncoderServer::new(VisionService(vision)), limit);
@@ -1131,7 +1167,11 @@ pub async fn connector(a: ConnectorRole) -> Result<(), StartError> {
     let m = a.models.clone();
     let pipelines = tokio::task::spawn_blocking(move || m.pipelines(Parts::CONNECTOR)).await??;
     let limit = a.models.message_limit(&pipelines, Tier::Connector);
-    let c = Arc::new(LocalConnector::new(pipelines, metrics.clone()));
+    let c = Arc::new(CachingConnector::new(
+        Arc::new(LocalConnector::new(pipelines, metrics.clone())),
+        a.token_cache_bytes,
+        metrics.clone(),
+    ));
     let service = limited(ConnectorServer::new(ConnectorService(c)), limit);
     let router = guarded_grpc(&a.listen, service, &sec.cluster, CONNECTOR)?;
     let me = Registration::new("connector", model_ids(&a.models));

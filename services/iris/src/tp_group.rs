@@ -259,7 +259,10 @@ pub async fn form(
         bail!("--rank {rank} is not below --tp {world}");
     }
     if !["auto", "shm", "tcp", "nccl"].contains(&g.tp_transport.as_str()) {
-        bail!("--tp-transport {}: expected auto, shm, tcp or nccl", g.tp_transport);
+        bail!(
+            "--tp-transport {}: expected auto, shm, tcp or nccl",
+            g.tp_transport
+        );
     }
     let gpu = matches!(device, Device::Cuda(_));
     if g.tp_transport == "nccl" && !(gpu && cfg!(feature = "cuda")) {
@@ -356,23 +359,25 @@ pub async fn form(
     };
     tracing::info!(model, group = %g.group, rank, transport = %rv.transport, "joining the group");
     let joined = rv.clone();
-    let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<dyn iris_comm::Communicator>> {
-        if let Some(id) = &joined.nccl {
-            return nccl_join(device, rank, world, id);
-        }
-        Ok(Arc::new(match joined.shm.as_deref() {
-            Some(path) => iris_comm::cpu::CpuComm::join("shm", path, rank, world)?,
-            None => {
-                let addrs: Vec<String> = joined.ranks.iter().map(|r| r.addr.clone()).collect();
-                iris_comm::cpu::CpuComm::new(iris_comm::cpu::Tcp::join_bound(
-                    listener,
-                    &addrs,
-                    rank,
-                    joined.token,
-                )?)
+    let comm = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<Arc<dyn iris_comm::Communicator>> {
+            if let Some(id) = &joined.nccl {
+                return nccl_join(device, rank, world, id);
             }
-        }))
-    })
+            Ok(Arc::new(match joined.shm.as_deref() {
+                Some(path) => iris_comm::cpu::CpuComm::join("shm", path, rank, world)?,
+                None => {
+                    let addrs: Vec<String> = joined.ranks.iter().map(|r| r.addr.clone()).collect();
+                    iris_comm::cpu::CpuComm::new(iris_comm::cpu::Tcp::join_bound(
+                        listener,
+                        &addrs,
+                        rank,
+                        joined.token,
+                    )?)
+                }
+            }))
+        },
+    )
     .await??;
     Ok(Formed {
         comm,
@@ -407,7 +412,9 @@ fn nccl_join(
             .map(|i| u8::from_str_radix(id.get(i..i + 2).unwrap_or("zz"), 16))
             .collect::<Result<Vec<u8>, _>>()
             .map_err(|e| anyhow::anyhow!("the rendezvous's NCCL id: {e}"))?;
-        Ok(Arc::new(iris_comm::nccl::Nccl::join(device, rank, world, &bytes)?))
+        Ok(Arc::new(iris_comm::nccl::Nccl::join(
+            device, rank, world, &bytes,
+        )?))
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -839,3 +839,128 @@ fn a_group_meets_at_static_addresses_without_etcd() {
         );
     }
 }
+
+/// A copy of the fixture whose configuration differs by one unused key: another model
+/// (another digest: its own visual-token keys) on the same vision tower.
+fn model_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = fixtures().join(MODEL);
+    let dst = dir.join("llava-copy");
+    std::fs::create_dir(&dst).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    let cfg = dst.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["iris_test_copy"] = serde_json::json!(true);
+    std::fs::write(&cfg, serde_json::to_vec(&v).unwrap()).unwrap();
+    dst
+}
+
+#[test]
+fn the_visual_cache_is_one_for_the_cluster() {
+    let e = etcd();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = model_copy(tmp.path());
+    let copy_arg = format!("llava-copy={}", copy.display());
+    let models = ["--model", &copy_arg];
+    let enc = env!("CARGO_BIN_EXE_iris-encoder");
+    let (mut e1, e2) = (member(enc, &e, &models), member(enc, &e, &models));
+    let c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &models);
+    let dec = env!("CARGO_BIN_EXE_iris-decoder");
+    let (_d1, _d2) = (member(dec, &e, &models), member(dec, &e, &models));
+    // The gateways keep nothing themselves: every image goes to the cluster's cache.
+    let no_l1 = [&models[..], &["--visual-cache-bytes", "0"]].concat();
+    let gw = env!("CARGO_BIN_EXE_iris-gateway");
+    let (ga, gb) = (member(gw, &e, &no_l1), member(gw, &e, &no_l1));
+    eventually(Duration::from_secs(20), "the members registered", || {
+        registered(&e, "encoder").len() == 2
+            && registered(&e, "decoder").len() == 2
+            && registered(&e, "connector").len() == 1
+    });
+    let encodes = || {
+        metric(&e1.http, "iris_encoder_requests_total")
+            + metric(&e2.http, "iris_encoder_requests_total")
+    };
+    let projections = || metric(&c.http, "iris_connector_requests_total");
+    let rt = rt();
+    let run = |gateway: &str, model: &str, img: Vec<u8>| {
+        let mut r = request(PROMPT, vec![img], 4);
+        r.model = model.into();
+        rt.block_on(stream_all(gateway, r)).unwrap()
+    };
+    // 1. An image through gateway A, then B: one encode, one projection, same tokens;
+    //    then for the other model on the same tower: its features are reused.
+    let x = variant(250);
+    let via_a = run(&ga.grpc, MODEL, x.clone());
+    let via_b = run(&gb.grpc, MODEL, x.clone());
+    assert_eq!(via_a, via_b);
+    assert_eq!((encodes(), projections()), (1.0, 1.0));
+    let other = run(&ga.grpc, "llava-copy", x);
+    assert_eq!(other, via_a, "the copy has the same weights");
+    assert_eq!(
+        (encodes(), projections()),
+        (1.0, 2.0),
+        "the tower's features were shared"
+    );
+    // 2. 32 concurrent requests for one new image, half through each gateway: one encode.
+    let y = variant(251);
+    let outs: Vec<_> = rt.block_on(async {
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let addr = if i % 2 == 0 {
+                    ga.grpc.clone()
+                } else {
+                    gb.grpc.clone()
+                };
+                let r = request(PROMPT, vec![y.clone()], 4);
+                tokio::spawn(async move { stream_all(&addr, r).await.unwrap() })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    assert!(outs.iter().all(|o| *o == outs[0]));
+    assert_eq!(
+        (encodes(), projections()),
+        (2.0, 3.0),
+        "32 requests for one image"
+    );
+    // 3. 200 images (one at a time: every key at its owner), then one encoder stops: the
+    //    same images for the other model (new token keys, same tower) re-encode only the
+    //    stopped encoder's share.
+    let before = (
+        metric(&e1.http, "iris_encoder_requests_total"),
+        metric(&e2.http, "iris_encoder_requests_total"),
+    );
+    for k in 0..200u8 {
+        run(&ga.grpc, MODEL, variant(k));
+    }
+    let owned = (
+        metric(&e1.http, "iris_encoder_requests_total") - before.0,
+        metric(&e2.http, "iris_encoder_requests_total") - before.1,
+    );
+    println!(
+        "200 images: encoder 1 owned {}, encoder 2 {}",
+        owned.0, owned.1
+    );
+    assert_eq!(owned.0 + owned.1, 200.0);
+    assert!(owned.0 > 0.0 && owned.1 > 0.0, "{owned:?}");
+    terminate(&mut e1);
+    eventually(Duration::from_secs(10), "encoder 1 left", || {
+        registered(&e, "encoder").len() == 1
+    });
+    let e2_before = metric(&e2.http, "iris_encoder_requests_total");
+    for k in 0..200u8 {
+        run(&gb.grpc, "llava-copy", variant(k));
+    }
+    let moved = metric(&e2.http, "iris_encoder_requests_total") - e2_before;
+    println!(
+        "encoder 1 stopped: {moved} of 200 images re-encoded (it owned {})",
+        owned.0
+    );
+    assert_eq!(moved, owned.0, "only the stopped encoder's keys moved");
+}

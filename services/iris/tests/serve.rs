@@ -944,6 +944,7 @@ fn untrusted_tensors_are_refused_with_invalid_argument() {
             let req = pb::ProjectRequest {
                 model: MODEL.into(),
                 features: Some(features),
+                ..Default::default()
             };
             let e = p.project(req).await.unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{e}");
