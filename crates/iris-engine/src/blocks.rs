@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
 
 pub type BlockId = u32;
 
@@ -30,6 +31,119 @@ pub fn block_hash(parent: Option<u64>, contents: &[TokenKey]) -> u64 {
     parent.hash(&mut h);
     contents.hash(&mut h);
     h.finish()
+}
+
+/// The hash chain of a prompt's first `blocks` full blocks of `block_size` tokens: it
+/// starts from the images' content hashes ([`crate::engine::visual_hash`] of their
+/// visual tokens), so a block is shared only between sequences with the same images
+/// and the same tokens up to and including it. The engine keys its prefix cache by it;
+/// a gateway computes the same chain to route a request to the decoder holding the
+/// longest prefix of it.
+pub fn chain_hashes(
+    image_hashes: &[[u8; 32]],
+    tokens: &[u32],
+    block_size: usize,
+    blocks: usize,
+) -> Vec<u64> {
+    let mut parent = Some(block_hash(
+        None,
+        &image_hashes
+            .iter()
+            .map(|h| TokenKey::Image { hash: *h, index: 0 })
+            .collect::<Vec<_>>(),
+    ));
+    let blocks = blocks.min(tokens.len() / block_size.max(1));
+    (0..blocks)
+        .map(|b| {
+            let keys: Vec<TokenKey> = tokens[b * block_size..(b + 1) * block_size]
+                .iter()
+                .map(|&t| TokenKey::Text(t))
+                .collect();
+            let h = block_hash(parent, &keys);
+            parent = Some(h);
+            h
+        })
+        .collect()
+}
+
+/// A change to the set of prefix blocks an engine holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixDelta {
+    /// Everything held now (a subscriber's first message, and after the engine
+    /// started over with a fresh pool).
+    Snapshot(Vec<u64>),
+    Changed {
+        stored: Vec<u64>,
+        removed: Vec<u64>,
+    },
+}
+
+/// The prefix-block hashes an engine holds (cached full blocks, referenced or not),
+/// for subscribers that route by them (the gateways' KV-aware routing): each gets a
+/// snapshot, then every change, as events — never a poll.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    block_size: usize,
+    inner: Mutex<PrefixInner>,
+}
+
+#[derive(Debug, Default)]
+struct PrefixInner {
+    held: std::collections::HashSet<u64>,
+    subscribers: Vec<tokio::sync::mpsc::UnboundedSender<PrefixDelta>>,
+}
+
+impl PrefixIndex {
+    pub fn new(block_size: usize) -> PrefixIndex {
+        PrefixIndex {
+            block_size,
+            inner: Mutex::new(PrefixInner::default()),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// A snapshot now, then every change, until the receiver is dropped.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<PrefixDelta> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut g = self.inner.lock().expect("prefix index lock");
+        let _ = tx.send(PrefixDelta::Snapshot(g.held.iter().copied().collect()));
+        g.subscribers.push(tx);
+        rx
+    }
+
+    fn publish(g: &mut PrefixInner, d: PrefixDelta) {
+        g.subscribers.retain(|s| s.send(d.clone()).is_ok());
+    }
+
+    pub(crate) fn apply(&self, stored: Vec<u64>, removed: Vec<u64>) {
+        if stored.is_empty() && removed.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().expect("prefix index lock");
+        removed.iter().for_each(|h| {
+            g.held.remove(h);
+        });
+        g.held.extend(stored.iter().copied());
+        PrefixIndex::publish(&mut g, PrefixDelta::Changed { stored, removed });
+    }
+
+    pub(crate) fn reset(&self) {
+        let mut g = self.inner.lock().expect("prefix index lock");
+        g.held.clear();
+        PrefixIndex::publish(&mut g, PrefixDelta::Snapshot(Vec::new()));
+    }
+
+    /// Whether `hash` is held now.
+    pub fn holds(&self, hash: u64) -> bool {
+        self.inner
+            .lock()
+            .expect("prefix index lock")
+            .held
+            .contains(&hash)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +170,8 @@ pub struct BlockPool {
     pub misses: u64,
     /// Hashes whose cached block `allocate` evicted since the last `take_evicted`.
     evicted: Vec<u64>,
+    /// Hashes newly cached since the last `take_stored`.
+    stored: Vec<u64>,
 }
 
 impl BlockPool {
@@ -72,7 +188,13 @@ impl BlockPool {
             hits: 0,
             misses: 0,
             evicted: Vec::new(),
+            stored: Vec::new(),
         }
+    }
+
+    /// The hashes newly cached since the last call.
+    pub fn take_stored(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.stored)
     }
 
     /// The hashes evicted since the last call (so their cached contents can be dropped).
@@ -175,6 +297,7 @@ impl BlockPool {
         if self.hash_of[id as usize].is_none() && !self.by_hash.contains_key(&hash) {
             self.by_hash.insert(hash, id);
             self.hash_of[id as usize] = Some(hash);
+            self.stored.push(hash);
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ use iris_tensor::kv::{KvArena, KvCache, KvDtype};
 use iris_tensor::Tensor;
 use tokio::sync::mpsc;
 
-use crate::blocks::{block_hash, BlockId, BlockPool, TokenKey};
+use crate::blocks::{BlockId, BlockPool, PrefixIndex};
 use crate::pipeline::{FinishReason, GenerateOptions, Generation, Pipeline};
 use crate::processor::PreparedPrompt;
 use crate::{Error, ErrorKind, Result};
@@ -367,6 +367,7 @@ pub struct Engine {
     budget: usize,
     /// False once the worker thread has ended for any reason but a clean stop.
     alive: Arc<AtomicBool>,
+    prefixes: Arc<PrefixIndex>,
 }
 
 /// Marks the engine dead if its thread ends by unwinding.
@@ -447,6 +448,7 @@ impl Engine {
                     pipeline,
                     budget: 0,
                     alive: Arc::new(AtomicBool::new(false)),
+                    prefixes: Arc::new(PrefixIndex::new(config.block_size)),
                 }
             }
         }
@@ -490,7 +492,9 @@ impl Engine {
             pipeline: pipeline.clone(),
             budget: config.kv_blocks * config.block_size,
             alive: alive.clone(),
+            prefixes: Arc::new(PrefixIndex::new(config.block_size)),
         };
+        let prefixes = engine.prefixes.clone();
         let mut streams = Vec::with_capacity(initial.len());
         for request in initial {
             streams.push(engine.submit(request)?);
@@ -499,7 +503,7 @@ impl Engine {
             .name("iris-engine".into())
             .spawn(move || {
                 let _guard = AliveGuard(alive);
-                Worker::new(pipeline, config, rx, stats, arena).run()
+                Worker::new(pipeline, config, rx, stats, arena, prefixes).run()
             })
             .map_err(|e| Error::Unavailable(format!("spawning the engine thread: {e}")))?;
         engine.thread = Some(thread);
@@ -547,6 +551,11 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         *self.stats.lock().expect("stats lock")
+    }
+
+    /// The prefix blocks this engine holds (a snapshot, then changes, to subscribers).
+    pub fn prefixes(&self) -> &Arc<PrefixIndex> {
+        &self.prefixes
     }
 
     /// Whether the engine can still serve: false once its thread died or its
@@ -663,6 +672,8 @@ struct Worker {
     next_id: u64,
     /// `config.panic_at_step` until it fired.
     planted_panic: Option<usize>,
+    /// The prefix blocks held, for subscribers.
+    prefixes: Arc<PrefixIndex>,
 }
 
 impl Worker {
@@ -672,6 +683,7 @@ impl Worker {
         rx: Receiver<(Submission, Prepared)>,
         stats: Arc<Mutex<EngineStats>>,
         arena: Arc<KvArena>,
+        prefixes: Arc<PrefixIndex>,
     ) -> Self {
         let lm = lm(&pipeline);
         let n_layers = lm.new_cache().n_layers();
@@ -689,6 +701,7 @@ impl Worker {
             closed: false,
             next_id: 0,
             planted_panic,
+            prefixes,
         }
     }
 
@@ -699,7 +712,9 @@ impl Worker {
         s.running = self.running.len();
         s.waiting = self.waiting.len();
         s.prefix_hits = self.pool.hits;
-        s.prefix_evictions += self.pool.take_evicted().len() as u64;
+        let removed = self.pool.take_evicted();
+        s.prefix_evictions += removed.len() as u64;
+        self.prefixes.apply(self.pool.take_stored(), removed);
     }
 
     fn run(mut self) {
@@ -817,6 +832,7 @@ impl Worker {
             }
         }
         self.pool = BlockPool::new(self.config.kv_blocks, self.config.block_size);
+        self.prefixes.reset();
         self.stat(|s| s.failed_steps += 1);
         tracing::warn!(failed, "the engine goes on with a fresh KV pool");
     }
@@ -852,25 +868,7 @@ impl Worker {
     /// the images' content hashes, so a block is shared only between sequences with the
     /// same images and the same tokens up to and including it.
     fn block_hashes(&self, seq: &Sequence, tokens: &[u32], blocks: usize) -> Vec<u64> {
-        let mut parent = Some(block_hash(
-            None,
-            &seq.image_hashes
-                .iter()
-                .map(|h| TokenKey::Image { hash: *h, index: 0 })
-                .collect::<Vec<_>>(),
-        ));
-        let bs = self.config.block_size;
-        (0..blocks)
-            .map(|b| {
-                let keys: Vec<TokenKey> = tokens[b * bs..(b + 1) * bs]
-                    .iter()
-                    .map(|&t| TokenKey::Text(t))
-                    .collect();
-                let h = block_hash(parent, &keys);
-                parent = Some(h);
-                h
-            })
-            .collect()
+        crate::blocks::chain_hashes(&seq.image_hashes, tokens, self.config.block_size, blocks)
     }
 
     /// Takes blocks for a sequence: cached prefix blocks go straight into its block

@@ -13,8 +13,8 @@ pub mod tp;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
 pub use engine::{
-    kv_block_bytes, kv_blocks_for_budget, kv_dtype, EncodedPrompt, Engine, EngineConfig,
-    EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
+    kv_block_bytes, kv_blocks_for_budget, kv_dtype, visual_hash, EncodedPrompt, Engine,
+    EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,
 };
 pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use iris_tensor::kv::KvDtype;

@@ -602,6 +602,7 @@ impl Gateway {
     ) -> Result<Generation, ServeError> {
         let (model, ids) = self.validate(&input)?;
         let mut visual = Vec::with_capacity(input.images.len());
+        let mut image_hashes = Vec::with_capacity(input.images.len());
         let mut cached_images = 0;
         // All images at once: misses go to the tiers concurrently.
         let lookups = futures::future::join_all(
@@ -614,6 +615,9 @@ impl Gateway {
         for r in lookups {
             let (tokens, lookup) = r?;
             cached_images += usize::from(lookup == Lookup::Hit);
+            // What the decoder keys its prefix cache by: routing finds the decoder
+            // holding the longest prefix with it.
+            image_hashes.push(iris_engine::visual_hash(&tokens)?.to_vec());
             visual.push(wire::tensor_to_wire_compact(&tokens)?);
         }
         let o = &input.options;
@@ -621,7 +625,7 @@ impl Gateway {
             model: model.id.clone(),
             prompt_token_ids: ids.clone(),
             visual_tokens: visual,
-            image_hashes: Vec::new(),
+            image_hashes,
             sampling: Some(wire::sampling_to_wire(&o.sampling)),
             max_tokens: o.max_new_tokens as u32,
             stop: o.stop.strings.clone(),

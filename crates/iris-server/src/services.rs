@@ -119,6 +119,38 @@ impl Decoder for DecoderService {
         let d = deadline(&req, TIER_TIMEOUT);
         Ok(Response::new(self.0.generate(req.into_inner(), d).await?))
     }
+
+    type WatchPrefixesStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PrefixEvent, Status>> + Send>>;
+
+    /// Every model's prefix blocks: a snapshot each, then the changes, merged.
+    async fn watch_prefixes(
+        &self,
+        _req: Request<pb::WatchPrefixesRequest>,
+    ) -> Result<Response<Self::WatchPrefixesStream>, Status> {
+        use futures::StreamExt;
+        let streams = self.0.prefix_indexes().into_iter().map(|(model, index)| {
+            let block_size = index.block_size() as u32;
+            let rx = index.subscribe();
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |d| {
+                let (snapshot, stored, removed) = match d {
+                    iris_engine::blocks::PrefixDelta::Snapshot(all) => (true, all, Vec::new()),
+                    iris_engine::blocks::PrefixDelta::Changed { stored, removed } => {
+                        (false, stored, removed)
+                    }
+                };
+                Ok(pb::PrefixEvent {
+                    model: model.clone(),
+                    block_size,
+                    snapshot,
+                    stored,
+                    removed,
+                })
+            })
+        });
+        let merged = futures::stream::select_all(streams.map(|s| s.boxed()));
+        Ok(Response::new(Box::pin(merged)))
+    }
 }
 
 pub struct GatewayService(pub Arc<Gateway>);

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use iris_engine::blocks::PrefixIndex;
 use iris_engine::{EncodedPrompt, Engine, EngineRequest, Pipeline};
 use iris_proto::v1 as pb;
 use iris_proto::v1::connector_client::ConnectorClient;
@@ -91,6 +92,11 @@ pub trait DecoderTier: Send + Sync {
         req: pb::DecodeRequest,
         deadline: Instant,
     ) -> Result<EventStream, ServeError>;
+
+    /// Each model's index of the prefix blocks held here (a decoder in this process).
+    fn prefix_indexes(&self) -> Vec<(String, Arc<PrefixIndex>)> {
+        Vec::new()
+    }
 }
 
 fn model_of<'a, T>(models: &'a HashMap<String, T>, model: &str) -> Result<&'a T, ServeError> {
@@ -611,6 +617,13 @@ impl DecoderTier for LocalDecoder {
             wire::event_to_wire(ev, produced)
         })))
     }
+
+    fn prefix_indexes(&self) -> Vec<(String, Arc<PrefixIndex>)> {
+        self.engines
+            .iter()
+            .map(|(m, e)| (m.clone(), e.prefixes().clone()))
+            .collect()
+    }
 }
 
 // ---------------------------------------------------------------- remote
@@ -733,7 +746,7 @@ impl<C: Clone> Replicas<C> {
         }
     }
 
-    fn pick(&self, tried: &[String], key: Option<&Key>) -> Option<(C, Outstanding<C>)> {
+    fn pick(&self, tried: &[String], how: &Pick) -> Option<(C, Outstanding<C>)> {
         let members = self.members.read().expect("replicas lock");
         let n = members.len();
         let now = now_ms();
@@ -742,22 +755,26 @@ impl<C: Clone> Replicas<C> {
             mine.max(m.reported.load(Ordering::Relaxed))
         };
         let down = |m: &Member<C>| m.down_until.load(Ordering::Relaxed) > now;
-        let m = match key {
+        let ring: &[Arc<Member<C>>] = &members;
+        let in_turn = || {
+            let start = self.turn.fetch_add(1, Ordering::Relaxed);
+            (0..n)
+                .map(move |i| &ring[(start + i) % n.max(1)])
+                .filter(|m| !tried.contains(&m.addr))
+        };
+        let m = match how {
             // Least loaded, ties in turn; members that were unreachable a moment ago
             // go last.
-            None => {
-                let start = self.turn.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|i| &members[(start + i) % n.max(1)])
-                    .filter(|m| !tried.contains(&m.addr))
-                    .min_by_key(|m| (down(m), load(m)))?
-                    .clone()
-            }
+            Pick::Load => in_turn().min_by_key(|m| (down(m), load(m)))?.clone(),
+            // Least cost (members down a moment ago last), ties in turn.
+            Pick::Cost(cost) => in_turn()
+                .min_by_key(|m| (down(m), cost(&m.addr, load(m))))?
+                .clone(),
             // The key's owner: rendezvous hashing over the members (every gateway
             // with the same membership picks the same one; a member joining or leaving
             // moves only its own keys), with bounded load — an owner above 1.25× the
             // mean load (plus one) hands the key to the next in its order.
-            Some(key) => {
+            Pick::Owner(key) => {
                 let mut order: Vec<&Arc<Member<C>>> = members
                     .iter()
                     .filter(|m| !tried.contains(&m.addr))
@@ -777,32 +794,30 @@ impl<C: Clone> Replicas<C> {
         Some((m.client.clone(), Outstanding(m)))
     }
 
-    /// Runs an idempotent call on the least loaded replica, again on another while the
-    /// answer is UNAVAILABLE, UNKNOWN or CANCELLED (the member is down, going away, or
-    /// its connection broke) or RESOURCE_EXHAUSTED (another may have room). When every
-    /// member is full the answer is RESOURCE_EXHAUSTED.
-    async fn call<T, F, Fut>(&self, tier: &str, f: F) -> Result<T, Status>
+    /// `call_by`, first at `key`'s owner when a key is given (then its next members),
+    /// else at the least loaded.
+    async fn call_for<T, F, Fut>(&self, tier: &str, key: Option<&Key>, f: F) -> Result<T, Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        self.call_for(tier, None, f).await
+        let how = key.map_or(Pick::Load, Pick::Owner);
+        self.call_by(tier, &how, f).await
     }
 
-    /// `call`, first at `key`'s owner when a key is given (then its next members).
-    async fn call_for<T, F, Fut>(
-        &self,
-        tier: &str,
-        key: Option<&Key>,
-        mut f: F,
-    ) -> Result<T, Status>
+    /// Runs an idempotent call on the replica `how` picks (the least loaded, a key's
+    /// owner, the least costly), again on another while the answer is UNAVAILABLE,
+    /// UNKNOWN or CANCELLED (the member is down, going away, or its connection broke)
+    /// or RESOURCE_EXHAUSTED (another may have room). When every member is full the
+    /// answer is RESOURCE_EXHAUSTED.
+    async fn call_by<T, F, Fut>(&self, tier: &str, how: &Pick<'_>, mut f: F) -> Result<T, Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut tried = Vec::new();
         let (mut last, mut full) = (None, None);
-        while let Some((client, guard)) = self.pick(&tried, key) {
+        while let Some((client, guard)) = self.pick(&tried, how) {
             tried.push(guard.0.addr.clone());
             match f(client).await {
                 Err(s)
@@ -830,6 +845,16 @@ impl<C: Clone> Replicas<C> {
             None => Status::unavailable(format!("no {tier} member is available")),
         }))
     }
+}
+
+/// How a call picks its member.
+enum Pick<'a> {
+    /// The least loaded.
+    Load,
+    /// The key's owner (rendezvous hashing, bounded load).
+    Owner(&'a Key),
+    /// The least costly by a cost of the member's address and load.
+    Cost(&'a (dyn Fn(&str, u64) -> u64 + Sync)),
 }
 
 /// A member's rendezvous-hashing score for `key`: the highest scoring member owns it.
@@ -873,7 +898,13 @@ pub fn decoder_client(c: Channel) -> DecoderClient<Channel> {
 
 pub struct RemoteVision(pub Replicas<VisionEncoderClient<Channel>>);
 pub struct RemoteConnector(pub Replicas<ConnectorClient<Channel>>);
-pub struct RemoteDecoder(pub Replicas<DecoderClient<Channel>>);
+/// The decoders, picked by KV-aware routing (the decoder holding the longest cached
+/// prefix of the request, weighed against its load) or by load alone.
+pub struct RemoteDecoder {
+    pub replicas: Replicas<DecoderClient<Channel>>,
+    /// What each decoder holds, from its prefix events (none: load-only routing).
+    routes: Option<KvRoutes>,
+}
 
 impl RemoteVision {
     async fn encode_at(
@@ -997,20 +1028,191 @@ impl ConnectorTier for RemoteConnector {
     }
 }
 
+/// The prefix blocks each decoder holds, per model, kept from its WatchPrefixes
+/// stream (a snapshot, then changes; emptied while the stream is down, so a restarted
+/// decoder holds nothing until it says so).
+struct KvRoutes {
+    views: std::sync::Mutex<HashMap<String, (Arc<PrefixView>, tokio::task::AbortHandle)>>,
+}
+
+#[derive(Default)]
+struct PrefixView {
+    /// Model → (block size, hashes held).
+    models: RwLock<HashMap<String, (usize, std::collections::HashSet<u64>)>>,
+}
+
+impl PrefixView {
+    fn apply(&self, ev: pb::PrefixEvent) {
+        let mut g = self.models.write().expect("prefix view lock");
+        let e = g
+            .entry(ev.model)
+            .or_insert_with(|| (ev.block_size as usize, Default::default()));
+        e.0 = ev.block_size as usize;
+        if ev.snapshot {
+            e.1.clear();
+        }
+        ev.removed.iter().for_each(|h| {
+            e.1.remove(h);
+        });
+        e.1.extend(ev.stored);
+    }
+
+    fn clear(&self) {
+        self.models.write().expect("prefix view lock").clear();
+    }
+
+    /// Prompt tokens of `model`'s request (its images' hashes, its ids) in blocks this
+    /// decoder holds, counted from the start; `chains` keeps each block size's chain.
+    fn cached_tokens(
+        &self,
+        model: &str,
+        images: &[[u8; 32]],
+        ids: &[u32],
+        chains: &std::sync::Mutex<HashMap<usize, Vec<u64>>>,
+    ) -> usize {
+        let g = self.models.read().expect("prefix view lock");
+        let Some((bs, held)) = g.get(model) else {
+            return 0;
+        };
+        let mut chains = chains.lock().expect("chains lock");
+        let chain = chains.entry(*bs).or_insert_with(|| {
+            // The last prompt token is always computed: blocks before it can hit.
+            let full = ids.len().saturating_sub(1) / (*bs).max(1);
+            iris_engine::blocks::chain_hashes(images, ids, *bs, full)
+        });
+        chain.iter().take_while(|h| held.contains(h)).count() * bs
+    }
+}
+
+impl KvRoutes {
+    /// Starts watching the members not watched yet and stops those gone.
+    fn follow(&self, replicas: &Replicas<DecoderClient<Channel>>) {
+        let members = replicas.members.read().expect("replicas lock").clone();
+        let mut views = self.views.lock().expect("routes lock");
+        views.retain(|addr, (_, task)| {
+            let keep = members.iter().any(|m| &m.addr == addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for m in members {
+            if views.contains_key(&m.addr) {
+                continue;
+            }
+            let view = Arc::new(PrefixView::default());
+            let (v, mut client, token) = (
+                view.clone(),
+                m.client.clone(),
+                replicas.access.token.clone(),
+            );
+            let addr = m.addr.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let mut req = tonic::Request::new(pb::WatchPrefixesRequest {});
+                    if let Some(t) = &token {
+                        req.metadata_mut().insert("authorization", t.clone());
+                    }
+                    match client.watch_prefixes(req).await {
+                        Ok(stream) => {
+                            let mut stream = stream.into_inner();
+                            while let Ok(Some(ev)) = stream.message().await {
+                                v.apply(ev);
+                            }
+                        }
+                        Err(s) if s.code() == Code::Unimplemented => {
+                            tracing::info!(member = %addr, "no prefix events: load-only routing to it");
+                            return;
+                        }
+                        Err(_) => {}
+                    }
+                    v.clear();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            });
+            views.insert(m.addr.clone(), (view, task.abort_handle()));
+        }
+    }
+
+    fn view(&self, addr: &str) -> Option<Arc<PrefixView>> {
+        self.views
+            .lock()
+            .expect("routes lock")
+            .get(addr)
+            .map(|(v, _)| v.clone())
+    }
+}
+
+impl RemoteDecoder {
+    /// Decoders at `addrs` (more from the membership), routed by prefix when
+    /// `kv_routing`.
+    pub fn new(replicas: Replicas<DecoderClient<Channel>>, kv_routing: bool) -> RemoteDecoder {
+        let routes = kv_routing.then(|| KvRoutes {
+            views: Default::default(),
+        });
+        if let Some(r) = &routes {
+            r.follow(&replicas);
+        }
+        RemoteDecoder { replicas, routes }
+    }
+
+    /// Replaces the member list (and the prefix streams followed).
+    pub fn set(&self, addrs: &[String]) -> Result<(), ServeError> {
+        self.replicas.set(addrs)?;
+        if let Some(r) = &self.routes {
+            r.follow(&self.replicas);
+        }
+        Ok(())
+    }
+}
+
+/// The request's image hashes, when it carries one per image.
+fn image_hashes(req: &pb::DecodeRequest) -> Option<Vec<[u8; 32]>> {
+    if req.image_hashes.len() != req.visual_tokens.len() {
+        return None;
+    }
+    req.image_hashes
+        .iter()
+        .map(|h| h.as_slice().try_into().ok())
+        .collect()
+}
+
 #[async_trait::async_trait]
 impl DecoderTier for RemoteDecoder {
     /// Starting the stream is retried on another decoder while UNAVAILABLE; once it
-    /// runs, its events are the decoder's.
+    /// runs, its events are the decoder's. With KV-aware routing the decoder is the
+    /// one whose cost is least: the prompt tokens it would have to compute (those not
+    /// in its cached prefix) plus a quarter of the prompt for every request it already
+    /// has (continuous batching admits a new request beside them; each slows the steps
+    /// a little, and a full batch makes it wait) — so a held prefix wins unless its
+    /// decoder is busier by more than four requests per prompt's worth it saves.
     async fn generate(
         &self,
         req: pb::DecodeRequest,
         deadline: Instant,
     ) -> Result<EventStream, ServeError> {
+        let images = image_hashes(&req);
+        let chains = std::sync::Mutex::new(HashMap::new());
+        let prompt = req.prompt_token_ids.len() as u64;
+        let cost = |addr: &str, load: u64| -> u64 {
+            let cached = match (&self.routes, &images) {
+                (Some(r), Some(images)) => r.view(addr).map_or(0, |v| {
+                    v.cached_tokens(&req.model, images, &req.prompt_token_ids, &chains)
+                }),
+                _ => 0,
+            };
+            (prompt - (cached as u64).min(prompt)) + load * prompt.div_ceil(4)
+        };
+        let how = if self.routes.is_some() && images.is_some() {
+            Pick::Cost(&cost)
+        } else {
+            Pick::Load
+        };
         let stream = self
-            .0
-            .call("decoder", |mut c| {
+            .replicas
+            .call_by("decoder", &how, |mut c| {
                 let msg = req.clone();
-                let req = self.0.request(msg, deadline);
+                let req = self.replicas.request(msg, deadline);
                 async move { Ok(c.generate(req?).await?.into_inner()) }
             })
             .await?;
@@ -1042,6 +1244,31 @@ mod tests {
         });
         started_rx.await.unwrap();
         (gate_tx, held)
+    }
+
+    #[tokio::test]
+    async fn equal_members_take_turns_and_a_key_keeps_its_owner() {
+        let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", 1000 + i)).collect();
+        let r = Replicas::new(&addrs, vision_client).unwrap();
+        let picked = |how: &Pick| r.pick(&[], how).map(|(_, g)| g.0.addr.clone()).unwrap();
+        let turns: Vec<String> = (0..6).map(|_| picked(&Pick::Load)).collect();
+        assert_eq!(
+            turns[..3]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3,
+            "{turns:?}"
+        );
+        assert_eq!(turns[..3], turns[3..]);
+        let key = [7u8; 32];
+        let owner = picked(&Pick::Owner(&key));
+        assert!((0..5).all(|_| picked(&Pick::Owner(&key)) == owner));
+        // The owner's other keys stay when another member leaves.
+        let other = addrs.iter().find(|a| **a != owner).unwrap().clone();
+        let rest: Vec<String> = addrs.iter().filter(|a| **a != other).cloned().collect();
+        r.set(&rest).unwrap();
+        assert_eq!(picked(&Pick::Owner(&key)), owner);
     }
 
     #[tokio::test]

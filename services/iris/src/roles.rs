@@ -761,6 +761,12 @@ impl Listen {
     }
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    Kv,
+    Load,
+}
+
 /// What a member registers: its tier, models, how to read its load, and whether it
 /// can still serve (when it cannot, it deregisters and reports NOT_SERVING).
 pub struct Registration {
@@ -842,6 +848,11 @@ pub struct GatewayRole {
     /// With `--etcd`, the members registered there are used instead.
     #[arg(long = "encoder", required_unless_present = "etcd")]
     pub encoders: Vec<String>,
+    /// How a request's decoder is picked: `kv` (the one holding the longest cached
+    /// prefix of the request, from the decoders' prefix events, weighed against load)
+    /// or `load` (the least loaded).
+    #[arg(long, value_enum, default_value = "kv")]
+    pub routing: Routing,
     /// A connector's gRPC address (repeatable).
     #[arg(long = "connector", required_unless_present = "etcd")]
     pub connectors: Vec<String>,
@@ -1272,11 +1283,10 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
         connector_client,
         access(),
     )?));
-    let decoder = Arc::new(RemoteDecoder(Replicas::with_access(
-        &a.decoders,
-        decoder_client,
-        access(),
-    )?));
+    let decoder = Arc::new(RemoteDecoder::new(
+        Replicas::with_access(&a.decoders, decoder_client, access())?,
+        a.routing == Routing::Kv,
+    ));
     if let Some(reg) = a.listen.registry(&sec) {
         // Members come from etcd: a snapshot, then every join and leave.
         let (v, c, d) = (vision.clone(), connector.clone(), decoder.clone());
@@ -1289,7 +1299,7 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
                 for (tier, set) in [
                     ("encoder", v.0.set(&view.addrs("encoder"))),
                     ("connector", c.0.set(&view.addrs("connector"))),
-                    ("decoder", d.0.set(&view.addrs("decoder"))),
+                    ("decoder", d.set(&view.addrs("decoder"))),
                 ] {
                     if let Err(e) = set {
                         tracing::warn!(tier, "bad member address: {}", e.message());
@@ -1297,7 +1307,7 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
                 }
                 v.0.set_loads(&view.loads("encoder"));
                 c.0.set_loads(&view.loads("connector"));
-                d.0.set_loads(&view.loads("decoder"));
+                d.replicas.set_loads(&view.loads("decoder"));
                 let now: Vec<Vec<String>> = ["encoder", "connector", "decoder"]
                     .iter()
                     .map(|t| view.addrs(t))

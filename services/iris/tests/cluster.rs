@@ -964,3 +964,108 @@ fn the_visual_cache_is_one_for_the_cluster() {
     );
     assert_eq!(moved, owned.0, "only the stopped encoder's keys moved");
 }
+
+/// Four multi-turn conversations through `gateway`, their turns interleaved (one
+/// request at a time): each turn's prompt is the last one, its answer and a new
+/// question. Returns, per turn after the first, whether it ran on the decoder that ran
+/// the turn before it and how many prefix blocks it hit there, and every turn's time
+/// to first token with whether it was a first turn.
+#[allow(clippy::type_complexity)]
+fn conversations(
+    gateway: &str,
+    decoders: &[&Proc],
+    first_image: u8,
+) -> (Vec<(bool, f64)>, Vec<(bool, Duration)>) {
+    let rt = rt();
+    let count =
+        |name: &str| -> Vec<f64> { decoders.iter().map(|d| metric(&d.http, name)).collect() };
+    let images: Vec<Vec<u8>> = (0..4).map(|c| variant(first_image + c)).collect();
+    let mut prompts = vec![PROMPT.to_string(); 4];
+    let mut last: Vec<Option<usize>> = vec![None; 4];
+    let (mut later, mut ttfts) = (Vec::new(), Vec::new());
+    for turn in 0..3 {
+        for c in 0..4 {
+            let reqs0 = count("iris_decoder_requests_total");
+            let hits0 = count("iris_prefix_cache_hit_blocks");
+            let (ids, text, ttft) = rt
+                .block_on(async {
+                    let mut g = client(gateway).await;
+                    generate(&mut g, request(&prompts[c], vec![images[c].clone()], 8)).await
+                })
+                .unwrap();
+            assert_eq!(ids.len(), 8);
+            ttfts.push((turn == 0, ttft));
+            let reqs1 = count("iris_decoder_requests_total");
+            let hits1 = count("iris_prefix_cache_hit_blocks");
+            let on = (0..decoders.len())
+                .find(|&i| reqs1[i] > reqs0[i])
+                .expect("some decoder ran it");
+            if let Some(prev) = last[c] {
+                later.push((on == prev, hits1[on] - hits0[on]));
+            }
+            last[c] = Some(on);
+            prompts[c] = format!("{}{text} USER: Tell me more. ASSISTANT:", prompts[c]);
+        }
+    }
+    (later, ttfts)
+}
+
+#[test]
+fn each_turn_of_a_conversation_goes_to_the_decoder_holding_its_prefix() {
+    let e = etcd();
+    let _a = encoder(&e);
+    let _c = member(env!("CARGO_BIN_EXE_iris-connector"), &e, &[]);
+    let dec = env!("CARGO_BIN_EXE_iris-decoder");
+    // Decode steps slow enough that a turn's prefix events reach the gateway long
+    // before the turn ends.
+    let slow = ["--test-step-delay-ms", "10"];
+    let (d1, d2) = (member(dec, &e, &slow), member(dec, &e, &slow));
+    let gw = env!("CARGO_BIN_EXE_iris-gateway");
+    let kv = member(gw, &e, &[]);
+    let by_load = member(gw, &e, &["--routing", "load"]);
+    eventually(Duration::from_secs(20), "the members registered", || {
+        registered(&e, "decoder").len() == 2 && registered(&e, "encoder").len() == 1
+    });
+    let (routed, kv_ttft) = conversations(&kv.grpc, &[&d1, &d2], 10);
+    let (loaded, load_ttft) = conversations(&by_load.grpc, &[&d1, &d2], 20);
+    let summary = |r: &[(bool, f64)]| {
+        (
+            r.iter().filter(|(same, _)| *same).count(),
+            r.iter().map(|(_, h)| h).sum::<f64>(),
+        )
+    };
+    let mean = |t: &[(bool, Duration)], later: bool| {
+        let v: Vec<Duration> = t
+            .iter()
+            .filter(|(first, _)| *first != later)
+            .map(|(_, d)| *d)
+            .collect();
+        v.iter().sum::<Duration>() / v.len() as u32
+    };
+    let (kv_same, kv_hits) = summary(&routed);
+    let (load_same, load_hits) = summary(&loaded);
+    println!(
+        "multi-turn, 4 conversations x 3 turns: KV-aware routing put {kv_same}/8 later turns on \
+         the decoder holding their prefix ({kv_hits} prefix blocks hit), load-only {load_same}/8 \
+         ({load_hits} blocks); mean TTFT of later turns {:?} vs {:?} (first turns {:?} vs {:?})",
+        mean(&kv_ttft, true),
+        mean(&load_ttft, true),
+        mean(&kv_ttft, false),
+        mean(&load_ttft, false),
+    );
+    for (i, (same, hits)) in routed.iter().enumerate() {
+        assert!(
+            *same,
+            "turn {} of conversation {} left its prefix",
+            i % 2 + 2,
+            i / 2
+        );
+        assert!(
+            *hits >= 1.0,
+            "turn {} of conversation {} hit no block",
+            i % 2 + 2,
+            i / 2
+        );
+    }
+    assert!(kv_hits > load_hits, "{kv_hits} vs {load_hits}");
+}
