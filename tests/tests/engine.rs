@@ -591,3 +591,77 @@ fn bf16_kv_storage_changes_nothing_for_a_bf16_model() {
     }
     assert_eq!(2 * bytes[0], bytes[1], "bf16 K/V take half the bytes");
 }
+
+/// What the engine publishes of its prefix cache (the gateways route by it) follows
+/// the cache: a request's full prompt blocks appear under the chain a gateway computes
+/// from the visual tokens and ids, and blocks evicted for another request disappear.
+#[test]
+fn the_prefix_index_follows_the_cache_through_evictions() {
+    use iris_engine::blocks::{chain_hashes, PrefixDelta};
+    let p = Arc::new(
+        Pipeline::load(&fixture("llava-tiny-hub-f32"), &PipelineOptions::default()).unwrap(),
+    );
+    let bs = 4;
+    let engine = Engine::start(
+        p.clone(),
+        EngineConfig {
+            max_batch: 1,
+            kv_blocks: 16,
+            block_size: bs,
+            queue: 4,
+            ..Default::default()
+        },
+    );
+    let mut events = engine.prefixes().subscribe();
+    let chain = |r: &EngineRequest| {
+        let prompt = p.processor.prepare(&r.prompt, &r.images).unwrap();
+        let hashes: Vec<[u8; 32]> = p
+            .encode_images(&prompt)
+            .unwrap()
+            .iter()
+            .map(|t| iris_engine::visual_hash(t).unwrap())
+            .collect();
+        let ids = &prompt.input_ids;
+        chain_hashes(&hashes, ids, bs, (ids.len() - 1) / bs)
+    };
+    let a = requests().remove(0);
+    let mut b = requests().remove(1);
+    b.options.max_new_tokens = 4;
+    let (ca, cb) = (chain(&a), chain(&b));
+    assert!(ca.len() > 4 && cb.len() > 4);
+    drain(engine.submit(a).unwrap());
+    assert!(
+        ca.iter().all(|h| engine.prefixes().holds(*h)),
+        "a's blocks are held"
+    );
+    // b needs more blocks than are free: some of a's cached blocks go.
+    drain(engine.submit(b).unwrap());
+    assert!(engine.stats().prefix_evictions > 0);
+    assert!(
+        cb.iter().all(|h| engine.prefixes().holds(*h)),
+        "b's blocks are held"
+    );
+    let gone = ca.iter().filter(|h| !engine.prefixes().holds(**h)).count();
+    assert!(gone > 0, "no block of a was evicted");
+    // The events, replayed, give the same set.
+    let mut seen = std::collections::HashSet::new();
+    while let Ok(d) = events.try_recv() {
+        match d {
+            PrefixDelta::Snapshot(all) => seen = all.into_iter().collect(),
+            PrefixDelta::Changed { stored, removed } => {
+                removed.iter().for_each(|h| {
+                    seen.remove(h);
+                });
+                seen.extend(stored);
+            }
+        }
+    }
+    for h in ca.iter().chain(&cb) {
+        assert_eq!(seen.contains(h), engine.prefixes().holds(*h));
+    }
+    println!(
+        "a's {} blocks: {gone} evicted for b's {}",
+        ca.len(),
+        cb.len()
+    );
+}

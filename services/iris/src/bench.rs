@@ -27,6 +27,9 @@ pub enum BenchCmd {
     DecodeImages(DecodeImagesArgs),
     /// All-reduce latency of the CPU transports between rank processes.
     Allreduce(AllreduceArgs),
+    /// Load against an OpenAI-compatible chat endpoint: throughput, TTFT / TPOT /
+    /// ITL percentiles and goodput, images from a pool with a reuse ratio, multi-turn.
+    Serve(crate::bench_serve::ServeBenchArgs),
     #[command(hide = true)]
     AllreduceRank(AllreduceRankArgs),
 }
@@ -229,6 +232,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Vit(a) => vit(a),
         BenchCmd::Allreduce(a) => allreduce(a),
         BenchCmd::AllreduceRank(a) => allreduce_rank(a),
+        BenchCmd::Serve(a) => crate::bench_serve::run(a),
     }
 }
 

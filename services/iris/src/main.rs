@@ -2,6 +2,7 @@
 //! `bench decode` measures decode against the memory-bandwidth roofline.
 
 mod bench;
+mod bench_serve;
 mod capfilt;
 mod retrieval;
 

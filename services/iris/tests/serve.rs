@@ -1464,3 +1464,30 @@ fn iris_serve_over_two_ranks_gives_the_same_tokens() {
         "the second request reused the first's blocks: {metrics}"
     );
 }
+
+/// `iris bench serve` against `iris serve`: every request completes, and the server's
+/// counters match the workload it says it sent (each distinct image encoded once,
+/// every other image lookup a cache hit — the history of a later turn included).
+#[test]
+fn bench_serve_drives_an_openai_endpoint() {
+    let s = serve();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(["bench", "serve", "--url", &format!("http://{}", s.http)])
+        .args(["--model", MODEL, "--requests", "12", "--concurrency", "1", "--turns", "2"])
+        .args(["--image-reuse", "0.5", "--image-size", "32x32", "--max-tokens", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["completed"], 12, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    let tokens = v["output_tokens"].as_u64().unwrap();
+    assert!(tokens > 0 && tokens <= 48, "{v}");
+    let distinct = v["distinct_images"].as_f64().unwrap();
+    assert!((1.0..6.0).contains(&distinct), "{v}");
+    assert_eq!(metric(&s.http, "iris_encoder_requests_total"), distinct);
+    assert_eq!(metric(&s.http, "iris_visual_cache_hits_total"), 12.0 - distinct);
+    for k in ["ttft", "tpot", "itl", "e2e"] {
+        assert!(v[k]["p99_ms"].as_f64().unwrap() >= v[k]["p50_ms"].as_f64().unwrap(), "{k}");
+    }
+}
