@@ -12,7 +12,7 @@ itself vouches for the layout) before the goldens are computed:
   golden.json         prompt, image files, input_ids, greedy ids and their logprobs
 
 Run from the repository root with one torch thread (bit-reproducible):
-    python tools/gen_llava_fixtures.py
+    python tools/gen_llava_fixtures.py [NAME ...]      # NAMEs: only those fixtures
 Needs torch, transformers==5.24.0, tokenizers, pillow, safetensors (see tools/README.md).
 """
 import json
@@ -33,8 +33,10 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 torch.set_num_threads(1)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
@@ -143,27 +145,35 @@ def relayout(path, layout):
         json.dump(index, open(index_path, "w"), indent=2)
 
 
-def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_tokens=8, shard=None, text_cls=LlamaConfig):
+def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_tokens=8, shard=None,
+          text_cls=LlamaConfig, vision_cls=CLIPVisionConfig):
+    if ONLY and name not in ONLY:
+        return
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = make_tokenizer(out)
-    vc = CLIPVisionConfig(**vision)
+    vc = vision_cls(**vision)
+    siglip = vision_cls is SiglipVisionConfig
     tc = text_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id, **llava)
     model = LlavaForConditionalGeneration(cfg).eval()
     init_weights(model)
-    ip = CLIPImageProcessorPil(
-        size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size}
-    )
+    if siglip:
+        # SigLIP: resize to the exact size, mean and std 0.5, no class token.
+        ip = SiglipImageProcessorPil(size={"height": vc.image_size, "width": vc.image_size})
+    else:
+        ip = CLIPImageProcessorPil(
+            size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size}
+        )
     proc = LlavaProcessor(
         image_processor=ip,
         tokenizer=tokenizer,
         patch_size=vc.patch_size,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=0 if siglip else 1,
     )
     model.to(dtype).save_pretrained(out, max_shard_size=shard) if shard else model.to(dtype).save_pretrained(out)
     proc.save_pretrained(out)
@@ -213,6 +223,8 @@ def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_t
 
 
 IMAGE_ORDER = {}
+# Fixture names given on the command line: build only those (default: all).
+ONLY = set(sys.argv[1:])
 
 
 def images_of(prompt, images):
@@ -249,6 +261,24 @@ def main():
     # 4. Qwen2 language model (bias on q/k/v only), hub layout, f32.
     build("llava-tiny-qwen2-f32", dtype=torch.float32, layout="hub", text_cls=Qwen2Config,
           vision=vision, text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
+          llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu"),
+          prompt=p1, images=images)
+    # 5. SigLIP tower (no class token, gelu_pytorch_tanh, its head skipped) + Qwen2, as
+    #    LLaVA-Interleave's configs: the last layer's states, strategy "full".
+    build("llava-tiny-siglip-qwen2-f32", dtype=torch.float32, layout="hub", text_cls=Qwen2Config,
+          vision_cls=SiglipVisionConfig,
+          vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh"),
+          text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
+          llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu"),
+          prompt=p2, images=images)
+    # 6. The same at bf16, one image, layer -2 with strategy "default" (HF drops the
+    #    first row even with no class token: a patch).
+    build("llava-tiny-siglip-qwen2-bf16", dtype=torch.bfloat16, layout="hub", text_cls=Qwen2Config,
+          vision_cls=SiglipVisionConfig,
+          vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh"),
+          text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
           llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu"),
           prompt=p1, images=images)
 

@@ -2,8 +2,10 @@
 """A LLaVA-1.5 checkpoint of real size with random bf16 weights (not committed): CLIP
 ViT-L/14-336 (LLaVA-1.5's vision tower, 304M parameters), the 2-layer MLP projector, and
 a TinyLlama-1.1B language model (22 layers, hidden 2048, GQA 32/4, vocab 32000), in the
-hub layout. For measuring what each tier holds in memory (`tools/tier_memory.sh`); the
-tokenizer and processor are the tiny fixture's, resized to 336 pixels.
+hub layout. For measuring what each tier holds in memory (`tools/tier_memory.sh`) and
+serving (`tools/bench_serving.sh`); the tokenizer and processor are the tiny fixture's,
+resized to 336 pixels, and the LM head's rows past the tokenizer's 300 ids are zero, so
+greedy output is text the tokenizer can show.
 
     python tools/gen_llava_size_model.py /tmp/llava-size      # ~2.8 GB
     python tools/gen_llava_size_model.py /tmp/llava-many --many-layers   # ~340 MB
@@ -65,12 +67,20 @@ def shapes(vc, tc):
     return out
 
 
+# Ids the fixture's tokenizer has (its vocabulary is 300 tokens).
+SHOWN = 300
+
+
 def tensor_bytes(name, shape, rng, dtype):
     n = int(np.prod(shape))
     if "norm" in name and name.endswith("weight"):
         x = np.ones(n, dtype=np.float32)
     else:
         x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    if name == "language_model.lm_head.weight" and shape[0] > SHOWN:
+        # Only ids the (tiny) tokenizer can show get logits: the rest are 0, below the
+        # best of 300 random ones, so served text is visible and streams token by token.
+        x.reshape(shape)[SHOWN:] = 0.0
     if dtype == "F32":
         return x.tobytes()
     # Round to nearest even, as torch's bf16 conversion does.

@@ -10,33 +10,54 @@ use iris_models::vlm::VisionLanguageModel;
 use iris_tensor::{DType, Tensor};
 
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+const SIGLIP_STD: [f32; 3] = [0.5; 3];
 
 struct Case {
     name: &'static str,
     rel_tol: f64,
     logprob_tol: f32,
+    /// The image processor's std (a uint8 step in normalized units is 1/255/std).
+    std: [f32; 3],
 }
 
-const CASES: [Case; 4] = [
+const CASES: [Case; 6] = [
     Case {
         name: "llava-tiny-hub-f32",
         rel_tol: 1e-4,
         logprob_tol: 1e-4,
+        std: CLIP_STD,
     },
     Case {
         name: "llava-tiny-gqa-bf16",
         rel_tol: 1e-2,
         logprob_tol: 3e-2,
+        std: CLIP_STD,
     },
     Case {
         name: "llava-tiny-model-f32",
         rel_tol: 1e-4,
         logprob_tol: 1e-4,
+        std: CLIP_STD,
     },
     Case {
         name: "llava-tiny-qwen2-f32",
         rel_tol: 1e-4,
         logprob_tol: 1e-4,
+        std: CLIP_STD,
+    },
+    // SigLIP tower (no class token, exact resize, mean/std 0.5) + Qwen2.
+    Case {
+        name: "llava-tiny-siglip-qwen2-f32",
+        rel_tol: 1e-4,
+        logprob_tol: 1e-4,
+        std: SIGLIP_STD,
+    },
+    // The same at bf16, layer -2, strategy "default" (HF drops the first patch).
+    Case {
+        name: "llava-tiny-siglip-qwen2-bf16",
+        rel_tol: 1e-2,
+        logprob_tol: 3e-2,
+        std: SIGLIP_STD,
     },
 ];
 
@@ -84,7 +105,7 @@ fn pixel_values_within_one_uint8_step() {
         let mut off = 0usize;
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             let c = (i / plane) % 3;
-            let steps = (a - b).abs() * CLIP_STD[c] * 255.0;
+            let steps = (a - b).abs() * case.std[c] * 255.0;
             worst = worst.max(steps);
             if steps > 0.01 {
                 off += 1;

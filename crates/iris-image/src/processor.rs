@@ -119,13 +119,15 @@ impl ImageProcessor {
 
     pub fn from_value(v: &Value) -> Result<ImageProcessor> {
         let flag = |k: &str, d: bool| v.get(k).and_then(|x| x.as_bool()).unwrap_or(d);
-        // BLIP's processor resizes to a fixed square and never crops; CLIP's and LLaVA's
-        // resize the shortest edge and center-crop.
-        let blip = match v.get("image_processor_type").and_then(|t| t.as_str()) {
-            None => false,
+        // BLIP's and SigLIP's processors resize to a fixed size and never crop; CLIP's
+        // and LLaVA's resize the shortest edge and center-crop. SigLIP's defaults: 224 ×
+        // 224, mean and std 0.5.
+        let (blip, siglip) = match v.get("image_processor_type").and_then(|t| t.as_str()) {
+            None => (false, false),
             Some(t) => match t.trim_end_matches("Fast").trim_end_matches("Pil") {
-                "CLIPImageProcessor" | "LlavaImageProcessor" => false,
-                "BlipImageProcessor" | "IdeficsImageProcessor" => true,
+                "CLIPImageProcessor" | "LlavaImageProcessor" => (false, false),
+                "BlipImageProcessor" | "IdeficsImageProcessor" => (true, false),
+                "SiglipImageProcessor" => (true, true),
                 _ => return Err(Error::Config(format!("unsupported image processor `{t}`"))),
             },
         };
@@ -140,7 +142,12 @@ impl ImageProcessor {
             }
         };
         let resize = if flag("do_resize", true) {
-            let default = if blip {
+            let default = if siglip {
+                Size::Exact {
+                    height: 224,
+                    width: 224,
+                }
+            } else if blip {
                 Size::Exact {
                     height: 384,
                     width: 384,
@@ -174,10 +181,15 @@ impl ImageProcessor {
                 .and_then(|x| x.as_f64())
                 .unwrap_or(1.0 / 255.0)
         });
+        let (mean, std) = if siglip {
+            ([0.5; 3], [0.5; 3])
+        } else {
+            (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        };
         let normalize = if flag("do_normalize", true) {
             Some((
-                triple(v.get("image_mean"), OPENAI_CLIP_MEAN, "image_mean")?,
-                triple(v.get("image_std"), OPENAI_CLIP_STD, "image_std")?,
+                triple(v.get("image_mean"), mean, "image_mean")?,
+                triple(v.get("image_std"), std, "image_std")?,
             ))
         } else {
             None
@@ -328,8 +340,12 @@ mod tests {
             ImageProcessor::from_value(&json!({"image_processor_type": "BlipImageProcessor"}))
                 .unwrap();
         assert_eq!(blip.output_size(57, 43), (384, 384));
+        let siglip =
+            ImageProcessor::from_value(&json!({"image_processor_type": "SiglipImageProcessor"}))
+                .unwrap();
+        assert_eq!(siglip.output_size(57, 43), (224, 224));
         assert!(ImageProcessor::from_value(
-            &json!({"image_processor_type": "SiglipImageProcessor"})
+            &json!({"image_processor_type": "Qwen2VLImageProcessor"})
         )
         .is_err());
     }

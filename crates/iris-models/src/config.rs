@@ -241,6 +241,8 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// A class token before the patches (CLIP, BLIP); SigLIP has none.
+    pub class_token: bool,
 }
 
 impl VisionConfig {
@@ -260,9 +262,10 @@ impl VisionConfig {
             "blip_2_vision_model" => (1408, 6144, 39, 16, 224, 14, "gelu", 1e-6),
             "blip_vision_model" => (768, 3072, 12, 12, 384, 16, "gelu", 1e-5),
             "idefics_vision" => (768, 5120, 32, 16, 224, 14, "gelu", 1e-5),
+            "siglip_vision_model" => (768, 3072, 12, 12, 224, 16, "gelu_pytorch_tanh", 1e-6),
             other => {
                 return Err(Error::UnknownArchitecture(format!(
-                "vision model_type `{other}` (supported: clip_vision_model, blip_vision_model, blip_2_vision_model, idefics_vision)"
+                "vision model_type `{other}` (supported: clip_vision_model, siglip_vision_model, blip_vision_model, blip_2_vision_model, idefics_vision)"
             )))
             }
         };
@@ -277,6 +280,7 @@ impl VisionConfig {
             patch_size: o.usize_or("patch_size", d.5)?,
             hidden_act: o.act_or("hidden_act", d.6)?,
             layer_norm_eps: o.f64_or("layer_norm_eps", d.7)?,
+            class_token: mt != "siglip_vision_model",
         };
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(Error::Config(format!(
@@ -290,6 +294,11 @@ impl VisionConfig {
 
     pub fn num_patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Rows of the tower's hidden states: the patches, and the class token if any.
+    pub fn num_tokens(&self) -> usize {
+        self.num_patches() + usize::from(self.class_token)
     }
 }
 
@@ -379,7 +388,7 @@ impl LlavaConfig {
 
     /// Visual tokens one image becomes.
     pub fn tokens_per_image(&self) -> usize {
-        let n = self.vision.num_patches() + 1;
+        let n = self.vision.num_tokens();
         match self.select_strategy {
             SelectStrategy::Default => n - 1,
             SelectStrategy::Full => n,

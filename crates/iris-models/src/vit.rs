@@ -134,7 +134,8 @@ impl VitLayer {
 pub struct VisionTransformer {
     patch_embedding: Tensor,
     patch_bias: Option<Tensor>,
-    class_embedding: Tensor,
+    /// CLIP's and BLIP's class token (SigLIP has none).
+    class_embedding: Option<Tensor>,
     position_embedding: Tensor,
     pre_layrnorm: Option<LayerNorm>,
     layers: Vec<VitLayer>,
@@ -173,7 +174,7 @@ impl VisionTransformer {
         } else {
             None
         };
-        let n_pos = cfg.num_patches() + 1;
+        let n_pos = cfg.num_tokens();
         let layers = (0..n_layers)
             .map(|i| VitLayer::load(&vb.pp("encoder.layers").pp(i), cfg))
             .collect::<Result<_>>()?;
@@ -192,7 +193,10 @@ impl VisionTransformer {
         Ok(VisionTransformer {
             patch_embedding,
             patch_bias,
-            class_embedding: get_squeezed(&emb, &["class_embedding"], &[d])?,
+            class_embedding: cfg
+                .class_token
+                .then(|| get_squeezed(&emb, &["class_embedding"], &[d]))
+                .transpose()?,
             position_embedding: get_squeezed(
                 &emb,
                 &["position_embedding.weight", "position_embedding"],
@@ -240,16 +244,21 @@ impl VisionTransformer {
         let patch_embeds =
             iris_tensor::linear(&patches, &self.patch_embedding, self.patch_bias.as_ref())?
                 .round_to(self.dtype)?;
-        let cls = self
-            .class_embedding
-            .to_dtype(DType::F32)?
-            .reshape(&[1, self.cfg.hidden_size])?;
-        let x = Tensor::cat_rows(&[&cls, &patch_embeds])?;
+        let x = match &self.class_embedding {
+            Some(cls) => {
+                let cls = cls
+                    .to_dtype(DType::F32)?
+                    .reshape(&[1, self.cfg.hidden_size])?;
+                Tensor::cat_rows(&[&cls, &patch_embeds])?
+            }
+            None => patch_embeds,
+        };
         Ok(x.add_elem(&self.position_embedding)?.round_to(self.dtype)?)
     }
 
     /// Hidden states `indices` (0 = embeddings, after `pre_layrnorm` where the model has
-    /// one; i = after layer i) of one image `[C, H, W]`, each `[1 + patches, hidden]`.
+    /// one; i = after layer i) of one image `[C, H, W]`, each `[tokens, hidden]` (the
+    /// class token, if the tower has one, then the patches).
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let mut per_image = self.hidden_states_batch(&[pixel_values], indices)?;
         Ok(per_image.pop().expect("one image in, one out"))
@@ -273,7 +282,7 @@ impl VisionTransformer {
         if pixel_values.is_empty() {
             return Ok(Vec::new());
         }
-        let tokens = self.cfg.num_patches() + 1;
+        let tokens = self.cfg.num_tokens();
         let states = iris_tensor::on_pool(|| {
             let embeds = pixel_values
                 .iter()

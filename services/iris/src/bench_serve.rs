@@ -39,6 +39,11 @@ pub struct ServeBenchArgs {
     /// Images per conversation (0: text only).
     #[arg(long, default_value_t = 1)]
     pub images: usize,
+    /// Where a turn's images go in its message: `first` (before the question, as
+    /// LLaVA's prompts have them: a reused image's KV blocks are then a shared prefix)
+    /// or `last` (after it, as many clients send them).
+    #[arg(long, default_value = "first", value_parser = ["first", "last"])]
+    pub image_position: String,
     /// Size of the generated images, WIDTHxHEIGHT.
     #[arg(long, default_value = "336x336")]
     pub image_size: String,
@@ -276,8 +281,9 @@ async fn send(
         }
     }
     rec.e2e = t0.elapsed().as_secs_f64();
-    rec.ok = last.is_some() || rec.output_tokens == 0;
-    if last.is_none() && rec.output_tokens > 0 {
+    // Ended without an error. No visible text at all: its first token came at the end.
+    rec.ok = true;
+    if last.is_none() {
         rec.ttft = rec.e2e;
     }
     (rec, text)
@@ -293,11 +299,17 @@ async fn converse(
 ) {
     let mut messages: Vec<Value> = Vec::new();
     for (t, q) in c.questions.iter().enumerate() {
-        let mut content = vec![json!({"type": "text", "text": q})];
+        let mut content = Vec::new();
         if t == 0 {
             for &i in &c.images {
                 content.push(json!({"type": "image_url", "image_url": {"url": urls[i]}}));
             }
+        }
+        let question = json!({"type": "text", "text": q});
+        if a.image_position == "first" {
+            content.push(question);
+        } else {
+            content.insert(0, question);
         }
         messages.push(json!({"role": "user", "content": content}));
         let (rec, answer) = send(client, a, &messages).await;

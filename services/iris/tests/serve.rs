@@ -1473,11 +1473,32 @@ fn bench_serve_drives_an_openai_endpoint() {
     let s = serve();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_iris"))
         .args(["bench", "serve", "--url", &format!("http://{}", s.http)])
-        .args(["--model", MODEL, "--requests", "12", "--concurrency", "1", "--turns", "2"])
-        .args(["--image-reuse", "0.5", "--image-size", "32x32", "--max-tokens", "4", "--json"])
+        .args([
+            "--model",
+            MODEL,
+            "--requests",
+            "12",
+            "--concurrency",
+            "1",
+            "--turns",
+            "2",
+        ])
+        .args([
+            "--image-reuse",
+            "0.5",
+            "--image-size",
+            "32x32",
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["completed"], 12, "{v}");
     assert_eq!(v["failed"], 0, "{v}");
@@ -1486,8 +1507,14 @@ fn bench_serve_drives_an_openai_endpoint() {
     let distinct = v["distinct_images"].as_f64().unwrap();
     assert!((1.0..6.0).contains(&distinct), "{v}");
     assert_eq!(metric(&s.http, "iris_encoder_requests_total"), distinct);
-    assert_eq!(metric(&s.http, "iris_visual_cache_hits_total"), 12.0 - distinct);
+    assert_eq!(
+        metric(&s.http, "iris_visual_cache_hits_total"),
+        12.0 - distinct
+    );
     for k in ["ttft", "tpot", "itl", "e2e"] {
-        assert!(v[k]["p99_ms"].as_f64().unwrap() >= v[k]["p50_ms"].as_f64().unwrap(), "{k}");
+        assert!(
+            v[k]["p99_ms"].as_f64().unwrap() >= v[k]["p50_ms"].as_f64().unwrap(),
+            "{k}"
+        );
     }
 }
