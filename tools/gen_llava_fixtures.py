@@ -265,20 +265,18 @@ def main():
           prompt=p1, images=images)
     # 5. SigLIP tower (no class token, gelu_pytorch_tanh, its head skipped) + Qwen2, as
     #    LLaVA-Interleave's configs: the last layer's states, strategy "full".
+    siglip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh")
     build("llava-tiny-siglip-qwen2-f32", dtype=torch.float32, layout="hub", text_cls=Qwen2Config,
           vision_cls=SiglipVisionConfig,
-          vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh"),
-          text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
+          vision=siglip, text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
           llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu"),
           prompt=p2, images=images)
     # 6. The same at bf16, one image, layer -2 with strategy "default" (HF drops the
     #    first row even with no class token: a patch).
     build("llava-tiny-siglip-qwen2-bf16", dtype=torch.bfloat16, layout="hub", text_cls=Qwen2Config,
           vision_cls=SiglipVisionConfig,
-          vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      image_size=32, patch_size=8, hidden_act="gelu_pytorch_tanh"),
-          text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
+          vision=siglip, text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
           llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu"),
           prompt=p1, images=images)
 

@@ -4,8 +4,9 @@ ViT-L/14-336 (LLaVA-1.5's vision tower, 304M parameters), the 2-layer MLP projec
 a TinyLlama-1.1B language model (22 layers, hidden 2048, GQA 32/4, vocab 32000), in the
 hub layout. For measuring what each tier holds in memory (`tools/tier_memory.sh`) and
 serving (`tools/bench_serving.sh`); the tokenizer and processor are the tiny fixture's,
-resized to 336 pixels, and the LM head's rows past the tokenizer's 300 ids are zero, so
-greedy output is text the tokenizer can show.
+resized to 336 pixels, and the LM head's rows of ids that are not text (past the
+tokenizer's 300, its <unk> <s> </s> and "▁") are zero, so greedy output is visible text that
+runs to max_tokens.
 
     python tools/gen_llava_size_model.py /tmp/llava-size      # ~2.8 GB
     python tools/gen_llava_size_model.py /tmp/llava-many --many-layers   # ~340 MB
@@ -67,8 +68,10 @@ def shapes(vc, tc):
     return out
 
 
-# Ids the fixture's tokenizer has (its vocabulary is 300 tokens).
+# Ids the fixture's tokenizer has (its vocabulary is 300 tokens), and those of them that
+# show no text on their own (<unk> <s> </s>, and "▁", a space that decodes to nothing).
 SHOWN = 300
+NOT_TEXT = [0, 1, 2, 46]
 
 
 def tensor_bytes(name, shape, rng, dtype):
@@ -78,9 +81,14 @@ def tensor_bytes(name, shape, rng, dtype):
     else:
         x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
     if name == "language_model.lm_head.weight" and shape[0] > SHOWN:
-        # Only ids the (tiny) tokenizer can show get logits: the rest are 0, below the
-        # best of 300 random ones, so served text is visible and streams token by token.
+        # Only ids the (tiny) tokenizer shows as text get logits: the rest (NOT_TEXT
+        # included) are 0, far below the best text ones, so served text is visible,
+        # streams token by token and runs to max_tokens.
         x.reshape(shape)[SHOWN:] = 0.0
+        x.reshape(shape)[NOT_TEXT] = 0.0
+        # Text rows 100× larger: their logits (std ~90) dwarf the zeros, so sampling at
+        # temperature 1 (a client's default) still draws text, and greedy is unchanged.
+        x.reshape(shape)[:SHOWN] *= 100.0
     if dtype == "F32":
         return x.tobytes()
     # Round to nearest even, as torch's bf16 conversion does.

@@ -348,6 +348,60 @@ fn sampled(seed: u64) -> iris_proto::v1::SamplingParams {
     }
 }
 
+/// Six 60-token requests about one image, greedy and seeded in turn.
+fn mixed_requests() -> Vec<iris_proto::v1::GenerateRequest> {
+    (0..6u64)
+        .map(|i| {
+            let mut r = request(PROMPT, vec![image("scene.png")], 60);
+            if i % 2 == 1 {
+                r.sampling = Some(sampled(i));
+            }
+            r
+        })
+        .collect()
+}
+
+/// What each of `reqs` gives through `gateway`, one at a time, with no failure.
+fn one_by_one(
+    rt: &tokio::runtime::Runtime,
+    gateway: &str,
+    reqs: &[iris_proto::v1::GenerateRequest],
+) -> Vec<(Vec<u32>, String)> {
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for r in reqs {
+            out.push(stream_all(gateway, r.clone()).await.unwrap());
+        }
+        out
+    })
+}
+
+/// Sends `reqs` at once and calls `kill` after `after` (mid-stream).
+fn streams_with_a_kill(
+    rt: &tokio::runtime::Runtime,
+    gateway: &str,
+    reqs: &[iris_proto::v1::GenerateRequest],
+    after: Duration,
+    kill: impl FnOnce(),
+) -> Vec<Result<(Vec<u32>, String), tonic::Status>> {
+    rt.block_on(async {
+        let tasks: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (addr, r) = (gateway.to_string(), r.clone());
+                tokio::spawn(async move { stream_all(&addr, r).await })
+            })
+            .collect();
+        tokio::time::sleep(after).await;
+        kill();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
 #[test]
 fn a_decoder_killed_mid_stream_hands_its_streams_to_another() {
     let e = etcd();
@@ -360,44 +414,17 @@ fn a_decoder_killed_mid_stream_hands_its_streams_to_another() {
         registered(&e, "decoder").len() == 1 && registered(&e, "encoder").len() == 1
     });
     // Greedy and seeded requests; what each gives with no failure.
-    let reqs: Vec<_> = (0..6u64)
-        .map(|i| {
-            let mut r = request(PROMPT, vec![image("scene.png")], 60);
-            if i % 2 == 1 {
-                r.sampling = Some(sampled(i));
-            }
-            r
-        })
-        .collect();
+    let reqs = mixed_requests();
     let rt = rt();
-    let want: Vec<_> = rt.block_on(async {
-        let mut out = Vec::new();
-        for r in &reqs {
-            out.push(stream_all(&g.grpc, r.clone()).await.unwrap());
-        }
-        out
-    });
+    let want = one_by_one(&rt, &g.grpc, &reqs);
     let d2 = member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &slow);
     eventually(Duration::from_secs(10), "d2 registered", || {
         registered(&e, "decoder").len() == 2
     });
     let before = metric(&d2.http, "iris_decoder_requests_total");
-    let got = rt.block_on(async {
-        let tasks: Vec<_> = reqs
-            .iter()
-            .map(|r| {
-                let (addr, r) = (g.grpc.clone(), r.clone());
-                tokio::spawn(async move { stream_all(&addr, r).await })
-            })
-            .collect();
-        // Mid-stream (60 tokens at 15 ms a step take ~1 s): kill -9 the first decoder.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        d1.child.kill().unwrap();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
+    // Mid-stream (60 tokens at 15 ms a step take ~1 s): kill -9 the first decoder.
+    let got = streams_with_a_kill(&rt, &g.grpc, &reqs, Duration::from_millis(400), || {
+        d1.child.kill().unwrap()
     });
     let moved = metric(&d2.http, "iris_decoder_requests_total") - before - 3.0;
     println!("decoder kill -9 mid-stream: {moved} of 6 streams moved to the other decoder");
@@ -631,31 +658,6 @@ fn group_ranks(e: &Etcd, group: &str) -> usize {
     rt().block_on(reg.get_prefix(prefix)).unwrap().len()
 }
 
-/// Sends `reqs` at once; kills `victim` after `after`.
-fn streams_with_a_kill(
-    gateway: &str,
-    reqs: &[iris_proto::v1::GenerateRequest],
-    after: Duration,
-    victim: &mut RankProc,
-) -> Vec<Result<(Vec<u32>, String), tonic::Status>> {
-    rt().block_on(async {
-        let tasks: Vec<_> = reqs
-            .iter()
-            .map(|r| {
-                let (addr, r) = (gateway.to_string(), r.clone());
-                tokio::spawn(async move { stream_all(&addr, r).await })
-            })
-            .collect();
-        tokio::time::sleep(after).await;
-        victim.0.kill().unwrap();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    })
-}
-
 #[test]
 fn a_killed_rank_breaks_its_group_and_another_group_finishes_its_streams() {
     let e = etcd();
@@ -722,27 +724,15 @@ fn a_killed_rank_breaks_its_group_and_another_group_finishes_its_streams() {
             d == want && group_ranks(&e, "a") == 2 && group_ranks(&e, "b") == 2
         },
     );
-    let reqs: Vec<_> = (0..6u64)
-        .map(|i| {
-            let mut r = request(PROMPT, vec![image("scene.png")], 60);
-            if i % 2 == 1 {
-                r.sampling = Some(sampled(i));
-            }
-            r
-        })
-        .collect();
+    let reqs = mixed_requests();
     let rt = rt();
-    let want: Vec<_> = rt.block_on(async {
-        let mut out = Vec::new();
-        for r in &reqs {
-            out.push(stream_all(&g.grpc, r.clone()).await.unwrap());
-        }
-        out
-    });
+    let want = one_by_one(&rt, &g.grpc, &reqs);
     let count = |p: &Proc| metric(&p.http, "iris_decoder_requests_total");
     let (a_before, b_before) = (count(&a0), count(&b0));
     // Mid-stream (60 tokens at 15 ms a step take ~1 s): kill -9 rank 1 of group a.
-    let got = streams_with_a_kill(&g.grpc, &reqs, Duration::from_millis(400), &mut a1);
+    let got = streams_with_a_kill(&rt, &g.grpc, &reqs, Duration::from_millis(400), || {
+        a1.0.kill().unwrap()
+    });
     let (on_a, on_b) = (count(&a0) - a_before, count(&b0) - b_before);
     println!(
         "rank 1 of group a killed mid-stream: group a had taken {on_a} of 6 streams, group b \
