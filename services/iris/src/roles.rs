@@ -72,7 +72,7 @@ pub fn parse_model(s: &str) -> Result<ModelArg, String> {
     Ok(ModelArg { id, dir })
 }
 
-fn parse_dtype(s: &str) -> Result<DType, String> {
+pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
     match DType::parse(s) {
         Some(d @ (DType::F32 | DType::BF16)) => Ok(d),
         _ => Err(format!("`{s}`: expected f32 or bf16")),
@@ -81,7 +81,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 
 /// `cpu`, `cuda` or `cuda:N`: a CUDA device is opened (its kernels compiled) now, so a
 /// machine without one fails here with the reason.
-fn parse_device(s: &str) -> Result<Device, String> {
+pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
     Device::parse(s).map_err(|e| e.to_string())
 }
 

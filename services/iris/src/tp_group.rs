@@ -91,10 +91,10 @@ pub struct RankArgs {
     world: usize,
     #[arg(long)]
     group: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, default_value = "cpu", value_parser = crate::roles::parse_device)]
+    device: Device,
+    #[arg(long, value_parser = crate::roles::parse_dtype)]
+    dtype: Option<DType>,
 }
 
 pub fn rank(a: RankArgs) -> anyhow::Result<()> {
@@ -104,23 +104,17 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
     }
-    let device = Device::parse(&a.device)?;
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(|d| DType::parse(d).ok_or_else(|| anyhow::anyhow!("unknown dtype {d}")))
-        .transpose()?;
     let comm = Arc::new(iris_comm::cpu::CpuComm::join(
         "shm", &a.group, a.rank, a.world,
     )?);
     let opts = PipelineOptions {
-        dtype,
-        device,
+        dtype: a.dtype,
+        device: a.device,
         ..Default::default()
     };
     let pipe = Pipeline::load_tp(&a.model, &opts, Parts::LANGUAGE, comm.clone())
         .map_err(|e| anyhow::anyhow!("loading {} as rank {}: {e}", a.model.display(), a.rank))?;
-    iris_engine::tp::follow(&*pipe.model, &*comm, device)?;
+    iris_engine::tp::follow(&*pipe.model, &*comm, a.device)?;
     Ok(())
 }
 
@@ -423,6 +417,14 @@ fn nccl_join(
     }
 }
 
+/// The rank registrations a watch of `…/ranks/` holds (those that parse).
+fn registered_ranks(view: &iris_cluster::View) -> Vec<RankEntry> {
+    view.0
+        .values()
+        .filter_map(|v| serde_json::from_slice(v).ok())
+        .collect()
+}
+
 /// Rank 0: waits until ranks 0..`world` are registered, each for a group of `world`
 /// (this registration as rank 0); returns them in rank order.
 async fn wait_for_ranks(
@@ -432,30 +434,14 @@ async fn wait_for_ranks(
     world: usize,
 ) -> anyhow::Result<Vec<RankEntry>> {
     let mut events = reg.watch(format!("{prefix}ranks/"));
-    let mut seen: std::collections::BTreeMap<String, RankEntry> = Default::default();
+    let mut view = iris_cluster::View::default();
     while let Some(ev) = events.recv().await {
-        match ev {
-            iris_cluster::WatchEvent::Snapshot(kvs) => {
-                seen.clear();
-                for (k, v) in kvs {
-                    if let Ok(e) = serde_json::from_slice(&v) {
-                        seen.insert(k, e);
-                    }
-                }
-            }
-            iris_cluster::WatchEvent::Put(k, v) => {
-                if let Ok(e) = serde_json::from_slice(&v) {
-                    seen.insert(k, e);
-                }
-            }
-            iris_cluster::WatchEvent::Delete(k) => {
-                seen.remove(&k);
-            }
-        }
+        view.apply(ev);
+        let seen = registered_ranks(&view);
         let ranks: Vec<Option<&RankEntry>> = (0..world)
-            .map(|r| seen.values().find(|e| e.rank == r && e.world == world))
+            .map(|r| seen.iter().find(|e| e.rank == r && e.world == world))
             .collect();
-        if let Some(other) = seen.values().find(|e| e.world != world) {
+        if let Some(other) = seen.iter().find(|e| e.world != world) {
             tracing::warn!(
                 rank = other.rank,
                 world = other.world,
@@ -477,15 +463,14 @@ async fn wait_for_rendezvous(
 ) -> anyhow::Result<Rendezvous> {
     let key = format!("{prefix}rendezvous");
     let mut events = reg.watch(key.clone());
+    let mut view = iris_cluster::View::default();
     while let Some(ev) = events.recv().await {
-        let value = match ev {
-            iris_cluster::WatchEvent::Snapshot(kvs) => {
-                kvs.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
-            }
-            iris_cluster::WatchEvent::Put(k, v) if k == key => Some(v),
-            _ => None,
-        };
-        let Some(rv) = value.and_then(|v| serde_json::from_slice::<Rendezvous>(&v).ok()) else {
+        view.apply(ev);
+        let Some(rv) = view
+            .0
+            .get(&key)
+            .and_then(|v| serde_json::from_slice::<Rendezvous>(v).ok())
+        else {
             continue;
         };
         if rv.ranks.get(me.rank).is_some_and(|r| r.nonce == me.nonce) {
@@ -511,25 +496,16 @@ pub fn watch_ranks(
     let ranks = formed.ranks.clone();
     tokio::spawn(async move {
         let mut events = reg.watch(format!("{prefix}ranks/"));
-        let mut seen: std::collections::BTreeMap<String, RankEntry> = Default::default();
+        let mut view = iris_cluster::View::default();
+        let mut seen = Vec::new();
         let mut missing_since: Vec<Option<std::time::Instant>> = vec![None; ranks.len()];
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(iris_cluster::WatchEvent::Snapshot(kvs)) => {
-                        seen = kvs
-                            .into_iter()
-                            .filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?)))
-                            .collect();
-                    }
-                    Some(iris_cluster::WatchEvent::Put(k, v)) => {
-                        if let Ok(e) = serde_json::from_slice(&v) {
-                            seen.insert(k, e);
-                        }
-                    }
-                    Some(iris_cluster::WatchEvent::Delete(k)) => {
-                        seen.remove(&k);
+                    Some(ev) => {
+                        view.apply(ev);
+                        seen = registered_ranks(&view);
                     }
                     None => return,
                 },
@@ -539,7 +515,7 @@ pub fn watch_ranks(
                 return;
             }
             for (r, want) in ranks.iter().enumerate() {
-                let now = seen.values().find(|e| e.rank == r);
+                let now = seen.iter().find(|e| e.rank == r);
                 match now {
                     Some(e) if e.nonce == want.nonce => missing_since[r] = None,
                     Some(_) => {
