@@ -2,7 +2,9 @@
 """Builds the tiny LLaVA fixtures under tests/fixtures/ with HF transformers.
 
 Each fixture is a real `LlavaForConditionalGeneration` (CLIP ViT -> MLP projector ->
-LLaMA) with random weights (std 0.1, norm weights 1 + 0.1*N so logits are not
+LLaMA), or `LlavaNextForConditionalGeneration` (the same, with images tiled to the best
+of `image_grid_pinpoints`, the feature grid unpadded and `image_newline` rows), with
+random weights (std 0.1, norm weights 1 + 0.1*N so logits are not
 degenerate), saved with `save_pretrained`, its weights then rewritten into one of the
 checkpoint layouts found in the wild, and reloaded through `from_pretrained` (so HF
 itself vouches for the layout) before the goldens are computed:
@@ -10,6 +12,10 @@ itself vouches for the layout) before the goldens are computed:
   golden.safetensors  pixel_values, vision_features (selected layer, after the select
                       strategy), projector_output, logits (prefill, every position)
   golden.json         prompt, image files, input_ids, greedy ids and their logprobs
+
+LLaVA-NeXT fixtures store each image's tensors apart (its tile count depends on its
+size): pixel_values_<i> [tiles, 3, H, W], vision_features_<i> [tiles, tokens, width],
+image_features_<i> (projected, unpadded, newline rows: what replaces its placeholders).
 
 Run from the repository root with one torch thread (bit-reproducible):
     python tools/gen_llava_fixtures.py [NAME ...]      # NAMEs: only those fixtures
@@ -30,12 +36,17 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 torch.set_num_threads(1)
@@ -106,7 +117,17 @@ def make_images():
     img2 += rng.normal(0, 8, img2.shape)
     b = Image.fromarray(np.clip(img2, 0, 255).astype(np.uint8))
     b.save(os.path.join(IMAGES, "tall.jpg"), quality=92)
-    return {"scene.png": a, "tall.jpg": Image.open(os.path.join(IMAGES, "tall.jpg"))}
+    # A wide one (its own generator: the two above stay as they were), for LLaVA-NeXT's
+    # 1x3 grid.
+    rng = np.random.default_rng(11)
+    h, w = 40, 100
+    y, x = np.mgrid[0:h, 0:w]
+    img3 = np.stack([(x * 3) % 256, 80 + 70 * np.cos(y / 4.0), 200 - (x + 2 * y) % 160], axis=-1)
+    img3[(x % 25 < 4) | (y % 13 < 2)] = [20, 220, 90]
+    img3 += rng.normal(0, 10, img3.shape)
+    c = Image.fromarray(np.clip(img3, 0, 255).astype(np.uint8))
+    c.save(os.path.join(IMAGES, "wide.png"))
+    return {"scene.png": a, "tall.jpg": Image.open(os.path.join(IMAGES, "tall.jpg")), "wide.png": c}
 
 
 def init_weights(model):
@@ -222,6 +243,85 @@ def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_t
     print(name, "prompt", n_prompt, "tokens; greedy", ids)
 
 
+def build_next(name, *, dtype, vision, text, next_cfg, prompt, images, max_new_tokens=8):
+    """A LLaVA-NeXT fixture (as saved by transformers 5, LlavaNextProcessor's PIL backend)."""
+    if ONLY and name not in ONLY:
+        return
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer(out)
+    vc = CLIPVisionConfig(**vision)
+    tc = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id, **next_cfg)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    init_weights(model)
+    s = vc.image_size
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+        image_grid_pinpoints=cfg.image_grid_pinpoints,
+    )
+    proc = LlavaNextProcessor(
+        image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1,
+    )
+    model.to(dtype).save_pretrained(out)
+    proc.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+    ref = LlavaNextForConditionalGeneration.from_pretrained(out, dtype=dtype).eval()
+    proc = LlavaNextProcessor.from_pretrained(out, backend="pil")
+    files = images_of(prompt, images)
+    inputs = proc(text=prompt, images=[images[f] for f in files], return_tensors="pt")
+    golden = {}
+    layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+    with torch.no_grad():
+        golden["logits"] = ref(**inputs).logits[0].float()
+        packed = ref.model.get_image_features(
+            inputs["pixel_values"].to(dtype), inputs["image_sizes"]
+        ).pooler_output
+        for i, (size, feats) in enumerate(zip(inputs["image_sizes"], packed)):
+            tiles = image_size_to_num_patches(size, cfg.image_grid_pinpoints, vc.image_size)
+            pv = inputs["pixel_values"][i][:tiles]
+            states = ref.model.vision_tower(pv.to(dtype), output_hidden_states=True).hidden_states
+            sel = torch.cat([states[l] for l in layers], dim=-1)
+            if cfg.vision_feature_select_strategy == "default":
+                sel = sel[:, 1:]
+            golden[f"pixel_values_{i}"] = pv.float()
+            golden[f"vision_features_{i}"] = sel.float()
+            golden[f"image_features_{i}"] = feats.float()
+        gen = ref.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    n_prompt = inputs["input_ids"].shape[1]
+    ids = gen.sequences[0, n_prompt:].tolist()
+    logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
+    # The processor's placeholder count for a spread of sizes (thin, square, huge).
+    sides = [1, 7, 29, 30, 31, 43, 57, 60, 89, 90, 100, 333, 1000, 4000]
+    sizes = [[h, w] for h in sides for w in sides]
+    counts = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump(
+        {
+            "prompt": prompt,
+            "images": files,
+            "image_sizes": inputs["image_sizes"].tolist(),
+            "token_counts": [[h, w, n] for (h, w), n in zip(sizes, counts)],
+            "dtype": str(dtype).replace("torch.", ""),
+            "prompt_token_ids": inputs["input_ids"][0].tolist(),
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+            "max_new_tokens": max_new_tokens,
+        },
+        open(os.path.join(out, "golden.json"), "w"),
+        indent=1,
+    )
+    print(name, "prompt", n_prompt, "tokens; image sizes", inputs["image_sizes"].tolist(), "greedy", ids)
+
+
 IMAGE_ORDER = {}
 # Fixture names given on the command line: build only those (default: all).
 ONLY = set(sys.argv[1:])
@@ -237,6 +337,10 @@ def main():
     p2 = "USER: <image> and <image> Describe the two images. ASSISTANT:"
     IMAGE_ORDER[p1] = ["scene.png"]
     IMAGE_ORDER[p2] = ["scene.png", "tall.jpg"]
+    p3 = "USER: <image> <image>\nand <image> Which is the widest? ASSISTANT:"
+    p4 = "USER: <image>\nDescribe it. ASSISTANT: It shows <image>"
+    IMAGE_ORDER[p3] = ["scene.png", "tall.jpg", "wide.png"]
+    IMAGE_ORDER[p4] = ["wide.png", "tall.jpg"]
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                   image_size=30, patch_size=6, hidden_act="quick_gelu", projection_dim=32)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -279,6 +383,17 @@ def main():
           vision=siglip, text=dict(text, num_key_value_heads=2, rope_theta=1000000.0),
           llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu"),
           prompt=p1, images=images)
+    # 7. LLaVA-NeXT: three images of different sizes and grids (2x2, 2x2 tall, 1x3),
+    #    two vision layers concatenated, strategy "default".
+    pinpoints = [[30, 60], [60, 30], [60, 60], [90, 30], [30, 90]]
+    next_cfg = dict(image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
+                    projector_hidden_act="gelu")
+    build_next("llava-next-tiny-f32", dtype=torch.float32, vision=vision, text=text,
+               next_cfg=dict(next_cfg, vision_feature_layer=[-3, -1]), prompt=p3, images=images)
+    # 8. The same at bf16, GQA, one layer (-2), the images in another order.
+    build_next("llava-next-tiny-bf16", dtype=torch.bfloat16, vision=vision,
+               text=dict(text, num_key_value_heads=2), next_cfg=dict(next_cfg, vision_feature_layer=-2),
+               prompt=p4, images=images)
 
 
 if __name__ == "__main__":

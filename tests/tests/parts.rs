@@ -13,6 +13,8 @@ const GENERATION: &[&str] = &[
     "llava-tiny-gqa-bf16",
     "llava-tiny-model-f32",
     "llava-tiny-qwen2-f32",
+    "llava-next-tiny-f32",
+    "llava-next-tiny-bf16",
     "blip2-tiny-opt-f32",
     "idefics-tiny-f32",
     "idefics-tiny-qknorm-f32",
@@ -71,7 +73,12 @@ fn each_part_reads_only_its_own_tensors() {
             assert_eq!(
                 under(
                     &connector,
-                    &["multi_modal_projector.", "model.multi_modal_projector."]
+                    &[
+                        "multi_modal_projector.",
+                        "model.multi_modal_projector.",
+                        "image_newline",
+                        "model.image_newline",
+                    ]
                 ),
                 None
             );
@@ -91,6 +98,7 @@ fn a_part_computes_what_the_whole_model_computes_and_refuses_the_rest() {
     let scene = std::fs::read(fixtures().join("images/scene.png")).unwrap();
     for &name in &[
         "llava-tiny-hub-f32",
+        "llava-next-tiny-f32",
         "blip2-tiny-opt-f32",
         "idefics-tiny-f32",
     ] {
@@ -98,22 +106,26 @@ fn a_part_computes_what_the_whole_model_computes_and_refuses_the_rest() {
         let (encoder, _) = read(name, Parts::VISION);
         let (connector, _) = read(name, Parts::CONNECTOR);
         let (decoder, _) = read(name, Parts::LANGUAGE);
-        let pv = whole.processor.pixel_values(&scene).unwrap();
+        let (pv, size) = whole.processor.pixel_values(&scene).unwrap();
         let features = encoder.model.image_features(&pv).unwrap();
         assert_eq!(
             features.to_f32_vec(),
             whole.model.image_features(&pv).unwrap().to_f32_vec(),
             "{name}"
         );
-        let tokens = connector.model.connect(&features).unwrap();
+        let tokens = connector.model.connect(&features, size).unwrap();
         assert_eq!(
             tokens.to_f32_vec(),
-            whole.model.connect(&features).unwrap().to_f32_vec(),
+            whole.model.connect(&features, size).unwrap().to_f32_vec(),
             "{name}"
         );
         assert!(decoder.model.language_model().is_ok());
         // Another part's call is an error that says which part is missing.
-        let e = encoder.model.connect(&features).unwrap_err().to_string();
+        let e = encoder
+            .model
+            .connect(&features, size)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("connector") && e.contains("not loaded"), "{e}");
         let e = connector.model.image_features(&pv).unwrap_err().to_string();
         assert!(e.contains("vision encoder"), "{e}");
@@ -140,7 +152,7 @@ fn a_batch_through_the_vit_equals_each_image_alone() {
         let (p, _) = read(name, Parts::VISION);
         let pvs: Vec<_> = images
             .iter()
-            .map(|b| p.processor.pixel_values(b).unwrap())
+            .map(|b| p.processor.pixel_values(b).unwrap().0)
             .collect();
         let batch = p
             .model

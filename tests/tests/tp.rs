@@ -56,7 +56,7 @@ fn greedy(name: &str, comm: Arc<dyn Communicator>) -> (Vec<u32>, Vec<f32>) {
     let (mut ids, mut visual) = (PROMPT.to_vec(), Vec::new());
     if name.starts_with("idefics") {
         ids.insert(1, model.image_token_id());
-        let [r, c] = model.visual_shape();
+        let [r, c] = model.visual_shape(Default::default());
         let v: Vec<f32> = (0..r * c)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();

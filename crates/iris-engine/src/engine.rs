@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
+use iris_models::config::ImageSize;
 use iris_models::vlm::CausalLm;
 use iris_tensor::kv::{KvArena, KvCache, KvDtype};
 use iris_tensor::Tensor;
@@ -589,29 +590,36 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
         ))),
         Some(e) => {
             fits(&e.input_ids)?;
-            // Tensors from the network: checked before any kernel sees them.
-            let want = p.model.visual_shape();
+            // Tensors from the network: checked before any kernel sees them. Where the
+            // count depends on the image's size (which the decoder is not told), each
+            // image's rows only need to sum to the placeholders.
+            let tokens = p.model.image_tokens();
+            let fixed = p.model.visual_shape(ImageSize::default());
             for (i, t) in e.visual.iter().enumerate() {
                 let what = format!("visual tokens of image {}", i + 1);
+                let want = match tokens.fixed() {
+                    Some(_) => fixed,
+                    None => [t.rows().max(1), fixed[1]],
+                };
                 iris_models::vlm::check_untrusted(t, want, &what)?;
             }
-            let per = p.model.tokens_per_image();
             let slots = e
                 .input_ids
                 .iter()
                 .filter(|&&id| id == p.model.image_token_id())
                 .count();
-            if per > 0 && slots != e.visual.len() * per {
+            let given: usize = e.visual.iter().map(Tensor::rows).sum();
+            if tokens.fixed() != Some(0) && slots != given {
                 return Err(Error::Input(format!(
-                    "the prompt has {slots} image placeholders; {} image(s) of {per} visual tokens need {}",
+                    "the prompt has {slots} image placeholders; {} image(s) give {given} visual tokens",
                     e.visual.len(),
-                    e.visual.len() * per
                 )));
             }
             Ok(Prepared {
                 prompt: PreparedPrompt {
                     input_ids: e.input_ids.clone(),
                     pixel_values: Vec::new(),
+                    image_sizes: Vec::new(),
                 },
                 image_hashes: e.visual.iter().map(visual_hash).collect::<Result<_>>()?,
                 visual: e.visual.clone(),

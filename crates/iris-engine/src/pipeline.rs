@@ -111,14 +111,16 @@ impl ModelSpec {
         cfg: &serde_json::Value,
         limits: ImageLimits,
     ) -> Result<ModelSpec> {
-        use iris_models::config::{Blip2Config, BlipConfig, IdeficsConfig, LlavaConfig};
+        use iris_models::config::{
+            Blip2Config, BlipConfig, IdeficsConfig, ImageTokens, LlavaConfig,
+        };
         let family = Family::of(cfg)?;
         let mut sep_eos = None;
         // (style, placeholder id, visual tokens per image, model eos, context)
         let (style, placeholder, per_image, model_eos, context) = match family {
             Family::Llava => {
                 let c = LlavaConfig::from_value(cfg)?;
-                let per = c.tokens_per_image();
+                let per = c.image_tokens()?;
                 let ctx = c.text.max_position_embeddings;
                 (
                     PromptStyle::Inline,
@@ -131,7 +133,7 @@ impl ModelSpec {
             Family::Blip2 => {
                 let c = Blip2Config::from_value(cfg)?;
                 let ctx = c.text.max_position_embeddings;
-                let (id, per) = (c.image_token_id, c.num_query_tokens);
+                let (id, per) = (c.image_token_id, ImageTokens::Fixed(c.num_query_tokens));
                 (
                     PromptStyle::Prefix,
                     Some(id),
@@ -143,7 +145,14 @@ impl ModelSpec {
             Family::Idefics => {
                 let c = IdeficsConfig::from_value(cfg)?;
                 let ctx = c.text.max_position_embeddings;
-                (PromptStyle::Interleaved, None, 0, c.text.eos_token_ids, ctx)
+                let none = ImageTokens::None;
+                (
+                    PromptStyle::Interleaved,
+                    None,
+                    none,
+                    c.text.eos_token_ids,
+                    ctx,
+                )
             }
             Family::BlipCaption => {
                 let c = BlipConfig::from_value(cfg)?;
@@ -152,7 +161,13 @@ impl ModelSpec {
                 let style = PromptStyle::Decoder {
                     bos: c.bos_token_id,
                 };
-                (style, None, 0, vec![], c.max_position_embeddings)
+                (
+                    style,
+                    None,
+                    ImageTokens::None,
+                    vec![],
+                    c.max_position_embeddings,
+                )
             }
             Family::BlipRetrieval | Family::Blip2Retrieval => {
                 return Err(Error::Input(format!(
@@ -289,7 +304,8 @@ impl Pipeline {
         Ok(prepared
             .pixel_values
             .iter()
-            .map(|pv| self.model.encode_image(pv))
+            .zip(&prepared.image_sizes)
+            .map(|(pv, &size)| self.model.encode_image(pv, size))
             .collect::<iris_models::Result<_>>()?)
     }
 

@@ -1,7 +1,8 @@
 //! A model's HF processor: images → `pixel_values` (the image processor), text +
 //! images → `input_ids` with image placeholders, in the model's convention:
 //! - LLaVA (`processing_llava.py`): each `<image>` marker in the prompt becomes as many
-//!   image tokens as the vision tower yields visual tokens;
+//!   image tokens as the vision tower yields visual tokens; LLaVA-NeXT
+//!   (`processing_llava_next.py`): as many as its image's size gives;
 //! - BLIP-2 (`processing_blip_2.py`): one image, whose query-token placeholders go before
 //!   the tokenized text (before its BOS); a prompt without a marker puts it first;
 //! - BLIP (`modeling_blip.py` `generate`): no placeholders (the image enters through
@@ -21,6 +22,7 @@
 use std::path::Path;
 
 use iris_image::{ImageLimits, ImageProcessor};
+use iris_models::config::{ImageSize, ImageTokens};
 use iris_tensor::Tensor;
 use tokenizers::Tokenizer;
 
@@ -52,7 +54,7 @@ pub struct Processor {
     bos_token: String,
     /// The placeholder id, for the styles that use one.
     image_token_id: Option<u32>,
-    tokens_per_image: usize,
+    image_tokens: ImageTokens,
     style: PromptStyle,
     limits: ImageLimits,
     /// The same tokenizer with special-token strings read as text (for user text).
@@ -119,8 +121,10 @@ impl Escapes {
 #[derive(Debug, Clone)]
 pub struct PreparedPrompt {
     pub input_ids: Vec<u32>,
-    /// `[3, H, W]` per image, in prompt order.
+    /// `[3, H, W]` (or `[tiles, 3, H, W]`) per image, in prompt order.
     pub pixel_values: Vec<Tensor>,
+    /// Each image's size as decoded.
+    pub image_sizes: Vec<ImageSize>,
 }
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
@@ -133,7 +137,7 @@ impl Processor {
         dir: &Path,
         style: PromptStyle,
         image_token_id: Option<u32>,
-        tokens_per_image: usize,
+        image_tokens: ImageTokens,
         limits: ImageLimits,
     ) -> Result<Processor> {
         let tok_path = dir.join("tokenizer.json");
@@ -203,7 +207,7 @@ impl Processor {
             image_processor: ImageProcessor::from_model_dir(dir)?,
             image_token,
             image_token_id,
-            tokens_per_image,
+            image_tokens,
             style,
             limits,
         })
@@ -230,14 +234,34 @@ impl Processor {
         &self.image_token
     }
 
-    /// Decodes and preprocesses one image file's bytes into `[3, H, W]`.
-    pub fn pixel_values(&self, bytes: &[u8]) -> Result<Tensor> {
+    /// Decodes and preprocesses one image file's bytes into `[3, H, W]` (or its tiles
+    /// `[tiles, 3, H, W]`), with the size it decoded to.
+    pub fn pixel_values(&self, bytes: &[u8]) -> Result<(Tensor, ImageSize)> {
         let img = iris_image::decode(bytes, self.limits)?;
-        let (h, w) = self.image_processor.output_size(img.width, img.height);
-        Ok(Tensor::from_f32(
-            self.image_processor.preprocess(&img)?,
-            &[3, h, w],
-        )?)
+        let shape = self.image_processor.output_shape(img.width, img.height);
+        let size = ImageSize {
+            height: img.height,
+            width: img.width,
+        };
+        Ok((
+            Tensor::from_f32(self.image_processor.preprocess(&img)?, &shape)?,
+            size,
+        ))
+    }
+
+    /// The size of an image file from its header alone (what the placeholder count of
+    /// LLaVA-NeXT depends on), within the limits.
+    pub fn image_size(&self, bytes: &[u8]) -> Result<ImageSize> {
+        let (w, h) = iris_image::dimensions(bytes, self.limits)?;
+        Ok(ImageSize {
+            height: h as usize,
+            width: w as usize,
+        })
+    }
+
+    /// How many placeholders an image fills.
+    pub fn image_tokens(&self) -> &ImageTokens {
+        &self.image_tokens
     }
 
     /// The added token (longest first) that `text` starts with.
@@ -347,8 +371,7 @@ impl Processor {
 
     /// Tokenizes `prompt` with `images` (encoded files, one per marker, in order).
     pub fn prepare(&self, prompt: &str, images: &[Vec<u8>]) -> Result<PreparedPrompt> {
-        let input_ids = self.tokenize(prompt, images.len())?;
-        let pixel_values = images
+        let (pixel_values, image_sizes): (Vec<Tensor>, Vec<ImageSize>) = images
             .iter()
             .enumerate()
             .map(|(i, b)| {
@@ -357,17 +380,20 @@ impl Processor {
                     other => other,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         Ok(PreparedPrompt {
-            input_ids,
+            input_ids: self.tokenize(prompt, &image_sizes)?,
             pixel_values,
+            image_sizes,
         })
     }
 
-    /// The prompt's ids with `n_images` images' placeholders expanded (no pixels
+    /// The prompt's ids with the placeholders of images of `sizes` expanded (no pixels
     /// needed: what the gateway does before any image is encoded).
-    pub fn tokenize(&self, prompt: &str, n_images: usize) -> Result<Vec<u32>> {
-        self.tokenize_escaped(prompt, n_images, &Escapes::default())
+    pub fn tokenize(&self, prompt: &str, sizes: &[ImageSize]) -> Result<Vec<u32>> {
+        self.tokenize_escaped(prompt, sizes, &Escapes::default())
     }
 
     /// As [`Processor::tokenize`], for a chat prompt rendered from text escaped with
@@ -375,11 +401,10 @@ impl Processor {
     pub fn tokenize_escaped(
         &self,
         prompt: &str,
-        n_images: usize,
+        images: &[ImageSize],
         esc: &Escapes,
     ) -> Result<Vec<u32>> {
         let marker = self.image_token.as_str();
-        let images = vec![(); n_images];
         let markers = prompt.matches(marker).count();
         let input_ids = match self.style {
             PromptStyle::Inline => {
@@ -389,11 +414,15 @@ impl Processor {
                         images.len()
                     )));
                 }
-                self.encode(
-                    &prompt.replace(marker, &marker.repeat(self.tokens_per_image)),
-                    true,
-                    esc,
-                )?
+                // Each marker becomes its image's placeholders.
+                let mut text = String::with_capacity(prompt.len());
+                for (i, piece) in prompt.split(marker).enumerate() {
+                    if i > 0 {
+                        text.push_str(&marker.repeat(self.image_tokens.count(images[i - 1])));
+                    }
+                    text.push_str(piece);
+                }
+                self.encode(&text, true, esc)?
             }
             PromptStyle::Prefix => {
                 if images.is_empty() && markers > 0 {
@@ -419,7 +448,8 @@ impl Processor {
                 let placeholder = self
                     .image_token_id
                     .expect("Prefix style has an image token");
-                let mut ids = vec![placeholder; images.len() * self.tokens_per_image];
+                let per: usize = images.iter().map(|&s| self.image_tokens.count(s)).sum();
+                let mut ids = vec![placeholder; per];
                 ids.extend(self.encode(text, true, esc)?);
                 ids
             }

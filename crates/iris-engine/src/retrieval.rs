@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use iris_models::config::{read_json, Blip2Config};
+use iris_models::config::{read_json, Blip2Config, ImageTokens};
 use iris_models::registry::{Checkpoint, Family};
 use iris_models::vlm::{ImageTextRetrieval, MatchScores};
 use iris_tensor::Tensor;
@@ -27,10 +27,10 @@ impl RetrievalPipeline {
                 (
                     PromptStyle::Prefix,
                     Some(c.image_token_id),
-                    c.num_query_tokens,
+                    ImageTokens::Fixed(c.num_query_tokens),
                 )
             }
-            _ => (PromptStyle::Plain, None, 0),
+            _ => (PromptStyle::Plain, None, ImageTokens::None),
         };
         let model = ck.load_retrieval()?;
         let processor = Processor::load(dir, style, placeholder, per_image, opts.limits)?;
@@ -38,10 +38,11 @@ impl RetrievalPipeline {
     }
 
     fn pixel_values(&self, image: &[u8]) -> Result<Tensor> {
-        self.processor.pixel_values(image).map_err(|e| match e {
-            Error::Image(e) => Error::Input(format!("image: {e}")),
-            other => other,
-        })
+        match self.processor.pixel_values(image) {
+            Ok((pixels, _)) => Ok(pixels),
+            Err(Error::Image(e)) => Err(Error::Input(format!("image: {e}"))),
+            Err(other) => Err(other),
+        }
     }
 
     /// Text ids as the processor makes them, without image placeholders.

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use iris_comm::Communicator;
+use iris_models::config::{ImageSize, ImageTokens};
 use iris_models::layers::{KvArena, KvCache, KvDtype};
 use iris_models::vlm::{CausalLm, VisionLanguageModel};
 use iris_tensor::{DType, Tensor};
@@ -459,20 +460,20 @@ impl VisionLanguageModel for TpLeader {
     fn image_features_batch(&self, pv: &[&Tensor]) -> iris_models::Result<Vec<Tensor>> {
         self.inner.image_features_batch(pv)
     }
-    fn connect(&self, features: &Tensor) -> iris_models::Result<Tensor> {
-        self.inner.connect(features)
+    fn connect(&self, features: &Tensor, size: ImageSize) -> iris_models::Result<Tensor> {
+        self.inner.connect(features, size)
     }
     fn image_token_id(&self) -> u32 {
         self.inner.image_token_id()
     }
-    fn tokens_per_image(&self) -> usize {
-        self.inner.tokens_per_image()
+    fn image_tokens(&self) -> ImageTokens {
+        self.inner.image_tokens()
     }
-    fn feature_shape(&self) -> [usize; 2] {
-        self.inner.feature_shape()
+    fn feature_shape(&self, size: ImageSize) -> [usize; 2] {
+        self.inner.feature_shape(size)
     }
-    fn visual_shape(&self) -> [usize; 2] {
-        self.inner.visual_shape()
+    fn visual_shape(&self, size: ImageSize) -> [usize; 2] {
+        self.inner.visual_shape(size)
     }
     fn language_model(&self) -> iris_models::Result<&dyn CausalLm> {
         self.inner.language_model()?;

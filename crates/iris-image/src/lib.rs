@@ -10,7 +10,9 @@ mod processor;
 mod resample;
 
 pub use decode::{decode, dimensions, ImageLimits, RgbImage};
-pub use processor::{ImageProcessor, Resample};
+pub use processor::{
+    grid_pinpoints, select_best_resolution, ImageProcessor, Resample, DEFAULT_PINPOINTS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,7 +1,11 @@
 //! HF's CLIP / LLaVA image processor (`image_processing_pil_clip.py`,
 //! `image_processing_pil_llava.py`, PIL backend): optional pad-to-square, resize
 //! (shortest edge or fixed size), center-crop, rescale in f64 then cast to f32,
-//! normalise in f32 — channel-first `pixel_values`.
+//! normalise in f32 — channel-first `pixel_values`. LLaVA-NeXT's
+//! (`image_processing_pil_llava_next.py`) first tiles the image: resized into the best of
+//! `image_grid_pinpoints` keeping its aspect, zero-padded to it, cut into crop-sized
+//! tiles, after the whole image resized to the base size; each tile then goes the way
+//! above: `[tiles, 3, H, W]`.
 
 use std::path::Path;
 
@@ -28,9 +32,22 @@ enum Size {
     Exact { height: usize, width: usize },
 }
 
+/// LLaVA-NeXT's tiling ("anyres").
+#[derive(Debug, Clone, PartialEq)]
+struct AnyRes {
+    /// `(height, width)` resolutions an image may be tiled to.
+    pinpoints: Vec<[usize; 2]>,
+    /// The side of a tile.
+    tile: usize,
+    /// `(height, width)` the whole image is resized to, the first tile.
+    base: (usize, usize),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessor {
+    /// Pad to a square first (LLaVA's `do_pad`; LLaVA-NeXT's pads tile counts instead).
     do_pad: bool,
+    anyres: Option<AnyRes>,
     resize: Option<(Size, Resample)>,
     crop: Option<(usize, usize)>,
     rescale: Option<f64>,
@@ -122,10 +139,15 @@ impl ImageProcessor {
         // BLIP's and SigLIP's processors resize to a fixed size and never crop; CLIP's
         // and LLaVA's resize the shortest edge and center-crop. SigLIP's defaults: 224 ×
         // 224, mean and std 0.5.
+        let mut tiled = false;
         let (blip, siglip) = match v.get("image_processor_type").and_then(|t| t.as_str()) {
             None => (false, false),
             Some(t) => match t.trim_end_matches("Fast").trim_end_matches("Pil") {
                 "CLIPImageProcessor" | "LlavaImageProcessor" => (false, false),
+                "LlavaNextImageProcessor" => {
+                    tiled = true;
+                    (false, false)
+                }
                 "BlipImageProcessor" | "IdeficsImageProcessor" => (true, false),
                 "SiglipImageProcessor" => (true, true),
                 _ => return Err(Error::Config(format!("unsupported image processor `{t}`"))),
@@ -194,8 +216,14 @@ impl ImageProcessor {
         } else {
             None
         };
+        let anyres = if tiled {
+            Some(AnyRes::from_value(v, resize.as_ref().map(|r| &r.0), crop)?)
+        } else {
+            None
+        };
         let p = ImageProcessor {
-            do_pad: flag("do_pad", false),
+            do_pad: !tiled && flag("do_pad", false),
+            anyres,
             resize,
             crop,
             rescale,
@@ -215,9 +243,24 @@ impl ImageProcessor {
         Ok(p)
     }
 
+    /// The shape of the pixel values this processor produces for an image of `w×h`:
+    /// `[3, H, W]`, or `[tiles, 3, H, W]` where it tiles.
+    pub fn output_shape(&self, w: usize, h: usize) -> Vec<usize> {
+        match &self.anyres {
+            Some(a) => {
+                let (th, tw) = self.output_size(a.tile, a.tile);
+                vec![a.tiles(h, w), 3, th, tw]
+            }
+            None => {
+                let (oh, ow) = self.output_size(w, h);
+                vec![3, oh, ow]
+            }
+        }
+    }
+
     /// The `(height, width)` of the pixel values this processor produces for an image
-    /// of `w×h`.
-    pub fn output_size(&self, w: usize, h: usize) -> (usize, usize) {
+    /// (or a tile) of `w×h`.
+    fn output_size(&self, w: usize, h: usize) -> (usize, usize) {
         let (mut w, mut h) = (w, h);
         if self.do_pad {
             let m = w.max(h);
@@ -229,13 +272,29 @@ impl ImageProcessor {
         self.crop.unwrap_or((h, w))
     }
 
-    /// `pixel_values` `[3, H, W]` (f32, channel-first) of one RGB image.
+    /// `pixel_values` (f32, channel-first) of one RGB image, of
+    /// [`ImageProcessor::output_shape`].
     pub fn preprocess(&self, img: &RgbImage) -> Result<Vec<f32>> {
-        let (mut w, mut h) = (img.width, img.height);
+        let (w, h) = (img.width, img.height);
         if w == 0 || h == 0 || img.data.len() != w * h * 3 {
             return Err(Error::Empty);
         }
-        let mut px = img.data.clone();
+        let Some(a) = &self.anyres else {
+            return self.process(img.data.clone(), w, h);
+        };
+        let mut out = Vec::new();
+        for (px, tw, th) in a.tiles_of(&img.data, w, h, self.filter())? {
+            out.extend(self.process(px, tw, th)?);
+        }
+        Ok(out)
+    }
+
+    fn filter(&self) -> Resample {
+        self.resize.as_ref().map_or(Resample::Bicubic, |r| r.1)
+    }
+
+    /// One image (or tile) of `w×h` RGB bytes: pad, resize, crop, rescale, normalise.
+    fn process(&self, mut px: Vec<u8>, mut w: usize, mut h: usize) -> Result<Vec<f32>> {
         if self.do_pad && w != h {
             let (mean, _) = self
                 .normalize
@@ -277,6 +336,125 @@ impl ImageProcessor {
             }
         }
         Ok(out)
+    }
+}
+
+/// HF's `select_best_resolution`: of the `(height, width)` resolutions, the one that
+/// keeps the most of an `h×w` image's pixels once it is scaled to fit, then wastes
+/// the fewest; the first of equals.
+pub fn select_best_resolution(h: usize, w: usize, pinpoints: &[[usize; 2]]) -> [usize; 2] {
+    let mut best = pinpoints[0];
+    let (mut most, mut least_waste) = (0usize, usize::MAX);
+    for &[ph, pw] in pinpoints {
+        let scale = (pw as f64 / w as f64).min(ph as f64 / h as f64);
+        let (dw, dh) = ((w as f64 * scale) as usize, (h as f64 * scale) as usize);
+        let effective = (dw * dh).min(w * h);
+        let waste = (pw * ph).saturating_sub(effective);
+        if effective > most || (effective == most && waste < least_waste) {
+            (most, least_waste, best) = (effective, waste, [ph, pw]);
+        }
+    }
+    best
+}
+
+/// HF's default `image_grid_pinpoints` (LLaVA-1.6 at 336 pixels).
+pub const DEFAULT_PINPOINTS: [[usize; 2]; 5] =
+    [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+
+/// An `image_grid_pinpoints` value: `(height, width)` pairs, positive; absent is HF's
+/// default list.
+pub fn grid_pinpoints(v: Option<&Value>) -> Result<Vec<[usize; 2]>> {
+    let bad = || Error::Config("`image_grid_pinpoints` must be [height, width] pairs".into());
+    match v {
+        None | Some(Value::Null) => Ok(DEFAULT_PINPOINTS.to_vec()),
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .map(|p| match p.as_array().map(|p| p.as_slice()) {
+                Some([h, w]) => match (h.as_u64(), w.as_u64()) {
+                    (Some(h), Some(w)) if h > 0 && w > 0 => Ok([h as usize, w as usize]),
+                    _ => Err(bad()),
+                },
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+impl AnyRes {
+    fn from_value(v: &Value, size: Option<&Size>, crop: Option<(usize, usize)>) -> Result<AnyRes> {
+        let pinpoints = grid_pinpoints(v.get("image_grid_pinpoints"))?;
+        // The tile side and the base size, as `_preprocess` picks them.
+        let base = match size {
+            Some(Size::Exact { height, width }) => (*height, *width),
+            Some(Size::ShortestEdge(s)) => (*s, *s),
+            None => (224, 224),
+        };
+        let tile = match (crop, size) {
+            (Some((ch, _)), _) => ch,
+            (None, Some(Size::Exact { height, .. })) => *height,
+            _ => base.0,
+        };
+        if tile == 0 || base.0 == 0 || base.1 == 0 {
+            return Err(Error::Config("sizes must be positive".into()));
+        }
+        Ok(AnyRes {
+            pinpoints,
+            tile,
+            base,
+        })
+    }
+
+    /// Tiles an `h×w` image becomes: the base, then its grid's (HF's
+    /// `image_size_to_num_patches`).
+    fn tiles(&self, h: usize, w: usize) -> usize {
+        let [bh, bw] = select_best_resolution(h, w, &self.pinpoints);
+        1 + bh.div_ceil(self.tile) * bw.div_ceil(self.tile)
+    }
+
+    /// The base image, then the grid's tiles row by row, as RGB bytes with their sizes.
+    fn tiles_of(
+        &self,
+        px: &[u8],
+        w: usize,
+        h: usize,
+        filter: Resample,
+    ) -> Result<Vec<(Vec<u8>, usize, usize)>> {
+        let [bh, bw] = select_best_resolution(h, w, &self.pinpoints);
+        // `get_patch_output_size`: fit inside the best resolution, aspect kept.
+        let (sw, sh) = (bw as f64 / w as f64, bh as f64 / h as f64);
+        let (nh, nw) = if sw < sh {
+            (((h as f64 * sw).ceil() as usize).min(bh), bw)
+        } else {
+            (bh, ((w as f64 * sh).ceil() as usize).min(bw))
+        };
+        if nh == 0 || nw == 0 {
+            return Err(Error::Corrupt(format!(
+                "a {w}x{h} image resizes to nothing"
+            )));
+        }
+        let resized = resize(px, w, h, nw, nh, filter);
+        // Zero padding around it, the odd pixel after (`_get_padding_size`).
+        let (top, left) = ((bh - nh) / 2, (bw - nw) / 2);
+        let mut padded = vec![0u8; bh * bw * 3];
+        for y in 0..nh {
+            let d = ((top + y) * bw + left) * 3;
+            padded[d..d + nw * 3].copy_from_slice(&resized[y * nw * 3..(y + 1) * nw * 3]);
+        }
+        let (bth, btw) = self.base;
+        let mut tiles = vec![(resize(px, w, h, btw, bth, filter), btw, bth)];
+        // `divide_to_patches`: row-major, the last row and column cut short.
+        for y0 in (0..bh).step_by(self.tile) {
+            for x0 in (0..bw).step_by(self.tile) {
+                let (th, tw) = (self.tile.min(bh - y0), self.tile.min(bw - x0));
+                let mut t = Vec::with_capacity(th * tw * 3);
+                for y in y0..y0 + th {
+                    t.extend_from_slice(&padded[(y * bw + x0) * 3..(y * bw + x0 + tw) * 3]);
+                }
+                tiles.push((t, tw, th));
+            }
+        }
+        Ok(tiles)
     }
 }
 
@@ -348,6 +526,35 @@ mod tests {
             &json!({"image_processor_type": "Qwen2VLImageProcessor"})
         )
         .is_err());
+    }
+
+    #[test]
+    fn llava_next_tiles_to_the_best_resolution() {
+        let pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]];
+        // Values computed with HF's `select_best_resolution`.
+        assert_eq!(select_best_resolution(480, 640, &pins), [672, 672]);
+        assert_eq!(select_best_resolution(300, 1200, &pins), [336, 1008]);
+        assert_eq!(select_best_resolution(1000, 400, &pins), [1008, 336]);
+        assert_eq!(select_best_resolution(336, 672, &pins), [336, 672]);
+        let p = ImageProcessor::from_value(&json!({
+            "image_processor_type": "LlavaNextImageProcessor",
+            "size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30},
+            "do_pad": true,
+            "image_grid_pinpoints": [[30, 60], [60, 30], [60, 60], [90, 30], [30, 90]],
+        }))
+        .unwrap();
+        assert_eq!(p.output_shape(57, 43), vec![5, 3, 30, 30]);
+        assert_eq!(p.output_shape(100, 40), vec![4, 3, 30, 30]);
+        let img = RgbImage {
+            width: 100,
+            height: 40,
+            data: vec![128; 100 * 40 * 3],
+        };
+        assert_eq!(p.preprocess(&img).unwrap().len(), 4 * 3 * 30 * 30);
+        for bad in [json!([]), json!([[0, 30]]), json!([30, 60]), json!("x")] {
+            let v = json!({"image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": bad});
+            assert!(ImageProcessor::from_value(&v).is_err(), "{v}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::Path;
 use iris_tensor::{Activation, DType, Tensor};
 
 use crate::bert::{BertDims, BertEmbeddings, BertLayer};
-use crate::config::BlipConfig;
+use crate::config::{BlipConfig, ImageSize, ImageTokens};
 use crate::layers::{KvCache, LayerNorm, Linear};
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
 use crate::vit::VisionTransformer;
@@ -189,24 +189,24 @@ impl VisionLanguageModel for BlipCaptioner {
         part(&self.vision_model, Part::Vision)?.forward_batch(pixel_values)
     }
     /// BLIP's decoder reads the vision features themselves.
-    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+    fn connect(&self, features: &Tensor, _size: ImageSize) -> Result<Tensor> {
         Ok(features.clone())
     }
     fn image_token_id(&self) -> u32 {
         u32::MAX
     }
     /// No placeholders: the image enters through cross-attention.
-    fn tokens_per_image(&self) -> usize {
-        0
+    fn image_tokens(&self) -> ImageTokens {
+        ImageTokens::None
     }
-    fn feature_shape(&self) -> [usize; 2] {
+    fn feature_shape(&self, _size: ImageSize) -> [usize; 2] {
         [
             self.cfg.vision.num_patches() + 1,
             self.cfg.vision.hidden_size,
         ]
     }
-    fn visual_shape(&self) -> [usize; 2] {
-        self.feature_shape()
+    fn visual_shape(&self, size: ImageSize) -> [usize; 2] {
+        self.feature_shape(size)
     }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(part(&self.text_decoder, Part::Language)?)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::bert::{BertDims, QFormer};
-use crate::config::Blip2Config;
+use crate::config::{Blip2Config, ImageSize, ImageTokens};
 use crate::layers::Linear;
 use crate::opt::Opt;
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
@@ -201,22 +201,22 @@ impl VisionLanguageModel for Blip2 {
     fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
         part(&self.vision_model, Part::Vision)?.forward_batch(pixel_values)
     }
-    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+    fn connect(&self, features: &Tensor, _size: ImageSize) -> Result<Tensor> {
         self.project(&self.query_output(features)?)
     }
     fn image_token_id(&self) -> u32 {
         self.cfg.image_token_id
     }
-    fn tokens_per_image(&self) -> usize {
-        self.cfg.num_query_tokens
+    fn image_tokens(&self) -> ImageTokens {
+        ImageTokens::Fixed(self.cfg.num_query_tokens)
     }
-    fn feature_shape(&self) -> [usize; 2] {
+    fn feature_shape(&self, _size: ImageSize) -> [usize; 2] {
         [
             self.cfg.vision.num_patches() + 1,
             self.cfg.vision.hidden_size,
         ]
     }
-    fn visual_shape(&self) -> [usize; 2] {
+    fn visual_shape(&self, _size: ImageSize) -> [usize; 2] {
         [self.cfg.num_query_tokens, self.cfg.text.hidden_size]
     }
     fn language_model(&self) -> Result<&dyn CausalLm> {

@@ -323,6 +323,122 @@ pub struct LlavaConfig {
     pub projector_bias: bool,
     pub image_token_id: u32,
     pub dtype: Option<DType>,
+    /// LLaVA-NeXT (`LlavaNextForConditionalGeneration`): images tiled to the best of
+    /// these `(height, width)` resolutions, the visual-token count set by the size.
+    pub grid_pinpoints: Option<Vec<[usize; 2]>>,
+}
+
+/// The size of an image as decoded, before any preprocessing (zero where it is not
+/// needed: models whose token count is fixed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ImageSize {
+    pub height: usize,
+    pub width: usize,
+}
+
+/// How an image's visual tokens lie in the prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageTokens {
+    /// None: the images enter through cross-attention.
+    None,
+    /// The same number for every image.
+    Fixed(usize),
+    /// LLaVA-NeXT's: set by the image's size.
+    AnyRes(AnyResGrid),
+}
+
+impl ImageTokens {
+    /// The visual tokens of an image of `size`.
+    pub fn count(&self, size: ImageSize) -> usize {
+        match self {
+            ImageTokens::None => 0,
+            ImageTokens::Fixed(n) => *n,
+            ImageTokens::AnyRes(g) => g.layout(size).tokens(),
+        }
+    }
+
+    /// The count where it is the same for every image.
+    pub fn fixed(&self) -> Option<usize> {
+        match self {
+            ImageTokens::None => Some(0),
+            ImageTokens::Fixed(n) => Some(*n),
+            ImageTokens::AnyRes(_) => None,
+        }
+    }
+}
+
+/// LLaVA-NeXT's geometry: which tiles an image becomes and which of their feature rows
+/// survive the unpadding (`get_anyres_image_grid_shape`, `unpad_image`,
+/// `pack_image_features` in HF's `modeling_llava_next.py`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnyResGrid {
+    pub pinpoints: Vec<[usize; 2]>,
+    /// A tile's side in pixels (the tower's image size).
+    pub tile: usize,
+    /// A tile's side in patches.
+    pub side: usize,
+    /// Visual tokens of the base tile (the whole image, downscaled).
+    pub base: usize,
+}
+
+/// Where an image's tiles and surviving feature rows lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnyResLayout {
+    /// Tiles of the grid, down and across (the base tile not counted).
+    pub grid: (usize, usize),
+    /// Feature rows kept, `start..start + len`, of the grid's `grid.0 · side`.
+    pub rows: (usize, usize),
+    /// Feature columns kept, likewise.
+    pub cols: (usize, usize),
+    pub base: usize,
+}
+
+impl AnyResLayout {
+    /// Tiles through the tower: the base, then the grid's.
+    pub fn tiles(&self) -> usize {
+        1 + self.grid.0 * self.grid.1
+    }
+
+    /// The base tile's tokens, then each kept row of the grid and its newline.
+    pub fn tokens(&self) -> usize {
+        self.base + self.rows.1 * (self.cols.1 + 1)
+    }
+}
+
+impl AnyResGrid {
+    /// The size whose image has the most visual tokens: the largest resolution, which
+    /// it fills with no padding to drop.
+    pub fn largest(&self) -> ImageSize {
+        let [height, width] = *self
+            .pinpoints
+            .iter()
+            .max_by_key(|[h, w]| h * w)
+            .expect("pinpoints are never empty");
+        ImageSize { height, width }
+    }
+
+    pub fn layout(&self, size: ImageSize) -> AnyResLayout {
+        let [bh, bw] = iris_image::select_best_resolution(size.height, size.width, &self.pinpoints);
+        let grid = (bh / self.tile, bw / self.tile);
+        let (ch, cw) = (grid.0 * self.side, grid.1 * self.side);
+        let (h, w) = (size.height as f64, size.width as f64);
+        // Python's `int(round(x, 7))`: rounding to 7 places absorbs float error first.
+        let kept = |x: f64| ((x * 1e7).round() / 1e7) as usize;
+        let (mut rows, mut cols) = ((0, ch), (0, cw));
+        if w / h > cw as f64 / ch as f64 {
+            let pad = ch.saturating_sub(kept(h * (cw as f64 / w))) / 2;
+            rows = (pad, ch - 2 * pad);
+        } else {
+            let pad = cw.saturating_sub(kept(w * (ch as f64 / h))) / 2;
+            cols = (pad, cw - 2 * pad);
+        }
+        AnyResLayout {
+            grid,
+            rows,
+            cols,
+            base: self.base,
+        }
+    }
 }
 
 impl LlavaConfig {
@@ -374,6 +490,12 @@ impl LlavaConfig {
             .or_else(|| o.get("image_token_index"))
             .and_then(|x| x.as_u64())
             .unwrap_or(32000) as u32;
+        let next = architecture(v).as_deref() == Some(crate::llava::NEXT_ARCHITECTURE)
+            || o.str_or("model_type", "")? == "llava_next";
+        let grid_pinpoints = next
+            .then(|| iris_image::grid_pinpoints(o.get("image_grid_pinpoints")))
+            .transpose()
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(LlavaConfig {
             vision,
             text,
@@ -383,10 +505,44 @@ impl LlavaConfig {
             projector_bias: o.bool_or("multimodal_projector_bias", true)?,
             image_token_id,
             dtype: checkpoint_dtype(v).or_else(|| v.get("text_config").and_then(checkpoint_dtype)),
+            grid_pinpoints,
         })
     }
 
-    /// Visual tokens one image becomes.
+    /// How images lie in the prompt; LLaVA-NeXT's is checked to make a grid (each tile's
+    /// tokens a square of patches: no class token kept).
+    pub fn image_tokens(&self) -> Result<ImageTokens> {
+        let Some(pinpoints) = &self.grid_pinpoints else {
+            return Ok(ImageTokens::Fixed(self.tokens_per_image()));
+        };
+        let (tile, side) = (
+            self.vision.image_size,
+            self.vision.image_size / self.vision.patch_size.max(1),
+        );
+        let base = self.tokens_per_image();
+        if base != side * side {
+            return Err(Error::Config(format!(
+                "LLaVA-NeXT needs each tile's {base} visual tokens to be its {side}x{side} patches \
+                 (vision_feature_select_strategy and the tower's class token disagree)"
+            )));
+        }
+        if let Some(p) = pinpoints
+            .iter()
+            .find(|p| p[0] % tile != 0 || p[1] % tile != 0)
+        {
+            return Err(Error::Config(format!(
+                "image_grid_pinpoints {p:?} is not a grid of {tile}-pixel tiles"
+            )));
+        }
+        Ok(ImageTokens::AnyRes(AnyResGrid {
+            pinpoints: pinpoints.clone(),
+            tile,
+            side,
+            base,
+        }))
+    }
+
+    /// Visual tokens of one tile (of every image, but for LLaVA-NeXT).
     pub fn tokens_per_image(&self) -> usize {
         let n = self.vision.num_tokens();
         match self.select_strategy {

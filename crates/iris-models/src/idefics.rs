@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{read_json, IdeficsConfig};
+use crate::config::{read_json, IdeficsConfig, ImageSize, ImageTokens};
 use crate::layers::{
     attention_cross, AttnShape, ColumnParallelLinear, GatedMlp, KvCache, Linear, RmsNorm,
     RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
@@ -461,24 +461,24 @@ impl VisionLanguageModel for Idefics {
             .map(|mut s| Ok(s.remove(0)))
             .collect()
     }
-    fn connect(&self, features: &Tensor) -> Result<Tensor> {
+    fn connect(&self, features: &Tensor, _size: ImageSize) -> Result<Tensor> {
         self.resample(features)
     }
     fn image_token_id(&self) -> u32 {
         self.image_token_id
     }
     /// No placeholders to fill: images enter through gated cross-attention.
-    fn tokens_per_image(&self) -> usize {
-        0
+    fn image_tokens(&self) -> ImageTokens {
+        ImageTokens::None
     }
-    fn feature_shape(&self) -> [usize; 2] {
+    fn feature_shape(&self, _size: ImageSize) -> [usize; 2] {
         [
             self.cfg.vision.num_patches() + 1,
             self.cfg.vision.hidden_size,
         ]
     }
     /// The resampler's latents (or the features themselves without one).
-    fn visual_shape(&self) -> [usize; 2] {
+    fn visual_shape(&self, _size: ImageSize) -> [usize; 2] {
         let rows = match self.cfg.use_resampler {
             true => self.cfg.resampler_n_latents,
             false => self.cfg.vision.num_patches() + 1,

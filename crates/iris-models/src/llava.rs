@@ -4,6 +4,12 @@
 //! in use: the hub's (`vision_tower.vision_model.*`, `language_model.model.*`,
 //! `language_model.lm_head`), the one transformers 5 writes (`vision_tower.*`), and
 //! the `model.*` form (`model.vision_tower.*`, `model.language_model.*`, `lm_head`).
+//!
+//! LLaVA-NeXT (`modeling_llava_next.py`) is the same model with images tiled: each
+//! image's tiles (the whole image downscaled, then its grid) go through the tower as one
+//! batch, the projector maps every row, and the grid's rows are put back in picture
+//! order, the padding's rows and columns dropped (`unpad_image`), `image_newline` after
+//! each row — a token count set by the image's size.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +17,7 @@ use std::sync::Arc;
 use iris_comm::Communicator;
 use iris_tensor::{DType, Tensor};
 
-use crate::config::{LlavaConfig, SelectStrategy};
+use crate::config::{AnyResLayout, ImageSize, ImageTokens, LlavaConfig, SelectStrategy};
 use crate::layers::Mlp;
 use crate::llama::Llama;
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
@@ -20,6 +26,7 @@ use crate::vlm::{CausalLm, VisionLanguageModel};
 use crate::Result;
 
 pub const ARCHITECTURE: &str = "LlavaForConditionalGeneration";
+pub const NEXT_ARCHITECTURE: &str = "LlavaNextForConditionalGeneration";
 
 #[derive(Debug, Clone)]
 pub struct Llava {
@@ -27,6 +34,9 @@ pub struct Llava {
     vision_tower: Option<VisionTransformer>,
     multi_modal_projector: Option<Mlp>,
     language_model: Option<Llama>,
+    /// LLaVA-NeXT's row separator, `[1, text hidden]` (with the connector).
+    image_newline: Option<Tensor>,
+    tokens: ImageTokens,
     dtype: DType,
     /// Hidden-state indices of `vision_feature_layer`, made non-negative.
     feature_layers: Vec<usize>,
@@ -47,6 +57,7 @@ impl Llava {
     ) -> Result<Llava> {
         ck.expect(Family::Llava)?;
         let cfg = LlavaConfig::from_value(&ck.config)?;
+        let tokens = cfg.image_tokens()?;
         let (w, dtype) = (&ck.weights, ck.dtype);
         let n_states = cfg.vision.num_hidden_layers as i64 + 1;
         let feature_layers: Vec<usize> = cfg
@@ -104,10 +115,24 @@ impl Llava {
                 .unwrap_or("lm_head");
             Llama::load(&w.pp(lm), &w.pp(head), &cfg.text, comm)
         })?;
+        let image_newline = match tokens {
+            ImageTokens::AnyRes(_) => load_if(parts, Part::Connector, || {
+                let name = ["image_newline", "model.image_newline"]
+                    .into_iter()
+                    .find(|n| w.contains(n))
+                    .unwrap_or("image_newline");
+                w.get(name, &[text_d])?
+                    .reshape(&[1, text_d])
+                    .map_err(Into::into)
+            })?,
+            _ => None,
+        };
         Ok(Llava {
             vision_tower,
             multi_modal_projector,
             language_model,
+            image_newline,
+            tokens,
             feature_layers,
             dtype,
             cfg,
@@ -127,19 +152,46 @@ impl Llava {
         part(&self.language_model, Part::Language)
     }
 
-    /// The selected vision features of one image `[C, H, W]`: `[tokens, hidden·layers]`.
+    /// The selected vision features of one image `[C, H, W]` (LLaVA-NeXT: its tiles
+    /// `[tiles, C, H, W]`): `[tokens, hidden·layers]`, tile after tile.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let states = part(&self.vision_tower, Part::Vision)?
-            .hidden_states(pixel_values, &self.feature_layers)?;
-        self.select(states)
+        let mut all = self.image_features_batch(&[pixel_values])?;
+        Ok(all.pop().expect("one image"))
     }
 
-    /// `image_features` of several images in one stacked ViT pass.
+    /// `image_features` of several images in one stacked ViT pass (every tile of every
+    /// image in it).
     pub fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
-        part(&self.vision_tower, Part::Vision)?
-            .hidden_states_batch(pixel_values, &self.feature_layers)?
+        let mut tiles = Vec::new();
+        let mut counts = Vec::with_capacity(pixel_values.len());
+        for pv in pixel_values {
+            let before = tiles.len();
+            match pv.shape() {
+                [n, c, h, w] => {
+                    let flat = pv.reshape(&[*n, c * h * w])?;
+                    for i in 0..*n {
+                        tiles.push(flat.narrow_rows(i, 1)?.reshape(&[*c, *h, *w])?);
+                    }
+                }
+                _ => tiles.push((*pv).clone()),
+            }
+            counts.push(tiles.len() - before);
+        }
+        let per_tile: Vec<Tensor> = part(&self.vision_tower, Part::Vision)?
+            .hidden_states_batch(&tiles.iter().collect::<Vec<_>>(), &self.feature_layers)?
             .into_iter()
             .map(|states| self.select(states))
+            .collect::<Result<_>>()?;
+        let mut per_tile = per_tile.into_iter();
+        counts
+            .into_iter()
+            .map(|n| {
+                let mine: Vec<Tensor> = per_tile.by_ref().take(n).collect();
+                match mine.len() {
+                    1 => Ok(mine.into_iter().next().expect("one tile")),
+                    _ => Ok(Tensor::cat_rows(&mine.iter().collect::<Vec<_>>())?),
+                }
+            })
             .collect()
     }
 
@@ -166,9 +218,51 @@ impl Llava {
         part(&self.multi_modal_projector, Part::Connector)?.forward(features)
     }
 
-    /// Visual tokens of one image, in the language model's space.
-    pub fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.project(&self.image_features(pixel_values)?)
+    /// Visual tokens of an image of `size` from its vision features: projected, and for
+    /// LLaVA-NeXT packed.
+    pub fn connect_sized(&self, features: &Tensor, size: ImageSize) -> Result<Tensor> {
+        let projected = self.project(features)?;
+        match &self.tokens {
+            ImageTokens::AnyRes(g) => self.pack(&projected, &g.layout(size), g.side),
+            _ => Ok(projected),
+        }
+    }
+
+    /// HF's `pack_image_features`: the base tile's rows, then the grid's in picture
+    /// order (tile rows of patch rows), the kept window of each, `image_newline` after
+    /// every row.
+    fn pack(&self, projected: &Tensor, l: &AnyResLayout, side: usize) -> Result<Tensor> {
+        let newline = part(&self.image_newline, Part::Connector)?;
+        let per_tile = side * side;
+        let with_newline = Tensor::cat_rows(&[projected, newline])?;
+        let newline_row = (l.tiles() * per_tile) as u32;
+        let mut rows: Vec<u32> = (0..l.base as u32).collect();
+        rows.reserve(l.tokens() - l.base);
+        for y in l.rows.0..l.rows.0 + l.rows.1 {
+            for x in l.cols.0..l.cols.0 + l.cols.1 {
+                let tile = 1 + (y / side) * l.grid.1 + x / side;
+                rows.push((tile * per_tile + (y % side) * side + x % side) as u32);
+            }
+            rows.push(newline_row);
+        }
+        Ok(with_newline.index_rows(&rows)?)
+    }
+
+    /// Visual tokens of one image of `size`, in the language model's space.
+    pub fn encode_image(&self, pixel_values: &Tensor, size: ImageSize) -> Result<Tensor> {
+        self.connect_sized(&self.image_features(pixel_values)?, size)
+    }
+
+    /// `[rows, width]` of the vision features of an image of `size`.
+    fn features_of(&self, size: ImageSize) -> [usize; 2] {
+        let tiles = match &self.tokens {
+            ImageTokens::AnyRes(g) => g.layout(size).tiles(),
+            _ => 1,
+        };
+        [
+            tiles * self.cfg.tokens_per_image(),
+            self.cfg.vision.hidden_size * self.feature_layers.len(),
+        ]
     }
 }
 
@@ -179,23 +273,20 @@ impl VisionLanguageModel for Llava {
     fn image_features_batch(&self, pixel_values: &[&Tensor]) -> Result<Vec<Tensor>> {
         Llava::image_features_batch(self, pixel_values)
     }
-    fn connect(&self, features: &Tensor) -> Result<Tensor> {
-        self.project(features)
+    fn connect(&self, features: &Tensor, size: ImageSize) -> Result<Tensor> {
+        self.connect_sized(features, size)
     }
     fn image_token_id(&self) -> u32 {
         self.cfg.image_token_id
     }
-    fn tokens_per_image(&self) -> usize {
-        self.cfg.tokens_per_image()
+    fn image_tokens(&self) -> ImageTokens {
+        self.tokens.clone()
     }
-    fn feature_shape(&self) -> [usize; 2] {
-        [
-            self.cfg.tokens_per_image(),
-            self.cfg.vision.hidden_size * self.feature_layers.len(),
-        ]
+    fn feature_shape(&self, size: ImageSize) -> [usize; 2] {
+        self.features_of(size)
     }
-    fn visual_shape(&self) -> [usize; 2] {
-        [self.cfg.tokens_per_image(), self.cfg.text.hidden_size]
+    fn visual_shape(&self, size: ImageSize) -> [usize; 2] {
+        [self.tokens.count(size), self.cfg.text.hidden_size]
     }
     fn language_model(&self) -> Result<&dyn CausalLm> {
         Ok(self.llama()?)

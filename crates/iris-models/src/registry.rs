@@ -120,6 +120,8 @@ pub enum Task {
 const TABLE: &[(&str, Family)] = &[
     (crate::llava::ARCHITECTURE, Family::Llava),
     ("llava", Family::Llava),
+    (crate::llava::NEXT_ARCHITECTURE, Family::Llava),
+    ("llava_next", Family::Llava),
     (crate::blip2::ARCHITECTURE, Family::Blip2),
     ("blip-2", Family::Blip2),
     (crate::idefics::ARCHITECTURE, Family::Idefics),

@@ -6,6 +6,7 @@ use std::fmt::Debug;
 
 use iris_tensor::{DType, Tensor};
 
+use crate::config::{ImageSize, ImageTokens};
 use crate::layers::{KvCache, KvDtype};
 use crate::{Error, Result};
 
@@ -35,8 +36,9 @@ pub trait CausalLm: Send + Sync + Debug {
 }
 
 pub trait VisionLanguageModel: Send + Sync + Debug {
-    /// The vision tower's output for one image `[C, H, W]`: what the connector reads
-    /// (the vision tier's half of `encode_image`).
+    /// The vision tower's output for one image `[C, H, W]` (or its tiles,
+    /// `[tiles, C, H, W]`): what the connector reads (the vision tier's half of
+    /// `encode_image`).
     fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor>;
     /// `image_features` of several images; models override it with one stacked pass
     /// through the vision tower. Each image's features equal what it gives alone.
@@ -46,20 +48,23 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
             .map(|pv| self.image_features(pv))
             .collect()
     }
-    /// Visual tokens from vision features: the projector, Q-Former or resampler (the
-    /// connector tier's half).
-    fn connect(&self, features: &Tensor) -> Result<Tensor>;
-    /// Visual tokens of one image `[C, H, W]`: `[tokens_per_image, hidden]`.
-    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.connect(&self.image_features(pixel_values)?)
+    /// Visual tokens from the vision features of an image of `size` (as decoded): the
+    /// projector, Q-Former or resampler (the connector tier's half).
+    fn connect(&self, features: &Tensor, size: ImageSize) -> Result<Tensor>;
+    /// Visual tokens of one image: `[tokens, hidden]`.
+    fn encode_image(&self, pixel_values: &Tensor, size: ImageSize) -> Result<Tensor> {
+        self.connect(&self.image_features(pixel_values)?, size)
     }
     fn image_token_id(&self) -> u32;
-    fn tokens_per_image(&self) -> usize;
-    /// `[rows, width]` of one image's vision features: what `connect` takes.
-    fn feature_shape(&self) -> [usize; 2];
-    /// `[rows, width]` of one image's visual tokens: what `connect` returns and the
-    /// language model reads (placeholder rows or cross-attention latents).
-    fn visual_shape(&self) -> [usize; 2];
+    /// How many placeholders an image fills.
+    fn image_tokens(&self) -> ImageTokens;
+    /// `[rows, width]` of the vision features of an image of `size`: what `connect`
+    /// takes.
+    fn feature_shape(&self, size: ImageSize) -> [usize; 2];
+    /// `[rows, width]` of the visual tokens of an image of `size`: what `connect`
+    /// returns and the language model reads (placeholder rows or cross-attention
+    /// latents).
+    fn visual_shape(&self, size: ImageSize) -> [usize; 2];
     /// The language model; an error in a process that did not load it.
     fn language_model(&self) -> Result<&dyn CausalLm>;
     fn dtype(&self) -> DType;
@@ -82,20 +87,20 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
     }
 
     /// Input embeddings of a prompt whose image placeholders are filled, in order, by
-    /// `images` (each `[tokens_per_image, hidden]`).
+    /// `images` (each `[its tokens, hidden]`).
     fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
-        if self.tokens_per_image() == 0 {
+        let fixed = self.image_tokens().fixed();
+        if fixed == Some(0) {
             // The images enter through cross-attention (`condition`), not the embeddings.
             return self.language_model()?.embed(ids);
         }
         let image_token = self.image_token_id();
         let placeholders = ids.iter().filter(|&&i| i == image_token).count();
-        let per = self.tokens_per_image();
-        if placeholders != images.len() * per {
+        let given: usize = images.iter().map(Tensor::rows).sum();
+        if placeholders != given {
             return Err(Error::Input(format!(
-                "the prompt has {placeholders} image tokens but {} image(s) give {} visual tokens",
+                "the prompt has {placeholders} image tokens but {} image(s) give {given} visual tokens",
                 images.len(),
-                images.len() * per
             )));
         }
         // Placeholder ids may lie outside the text vocabulary; embed a valid id there.
@@ -105,9 +110,12 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
             .collect();
         let mut x = self.language_model()?.embed(&text_ids)?;
         let d = x.last_dim();
-        if let Some(bad) = images.iter().find(|t| t.last_dim() != d || t.rows() != per) {
+        if let Some(bad) = images
+            .iter()
+            .find(|t| t.last_dim() != d || fixed.is_some_and(|per| t.rows() != per))
+        {
             return Err(Error::Input(format!(
-                "visual tokens of shape {:?}, the language model takes [{per}, {d}]",
+                "visual tokens of shape {:?}, the language model takes rows of {d}",
                 bad.shape()
             )));
         }
@@ -117,8 +125,11 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
         }
         // Each image's rows straight into its placeholders (no concatenated copy).
         let device = x.device();
-        for (rows, image) in at.chunks(per).zip(images) {
+        let mut start = 0;
+        for image in images {
+            let rows = &at[start..start + image.rows()];
             x = x.scatter_rows(rows, &image.to_device(device)?)?;
+            start += image.rows();
         }
         Ok(x)
     }

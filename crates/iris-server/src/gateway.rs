@@ -15,7 +15,7 @@ use iris_engine::{
     Task,
 };
 use iris_image::ImageLimits;
-use iris_models::config::{architecture, read_json};
+use iris_models::config::{architecture, read_json, ImageSize};
 use iris_proto::v1 as pb;
 use tonic::{Code, Status};
 
@@ -398,7 +398,13 @@ impl Gateway {
     }
 
     /// Everything that can be checked before any image is decoded or encoded.
-    fn validate(&self, input: &GenerateInput) -> Result<(&GatewayModel, Vec<u32>), ServeError> {
+    /// The model, the prompt's ids and each image's size (where its token count needs
+    /// it; zero elsewhere).
+    #[allow(clippy::type_complexity)]
+    fn validate(
+        &self,
+        input: &GenerateInput,
+    ) -> Result<(&GatewayModel, Vec<u32>, Vec<ImageSize>), ServeError> {
         let model = self.model(&input.model)?;
         let spec = model.spec()?;
         let o = &input.options;
@@ -481,9 +487,23 @@ impl Gateway {
                 spec.context_length
             )));
         }
+        // Where an image's placeholder count depends on its size (LLaVA-NeXT), the size
+        // is read from its header here, before anything is decoded or encoded.
+        let sizes = input
+            .images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| match spec.processor.image_tokens().fixed() {
+                Some(_) => Ok(ImageSize::default()),
+                None => spec
+                    .processor
+                    .image_size(img)
+                    .map_err(|e| ServeError::bad_input(format!("image {}: {e}", i + 1))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ids = spec
             .processor
-            .tokenize_escaped(&prompt, input.images.len(), &esc)
+            .tokenize_escaped(&prompt, &sizes, &esc)
             .map_err(|e| ServeError::bad_input(e.to_string()))?;
         let need = ids.len() + o.max_new_tokens;
         if need > spec.context_length {
@@ -494,7 +514,7 @@ impl Gateway {
                 spec.context_length
             )));
         }
-        Ok((model, ids))
+        Ok((model, ids, sizes))
     }
 
     /// Visual tokens of one image: from the cache, or encoded once by the vision and
@@ -503,6 +523,7 @@ impl Gateway {
         &self,
         model: &GatewayModel,
         image: &[u8],
+        size: ImageSize,
         deadline: Instant,
     ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), ServeError> {
         let image_key = *blake3::hash(image).as_bytes();
@@ -520,7 +541,9 @@ impl Gateway {
                     Err(e) => tracing::debug!("the connectors' cache did not answer: {e}"),
                 }
                 let features = vision.encode_keyed(&id, bytes, image_key, deadline).await?;
-                connector.project_keyed(&id, features, key, deadline).await
+                connector
+                    .project_keyed(&id, features, size, key, deadline)
+                    .await
             })
             .await
     }
@@ -600,7 +623,7 @@ impl Gateway {
         input: GenerateInput,
         deadline: Instant,
     ) -> Result<Generation, ServeError> {
-        let (model, ids) = self.validate(&input)?;
+        let (model, ids, sizes) = self.validate(&input)?;
         let mut visual = Vec::with_capacity(input.images.len());
         let mut image_hashes = Vec::with_capacity(input.images.len());
         let mut cached_images = 0;
@@ -609,7 +632,8 @@ impl Gateway {
             input
                 .images
                 .iter()
-                .map(|img| self.visual_tokens(model, img, deadline)),
+                .zip(sizes)
+                .map(|(img, size)| self.visual_tokens(model, img, size, deadline)),
         )
         .await;
         for r in lookups {

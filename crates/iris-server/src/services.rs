@@ -96,9 +96,13 @@ impl Connector for ConnectorService {
             }));
         };
         let features = wire::tensor_from_wire(features)?;
+        let size = iris_models::config::ImageSize {
+            height: r.image_height as usize,
+            width: r.image_width as usize,
+        };
         let tokens = match key {
-            Some(k) => self.0.project_keyed(&r.model, features, k, d).await?,
-            None => self.0.project(&r.model, features, d).await?,
+            Some(k) => self.0.project_keyed(&r.model, features, size, k, d).await?,
+            None => self.0.project(&r.model, features, size, d).await?,
         };
         Ok(Response::new(pb::ProjectResponse {
             visual_tokens: Some(wire::tensor_to_wire_compact(&tokens)?),

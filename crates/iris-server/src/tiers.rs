@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use iris_engine::blocks::PrefixIndex;
 use iris_engine::{EncodedPrompt, Engine, EngineRequest, Pipeline};
+use iris_models::config::ImageSize;
 use iris_proto::v1 as pb;
 use iris_proto::v1::connector_client::ConnectorClient;
 use iris_proto::v1::decoder_client::DecoderClient;
@@ -51,13 +52,15 @@ pub trait VisionTier: Send + Sync {
     }
 }
 
-/// Vision features to visual tokens.
+/// Vision features to visual tokens. `size` is the image's as decoded (LLaVA-NeXT's
+/// packing depends on it; other models ignore it).
 #[async_trait::async_trait]
 pub trait ConnectorTier: Send + Sync {
     async fn project(
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         deadline: Instant,
     ) -> Result<Tensor, ServeError>;
 
@@ -76,10 +79,11 @@ pub trait ConnectorTier: Send + Sync {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         _key: Key,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        self.project(model, features, deadline).await
+        self.project(model, features, size, deadline).await
     }
 }
 
@@ -370,7 +374,7 @@ impl VisionTier for LocalVision {
         let (w, h) = iris_image::dimensions(&image, p.processor.limits())
             .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
         let decoded = self.decode.run(u64::from(w) * u64::from(h), move || {
-            p.processor.pixel_values(&image)
+            p.processor.pixel_values(&image).map(|(pixels, _)| pixels)
         });
         let pixel_values = match tokio::time::timeout(remaining(deadline)?, decoded).await {
             Ok(r) => r?.map_err(|e| ServeError::bad_input(format!("image: {e}")))?,
@@ -426,15 +430,22 @@ impl ConnectorTier for LocalConnector {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         _deadline: Instant,
     ) -> Result<Tensor, ServeError> {
         let p = model_of(&self.models, model)?.clone();
+        if p.model.image_tokens().fixed().is_none() && (size.height == 0 || size.width == 0) {
+            return Err(ServeError::bad_input(
+                "this model's visual tokens depend on the image's size, and none was given",
+            ));
+        }
         let metrics = self.metrics.clone();
         // The check reads every value: off the async runtime, with the projection.
         tokio::task::spawn_blocking(move || {
-            iris_models::vlm::check_untrusted(&features, p.model.feature_shape(), "features")?;
+            let want = p.model.feature_shape(size);
+            iris_models::vlm::check_untrusted(&features, want, "features")?;
             metrics.connector_requests.inc();
-            p.model.connect(&features)
+            p.model.connect(&features, size)
         })
         .await
         .map_err(|e| ServeError::internal(format!("connector: {e}")))?
@@ -530,9 +541,10 @@ impl ConnectorTier for CachingConnector {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        self.inner.project(model, features, deadline).await
+        self.inner.project(model, features, size, deadline).await
     }
 
     async fn cached(
@@ -548,6 +560,7 @@ impl ConnectorTier for CachingConnector {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         key: Key,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
@@ -555,7 +568,7 @@ impl ConnectorTier for CachingConnector {
         let (tokens, _) = self
             .cache
             .get_or_compute(key, async move {
-                inner.project(&model, features, deadline).await
+                inner.project(&model, features, size, deadline).await
             })
             .await?;
         Ok((*tokens).clone())
@@ -961,11 +974,15 @@ impl RemoteConnector {
     async fn project_at(
         &self,
         model: &str,
-        features: Option<Tensor>,
+        features: Option<(Tensor, ImageSize)>,
         key: Option<Key>,
         deadline: Instant,
     ) -> Result<Option<Tensor>, ServeError> {
-        let features = features.as_ref().map(wire::tensor_to_wire).transpose()?;
+        let size = features.as_ref().map(|f| f.1);
+        let features = features
+            .as_ref()
+            .map(|f| wire::tensor_to_wire(&f.0))
+            .transpose()?;
         let tokens = self
             .0
             .call_for("connector", key.as_ref(), |mut c| {
@@ -973,6 +990,8 @@ impl RemoteConnector {
                     model: model.to_string(),
                     features: features.clone(),
                     key: key.map(|k| k.to_vec()).unwrap_or_default(),
+                    image_height: size.map_or(0, |s| s.height as u32),
+                    image_width: size.map_or(0, |s| s.width as u32),
                 };
                 let req = self.0.request(msg, deadline);
                 async move { Ok(c.project(req?).await?.into_inner()) }
@@ -999,9 +1018,10 @@ impl ConnectorTier for RemoteConnector {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        self.project_at(model, Some(features), None, deadline)
+        self.project_at(model, Some((features, size)), None, deadline)
             .await?
             .ok_or_else(no_tokens)
     }
@@ -1019,10 +1039,11 @@ impl ConnectorTier for RemoteConnector {
         &self,
         model: &str,
         features: Tensor,
+        size: ImageSize,
         key: Key,
         deadline: Instant,
     ) -> Result<Tensor, ServeError> {
-        self.project_at(model, Some(features), Some(key), deadline)
+        self.project_at(model, Some((features, size)), Some(key), deadline)
             .await?
             .ok_or_else(no_tokens)
     }

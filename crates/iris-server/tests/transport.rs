@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use iris_models::config::ImageSize;
 use iris_proto::v1::connector_server::ConnectorServer;
 use iris_server::error::ServeError;
 use iris_server::services::{max, ConnectorService};
@@ -16,7 +17,13 @@ struct Doubling;
 
 #[tonic::async_trait]
 impl ConnectorTier for Doubling {
-    async fn project(&self, _: &str, f: Tensor, _: Instant) -> Result<Tensor, ServeError> {
+    async fn project(
+        &self,
+        _: &str,
+        f: Tensor,
+        _: ImageSize,
+        _: Instant,
+    ) -> Result<Tensor, ServeError> {
         let v: Vec<f32> = f.to_f32_vec().iter().map(|x| x * 2.0).collect();
         Ok(Tensor::from_f32(v, f.shape()).unwrap())
     }
@@ -39,7 +46,12 @@ async fn visual_tokens_larger_than_4_mb_cross_grpc() {
     let x: Vec<f32> = (0..rows * d).map(|i| i as f32 / 7.0).collect();
     let t = Tensor::from_f32(x.clone(), &[rows, d]).unwrap();
     let out = remote
-        .project("m", t, Instant::now() + Duration::from_secs(60))
+        .project(
+            "m",
+            t,
+            ImageSize::default(),
+            Instant::now() + Duration::from_secs(60),
+        )
         .await
         .unwrap();
     assert_eq!(out.shape(), &[rows, d]);

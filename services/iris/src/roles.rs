@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use iris_engine::{Engine, EngineConfig, Family, KvDtype, Parts, Pipeline, PipelineOptions, Task};
 use iris_image::ImageLimits;
+use iris_models::config::{ImageSize, ImageTokens};
 use iris_proto::v1::connector_server::ConnectorServer;
 use iris_proto::v1::decoder_server::DecoderServer;
 use iris_proto::v1::gateway_server::GatewayServer;
@@ -133,11 +134,19 @@ impl ModelArgs {
     fn message_limit(&self, pipelines: &HashMap<String, Arc<Pipeline>>, tier: Tier) -> usize {
         let room = 1 << 20;
         let f32s = |[r, c]: [usize; 2]| r * c * 4;
-        let per_model = |p: &Arc<Pipeline>| match tier {
-            Tier::Encoder => self.max_image_bytes,
-            Tier::Connector => f32s(p.model.feature_shape()),
-            Tier::Decoder => {
-                self.max_images * f32s(p.model.visual_shape()) + 8 * p.context_length()
+        let per_model = |p: &Arc<Pipeline>| {
+            // The image with the most features and visual tokens (LLaVA-NeXT's count
+            // grows with the size; the others' is fixed).
+            let size = match p.model.image_tokens() {
+                ImageTokens::AnyRes(g) => g.largest(),
+                _ => ImageSize::default(),
+            };
+            match tier {
+                Tier::Encoder => self.max_image_bytes,
+                Tier::Connector => f32s(p.model.feature_shape(size)),
+                Tier::Decoder => {
+                    self.max_images * f32s(p.model.visual_shape(size)) + 8 * p.context_length()
+                }
             }
         };
         pipelines.values().map(per_model).max().unwrap_or(0) + room
