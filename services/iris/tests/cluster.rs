@@ -30,9 +30,13 @@ fn etcd() -> Etcd {
 }
 
 fn member(bin: &str, etcd: &Etcd, extra: &[&str]) -> Proc {
-    let m = model_arg();
+    member_of(bin, etcd, &model_arg(), extra)
+}
+
+/// A member serving the model folder `model`.
+fn member_of(bin: &str, etcd: &Etcd, model: &str, extra: &[&str]) -> Proc {
     let ep = etcd.server.endpoint();
-    let mut args = vec!["--model", &m, "--etcd", &ep];
+    let mut args = vec!["--model", model, "--etcd", &ep];
     args.extend(["--cluster", "test", "--lease-ttl-s", TTL]);
     args.extend(extra);
     spawn(bin, &args)
@@ -449,6 +453,91 @@ fn a_decoder_killed_mid_stream_hands_its_streams_to_another() {
     let took = t0.elapsed() - Duration::from_millis(300);
     println!("no decoder left: UNAVAILABLE {took:?} after the kill");
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// LLaVA-NeXT through separate tiers: each image's placeholder count comes from its
+/// header at the gateway, its size crosses to the connector (the packing) over gRPC,
+/// and its variable-length visual tokens to the decoders: HF's greedy ids for three
+/// images of three sizes in one prompt; streams moved off a killed decoder give what
+/// they give without failure; repeated images hit the visual and prefix caches.
+#[test]
+fn llava_next_through_the_tiers_matches_hf_and_survives_a_decoder_kill() {
+    const NEXT: &str = "llava-next-tiny-f32";
+    let e = etcd();
+    let dir = fixtures().join(NEXT).display().to_string();
+    let _a = member_of(env!("CARGO_BIN_EXE_iris-encoder"), &e, &dir, &[]);
+    let _c = member_of(env!("CARGO_BIN_EXE_iris-connector"), &e, &dir, &[]);
+    let slow = ["--test-step-delay-ms", "15"];
+    let mut d1 = member_of(env!("CARGO_BIN_EXE_iris-decoder"), &e, &dir, &slow);
+    let g = member_of(env!("CARGO_BIN_EXE_iris-gateway"), &e, &dir, &[]);
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "decoder").len() == 1 && registered(&e, "connector").len() == 1
+    });
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(NEXT).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        golden[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let of = |prompt: &str, images: Vec<Vec<u8>>, n: u32| {
+        let mut r = request(prompt, images, n);
+        r.model = NEXT.into();
+        r
+    };
+    let files: Vec<Vec<u8>> = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| image(f.as_str().unwrap()))
+        .collect();
+    let rt = rt();
+    let max = golden["max_new_tokens"].as_u64().unwrap() as u32;
+    let (got, text) = rt
+        .block_on(stream_all(
+            &g.grpc,
+            of(golden["prompt"].as_str().unwrap(), files.clone(), max),
+        ))
+        .unwrap();
+    assert_eq!(got, ids("token_ids"), "HF's greedy ids through the tiers");
+    assert_eq!(text, golden["text"].as_str().unwrap());
+    // Each image alone, greedy and seeded in turn (the sizes give 113, 95 and 95
+    // visual tokens); the second three repeat the first three.
+    let reqs: Vec<_> = (0..6)
+        .map(|i| {
+            let mut r = of(PROMPT, vec![files[i % 3].clone()], 60);
+            if i % 2 == 1 {
+                r.sampling = Some(sampled(i as u64));
+            }
+            r
+        })
+        .collect();
+    let want = one_by_one(&rt, &g.grpc, &reqs);
+    assert!(metric(&g.http, "iris_visual_cache_hits_total") >= 3.0);
+    assert!(metric(&d1.http, "iris_prefix_cache_hit_blocks") > 0.0);
+    let d2 = member_of(env!("CARGO_BIN_EXE_iris-decoder"), &e, &dir, &slow);
+    eventually(Duration::from_secs(10), "d2 registered", || {
+        registered(&e, "decoder").len() == 2
+    });
+    let before = metric(&d2.http, "iris_decoder_requests_total");
+    let got = streams_with_a_kill(&rt, &g.grpc, &reqs, Duration::from_millis(400), || {
+        d1.child.kill().unwrap()
+    });
+    let moved = metric(&d2.http, "iris_decoder_requests_total") - before;
+    println!("llava-next: {moved} streams on the surviving decoder after the kill");
+    for (i, (g, w)) in got.into_iter().zip(&want).enumerate() {
+        let g = g.unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        assert_eq!(&g, w, "stream {i} differs from the run without failure");
+    }
+    assert!(
+        moved >= 4.0,
+        "no stream moved off the killed decoder ({moved})"
+    );
 }
 
 #[test]

@@ -149,6 +149,84 @@ fn tiers_in_their_own_processes_give_iris_generates_tokens_and_cache_images() {
     });
 }
 
+/// LLaVA-NeXT on the embedded default: HF's greedy ids for two images of different
+/// sizes (their placeholder counts from their headers); the OpenAI API's chat gives the
+/// text gRPC's chat gives, its usage counting each image's own tokens; a file that is
+/// no image is refused before anything runs.
+#[test]
+fn iris_serve_runs_llava_next_over_grpc_and_http() {
+    const NEXT: &str = "llava-next-tiny-bf16";
+    let dir = fixtures().join(NEXT).display().to_string();
+    let s = spawn(env!("CARGO_BIN_EXE_iris"), &["serve", "--model", &dir]);
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(NEXT).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let files: Vec<Vec<u8>> = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| image(f.as_str().unwrap()))
+        .collect();
+    let want: Vec<u32> = golden["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let mut req = request(golden["prompt"].as_str().unwrap(), files.clone(), 8);
+    req.model = NEXT.into();
+    let (grpc_text, grpc_prompt_tokens) = rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        let (ids, text, _) = generate(&mut g, req).await.unwrap();
+        assert_eq!(ids, want, "HF's greedy ids");
+        assert_eq!(text, golden["text"].as_str().unwrap());
+        // The same two images as chat content.
+        let mut chat = request("", files.clone(), 8);
+        chat.model = NEXT.into();
+        chat.messages = vec![pb::ChatMessage {
+            role: "user".into(),
+            content: "<image>\nCompare <image> with it.".into(),
+            ..Default::default()
+        }];
+        let mut stream = g.generate(chat).await.unwrap().into_inner();
+        loop {
+            match stream.message().await.unwrap().unwrap().event {
+                Some(pb::generate_event::Event::Finished(f)) => {
+                    break (f.text, u64::from(f.prompt_tokens))
+                }
+                _ => continue,
+            }
+        }
+    });
+    let url = |b: &[u8]| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b);
+        format!("data:image/png;base64,{b64}")
+    };
+    let body = serde_json::json!({
+        "model": NEXT, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url(&files[0])}},
+            {"type": "text", "text": "\nCompare "},
+            {"type": "image_url", "image_url": {"url": url(&files[1])}},
+            {"type": "text", "text": " with it."}]}],
+    });
+    let r: serde_json::Value = post_chat(&s.http, &body).json().unwrap();
+    assert_eq!(r["choices"][0]["message"]["content"], grpc_text.as_str());
+    // The wide image's 95 visual tokens and the tall one's 95 (its grid unpadded).
+    assert_eq!(
+        r["usage"]["prompt_tokens"].as_u64().unwrap(),
+        grpc_prompt_tokens
+    );
+    assert!(grpc_prompt_tokens > 190, "{grpc_prompt_tokens}");
+    let mut bad = body.clone();
+    bad["messages"][0]["content"][0]["image_url"]["url"] = url(b"not an image").into();
+    let r = post_chat(&s.http, &bad);
+    assert_eq!(r.status().as_u16(), 400);
+    let e = r.text().unwrap();
+    assert!(e.contains("image 1"), "{e}");
+}
+
 #[test]
 fn iris_serve_gives_the_same_tokens_over_grpc_and_http() {
     let s = serve();
