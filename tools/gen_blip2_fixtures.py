@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Builds the tiny BLIP-2 fixtures under tests/fixtures/ with HF transformers.
 
+`blip2-tiny-t5-*` put a T5 encoder-decoder behind the Q-Former (the FlanT5 recipe,
+gated-GELU and an untied head, at f32; classic T5's ReLU and tied, scaled head at bf16)
+with a T5-style Unigram tokenizer (`</s>` appended); their goldens add the T5
+encoder's output (`encoder_hidden`) and the first decoder step's logits.
+
 A real `Blip2ForConditionalGeneration` (BLIP ViT with fused qkv -> Q-Former -> language
 projection -> OPT) with random weights (std 0.1, norm weights 1 + 0.1*N), an OPT-style
 byte-level BPE tokenizer (`</s>` as BOS), and `BlipImageProcessor` (PIL backend), saved
@@ -10,7 +15,8 @@ with `save_pretrained` and reloaded through `from_pretrained` for the goldens:
                       qformer_output, projected (language_projection), logits (prefill)
   golden.json         prompt, image, input_ids, greedy ids and their logprobs
 
-Run from the repository root with one torch thread:  python tools/gen_blip2_fixtures.py
+Run from the repository root with one torch thread:
+    python tools/gen_blip2_fixtures.py [NAME ...]      # NAMEs: only those fixtures
 """
 import json
 import os
@@ -19,7 +25,7 @@ import sys
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     BertTokenizerFast,
@@ -31,6 +37,7 @@ from transformers import (
     Blip2VisionConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
+    T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
@@ -61,7 +68,12 @@ def make_tokenizer():
     )
 
 
+ONLY = set(sys.argv[1:])
+
+
 def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8):
+    if ONLY and name not in ONLY:
+        return
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
@@ -125,6 +137,127 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     print(name, "prompt", n_prompt, "tokens; greedy", ids)
 
 
+def make_t5_tokenizer():
+    """T5-style: Unigram over metaspace pieces, `<pad>`=0 `</s>`=1 `<unk>`=2, `</s>` appended.
+    The pieces are listed, not trained (the Unigram trainer's vocabulary varies from run
+    to run): each corpus word whole, its first half, and single characters, scored so
+    the longest pieces win."""
+    words = sorted({w for line in CORPUS for w in line.split()})
+    pieces = {}
+    for w in words:
+        pieces["\u2581" + w] = -2.0
+        pieces["\u2581" + w[: (len(w) + 1) // 2]] = -6.0
+        for c in w:
+            pieces.setdefault(c, -9.0)
+    pieces.setdefault("\u2581", -8.0)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + sorted(pieces.items())
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8,
+             boost=2.5, shared_scale=6.0):
+    """BLIP-2 with a T5 language model: the query tokens and the prompt go through the T5
+    encoder once; the decoder starts from `decoder_start_token_id` and cross-attends to it."""
+    if ONLY and name not in ONLY:
+        return
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = make_t5_tokenizer()
+    size = vision["image_size"]
+    ip = BlipImageProcessorPil(size={"height": size, "width": size})
+    proc = Blip2Processor(image_processor=ip, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], **qformer).to_dict(),
+        text_config=T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0, **text).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    init_weights(model)
+    with torch.no_grad():
+        for n, p in model.language_model.named_parameters():
+            if "norm" not in n:
+                p.mul_(boost)
+        if text["tie_word_embeddings"]:
+            # The tied head sees the output times d_model^-0.5: a wider embedding keeps
+            # its logits apart (near-equal ones make a greedy golden that rounding flips).
+            model.language_model.shared.weight.mul_(shared_scale)
+    model.to(dtype).save_pretrained(out)
+    proc.save_pretrained(out)
+    if not text["tie_word_embeddings"]:
+        # FlanT5's layout: its own head (transformers 5 saves a T5 head tied to
+        # `shared`, and loads a checkpoint's `lm_head.weight` untied when there is one).
+        path = os.path.join(out, "model.safetensors")
+        sd = load_file(path)
+        g = torch.Generator().manual_seed(1)
+        shared = sd["language_model.shared.weight"]
+        sd["language_model.lm_head.weight"] = (0.25 * torch.randn(shared.shape, generator=g)).to(shared.dtype)
+        save_file(sd, path, metadata={"format": "pt"})
+        cfg_path = os.path.join(out, "config.json")
+        c = json.load(open(cfg_path))
+        c["text_config"]["tie_word_embeddings"] = False
+        json.dump(c, open(cfg_path, "w"), indent=2)
+
+    ref = Blip2ForConditionalGeneration.from_pretrained(out, dtype=dtype).eval()
+    assert (ref.language_model.lm_head.weight.data_ptr() == ref.language_model.shared.weight.data_ptr()) == \
+        text["tie_word_embeddings"], "the head is tied as configured"
+    proc = Blip2Processor.from_pretrained(out, backend="pil")
+    pil = Image.open(os.path.join(IMAGES, image))
+    inputs = proc(images=pil, text=prompt, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    lm = ref.language_model
+    golden = {}
+    with torch.no_grad():
+        vis = ref.vision_model(inputs["pixel_values"]).last_hidden_state
+        q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=vis).last_hidden_state
+        projected = ref.language_projection(q)
+        embeds = lm.get_input_embeddings()(inputs["input_ids"])
+        mask = (inputs["input_ids"] == cfg.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, projected.to(embeds.dtype))
+        enc = lm.get_encoder()(inputs_embeds=embeds).last_hidden_state
+        start = torch.tensor([[cfg.text_config.decoder_start_token_id]])
+        first = ref(**inputs, decoder_input_ids=start).logits[0]
+        golden["pixel_values"] = inputs["pixel_values"].float()
+        golden["vision_features"] = vis[0].float()
+        golden["qformer_output"] = q[0].float()
+        golden["projected"] = projected[0].float()
+        golden["encoder_hidden"] = enc[0].float()
+        golden["logits"] = first.float()
+        gen = ref.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)
+    seq = gen.sequences[0].tolist()
+    # The decoder's sequence starts with decoder_start_token_id.
+    ids = seq[1:] if seq and seq[0] == cfg.text_config.decoder_start_token_id else seq
+    logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
+    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump(
+        {
+            "prompt": prompt,
+            "images": [image],
+            "dtype": str(dtype).replace("torch.", ""),
+            "prompt_token_ids": inputs["input_ids"][0].tolist(),
+            "decoder_start_token_id": cfg.text_config.decoder_start_token_id,
+            "token_ids": ids,
+            "logprobs": logprobs,
+            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+            "max_new_tokens": max_new_tokens,
+        },
+        open(os.path.join(out, "golden.json"), "w"),
+        indent=1,
+    )
+    print(name, "prompt", inputs["input_ids"].shape[1], "tokens; greedy", ids)
+
+
 def make_bert_tokenizer():
     """BERT-style uncased WordPiece with [CLS] ... [SEP], as BLIP-2 retrieval uses."""
     from tokenizers import normalizers
@@ -148,6 +281,8 @@ def make_bert_tokenizer():
 def build_retrieval(name, *, vision, qformer, num_query_tokens, pairs):
     """Blip2ForImageTextRetrieval: ITC (max over queries of normalised projections) and
     ITM (queries + text through the Q-Former, itm_head, mean over queries)."""
+    if ONLY and name not in ONLY:
+        return
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
@@ -200,6 +335,19 @@ def main():
                 max_position_embeddings=128, word_embed_proj_dim=64)
     build("blip2-tiny-opt-f32", vision=vision, qformer=qformer, text=text, num_query_tokens=8,
           prompt="Question: what is in the picture? Answer:", image="scene.png")
+    # T5 behind the Q-Former: few relative-position buckets and a short max distance, so
+    # a 30-token encoder input reaches the logarithmic buckets.
+    t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, relative_attention_max_distance=20)
+    build_t5("blip2-tiny-t5-f32", dtype=torch.float32, vision=vision, qformer=qformer,
+             text=dict(t5, feed_forward_proj="gated-gelu", tie_word_embeddings=False), num_query_tokens=8,
+             prompt="Question: what is in the picture? Answer:", image="scene.png")
+    build_t5("blip2-tiny-t5-bf16", dtype=torch.bfloat16, vision=vision, qformer=qformer,
+             text=dict(t5, feed_forward_proj="relu", tie_word_embeddings=True, num_layers=3, num_decoder_layers=3),
+             num_query_tokens=8, prompt="Describe the image in detail.", image="tall.jpg",
+             # Unboosted: with the f32 fixture's x2.5 this ReLU model is chaotic in bf16
+             # (HF's own eager and SDPA attention disagree by 15% on its logits).
+             boost=1.0, shared_scale=8.0)
     build_retrieval("blip2-tiny-retrieval-f32", vision=vision, qformer=qformer, num_query_tokens=8,
                     pairs=[("scene.png", "a red circle on a blue field"), ("tall.jpg", "a cat sitting next to a window")])
 

@@ -16,6 +16,8 @@ const GENERATION: &[&str] = &[
     "llava-next-tiny-f32",
     "llava-next-tiny-bf16",
     "blip2-tiny-opt-f32",
+    "blip2-tiny-t5-f32",
+    "blip2-tiny-t5-bf16",
     "idefics-tiny-f32",
     "idefics-tiny-qknorm-f32",
     "blip-tiny-caption-f32",
@@ -100,6 +102,7 @@ fn a_part_computes_what_the_whole_model_computes_and_refuses_the_rest() {
         "llava-tiny-hub-f32",
         "llava-next-tiny-f32",
         "blip2-tiny-opt-f32",
+        "blip2-tiny-t5-f32",
         "idefics-tiny-f32",
     ] {
         let (whole, _) = read(name, Parts::ALL);

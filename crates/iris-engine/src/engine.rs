@@ -316,9 +316,13 @@ struct Sequence {
     /// Unique within the engine: which requests a failed step had.
     id: u64,
     submission: Submission,
-    /// Each image's `visual_hash`: part of every block hash.
+    /// Each image's `visual_hash`: part of every block hash (for an encoder-decoder
+    /// model, then the hash of the encoder's ids, which its decoder's blocks depend on).
     image_hashes: Vec<[u8; 32]>,
     prepared: PreparedPrompt,
+    /// What the language model decodes from: the prompt's ids, or an encoder-decoder's
+    /// start token (`VisionLanguageModel::decoder_prompt`).
+    decoder: Vec<u32>,
     visual: Vec<Tensor>,
     output: Vec<u32>,
     cache: KvCache,
@@ -338,12 +342,7 @@ struct Sequence {
 
 impl Sequence {
     fn tokens(&self) -> Vec<u32> {
-        self.prepared
-            .input_ids
-            .iter()
-            .chain(&self.output)
-            .copied()
-            .collect()
+        self.decoder.iter().chain(&self.output).copied().collect()
     }
 
     fn cancelled(&self) -> bool {
@@ -776,13 +775,23 @@ impl Worker {
         let Prepared {
             prompt,
             visual,
-            image_hashes,
+            mut image_hashes,
         } = prepared;
+        let decoder = p.model.decoder_prompt(&prompt.input_ids);
+        if decoder != prompt.input_ids {
+            // Decoder blocks depend on what the encoder read: its ids join the chain.
+            let mut h = blake3::Hasher::new();
+            prompt.input_ids.iter().for_each(|id| {
+                h.update(&id.to_le_bytes());
+            });
+            image_hashes.push(*h.finalize().as_bytes());
+        }
         self.next_id += 1;
         self.waiting.push_back(Sequence {
             id: self.next_id,
             image_hashes,
             submission,
+            decoder,
             prepared: prompt,
             visual,
             output: resume,
@@ -1087,8 +1096,8 @@ impl Worker {
             .zip(&samplers)
             .map(|(seq, sampler)| Draw {
                 sampler,
-                position: seq.prepared.input_ids.len() + seq.output.len(),
-                prompt: &seq.prepared.input_ids,
+                position: seq.decoder.len() + seq.output.len(),
+                prompt: &seq.decoder,
                 output: &seq.output,
                 top_logprobs: seq.submission.request.options.top_logprobs,
             })

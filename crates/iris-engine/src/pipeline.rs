@@ -132,13 +132,13 @@ impl ModelSpec {
             }
             Family::Blip2 => {
                 let c = Blip2Config::from_value(cfg)?;
-                let ctx = c.text.max_position_embeddings;
+                let ctx = c.text.context_length();
                 let (id, per) = (c.image_token_id, ImageTokens::Fixed(c.num_query_tokens));
                 (
                     PromptStyle::Prefix,
                     Some(id),
                     per,
-                    c.text.eos_token_ids,
+                    c.text.eos_token_ids(),
                     ctx,
                 )
             }
@@ -350,6 +350,7 @@ impl Pipeline {
         self.model
             .condition(&mut cache, &prepared.input_ids, visual)?;
         let sampler = Sampler::new(opts.sampling);
+        let decoder = self.model.decoder_prompt(&prepared.input_ids);
         let mut hidden = lm.forward(&embeds, &mut cache)?;
         let mut token_ids = Vec::new();
         let mut logprobs = Vec::new();
@@ -361,8 +362,8 @@ impl Pipeline {
             let logits = lm.logits(&last)?;
             let draw = Draw {
                 sampler: &sampler,
-                position: prepared.input_ids.len() + token_ids.len(),
-                prompt: &prepared.input_ids,
+                position: decoder.len() + token_ids.len(),
+                prompt: &decoder,
                 output: &token_ids,
                 top_logprobs: opts.top_logprobs,
             };

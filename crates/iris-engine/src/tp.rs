@@ -469,6 +469,9 @@ impl VisionLanguageModel for TpLeader {
     fn image_tokens(&self) -> ImageTokens {
         self.inner.image_tokens()
     }
+    fn decoder_prompt(&self, input_ids: &[u32]) -> Vec<u32> {
+        self.inner.decoder_prompt(input_ids)
+    }
     fn feature_shape(&self, size: ImageSize) -> [usize; 2] {
         self.inner.feature_shape(size)
     }

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use iris_tensor::{DType, Tensor};
 
 use crate::bert::{BertDims, QFormer};
-use crate::config::{Blip2Config, ImageSize, ImageTokens};
-use crate::layers::Linear;
+use crate::config::{Blip2Config, Blip2Text, ImageSize, ImageTokens};
+use crate::layers::{KvCache, Linear};
 use crate::opt::Opt;
 use crate::registry::{load_if, part, Checkpoint, Family, Part, Parts};
+use crate::t5::T5;
 use crate::vit::VisionTransformer;
-use crate::vlm::{CausalLm, VisionLanguageModel};
+use crate::vlm::{placeholder_embeds, CausalLm, VisionLanguageModel};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -108,7 +109,15 @@ pub struct Blip2 {
     vision_model: Option<VisionTransformer>,
     /// Queries + Q-Former, then `language_projection`.
     connector: Option<(QueryTransformer, Linear)>,
-    language_model: Option<Opt>,
+    language_model: Option<LanguageModel>,
+}
+
+/// OPT (a decoder), or T5 (an encoder-decoder: the visual tokens and the prompt go
+/// through its encoder once, its decoder starts from `decoder_start_token_id`).
+#[derive(Debug)]
+enum LanguageModel {
+    Opt(Opt),
+    T5(T5),
 }
 
 impl Blip2 {
@@ -139,23 +148,40 @@ impl Blip2 {
                 &["language_projection", "model.language_projection"],
                 "weight",
             )?;
-            let (qh, th) = (cfg.qformer.hidden_size, cfg.text.hidden_size);
+            let (qh, th) = (cfg.qformer.hidden_size, cfg.text.hidden_size());
             Ok((
                 QueryTransformer::load(w, &cfg, false)?,
                 Linear::load(&w.pp(proj), qh, th, true)?,
             ))
         })?;
-        let language_model = load_if(parts, Part::Language, || {
-            let lm = w.find_prefix(
-                &[
-                    "language_model.model.decoder",
-                    "model.language_model.decoder",
-                    "language_model.decoder",
-                    "model.language_model.model.decoder",
-                ],
-                "embed_tokens.weight",
-            )?;
-            Opt::load(&w.pp(lm), &cfg.text, comm.clone())
+        let language_model = load_if(parts, Part::Language, || match &cfg.text {
+            Blip2Text::Opt(text) => {
+                let lm = w.find_prefix(
+                    &[
+                        "language_model.model.decoder",
+                        "model.language_model.decoder",
+                        "language_model.decoder",
+                        "model.language_model.model.decoder",
+                    ],
+                    "embed_tokens.weight",
+                )?;
+                Ok(LanguageModel::Opt(Opt::load(
+                    &w.pp(lm),
+                    text,
+                    comm.clone(),
+                )?))
+            }
+            Blip2Text::T5(text) => {
+                if comm.world_size() > 1 {
+                    return Err(Error::Config(
+                        "T5 runs on one rank (tensor parallelism covers LLaMA, OPT and IDEFICS)"
+                            .into(),
+                    ));
+                }
+                let lm =
+                    w.find_prefix(&["language_model", "model.language_model"], "shared.weight")?;
+                Ok(LanguageModel::T5(T5::load(&w.pp(lm), text)?))
+            }
         })?;
         Ok(Blip2 {
             cfg,
@@ -190,7 +216,20 @@ impl Blip2 {
     }
 
     pub fn opt(&self) -> Result<&Opt> {
-        part(&self.language_model, Part::Language)
+        match part(&self.language_model, Part::Language)? {
+            LanguageModel::Opt(m) => Ok(m),
+            LanguageModel::T5(_) => Err(Error::Config("this BLIP-2's language model is T5".into())),
+        }
+    }
+
+    /// The T5 language model, where it is one.
+    pub fn t5(&self) -> Result<&T5> {
+        match part(&self.language_model, Part::Language)? {
+            LanguageModel::T5(m) => Ok(m),
+            LanguageModel::Opt(_) => {
+                Err(Error::Config("this BLIP-2's language model is OPT".into()))
+            }
+        }
     }
 }
 
@@ -217,10 +256,37 @@ impl VisionLanguageModel for Blip2 {
         ]
     }
     fn visual_shape(&self, _size: ImageSize) -> [usize; 2] {
-        [self.cfg.num_query_tokens, self.cfg.text.hidden_size]
+        [self.cfg.num_query_tokens, self.cfg.text.hidden_size()]
     }
     fn language_model(&self) -> Result<&dyn CausalLm> {
-        Ok(self.opt()?)
+        Ok(match part(&self.language_model, Part::Language)? {
+            LanguageModel::Opt(m) => m,
+            LanguageModel::T5(m) => m,
+        })
+    }
+    /// T5: the prompt (its image's query tokens in place) through the encoder; every
+    /// decoder layer's cross-attention keys and values from its output.
+    fn condition(&self, cache: &mut KvCache, input_ids: &[u32], images: &[Tensor]) -> Result<()> {
+        let Some(LanguageModel::T5(t5)) = &self.language_model else {
+            return Ok(());
+        };
+        let encoded = t5.encode(&placeholder_embeds(self, input_ids, images)?)?;
+        for (i, (k, v)) in t5.cross_kv(&encoded)?.into_iter().enumerate() {
+            cache.set_cross(i, k, v)?;
+        }
+        Ok(())
+    }
+    fn decoder_prompt(&self, input_ids: &[u32]) -> Vec<u32> {
+        match &self.cfg.text {
+            Blip2Text::T5(c) => vec![c.decoder_start_token_id],
+            Blip2Text::Opt(_) => input_ids.to_vec(),
+        }
+    }
+    fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
+        match &self.cfg.text {
+            Blip2Text::T5(_) => self.language_model()?.embed(&self.decoder_prompt(ids)),
+            Blip2Text::Opt(_) => placeholder_embeds(self, ids, images),
+        }
     }
     fn dtype(&self) -> DType {
         self.dtype

@@ -552,6 +552,122 @@ impl LlavaConfig {
     }
 }
 
+/// HF `T5Config` (T5, T5 v1.1, FlanT5): an encoder-decoder with relative positions.
+#[derive(Debug, Clone)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    pub num_decoder_layers: usize,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    pub layer_norm_epsilon: f64,
+    /// `gated-<act>` (v1.1, FlanT5: `wi_0`, `wi_1`) or `<act>` (T5: `wi`).
+    pub gated: bool,
+    pub activation: Activation,
+    /// The decoder's output times `d_model^-0.5` before the head (T5 v1.0, whose head
+    /// is the embedding; HF's `scale_decoder_outputs`, else `tie_word_embeddings`).
+    pub scale_decoder_outputs: bool,
+    pub decoder_start_token_id: u32,
+    pub eos_token_ids: Vec<u32>,
+    /// Positions the decoder is served for (T5 has no position table: `n_positions`).
+    pub context_length: usize,
+}
+
+impl T5Config {
+    pub fn from_value(v: &Value) -> Result<T5Config> {
+        let o = Obj(v, "text_config");
+        let proj = o.str_or("feed_forward_proj", "relu")?.to_string();
+        let (gated, act) = match proj.split_once('-') {
+            Some(("gated", act)) => (true, act),
+            None => (false, proj.as_str()),
+            Some(_) => {
+                return Err(Error::Config(format!(
+                    "text_config.feed_forward_proj `{proj}` (expected `gated-<act>` or `<act>`)"
+                )))
+            }
+        };
+        // HF reads "gated-gelu" as the tanh approximation (`gelu_new`).
+        let act = if proj == "gated-gelu" {
+            "gelu_new"
+        } else {
+            act
+        };
+        let activation = Activation::from_hf(act).ok_or_else(|| {
+            Error::Config(format!(
+                "text_config.feed_forward_proj: unsupported activation `{act}`"
+            ))
+        })?;
+        let num_layers = o.usize_or("num_layers", 6)?;
+        let scale_decoder_outputs = match o.get("scale_decoder_outputs") {
+            Some(Value::Bool(b)) => *b,
+            _ => o.bool_or("tie_word_embeddings", true)?,
+        };
+        let cfg = T5Config {
+            vocab_size: o.usize_or("vocab_size", 32128)?,
+            d_model: o.usize_or("d_model", 512)?,
+            d_kv: o.usize_or("d_kv", 64)?,
+            d_ff: o.usize_or("d_ff", 2048)?,
+            num_layers,
+            num_decoder_layers: o.usize_or("num_decoder_layers", num_layers)?,
+            num_heads: o.usize_or("num_heads", 8)?,
+            relative_attention_num_buckets: o.usize_or("relative_attention_num_buckets", 32)?,
+            relative_attention_max_distance: o.usize_or("relative_attention_max_distance", 128)?,
+            layer_norm_epsilon: o.f64_or("layer_norm_epsilon", 1e-6)?,
+            gated,
+            activation,
+            scale_decoder_outputs,
+            decoder_start_token_id: o.usize_or("decoder_start_token_id", 0)? as u32,
+            eos_token_ids: match o.ids("eos_token_id") {
+                ids if ids.is_empty() => vec![1],
+                ids => ids,
+            },
+            context_length: o.usize_or("n_positions", 512)?,
+        };
+        if cfg.relative_attention_num_buckets < 4 || cfg.relative_attention_max_distance < 2 {
+            return Err(Error::Config(
+                "text_config: T5 needs at least 4 relative-attention buckets and a max distance of 2"
+                    .into(),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// The language model behind BLIP-2's Q-Former.
+#[derive(Debug, Clone)]
+pub enum Blip2Text {
+    Opt(OptConfig),
+    T5(T5Config),
+}
+
+impl Blip2Text {
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Blip2Text::Opt(c) => c.hidden_size,
+            Blip2Text::T5(c) => c.d_model,
+        }
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match self {
+            Blip2Text::Opt(c) => c.eos_token_ids.clone(),
+            Blip2Text::T5(c) => c.eos_token_ids.clone(),
+        }
+    }
+
+    /// Positions the language model serves (prompt plus output).
+    pub fn context_length(&self) -> usize {
+        match self {
+            Blip2Text::Opt(c) => c.max_position_embeddings,
+            Blip2Text::T5(c) => c.context_length,
+        }
+    }
+}
+
 /// HF `OPTConfig`.
 #[derive(Debug, Clone)]
 pub struct OptConfig {
@@ -654,7 +770,7 @@ impl QFormerConfig {
 pub struct Blip2Config {
     pub vision: VisionConfig,
     pub qformer: QFormerConfig,
-    pub text: OptConfig,
+    pub text: Blip2Text,
     pub num_query_tokens: usize,
     pub image_token_id: u32,
     /// Width of the retrieval projections (ITC).
@@ -671,16 +787,15 @@ impl Blip2Config {
             .cloned()
             .unwrap_or_else(|| serde_json::json!({"model_type": "blip_2_vision_model"}));
         let text = v.get("text_config").unwrap_or(&empty);
-        if text
-            .get("model_type")
-            .and_then(|m| m.as_str())
-            .is_some_and(|m| m != "opt")
-        {
-            return Err(Error::UnknownArchitecture(format!(
-                "BLIP-2 with a `{}` language model (supported: opt)",
-                text["model_type"].as_str().unwrap_or_default()
-            )));
-        }
+        let text = match text.get("model_type").and_then(|m| m.as_str()) {
+            None | Some("opt") => Blip2Text::Opt(OptConfig::from_value(text)?),
+            Some("t5") => Blip2Text::T5(T5Config::from_value(text)?),
+            Some(other) => {
+                return Err(Error::UnknownArchitecture(format!(
+                    "BLIP-2 with a `{other}` language model (supported: opt, t5)"
+                )))
+            }
+        };
         let image_token_id = o
             .get("image_token_id")
             .or_else(|| o.get("image_token_index"))
@@ -691,7 +806,7 @@ impl Blip2Config {
         Ok(Blip2Config {
             vision: VisionConfig::from_value(Some(&vision_value))?,
             qformer: QFormerConfig::from_value(v.get("qformer_config").unwrap_or(&empty))?,
-            text: OptConfig::from_value(text)?,
+            text,
             num_query_tokens: o.usize_or("num_query_tokens", 32)?,
             image_token_id,
             image_text_hidden_size: o.usize_or("image_text_hidden_size", 256)?,

@@ -19,6 +19,7 @@ pub mod llava;
 pub mod opt;
 pub mod perceiver;
 pub mod registry;
+pub mod t5;
 pub mod vit;
 pub mod vlm;
 pub mod weights;

@@ -86,53 +86,71 @@ pub trait VisionLanguageModel: Send + Sync + Debug {
         Ok(())
     }
 
-    /// Input embeddings of a prompt whose image placeholders are filled, in order, by
-    /// `images` (each `[its tokens, hidden]`).
-    fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
-        let fixed = self.image_tokens().fixed();
-        if fixed == Some(0) {
-            // The images enter through cross-attention (`condition`), not the embeddings.
-            return self.language_model()?.embed(ids);
-        }
-        let image_token = self.image_token_id();
-        let placeholders = ids.iter().filter(|&&i| i == image_token).count();
-        let given: usize = images.iter().map(Tensor::rows).sum();
-        if placeholders != given {
-            return Err(Error::Input(format!(
-                "the prompt has {placeholders} image tokens but {} image(s) give {given} visual tokens",
-                images.len(),
-            )));
-        }
-        // Placeholder ids may lie outside the text vocabulary; embed a valid id there.
-        let text_ids: Vec<u32> = ids
-            .iter()
-            .map(|&i| if i == image_token { 0 } else { i })
-            .collect();
-        let mut x = self.language_model()?.embed(&text_ids)?;
-        let d = x.last_dim();
-        if let Some(bad) = images
-            .iter()
-            .find(|t| t.last_dim() != d || fixed.is_some_and(|per| t.rows() != per))
-        {
-            return Err(Error::Input(format!(
-                "visual tokens of shape {:?}, the language model takes rows of {d}",
-                bad.shape()
-            )));
-        }
-        let at: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] == image_token).collect();
-        if at.is_empty() {
-            return Ok(x); // a text-only prompt
-        }
-        // Each image's rows straight into its placeholders (no concatenated copy).
-        let device = x.device();
-        let mut start = 0;
-        for image in images {
-            let rows = &at[start..start + image.rows()];
-            x = x.scatter_rows(rows, &image.to_device(device)?)?;
-            start += image.rows();
-        }
-        Ok(x)
+    /// The ids the language model decodes from (and its positions count): the prompt's,
+    /// or for an encoder-decoder model, whose encoder reads the prompt in `condition`,
+    /// its decoder's start.
+    fn decoder_prompt(&self, input_ids: &[u32]) -> Vec<u32> {
+        input_ids.to_vec()
     }
+
+    /// Input embeddings of the language model's prompt: the prompt's ids with its image
+    /// placeholders filled, in order, by `images` (each `[its tokens, hidden]`).
+    fn input_embeds(&self, ids: &[u32], images: &[Tensor]) -> Result<Tensor> {
+        placeholder_embeds(self, ids, images)
+    }
+}
+
+/// A prompt's embeddings with its image placeholders filled, in order, by `images`
+/// (each `[its tokens, hidden]`): what the language model reads (an encoder-decoder's
+/// encoder included); cross-attention models' are the ids' embeddings alone.
+pub fn placeholder_embeds<M: VisionLanguageModel + ?Sized>(
+    model: &M,
+    ids: &[u32],
+    images: &[Tensor],
+) -> Result<Tensor> {
+    let fixed = model.image_tokens().fixed();
+    if fixed == Some(0) {
+        // The images enter through cross-attention (`condition`), not the embeddings.
+        return model.language_model()?.embed(ids);
+    }
+    let image_token = model.image_token_id();
+    let placeholders = ids.iter().filter(|&&i| i == image_token).count();
+    let given: usize = images.iter().map(Tensor::rows).sum();
+    if placeholders != given {
+        return Err(Error::Input(format!(
+            "the prompt has {placeholders} image tokens but {} image(s) give {given} visual tokens",
+            images.len(),
+        )));
+    }
+    // Placeholder ids may lie outside the text vocabulary; embed a valid id there.
+    let text_ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| if i == image_token { 0 } else { i })
+        .collect();
+    let mut x = model.language_model()?.embed(&text_ids)?;
+    let d = x.last_dim();
+    if let Some(bad) = images
+        .iter()
+        .find(|t| t.last_dim() != d || fixed.is_some_and(|per| t.rows() != per))
+    {
+        return Err(Error::Input(format!(
+            "visual tokens of shape {:?}, the language model takes rows of {d}",
+            bad.shape()
+        )));
+    }
+    let at: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] == image_token).collect();
+    if at.is_empty() {
+        return Ok(x); // a text-only prompt
+    }
+    // Each image's rows straight into its placeholders (no concatenated copy).
+    let device = x.device();
+    let mut start = 0;
+    for image in images {
+        let rows = &at[start..start + image.rows()];
+        x = x.scatter_rows(rows, &image.to_device(device)?)?;
+        start += image.rows();
+    }
+    Ok(x)
 }
 
 /// Checks a tensor a caller sent (features, visual tokens) before any kernel sees it:

@@ -810,6 +810,23 @@ impl KvCache {
         }
     }
 
+    /// Keys and values of `layer`'s first `rows` rows (`len()` plus what this step
+    /// wrote), `width` wide, as host f32: for attention the kernels do not cover (T5's
+    /// relative-position bias).
+    pub fn read(&self, layer: usize, width: usize, rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let view = self.view(layer, width, rows);
+        let (mut k, mut v) = (
+            Vec::with_capacity(rows * width),
+            Vec::with_capacity(rows * width),
+        );
+        for j in 0..rows {
+            let (kr, vr) = view.row(j);
+            kr.extend_into(&mut k);
+            vr.extend_into(&mut v);
+        }
+        (k, v)
+    }
+
     pub fn n_layers(&self) -> usize {
         self.n_layers
     }

@@ -1,0 +1,187 @@
+//! BLIP-2 with a T5 language model against HF transformers on the tiny fixtures
+//! (tools/gen_blip2_fixtures.py): FlanT5's recipe (gated-GELU, its own head) at f32,
+//! classic T5's (ReLU, the head tied to the embedding, the output scaled) at bf16. Each
+//! stage fed HF's input to it: vision features, Q-Former output, projected visual
+//! tokens, the T5 encoder's output over them and the prompt, the decoder's first
+//! logits from `decoder_start_token_id`; then greedy ids through the pipeline and the
+//! engine (continuous batching, the encoder's output held as cross-attention K/V).
+
+use iris_e2e::{errors, fixture, Golden};
+use iris_engine::{Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, SamplingParams};
+use iris_models::blip2::Blip2;
+use iris_models::vlm::VisionLanguageModel;
+
+/// (fixture, relative tolerance, logprob tolerance). T5's attention scores are not
+/// scaled by 1/√d: large in the f32 fixture (its weights boosted for a lively golden),
+/// they carry f32 rounding into the logits of later positions (up to 6e-5 rel against
+/// HF's teacher-forced logits, 3e-4 in a logprob; the first position, whose softmax
+/// has one key, at 4e-6).
+const CASES: [(&str, f64, f32); 2] = [
+    ("blip2-tiny-t5-f32", 1e-4, 5e-4),
+    ("blip2-tiny-t5-bf16", 1e-2, 3e-2),
+];
+
+fn check(name: &str, what: &str, tol: f64, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: {what}: element count");
+    let (rel, max) = errors(got, want);
+    eprintln!("{name}: {what}: rel {rel:.2e} max abs {max:.2e}");
+    assert!(
+        rel <= tol,
+        "{name}: {what}: rel error {rel:.3e} > {tol:.0e} (max abs {max:.3e})"
+    );
+}
+
+#[test]
+fn stages_match_hf() {
+    for (name, tol, _) in CASES {
+        let g = Golden::load(name);
+        let m = Blip2::load(&fixture(name), None).unwrap();
+        let pv = g.tensor("pixel_values");
+        let pv = pv.reshape(&pv.shape()[1..]).unwrap();
+        let feats = m.image_features(&pv).unwrap();
+        let want = g.tensor("vision_features").to_f32_vec();
+        check(name, "vision features", tol, &feats.to_f32_vec(), &want);
+        let q = m.query_output(&g.tensor("vision_features")).unwrap();
+        let want = g.tensor("qformer_output").to_f32_vec();
+        check(name, "qformer output", tol, &q.to_f32_vec(), &want);
+        let projected = m.project(&g.tensor("qformer_output")).unwrap();
+        let want = g.tensor("projected").to_f32_vec();
+        check(name, "projected", tol, &projected.to_f32_vec(), &want);
+        let ids = g.ids("prompt_token_ids");
+        let t5 = m.t5().unwrap();
+        let embeds =
+            iris_models::vlm::placeholder_embeds(&m, &ids, &[g.tensor("projected")]).unwrap();
+        let encoded = t5.encode(&embeds).unwrap();
+        let want = g.tensor("encoder_hidden").to_f32_vec();
+        check(name, "encoder output", tol, &encoded.to_f32_vec(), &want);
+        // The decoder from its start token, cross-attending to HF's encoder output.
+        let lm = m.language_model().unwrap();
+        let mut cache = lm.new_cache();
+        m.condition(&mut cache, &ids, &[g.tensor("projected")])
+            .unwrap();
+        let start = g.json["decoder_start_token_id"].as_u64().unwrap() as u32;
+        assert_eq!(m.decoder_prompt(&ids), vec![start]);
+        let embeds = m.input_embeds(&ids, &[g.tensor("projected")]).unwrap();
+        let hidden = lm.forward(&embeds, &mut cache).unwrap();
+        let logits = lm.logits(&hidden).unwrap();
+        let want = g.tensor("logits").to_f32_vec();
+        check(name, "first logits", tol, &logits.to_f32_vec(), &want);
+    }
+}
+
+#[test]
+fn processor_and_greedy_generation_match_hf() {
+    for (name, _, logprob_tol) in CASES {
+        let g = Golden::load(name);
+        let p = Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap();
+        let image = std::fs::read(&g.image_paths()[0]).unwrap();
+        let prompt = g.json["prompt"].as_str().unwrap();
+        let prepared = p
+            .processor
+            .prepare(prompt, std::slice::from_ref(&image))
+            .unwrap();
+        assert_eq!(prepared.input_ids, g.ids("prompt_token_ids"), "{name}");
+        let max_new = g.json["max_new_tokens"].as_u64().unwrap() as usize;
+        let out = p
+            .generate(prompt, &[image], max_new, SamplingParams::default())
+            .unwrap();
+        assert_eq!(out.token_ids, g.ids("token_ids"), "{name}: greedy ids");
+        let worst = out
+            .logprobs
+            .iter()
+            .zip(g.floats("logprobs"))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: logprobs max abs diff {worst:.2e}");
+        assert!(worst <= logprob_tol, "{name}: logprobs off by {worst}");
+        assert_eq!(out.text, g.json["text"].as_str().unwrap(), "{name}");
+    }
+}
+
+/// The engine: requests about two images, greedy and seeded, together in one batch
+/// (the encoder's output as cross K/V in the paged arena) give what each gives alone
+/// through the pipeline — also when the arena is too small for all of them and
+/// sequences are preempted (their encoder runs again on readmission).
+#[test]
+fn the_engine_batches_t5_requests_as_the_pipeline_runs_them_alone() {
+    let name = "blip2-tiny-t5-f32";
+    let p = std::sync::Arc::new(Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap());
+    let images: Vec<Vec<u8>> = ["scene.png", "tall.jpg"]
+        .iter()
+        .map(|f| std::fs::read(fixture("images").join(f)).unwrap())
+        .collect();
+    let prompts = ["Question: what is in the picture? Answer:", "Describe it."];
+    let requests: Vec<EngineRequest> = (0..6)
+        .map(|i| {
+            let sampling = match i % 3 {
+                0 => SamplingParams::default(),
+                _ => SamplingParams {
+                    temperature: 0.9,
+                    top_p: 0.95,
+                    seed: i as u64,
+                    ..Default::default()
+                },
+            };
+            EngineRequest::new(
+                prompts[(i / 2) % 2],
+                vec![images[i % 2].clone()],
+                GenerateOptions::new(24, sampling),
+            )
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            p.generate_with(&r.prompt, &r.images, &r.options)
+                .unwrap()
+                .token_ids
+        })
+        .collect();
+    for (blocks, expect_preemption) in [(4096, false), (40, true)] {
+        let engine = Engine::start(
+            p.clone(),
+            EngineConfig {
+                max_batch: 8,
+                kv_blocks: blocks,
+                block_size: 4,
+                ..Default::default()
+            },
+        );
+        let streams: Vec<_> = requests
+            .iter()
+            .map(|r| engine.submit(r.clone()).unwrap())
+            .collect();
+        for (i, s) in streams.into_iter().enumerate() {
+            let got = s.collect_blocking().unwrap().token_ids;
+            assert_eq!(got, alone[i], "request {i} with {blocks} blocks");
+        }
+        let stats = engine.stats();
+        assert_eq!(stats.preemptions > 0, expect_preemption, "{stats:?}");
+        assert_eq!(stats.free_blocks, blocks, "all blocks back: {stats:?}");
+    }
+}
+
+/// The decoder one token at a time over its cache gives what it gives for the same
+/// tokens at once (the relative-position bias offset by the cached length).
+#[test]
+fn decoding_step_by_step_equals_the_tokens_at_once() {
+    let name = "blip2-tiny-t5-f32";
+    let g = Golden::load(name);
+    let m = Blip2::load(&fixture(name), None).unwrap();
+    let ids = g.ids("prompt_token_ids");
+    let lm = m.language_model().unwrap();
+    let mut dec = m.decoder_prompt(&ids);
+    dec.extend(g.ids("token_ids"));
+    let visual = [g.tensor("projected")];
+    let mut whole = lm.new_cache();
+    m.condition(&mut whole, &ids, &visual).unwrap();
+    let at_once = lm.forward(&lm.embed(&dec).unwrap(), &mut whole).unwrap();
+    let mut steps = lm.new_cache();
+    m.condition(&mut steps, &ids, &visual).unwrap();
+    for (i, &t) in dec.iter().enumerate() {
+        let h = lm.forward(&lm.embed(&[t]).unwrap(), &mut steps).unwrap();
+        let want = at_once.narrow_rows(i, 1).unwrap().to_f32_vec();
+        let (rel, _) = errors(&h.to_f32_vec(), &want);
+        assert!(rel < 1e-5, "position {i}: rel {rel:.2e}");
+    }
+}
