@@ -101,7 +101,7 @@ fn processor_and_greedy_generation_match_hf() {
 /// The engine: requests about two images, greedy and seeded, together in one batch
 /// (the encoder's output as cross K/V in the paged arena) give what each gives alone
 /// through the pipeline — also when the arena is too small for all of them and
-/// sequences are preempted (their encoder runs again on readmission).
+/// sequences are preempted (their encoder runs again on readmission, and only then).
 #[test]
 fn the_engine_batches_t5_requests_as_the_pipeline_runs_them_alone() {
     let name = "blip2-tiny-t5-f32";
@@ -158,6 +158,9 @@ fn the_engine_batches_t5_requests_as_the_pipeline_runs_them_alone() {
         let stats = engine.stats();
         assert_eq!(stats.preemptions > 0, expect_preemption, "{stats:?}");
         assert_eq!(stats.free_blocks, blocks, "all blocks back: {stats:?}");
+        // The encoder ran once per sequence, and once more after each preemption.
+        let runs = requests.len() as u64 + stats.preemptions as u64;
+        assert_eq!(stats.cross_kv_computed, runs, "{stats:?}");
     }
 }
 

@@ -169,6 +169,10 @@ pub struct EngineStats {
     pub prefix_hits: u64,
     /// Cached prefix blocks evicted to make room.
     pub prefix_evictions: u64,
+    /// Admissions that computed cross-attention K/V from their images (or, for an
+    /// encoder-decoder, ran its encoder): once per sequence, again only after it was
+    /// preempted.
+    pub cross_kv_computed: u64,
     /// Requests running (prefilling or decoding) and waiting, after the last step.
     pub running: usize,
     pub waiting: usize,
@@ -899,6 +903,9 @@ impl Worker {
             seq.cache = lm.new_cache();
             model.condition(&mut seq.cache, &seq.prepared.input_ids, &seq.visual)?;
             seq.conditioned = true;
+            if seq.cache.cross_floats() > 0 {
+                self.stats.lock().expect("stats lock").cross_kv_computed += 1;
+            }
         }
         let tokens = seq.tokens();
         let total = tokens.len();

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub kv_bytes_total: Family<ModelLabel, Gauge>,
     pub kv_bytes_used: Family<ModelLabel, Gauge>,
     pub prefix_evictions: Family<ModelLabel, Gauge>,
+    /// Sequences whose cross-attention K/V (an encoder-decoder's encoder output) was
+    /// computed: once each, again only after a preemption.
+    pub cross_kv_computed: Family<ModelLabel, Gauge>,
     /// Engine steps that panicked (their requests failed; the engine went on).
     pub failed_steps: Family<ModelLabel, Gauge>,
     /// 1 while the engine can serve, 0 once it cannot.
@@ -115,6 +118,7 @@ impl Metrics {
             kv_bytes_total: Family::default(),
             kv_bytes_used: Family::default(),
             prefix_evictions: Family::default(),
+            cross_kv_computed: Family::default(),
             failed_steps: Family::default(),
             engine_alive: Family::default(),
             open_connections: Gauge::default(),
@@ -254,6 +258,11 @@ impl Metrics {
             m.prefix_evictions.clone(),
         );
         r.register(
+            "cross_kv_computed",
+            "Sequences whose cross-attention K/V (an encoder-decoder's encoder output) was computed: once each, again after a preemption",
+            m.cross_kv_computed.clone(),
+        );
+        r.register(
             "engine_failed_steps",
             "Engine steps that panicked; their requests failed, the engine went on",
             m.failed_steps.clone(),
@@ -302,6 +311,9 @@ impl Metrics {
             self.prefix_evictions
                 .get_or_create(&l)
                 .set(s.prefix_evictions as i64);
+            self.cross_kv_computed
+                .get_or_create(&l)
+                .set(s.cross_kv_computed as i64);
             self.failed_steps
                 .get_or_create(&l)
                 .set(s.failed_steps as i64);

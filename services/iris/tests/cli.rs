@@ -63,6 +63,10 @@ fn generate_json_matches_hf_goldens() {
         ("llava-tiny-qwen2-f32", 1e-4),
         ("blip2-tiny-opt-f32", 1e-4),
         ("llava-tiny-gqa-bf16", 3e-2),
+        ("llava-next-tiny-f32", 1e-4),
+        ("llava-next-tiny-bf16", 3e-2),
+        ("blip2-tiny-t5-f32", 5e-4),
+        ("blip2-tiny-t5-bf16", 3e-2),
     ] {
         let dir = fixtures().join(name);
         let golden: serde_json::Value =
@@ -144,7 +148,15 @@ fn sampling_is_seeded() {
 fn edited_fixture(
     edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<u8>)>),
 ) -> tempfile::TempDir {
-    let src = fixtures().join("llava-tiny-hub-f32");
+    edited("llava-tiny-hub-f32", edit)
+}
+
+/// A copy of the f32 fixture `name` whose weights are rewritten by `edit`.
+fn edited(
+    name: &str,
+    edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<u8>)>),
+) -> tempfile::TempDir {
+    let src = fixtures().join(name);
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
         let e = e.unwrap();
@@ -178,6 +190,45 @@ fn missing_tensor_is_named() {
     });
     let out = generate(dir.path(), &[image("scene.png")], PROMPT1, &[]);
     assert_clean_failure(&out, "language_model.model.layers.1.mlp.up_proj.weight");
+}
+
+#[test]
+fn t5_without_its_relative_attention_bias_is_refused_by_name() {
+    let name =
+        "language_model.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight";
+    let dir = edited("blip2-tiny-t5-f32", |t| {
+        t.remove(name);
+    });
+    let out = generate(
+        dir.path(),
+        &[image("scene.png")],
+        "Question: what? Answer:",
+        &[],
+    );
+    assert_clean_failure(&out, name);
+}
+
+/// LLaVA-NeXT: pinpoints that are not whole tiles refuse the model at load; an image
+/// over the pixel limit is refused before any tile is cut.
+#[test]
+fn llava_next_refuses_bad_pinpoints_and_oversized_images() {
+    let src = fixtures().join("llava-next-tiny-f32");
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let cfg = dir.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["image_grid_pinpoints"] = serde_json::json!([[30, 60], [45, 30]]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let png = [image("scene.png")];
+    assert_clean_failure(&generate(dir.path(), &png, PROMPT1, &[]), "[45, 30]");
+    assert_clean_failure(
+        &generate(&src, &png, PROMPT1, &["--max-image-pixels", "1000"]),
+        "pixels",
+    );
 }
 
 #[test]

@@ -149,6 +149,21 @@ fn tiers_in_their_own_processes_give_iris_generates_tokens_and_cache_images() {
     });
 }
 
+/// A generation's final event.
+async fn finished(
+    g: &mut iris_proto::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    req: pb::GenerateRequest,
+) -> pb::Finished {
+    let mut stream = g.generate(req).await.unwrap().into_inner();
+    loop {
+        if let Some(pb::generate_event::Event::Finished(f)) =
+            stream.message().await.unwrap().unwrap().event
+        {
+            return f;
+        }
+    }
+}
+
 /// LLaVA-NeXT on the embedded default: HF's greedy ids for two images of different
 /// sizes (their placeholder counts from their headers); the OpenAI API's chat gives the
 /// text gRPC's chat gives, its usage counting each image's own tokens; a file that is
@@ -178,9 +193,14 @@ fn iris_serve_runs_llava_next_over_grpc_and_http() {
     req.model = NEXT.into();
     let (grpc_text, grpc_prompt_tokens) = rt().block_on(async {
         let mut g = client(&s.grpc).await;
-        let (ids, text, _) = generate(&mut g, req).await.unwrap();
+        let (ids, text, _) = generate(&mut g, req.clone()).await.unwrap();
         assert_eq!(ids, want, "HF's greedy ids");
         assert_eq!(text, golden["text"].as_str().unwrap());
+        // The gateway's count (from the images' headers, before anything ran) is HF's.
+        assert_eq!(
+            finished(&mut g, req).await.prompt_tokens as usize,
+            golden["prompt_token_ids"].as_array().unwrap().len()
+        );
         // The same two images as chat content.
         let mut chat = request("", files.clone(), 8);
         chat.model = NEXT.into();
@@ -189,15 +209,8 @@ fn iris_serve_runs_llava_next_over_grpc_and_http() {
             content: "<image>\nCompare <image> with it.".into(),
             ..Default::default()
         }];
-        let mut stream = g.generate(chat).await.unwrap().into_inner();
-        loop {
-            match stream.message().await.unwrap().unwrap().event {
-                Some(pb::generate_event::Event::Finished(f)) => {
-                    break (f.text, u64::from(f.prompt_tokens))
-                }
-                _ => continue,
-            }
-        }
+        let f = finished(&mut g, chat).await;
+        (f.text, u64::from(f.prompt_tokens))
     });
     let url = |b: &[u8]| {
         let b64 = base64::engine::general_purpose::STANDARD.encode(b);
@@ -225,6 +238,85 @@ fn iris_serve_runs_llava_next_over_grpc_and_http() {
     assert_eq!(r.status().as_u16(), 400);
     let e = r.text().unwrap();
     assert!(e.contains("image 1"), "{e}");
+}
+
+/// BLIP-2 with T5 on the embedded default: HF's greedy ids; requests sent together
+/// (batched in the engine) give what each gives alone; the encoder ran once for each.
+#[test]
+fn iris_serve_runs_blip2_t5_batched_as_alone() {
+    const T5: &str = "blip2-tiny-t5-bf16";
+    let dir = fixtures().join(T5).display().to_string();
+    // Slow steps, so the requests sent together overlap in the engine's batch.
+    let slow = ["serve", "--model", &dir, "--test-step-delay-ms", "10"];
+    let s = spawn(env!("CARGO_BIN_EXE_iris"), &slow);
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(T5).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u32> = golden["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let of = |prompt: &str, file: &str, n: u32, seed: u64| {
+        let mut r = request(prompt, vec![image(file)], n);
+        r.model = T5.into();
+        if seed > 0 {
+            r.sampling = Some(pb::SamplingParams {
+                temperature: 0.9,
+                seed,
+                ..Default::default()
+            });
+        }
+        r
+    };
+    let prompts = [
+        "Describe the image in detail.",
+        "Question: what is it? Answer:",
+    ];
+    let reqs: Vec<pb::GenerateRequest> = (0..6)
+        .map(|i| {
+            of(
+                prompts[i % 2],
+                ["tall.jpg", "scene.png"][(i / 2) % 2],
+                20,
+                i as u64,
+            )
+        })
+        .collect();
+    rt().block_on(async {
+        let mut g = client(&s.grpc).await;
+        let golden_req = of(golden["prompt"].as_str().unwrap(), "tall.jpg", 8, 0);
+        let (ids, text, _) = generate(&mut g, golden_req).await.unwrap();
+        assert_eq!(ids, want, "HF's greedy ids");
+        assert_eq!(text, golden["text"].as_str().unwrap());
+        let mut alone = Vec::new();
+        for r in &reqs {
+            alone.push(generate(&mut g, r.clone()).await.unwrap().0);
+        }
+        let counts = || {
+            let m = |n| metric(&s.http, n);
+            (m("iris_decode_steps"), m("iris_decode_tokens"))
+        };
+        let (steps0, tokens0) = counts();
+        let tasks: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (addr, r) = (s.grpc.clone(), r.clone());
+                tokio::spawn(async move { generate(&mut client(&addr).await, r).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap().0, alone[i], "request {i} batched");
+        }
+        let (steps1, tokens1) = counts();
+        let batch = (tokens1 - tokens0) / (steps1 - steps0);
+        println!("blip2-t5 on iris serve: {batch:.1} sequences a step when sent together");
+        assert!(batch > 1.5, "the requests did not share steps ({batch})");
+    });
+    // The golden request, six alone, six together: the encoder once each.
+    assert_eq!(metric(&s.http, "iris_cross_kv_computed"), 13.0);
 }
 
 #[test]
