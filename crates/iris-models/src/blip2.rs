@@ -178,6 +178,13 @@ impl Blip2 {
                             .into(),
                     ));
                 }
+                // Its biased attention reads the KV blocks on the host.
+                if w.device() != iris_tensor::Device::Cpu {
+                    return Err(Error::Config(format!(
+                        "T5 runs on the CPU backend for now, not {}",
+                        w.device()
+                    )));
+                }
                 let lm =
                     w.find_prefix(&["language_model", "model.language_model"], "shared.weight")?;
                 Ok(LanguageModel::T5(T5::load(&w.pp(lm), text)?))
