@@ -71,6 +71,34 @@ def make_tokenizer():
 ONLY = set(sys.argv[1:])
 
 
+def new_blip2(tokenizer, vision, qformer, text_config, num_query_tokens):
+    """A Blip2Config with `text_config(vocab_size)` behind the Q-Former, and its PIL-backend
+    processor (which adds `<image>` to the tokenizer first: the vocabulary counts it)."""
+    size = vision["image_size"]
+    ip = BlipImageProcessorPil(size={"height": size, "width": size})
+    proc = Blip2Processor(image_processor=ip, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(**vision).to_dict(),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], **qformer).to_dict(),
+        text_config=text_config(len(tokenizer)).to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    return proc, cfg
+
+
+def image_stages(ref, pixel_values):
+    """The vision tower's features, the Q-Former's queries and their projection."""
+    vis = ref.vision_model(pixel_values).last_hidden_state
+    q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=vis).last_hidden_state
+    return vis, q, ref.language_projection(q)
+
+
+def write_golden(out, tensors, meta):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump(meta, open(os.path.join(out, "golden.json"), "w"), indent=1)
+
+
 def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8):
     if ONLY and name not in ONLY:
         return
@@ -78,16 +106,10 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
-    size = vision["image_size"]
-    ip = BlipImageProcessorPil(size={"height": size, "width": size})
-    proc = Blip2Processor(image_processor=ip, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
-    cfg = Blip2Config(
-        vision_config=Blip2VisionConfig(**vision).to_dict(),
-        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], **qformer).to_dict(),
-        text_config=OPTConfig(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=2, pad_token_id=1, **text).to_dict(),
-        num_query_tokens=num_query_tokens,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+    def text_config(vocab_size):
+        return OPTConfig(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=1, **text)
+
+    proc, cfg = new_blip2(tokenizer, vision, qformer, text_config, num_query_tokens)
     model = Blip2ForConditionalGeneration(cfg).eval()
     init_weights(model)
     # A livelier OPT: at std 0.1 its greedy output repeats one token, a weak golden.
@@ -105,12 +127,11 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     golden = {}
     with torch.no_grad():
         golden["logits"] = ref(**inputs).logits[0]
-        vis = ref.vision_model(inputs["pixel_values"]).last_hidden_state
-        q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=vis).last_hidden_state
+        vis, q, projected = image_stages(ref, inputs["pixel_values"])
         golden["pixel_values"] = inputs["pixel_values"]
         golden["vision_features"] = vis[0]
         golden["qformer_output"] = q[0]
-        golden["projected"] = ref.language_projection(q)[0]
+        golden["projected"] = projected[0]
         gen = ref.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                            return_dict_in_generate=True)
     n_prompt = inputs["input_ids"].shape[1]
@@ -119,21 +140,16 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     # both forms are handled.
     ids = seq[n_prompt:] if len(seq) > len(gen.logits) else seq
     logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
-    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump(
-        {
-            "prompt": prompt,
-            "images": [image],
-            "dtype": "float32",
-            "prompt_token_ids": inputs["input_ids"][0].tolist(),
-            "token_ids": ids,
-            "logprobs": logprobs,
-            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
-            "max_new_tokens": max_new_tokens,
-        },
-        open(os.path.join(out, "golden.json"), "w"),
-        indent=1,
-    )
+    write_golden(out, golden, {
+        "prompt": prompt,
+        "images": [image],
+        "dtype": "float32",
+        "prompt_token_ids": inputs["input_ids"][0].tolist(),
+        "token_ids": ids,
+        "logprobs": logprobs,
+        "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+        "max_new_tokens": max_new_tokens,
+    })
     print(name, "prompt", n_prompt, "tokens; greedy", ids)
 
 
@@ -171,17 +187,10 @@ def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, im
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = make_t5_tokenizer()
-    size = vision["image_size"]
-    ip = BlipImageProcessorPil(size={"height": size, "width": size})
-    proc = Blip2Processor(image_processor=ip, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
-    cfg = Blip2Config(
-        vision_config=Blip2VisionConfig(**vision).to_dict(),
-        qformer_config=Blip2QFormerConfig(encoder_hidden_size=vision["hidden_size"], **qformer).to_dict(),
-        text_config=T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
-                             decoder_start_token_id=0, **text).to_dict(),
-        num_query_tokens=num_query_tokens,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-    )
+    def text_config(vocab_size):
+        return T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **text)
+
+    proc, cfg = new_blip2(tokenizer, vision, qformer, text_config, num_query_tokens)
     model = Blip2ForConditionalGeneration(cfg).eval()
     init_weights(model)
     with torch.no_grad():
@@ -218,9 +227,7 @@ def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, im
     lm = ref.language_model
     golden = {}
     with torch.no_grad():
-        vis = ref.vision_model(inputs["pixel_values"]).last_hidden_state
-        q = ref.qformer(query_embeds=ref.query_tokens, encoder_hidden_states=vis).last_hidden_state
-        projected = ref.language_projection(q)
+        vis, q, projected = image_stages(ref, inputs["pixel_values"])
         embeds = lm.get_input_embeddings()(inputs["input_ids"])
         mask = (inputs["input_ids"] == cfg.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(mask, projected.to(embeds.dtype))
@@ -239,22 +246,17 @@ def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, im
     # The decoder's sequence starts with decoder_start_token_id.
     ids = seq[1:] if seq and seq[0] == cfg.text_config.decoder_start_token_id else seq
     logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
-    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump(
-        {
-            "prompt": prompt,
-            "images": [image],
-            "dtype": str(dtype).replace("torch.", ""),
-            "prompt_token_ids": inputs["input_ids"][0].tolist(),
-            "decoder_start_token_id": cfg.text_config.decoder_start_token_id,
-            "token_ids": ids,
-            "logprobs": logprobs,
-            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
-            "max_new_tokens": max_new_tokens,
-        },
-        open(os.path.join(out, "golden.json"), "w"),
-        indent=1,
-    )
+    write_golden(out, golden, {
+        "prompt": prompt,
+        "images": [image],
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_token_ids": inputs["input_ids"][0].tolist(),
+        "decoder_start_token_id": cfg.text_config.decoder_start_token_id,
+        "token_ids": ids,
+        "logprobs": logprobs,
+        "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+        "max_new_tokens": max_new_tokens,
+    })
     print(name, "prompt", inputs["input_ids"].shape[1], "tokens; greedy", ids)
 
 

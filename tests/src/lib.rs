@@ -115,3 +115,15 @@ pub fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
     }
     ((num / den.max(1e-30)).sqrt(), max)
 }
+
+/// Asserts `got` within `tol` relative error of `want` (printing both errors), for the
+/// stage `what` of fixture `name`.
+pub fn assert_close(name: &str, what: &str, tol: f64, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{name}: {what}: element count");
+    let (rel, max) = errors(got, want);
+    eprintln!("{name}: {what}: rel {rel:.2e} max abs {max:.2e}");
+    assert!(
+        rel <= tol,
+        "{name}: {what}: rel error {rel:.3e} > {tol:.0e} (max abs {max:.3e})"
+    );
+}

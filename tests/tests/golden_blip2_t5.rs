@@ -6,7 +6,7 @@
 //! logits from `decoder_start_token_id`; then greedy ids through the pipeline and the
 //! engine (continuous batching, the encoder's output held as cross-attention K/V).
 
-use iris_e2e::{errors, fixture, Golden};
+use iris_e2e::{assert_close, errors, fixture, Golden};
 use iris_engine::{Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, SamplingParams};
 use iris_models::blip2::Blip2;
 use iris_models::vlm::VisionLanguageModel;
@@ -21,16 +21,6 @@ const CASES: [(&str, f64, f32); 2] = [
     ("blip2-tiny-t5-bf16", 1e-2, 3e-2),
 ];
 
-fn check(name: &str, what: &str, tol: f64, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{name}: {what}: element count");
-    let (rel, max) = errors(got, want);
-    eprintln!("{name}: {what}: rel {rel:.2e} max abs {max:.2e}");
-    assert!(
-        rel <= tol,
-        "{name}: {what}: rel error {rel:.3e} > {tol:.0e} (max abs {max:.3e})"
-    );
-}
-
 #[test]
 fn stages_match_hf() {
     for (name, tol, _) in CASES {
@@ -40,20 +30,20 @@ fn stages_match_hf() {
         let pv = pv.reshape(&pv.shape()[1..]).unwrap();
         let feats = m.image_features(&pv).unwrap();
         let want = g.tensor("vision_features").to_f32_vec();
-        check(name, "vision features", tol, &feats.to_f32_vec(), &want);
+        assert_close(name, "vision features", tol, &feats.to_f32_vec(), &want);
         let q = m.query_output(&g.tensor("vision_features")).unwrap();
         let want = g.tensor("qformer_output").to_f32_vec();
-        check(name, "qformer output", tol, &q.to_f32_vec(), &want);
+        assert_close(name, "qformer output", tol, &q.to_f32_vec(), &want);
         let projected = m.project(&g.tensor("qformer_output")).unwrap();
         let want = g.tensor("projected").to_f32_vec();
-        check(name, "projected", tol, &projected.to_f32_vec(), &want);
+        assert_close(name, "projected", tol, &projected.to_f32_vec(), &want);
         let ids = g.ids("prompt_token_ids");
         let t5 = m.t5().unwrap();
         let embeds =
             iris_models::vlm::placeholder_embeds(&m, &ids, &[g.tensor("projected")]).unwrap();
         let encoded = t5.encode(&embeds).unwrap();
         let want = g.tensor("encoder_hidden").to_f32_vec();
-        check(name, "encoder output", tol, &encoded.to_f32_vec(), &want);
+        assert_close(name, "encoder output", tol, &encoded.to_f32_vec(), &want);
         // The decoder from its start token, cross-attending to HF's encoder output.
         let lm = m.language_model().unwrap();
         let mut cache = lm.new_cache();
@@ -65,7 +55,7 @@ fn stages_match_hf() {
         let hidden = lm.forward(&embeds, &mut cache).unwrap();
         let logits = lm.logits(&hidden).unwrap();
         let want = g.tensor("logits").to_f32_vec();
-        check(name, "first logits", tol, &logits.to_f32_vec(), &want);
+        assert_close(name, "first logits", tol, &logits.to_f32_vec(), &want);
     }
 }
 

@@ -5,7 +5,7 @@
 //! the packed visual tokens (projected, unpadded, `image_newline` rows) and logits within
 //! 1e-4 relative (f32) or 1e-2 (bf16), identical greedy ids.
 
-use iris_e2e::{errors, fixture, Golden};
+use iris_e2e::{assert_close, fixture, Golden};
 use iris_engine::{Pipeline, SamplingParams};
 use iris_models::config::{ImageSize, LlavaConfig};
 use iris_models::llava::Llava;
@@ -36,16 +36,6 @@ fn sizes(g: &Golden) -> Vec<ImageSize> {
             width: s[1].as_u64().unwrap() as usize,
         })
         .collect()
-}
-
-fn check(name: &str, what: &str, tol: f64, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{name}: {what}: element count");
-    let (rel, max) = errors(got, want);
-    eprintln!("{name}: {what}: rel {rel:.2e} max abs {max:.2e}");
-    assert!(
-        rel <= tol,
-        "{name}: {what} rel error {rel:.3e} > {tol:.0e} (max abs {max:.3e})"
-    );
 }
 
 #[test]
@@ -123,14 +113,14 @@ fn model_stages_match_hf() {
             let feats = m.image_features(&pv).unwrap();
             let want = g.tensor(&format!("vision_features_{i}"));
             let what = format!("image {i}: vision features");
-            check(name, &what, tol, &feats.to_f32_vec(), &want.to_f32_vec());
+            assert_close(name, &what, tol, &feats.to_f32_vec(), &want.to_f32_vec());
             let want_rows = want.reshape(&[want.elem_count() / want.last_dim(), want.last_dim()]);
             let tokens = m.connect(&want_rows.unwrap(), size).unwrap();
             let want = g.tensor(&format!("image_features_{i}"));
             assert_eq!(tokens.shape(), want.shape(), "{name}: image {i} tokens");
             assert_eq!(m.visual_shape(size), [want.shape()[0], want.shape()[1]]);
             let what = format!("image {i}: visual tokens");
-            check(name, &what, tol, &tokens.to_f32_vec(), &want.to_f32_vec());
+            assert_close(name, &what, tol, &tokens.to_f32_vec(), &want.to_f32_vec());
             visual.push(want);
         }
         let ids = g.ids("prompt_token_ids");
@@ -139,7 +129,7 @@ fn model_stages_match_hf() {
         let hidden = lm.forward(&embeds, &mut lm.new_cache()).unwrap();
         let logits = lm.logits(&hidden).unwrap();
         let want = g.tensor("logits").to_f32_vec();
-        check(name, "logits", tol, &logits.to_f32_vec(), &want);
+        assert_close(name, "logits", tol, &logits.to_f32_vec(), &want);
     }
 }
 

@@ -471,35 +471,22 @@ fn a_model_through_the_tiers(fixture: &str, prompt: &str, files: &[&str]) -> Cou
     eventually(Duration::from_secs(10), "members registered", || {
         registered(&e, "decoder").len() == 1 && registered(&e, "connector").len() == 1
     });
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(fixture).join("golden.json")).unwrap(),
-    )
-    .unwrap();
+    let golden = golden(fixture);
     let of = |prompt: &str, images: Vec<Vec<u8>>, n: u32| {
         let mut r = request(prompt, images, n);
         r.model = fixture.into();
         r
     };
-    let golden_images: Vec<Vec<u8>> = golden["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| image(f.as_str().unwrap()))
-        .collect();
     let rt = rt();
     let max = golden["max_new_tokens"].as_u64().unwrap() as u32;
+    let prompt0 = golden["prompt"].as_str().unwrap();
     let (got, text) = rt
         .block_on(stream_all(
             &g.grpc,
-            of(golden["prompt"].as_str().unwrap(), golden_images, max),
+            of(prompt0, golden_images(&golden), max),
         ))
         .unwrap();
-    let want_ids: Vec<u32> = golden["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let want_ids = golden_ids(&golden, "token_ids");
     assert_eq!(
         got, want_ids,
         "{fixture}: HF's greedy ids through the tiers"

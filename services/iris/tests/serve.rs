@@ -173,22 +173,9 @@ fn iris_serve_runs_llava_next_over_grpc_and_http() {
     const NEXT: &str = "llava-next-tiny-bf16";
     let dir = fixtures().join(NEXT).display().to_string();
     let s = spawn(env!("CARGO_BIN_EXE_iris"), &["serve", "--model", &dir]);
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(NEXT).join("golden.json")).unwrap(),
-    )
-    .unwrap();
-    let files: Vec<Vec<u8>> = golden["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| image(f.as_str().unwrap()))
-        .collect();
-    let want: Vec<u32> = golden["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let golden = golden(NEXT);
+    let files = golden_images(&golden);
+    let want = golden_ids(&golden, "token_ids");
     let mut req = request(golden["prompt"].as_str().unwrap(), files.clone(), 8);
     req.model = NEXT.into();
     let (grpc_text, grpc_prompt_tokens) = rt().block_on(async {
@@ -249,16 +236,8 @@ fn iris_serve_runs_blip2_t5_batched_as_alone() {
     // Slow steps, so the requests sent together overlap in the engine's batch.
     let slow = ["serve", "--model", &dir, "--test-step-delay-ms", "10"];
     let s = spawn(env!("CARGO_BIN_EXE_iris"), &slow);
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(T5).join("golden.json")).unwrap(),
-    )
-    .unwrap();
-    let want: Vec<u32> = golden["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let golden = golden(T5);
+    let want = golden_ids(&golden, "token_ids");
     let of = |prompt: &str, file: &str, n: u32, seed: u64| {
         let mut r = request(prompt, vec![image(file)], n);
         r.model = T5.into();

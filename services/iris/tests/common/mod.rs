@@ -176,3 +176,29 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> D
     }
     t0.elapsed()
 }
+
+/// A fixture's `golden.json`.
+pub fn golden(fixture: &str) -> serde_json::Value {
+    let path = fixtures().join(fixture).join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The ids under `key` of a golden.
+pub fn golden_ids(golden: &serde_json::Value, key: &str) -> Vec<u32> {
+    golden[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The image files a golden's prompt takes, read.
+pub fn golden_images(golden: &serde_json::Value) -> Vec<Vec<u8>> {
+    golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| image(f.as_str().unwrap()))
+        .collect()
+}
