@@ -20,7 +20,6 @@ Run from the repository root with one torch thread:
 """
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -42,7 +41,7 @@ from transformers import (
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_llava_fixtures import CORPUS, IMAGES, ROOT, init_weights  # noqa: E402
+from gen_llava_fixtures import CORPUS, IMAGES, ROOT, fresh, init_weights, write_golden  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -94,17 +93,18 @@ def image_stages(ref, pixel_values):
     return vis, q, ref.language_projection(q)
 
 
-def write_golden(out, tensors, meta):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump(meta, open(os.path.join(out, "golden.json"), "w"), indent=1)
+def boost(model, factor):
+    """Scales the language model's weights (its norms' aside): a livelier model."""
+    with torch.no_grad():
+        for n, p in model.language_model.named_parameters():
+            if "norm" not in n:
+                p.mul_(factor)
 
 
 def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8):
     if ONLY and name not in ONLY:
         return
-    out = os.path.join(ROOT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
+    out = fresh(name)
     tokenizer = make_tokenizer()
     def text_config(vocab_size):
         return OPTConfig(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=1, **text)
@@ -113,10 +113,7 @@ def build(name, *, vision, qformer, text, num_query_tokens, prompt, image, max_n
     model = Blip2ForConditionalGeneration(cfg).eval()
     init_weights(model)
     # A livelier OPT: at std 0.1 its greedy output repeats one token, a weak golden.
-    with torch.no_grad():
-        for n, p in model.language_model.named_parameters():
-            if "norm" not in n:
-                p.mul_(2.5)
+    boost(model, 2.5)
     model.save_pretrained(out)
     proc.save_pretrained(out)
 
@@ -178,14 +175,12 @@ def make_t5_tokenizer():
 
 
 def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, image, max_new_tokens=8,
-             boost=2.5, shared_scale=6.0):
+             language_boost=2.5, shared_scale=6.0):
     """BLIP-2 with a T5 language model: the query tokens and the prompt go through the T5
     encoder once; the decoder starts from `decoder_start_token_id` and cross-attends to it."""
     if ONLY and name not in ONLY:
         return
-    out = os.path.join(ROOT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
+    out = fresh(name)
     tokenizer = make_t5_tokenizer()
     def text_config(vocab_size):
         return T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **text)
@@ -193,10 +188,8 @@ def build_t5(name, *, dtype, vision, qformer, text, num_query_tokens, prompt, im
     proc, cfg = new_blip2(tokenizer, vision, qformer, text_config, num_query_tokens)
     model = Blip2ForConditionalGeneration(cfg).eval()
     init_weights(model)
+    boost(model, language_boost)
     with torch.no_grad():
-        for n, p in model.language_model.named_parameters():
-            if "norm" not in n:
-                p.mul_(boost)
         if text["tie_word_embeddings"]:
             # The tied head sees the output times d_model^-0.5: a wider embedding keeps
             # its logits apart (near-equal ones make a greedy golden that rounding flips).
@@ -285,9 +278,7 @@ def build_retrieval(name, *, vision, qformer, num_query_tokens, pairs):
     ITM (queries + text through the Q-Former, itm_head, mean over queries)."""
     if ONLY and name not in ONLY:
         return
-    out = os.path.join(ROOT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
+    out = fresh(name)
     tokenizer = make_bert_tokenizer()
     size = vision["image_size"]
     proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": size, "width": size}),
@@ -323,8 +314,7 @@ def build_retrieval(name, *, vision, qformer, num_query_tokens, pairs):
             "itm_probability": torch.softmax(itm.logits_per_image[0], -1)[1].item(),
             "itc_similarity": itc.logits_per_image[0].item(),
         })
-    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump({"cases": cases}, open(os.path.join(out, "golden.json"), "w"), indent=1)
+    write_golden(out, golden, {"cases": cases})
     print(name, [(c["itm_probability"], c["itc_similarity"]) for c in cases])
 
 
@@ -349,7 +339,7 @@ def main():
              num_query_tokens=8, prompt="Describe the image in detail.", image="tall.jpg",
              # Unboosted: with the f32 fixture's x2.5 this ReLU model is chaotic in bf16
              # (HF's own eager and SDPA attention disagree by 15% on its logits).
-             boost=1.0, shared_scale=8.0)
+             language_boost=1.0, shared_scale=8.0)
     build_retrieval("blip2-tiny-retrieval-f32", vision=vision, qformer=qformer, num_query_tokens=8,
                     pairs=[("scene.png", "a red circle on a blue field"), ("tall.jpg", "a cat sitting next to a window")])
 

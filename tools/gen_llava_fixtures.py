@@ -140,6 +140,19 @@ def init_weights(model):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
+def fresh(name):
+    """The fixture's folder, emptied, with torch's generator reset."""
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    return out
+
+
+def write_golden(out, tensors, meta):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "golden.safetensors"))
+    json.dump(meta, open(os.path.join(out, "golden.json"), "w"), indent=1)
+
+
 def relayout(path, layout):
     """Rewrites the saved keys (transformers 5 writes `vision_tower.*`,
     `language_model.model.*`, `language_model.lm_head`, `multi_modal_projector.*`)."""
@@ -170,9 +183,7 @@ def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_t
           text_cls=LlamaConfig, vision_cls=CLIPVisionConfig):
     if ONLY and name not in ONLY:
         return
-    out = os.path.join(ROOT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
+    out = fresh(name)
     tokenizer = make_tokenizer(out)
     vc = vision_cls(**vision)
     siglip = vision_cls is SiglipVisionConfig
@@ -224,22 +235,17 @@ def build(name, *, dtype, layout, vision, text, llava, prompt, images, max_new_t
     n_prompt = inputs["input_ids"].shape[1]
     ids = gen.sequences[0, n_prompt:].tolist()
     logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(gen.logits, ids)]
-    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump(
-        {
-            "prompt": prompt,
-            "images": images_of(prompt, images),
-            "dtype": str(dtype).replace("torch.", ""),
-            "layout": layout,
-            "prompt_token_ids": inputs["input_ids"][0].tolist(),
-            "token_ids": ids,
-            "logprobs": logprobs,
-            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
-            "max_new_tokens": max_new_tokens,
-        },
-        open(os.path.join(out, "golden.json"), "w"),
-        indent=1,
-    )
+    write_golden(out, golden, {
+        "prompt": prompt,
+        "images": images_of(prompt, images),
+        "dtype": str(dtype).replace("torch.", ""),
+        "layout": layout,
+        "prompt_token_ids": inputs["input_ids"][0].tolist(),
+        "token_ids": ids,
+        "logprobs": logprobs,
+        "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+        "max_new_tokens": max_new_tokens,
+    })
     print(name, "prompt", n_prompt, "tokens; greedy", ids)
 
 
@@ -247,9 +253,7 @@ def build_next(name, *, dtype, vision, text, next_cfg, prompt, images, max_new_t
     """A LLaVA-NeXT fixture (as saved by transformers 5, LlavaNextProcessor's PIL backend)."""
     if ONLY and name not in ONLY:
         return
-    out = os.path.join(ROOT, name)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
+    out = fresh(name)
     tokenizer = make_tokenizer(out)
     vc = CLIPVisionConfig(**vision)
     tc = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -302,23 +306,18 @@ def build_next(name, *, dtype, vision, text, next_cfg, prompt, images, max_new_t
     sides = [1, 7, 29, 30, 31, 43, 57, 60, 89, 90, 100, 333, 1000, 4000]
     sizes = [[h, w] for h in sides for w in sides]
     counts = proc._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
-    save_file({k: v.contiguous() for k, v in golden.items()}, os.path.join(out, "golden.safetensors"))
-    json.dump(
-        {
-            "prompt": prompt,
-            "images": files,
-            "image_sizes": inputs["image_sizes"].tolist(),
-            "token_counts": [[h, w, n] for (h, w), n in zip(sizes, counts)],
-            "dtype": str(dtype).replace("torch.", ""),
-            "prompt_token_ids": inputs["input_ids"][0].tolist(),
-            "token_ids": ids,
-            "logprobs": logprobs,
-            "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
-            "max_new_tokens": max_new_tokens,
-        },
-        open(os.path.join(out, "golden.json"), "w"),
-        indent=1,
-    )
+    write_golden(out, golden, {
+        "prompt": prompt,
+        "images": files,
+        "image_sizes": inputs["image_sizes"].tolist(),
+        "token_counts": [[h, w, n] for (h, w), n in zip(sizes, counts)],
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_token_ids": inputs["input_ids"][0].tolist(),
+        "token_ids": ids,
+        "logprobs": logprobs,
+        "text": proc.tokenizer.decode(ids, skip_special_tokens=True),
+        "max_new_tokens": max_new_tokens,
+    })
     print(name, "prompt", n_prompt, "tokens; image sizes", inputs["image_sizes"].tolist(), "greedy", ids)
 
 
