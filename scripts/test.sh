@@ -2,7 +2,8 @@
 # The whole test suite: formatting, lints, every unit and end-to-end test (services as
 # separate processes on loopback and a real etcd included), third-party clients (the
 # `openai` Python client and grpcurl) against `iris serve`, and the local cluster
-# launcher, a short bounded run of each fuzz target (scripts/fuzz.sh), and the CUDA
+# launcher, a short bounded run of each fuzz target (scripts/fuzz.sh), the Helm chart
+# (scripts/helm_check.sh: lint, rendered manifests validated and reviewed), and the CUDA
 # backend's build and NVRTC compile of every kernel (no GPU needed). Needs the
 # Rust toolchain; installs a C compiler, protoc, etcd, python3-venv, cargo-fuzz and the
 # client packages when missing.
@@ -31,6 +32,7 @@ LD_LIBRARY_PATH="$(bash scripts/cuda-tools.sh nvrtc)" IRIS_REQUIRE_NVRTC=1 IRIS_
     cargo test -p iris-tensor --features cuda
 bash scripts/fuzz.sh
 bash scripts/client_check.sh
+bash scripts/helm_check.sh
 # The local cluster launcher: up, one request through it, down.
 trap 'IRIS_BIN_DIR=target/debug bash deploy/local/cluster.sh down >/dev/null' EXIT
 IRIS_BIN_DIR=target/debug bash deploy/local/cluster.sh up

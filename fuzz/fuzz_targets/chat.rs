@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use iris_engine::{Escapes, ModelSpec, PromptStyle};
+use iris_models::config::ImageSize;
 use iris_server::gateway::{render_chat, GatewayModel, Message, Part};
 use libfuzzer_sys::fuzz_target;
 
@@ -70,7 +71,9 @@ fn ids(m: &GatewayModel, turns: &[Turn], empty: bool) -> Option<Vec<u32>> {
         })
         .collect();
     let prompt = render_chat(&m.chat_template, &messages, p.image_token(), "<s>", "</s>").ok()?;
-    p.tokenize_escaped(&prompt, images, &esc).ok()
+    // The fixture's count is fixed: no image size needed.
+    let sizes = vec![ImageSize::default(); images];
+    p.tokenize_escaped(&prompt, &sizes, &esc).ok()
 }
 
 fuzz_target!(|input: Input| {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use futures::StreamExt;
 use iris_engine::{
@@ -526,6 +527,37 @@ impl Gateway {
         size: ImageSize,
         deadline: Instant,
     ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), ServeError> {
+        let span = crate::trace::span(|| {
+            tracing::info_span!(
+                "gateway.image",
+                bytes = image.len(),
+                cache = tracing::field::Empty
+            )
+        });
+        let looked = self
+            .visual_tokens_untraced(model, image, size, deadline)
+            .instrument(span.clone())
+            .await;
+        if let Ok((_, lookup)) = &looked {
+            span.record(
+                "cache",
+                if *lookup == Lookup::Hit {
+                    "hit"
+                } else {
+                    "miss"
+                },
+            );
+        }
+        looked
+    }
+
+    async fn visual_tokens_untraced(
+        &self,
+        model: &GatewayModel,
+        image: &[u8],
+        size: ImageSize,
+        deadline: Instant,
+    ) -> Result<(Arc<iris_tensor::Tensor>, Lookup), ServeError> {
         let image_key = *blake3::hash(image).as_bytes();
         let key = VisualCache::key_of(&model.digest, &image_key);
         let (vision, connector) = (self.vision.clone(), self.connector.clone());
@@ -556,7 +588,20 @@ impl Gateway {
         let start = Instant::now();
         let model = input.model.clone();
         let images = input.images.len();
-        let result = self.start(input, deadline).await;
+        let span = crate::trace::span(|| {
+            tracing::info_span!(
+                "gateway.generate",
+                %model,
+                images,
+                prompt_tokens = tracing::field::Empty,
+                cached_images = tracing::field::Empty,
+            )
+        });
+        let result = self.start(input, deadline).instrument(span.clone()).await;
+        if let Ok(g) = &result {
+            span.record("prompt_tokens", g.prompt_tokens);
+            span.record("cached_images", g.cached_images);
+        }
         let generation = match result {
             Ok(g) => g,
             Err(e) => {

@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod openai;
 pub mod services;
 pub mod tiers;
+pub mod trace;
 pub mod wire;

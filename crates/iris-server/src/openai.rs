@@ -79,6 +79,7 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
     };
     api.route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(crate::trace::http_layer))
         .with_state(state)
 }
 

@@ -123,6 +123,9 @@ struct Job {
     /// The image, decoded and preprocessed.
     pixel_values: Tensor,
     reply: oneshot::Sender<Result<Tensor, ServeError>>,
+    /// The request's span, and its wait for a batch (closed when the batch takes it).
+    span: tracing::Span,
+    queued: tracing::Span,
 }
 
 /// Image decoding off the batch loop, on `threads` threads of its own, smallest image
@@ -319,23 +322,27 @@ impl LocalVision {
 /// its vision tower in one stacked pass.
 fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Metrics) {
     type Reply = oneshot::Sender<Result<Tensor, ServeError>>;
-    type Group = (Arc<Pipeline>, Vec<(Reply, Tensor)>);
+    type Group = (Arc<Pipeline>, Vec<(Reply, Tensor, tracing::Span)>);
     // Replies with their pixel values, grouped by model.
     let mut by_model: Vec<Group> = Vec::new();
+    let size = batch.len();
     for Job {
         model,
         pixel_values,
         reply,
+        span,
+        queued,
     } in batch
     {
+        drop(queued);
         if reply.is_closed() {
             continue;
         }
         m.encoder_requests.inc();
         match model_of(models, &model) {
             Ok(p) => match by_model.iter_mut().find(|(q, _)| Arc::ptr_eq(q, p)) {
-                Some((_, jobs)) => jobs.push((reply, pixel_values)),
-                None => by_model.push((p.clone(), vec![(reply, pixel_values)])),
+                Some((_, jobs)) => jobs.push((reply, pixel_values, span)),
+                None => by_model.push((p.clone(), vec![(reply, pixel_values, span)])),
             },
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -343,17 +350,26 @@ fn encode_batch(models: &HashMap<String, Arc<Pipeline>>, batch: Vec<Job>, m: &Me
         }
     }
     for (p, jobs) in by_model {
-        let pvs: Vec<&Tensor> = jobs.iter().map(|(_, pv)| pv).collect();
+        let pvs: Vec<&Tensor> = jobs.iter().map(|(_, pv, _)| pv).collect();
         m.encoder_passes.inc();
+        // The pass, in each request's trace (one batch serves them all).
+        let _vit: Vec<tracing::Span> = jobs
+            .iter()
+            .map(|(_, _, span)| {
+                crate::trace::span(|| {
+                    tracing::info_span!(parent: span, "encoder.vit", batch = size, images = pvs.len())
+                })
+            })
+            .collect();
         match p.model.image_features_batch(&pvs) {
             Ok(features) => {
-                for ((reply, _), f) in jobs.into_iter().zip(features) {
+                for ((reply, _, _), f) in jobs.into_iter().zip(features) {
                     let _ = reply.send(Ok(f));
                 }
             }
             Err(e) => {
                 let e = ServeError::from(iris_engine::Error::from(e));
-                for (reply, _) in jobs {
+                for (reply, _, _) in jobs {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
@@ -373,7 +389,10 @@ impl VisionTier for LocalVision {
         let p = model_of(&self.models, model)?.clone();
         let (w, h) = iris_image::dimensions(&image, p.processor.limits())
             .map_err(|e| ServeError::bad_input(format!("image: {e}")))?;
+        let decoding =
+            crate::trace::span(|| tracing::info_span!("encoder.decode", width = w, height = h));
         let decoded = self.decode.run(u64::from(w) * u64::from(h), move || {
+            let _in = decoding.enter();
             p.processor.pixel_values(&image).map(|(pixels, _)| pixels)
         });
         let pixel_values = match tokio::time::timeout(remaining(deadline)?, decoded).await {
@@ -385,10 +404,14 @@ impl VisionTier for LocalVision {
             }
         };
         let (reply, rx) = oneshot::channel();
+        let span = tracing::Span::current();
+        let queued = crate::trace::span(|| tracing::info_span!("encoder.queue"));
         let job = Job {
             model: model.to_string(),
             pixel_values,
             reply,
+            span,
+            queued,
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
@@ -440,8 +463,10 @@ impl ConnectorTier for LocalConnector {
             ));
         }
         let metrics = self.metrics.clone();
+        let span = crate::trace::span(|| tracing::info_span!("connector.project", model));
         // The check reads every value: off the async runtime, with the projection.
         tokio::task::spawn_blocking(move || {
+            let _in = span.enter();
             let want = p.model.feature_shape(size);
             iris_models::vlm::check_untrusted(&features, want, "features")?;
             metrics.connector_requests.inc();
@@ -611,6 +636,16 @@ impl DecoderTier for LocalDecoder {
             req.top_logprobs,
         );
         let mut request = EngineRequest::new(String::new(), Vec::new(), options);
+        let span = crate::trace::span(|| {
+            tracing::info_span!(
+                "decoder.generate",
+                model = %req.model,
+                prompt_tokens = req.prompt_token_ids.len(),
+                images = visual.len(),
+                resumed = req.resume_token_ids.len(),
+                completion_tokens = tracing::field::Empty,
+            )
+        });
         request.encoded = Some(EncodedPrompt {
             input_ids: req.prompt_token_ids,
             visual,
@@ -623,9 +658,24 @@ impl DecoderTier for LocalDecoder {
             .map_err(|e| ServeError::internal(format!("decoder: {e}")))??;
         self.metrics.decoder_requests.inc();
         let mut produced = 0u32;
+        // Waiting and prefilling until the first token, then decoding until the last.
+        let mut waiting = Some(crate::trace::span(
+            || tracing::info_span!(parent: &span, "decoder.queue_prefill"),
+        ));
+        let mut decoding = None::<tracing::Span>;
         Ok(Box::pin(StreamExt::map(stream, move |ev| {
             if matches!(ev, iris_engine::TokenEvent::Token { .. }) {
                 produced += 1;
+                if waiting.take().is_some() {
+                    decoding.replace(crate::trace::span(
+                        || tracing::info_span!(parent: &span, "decoder.decode"),
+                    ));
+                }
+            }
+            if !matches!(ev, iris_engine::TokenEvent::Token { .. }) {
+                span.record("completion_tokens", produced);
+                waiting.take();
+                decoding.take();
             }
             wire::event_to_wire(ev, produced)
         })))
@@ -887,6 +937,7 @@ impl<C> Replicas<C> {
         if let Some(t) = &self.access.token {
             r.metadata_mut().insert("authorization", t.clone());
         }
+        crate::trace::inject(r.metadata_mut());
         Ok(r)
     }
 }

@@ -9,6 +9,7 @@ use iris_server::error::ServeError;
 
 pub mod cluster_cli;
 pub mod roles;
+pub mod telemetry;
 pub mod tp_group;
 
 /// Why a role could not start or stopped with an error (the binaries print it with
@@ -61,34 +62,23 @@ impl StartError {
     }
 }
 
-/// Logs as JSON lines when `IRIS_LOG_JSON` is set, else text; level from `RUST_LOG`
-/// (default `info`).
-pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var_os("IRIS_LOG_JSON").is_some() {
-        let _ = b.json().try_init();
-    } else {
-        let _ = b.try_init();
-    }
-}
+pub use telemetry::{init_logging, Telemetry};
 
-/// Runs a server role on a two-worker tokio runtime, with logging.
-pub fn run_role<F, E>(f: F) -> anyhow::Result<()>
+/// Runs a server role on a two-worker tokio runtime, with logging (and traces, where
+/// `telemetry` has an endpoint: flushed when the role ends).
+pub fn run_role<F, E>(telemetry: Telemetry, f: F) -> anyhow::Result<()>
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    init_logging();
+    telemetry::init(&telemetry)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    Ok(rt.block_on(f)?)
+    let result = rt.block_on(f);
+    telemetry::shutdown();
+    Ok(result?)
 }
 
 /// What a binary returns: success, or the error printed with its causes.
@@ -106,7 +96,7 @@ pub fn exit(result: anyhow::Result<()>) -> ExitCode {
 /// `A`, then run the role.
 pub fn main_with<A, F, Fut, E>(f: F) -> ExitCode
 where
-    A: clap::Args + Clone,
+    A: roles::Role,
     F: FnOnce(A) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
@@ -132,5 +122,6 @@ where
         return exit(tp_group::rank(r.args));
     }
     let cli = <Cli<A> as clap::Parser>::parse();
-    exit(run_role(f(cli.args)))
+    let telemetry = roles::Role::telemetry(&cli.args);
+    exit(run_role(telemetry, f(cli.args)))
 }

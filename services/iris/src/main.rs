@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use iris_cli::roles::Role as _;
 use iris_engine::{
     Engine, EngineConfig, EngineRequest, GenerateOptions, Parts, Pipeline, PipelineOptions,
     SamplingParams, StopRules,
@@ -285,11 +286,11 @@ fn main() -> ExitCode {
         Cmd::Match(a) => retrieval::match_pair(a),
         Cmd::Capfilt(a) => capfilt::run(a),
         Cmd::Bench(b) => bench::run(b),
-        Cmd::Serve(a) => iris_cli::run_role(iris_cli::roles::serve(a)),
-        Cmd::Gateway(a) => iris_cli::run_role(iris_cli::roles::gateway(a)),
-        Cmd::Encoder(a) => iris_cli::run_role(iris_cli::roles::encoder(a)),
-        Cmd::Connector(a) => iris_cli::run_role(iris_cli::roles::connector(a)),
-        Cmd::Decoder(a) => iris_cli::run_role(iris_cli::roles::decoder(a)),
+        Cmd::Serve(a) => iris_cli::run_role(a.telemetry(), iris_cli::roles::serve(a)),
+        Cmd::Gateway(a) => iris_cli::run_role(a.telemetry(), iris_cli::roles::gateway(a)),
+        Cmd::Encoder(a) => iris_cli::run_role(a.telemetry(), iris_cli::roles::encoder(a)),
+        Cmd::Connector(a) => iris_cli::run_role(a.telemetry(), iris_cli::roles::connector(a)),
+        Cmd::Decoder(a) => iris_cli::run_role(a.telemetry(), iris_cli::roles::decoder(a)),
         Cmd::Cluster(c) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| Ok(rt.block_on(iris_cli::cluster_cli::run(c))?)),

@@ -543,6 +543,29 @@ impl GatewayArgs {
     }
 }
 
+/// A role's command line: what its process exports traces as, and where.
+pub trait Role: Args + Clone {
+    fn telemetry(&self) -> crate::telemetry::Telemetry;
+}
+
+macro_rules! role {
+    ($t:ty, $service:literal) => {
+        impl Role for $t {
+            fn telemetry(&self) -> crate::telemetry::Telemetry {
+                crate::telemetry::Telemetry {
+                    endpoint: self.listen.otlp_endpoint.clone(),
+                    service: $service,
+                }
+            }
+        }
+    };
+}
+role!(ServeArgs, "iris");
+role!(GatewayRole, "iris-gateway");
+role!(EncoderRole, "iris-encoder");
+role!(ConnectorRole, "iris-connector");
+role!(DecoderRole, "iris-decoder");
+
 #[derive(Args, Debug, Clone)]
 pub struct Listen {
     /// gRPC address (port 0: any free port; the line printed at start says which).
@@ -558,6 +581,12 @@ pub struct Listen {
     /// The cluster's name: its keys live under `/iris/<cluster>/`.
     #[arg(long, env = "IRIS_CLUSTER", default_value = "default")]
     pub cluster: String,
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g.
+    /// `http://otel-collector:4318` (`/v1/traces` is added when the URL has no path):
+    /// one trace a request across the tiers, a client's `traceparent` its parent. Off
+    /// when unset (no span is made).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Seconds a member stays registered after its last keep-alive.
     #[arg(long, default_value_t = 3)]
     pub lease_ttl_s: u64,
@@ -758,9 +787,14 @@ impl Listen {
     /// A gRPC server that pings its peers every third of the idle timeout.
     fn server(&self) -> Server {
         let ping = self.policy().idle / 3;
-        Server::builder()
+        let b = Server::builder()
             .http2_keepalive_interval(Some(ping))
-            .http2_keepalive_timeout(Some(ping))
+            .http2_keepalive_timeout(Some(ping));
+        if !iris_server::trace::enabled() {
+            return b;
+        }
+        // Each call in a span parented on the caller's `traceparent`.
+        b.trace_fn(|req| iris_server::trace::server_span(req.uri().path(), req.headers()))
     }
 
     fn registry(&self, sec: &Security) -> Option<Arc<dyn Registry>> {
@@ -1255,6 +1289,35 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
 /// follows rank 0 until rank 0 stops (returns) or is gone (an error: the process
 /// exits with a failure, and its supervisor restarts it into a new group).
 async fn follow_group(a: &DecoderRole, sec: &Security, rank: usize) -> Result<(), StartError> {
+    // Probed like any member (a Kubernetes pod a rank): grpc.health.v1 serving while
+    // this rank follows. A port already taken (ranks sharing a host's default address)
+    // costs the probe, never the group.
+    let probe = match TcpListener::bind(a.listen.grpc_addr).await {
+        Ok(listener) => {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming(incoming),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(rank, addr = %a.listen.grpc_addr, "no health service for probes: {e}");
+            None
+        }
+    };
+    let followed = follow_ranks(a, sec, rank).await;
+    if let Some(p) = probe {
+        p.abort();
+    }
+    followed
+}
+
+async fn follow_ranks(a: &DecoderRole, sec: &Security, rank: usize) -> Result<(), StartError> {
     let device = a.models.device;
     let mut ranks = Vec::new();
     for (id, p, formed) in a

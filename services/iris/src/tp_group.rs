@@ -128,7 +128,7 @@ pub struct GroupArgs {
     /// process per rank, on any hosts): rank 0 serves and registers the group as one
     /// decoder member, the others follow it. Without it, `--tp N` starts ranks 1..N
     /// here as child processes.
-    #[arg(long)]
+    #[arg(long, env = "IRIS_RANK")]
     pub rank: Option<usize>,
     /// The group's name: its ranks meet in etcd under
     /// `/iris/<cluster>/groups/<model>/<group>/`.

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1190,4 +1191,193 @@ fn each_turn_of_a_conversation_goes_to_the_decoder_holding_its_prefix() {
         );
     }
     assert!(kv_hits > load_hits, "{kv_hits} vs {load_hits}");
+}
+
+/// One span as an OTLP receiver decoded it.
+#[derive(Debug, Clone)]
+struct Received {
+    service: String,
+    name: String,
+    trace: Vec<u8>,
+    span: Vec<u8>,
+    parent: Vec<u8>,
+}
+
+/// An OTLP/HTTP receiver on loopback: every `ExportTraceServiceRequest` posted to
+/// `/v1/traces`, decoded from the wire (protobuf). Returns its address and the spans.
+fn otlp_receiver(rt: &tokio::runtime::Runtime) -> (String, Arc<std::sync::Mutex<Vec<Received>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use prost::Message as _;
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP request");
+                let mut got = sink.lock().unwrap();
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| kv.value.as_ref())
+                        .map(|v| format!("{:?}", v.value))
+                        .unwrap_or_default();
+                    for s in rs.scope_spans.into_iter().flat_map(|ss| ss.spans) {
+                        got.push(Received {
+                            service: service.clone(),
+                            name: s.name,
+                            trace: s.trace_id,
+                            span: s.span_id,
+                            parent: s.parent_span_id,
+                        });
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        }),
+    );
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), spans)
+}
+
+/// Tracing across the tiers as separate processes: a client's `traceparent` (gRPC
+/// metadata, then an HTTP header) is the root of one trace whose spans come from the
+/// gateway, the encoder, the connector and the decoder, each parented inside it.
+#[test]
+fn one_request_is_one_trace_across_the_four_processes() {
+    let rt = rt();
+    let (collector, spans) = otlp_receiver(&rt);
+    let e = etcd();
+    let otlp = ["--otlp-endpoint", &collector];
+    let mut procs = [
+        member(env!("CARGO_BIN_EXE_iris-encoder"), &e, &otlp),
+        member(env!("CARGO_BIN_EXE_iris-connector"), &e, &otlp),
+        member(env!("CARGO_BIN_EXE_iris-decoder"), &e, &otlp),
+        member(env!("CARGO_BIN_EXE_iris-gateway"), &e, &otlp),
+    ];
+    eventually(Duration::from_secs(10), "members registered", || {
+        registered(&e, "decoder").len() == 1 && registered(&e, "connector").len() == 1
+    });
+    let (gateway_grpc, gateway_http) = (procs[3].grpc.clone(), procs[3].http.clone());
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (grpc_parent, http_parent) = ("00f067aa0ba902b7", "00f067aa0ba902b8");
+    rt.block_on(async {
+        let mut c = client(&gateway_grpc).await;
+        let mut req = tonic::Request::new(request(PROMPT, vec![image("scene.png")], 4));
+        let tp = format!("00-{trace_id}-{grpc_parent}-01");
+        req.metadata_mut()
+            .insert("traceparent", tp.parse().unwrap());
+        let mut s = c.generate(req).await.unwrap().into_inner();
+        while s.message().await.unwrap().is_some() {}
+    });
+    // The OpenAI API, a new image (a miss again), its parent in the HTTP header.
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(image("tall.jpg"))
+    };
+    let body = serde_json::json!({
+        "model": MODEL, "max_tokens": 4,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/jpeg;base64,{b64}")}},
+            {"type": "text", "text": "What is it?"}]}],
+    });
+    let r = reqwest::blocking::Client::new()
+        .post(format!("http://{gateway_http}/v1/chat/completions"))
+        .header("traceparent", format!("00-{trace_id}-{http_parent}-01"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // SIGTERM: each member flushes its batched spans as it stops.
+    for p in procs.iter_mut().rev() {
+        terminate(p);
+    }
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let (trace, roots) = (hex(trace_id), [hex(grpc_parent), hex(http_parent)]);
+    eventually(
+        Duration::from_secs(10),
+        "spans from the four services",
+        || {
+            let got = spans.lock().unwrap();
+            ["gateway", "encoder", "connector", "decoder"]
+                .iter()
+                .all(|s| got.iter().any(|r| r.service.contains(&format!("iris-{s}"))))
+        },
+    );
+    let got = spans.lock().unwrap().clone();
+    let mine: Vec<&Received> = got.iter().filter(|r| r.trace == trace).collect();
+    // The gateway's prefix watch on the decoder is a call of its own (a trace of its
+    // own, started by no request); every other span is the client's.
+    let others: Vec<&Received> = got
+        .iter()
+        .filter(|r| r.trace != trace && !r.name.ends_with("/WatchPrefixes"))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "spans outside the client's trace: {others:#?}"
+    );
+    let ids: std::collections::HashSet<&Vec<u8>> = mine.iter().map(|r| &r.span).collect();
+    for r in &mine {
+        assert!(
+            ids.contains(&r.parent) || roots.contains(&r.parent),
+            "{} {}'s parent is outside the trace",
+            r.service,
+            r.name
+        );
+    }
+    for root in &roots {
+        let top: Vec<&&Received> = mine.iter().filter(|r| &r.parent == root).collect();
+        assert!(
+            !top.is_empty() && top.iter().all(|r| r.service.contains("iris-gateway")),
+            "the client's span parents the gateway's: {top:#?}"
+        );
+    }
+    // Each tier's spans hang under the gateway's: walk up to a root.
+    let by_id: HashMap<&Vec<u8>, &&Received> = mine.iter().map(|r| (&r.span, r)).collect();
+    for r in &mine {
+        let mut at = *r;
+        let mut hops = 0;
+        while let Some(p) = by_id.get(&at.parent) {
+            at = p;
+            hops += 1;
+            assert!(hops < 64, "a parent cycle");
+        }
+        assert!(
+            at.service.contains("iris-gateway"),
+            "{} {} is not under the gateway",
+            r.service,
+            r.name
+        );
+    }
+    let names: std::collections::BTreeSet<&str> = mine.iter().map(|r| r.name.as_str()).collect();
+    println!("one trace: {} spans from 4 services: {names:?}", mine.len());
+    for want in [
+        "gateway.generate",
+        "gateway.image",
+        "encoder.queue",
+        "encoder.vit",
+        "connector.project",
+        "decoder.generate",
+        "decoder.decode",
+    ] {
+        assert!(names.contains(want), "no {want} span: {names:?}");
+    }
 }
