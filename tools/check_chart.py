@@ -117,6 +117,8 @@ def check_groups(docs, groups, tp, gpus, where):
                 fail(f"{where}: {name}: collectives advertised at {adv}")
             if f"--group=g{i}" not in args:
                 fail(f"{where}: {name}: no --group=g{i}")
+            if "--follower-health-addr=0.0.0.0:50051" not in args:
+                fail(f"{where}: {name}: its ranks above 0 answer no probe")
         got = c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
         if got != gpus:
             fail(f"{where}: {name}: {got} GPUs a rank, want {gpus}")

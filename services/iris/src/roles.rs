@@ -1289,25 +1289,24 @@ pub async fn decoder(a: DecoderRole) -> Result<(), StartError> {
 /// follows rank 0 until rank 0 stops (returns) or is gone (an error: the process
 /// exits with a failure, and its supervisor restarts it into a new group).
 async fn follow_group(a: &DecoderRole, sec: &Security, rank: usize) -> Result<(), StartError> {
-    // Probed like any member (a Kubernetes pod a rank): grpc.health.v1 serving while
-    // this rank follows. A port already taken (ranks sharing a host's default address)
-    // costs the probe, never the group.
-    let probe = match TcpListener::bind(a.listen.grpc_addr).await {
-        Ok(listener) => {
+    // Probed like any member where asked (a Kubernetes pod a rank): grpc.health.v1
+    // serving while this rank follows.
+    let probe = match a.group.follower_health_addr {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
             let (reporter, health) = tonic_health::server::health_reporter();
             reporter
                 .set_service_status("", tonic_health::ServingStatus::Serving)
                 .await;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             Some(tokio::spawn(
-                tonic::transport::Server::builder()
+                Server::builder()
                     .add_service(health)
                     .serve_with_incoming(incoming),
             ))
-        }
-        Err(e) => {
-            tracing::warn!(rank, addr = %a.listen.grpc_addr, "no health service for probes: {e}");
-            None
         }
     };
     let followed = follow_ranks(a, sec, rank).await;

@@ -130,6 +130,10 @@ pub struct GroupArgs {
     /// here as child processes.
     #[arg(long, env = "IRIS_RANK")]
     pub rank: Option<usize>,
+    /// A rank above 0 serves `grpc.health.v1` here while it follows rank 0 (each rank
+    /// a Kubernetes pod with probes); rank 0 serves health with the decoder.
+    #[arg(long)]
+    pub follower_health_addr: Option<std::net::SocketAddr>,
     /// The group's name: its ranks meet in etcd under
     /// `/iris/<cluster>/groups/<model>/<group>/`.
     #[arg(long = "group", default_value = "0")]

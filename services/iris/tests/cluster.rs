@@ -912,7 +912,9 @@ fn a_group_meets_at_static_addresses_without_etcd() {
             .to_string()
     };
     let addrs = format!("{},{}", free(), free());
-    let _r1 = rank_process(None, "s", 1, &["--tp-addrs", &addrs]);
+    let health = free();
+    let r1_args = ["--tp-addrs", &addrs, "--follower-health-addr", &health];
+    let _r1 = rank_process(None, "s", 1, &r1_args);
     let r0 = spawn(
         env!("CARGO_BIN_EXE_iris-decoder"),
         &[
@@ -961,6 +963,24 @@ fn a_group_meets_at_static_addresses_without_etcd() {
             "the group of two at --tp-addrs differs from one rank"
         );
     }
+    // Rank 1 answers health probes while it follows (a pod of its own in Kubernetes).
+    let status = rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{health}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+        c.check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    });
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 }
 
 /// A copy of the fixture whose configuration differs by one unused key: another model
