@@ -668,7 +668,9 @@ impl Gateway {
         input: GenerateInput,
         deadline: Instant,
     ) -> Result<Generation, ServeError> {
-        let (model, ids, sizes) = self.validate(&input)?;
+        let checked = crate::trace::span(|| tracing::info_span!("gateway.validate"));
+        let (model, ids, sizes) = checked.in_scope(|| self.validate(&input))?;
+        drop(checked);
         let mut visual = Vec::with_capacity(input.images.len());
         let mut image_hashes = Vec::with_capacity(input.images.len());
         let mut cached_images = 0;
@@ -702,7 +704,15 @@ impl Gateway {
             top_logprobs: o.top_logprobs as u32,
             resume_token_ids: vec![],
         };
-        let first = self.decoder.generate(req.clone(), deadline).await?;
+        // Routing (the decoder holding the longest prefix, weighed by load) and the
+        // call, until the decoder's stream is open.
+        let route =
+            crate::trace::span(|| tracing::info_span!("gateway.route", prompt_tokens = ids.len()));
+        let first = self
+            .decoder
+            .generate(req.clone(), deadline)
+            .instrument(route)
+            .await?;
         Ok(Generation {
             events: migrating(
                 first,
