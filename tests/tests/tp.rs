@@ -203,20 +203,23 @@ fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
                     ..Default::default()
                 },
             );
-            let streams: Vec<_> = requests
+            let id = |e: TokenEvent| match e {
+                TokenEvent::Token { id, .. } => Some(id),
+                TokenEvent::Error(e) => panic!("{e}"),
+                _ => None,
+            };
+            // The first request's prompt blocks are cached when its prefill ends, which
+            // its first token marks: the others go in after it, so the repeat hits the
+            // cache whatever the scheduler's timing (admitted in one step, neither would).
+            let mut first = engine.submit(requests[0].clone()).unwrap();
+            let mut first_ids: Vec<u32> = first.by_ref().find_map(id).into_iter().collect();
+            let streams: Vec<_> = requests[1..]
                 .iter()
                 .map(|r| engine.submit(r.clone()).unwrap())
                 .collect();
-            let outs = streams
-                .into_iter()
-                .map(|s| {
-                    s.filter_map(|e| match e {
-                        TokenEvent::Token { id, .. } => Some(id),
-                        TokenEvent::Error(e) => panic!("{e}"),
-                        _ => None,
-                    })
-                    .collect()
-                })
+            first_ids.extend(first.filter_map(id));
+            let outs = std::iter::once(first_ids)
+                .chain(streams.into_iter().map(|s| s.filter_map(id).collect()))
                 .collect();
             (outs, engine.stats().prefix_hits as usize)
         };
