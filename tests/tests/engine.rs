@@ -16,14 +16,31 @@ fn image(name: &str) -> Vec<u8> {
 
 fn drain(rx: TokenStream) -> (Vec<u32>, FinishReason) {
     let mut ids = Vec::new();
+    let mut admitted = false;
     for ev in rx {
         match ev {
+            TokenEvent::Admitted { .. } => {
+                assert!(
+                    !admitted && ids.is_empty(),
+                    "one admission, before any token"
+                );
+                admitted = true;
+            }
             TokenEvent::Token { id, .. } => ids.push(id),
             TokenEvent::Finished { reason, .. } => return (ids, reason),
             TokenEvent::Error(e) => panic!("request failed: {e}"),
         }
     }
     panic!("stream ended without a finish event")
+}
+
+/// A request's first token, after its admission.
+fn first_token(rx: &mut TokenStream) -> TokenEvent {
+    match rx.blocking_next() {
+        Some(TokenEvent::Admitted { .. }) => {}
+        e => panic!("the admission comes first: {e:?}"),
+    }
+    rx.blocking_next().expect("a token")
 }
 
 /// 16 LLaVA requests: different images, prompt lengths, lengths, greedy and seeded.
@@ -116,10 +133,7 @@ fn cancelled_streams_free_their_blocks() {
         let mut rx = engine.submit(long.clone()).unwrap();
         if i % 2 == 0 {
             // Read one token first, then hang up.
-            assert!(matches!(
-                rx.blocking_next().unwrap(),
-                TokenEvent::Token { .. }
-            ));
+            assert!(matches!(first_token(&mut rx), TokenEvent::Token { .. }));
         }
         drop(rx);
     }
@@ -205,8 +219,17 @@ fn same_image_and_prefix_hit_the_prefix_cache() {
     let first = drain(engine.submit(req.clone()).unwrap()).0;
     assert_eq!(engine.stats().prefix_hits, 0);
     // The same image and prompt: the prompt's full blocks come from the cache.
-    let second = drain(engine.submit(req.clone()).unwrap()).0;
+    let mut stream = engine.submit(req.clone()).unwrap();
+    let admitted = stream.blocking_next();
+    let second = drain(stream).0;
     let hits = engine.stats().prefix_hits;
+    // Its admission says how much of the prompt the cache held.
+    assert_eq!(
+        admitted,
+        Some(TokenEvent::Admitted {
+            cached_tokens: hits as usize * 4
+        })
+    );
     let prompt_len = p
         .processor
         .prepare(&req.prompt, &req.images)
@@ -284,12 +307,12 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
             },
         );
         let mut a = engine.submit(running.clone()).unwrap();
-        assert!(matches!(a.blocking_next(), Some(TokenEvent::Token { .. })));
+        assert!(matches!(first_token(&mut a), TokenEvent::Token { .. }));
         let mut b = engine.submit(long.clone()).unwrap();
         // `b` was tokenized and its image encoded on this thread while `a` decoded:
         // those tokens do not count.
         while let Some(TokenEvent::Token { .. }) = a.try_next() {}
-        let first = b.blocking_next().unwrap();
+        let first = first_token(&mut b);
         // Tokens request `a` got while `b`'s prompt was prefilled.
         let mut during = 0;
         while let Some(TokenEvent::Token { .. }) = a.try_next() {
@@ -357,6 +380,7 @@ fn events_carry_text_stop_strings_and_top_logprobs() {
                 assert_eq!(text, full_text);
                 break;
             }
+            TokenEvent::Admitted { .. } => {}
             e => panic!("{e:?}"),
         }
     }
@@ -380,6 +404,7 @@ fn events_carry_text_stop_strings_and_top_logprobs() {
         match stream.blocking_next().unwrap() {
             TokenEvent::Token { text, .. } => streamed.push_str(&text),
             TokenEvent::Finished { text, reason, .. } => break (text, reason),
+            TokenEvent::Admitted { .. } => {}
             e => panic!("{e:?}"),
         }
     };
@@ -409,6 +434,7 @@ fn streams_are_async_and_cancel_with_a_reason() {
             match ev {
                 TokenEvent::Token { id, .. } => ids.push(id),
                 TokenEvent::Finished { .. } => break,
+                TokenEvent::Admitted { .. } => {}
                 e => panic!("{e:?}"),
             }
         }
@@ -420,10 +446,7 @@ fn streams_are_async_and_cancel_with_a_reason() {
         ..req
     };
     let mut stream = engine.submit(long).unwrap();
-    assert!(matches!(
-        stream.blocking_next(),
-        Some(TokenEvent::Token { .. })
-    ));
+    assert!(matches!(first_token(&mut stream), TokenEvent::Token { .. }));
     stream.cancel();
     let last = stream.find(|e| !matches!(e, TokenEvent::Token { .. }));
     assert!(
@@ -450,6 +473,7 @@ fn outcome(rx: TokenStream) -> (Vec<u32>, Result<FinishReason, RequestError>) {
             TokenEvent::Token { id, .. } => ids.push(id),
             TokenEvent::Finished { reason, .. } => return (ids, Ok(reason)),
             TokenEvent::Error(e) => return (ids, Err(e)),
+            TokenEvent::Admitted { .. } => {}
         }
     }
     panic!("stream ended without a finish or error event")

@@ -114,6 +114,12 @@ pub struct EncodedPrompt {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
+    /// The request left the queue: its blocks are taken and its prefill starts, the
+    /// first `cached_tokens` of the prompt from the prefix cache. Sent once, before any
+    /// token (a preempted request's later admissions are not announced).
+    Admitted {
+        cached_tokens: usize,
+    },
     /// A token, its logprob (and the top-N when asked) and the text it adds. Text that
     /// could still turn into a stop string, or an incomplete character, is held back
     /// until it cannot.
@@ -249,6 +255,7 @@ impl TokenStream {
                     })
                 }
                 TokenEvent::Error(e) => return Err(Error::Failed(e)),
+                TokenEvent::Admitted { .. } => {}
             }
         }
         Err(Error::Unavailable(
@@ -339,6 +346,8 @@ struct Sequence {
     embeds: Option<Tensor>,
     prefilled: usize,
     cached_tokens: usize,
+    /// Whether `TokenEvent::Admitted` was sent.
+    announced: bool,
     /// Set once the sequence's last position is computed: it picks the next token.
     last_hidden: Option<Tensor>,
     text: TextState,
@@ -530,7 +539,7 @@ impl Engine {
         request.options.validate()?;
         let prepared = prepare(&self.pipeline, &request, self.budget)?;
         // Room for every event a request can produce: the engine never blocks on a client.
-        let (events, rx) = mpsc::channel(request.options.max_new_tokens + 2);
+        let (events, rx) = mpsc::channel(request.options.max_new_tokens + 3);
         let cancel = Arc::new(AtomicBool::new(false));
         let submission = Submission {
             request,
@@ -806,6 +815,7 @@ impl Worker {
             embeds: None,
             prefilled: 0,
             cached_tokens: 0,
+            announced: false,
             last_hidden: None,
             text,
         });
@@ -874,7 +884,17 @@ impl Worker {
                 continue;
             }
             match self.start(&mut seq) {
-                Ok(true) => self.running.push(seq),
+                Ok(true) => {
+                    if !seq.announced {
+                        seq.announced = true;
+                        let cached_tokens = seq.cached_tokens;
+                        let _ = seq
+                            .submission
+                            .events
+                            .try_send(TokenEvent::Admitted { cached_tokens });
+                    }
+                    self.running.push(seq)
+                }
                 Ok(false) => {
                     // Not enough blocks yet: it stays first in line.
                     self.waiting.push_front(seq);

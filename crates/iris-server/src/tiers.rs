@@ -658,26 +658,43 @@ impl DecoderTier for LocalDecoder {
             .map_err(|e| ServeError::internal(format!("decoder: {e}")))??;
         self.metrics.decoder_requests.inc();
         let mut produced = 0u32;
-        // Waiting and prefilling until the first token, then decoding until the last.
-        let mut waiting = Some(crate::trace::span(
-            || tracing::info_span!(parent: &span, "decoder.queue_prefill"),
+        // In the queue until the engine admits it, prefilling until the first token,
+        // then decoding until the last.
+        let mut queued = Some(crate::trace::span(
+            || tracing::info_span!(parent: &span, "decoder.queue"),
         ));
+        let mut prefilling = None::<tracing::Span>;
         let mut decoding = None::<tracing::Span>;
-        Ok(Box::pin(StreamExt::map(stream, move |ev| {
-            if matches!(ev, iris_engine::TokenEvent::Token { .. }) {
-                produced += 1;
-                if waiting.take().is_some() {
-                    decoding.replace(crate::trace::span(
-                        || tracing::info_span!(parent: &span, "decoder.decode"),
-                    ));
+        Ok(Box::pin(StreamExt::filter_map(stream, move |ev| {
+            match &ev {
+                iris_engine::TokenEvent::Admitted { cached_tokens } => {
+                    queued.take();
+                    prefilling = Some(crate::trace::span(|| {
+                        tracing::info_span!(
+                            parent: &span,
+                            "decoder.prefill",
+                            cached_tokens = *cached_tokens
+                        )
+                    }));
+                }
+                iris_engine::TokenEvent::Token { .. } => {
+                    produced += 1;
+                    if produced == 1 {
+                        queued.take();
+                        prefilling.take();
+                        decoding = Some(crate::trace::span(
+                            || tracing::info_span!(parent: &span, "decoder.decode"),
+                        ));
+                    }
+                }
+                _ => {
+                    span.record("completion_tokens", produced);
+                    queued.take();
+                    prefilling.take();
+                    decoding.take();
                 }
             }
-            if !matches!(ev, iris_engine::TokenEvent::Token { .. }) {
-                span.record("completion_tokens", produced);
-                waiting.take();
-                decoding.take();
-            }
-            wire::event_to_wire(ev, produced)
+            std::future::ready(wire::event_to_wire(ev, produced))
         })))
     }
 

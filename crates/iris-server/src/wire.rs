@@ -119,10 +119,14 @@ pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
     }
 }
 
-/// An engine event on the wire; an error event becomes the stream's status.
-pub fn event_to_wire(ev: TokenEvent, completion_tokens: u32) -> Result<pb::GenerateEvent, Status> {
+/// An engine event on the wire; an error event becomes the stream's status, and an
+/// admission has none (the decoder's trace marks it).
+pub fn event_to_wire(
+    ev: TokenEvent,
+    completion_tokens: u32,
+) -> Option<Result<pb::GenerateEvent, Status>> {
     use pb::generate_event::Event;
-    Ok(pb::GenerateEvent {
+    Some(Ok(pb::GenerateEvent {
         event: Some(match ev {
             TokenEvent::Token {
                 id,
@@ -150,7 +154,8 @@ pub fn event_to_wire(ev: TokenEvent, completion_tokens: u32) -> Result<pb::Gener
                 completion_tokens,
                 cached_tokens: cached_tokens as u32,
             }),
-            TokenEvent::Error(e) => return Err(ServeError::new(e.kind, e.message).into()),
+            TokenEvent::Error(e) => return Some(Err(ServeError::new(e.kind, e.message).into())),
+            TokenEvent::Admitted { .. } => return None,
         }),
-    })
+    }))
 }

@@ -1221,6 +1221,9 @@ struct Received {
     trace: Vec<u8>,
     span: Vec<u8>,
     parent: Vec<u8>,
+    /// Start and end, ns since the Unix epoch.
+    start: u64,
+    end: u64,
 }
 
 /// An OTLP/HTTP receiver on loopback: every `ExportTraceServiceRequest` posted to
@@ -1259,6 +1262,8 @@ fn otlp_receiver(rt: &tokio::runtime::Runtime) -> (String, Arc<std::sync::Mutex<
                             trace: s.trace_id,
                             span: s.span_id,
                             parent: s.parent_span_id,
+                            start: s.start_time_unix_nano,
+                            end: s.end_time_unix_nano,
                         });
                     }
                 }
@@ -1396,8 +1401,48 @@ fn one_request_is_one_trace_across_the_four_processes() {
         "encoder.vit",
         "connector.project",
         "decoder.generate",
+        "decoder.queue",
+        "decoder.prefill",
         "decoder.decode",
     ] {
         assert!(names.contains(want), "no {want} span: {names:?}");
+    }
+    // The decoder's phases follow one another under each request's span: the queue
+    // wait ends when the engine admits the request, its prefill when the first token
+    // comes.
+    let generates: Vec<&&Received> = mine
+        .iter()
+        .filter(|r| r.name == "decoder.generate")
+        .collect();
+    assert!(!generates.is_empty());
+    for generate in generates {
+        let phase = |name: &str| {
+            let found: Vec<&&Received> = mine
+                .iter()
+                .filter(|r| r.name == name && r.parent == generate.span)
+                .collect();
+            assert_eq!(
+                found.len(),
+                1,
+                "one {name} span under each decoder.generate"
+            );
+            *found[0]
+        };
+        let phases = ["decoder.queue", "decoder.prefill", "decoder.decode"].map(phase);
+        for (p, next) in phases.iter().zip(&phases[1..]) {
+            assert!(
+                p.end <= next.start,
+                "{} ends before {} starts",
+                p.name,
+                next.name
+            );
+        }
+        for p in phases {
+            assert!(
+                generate.start <= p.start && p.end <= generate.end,
+                "{}",
+                p.name
+            );
+        }
     }
 }
