@@ -28,7 +28,7 @@ mod weight;
 
 pub use activation::Activation;
 pub use cpu::ops::{round_scalar, softmax_in_place, softmax_scaled_in_place};
-pub use cpu::{kernels, packed};
+pub use cpu::{kernels, packed, quant};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -1,12 +1,14 @@
 //! Linear layers' weights and `y = x·Wᵀ + b`. A weight is held the way its backend
 //! multiplies fastest: on a CPU with AVX-512 BF16 a bf16 weight is packed once, at
 //! load, for the `vdpbf16ps` GEMM (the row-major original is dropped, or left to its
-//! memory map); everywhere else it is the tensor itself.
+//! memory map); a block-quantized weight (`quant::QuantMatrix`) multiplies in its
+//! blocks on the CPU; everywhere else it is the tensor itself.
 
 use std::sync::Arc;
 
 use crate::error::shape_err;
 use crate::packed::PackedBf16;
+use crate::quant::QuantMatrix;
 use crate::storage::{BackendStorage, CpuStorage, Storage};
 use crate::{Device, Result, Tensor};
 
@@ -55,6 +57,7 @@ pub struct Weight(Repr);
 enum Repr {
     Plain(Tensor),
     Packed(Arc<PackedBf16>),
+    Quant(Arc<QuantMatrix>),
 }
 
 impl Weight {
@@ -74,11 +77,25 @@ impl Weight {
         }))
     }
 
+    /// A block-quantized weight (the CPU backend multiplies it).
+    pub fn quantized(w: QuantMatrix) -> Weight {
+        Weight(Repr::Quant(Arc::new(w)))
+    }
+
+    /// The block format, for a quantized weight.
+    pub fn quant_type(&self) -> Option<crate::quant::QuantType> {
+        match &self.0 {
+            Repr::Quant(w) => Some(w.ty()),
+            _ => None,
+        }
+    }
+
     /// Output features.
     pub fn out_dim(&self) -> usize {
         match &self.0 {
             Repr::Plain(w) => w.shape()[0],
             Repr::Packed(w) => w.n(),
+            Repr::Quant(w) => w.n(),
         }
     }
 
@@ -87,13 +104,14 @@ impl Weight {
         match &self.0 {
             Repr::Plain(w) => w.shape()[1],
             Repr::Packed(w) => w.k(),
+            Repr::Quant(w) => w.k(),
         }
     }
 
     pub fn device(&self) -> Device {
         match &self.0 {
             Repr::Plain(w) => w.device(),
-            Repr::Packed(_) => Device::Cpu,
+            Repr::Packed(_) | Repr::Quant(_) => Device::Cpu,
         }
     }
 
@@ -107,6 +125,11 @@ impl Weight {
                 let out = crate::packed::matmul_packed(x.as_f32()?, x.rows(), k, w);
                 with_bias(out, x, n, bias)
             }
+            Repr::Quant(w) => {
+                check_shapes(x, w.n(), w.k(), bias)?;
+                let out = w.matmul(x.as_f32()?, x.rows());
+                with_bias(out, x, w.n(), bias)
+            }
         }
     }
 
@@ -118,7 +141,7 @@ impl Weight {
             .iter()
             .map(|(w, _)| match &w.0 {
                 Repr::Packed(p) => Some(&**p),
-                Repr::Plain(_) => None,
+                Repr::Plain(_) | Repr::Quant(_) => None,
             })
             .collect();
         match packed {

@@ -6,6 +6,7 @@ pub mod kernels;
 pub(crate) mod matmul;
 pub(crate) mod ops;
 pub mod packed;
+pub mod quant;
 
 use half::{bf16, f16};
 

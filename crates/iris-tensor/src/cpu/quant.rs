@@ -1,0 +1,543 @@
+//! Block-quantized weights in ggml's layouts (Q8_0, Q4_0, Q4_1: 32 weights a block
+//! with an f16 scale, Q4_1 an f16 minimum too) and `x·Wᵀ` over them, as llama.cpp
+//! computes it: each 32-block of an activation row is quantized to int8 with its own
+//! scale (ggml's Q8_0 of the row), and a block's product is one integer dot product
+//! (`vpdpbusd`: unsigned weight bytes × signed activation bytes) scaled by both scales.
+//!
+//! Every format is `d·q + c` per block (Q8_0: q signed, c = 0; Q4_0: q − 8 with q in
+//! 0..16, so c = −8·d; Q4_1: c = m), so a block's product is
+//! `d·dₓ·Σ q·qₓ + c·dₓ·Σ qₓ`: the integer sum, and the activation block's own sum,
+//! computed once per row. The weights stay in the file's bytes (a memory map's pages,
+//! or a copy of them): decode reads 34, 18 or 20 bytes per 32 weights.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights a block.
+pub const BLOCK: usize = 32;
+
+/// A block format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QuantType {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+        }
+    }
+
+    /// Bytes a block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::Q8_0 => 34,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+        }
+    }
+
+    /// Bytes of a `[n, k]` matrix (k a multiple of 32).
+    pub fn bytes(self, n: usize, k: usize) -> usize {
+        n * (k / BLOCK) * self.block_bytes()
+    }
+}
+
+/// A `[n, k]` matrix of blocks, row-major (row r is `k / 32` blocks).
+pub struct QuantMatrix {
+    ty: QuantType,
+    n: usize,
+    k: usize,
+    data: Box<dyn AsRef<[u8]> + Send + Sync>,
+}
+
+impl std::fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}, {}]", self.ty.name(), self.n, self.k)
+    }
+}
+
+impl QuantMatrix {
+    /// `data` holds `n` rows of `k / 32` blocks of `ty`. Errors (a message) when k is
+    /// not a whole number of blocks or the bytes are not the matrix's.
+    pub fn new(
+        ty: QuantType,
+        n: usize,
+        k: usize,
+        data: Box<dyn AsRef<[u8]> + Send + Sync>,
+    ) -> Result<QuantMatrix, String> {
+        if k == 0 || k % BLOCK != 0 {
+            return Err(format!(
+                "{}: {k} inputs is not a whole number of {BLOCK}-weight blocks",
+                ty.name()
+            ));
+        }
+        let want = ty.bytes(n, k);
+        let got = (*data).as_ref().len();
+        if got != want {
+            return Err(format!(
+                "{}[{n}, {k}] takes {want} bytes, not {got}",
+                ty.name()
+            ));
+        }
+        Ok(QuantMatrix { ty, n, k, data })
+    }
+
+    pub fn ty(&self) -> QuantType {
+        self.ty
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        (*self.data).as_ref()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = (self.k / BLOCK) * self.ty.block_bytes();
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Rows `rows` as f32 (`rows.len() × k`).
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let mut out = vec![0f32; rows.len() * self.k];
+        for (o, r) in out.chunks_mut(self.k).zip(rows) {
+            dequantize_row(self.ty, self.row(r), o);
+        }
+        out
+    }
+
+    /// The matrix with its rows in the order `order` gives (`order[i]` is the source
+    /// row of row i): rows are whole blocks, so a permutation moves bytes only.
+    pub fn permute_rows(&self, order: &[usize]) -> QuantMatrix {
+        assert_eq!(order.len(), self.n, "permute_rows: one source a row");
+        let mut data = Vec::with_capacity(self.bytes().len());
+        for &r in order {
+            data.extend_from_slice(self.row(r));
+        }
+        QuantMatrix {
+            ty: self.ty,
+            n: self.n,
+            k: self.k,
+            data: Box::new(data),
+        }
+    }
+
+    /// Rows `rows` as a matrix of their own (a tensor-parallel shard of output rows).
+    pub fn slice_rows(&self, rows: std::ops::Range<usize>) -> QuantMatrix {
+        let rb = (self.k / BLOCK) * self.ty.block_bytes();
+        QuantMatrix {
+            ty: self.ty,
+            n: rows.len(),
+            k: self.k,
+            data: Box::new(self.bytes()[rows.start * rb..rows.end * rb].to_vec()),
+        }
+    }
+
+    /// `x[m, k] · Wᵀ` → `[m, n]` in f32, each activation row quantized per block.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "quantized matmul: x is not [m, k]");
+        let xq = QuantRows::quantize(x, m, self.k);
+        let (n, ty) = (self.n, self.ty);
+        let simd = has_vnni();
+        // Weight rows in chunks (a task each); inside a chunk, activation rows in tiles
+        // so a tile's quantized bytes stay in cache while the chunk's rows pass it.
+        const ROWS: usize = 16;
+        const TILE: usize = 64;
+        let chunk = |c: usize| -> Vec<f32> {
+            let rows = c * ROWS..(c * ROWS + ROWS).min(n);
+            let mut out = vec![0f32; rows.len() * m];
+            for t0 in (0..m).step_by(TILE) {
+                let t1 = (t0 + TILE).min(m);
+                for (ri, r) in rows.clone().enumerate() {
+                    let w = self.row(r);
+                    for i in t0..t1 {
+                        out[ri * m + i] = if simd {
+                            // SAFETY: AVX-512 VNNI (with VL, F16C and FMA) was detected;
+                            // `w` is a row of k/32 blocks of `ty`, `xq`'s row i has k
+                            // bytes and k/32 scales and sums.
+                            unsafe { x86::dot(ty, w, &xq, i) }
+                        } else {
+                            dot_scalar(ty, w, &xq, i)
+                        };
+                    }
+                }
+            }
+            out
+        };
+        let chunks = n.div_ceil(ROWS);
+        let parts: Vec<Vec<f32>> = if m * n >= 4096 {
+            (0..chunks).into_par_iter().map(chunk).collect()
+        } else {
+            (0..chunks).map(chunk).collect()
+        };
+        let mut y = vec![0f32; m * n];
+        for (c, part) in parts.iter().enumerate() {
+            let r0 = c * ROWS;
+            let len = part.len() / m.max(1);
+            for ri in 0..len {
+                for i in 0..m {
+                    y[i * n + r0 + ri] = part[ri * m + i];
+                }
+            }
+        }
+        y
+    }
+}
+
+/// Activation rows quantized per 32-block (ggml's Q8_0 of each row): the int8 values,
+/// each block's scale, and each block's scale times the sum of its values.
+pub struct QuantRows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    k: usize,
+}
+
+impl QuantRows {
+    pub fn quantize(x: &[f32], m: usize, k: usize) -> QuantRows {
+        let nb = k / BLOCK;
+        let mut q = vec![0i8; m * k];
+        let mut d = vec![0f32; m * nb];
+        let mut s = vec![0f32; m * nb];
+        for ((xb, qb), (db, sb)) in x
+            .chunks(BLOCK)
+            .zip(q.chunks_mut(BLOCK))
+            .zip(d.iter_mut().zip(s.iter_mut()))
+        {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in qb.iter_mut().zip(xb) {
+                let r = (v * inv).round() as i32;
+                *o = r as i8;
+                sum += r;
+            }
+            *db = scale;
+            *sb = scale * sum as f32;
+        }
+        QuantRows { q, d, s, k }
+    }
+
+    fn row(&self, i: usize) -> (&[i8], &[f32], &[f32]) {
+        let nb = self.k / BLOCK;
+        (
+            &self.q[i * self.k..(i + 1) * self.k],
+            &self.d[i * nb..(i + 1) * nb],
+            &self.s[i * nb..(i + 1) * nb],
+        )
+    }
+}
+
+fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// A block's scale and offset coefficient (`d·q + c`).
+fn block_scales(ty: QuantType, b: &[u8]) -> (f32, f32) {
+    let d = half_at(b, 0);
+    match ty {
+        QuantType::Q8_0 => (d, 0.0),
+        QuantType::Q4_0 => (d, -8.0 * d),
+        QuantType::Q4_1 => (d, half_at(b, 2)),
+    }
+}
+
+/// The block's 32 quantized values, in element order (as unsigned nibbles for Q4).
+fn block_values(ty: QuantType, b: &[u8]) -> [i32; BLOCK] {
+    let mut v = [0i32; BLOCK];
+    match ty {
+        QuantType::Q8_0 => {
+            for (o, &q) in v.iter_mut().zip(&b[2..34]) {
+                *o = q as i8 as i32;
+            }
+        }
+        QuantType::Q4_0 | QuantType::Q4_1 => {
+            let qs = &b[ty.block_bytes() - 16..];
+            for j in 0..16 {
+                v[j] = (qs[j] & 0xF) as i32;
+                v[j + 16] = (qs[j] >> 4) as i32;
+            }
+        }
+    }
+    v
+}
+
+/// One row of blocks as f32 (ggml's dequantization).
+pub fn dequantize_row(ty: QuantType, row: &[u8], out: &mut [f32]) {
+    for (b, o) in row.chunks(ty.block_bytes()).zip(out.chunks_mut(BLOCK)) {
+        let (d, c) = block_scales(ty, b);
+        for (o, q) in o.iter_mut().zip(block_values(ty, b)) {
+            *o = d * q as f32 + c;
+        }
+    }
+}
+
+/// A row of f32 as blocks of `ty` (ggml's reference quantizers: Q8_0 and Q4_0 scale by
+/// the block's largest magnitude, Q4_1 spans its minimum to its maximum).
+pub fn quantize_row(ty: QuantType, x: &[f32]) -> Vec<u8> {
+    assert_eq!(x.len() % BLOCK, 0, "quantize_row: whole blocks only");
+    let mut out = Vec::with_capacity(x.len() / BLOCK * ty.block_bytes());
+    let h = |v: f32| f16::from_f32(v).to_bits().to_le_bytes();
+    for xb in x.chunks(BLOCK) {
+        match ty {
+            QuantType::Q8_0 => {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(h(d));
+                out.extend(xb.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            QuantType::Q4_0 => {
+                // The value of largest magnitude, sign kept, maps to −8.
+                let max = xb
+                    .iter()
+                    .copied()
+                    .fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(h(d));
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(xb[j]) | (q(xb[j + 16]) << 4));
+                }
+            }
+            QuantType::Q4_1 => {
+                let (min, max) = xb
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(h(d));
+                out.extend(h(min));
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(xb[j]) | (q(xb[j + 16]) << 4));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A weight row · quantized activation row `i`, block by block in integers.
+fn dot_scalar(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
+    let (q, d, s) = x.row(i);
+    let mut acc = 0f32;
+    for (b, wb) in w.chunks(ty.block_bytes()).enumerate() {
+        let (dw, c) = block_scales(ty, wb);
+        let dot: i32 = block_values(ty, wb)
+            .iter()
+            .zip(&q[b * BLOCK..(b + 1) * BLOCK])
+            .map(|(&a, &b)| a * b as i32)
+            .sum();
+        acc += dw * d[b] * dot as f32 + c * s[b];
+    }
+    acc
+}
+
+pub fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static B: OnceLock<bool> = OnceLock::new();
+    *B.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return true;
+        }
+        false
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantRows, QuantType, BLOCK};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn half(p: *const u8) -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// 16 bytes of nibble pairs as 32 bytes: the low nibbles (elements 0..16), then the
+    /// high ones (16..32).
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let m4 = _mm_set1_epi8(0x0F);
+        let qs = _mm_loadu_si128(p as *const __m128i);
+        let lo = _mm_and_si128(qs, m4);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// A weight row · quantized activation row `i`: per block, the 32 byte products
+    /// summed in eight lanes by `vpdpbusd`, scaled by both scales into eight f32
+    /// accumulators; the offsets (`c·dₓ·Σqₓ`) in a scalar beside them.
+    ///
+    /// # Safety
+    /// The CPU has the features enabled here; `w` is a row of `x.k / 32` blocks of `ty`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub unsafe fn dot(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
+        let (q, d, s) = x.row(i);
+        let nb = x.k / BLOCK;
+        let bb = ty.block_bytes();
+        debug_assert_eq!(w.len(), nb * bb);
+        let wp = w.as_ptr();
+        let qp = q.as_ptr();
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut off = 0f32;
+        for b in 0..nb {
+            let blk = wp.add(b * bb);
+            let xv = _mm256_loadu_si256(qp.add(b * BLOCK) as *const __m256i);
+            let dw = half(blk);
+            let dot = match ty {
+                QuantType::Q8_0 => {
+                    // Signed × signed as |w| × (x with w's sign).
+                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    let sx = _mm256_sign_epi8(xv, wv);
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
+                }
+                QuantType::Q4_0 => {
+                    off += -8.0 * dw * s[b];
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(blk.add(2)), xv)
+                }
+                QuantType::Q4_1 => {
+                    off += half(blk.add(2)) * s[b];
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(blk.add(4)), xv)
+                }
+            };
+            let scale = _mm256_set1_ps(dw * d[b]);
+            if b % 2 == 0 {
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc0);
+            } else {
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc1);
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + off
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub unsafe fn dot(_: super::QuantType, _: &[u8], _: &super::QuantRows, _: usize) -> f32 {
+        unreachable!("has_vnni() is false off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn matrix(ty: QuantType, n: usize, k: usize, seed: u64) -> QuantMatrix {
+        let w = noise(n * k, seed);
+        let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+        QuantMatrix::new(ty, n, k, Box::new(data)).unwrap()
+    }
+
+    #[test]
+    fn quantizers_round_trip_within_half_a_step() {
+        let x = noise(256, 7);
+        // Q4_0 spans −8..7 steps: a value of the opposite sign to the largest one can
+        // sit a whole step past the range's end.
+        for (ty, step) in [
+            (QuantType::Q8_0, 1.0 / 127.0),
+            (QuantType::Q4_0, 2.0 / 8.0),
+            (QuantType::Q4_1, 2.0 / 15.0),
+        ] {
+            let mut back = vec![0f32; x.len()];
+            dequantize_row(ty, &quantize_row(ty, &x), &mut back);
+            let err = x
+                .iter()
+                .zip(&back)
+                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+            // Half a step, plus the f16 rounding of the scale.
+            assert!(err <= step * 0.5 * 1.01 + 1e-3, "{ty:?}: {err}");
+        }
+    }
+
+    /// The integer products equal the f32 product of the dequantized weights with the
+    /// dequantized activation blocks (the same numbers, summed in another order), and
+    /// the SIMD kernel gives the scalar one's.
+    #[test]
+    fn products_are_the_dequantized_products() {
+        let (m, n, k) = (5, 37, 256);
+        let x = noise(m * k, 3);
+        let xq = QuantRows::quantize(&x, m, k);
+        let xd: Vec<f32> = (0..m * k)
+            .map(|j| xq.q[j] as f32 * xq.d[j / BLOCK])
+            .collect();
+        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            let w = matrix(ty, n, k, 11);
+            let wd = w.dequantize_rows(0..n);
+            let y = w.matmul(&x, m);
+            for i in 0..m {
+                for r in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| wd[r * k + j] as f64 * xd[i * k + j] as f64)
+                        .sum();
+                    let got = y[i * n + r] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{ty:?} {got} {want}"
+                    );
+                    let scalar = dot_scalar(ty, w.row(r), &xq, i) as f64;
+                    assert!((scalar - got).abs() <= 1e-5 * (1.0 + want.abs()), "{ty:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_permute_and_slice_as_bytes() {
+        let w = matrix(QuantType::Q4_1, 6, 64, 5);
+        let p = w.permute_rows(&[5, 4, 3, 2, 1, 0]);
+        assert_eq!(p.dequantize_rows(0..1), w.dequantize_rows(5..6));
+        assert_eq!(
+            w.slice_rows(2..4).dequantize_rows(0..2),
+            w.dequantize_rows(2..4)
+        );
+        assert!(QuantMatrix::new(QuantType::Q8_0, 2, 48, Box::new(vec![0u8; 10])).is_err());
+        assert!(QuantMatrix::new(QuantType::Q8_0, 2, 64, Box::new(vec![0u8; 10])).is_err());
+    }
+}
