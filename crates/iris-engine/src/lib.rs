@@ -6,6 +6,7 @@
 pub mod blocks;
 mod capfilt;
 mod engine;
+pub mod gguf_tokenizer;
 mod pipeline;
 mod processor;
 mod retrieval;

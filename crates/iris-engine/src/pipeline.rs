@@ -102,6 +102,10 @@ pub struct ModelSpec {
 
 impl ModelSpec {
     pub fn read(dir: &Path, limits: ImageLimits) -> Result<ModelSpec> {
+        if iris_models::registry::is_gguf(dir) {
+            let config = iris_models::gguf::read(dir)?.llama()?.config;
+            return ModelSpec::from_config(dir, &config, limits);
+        }
         ModelSpec::from_config(dir, &read_json(&dir.join("config.json"))?, limits)
     }
 
@@ -167,6 +171,17 @@ impl ModelSpec {
                     ImageTokens::None,
                     vec![],
                     c.max_position_embeddings,
+                )
+            }
+            Family::Llama => {
+                let c = iris_models::config::LlamaConfig::from_value(cfg, false)?;
+                let ctx = c.max_position_embeddings;
+                (
+                    PromptStyle::Plain,
+                    None,
+                    ImageTokens::None,
+                    c.eos_token_ids,
+                    ctx,
                 )
             }
             Family::BlipRetrieval | Family::Blip2Retrieval => {

@@ -48,7 +48,8 @@ pub struct Processor {
     tokenizer: Tokenizer,
     /// Bytes of the longest token string the vocabulary has (special tokens included).
     max_token_bytes: usize,
-    image_processor: ImageProcessor,
+    /// None for a text-only model (no image is ever preprocessed).
+    image_processor: Option<ImageProcessor>,
     image_token: String,
     /// The literal BOS some processors write into the text (IDEFICS).
     bos_token: String,
@@ -140,9 +141,20 @@ impl Processor {
         image_tokens: ImageTokens,
         limits: ImageLimits,
     ) -> Result<Processor> {
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        // A GGUF file carries its tokenizer in its metadata.
+        let gguf = if iris_models::registry::is_gguf(dir) {
+            Some(iris_models::gguf::read(dir)?)
+        } else {
+            None
+        };
+        let tokenizer = match &gguf {
+            Some(h) => crate::gguf_tokenizer::tokenizer(h)?,
+            None => {
+                let tok_path = dir.join("tokenizer.json");
+                Tokenizer::from_file(&tok_path)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?
+            }
+        };
         let image_token = ["processor_config.json", "tokenizer_config.json"]
             .iter()
             .filter_map(|f| read_json(&dir.join(f)))
@@ -176,6 +188,7 @@ impl Processor {
                     .map(str::to_string),
                 _ => None,
             })
+            .or_else(|| gguf.as_ref().and_then(crate::gguf_tokenizer::bos_token))
             .unwrap_or_else(|| "<s>".to_string());
         let max_token_bytes = tokenizer
             .get_vocab(true)
@@ -204,7 +217,10 @@ impl Processor {
             literal,
             added,
             tokenizer,
-            image_processor: ImageProcessor::from_model_dir(dir)?,
+            image_processor: match (style, &gguf) {
+                (PromptStyle::Plain, _) | (_, Some(_)) => ImageProcessor::from_model_dir(dir).ok(),
+                _ => Some(ImageProcessor::from_model_dir(dir)?),
+            },
             image_token,
             image_token_id,
             image_tokens,
@@ -237,16 +253,17 @@ impl Processor {
     /// Decodes and preprocesses one image file's bytes into `[3, H, W]` (or its tiles
     /// `[tiles, 3, H, W]`), with the size it decoded to.
     pub fn pixel_values(&self, bytes: &[u8]) -> Result<(Tensor, ImageSize)> {
+        let processor = self
+            .image_processor
+            .as_ref()
+            .ok_or_else(|| Error::Input("this is a text-only model: it takes no images".into()))?;
         let img = iris_image::decode(bytes, self.limits)?;
-        let shape = self.image_processor.output_shape(img.width, img.height);
+        let shape = processor.output_shape(img.width, img.height);
         let size = ImageSize {
             height: img.height,
             width: img.width,
         };
-        Ok((
-            Tensor::from_f32(self.image_processor.preprocess(&img)?, &shape)?,
-            size,
-        ))
+        Ok((Tensor::from_f32(processor.preprocess(&img)?, &shape)?, size))
     }
 
     /// The size of an image file from its header alone (what the placeholder count of

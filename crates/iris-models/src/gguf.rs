@@ -79,6 +79,7 @@ const TYPES: &[GgmlType] = &[
     t(27, "I64", 1, 8),
     t(28, "F64", 1, 8),
     t(30, "BF16", 1, 2),
+    t(30, "BF16", 1, 2),
 ];
 
 const fn t(id: u32, name: &'static str, block: u64, block_bytes: u64) -> GgmlType {
@@ -327,6 +328,135 @@ pub fn read(path: &Path) -> Result<Header> {
         Error::Gguf(msg) => Error::Gguf(format!("{}: {msg}", path.display())),
         other => other,
     })
+}
+
+/// A LLaMA-architecture GGUF as a HF checkpoint: its `config.json` (from the `llama.*`
+/// metadata), and for each tensor its HF name with how to read its rows (llama.cpp
+/// stores q and k with each head's rotary halves interleaved: HF order is restored by
+/// moving whole rows).
+pub struct LlamaGguf {
+    pub config: serde_json::Value,
+    /// (HF name, tensor, for q / k: the heads whose rows to un-interleave)
+    pub tensors: Vec<(String, TensorInfo, Option<usize>)>,
+}
+
+impl Header {
+    fn count(&self, key: &str) -> Result<u64> {
+        self.get(key)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(format!("no integer `{key}` in the metadata")))
+    }
+
+    fn float(&self, key: &str) -> Option<f64> {
+        match self.get(key)? {
+            Value::F32(v) => Some(f64::from(*v)),
+            Value::F64(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// The file read as a LLaMA checkpoint; errors for another architecture or a
+    /// tensor a LLaMA does not have.
+    pub fn llama(&self) -> Result<LlamaGguf> {
+        let arch = self
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("<none>");
+        if arch != "llama" {
+            return Err(bad(format!(
+                "architecture `{arch}`: only LLaMA-architecture GGUF files are read"
+            )));
+        }
+        let heads = self.count("llama.attention.head_count")?;
+        let kv_heads = self.count("llama.attention.head_count_kv").unwrap_or(heads);
+        let hidden = self.count("llama.embedding_length")?;
+        let vocab = match self.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(t)) => t.len() as u64,
+            _ => self.count("llama.vocab_size")?,
+        };
+        let mut tensors = Vec::new();
+        for t in &self.tensors {
+            let (name, permute) = hf_name(&t.name, heads as usize, kv_heads as usize)
+                .ok_or_else(|| bad(format!("tensor `{}` is not part of a LLaMA model", t.name)))?;
+            tensors.push((name, t.clone(), permute));
+        }
+        let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
+        let token = |k: &str| self.get(k).and_then(Value::as_u64);
+        let mut config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": self.count("llama.feed_forward_length")?,
+            "num_hidden_layers": self.count("llama.block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": self.count("llama.context_length")?,
+            "rms_norm_eps": self.float("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            "rope_theta": self.float("llama.rope.freq_base").unwrap_or(10000.0),
+            "hidden_act": "silu",
+            "tie_word_embeddings": tied,
+        });
+        if let Ok(dim) = self.count("llama.rope.dimension_count") {
+            if dim * heads != hidden {
+                config["head_dim"] = dim.into();
+            }
+        }
+        if let Some(b) = token("tokenizer.ggml.bos_token_id") {
+            config["bos_token_id"] = b.into();
+        }
+        if let Some(e) = token("tokenizer.ggml.eos_token_id") {
+            config["eos_token_id"] = e.into();
+        }
+        Ok(LlamaGguf { config, tensors })
+    }
+}
+
+/// llama.cpp's tensor names for a LLaMA → HF's, and for q / k their head count.
+fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<usize>)> {
+    let top = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some((t.to_string(), None));
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, what) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (hf, permute) = match what {
+        "attn_norm.weight" => ("input_layernorm.weight", None),
+        "ffn_norm.weight" => ("post_attention_layernorm.weight", None),
+        "attn_q.weight" => ("self_attn.q_proj.weight", Some(heads)),
+        "attn_k.weight" => ("self_attn.k_proj.weight", Some(kv_heads)),
+        "attn_v.weight" => ("self_attn.v_proj.weight", None),
+        "attn_output.weight" => ("self_attn.o_proj.weight", None),
+        "ffn_gate.weight" => ("mlp.gate_proj.weight", None),
+        "ffn_up.weight" => ("mlp.up_proj.weight", None),
+        "ffn_down.weight" => ("mlp.down_proj.weight", None),
+        _ => return None,
+    };
+    Some((format!("model.layers.{layer}.{hf}"), permute))
+}
+
+/// For a `[heads·hd, k]` q or k weight stored llama.cpp's way: the stored row of each
+/// HF row (HF keeps a head's two rotary halves apart, llama.cpp interleaves them).
+pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(bad(format!(
+            "{rows} rows do not split into {heads} heads of even size"
+        )));
+    }
+    let hd = rows / heads;
+    Ok((0..rows)
+        .map(|r| {
+            let (h, rem) = (r / hd, r % hd);
+            let (t, j) = (rem / (hd / 2), rem % (hd / 2));
+            h * hd + 2 * j + t
+        })
+        .collect())
 }
 
 #[cfg(test)]

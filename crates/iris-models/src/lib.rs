@@ -20,6 +20,7 @@ pub mod opt;
 pub mod perceiver;
 pub mod registry;
 pub mod t5;
+pub mod text;
 pub mod vit;
 pub mod vlm;
 pub mod weights;

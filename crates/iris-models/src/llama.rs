@@ -206,7 +206,14 @@ impl Llama {
         // Vocab-parallel embedding and head: each rank its rows of the vocabulary.
         let embed_tokens =
             VocabParallelEmbedding::load(vb, "embed_tokens.weight", v, d, comm.clone())?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings && vb.is_quantized("embed_tokens.weight") {
+            // The head reads the table in its blocks (the embedding holds it dequantized).
+            Linear::from_weight(
+                vb.weight_rows("embed_tokens.weight", &[v, d], embed_tokens.rows())?,
+                None,
+                vb.dtype(),
+            )
+        } else if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.table().clone(), None, vb.dtype())?
         } else {
             Linear::new(

@@ -19,6 +19,13 @@ use crate::vlm::{ImageTextRetrieval, VisionLanguageModel};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
+/// Whether `path` names a GGUF file (rather than a model folder).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && path.is_file()
+}
+
 /// One part of a vision-language model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Part {
@@ -105,6 +112,8 @@ pub enum Family {
     BlipCaption,
     BlipRetrieval,
     Blip2Retrieval,
+    /// A language model alone (a LLaMA; a LLaMA GGUF file).
+    Llama,
 }
 
 /// What a family is served for.
@@ -129,6 +138,8 @@ const TABLE: &[(&str, Family)] = &[
     (crate::blip::CAPTION_ARCHITECTURE, Family::BlipCaption),
     (crate::blip::RETRIEVAL_ARCHITECTURE, Family::BlipRetrieval),
     (crate::blip2_retrieval::ARCHITECTURE, Family::Blip2Retrieval),
+    (crate::text::ARCHITECTURE, Family::Llama),
+    ("llama", Family::Llama),
 ];
 
 impl Family {
@@ -142,8 +153,11 @@ impl Family {
             .ok_or(Error::UnknownArchitecture(arch))
     }
 
-    /// The family of the model folder `dir`.
+    /// The family of the model folder `dir` (a `.gguf` file: a LLaMA).
     pub fn of_dir(dir: &Path) -> Result<Family> {
+        if is_gguf(dir) {
+            return Ok(Family::Llama);
+        }
         Family::of(&read_json(&dir.join("config.json"))?)
     }
 
@@ -161,6 +175,7 @@ impl Family {
                 connector: false,
                 ..Parts::ALL
             },
+            Family::Llama => Parts::LANGUAGE,
             _ => Parts::ALL,
         }
     }
@@ -179,7 +194,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `dir`; `dtype` overrides the checkpoint's (default f32).
+    /// Opens `dir` (a model folder, or a LLaMA `.gguf` file); `dtype` overrides the
+    /// checkpoint's (default f32).
     pub fn open(dir: &Path, dtype: Option<DType>) -> Result<Checkpoint> {
         Checkpoint::open_on(dir, dtype, iris_tensor::Device::Cpu)
     }
@@ -190,6 +206,17 @@ impl Checkpoint {
         dtype: Option<DType>,
         device: iris_tensor::Device,
     ) -> Result<Checkpoint> {
+        if is_gguf(dir) {
+            let dtype = dtype.unwrap_or(DType::F32);
+            let (weights, config) = Weights::open_gguf(dir, dtype)?;
+            return Ok(Checkpoint {
+                family: Family::Llama,
+                architecture: crate::text::ARCHITECTURE.into(),
+                config,
+                dtype,
+                weights: Arc::new(weights.on(device)),
+            });
+        }
         let config = read_json(&dir.join("config.json"))?;
         let family = Family::of(&config)?;
         let architecture = architecture(&config).unwrap_or_default();
@@ -243,6 +270,7 @@ impl Checkpoint {
                 ))
             }
             Family::BlipCaption => Box::new(BlipCaptioner::from_checkpoint(self, parts)?),
+            Family::Llama => Box::new(crate::text::TextModel::from_checkpoint(self, parts, comm)?),
             Family::BlipRetrieval | Family::Blip2Retrieval => {
                 return Err(Error::Config(format!(
                     "`{}` is a retrieval model: it embeds and matches, it does not generate",

@@ -1,6 +1,8 @@
 //! Safetensors checkpoints: one `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`, memory-mapped, headers validated once at open,
-//! tensors converted to the requested dtype as they are read.
+//! tensors converted to the requested dtype as they are read. A LLaMA GGUF file is read
+//! the same way under HF's tensor names: its block-quantized tensors become quantized
+//! weights of the linear layers (`Vb::weight`), dequantized where a layer needs values.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -8,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use iris_tensor::{DType, Device, Tensor};
+use iris_tensor::quant::{QuantMatrix, QuantType};
+use iris_tensor::{DType, Device, Tensor, Weight};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
@@ -28,15 +31,28 @@ pub fn tensors_read_in_process() -> u64 {
 struct Entry {
     file: usize,
     dtype: DType,
+    /// Block-quantized (a GGUF tensor): `dtype` is what its values dequantize to.
+    quant: Option<QuantType>,
     shape: Vec<usize>,
     /// Absolute byte range in the file.
     range: std::ops::Range<usize>,
+    /// The bytes held in memory instead (a GGUF q / k weight with its rows reordered).
+    owned: Option<Arc<Vec<u8>>>,
+}
+
+/// A tensor's bytes inside a shared memory map.
+struct MapSlice(Arc<Mmap>, std::ops::Range<usize>);
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[self.1.clone()]
+    }
 }
 
 /// All tensors of a checkpoint, by name.
 #[derive(Debug)]
 pub struct Weights {
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     entries: HashMap<String, Entry>,
     /// Tensors held in memory (benchmarks with random weights, tests).
     tensors: HashMap<String, Tensor>,
@@ -120,12 +136,14 @@ impl Weights {
                     Entry {
                         file: i,
                         dtype: dt,
+                        quant: None,
                         shape: view.shape().to_vec(),
                         range: offset..offset + data.len(),
+                        owned: None,
                     },
                 );
             }
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(Weights {
             maps,
@@ -136,6 +154,167 @@ impl Weights {
             read: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
         })
+    }
+
+    /// A LLaMA GGUF file under HF's names, and its config (`gguf::Header::llama`).
+    /// F32 / F16 / BF16 tensors read as a safetensors file's; Q8_0 / Q4_0 / Q4_1 stay
+    /// in their blocks; another type is an error naming the tensor.
+    pub fn open_gguf(path: &Path, dtype: DType) -> Result<(Weights, serde_json::Value)> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: as in `open_files`.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let in_file = |e: Error| match e {
+            Error::Gguf(msg) => Error::Gguf(format!("{}: {msg}", path.display())),
+            other => other,
+        };
+        let header = crate::gguf::parse(&map).map_err(in_file)?;
+        let llama = header.llama().map_err(in_file)?;
+        let mut entries = HashMap::new();
+        for (name, t, permute) in llama.tensors {
+            let (dt, quant) = match t.ggml_type.name {
+                "F32" => (DType::F32, None),
+                "F16" => (DType::F16, None),
+                "BF16" => (DType::BF16, None),
+                "Q8_0" => (DType::F32, Some(QuantType::Q8_0)),
+                "Q4_0" => (DType::F32, Some(QuantType::Q4_0)),
+                "Q4_1" => (DType::F32, Some(QuantType::Q4_1)),
+                other => {
+                    return Err(Error::TensorDType {
+                        name: format!(
+                            "{} ({}; F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are read)",
+                            t.name,
+                            path.display()
+                        ),
+                        dtype: other.to_string(),
+                    })
+                }
+            };
+            // ggml lists the fastest-varying dimension first.
+            let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+            let start = (header.data_start + t.offset) as usize;
+            let range = start..start + t.bytes as usize;
+            let owned = match permute {
+                Some(heads) if shape.len() == 2 => {
+                    let order =
+                        crate::gguf::unpermute_order(shape[0], heads).map_err(|e| in_file(e))?;
+                    let row = range.len() / shape[0];
+                    let all = &map[range.clone()];
+                    let mut bytes = Vec::with_capacity(all.len());
+                    for r in order {
+                        bytes.extend_from_slice(&all[r * row..(r + 1) * row]);
+                    }
+                    Some(Arc::new(bytes))
+                }
+                _ => None,
+            };
+            entries.insert(
+                name,
+                Entry {
+                    file: 0,
+                    dtype: dt,
+                    quant,
+                    shape,
+                    range,
+                    owned,
+                },
+            );
+        }
+        let weights = Weights {
+            maps: vec![Arc::new(map)],
+            entries,
+            tensors: HashMap::new(),
+            dtype,
+            device: Device::Cpu,
+            read: Mutex::new(Vec::new()),
+            bytes_read: AtomicU64::new(0),
+        };
+        Ok((weights, llama.config))
+    }
+
+    /// A stored tensor's bytes.
+    fn bytes_of<'a>(&'a self, e: &'a Entry) -> &'a [u8] {
+        match &e.owned {
+            Some(b) => b,
+            None => &self.maps[e.file][e.range.clone()],
+        }
+    }
+
+    /// Whether `name` is stored block-quantized.
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.entries.get(name).is_some_and(|e| e.quant.is_some())
+    }
+
+    /// The weight of a linear layer: rows `rows` (dimension 0) or columns `cols`
+    /// (dimension 1) of `name`, checked against `shape`. A block-quantized tensor stays
+    /// in its blocks (a whole one shares the memory map; columns must be whole blocks);
+    /// any other is read as `get_host_slice` reads it.
+    fn weight_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Weight> {
+        let Some(e) = self.entries.get(name).filter(|e| e.quant.is_some()) else {
+            let t = self.get_host_slice(name, shape, dtype, dim, range)?;
+            return Ok(Weight::new(t.to_device(self.device)?)?);
+        };
+        let ty = e.quant.expect("filtered");
+        if e.shape != shape || shape.len() != 2 {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                want: shape.to_vec(),
+                got: e.shape.clone(),
+            });
+        }
+        if self.device != Device::Cpu {
+            return Err(Error::Config(format!(
+                "{name}: {} weights run on the CPU backend only",
+                ty.name()
+            )));
+        }
+        TENSORS_READ.fetch_add(1, Ordering::Relaxed);
+        self.read
+            .lock()
+            .expect("the read log is never poisoned")
+            .push(name.to_string());
+        let (n, k) = (shape[0], shape[1]);
+        let bad = |m: String| Error::Config(format!("{name}: {m}"));
+        let whole = range == (0..shape[dim]);
+        let m = if whole {
+            let data: Box<dyn AsRef<[u8]> + Send + Sync> = match &e.owned {
+                Some(b) => Box::new(b.to_vec()),
+                None => Box::new(MapSlice(self.maps[e.file].clone(), e.range.clone())),
+            };
+            QuantMatrix::new(ty, n, k, data).map_err(bad)?
+        } else {
+            let full =
+                QuantMatrix::new(ty, n, k, Box::new(self.bytes_of(e).to_vec())).map_err(bad)?;
+            match dim {
+                0 if range.end <= n => full.slice_rows(range),
+                1 if range.end <= k && range.start % 32 == 0 && range.len() % 32 == 0 => {
+                    let bb = ty.block_bytes();
+                    let (b0, b1) = (range.start / 32 * bb, range.end / 32 * bb);
+                    let row = k / 32 * bb;
+                    let bytes: Vec<u8> = self
+                        .bytes_of(e)
+                        .chunks(row)
+                        .flat_map(|r| r[b0..b1].iter().copied())
+                        .collect();
+                    QuantMatrix::new(ty, n, range.len(), Box::new(bytes)).map_err(bad)?
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "{} slice {range:?} of dimension {dim} is not whole 32-weight blocks",
+                        ty.name()
+                    )))
+                }
+            }
+        };
+        self.bytes_read
+            .fetch_add(m.bytes().len() as u64, Ordering::Relaxed);
+        Ok(Weight::quantized(m))
     }
 
     /// Weights from in-memory tensors, served as `dtype`.
@@ -278,7 +457,26 @@ impl Weights {
                 got: e.shape.clone(),
             });
         }
-        let all = &self.maps[e.file][e.range.clone()];
+        if let Some(ty) = e.quant {
+            // Dequantized rows (a vocabulary shard of an embedding reads its own).
+            let k = shape.last().copied().unwrap_or(1);
+            let row = k / 32 * ty.block_bytes();
+            let n = e.range.len() / row;
+            let rows = if dim == 0 { range.clone() } else { 0..n };
+            let bytes = &self.bytes_of(e)[rows.start * row..rows.end * row];
+            let mut values = vec![0f32; rows.len() * k];
+            for (b, v) in bytes.chunks(row).zip(values.chunks_mut(k)) {
+                iris_tensor::quant::dequantize_row(ty, b, v);
+            }
+            self.bytes_read
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let mut t = Tensor::from_f32(values, &[rows.len(), k])?;
+            if dim == 1 {
+                t = t.narrow_cols(range.start, range.len())?;
+            }
+            return Ok(t.reshape(&new_shape)?.to_dtype(dtype)?);
+        }
+        let all = self.bytes_of(e);
         let es = e.dtype.size_in_bytes();
         let t = if range.len() == mid {
             self.bytes_read
@@ -394,6 +592,40 @@ impl Vb {
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.w.get_as(&self.path(name), shape, self.dtype)
+    }
+
+    /// Whether `name` is stored block-quantized (a GGUF tensor).
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.w.is_quantized(&self.path(name))
+    }
+
+    /// A linear layer's weight `name` (`[out, in]`), as its backend multiplies it: a
+    /// block-quantized tensor stays quantized.
+    pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.w
+            .weight_slice(&self.path(name), shape, self.dtype, 0, 0..shape[0])
+    }
+
+    /// Rows `range` of a linear layer's weight (a column-parallel shard).
+    pub fn weight_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        range: std::ops::Range<usize>,
+    ) -> Result<Weight> {
+        self.w
+            .weight_slice(&self.path(name), shape, self.dtype, 0, range)
+    }
+
+    /// Columns `range` of a linear layer's weight (a row-parallel shard).
+    pub fn weight_cols(
+        &self,
+        name: &str,
+        shape: &[usize],
+        range: std::ops::Range<usize>,
+    ) -> Result<Weight> {
+        self.w
+            .weight_slice(&self.path(name), shape, self.dtype, 1, range)
     }
 
     /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.

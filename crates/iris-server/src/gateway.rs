@@ -128,7 +128,12 @@ impl GatewayModel {
         limits: ImageLimits,
         device: iris_tensor::Device,
     ) -> iris_engine::Result<GatewayModel> {
-        let cfg = read_json(&dir.join("config.json"))?;
+        let gguf = iris_models::registry::is_gguf(dir);
+        let cfg = if gguf {
+            iris_models::gguf::read(dir)?.llama()?.config
+        } else {
+            read_json(&dir.join("config.json"))?
+        };
         let arch = architecture(&cfg).unwrap_or_default();
         let kind = if Family::of(&cfg)?.task() == Task::Retrieval {
             let opts = PipelineOptions {
@@ -153,7 +158,7 @@ impl GatewayModel {
                 path: dir.to_path_buf(),
                 source,
             })?,
-            chat_template: chat_template(dir, style),
+            chat_template: chat_template(dir, style)?,
         })
     }
 
@@ -171,6 +176,11 @@ impl GatewayModel {
 /// BLAKE3 of a model folder's configs and weight files (names, then bytes), so cached
 /// visual tokens never outlive the weights or preprocessing that made them.
 pub fn model_digest(dir: &Path) -> std::io::Result<[u8; 32]> {
+    if dir.is_file() {
+        let mut h = blake3::Hasher::new();
+        h.update_mmap_rayon(dir)?;
+        return Ok(*h.finalize().as_bytes());
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -238,8 +248,14 @@ pub fn tower_digest(
 }
 
 /// The model's chat template (`chat_template.json`, `chat_template.jinja` or
-/// `tokenizer_config.json`), else a plain one in the model family's prompt format.
-fn chat_template(dir: &Path, style: PromptStyle) -> String {
+/// `tokenizer_config.json`; a GGUF file's `tokenizer.chat_template`), else a plain one
+/// in the model family's prompt format.
+fn chat_template(dir: &Path, style: PromptStyle) -> iris_engine::Result<String> {
+    if iris_models::registry::is_gguf(dir) {
+        let h = iris_models::gguf::read(dir)?;
+        return Ok(iris_engine::gguf_tokenizer::chat_template(&h)
+            .unwrap_or_else(|| default_template(style).to_string()));
+    }
     let from_json = |file: &str| -> Option<String> {
         read_json(&dir.join(file))
             .ok()?
@@ -247,10 +263,10 @@ fn chat_template(dir: &Path, style: PromptStyle) -> String {
             .as_str()
             .map(str::to_string)
     };
-    from_json("chat_template.json")
+    Ok(from_json("chat_template.json")
         .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
         .or_else(|| from_json("tokenizer_config.json"))
-        .unwrap_or_else(|| default_template(style).to_string())
+        .unwrap_or_else(|| default_template(style).to_string()))
 }
 
 fn default_template(style: PromptStyle) -> &'static str {
@@ -304,9 +320,25 @@ pub fn render_chat(
     );
     env.add_template("chat", template)
         .map_err(|e| ServeError::internal(format!("the model's chat template: {e}")))?;
+    // Without images, a message's content is its text (as OpenAI clients send it, and
+    // text models' templates concatenate it); with images, a list of typed parts.
+    let text_only = messages
+        .iter()
+        .all(|m| m.content.iter().all(|p| matches!(p, Part::Text(_))));
     let msgs: Vec<serde_json::Value> = messages
         .iter()
         .map(|m| {
+            if text_only && template_takes_text(template) {
+                let text: String = m
+                    .content
+                    .iter()
+                    .map(|p| match p {
+                        Part::Text(t) => t.as_str(),
+                        Part::Image => "",
+                    })
+                    .collect();
+                return serde_json::json!({"role": m.role, "content": text});
+            }
             let content: Vec<serde_json::Value> = m
                 .content
                 .iter()
@@ -329,6 +361,14 @@ pub fn render_chat(
             })
         })
         .map_err(|e| ServeError::bad_input(format!("rendering the chat template: {e}")))
+}
+
+/// Whether a template reads a message's content as one string (a text model's), not
+/// as a list of typed parts (`c.type`, `['type']`: a vision-language model's).
+fn template_takes_text(template: &str) -> bool {
+    !(template.contains(".type")
+        || template.contains("['type']")
+        || template.contains("[\"type\"]"))
 }
 
 /// Splits text with image markers into parts.

@@ -29,14 +29,23 @@ impl Linear {
         })
     }
 
+    /// A layer over a weight already made (a quantized one, say).
+    pub fn from_weight(weight: Weight, bias: Option<Tensor>, dtype: DType) -> Linear {
+        Linear {
+            weight,
+            bias,
+            dtype,
+        }
+    }
+
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let weight = vb.weight("weight", &[out_dim, in_dim])?;
         let bias = if bias {
             Some(vb.get("bias", &[out_dim])?)
         } else {
             None
         };
-        Linear::new(weight, bias, vb.dtype())
+        Ok(Linear::from_weight(weight, bias, vb.dtype()))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -100,13 +109,17 @@ impl ColumnParallelLinear {
         bias: bool,
         rows: std::ops::Range<usize>,
     ) -> Result<Self> {
-        let weight = vb.get_rows("weight", &[out_dim, in_dim], rows.clone())?;
+        let weight = vb.weight_rows("weight", &[out_dim, in_dim], rows.clone())?;
         let bias = if bias {
             Some(vb.get_rows("bias", &[out_dim], rows)?)
         } else {
             None
         };
-        Ok(ColumnParallelLinear(Linear::new(weight, bias, vb.dtype())?))
+        Ok(ColumnParallelLinear(Linear::from_weight(
+            weight,
+            bias,
+            vb.dtype(),
+        )))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -138,14 +151,14 @@ impl RowParallelLinear {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let cols = shard_range(in_dim, comm.rank(), comm.world_size())?;
-        let weight = vb.get_cols("weight", &[out_dim, in_dim], cols)?;
+        let weight = vb.weight_cols("weight", &[out_dim, in_dim], cols)?;
         let bias = if bias {
             Some(vb.get("bias", &[out_dim])?)
         } else {
             None
         };
         Ok(RowParallelLinear {
-            inner: Linear::new(weight, None, vb.dtype())?,
+            inner: Linear::from_weight(weight, None, vb.dtype()),
             bias,
             comm,
         })
