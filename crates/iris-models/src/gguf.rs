@@ -460,7 +460,7 @@ pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A GGUF v3 file: metadata, then tensors of `(name, dims, type id, bytes)` laid out

@@ -766,4 +766,81 @@ mod tests {
             Err(Error::Config(_))
         ));
     }
+
+    /// A LLaMA GGUF with one q weight (2 heads of 4 rows, Q8_0, each row a constant
+    /// equal to its stored index) and what else the metadata needs.
+    fn gguf_file(q_type: u32, q_bytes: usize) -> Vec<u8> {
+        use crate::gguf::Value;
+        let meta = [
+            ("general.architecture", Value::Str("llama".into())),
+            ("llama.block_count", Value::U32(1)),
+            ("llama.embedding_length", Value::U32(8)),
+            ("llama.feed_forward_length", Value::U32(16)),
+            ("llama.context_length", Value::U32(64)),
+            ("llama.attention.head_count", Value::U32(2)),
+            ("llama.vocab_size", Value::U32(4)),
+        ];
+        crate::gguf::tests::file(&meta, &[("blk.0.attn_q.weight", &[32, 8], q_type, q_bytes)])
+    }
+
+    #[test]
+    fn a_gguf_reads_under_hf_names_with_q_rows_in_hf_order() {
+        use iris_tensor::quant::{quantize_row, QuantType};
+        let mut bytes = gguf_file(8, 8 * 34);
+        let start = crate::gguf::parse(&bytes).unwrap().data_start as usize;
+        for r in 0..8 {
+            let row = quantize_row(QuantType::Q8_0, &[r as f32; 32]);
+            bytes[start + r * 34..start + (r + 1) * 34].copy_from_slice(&row);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let (w, config) = Weights::open_gguf(&path, DType::F32).unwrap();
+        assert_eq!(config["num_attention_heads"], 2);
+        assert_eq!(config["tie_word_embeddings"], true);
+        let name = "model.layers.0.self_attn.q_proj.weight";
+        assert!(w.is_quantized(name));
+        let t = w.get(name, &[8, 32]).unwrap().to_f32_vec();
+        // HF row (head h, half t, j) is llama.cpp's row h·4 + 2j + t.
+        // (The f16 scale rounds each constant a little.)
+        let stored: Vec<f32> = (0..8).map(|r| t[r * 32].round()).collect();
+        assert_eq!(stored, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        let w = Arc::new(w);
+        let lin = w.pp("").weight(name, &[8, 32]).unwrap();
+        assert_eq!(lin.quant_type(), Some(QuantType::Q8_0));
+        let y = lin
+            .linear(&Tensor::from_f32(vec![1.0; 32], &[1, 32]).unwrap(), None)
+            .unwrap()
+            .to_f32_vec();
+        let want: Vec<f32> = stored.iter().map(|v| v * 32.0).collect();
+        assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 0.05), "{y:?}");
+        // Columns of whole blocks only.
+        assert!(w.pp("").weight_cols(name, &[8, 32], 0..16).is_err());
+    }
+
+    #[test]
+    fn gguf_files_that_cannot_be_read_are_errors_naming_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        // A K-quant (Q4_K, 256-weight blocks) is not read yet: the error names it.
+        std::fs::write(&path, gguf_file(12, 144)).unwrap();
+        let e = Weights::open_gguf(&path, DType::F32).unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q4_K"), "{e}");
+        // Truncated inside the tensor data, and inside the header.
+        let whole = gguf_file(8, 8 * 34);
+        for cut in [whole.len() - 40, 60] {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let e = Weights::open_gguf(&path, DType::F32).unwrap_err();
+            assert!(matches!(e, Error::Gguf(_)), "{e}");
+            assert!(e.to_string().contains("m.gguf"), "{e}");
+        }
+        // Another architecture.
+        let other = crate::gguf::tests::file(
+            &[("general.architecture", crate::gguf::Value::Str("gpt2".into()))],
+            &[],
+        );
+        std::fs::write(&path, other).unwrap();
+        let e = Weights::open_gguf(&path, DType::F32).unwrap_err().to_string();
+        assert!(e.contains("gpt2"), "{e}");
+    }
 }
