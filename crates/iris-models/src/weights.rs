@@ -813,7 +813,10 @@ mod tests {
             .unwrap()
             .to_f32_vec();
         let want: Vec<f32> = stored.iter().map(|v| v * 32.0).collect();
-        assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 0.05), "{y:?}");
+        assert!(
+            y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 0.05),
+            "{y:?}"
+        );
         // Columns of whole blocks only.
         assert!(w.pp("").weight_cols(name, &[8, 32], 0..16).is_err());
     }
@@ -824,8 +827,13 @@ mod tests {
         let path = dir.path().join("m.gguf");
         // A K-quant (Q4_K, 256-weight blocks) is not read yet: the error names it.
         std::fs::write(&path, gguf_file(12, 144)).unwrap();
-        let e = Weights::open_gguf(&path, DType::F32).unwrap_err().to_string();
-        assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q4_K"), "{e}");
+        let e = Weights::open_gguf(&path, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.attn_q.weight") && e.contains("Q4_K"),
+            "{e}"
+        );
         // Truncated inside the tensor data, and inside the header.
         let whole = gguf_file(8, 8 * 34);
         for cut in [whole.len() - 40, 60] {
@@ -836,11 +844,16 @@ mod tests {
         }
         // Another architecture.
         let other = crate::gguf::tests::file(
-            &[("general.architecture", crate::gguf::Value::Str("gpt2".into()))],
+            &[(
+                "general.architecture",
+                crate::gguf::Value::Str("gpt2".into()),
+            )],
             &[],
         );
         std::fs::write(&path, other).unwrap();
-        let e = Weights::open_gguf(&path, DType::F32).unwrap_err().to_string();
+        let e = Weights::open_gguf(&path, DType::F32)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gpt2"), "{e}");
     }
 }

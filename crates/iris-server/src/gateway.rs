@@ -461,6 +461,19 @@ impl Gateway {
         }
         o.validate()
             .map_err(|e| ServeError::bad_input(e.to_string()))?;
+        let image_parts = input
+            .messages
+            .iter()
+            .flatten()
+            .any(|m| m.content.iter().any(|p| matches!(p, Part::Image)));
+        if model.architecture == iris_models::text::ARCHITECTURE
+            && (image_parts || !input.images.is_empty())
+        {
+            return Err(ServeError::bad_input(format!(
+                "model `{}` is a text-only model: it takes no images",
+                model.id
+            )));
+        }
         if input.images.len() > self.limits.max_images {
             return Err(ServeError::bad_input(format!(
                 "{} images: at most {} per request",

@@ -47,7 +47,8 @@ use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ClientTlsConfig;
 
-/// A served model: `ID=DIR`, or `DIR` (its id is the folder's name).
+/// A served model: `ID=DIR`, or `DIR` (its id is the folder's name); DIR may be a
+/// LLaMA `.gguf` file (its id then the file's stem).
 #[derive(Debug, Clone)]
 pub struct ModelArg {
     pub id: String,
@@ -59,16 +60,23 @@ pub fn parse_model(s: &str) -> Result<ModelArg, String> {
         Some((id, dir)) if !id.is_empty() => (id.to_string(), PathBuf::from(dir)),
         _ => {
             let dir = PathBuf::from(s);
-            let id = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| format!("`{s}`: no folder name to use as the model id"))?
-                .to_string();
+            let gguf = iris_models::registry::is_gguf(&dir);
+            let id = if gguf {
+                dir.file_stem()
+            } else {
+                dir.file_name()
+            }
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("`{s}`: no folder name to use as the model id"))?
+            .to_string();
             (id, dir)
         }
     };
-    if !dir.join("config.json").exists() {
-        return Err(format!("`{}` has no config.json", dir.display()));
+    if !dir.join("config.json").exists() && !iris_models::registry::is_gguf(&dir) {
+        return Err(format!(
+            "`{}` has no config.json (and is not a .gguf file)",
+            dir.display()
+        ));
     }
     Ok(ModelArg { id, dir })
 }

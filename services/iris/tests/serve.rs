@@ -1667,3 +1667,57 @@ fn bench_serve_drives_an_openai_endpoint() {
         );
     }
 }
+
+/// The real SmolLM2 GGUF (`scripts/models.sh`; the test script sets the path), or
+/// None to skip where it was not fetched (unless `IRIS_REQUIRE_MODELS` is set).
+fn smollm2() -> Option<String> {
+    match std::env::var("IRIS_SMOLLM2_GGUF") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            assert!(
+                std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
+                "IRIS_SMOLLM2_GGUF is not set (scripts/models.sh prints the path)"
+            );
+            eprintln!("skipped: IRIS_SMOLLM2_GGUF is not set");
+            None
+        }
+    }
+}
+
+/// A real model from one GGUF file (SmolLM2-135M-Instruct, Q4_1 weights): `iris serve`
+/// renders the file's own chat template and answers with real text; an image for this
+/// text-only model is a 400.
+#[test]
+fn iris_serve_answers_from_a_real_gguf_model_with_its_chat_template() {
+    let Some(path) = smollm2() else { return };
+    let s = spawn(
+        env!("CARGO_BIN_EXE_iris"),
+        &["serve", "--model", &format!("smollm2={path}")],
+    );
+    let body = serde_json::json!({
+        "model": "smollm2", "temperature": 0, "max_tokens": 24,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    });
+    let r: serde_json::Value = post_chat(&s.http, &body).json().unwrap();
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+    println!("SmolLM2: {text:?}");
+    assert!(text.contains("Paris"), "{r}");
+    // The template's system turn, the user's and the assistant's header: more than the
+    // question's own tokens.
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 20, "{r}");
+    let png = std::fs::read(fixtures().join("images").join("scene.png")).unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    );
+    let with_image = serde_json::json!({
+        "model": "smollm2", "max_tokens": 4,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is this?"}]}],
+    });
+    let r = post_chat(&s.http, &with_image);
+    assert_eq!(r.status().as_u16(), 400);
+    let e = r.text().unwrap();
+    assert!(e.contains("text"), "{e}");
+}
