@@ -444,7 +444,7 @@ fn hf_name(name: &str, heads: usize, kv_heads: usize) -> Option<(String, Option<
 /// For a `[heads·hd, k]` q or k weight stored llama.cpp's way: the stored row of each
 /// HF row (HF keeps a head's two rotary halves apart, llama.cpp interleaves them).
 pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(bad(format!(
             "{rows} rows do not split into {heads} heads of even size"
         )));

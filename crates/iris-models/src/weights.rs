@@ -195,8 +195,7 @@ impl Weights {
             let range = start..start + t.bytes as usize;
             let owned = match permute {
                 Some(heads) if shape.len() == 2 => {
-                    let order =
-                        crate::gguf::unpermute_order(shape[0], heads).map_err(|e| in_file(e))?;
+                    let order = crate::gguf::unpermute_order(shape[0], heads).map_err(&in_file)?;
                     let row = range.len() / shape[0];
                     let all = &map[range.clone()];
                     let mut bytes = Vec::with_capacity(all.len());
@@ -293,7 +292,10 @@ impl Weights {
                 QuantMatrix::new(ty, n, k, Box::new(self.bytes_of(e).to_vec())).map_err(bad)?;
             match dim {
                 0 if range.end <= n => full.slice_rows(range),
-                1 if range.end <= k && range.start % 32 == 0 && range.len() % 32 == 0 => {
+                1 if range.end <= k
+                    && range.start.is_multiple_of(32)
+                    && range.len().is_multiple_of(32) =>
+                {
                     let bb = ty.block_bytes();
                     let (b0, b1) = (range.start / 32 * bb, range.end / 32 * bb);
                     let row = k / 32 * bb;

@@ -121,7 +121,8 @@ async fn chat(a: ChatArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Model folder (HF layout: config.json, safetensors, tokenizer.json, processor config).
+    /// Model folder (HF layout: config.json, safetensors, tokenizer.json, processor config),
+    /// or a LLaMA `.gguf` file (a text-only model from its quantized blocks).
     #[arg(long, env = "IRIS_MODEL")]
     model: PathBuf,
     /// Image file, one per `<image>` marker in the prompt, in order.

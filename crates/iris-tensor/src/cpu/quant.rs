@@ -77,7 +77,7 @@ impl QuantMatrix {
         k: usize,
         data: Box<dyn AsRef<[u8]> + Send + Sync>,
     ) -> Result<QuantMatrix, String> {
-        if k == 0 || k % BLOCK != 0 {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(format!(
                 "{}: {k} inputs is not a whole number of {BLOCK}-weight blocks",
                 ty.name()
