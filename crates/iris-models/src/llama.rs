@@ -216,11 +216,11 @@ impl Llama {
         } else if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.table().clone(), None, vb.dtype())?
         } else {
-            Linear::new(
-                head.get_rows("weight", &[v, d], embed_tokens.rows())?,
+            Linear::from_weight(
+                head.weight_rows("weight", &[v, d], embed_tokens.rows())?,
                 None,
                 head.dtype(),
-            )?
+            )
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LlamaLayer::load(&vb.pp("layers").pp(i), cfg, &comm))

@@ -63,6 +63,8 @@ pub struct Weights {
     read: Mutex<Vec<String>>,
     /// Checkpoint bytes read so far (a shard counts its slice only).
     bytes_read: AtomicU64,
+    /// Linear layers' dense weights quantized to this format as they load.
+    quantize: Option<QuantType>,
 }
 
 impl Weights {
@@ -153,6 +155,7 @@ impl Weights {
             device: Device::Cpu,
             read: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
+            quantize: None,
         })
     }
 
@@ -226,6 +229,7 @@ impl Weights {
             device: Device::Cpu,
             read: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
+            quantize: None,
         };
         Ok((weights, llama.config))
     }
@@ -257,6 +261,19 @@ impl Weights {
     ) -> Result<Weight> {
         let Some(e) = self.entries.get(name).filter(|e| e.quant.is_some()) else {
             let t = self.get_host_slice(name, shape, dtype, dim, range)?;
+            if let Some(ty) = self.quantize.filter(|_| t.rank() == 2) {
+                let (n, k) = t.dims2()?;
+                if k.is_multiple_of(32) && self.device == Device::Cpu {
+                    let values = t.to_f32_vec();
+                    let data: Vec<u8> = values
+                        .chunks(k)
+                        .flat_map(|r| iris_tensor::quant::quantize_row(ty, r))
+                        .collect();
+                    let m = QuantMatrix::new(ty, n, k, Box::new(data))
+                        .map_err(|m| Error::Config(format!("{name}: {m}")))?;
+                    return Ok(Weight::quantized(m));
+                }
+            }
             return Ok(Weight::new(t.to_device(self.device)?)?);
         };
         let ty = e.quant.expect("filtered");
@@ -329,7 +346,16 @@ impl Weights {
             device: Device::Cpu,
             read: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
+            quantize: None,
         }
+    }
+
+    /// These weights with every linear layer's dense weight quantized to `ty` as it
+    /// loads (`--quantize`; one whose inputs are not whole 32-blocks stays dense). The
+    /// embeddings and norms keep the served dtype.
+    pub fn quantize_linear(mut self, ty: QuantType) -> Weights {
+        self.quantize = Some(ty);
+        self
     }
 
     /// These weights, read onto `device` (each tensor uploaded as a part loads it).
@@ -857,5 +883,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gpt2"), "{e}");
+    }
+
+    #[test]
+    fn dense_linear_weights_quantize_as_they_load() {
+        use iris_tensor::quant::QuantType;
+        let values: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i * 37) % 19) as f32 / 19.0 - 0.5)
+            .collect();
+        let mut map = HashMap::new();
+        map.insert(
+            "w".to_string(),
+            Tensor::from_f32(values.clone(), &[4, 64]).unwrap(),
+        );
+        map.insert(
+            "odd".to_string(),
+            Tensor::from_f32(vec![0.5; 4 * 40], &[4, 40]).unwrap(),
+        );
+        let w = Arc::new(Weights::from_tensors(map, DType::F32).quantize_linear(QuantType::Q8_0));
+        let q = w.pp("").weight("w", &[4, 64]).unwrap();
+        assert_eq!(q.quant_type(), Some(QuantType::Q8_0));
+        let x = Tensor::from_f32(vec![1.0; 64], &[1, 64]).unwrap();
+        let y = q.linear(&x, None).unwrap().to_f32_vec();
+        for (r, got) in y.iter().enumerate() {
+            let want: f32 = values[r * 64..(r + 1) * 64].iter().sum();
+            assert!((got - want).abs() < 0.05, "row {r}: {got} vs {want}");
+        }
+        // Inputs that are not whole blocks stay dense.
+        assert_eq!(w.pp("").weight("odd", &[4, 40]).unwrap().quant_type(), None);
     }
 }

@@ -12,6 +12,7 @@ use iris_models::config::LlamaConfig;
 use iris_models::llama::Llama;
 use iris_models::vlm::CausalLm;
 use iris_models::weights::Weights;
+use iris_tensor::quant::QuantType;
 use iris_tensor::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -355,6 +356,21 @@ fn random_weights(
     Ok((map, read_per_token))
 }
 
+/// Bytes a decode step reads with the linear layers (and the head) in `ty`'s blocks and
+/// the norms in f32 (the embedding: one row).
+fn quantized_read(cfg: &LlamaConfig, ty: QuantType) -> usize {
+    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    // q, k, v, o; gate, up, down; two norms.
+    let layer = ty.bytes(q, d)
+        + 2 * ty.bytes(kv, d)
+        + ty.bytes(d, q)
+        + 2 * ty.bytes(i, d)
+        + ty.bytes(d, i)
+        + 2 * d * 4;
+    cfg.num_hidden_layers * layer + ty.bytes(cfg.vocab_size, d) + d * 4 + d * 4
+}
+
 /// Each sequence's cache for `kv` (`own`, or the paged arena in `f32` / `bf16`), with
 /// blocks for the context or prompt and every timed step.
 fn decode_caches(
@@ -524,20 +540,39 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         );
     }
     for name in &a.dtypes {
-        let dtype = DType::parse(name).ok_or_else(|| anyhow::anyhow!("unknown dtype {name}"))?;
-        let (tensors, bytes) = random_weights(&cfg, dtype)?;
+        // A block format: f32 random weights, the linear layers quantized as they load.
+        let quant = match name.as_str() {
+            "q8_0" => Some(QuantType::Q8_0),
+            "q4_0" => Some(QuantType::Q4_0),
+            "q4_1" => Some(QuantType::Q4_1),
+            _ => None,
+        };
+        let dtype = match quant {
+            Some(_) => DType::F32,
+            None => DType::parse(name).ok_or_else(|| anyhow::anyhow!("unknown dtype {name}"))?,
+        };
+        let (tensors, dense_bytes) = random_weights(&cfg, dtype)?;
         let total: usize = tensors
             .values()
             .map(|t| t.elem_count() * dtype.size_in_bytes())
             .sum();
-        let w = Arc::new(Weights::from_tensors(tensors, dtype).on(device));
+        let mut w = Weights::from_tensors(tensors, dtype).on(device);
+        if let Some(ty) = quant {
+            w = w.quantize_linear(ty);
+        }
+        let w = Arc::new(w);
         let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, comm.clone())?;
+        // The bytes a step reads: a block format's linear weights in their blocks.
+        let bytes = match quant {
+            Some(ty) => quantized_read(&cfg, ty),
+            None => dense_bytes,
+        };
         let held = w.bytes_read();
         drop(w);
         if !a.json && comm.world_size() > 1 {
             // Every rank says what it holds.
             println!(
-                "{dtype} rank {} of {}: {:.3} GB of weights ({:.1}% of the model's {:.3} GB), {} threads",
+                "{name} rank {} of {}: {:.3} GB of weights ({:.1}% of the model's {:.3} GB), {} threads",
                 comm.rank(),
                 comm.world_size(),
                 held as f64 / 1e9,
@@ -626,7 +661,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                     println!(
                         "{}",
                         serde_json::json!({
-                            "dtype": dtype.to_string(), "kv": kv, "context": a.context,
+                            "dtype": name, "kv": kv, "context": a.context,
                             "batch": batch, "tokens_per_s": tps,
                             "roofline_tokens_per_s": roofline, "ratio": ratio,
                             "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
@@ -638,7 +673,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                         (kv, c) => format!(" [kv {kv}, context {c}]"),
                     };
                     println!(
-                    "{dtype:>5}{kv_note} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
+                    "{name:>5}{kv_note} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
                     step * 1e3,
                     a.tokens,
                     bytes as f64 / 1e9,
@@ -673,12 +708,12 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 device.synchronize()?;
                 secs = secs.min(t.elapsed().as_secs_f64());
             }
-            let params = (bytes / dtype.size_in_bytes()) as f64;
+            let params = (dense_bytes / dtype.size_in_bytes()) as f64;
             if quiet {
                 continue;
             }
             println!(
-                "{dtype:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
+                "{name:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
                 a.prefill,
                 secs,
                 2.0 * params * a.prefill as f64 / secs / 1e9
