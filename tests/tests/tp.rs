@@ -87,6 +87,9 @@ fn tensor_parallel_models_match_one_rank() {
         "llava-tiny-hub-f32",
         "llava-tiny-gqa-bf16",
         "llava-tiny-model-f32",
+        "blip2-tiny-opt-f32",
+        "idefics-tiny-f32",
+        "idefics-tiny-qknorm-f32",
     ] {
         let (want_ids, want_lps) = greedy(name, iris_comm::single());
         // bf16 rounds each rank's partial sums before the all-reduce: a looser bound.
@@ -153,11 +156,12 @@ fn heads_that_do_not_split_are_a_load_error_naming_the_tensor() {
     }
 }
 
-/// The engine over a group of two ranks (rank 1 following on its own thread and pool):
-/// concurrent requests (batched steps), two with the same prompt and image (prefix-cache
-/// hits), give the tokens of the engine over one rank, for LLaVA, BLIP-2 and IDEFICS.
+/// The engine over a group of N ranks (ranks 1..N following, each on its own thread and
+/// pool): concurrent requests (batched steps), two with the same prompt and image
+/// (prefix-cache hits), give the tokens of the engine over one rank and log-probabilities
+/// within 1e-4, at N = 2 and 4, for LLaVA, BLIP-2 and IDEFICS.
 #[test]
-fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
+fn an_engine_over_two_and_four_ranks_gives_one_ranks_tokens() {
     use iris_engine::tp::follow;
     use iris_engine::{Engine, EngineConfig, EngineRequest, GenerateOptions, Pipeline, TokenEvent};
     use iris_models::registry::Parts;
@@ -194,7 +198,8 @@ fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
                 )
             })
             .collect();
-        let run = |p: Arc<Pipeline>| -> (Vec<Vec<u32>>, usize) {
+        type Outs = Vec<Vec<(u32, f32)>>;
+        let run = |p: Arc<Pipeline>| -> (Outs, usize) {
             let engine = Engine::start(
                 p,
                 EngineConfig {
@@ -203,8 +208,8 @@ fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
                     ..Default::default()
                 },
             );
-            let id = |e: TokenEvent| match e {
-                TokenEvent::Token { id, .. } => Some(id),
+            let token = |e: TokenEvent| match e {
+                TokenEvent::Token { id, logprob, .. } => Some((id, logprob)),
                 TokenEvent::Error(e) => panic!("{e}"),
                 _ => None,
             };
@@ -212,49 +217,73 @@ fn an_engine_over_two_ranks_gives_one_ranks_tokens() {
             // its first token marks: the others go in after it, so the repeat hits the
             // cache whatever the scheduler's timing (admitted in one step, neither would).
             let mut first = engine.submit(requests[0].clone()).unwrap();
-            let mut first_ids: Vec<u32> = first.by_ref().find_map(id).into_iter().collect();
+            let mut first_out: Vec<(u32, f32)> =
+                first.by_ref().find_map(token).into_iter().collect();
             let streams: Vec<_> = requests[1..]
                 .iter()
                 .map(|r| engine.submit(r.clone()).unwrap())
                 .collect();
-            first_ids.extend(first.filter_map(id));
-            let outs = std::iter::once(first_ids)
-                .chain(streams.into_iter().map(|s| s.filter_map(id).collect()))
+            first_out.extend(first.filter_map(token));
+            let outs = std::iter::once(first_out)
+                .chain(streams.into_iter().map(|s| s.filter_map(token).collect()))
                 .collect();
             (outs, engine.stats().prefix_hits as usize)
         };
         let (want, _) = run(Arc::new(
             Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap(),
         ));
-        let path = dir.path().join(format!("engine-{name}"));
-        let (got, hits) = std::thread::scope(|s| {
-            let follower = s.spawn(|| {
-                let comm: Arc<dyn Communicator> =
-                    Arc::new(CpuComm::new(Shm::join(&path, 1, 2, 1 << 20).unwrap()));
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .unwrap()
-                    .install(|| {
-                        let p = Pipeline::load_tp(
-                            &fixture(name),
-                            &iris_e2e::options(),
-                            Parts::ALL,
-                            comm.clone(),
-                        )
-                        .unwrap();
-                        follow(&*p.model, &*comm, iris_tensor::Device::Cpu).unwrap();
+        for world in [2usize, 4] {
+            let path = dir.path().join(format!("engine-{name}-{world}"));
+            let (got, hits) = std::thread::scope(|s| {
+                let followers: Vec<_> = (1..world)
+                    .map(|rank| {
+                        let path = path.clone();
+                        s.spawn(move || {
+                            let comm: Arc<dyn Communicator> = Arc::new(CpuComm::new(
+                                Shm::join(&path, rank, world, 1 << 20).unwrap(),
+                            ));
+                            rayon::ThreadPoolBuilder::new()
+                                .num_threads(1)
+                                .build()
+                                .unwrap()
+                                .install(|| {
+                                    let p = Pipeline::load_tp(
+                                        &fixture(name),
+                                        &iris_e2e::options(),
+                                        Parts::ALL,
+                                        comm.clone(),
+                                    )
+                                    .unwrap();
+                                    follow(&*p.model, &*comm, iris_tensor::Device::Cpu).unwrap();
+                                })
+                        })
                     })
+                    .collect();
+                let comm: Arc<dyn Communicator> =
+                    Arc::new(CpuComm::new(Shm::join(&path, 0, world, 1 << 20).unwrap()));
+                let p = Pipeline::load_tp(&fixture(name), &iris_e2e::options(), Parts::ALL, comm)
+                    .unwrap();
+                let out = run(Arc::new(p));
+                for f in followers {
+                    f.join().unwrap();
+                }
+                out
             });
-            let comm: Arc<dyn Communicator> =
-                Arc::new(CpuComm::new(Shm::join(&path, 0, 2, 1 << 20).unwrap()));
-            let p =
-                Pipeline::load_tp(&fixture(name), &iris_e2e::options(), Parts::ALL, comm).unwrap();
-            let out = run(Arc::new(p));
-            follower.join().unwrap();
-            out
-        });
-        assert_eq!(got, want, "{name}: TP 2 tokens");
-        assert!(hits > 0, "{name}: the repeated prompt hit the prefix cache");
+            assert_eq!(got.len(), want.len());
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let ids = |o: &Vec<(u32, f32)>| o.iter().map(|t| t.0).collect::<Vec<_>>();
+                assert_eq!(ids(g), ids(w), "{name} TP {world} request {r}: tokens");
+                for ((_, gl), (_, wl)) in g.iter().zip(w) {
+                    assert!(
+                        (gl - wl).abs() <= 1e-4,
+                        "{name} TP {world} request {r}: logprob {gl} vs {wl}"
+                    );
+                }
+            }
+            assert!(
+                hits > 0,
+                "{name} TP {world}: the repeated prompt hit the prefix cache"
+            );
+        }
     }
 }
