@@ -1108,8 +1108,13 @@ fn the_visual_cache_is_one_for_the_cluster() {
     assert_eq!(moved, owned.0, "only the stopped encoder's keys moved");
 }
 
-/// Four multi-turn conversations through `gateway`, their turns interleaved (one
-/// request at a time): each turn's prompt is the last one, its answer and a new
+/// How many conversations [`conversations`] runs: an odd count, so that load-only routing
+/// (ties taken in turn over two decoders) does not keep a conversation on one decoder by
+/// accident.
+const CONVERSATIONS: usize = 3;
+
+/// [`CONVERSATIONS`] multi-turn conversations through `gateway`, their turns interleaved
+/// (one request at a time): each turn's prompt is the last one, its answer and a new
 /// question. Returns, per turn after the first, whether it ran on the decoder that ran
 /// the turn before it and how many prefix blocks it hit there, and every turn's time
 /// to first token with whether it was a first turn.
@@ -1122,12 +1127,14 @@ fn conversations(
     let rt = rt();
     let count =
         |name: &str| -> Vec<f64> { decoders.iter().map(|d| metric(&d.http, name)).collect() };
-    let images: Vec<Vec<u8>> = (0..4).map(|c| variant(first_image + c)).collect();
-    let mut prompts = vec![PROMPT.to_string(); 4];
-    let mut last: Vec<Option<usize>> = vec![None; 4];
+    let images: Vec<Vec<u8>> = (0..CONVERSATIONS as u8)
+        .map(|c| variant(first_image + c))
+        .collect();
+    let mut prompts = vec![PROMPT.to_string(); CONVERSATIONS];
+    let mut last: Vec<Option<usize>> = vec![None; CONVERSATIONS];
     let (mut later, mut ttfts) = (Vec::new(), Vec::new());
     for turn in 0..3 {
-        for c in 0..4 {
+        for c in 0..CONVERSATIONS {
             let reqs0 = count("iris_decoder_requests_total");
             let hits0 = count("iris_prefix_cache_hit_blocks");
             let (ids, text, ttft) = rt
@@ -1187,10 +1194,12 @@ fn each_turn_of_a_conversation_goes_to_the_decoder_holding_its_prefix() {
     };
     let (kv_same, kv_hits) = summary(&routed);
     let (load_same, load_hits) = summary(&loaded);
+    let later = routed.len();
     println!(
-        "multi-turn, 4 conversations x 3 turns: KV-aware routing put {kv_same}/8 later turns on \
-         the decoder holding their prefix ({kv_hits} prefix blocks hit), load-only {load_same}/8 \
-         ({load_hits} blocks); mean TTFT of later turns {:?} vs {:?} (first turns {:?} vs {:?})",
+        "multi-turn, {CONVERSATIONS} conversations x 3 turns: KV-aware routing put \
+         {kv_same}/{later} later turns on the decoder holding their prefix ({kv_hits} prefix \
+         blocks hit), load-only {load_same}/{later} ({load_hits} blocks); mean TTFT of later \
+         turns {:?} vs {:?} (first turns {:?} vs {:?})",
         mean(&kv_ttft, true),
         mean(&load_ttft, true),
         mean(&kv_ttft, false),
