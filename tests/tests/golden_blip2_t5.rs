@@ -71,6 +71,14 @@ fn processor_and_greedy_generation_match_hf() {
             .prepare(prompt, std::slice::from_ref(&image))
             .unwrap();
         assert_eq!(prepared.input_ids, g.ids("prompt_token_ids"), "{name}");
+        // The bf16 golden holds the processor's values as the model took them, rounded
+        // to bf16: within half a bf16 step of ours (2⁻⁷ for normalized pixels, |v| < 4).
+        let (rel, max) = errors(
+            &prepared.pixel_values[0].to_f32_vec(),
+            &g.tensor("pixel_values").to_f32_vec(),
+        );
+        let bound = if name.ends_with("bf16") { 2f64.powi(-7) } else { 1e-5 };
+        assert!(max < bound, "{name}: pixel values rel {rel} max {max}");
         let max_new = g.json["max_new_tokens"].as_u64().unwrap() as usize;
         let out = p
             .generate(prompt, &[image], max_new, SamplingParams::default())
@@ -177,4 +185,76 @@ fn decoding_step_by_step_equals_the_tokens_at_once() {
         let (rel, _) = errors(&h.to_f32_vec(), &want);
         assert!(rel < 1e-5, "position {i}: rel {rel:.2e}");
     }
+}
+
+/// Prefix caching for an encoder-decoder: a request resumed with tokens it had already
+/// produced (as a migrated stream is) prefills its decoder blocks; the same request
+/// again reuses them, and continues exactly as the first did, while the same resumed
+/// tokens under another image — another encoder input — share nothing (the decoder's
+/// block chain starts from the encoder's ids and the image's hash).
+#[test]
+fn t5_decoder_blocks_are_reused_only_for_the_same_encoder_input() {
+    use iris_engine::EncodedPrompt;
+    let name = "blip2-tiny-t5-f32";
+    let p = std::sync::Arc::new(Pipeline::load(&fixture(name), &iris_e2e::options()).unwrap());
+    let prompt = "Question: what is in the picture? Answer:";
+    let encoded = |image: &str| {
+        let bytes = std::fs::read(fixture("images").join(image)).unwrap();
+        let prepared = p.processor.prepare(prompt, &[bytes.clone()]).unwrap();
+        let visual = p.encode_images(&prepared).unwrap();
+        let alone = p
+            .generate(prompt, &[bytes], 16, SamplingParams::default())
+            .unwrap()
+            .token_ids;
+        (prepared.input_ids, visual, alone)
+    };
+    let engine = Engine::start(
+        p.clone(),
+        EngineConfig {
+            kv_blocks: 256,
+            block_size: 4,
+            ..Default::default()
+        },
+    );
+    let run = |(ids, visual, alone): &(Vec<u32>, Vec<iris_tensor::Tensor>, Vec<u32>)| {
+        let mut r = EngineRequest::new(
+            String::new(),
+            Vec::new(),
+            // max_new_tokens counts the resumed tokens too.
+            GenerateOptions::new(16, SamplingParams::default()),
+        );
+        assert!(alone.len() > 8, "the greedy answer runs past 8 tokens");
+        r.encoded = Some(EncodedPrompt {
+            input_ids: ids.clone(),
+            visual: visual.clone(),
+            resume: alone[..8].to_vec(),
+        });
+        let before = engine.stats().prefix_hits;
+        let out = engine.submit(r).unwrap().collect_blocking().unwrap();
+        (out.token_ids, engine.stats().prefix_hits - before)
+    };
+    let scene = encoded("scene.png");
+    let tall = encoded("tall.jpg");
+    // Start token + 8 resumed = 9 decoder tokens: two full blocks of 4 before the last.
+    let (first, hits) = run(&scene);
+    assert_eq!(hits, 0, "nothing cached yet");
+    assert_eq!(
+        first,
+        scene.2[8..],
+        "the resumed request continues as alone"
+    );
+    let (again, hits) = run(&scene);
+    assert_eq!(
+        hits, 2,
+        "the same encoder input reuses the decoder's two full blocks"
+    );
+    assert_eq!(again, first);
+    let (other, hits) = run(&tall);
+    assert_eq!(hits, 0, "another image shares no decoder block");
+    assert_eq!(other, tall.2[8..]);
+    assert_eq!(
+        engine.stats().cross_kv_computed,
+        3,
+        "the encoder ran once a request"
+    );
 }

@@ -67,6 +67,8 @@ fn generate_json_matches_hf_goldens() {
         ("llava-next-tiny-bf16", 3e-2),
         ("blip2-tiny-t5-f32", 5e-4),
         ("blip2-tiny-t5-bf16", 3e-2),
+        ("llava-tiny-siglip-qwen2-f32", 1e-4),
+        ("llava-tiny-siglip-qwen2-bf16", 3e-2),
     ] {
         let dir = fixtures().join(name);
         let golden: serde_json::Value =
