@@ -27,12 +27,13 @@ stage "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv 2>&1 | head -3
 "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1 | tail -1
 
-# cudarc finds libnvrtc and libcublasLt by name: give it unversioned links to whatever
+# cudarc finds libnvrtc, libcublasLt and libnccl by name (libnccl.so.2, NCCL's own
+# name, is not among the names it tries): give it unversioned links to whatever
 # this machine has (a CUDA toolkit, or PyTorch's nvidia-* wheels), and their folders.
 libs="$out/lib"
 mkdir -p "$libs"
 roots="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu $("$PYTHON" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)"
-for name in nvrtc cublasLt; do
+for name in nvrtc cublasLt nccl; do
     found=$(find $roots -maxdepth 4 -name "lib$name.so*" ! -name "*alt*" 2>/dev/null | sort -V | tail -n 1)
     if [ -n "$found" ]; then
         ln -sf "$found" "$libs/lib$name.so"
