@@ -135,7 +135,8 @@ impl Weight {
 
     /// [`Weight::linear`] of several weights on the same input: packed weights run in
     /// one pass that packs `x` once and runs every weight's panels in one parallel loop
-    /// (a layer's q/k/v or gate/up projections); others one after another.
+    /// (a layer's q/k/v or gate/up projections); quantized weights likewise (`x`
+    /// quantized once, one parallel loop); others one after another.
     pub fn linear_many(ws: &[(&Weight, Option<&Tensor>)], x: &Tensor) -> Result<Vec<Tensor>> {
         let packed: Option<Vec<&PackedBf16>> = ws
             .iter()
@@ -160,7 +161,28 @@ impl Weight {
                     .map(|(out, (w, bias))| with_bias(out, x, w.out_dim(), *bias))
                     .collect()
             }
-            _ => ws.iter().map(|(w, b)| w.linear(x, *b)).collect(),
+            _ => {
+                let quant: Option<Vec<&QuantMatrix>> = ws
+                    .iter()
+                    .map(|(w, _)| match &w.0 {
+                        Repr::Quant(q) => Some(&**q),
+                        Repr::Plain(_) | Repr::Packed(_) => None,
+                    })
+                    .collect();
+                match quant {
+                    Some(weights) if ws.len() > 1 => {
+                        for (w, bias) in ws {
+                            check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
+                        }
+                        QuantMatrix::matmul_many(&weights, x.as_f32()?, x.rows())
+                            .into_iter()
+                            .zip(ws)
+                            .map(|(out, (w, bias))| with_bias(out, x, w.out_dim(), *bias))
+                            .collect()
+                    }
+                    _ => ws.iter().map(|(w, b)| w.linear(x, *b)).collect(),
+                }
+            }
         }
     }
 }

@@ -712,6 +712,16 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             if quiet {
                 continue;
             }
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "dtype": name, "prefill": a.prefill, "seconds": secs,
+                        "prefill_tokens_per_s": a.prefill as f64 / secs,
+                    })
+                );
+                continue;
+            }
             println!(
                 "{name:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
                 a.prefill,

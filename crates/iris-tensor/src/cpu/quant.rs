@@ -153,44 +153,42 @@ impl QuantMatrix {
 
     /// `x[m, k] · Wᵀ` → `[m, n]` in f32, each activation row quantized per block.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "quantized matmul: x is not [m, k]");
-        let xq = QuantRows::quantize(x, m, self.k);
-        let (n, ty) = (self.n, self.ty);
-        let simd = has_vnni();
-        // Weight rows in chunks (a task each); inside a chunk, activation rows in tiles
-        // so a tile's quantized bytes stay in cache while the chunk's rows pass it.
-        const ROWS: usize = 16;
-        const TILE: usize = 64;
-        let chunk = |c: usize| -> Vec<f32> {
-            let rows = c * ROWS..(c * ROWS + ROWS).min(n);
-            let mut out = vec![0f32; rows.len() * m];
-            for t0 in (0..m).step_by(TILE) {
-                let t1 = (t0 + TILE).min(m);
-                for (ri, r) in rows.clone().enumerate() {
-                    let w = self.row(r);
-                    for i in t0..t1 {
-                        out[ri * m + i] = if simd {
-                            // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected;
-                            // `w` is a row of k/32 blocks of `ty`, `xq`'s row i has k
-                            // bytes and k/32 scales and sums.
-                            unsafe { x86::dot(ty, w, &xq, i) }
-                        } else {
-                            dot_scalar(ty, w, &xq, i)
-                        };
-                    }
-                }
-            }
-            out
+        Self::matmul_many(&[self], x, m)
+            .pop()
+            .expect("one weight, one product")
+    }
+
+    /// [`QuantMatrix::matmul`] of several weights with the same `k` on one input (a
+    /// layer's q/k/v or gate/up): `x` is quantized once, and every weight's row chunks
+    /// run in one parallel loop — one fork-join for the lot, which is what a decode
+    /// step of a small model mostly pays for.
+    pub fn matmul_many(ws: &[&QuantMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(k) = ws.first().map(|w| w.k) else {
+            return Vec::new();
         };
-        let chunks = n.div_ceil(ROWS);
-        let parts: Vec<Vec<f32>> = if m * n >= 4096 {
-            (0..chunks).into_par_iter().map(chunk).collect()
+        assert!(
+            ws.iter().all(|w| w.k == k),
+            "quantized matmul: weights of different widths"
+        );
+        assert_eq!(x.len(), m * k, "quantized matmul: x is not [m, k]");
+        let xq = QuantRows::quantize(x, m, k);
+        let tasks: Vec<(usize, usize)> = ws
+            .iter()
+            .enumerate()
+            .flat_map(|(wi, w)| (0..w.n.div_ceil(CHUNK_ROWS)).map(move |c| (wi, c)))
+            .collect();
+        let bytes: usize = ws.iter().map(|w| w.bytes().len()).sum();
+        let outputs: usize = ws.iter().map(|w| w.n * m).sum();
+        let run = |&(wi, c): &(usize, usize)| ws[wi].chunk(&xq, m, c);
+        let parts: Vec<Vec<f32>> = if bytes >= PARALLEL_BYTES || outputs >= 4096 {
+            tasks.par_iter().map(run).collect()
         } else {
-            (0..chunks).map(chunk).collect()
+            tasks.iter().map(run).collect()
         };
-        let mut y = vec![0f32; m * n];
-        for (c, part) in parts.iter().enumerate() {
-            let r0 = c * ROWS;
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.n]).collect();
+        for (&(wi, c), part) in tasks.iter().zip(&parts) {
+            let (n, y) = (ws[wi].n, &mut ys[wi]);
+            let r0 = c * CHUNK_ROWS;
             let len = part.len() / m.max(1);
             for ri in 0..len {
                 for i in 0..m {
@@ -198,9 +196,44 @@ impl QuantMatrix {
                 }
             }
         }
-        y
+        ys
+    }
+
+    /// Chunk `c`'s weight rows · every activation row, as `[rows, m]`: activation rows
+    /// in tiles so a tile's quantized values stay in cache while the chunk's rows pass
+    /// it, and four at a time within a tile so each weight block is widened once for
+    /// four rows.
+    fn chunk(&self, xq: &QuantRows, m: usize, c: usize) -> Vec<f32> {
+        const TILE: usize = 64;
+        let rows = c * CHUNK_ROWS..(c * CHUNK_ROWS + CHUNK_ROWS).min(self.n);
+        let mut out = vec![0f32; rows.len() * m];
+        let simd = has_vnni();
+        for t0 in (0..m).step_by(TILE) {
+            let t1 = (t0 + TILE).min(m);
+            for (ri, r) in rows.clone().enumerate() {
+                let w = self.row(r);
+                let o = &mut out[ri * m + t0..ri * m + t1];
+                if simd {
+                    // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected; `w` is
+                    // a row of k/32 blocks of `ty` and `xq` holds rows t0..t1 of k.
+                    unsafe { x86::dot_rows(self.ty, w, xq, t0, o) }
+                } else {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = dot_scalar(self.ty, w, xq, t0 + j);
+                    }
+                }
+            }
+        }
+        out
     }
 }
+
+/// Weight rows a parallel task takes.
+const CHUNK_ROWS: usize = 16;
+
+/// Weight bytes from which a product is split over the threads: below it, the
+/// fork-join costs about what the second core saves.
+const PARALLEL_BYTES: usize = 128 << 10;
 
 /// Activation rows quantized per 32-block: the int16 values, each block's scale, and
 /// each block's scale times the sum of its values.
@@ -394,56 +427,109 @@ mod x86 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// A weight row · quantized activation row `i`: per block, the 32 weights widened
-    /// to int16 and multiplied with the 32 activations by `vpdpwssd` into sixteen lanes,
-    /// scaled by both scales into sixteen f32 accumulators; the offsets (`c·dₓ·Σqₓ`) in a
-    /// scalar beside them.
+    /// Block `b` of a weight row: its 32 values widened to int16, its scale, and the
+    /// constant `c` of `d·q + c` (Q8_0: 0; Q4_0: −8·d; Q4_1: its minimum).
+    #[inline(always)]
+    unsafe fn block(ty: QuantType, blk: *const u8) -> (__m512i, f32, f32) {
+        let dw = half(blk);
+        match ty {
+            QuantType::Q8_0 => (
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
+                dw,
+                0.0,
+            ),
+            QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), dw, -8.0 * dw),
+            QuantType::Q4_1 => (
+                _mm512_cvtepu8_epi16(nibbles(blk.add(4))),
+                dw,
+                half(blk.add(2)),
+            ),
+        }
+    }
+
+    /// A weight row · quantized activation rows `i0..i0 + out.len()`, into `out`: four
+    /// rows at a time (each block widened once for the four), the rest one by one.
     ///
     /// # Safety
-    /// The CPU has the features enabled here; `w` is a row of `x.k / 32` blocks of `ty`.
+    /// The CPU has the features enabled here; `w` is a row of `x.k / 32` blocks of `ty`,
+    /// and `x` holds rows up to `i0 + out.len()`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
+    pub unsafe fn dot_rows(ty: QuantType, w: &[u8], x: &QuantRows, i0: usize, out: &mut [f32]) {
+        let mut fours = out.chunks_exact_mut(4);
+        let mut i = i0;
+        for o in fours.by_ref() {
+            dot4(ty, w, x, i, o);
+            i += 4;
+        }
+        for o in fours.into_remainder() {
+            *o = dot(ty, w, x, i);
+            i += 1;
+        }
+    }
+
+    /// A weight row · quantized activation row `i`: per block, the 32 weights widened
+    /// to int16 and multiplied with the 32 activations by `vpdpwssd` into sixteen lanes,
+    /// scaled by both scales into sixteen f32 accumulators (two, alternating, so the
+    /// adds of neighbouring blocks overlap); the offsets (`c·dₓ·Σqₓ`) in a scalar beside
+    /// them.
+    ///
+    /// # Safety
+    /// As [`dot_rows`], for row `i`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
         let (q, d, s) = x.row(i);
         let nb = x.k / BLOCK;
         let bb = ty.block_bytes();
-        debug_assert_eq!(w.len(), nb * bb);
-        let wp = w.as_ptr();
-        let qp = q.as_ptr();
-        let mut acc0 = _mm512_setzero_ps();
-        let mut acc1 = _mm512_setzero_ps();
+        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
+        let (wp, qp) = (w.as_ptr(), q.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 2];
         let mut off = 0f32;
         for b in 0..nb {
-            let blk = wp.add(b * bb);
+            let (wv, dw, c) = block(ty, wp.add(b * bb));
             let xv = _mm512_loadu_si512(qp.add(b * BLOCK) as *const _);
-            let dw = half(blk);
-            let wv = match ty {
-                QuantType::Q8_0 => {
-                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i))
-                }
-                QuantType::Q4_0 => {
-                    off += -8.0 * dw * s[b];
-                    _mm512_cvtepu8_epi16(nibbles(blk.add(2)))
-                }
-                QuantType::Q4_1 => {
-                    off += half(blk.add(2)) * s[b];
-                    _mm512_cvtepu8_epi16(nibbles(blk.add(4)))
-                }
-            };
             let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
             let scale = _mm512_set1_ps(dw * d[b]);
-            if b % 2 == 0 {
-                acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc0);
-            } else {
-                acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc1);
+            acc[b % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b % 2]);
+            off += c * s[b];
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + off
+    }
+
+    /// [`dot`] for rows `i..i + 4` at once, into `out`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot4(ty: QuantType, w: &[u8], x: &QuantRows, i: usize, out: &mut [f32]) {
+        let rows = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
+        let nb = x.k / BLOCK;
+        let bb = ty.block_bytes();
+        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
+        let wp = w.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut off = [0f32; 4];
+        for b in 0..nb {
+            let (wv, dw, c) = block(ty, wp.add(b * bb));
+            for (r, (q, d, s)) in rows.iter().enumerate() {
+                let xv = _mm512_loadu_si512(q.as_ptr().add(b * BLOCK) as *const _);
+                let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
+                let scale = _mm512_set1_ps(dw * d[b]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                off[r] += c * s[b];
             }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + off
+        for r in 0..4 {
+            out[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+        }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub unsafe fn dot(_: super::QuantType, _: &[u8], _: &super::QuantRows, _: usize) -> f32 {
+    pub unsafe fn dot_rows(
+        _: super::QuantType,
+        _: &[u8],
+        _: &super::QuantRows,
+        _: usize,
+        _: &mut [f32],
+    ) {
         unreachable!("has_vnni() is false off x86_64")
     }
 }
@@ -523,6 +609,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Several weights on one input give each weight's own product, bit for bit, at
+    /// row counts that take the four-row kernel, its remainder, and the parallel path.
+    #[test]
+    fn many_weights_at_once_are_each_alone() {
+        let k = 128;
+        for m in [1, 3, 4, 9] {
+            let x = noise(m * k, 17 + m as u64);
+            let ws = [
+                matrix(QuantType::Q8_0, 40, k, 1),
+                matrix(QuantType::Q4_0, 1100, k, 2),
+                matrix(QuantType::Q4_1, 7, k, 3),
+            ];
+            let refs: Vec<&QuantMatrix> = ws.iter().collect();
+            let many = QuantMatrix::matmul_many(&refs, &x, m);
+            for (w, y) in ws.iter().zip(&many) {
+                assert_eq!(y, &w.matmul(&x, m), "{:?} m={m}", w.ty());
+                let xq = QuantRows::quantize(&x, m, k);
+                for i in 0..m {
+                    for r in 0..w.n() {
+                        let scalar = dot_scalar(w.ty(), w.row(r), &xq, i);
+                        let got = y[i * w.n() + r];
+                        assert!((scalar - got).abs() <= 1e-5 * (1.0 + got.abs()));
+                    }
+                }
+            }
+        }
+        assert!(QuantMatrix::matmul_many(&[], &[], 1).is_empty());
     }
 
     #[test]
