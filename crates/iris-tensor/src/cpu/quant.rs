@@ -13,8 +13,11 @@
 //! Every format is `d·q + c` per block (Q8_0: q signed, c = 0; Q4_0: q − 8 with q in
 //! 0..16, so c = −8·d; Q4_1: c = m), so a block's product is
 //! `d·dₓ·Σ q·qₓ + c·dₓ·Σ qₓ`: the integer sum, and the activation block's own sum,
-//! computed once per row. The weights stay in the file's bytes (a memory map's pages,
-//! or a copy of them): decode reads 34, 18 or 20 bytes per 32 weights.
+//! computed once per row. The weights keep the file's bytes, reordered once at load
+//! ([`pack_row`]: each 16 blocks' scales together, their values interleaved so one
+//! `vpdpwssd` works on all 16 blocks and the 16 block sums land in one vector's lanes):
+//! decode reads 34, 18 or 20 bytes per 32 weights, and pays per 16 blocks, not per
+//! block, for the scales.
 
 use half::f16;
 use rayon::prelude::*;
@@ -91,7 +94,18 @@ impl QuantMatrix {
                 ty.name()
             ));
         }
-        Ok(QuantMatrix { ty, n, k, data })
+        let rb = (k / BLOCK) * ty.block_bytes();
+        let packed: Vec<u8> = (*data)
+            .as_ref()
+            .chunks(rb)
+            .flat_map(|row| pack_row(ty, row))
+            .collect();
+        Ok(QuantMatrix {
+            ty,
+            n,
+            k,
+            data: Box::new(packed),
+        })
     }
 
     pub fn ty(&self) -> QuantType {
@@ -106,6 +120,7 @@ impl QuantMatrix {
         self.k
     }
 
+    /// The rows, in the interleaved layout ([`pack_row`]): as many bytes as the file's.
     pub fn bytes(&self) -> &[u8] {
         (*self.data).as_ref()
     }
@@ -119,13 +134,13 @@ impl QuantMatrix {
     pub fn dequantize_rows(&self, rows: std::ops::Range<usize>) -> Vec<f32> {
         let mut out = vec![0f32; rows.len() * self.k];
         for (o, r) in out.chunks_mut(self.k).zip(rows) {
-            dequantize_row(self.ty, self.row(r), o);
+            dequantize_row(self.ty, &unpack_row(self.ty, self.row(r)), o);
         }
         out
     }
 
     /// The matrix with its rows in the order `order` gives (`order[i]` is the source
-    /// row of row i): rows are whole blocks, so a permutation moves bytes only.
+    /// row of row i): rows are packed alone, so a permutation moves bytes only.
     pub fn permute_rows(&self, order: &[usize]) -> QuantMatrix {
         assert_eq!(order.len(), self.n, "permute_rows: one source a row");
         let mut data = Vec::with_capacity(self.bytes().len());
@@ -215,11 +230,12 @@ impl QuantMatrix {
                 let o = &mut out[ri * m + t0..ri * m + t1];
                 if simd {
                     // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected; `w` is
-                    // a row of k/32 blocks of `ty` and `xq` holds rows t0..t1 of k.
+                    // a packed row of k/32 blocks of `ty` and `xq` holds rows t0..t1 of k.
                     unsafe { x86::dot_rows(self.ty, w, xq, t0, o) }
                 } else {
+                    let w = unpack_row(self.ty, w);
                     for (j, v) in o.iter_mut().enumerate() {
-                        *v = dot_scalar(self.ty, w, xq, t0 + j);
+                        *v = dot_scalar(self.ty, &w, xq, t0 + j);
                     }
                 }
             }
@@ -239,6 +255,10 @@ const PARALLEL_BYTES: usize = 128 << 10;
 /// each block's scale times the sum of its values.
 pub struct QuantRows {
     q: Vec<i16>,
+    /// `q` with each group's blocks interleaved as [`pack_row`] interleaves weights:
+    /// 16 vectors a group, lane j of vector t holding elements 2t and 2t + 1 of block j
+    /// (full groups only; a row's tail blocks are read from `q`).
+    qi: Vec<i16>,
     d: Vec<f32>,
     s: Vec<f32>,
     k: usize,
@@ -267,7 +287,28 @@ impl QuantRows {
             *db = scale;
             *sb = scale * sum as f32;
         }
-        QuantRows { q, d, s, k }
+        let groups = k / BLOCK / GROUP;
+        let mut qi = vec![0i16; m * groups * GROUP * BLOCK];
+        for i in 0..m {
+            for g in 0..groups {
+                let src = &q[i * k + g * GROUP * BLOCK..];
+                let dst = &mut qi[(i * groups + g) * GROUP * BLOCK..];
+                for t in 0..BLOCK / 2 {
+                    for j in 0..GROUP {
+                        for e in 0..2 {
+                            dst[t * 2 * GROUP + 2 * j + e] = src[j * BLOCK + 2 * t + e];
+                        }
+                    }
+                }
+            }
+        }
+        QuantRows { q, qi, d, s, k }
+    }
+
+    /// Row `i`'s interleaved full groups.
+    fn interleaved(&self, i: usize) -> &[i16] {
+        let len = self.k / BLOCK / GROUP * GROUP * BLOCK;
+        &self.qi[i * len..(i + 1) * len]
     }
 
     fn row(&self, i: usize) -> (&[i16], &[f32], &[f32]) {
@@ -312,6 +353,107 @@ fn block_values(ty: QuantType, b: &[u8]) -> [i32; BLOCK] {
         }
     }
     v
+}
+
+/// Blocks a group of the interleaved layout: sixteen, one a lane of a 512-bit vector of
+/// int32 sums.
+const GROUP: usize = 16;
+
+/// A row of ggml blocks in the layout the SIMD kernel reads, the same bytes in another
+/// order: each full group of 16 blocks becomes its 16 scales (f16), for Q4_1 its 16
+/// minimums, then its values interleaved so that one 512-bit `vpdpwssd` adds elements
+/// 2t and 2t + 1 of all 16 blocks at once, block j in lane j — 16 steps give the 16
+/// blocks' integer sums in one vector, scaled by the 16 scales in one multiply, with no
+/// sum across lanes. Q8_0: vector t is 32 bytes, byte 2j + e = q[j][2t + e]. Q4: two
+/// vectors share 32 bytes, the low nibbles vector 2p, the high ones 2p + 1
+/// (byte 2j + e = q[j][4p + e] | q[j][4p + 2 + e] << 4). Blocks past the last full
+/// group stay as they were.
+fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
+    let bb = ty.block_bytes();
+    let groups = row.len() / bb / GROUP;
+    let mut out = row.to_vec();
+    for g in 0..groups {
+        let blocks: Vec<&[u8]> = (0..GROUP)
+            .map(|j| &row[(g * GROUP + j) * bb..(g * GROUP + j + 1) * bb])
+            .collect();
+        let dst = &mut out[g * GROUP * bb..(g + 1) * GROUP * bb];
+        for (j, b) in blocks.iter().enumerate() {
+            dst[2 * j..2 * j + 2].copy_from_slice(&b[..2]);
+            if ty == QuantType::Q4_1 {
+                dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&b[2..4]);
+            }
+        }
+        let values: Vec<[i32; BLOCK]> = blocks.iter().map(|b| block_values(ty, b)).collect();
+        let qs = &mut dst[values_offset(ty)..];
+        match ty {
+            QuantType::Q8_0 => {
+                for t in 0..BLOCK / 2 {
+                    for (j, v) in values.iter().enumerate() {
+                        for e in 0..2 {
+                            qs[t * 32 + 2 * j + e] = v[2 * t + e] as i8 as u8;
+                        }
+                    }
+                }
+            }
+            QuantType::Q4_0 | QuantType::Q4_1 => {
+                for p in 0..BLOCK / 4 {
+                    for (j, v) in values.iter().enumerate() {
+                        for e in 0..2 {
+                            qs[p * 32 + 2 * j + e] = (v[4 * p + e] | (v[4 * p + 2 + e] << 4)) as u8;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Where a packed group's values start: after its scales (and Q4_1's minimums).
+fn values_offset(ty: QuantType) -> usize {
+    match ty {
+        QuantType::Q4_1 => 4 * GROUP,
+        QuantType::Q8_0 | QuantType::Q4_0 => 2 * GROUP,
+    }
+}
+
+/// [`pack_row`] undone: the row as ggml's blocks.
+fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
+    let bb = ty.block_bytes();
+    let groups = row.len() / bb / GROUP;
+    let mut out = row.to_vec();
+    for g in 0..groups {
+        let src = &row[g * GROUP * bb..(g + 1) * GROUP * bb];
+        let qs = &src[values_offset(ty)..];
+        for j in 0..GROUP {
+            let dst = &mut out[(g * GROUP + j) * bb..(g * GROUP + j + 1) * bb];
+            dst[..2].copy_from_slice(&src[2 * j..2 * j + 2]);
+            let mut v = [0u8; BLOCK];
+            match ty {
+                QuantType::Q8_0 => {
+                    for (x, o) in v.iter_mut().enumerate() {
+                        *o = qs[(x / 2) * 32 + 2 * j + x % 2];
+                    }
+                    dst[2..].copy_from_slice(&v);
+                }
+                QuantType::Q4_0 | QuantType::Q4_1 => {
+                    if ty == QuantType::Q4_1 {
+                        dst[2..4].copy_from_slice(&src[32 + 2 * j..32 + 2 * j + 2]);
+                    }
+                    for (x, o) in v.iter_mut().enumerate() {
+                        let (p, hi, e) = (x / 4, (x / 2) % 2, x % 2);
+                        let byte = qs[p * 32 + 2 * j + e];
+                        *o = if hi == 1 { byte >> 4 } else { byte & 0xF };
+                    }
+                    let nib = &mut dst[bb - 16..];
+                    for i in 0..16 {
+                        nib[i] = v[i] | (v[i + 16] << 4);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// One row of blocks as f32 (ggml's dequantization).
@@ -407,7 +549,7 @@ pub fn has_vnni() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantRows, QuantType, BLOCK};
+    use super::{QuantRows, QuantType, BLOCK, GROUP};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
@@ -427,97 +569,134 @@ mod x86 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// Block `b` of a weight row: its 32 values widened to int16, its scale, and the
-    /// constant `c` of `d·q + c` (Q8_0: 0; Q4_0: −8·d; Q4_1: its minimum).
-    #[inline(always)]
-    unsafe fn block(ty: QuantType, blk: *const u8) -> (__m512i, f32, f32) {
-        let dw = half(blk);
-        match ty {
-            QuantType::Q8_0 => (
-                _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
-                dw,
-                0.0,
-            ),
-            QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), dw, -8.0 * dw),
-            QuantType::Q4_1 => (
-                _mm512_cvtepu8_epi16(nibbles(blk.add(4))),
-                dw,
-                half(blk.add(2)),
-            ),
-        }
-    }
-
-    /// A weight row · quantized activation rows `i0..i0 + out.len()`, into `out`: four
-    /// rows at a time (each block widened once for the four), the rest one by one.
+    /// A packed weight row · quantized activation rows `i0..i0 + out.len()`, into
+    /// `out`: four rows at a time (each weight vector widened once for the four), the
+    /// rest one by one — each row's sums in the same order either way, so a row in a
+    /// batch gets the bits it gets alone.
     ///
     /// # Safety
-    /// The CPU has the features enabled here; `w` is a row of `x.k / 32` blocks of `ty`,
-    /// and `x` holds rows up to `i0 + out.len()`.
+    /// The CPU has the features enabled here; `w` is a packed row of `x.k / 32` blocks
+    /// of `ty`, and `x` holds rows up to `i0 + out.len()`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_rows(ty: QuantType, w: &[u8], x: &QuantRows, i0: usize, out: &mut [f32]) {
         let mut fours = out.chunks_exact_mut(4);
         let mut i = i0;
         for o in fours.by_ref() {
-            dot4(ty, w, x, i, o);
+            rows::<4>(ty, w, x, i, o);
             i += 4;
         }
         for o in fours.into_remainder() {
-            *o = dot(ty, w, x, i);
+            rows::<1>(ty, w, x, i, std::slice::from_mut(o));
             i += 1;
         }
     }
 
-    /// A weight row · quantized activation row `i`: per block, the 32 weights widened
-    /// to int16 and multiplied with the 32 activations by `vpdpwssd` into sixteen lanes,
-    /// scaled by both scales into sixteen f32 accumulators (two, alternating, so the
-    /// adds of neighbouring blocks overlap); the offsets (`c·dₓ·Σqₓ`) in a scalar beside
-    /// them.
-    ///
-    /// # Safety
-    /// As [`dot_rows`], for row `i`.
+    /// `R` activation rows from `i` · one packed weight row: per full group, 16 (Q8_0)
+    /// or 8 (Q4: two vectors a load) weight loads, each widened once and `vpdpwssd`-ed
+    /// with every row's interleaved activations into that row's 16 block sums; then the
+    /// group's scales times the rows' block scales, and Q4's constants times the rows'
+    /// block sums, in three vector operations. The tail blocks one by one ([`tail`]).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn dot(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
+    unsafe fn rows<const R: usize>(
+        ty: QuantType,
+        w: &[u8],
+        x: &QuantRows,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let nb = x.k / BLOCK;
+        let bb = ty.block_bytes();
+        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
+        let groups = nb / GROUP;
+        let xs: [&[i16]; R] = std::array::from_fn(|r| x.interleaved(i + r));
+        let rows: [_; R] = std::array::from_fn(|r| x.row(i + r));
+        let mut acc = [_mm512_setzero_ps(); R];
+        let m4 = _mm512_set1_epi16(0x0F);
+        for g in 0..groups {
+            let gp = w.as_ptr().add(g * GROUP * bb);
+            let qp = gp.add(super::values_offset(ty));
+            let xo = g * GROUP * BLOCK;
+            let mut sums = [_mm512_setzero_si512(); R];
+            let xv = |r: usize, t: usize| {
+                _mm512_loadu_si512(xs[r].as_ptr().add(xo + t * 2 * GROUP) as *const _)
+            };
+            match ty {
+                QuantType::Q8_0 => {
+                    for t in 0..BLOCK / 2 {
+                        let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                            qp.add(t * 32) as *const __m256i
+                        ));
+                        for r in 0..R {
+                            sums[r] = _mm512_dpwssd_epi32(sums[r], wv, xv(r, t));
+                        }
+                    }
+                }
+                QuantType::Q4_0 | QuantType::Q4_1 => {
+                    for p in 0..BLOCK / 4 {
+                        let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                            qp.add(p * 32) as *const __m256i
+                        ));
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_srli_epi16::<4>(v);
+                        for r in 0..R {
+                            sums[r] = _mm512_dpwssd_epi32(sums[r], lo, xv(r, 2 * p));
+                            sums[r] = _mm512_dpwssd_epi32(sums[r], hi, xv(r, 2 * p + 1));
+                        }
+                    }
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i));
+            let c = match ty {
+                QuantType::Q8_0 => None,
+                QuantType::Q4_0 => Some(_mm512_mul_ps(dw, _mm512_set1_ps(-8.0))),
+                QuantType::Q4_1 => Some(_mm512_cvtph_ps(_mm256_loadu_si256(
+                    gp.add(32) as *const __m256i
+                ))),
+            };
+            for r in 0..R {
+                let (_, d, s) = rows[r];
+                let dx = _mm512_loadu_ps(d.as_ptr().add(g * GROUP));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(dw, dx), acc[r]);
+                if let Some(c) = c {
+                    acc[r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(s.as_ptr().add(g * GROUP)), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) + tail(ty, w, x, i + r, groups * GROUP);
+        }
+    }
+
+    /// Blocks `from..` of a weight row (past its full groups: still ggml's blocks) ·
+    /// activation row `i`, block by block: the 32 weights widened to int16, one
+    /// `vpdpwssd` with the 32 activations, scaled by both scales; the constants
+    /// (`c·dₓ·Σqₓ`) in a scalar beside them.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn tail(ty: QuantType, w: &[u8], x: &QuantRows, i: usize, from: usize) -> f32 {
         let (q, d, s) = x.row(i);
         let nb = x.k / BLOCK;
         let bb = ty.block_bytes();
-        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
         let (wp, qp) = (w.as_ptr(), q.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut acc = _mm512_setzero_ps();
         let mut off = 0f32;
-        for b in 0..nb {
-            let (wv, dw, c) = block(ty, wp.add(b * bb));
+        for b in from..nb {
+            let blk = wp.add(b * bb);
+            let dw = half(blk);
+            let (wv, c) = match ty {
+                QuantType::Q8_0 => (
+                    _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
+                    0.0,
+                ),
+                QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), -8.0 * dw),
+                QuantType::Q4_1 => (_mm512_cvtepu8_epi16(nibbles(blk.add(4))), half(blk.add(2))),
+            };
             let xv = _mm512_loadu_si512(qp.add(b * BLOCK) as *const _);
             let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
-            let scale = _mm512_set1_ps(dw * d[b]);
-            acc[b % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b % 2]);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(dw * d[b]), acc);
             off += c * s[b];
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + off
-    }
-
-    /// [`dot`] for rows `i..i + 4` at once, into `out`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn dot4(ty: QuantType, w: &[u8], x: &QuantRows, i: usize, out: &mut [f32]) {
-        let rows = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
-        let nb = x.k / BLOCK;
-        let bb = ty.block_bytes();
-        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
-        let wp = w.as_ptr();
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut off = [0f32; 4];
-        for b in 0..nb {
-            let (wv, dw, c) = block(ty, wp.add(b * bb));
-            for (r, (q, d, s)) in rows.iter().enumerate() {
-                let xv = _mm512_loadu_si512(q.as_ptr().add(b * BLOCK) as *const _);
-                let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
-                let scale = _mm512_set1_ps(dw * d[b]);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-                off[r] += c * s[b];
-            }
-        }
-        for r in 0..4 {
-            out[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
-        }
+        _mm512_reduce_add_ps(acc) + off
     }
 }
 
@@ -584,7 +763,8 @@ mod tests {
     /// the SIMD kernel gives the scalar one's.
     #[test]
     fn products_are_the_dequantized_products() {
-        let (m, n, k) = (5, 37, 256);
+        // 18 blocks a row: one interleaved group and two blocks past it.
+        let (m, n, k) = (5, 37, 576);
         let x = noise(m * k, 3);
         let xq = QuantRows::quantize(&x, m, k);
         let xd: Vec<f32> = (0..m * k)
@@ -604,7 +784,7 @@ mod tests {
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                         "{ty:?} {got} {want}"
                     );
-                    let scalar = dot_scalar(ty, w.row(r), &xq, i) as f64;
+                    let scalar = dot_scalar(ty, &unpack_row(ty, w.row(r)), &xq, i) as f64;
                     assert!((scalar - got).abs() <= 1e-5 * (1.0 + want.abs()), "{ty:?}");
                 }
             }
@@ -615,7 +795,7 @@ mod tests {
     /// row counts that take the four-row kernel, its remainder, and the parallel path.
     #[test]
     fn many_weights_at_once_are_each_alone() {
-        let k = 128;
+        let k = 1056;
         for m in [1, 3, 4, 9] {
             let x = noise(m * k, 17 + m as u64);
             let ws = [
@@ -630,7 +810,7 @@ mod tests {
                 let xq = QuantRows::quantize(&x, m, k);
                 for i in 0..m {
                     for r in 0..w.n() {
-                        let scalar = dot_scalar(w.ty(), w.row(r), &xq, i);
+                        let scalar = dot_scalar(w.ty(), &unpack_row(w.ty(), w.row(r)), &xq, i);
                         let got = y[i * w.n() + r];
                         assert!((scalar - got).abs() <= 1e-5 * (1.0 + got.abs()));
                     }
@@ -638,6 +818,26 @@ mod tests {
             }
         }
         assert!(QuantMatrix::matmul_many(&[], &[], 1).is_empty());
+    }
+
+    /// The interleaved layout holds the file's bytes: unpacked, every row is the
+    /// ggml row it was made from, for rows with and without a tail past their groups.
+    #[test]
+    fn packed_rows_unpack_to_the_files_blocks() {
+        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            for k in [64, 512, 576, 1056] {
+                let w = noise(3 * k, k as u64);
+                let rows: Vec<Vec<u8>> = w.chunks(k).map(|r| quantize_row(ty, r)).collect();
+                let m = QuantMatrix::new(ty, 3, k, Box::new(rows.concat())).unwrap();
+                for (r, row) in rows.iter().enumerate() {
+                    assert_eq!(m.row(r).len(), row.len());
+                    assert_eq!(&unpack_row(ty, m.row(r)), row, "{ty:?} k={k} row {r}");
+                    if k >= 512 {
+                        assert_ne!(m.row(r), &row[..], "{ty:?} k={k}: a full group is packed");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
