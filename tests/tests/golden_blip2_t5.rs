@@ -77,7 +77,11 @@ fn processor_and_greedy_generation_match_hf() {
             &prepared.pixel_values[0].to_f32_vec(),
             &g.tensor("pixel_values").to_f32_vec(),
         );
-        let bound = if name.ends_with("bf16") { 2f64.powi(-7) } else { 1e-5 };
+        let bound = if name.ends_with("bf16") {
+            2f64.powi(-7)
+        } else {
+            1e-5
+        };
         assert!(max < bound, "{name}: pixel values rel {rel} max {max}");
         let max_new = g.json["max_new_tokens"].as_u64().unwrap() as usize;
         let out = p
