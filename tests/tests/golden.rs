@@ -241,6 +241,7 @@ fn bf16_checkpoint_runs_in_f32_when_asked() {
         dtype: Some(DType::F32),
         limits: ImageLimits::default(),
         device: iris_e2e::test_device(),
+        quantize: None,
     };
     let p = Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &opts).unwrap();
     assert_eq!(p.model.dtype(), DType::F32);

@@ -204,7 +204,10 @@ fn t5_decoder_blocks_are_reused_only_for_the_same_encoder_input() {
     let prompt = "Question: what is in the picture? Answer:";
     let encoded = |image: &str| {
         let bytes = std::fs::read(fixture("images").join(image)).unwrap();
-        let prepared = p.processor.prepare(prompt, &[bytes.clone()]).unwrap();
+        let prepared = p
+            .processor
+            .prepare(prompt, std::slice::from_ref(&bytes))
+            .unwrap();
         let visual = p.encode_images(&prepared).unwrap();
         let alone = p
             .generate(prompt, &[bytes], 16, SamplingParams::default())

@@ -21,6 +21,8 @@ pub struct PipelineOptions {
     pub limits: ImageLimits,
     /// Where the weights, activations and KV cache live.
     pub device: Device,
+    /// The language model's dense linear weights quantized to this as they load.
+    pub quantize: Option<iris_tensor::quant::QuantType>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -264,7 +266,7 @@ impl Pipeline {
     ) -> Result<Pipeline> {
         let leader = comm.rank() == 0;
         let parts = if leader { parts } else { Parts::LANGUAGE };
-        let ck = Checkpoint::open_on(dir, opts.dtype, opts.device)?;
+        let ck = Checkpoint::open_on(dir, opts.dtype, opts.device, opts.quantize)?;
         let spec = ModelSpec::from_config(dir, &ck.config, opts.limits)?;
         let shard = ck.load_vlm_tp(dir, parts, comm.clone())?;
         let mut group = None;

@@ -166,7 +166,7 @@ impl Blip2 {
                     "embed_tokens.weight",
                 )?;
                 Ok(LanguageModel::Opt(Opt::load(
-                    &w.pp(lm),
+                    &w.lm(lm),
                     text,
                     comm.clone(),
                 )?))
@@ -187,7 +187,7 @@ impl Blip2 {
                 }
                 let lm =
                     w.find_prefix(&["language_model", "model.language_model"], "shared.weight")?;
-                Ok(LanguageModel::T5(T5::load(&w.pp(lm), text)?))
+                Ok(LanguageModel::T5(T5::load(&w.lm(lm), text)?))
             }
         })?;
         Ok(Blip2 {

@@ -335,11 +335,15 @@ impl Idefics {
                 Ok(Some(vb.get(name, &[a, d])?))
             };
             let layers = (0..t.num_hidden_layers)
-                .map(|i| LlamaLayer::load(&m.pp("layers").pp(i), t, &comm))
+                .map(|i| LlamaLayer::load(&w.lm("model.layers").pp(i), t, &comm))
                 .collect::<Result<Vec<_>>>()?;
             let gated = (0..t.num_hidden_layers.div_ceil(cfg.cross_layer_interval))
                 .map(|i| {
-                    GatedCrossAttention::load(&m.pp("gated_cross_attn_layers").pp(i), &cfg, &comm)
+                    GatedCrossAttention::load(
+                        &w.lm("model.gated_cross_attn_layers").pp(i),
+                        &cfg,
+                        &comm,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let embed_tokens = VocabParallelEmbedding::load(

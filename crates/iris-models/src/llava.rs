@@ -113,7 +113,7 @@ impl Llava {
                 .into_iter()
                 .find(|p| w.contains(&format!("{p}.weight")))
                 .unwrap_or("lm_head");
-            Llama::load(&w.pp(lm), &w.pp(head), &cfg.text, comm)
+            Llama::load(&w.lm(lm), &w.lm(head), &cfg.text, comm)
         })?;
         let image_newline = match tokens {
             ImageTokens::AnyRes(_) => load_if(parts, Part::Connector, || {

@@ -197,15 +197,21 @@ impl Checkpoint {
     /// Opens `dir` (a model folder, or a LLaMA `.gguf` file); `dtype` overrides the
     /// checkpoint's (default f32).
     pub fn open(dir: &Path, dtype: Option<DType>) -> Result<Checkpoint> {
-        Checkpoint::open_on(dir, dtype, iris_tensor::Device::Cpu)
+        Checkpoint::open_on(dir, dtype, iris_tensor::Device::Cpu, None)
     }
 
-    /// [`Checkpoint::open`] whose tensors are read onto `device`.
+    /// [`Checkpoint::open`] whose tensors are read onto `device`, the language model's
+    /// dense linear weights quantized to `quantize` as they load.
     pub fn open_on(
         dir: &Path,
         dtype: Option<DType>,
         device: iris_tensor::Device,
+        quantize: Option<iris_tensor::quant::QuantType>,
     ) -> Result<Checkpoint> {
+        let quantized = |w: Weights| match quantize {
+            Some(ty) => w.quantize_linear(ty),
+            None => w,
+        };
         if is_gguf(dir) {
             let dtype = dtype.unwrap_or(DType::F32);
             let (weights, config) = Weights::open_gguf(dir, dtype)?;
@@ -214,7 +220,7 @@ impl Checkpoint {
                 architecture: crate::text::ARCHITECTURE.into(),
                 config,
                 dtype,
-                weights: Arc::new(weights.on(device)),
+                weights: Arc::new(quantized(weights.on(device))),
             });
         }
         let config = read_json(&dir.join("config.json"))?;
@@ -229,7 +235,7 @@ impl Checkpoint {
             .or_else(|| checkpoint_dtype(&config))
             .or_else(text_dtype)
             .unwrap_or(DType::F32);
-        let weights = Arc::new(Weights::open(dir, dtype)?.on(device));
+        let weights = Arc::new(quantized(Weights::open(dir, dtype)?.on(device)));
         Ok(Checkpoint {
             family,
             architecture,

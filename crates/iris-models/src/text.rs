@@ -32,7 +32,7 @@ impl TextModel {
         let cfg = LlamaConfig::from_value(&ck.config, false)?;
         let w = &ck.weights;
         let language_model = load_if(parts, Part::Language, || {
-            Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, comm)
+            Llama::load(&w.lm("model"), &w.lm("lm_head"), &cfg, comm)
         })?;
         Ok(TextModel {
             language_model,

@@ -255,13 +255,13 @@ impl Weights {
         &self,
         name: &str,
         shape: &[usize],
-        dtype: DType,
+        (dtype, quantize): (DType, Option<QuantType>),
         dim: usize,
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
         let Some(e) = self.entries.get(name).filter(|e| e.quant.is_some()) else {
             let t = self.get_host_slice(name, shape, dtype, dim, range)?;
-            if let Some(ty) = self.quantize.filter(|_| t.rank() == 2) {
+            if let Some(ty) = quantize.filter(|_| t.rank() == 2) {
                 let (n, k) = t.dims2()?;
                 if k.is_multiple_of(32) && self.device == Device::Cpu {
                     let values = t.to_f32_vec();
@@ -350,12 +350,18 @@ impl Weights {
         }
     }
 
-    /// These weights with every linear layer's dense weight quantized to `ty` as it
-    /// loads (`--quantize`; one whose inputs are not whole 32-blocks stays dense). The
-    /// embeddings and norms keep the served dtype.
+    /// These weights with the language model's linear layers quantized to `ty` as they
+    /// load (`--quantize`: through [`Weights::lm`]; a layer whose inputs are not whole
+    /// 32-blocks stays dense). Embeddings, norms and the vision and connector parts keep
+    /// the served dtype.
     pub fn quantize_linear(mut self, ty: QuantType) -> Weights {
         self.quantize = Some(ty);
         self
+    }
+
+    /// The format `--quantize` asked for the language model's linear layers.
+    pub fn quantize(&self) -> Option<QuantType> {
+        self.quantize
     }
 
     /// These weights, read onto `device` (each tensor uploaded as a part loads it).
@@ -563,7 +569,14 @@ impl Weights {
             w: self.clone(),
             prefix: prefix.to_string(),
             dtype: self.dtype,
+            quantize: None,
         }
+    }
+
+    /// [`Weights::pp`] for a language model: its linear layers quantized as
+    /// [`Weights::quantize_linear`] asked.
+    pub fn lm(self: &Arc<Self>, prefix: &str) -> Vb {
+        self.pp(prefix).quantized(self.quantize)
     }
 }
 
@@ -573,6 +586,8 @@ pub struct Vb {
     w: Arc<Weights>,
     prefix: String,
     dtype: DType,
+    /// Dense linear weights under this prefix are quantized to this as they load.
+    quantize: Option<QuantType>,
 }
 
 impl Vb {
@@ -581,6 +596,15 @@ impl Vb {
             w: self.w.clone(),
             prefix: self.path(&name.to_string()),
             dtype: self.dtype,
+            quantize: self.quantize,
+        }
+    }
+
+    /// The same tensors with dense linear weights quantized to `ty` as they load.
+    pub fn quantized(&self, ty: Option<QuantType>) -> Vb {
+        Vb {
+            quantize: ty,
+            ..self.clone()
         }
     }
 
@@ -630,8 +654,13 @@ impl Vb {
     /// A linear layer's weight `name` (`[out, in]`), as its backend multiplies it: a
     /// block-quantized tensor stays quantized.
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        self.w
-            .weight_slice(&self.path(name), shape, self.dtype, 0, 0..shape[0])
+        self.w.weight_slice(
+            &self.path(name),
+            shape,
+            (self.dtype, self.quantize),
+            0,
+            0..shape[0],
+        )
     }
 
     /// Rows `range` of a linear layer's weight (a column-parallel shard).
@@ -641,8 +670,13 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
-        self.w
-            .weight_slice(&self.path(name), shape, self.dtype, 0, range)
+        self.w.weight_slice(
+            &self.path(name),
+            shape,
+            (self.dtype, self.quantize),
+            0,
+            range,
+        )
     }
 
     /// Columns `range` of a linear layer's weight (a row-parallel shard).
@@ -652,8 +686,13 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
-        self.w
-            .weight_slice(&self.path(name), shape, self.dtype, 1, range)
+        self.w.weight_slice(
+            &self.path(name),
+            shape,
+            (self.dtype, self.quantize),
+            1,
+            range,
+        )
     }
 
     /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.
@@ -901,8 +940,10 @@ mod tests {
             Tensor::from_f32(vec![0.5; 4 * 40], &[4, 40]).unwrap(),
         );
         let w = Arc::new(Weights::from_tensors(map, DType::F32).quantize_linear(QuantType::Q8_0));
-        let q = w.pp("").weight("w", &[4, 64]).unwrap();
+        let q = w.lm("").weight("w", &[4, 64]).unwrap();
         assert_eq!(q.quant_type(), Some(QuantType::Q8_0));
+        // Only a language model's prefix quantizes (a vision tower keeps its dtype).
+        assert_eq!(w.pp("").weight("w", &[4, 64]).unwrap().quant_type(), None);
         let x = Tensor::from_f32(vec![1.0; 64], &[1, 64]).unwrap();
         let y = q.linear(&x, None).unwrap().to_f32_vec();
         for (r, got) in y.iter().enumerate() {
@@ -910,6 +951,6 @@ mod tests {
             assert!((got - want).abs() < 0.05, "row {r}: {got} vs {want}");
         }
         // Inputs that are not whole blocks stay dense.
-        assert_eq!(w.pp("").weight("odd", &[4, 40]).unwrap().quant_type(), None);
+        assert_eq!(w.lm("").weight("odd", &[4, 40]).unwrap().quant_type(), None);
     }
 }

@@ -140,6 +140,7 @@ impl GatewayModel {
                 dtype: None,
                 limits,
                 device,
+                quantize: None,
             };
             ModelKind::Retrieval(Arc::new(RetrievalPipeline::load(dir, &opts)?))
         } else {

@@ -561,7 +561,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             w = w.quantize_linear(ty);
         }
         let w = Arc::new(w);
-        let model = Llama::load(&w.pp("model"), &w.pp("lm_head"), &cfg, comm.clone())?;
+        let model = Llama::load(&w.lm("model"), &w.lm("lm_head"), &cfg, comm.clone())?;
         // The bytes a step reads: a block format's linear weights in their blocks.
         let bytes = match quant {
             Some(ty) => quantized_read(&cfg, ty),

@@ -173,6 +173,10 @@ struct GenerateArgs {
     /// Compute dtype (default: the checkpoint's).
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
+    /// Quantize the language model's linear layers as they load: q8_0 (or int8), q4_0
+    /// or q4_1.
+    #[arg(long, value_parser = iris_cli::roles::parse_quantize)]
+    quantize: Option<iris_tensor::quant::QuantType>,
     /// Print one JSON object: prompt_token_ids, token_ids, text, logprobs.
     #[arg(long)]
     json: bool,
@@ -209,6 +213,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             max_pixels: a.max_image_pixels,
         },
         device,
+        quantize: a.quantize,
     };
     let (pipe, _group) = if a.tp > 1 {
         let (p, g) = iris_cli::tp_group::LocalGroup::start(&a.model, &opts, Parts::ALL, a.tp)?;

@@ -18,6 +18,7 @@ use iris_proto::v1::connector_server::ConnectorServer;
 use iris_proto::v1::decoder_server::DecoderServer;
 use iris_proto::v1::gateway_server::GatewayServer;
 use iris_proto::v1::vision_encoder_server::VisionEncoderServer;
+use iris_tensor::quant::QuantType;
 use iris_tensor::{DType, Device};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -88,6 +89,11 @@ pub(crate) fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
+/// `q8_0` (or `int8`), `q4_0` or `q4_1`: the block format `--quantize` asks for.
+pub fn parse_quantize(s: &str) -> Result<QuantType, String> {
+    QuantType::parse(s).ok_or_else(|| format!("`{s}`: expected q8_0 (int8), q4_0 or q4_1"))
+}
+
 /// `cpu`, `cuda` or `cuda:N`: a CUDA device is opened (its kernels compiled) now, so a
 /// machine without one fails here with the reason.
 pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
@@ -106,6 +112,11 @@ pub struct ModelArgs {
     /// `--features cuda` and a GPU; without either this is a clear error at start-up).
     #[arg(long, env = "IRIS_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// Quantize the language models' linear layers as they load: q8_0 (or int8: 8-bit
+    /// values, a scale per 32), q4_0 or q4_1 (ggml's block formats; the CPU backend).
+    /// Vision towers, connectors, embeddings and norms keep the dtype.
+    #[arg(long, env = "IRIS_QUANTIZE", value_parser = parse_quantize)]
+    pub quantize: Option<QuantType>,
     /// Split each language model over N rank processes on this machine (tensor
     /// parallelism over shared memory; rank 0 is this process; the decoder and
     /// `iris serve`).
@@ -174,6 +185,7 @@ impl ModelArgs {
             dtype: self.dtype,
             limits: self.limits(),
             device: self.device,
+            quantize: self.quantize,
         }
     }
 

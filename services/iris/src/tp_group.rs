@@ -38,6 +38,9 @@ impl LocalGroup {
             if let Some(d) = opts.dtype {
                 c.args(["--dtype", &d.to_string()]);
             }
+            if let Some(q) = opts.quantize {
+                c.args(["--quantize", q.name()]);
+            }
             children.push(c.spawn()?);
         }
         let group_guard = LocalGroup { children };
@@ -95,6 +98,8 @@ pub struct RankArgs {
     device: Device,
     #[arg(long, value_parser = crate::roles::parse_dtype)]
     dtype: Option<DType>,
+    #[arg(long, value_parser = crate::roles::parse_quantize)]
+    quantize: Option<iris_tensor::quant::QuantType>,
 }
 
 pub fn rank(a: RankArgs) -> anyhow::Result<()> {
@@ -110,6 +115,7 @@ pub fn rank(a: RankArgs) -> anyhow::Result<()> {
     let opts = PipelineOptions {
         dtype: a.dtype,
         device: a.device,
+        quantize: a.quantize,
         ..Default::default()
     };
     let pipe = Pipeline::load_tp(&a.model, &opts, Parts::LANGUAGE, comm.clone())

@@ -737,3 +737,113 @@ fn tensor_parallel_generate_matches_one_rank() {
         }
     }
 }
+
+/// `--quantize`: the language model's linear layers in ggml's blocks compute what the
+/// model computes in f32 on the dequantized weights — the int16 activation blocks round
+/// by 2⁻¹⁶ of a block's largest value — so the same greedy tokens and log-probs within
+/// 1e-3, for Q8_0 (asked as `int8`), Q4_0 and Q4_1; the vision tower, the projector and
+/// the embeddings keep their f32 values (the reference dequantizes only what the flag
+/// quantizes). A format the flag does not know is refused by name.
+#[test]
+fn quantize_flag_computes_what_the_dequantized_model_computes() {
+    use iris_tensor::quant::{dequantize_row, quantize_row, QuantType};
+    let name = "llava-tiny-hub-f32";
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let images: Vec<PathBuf> = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| image(i.as_str().unwrap()))
+        .collect();
+    let prompt = golden["prompt"].as_str().unwrap();
+    let json = |out: Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let plain = json(generate(
+        &fixtures().join(name),
+        &images,
+        prompt,
+        &["--max-new-tokens", "8"],
+    ));
+    for (flag, ty) in [
+        ("int8", QuantType::Q8_0),
+        ("q4_0", QuantType::Q4_0),
+        ("q4_1", QuantType::Q4_1),
+    ] {
+        let mut changed = 0;
+        let dequantized = edited(name, |tensors| {
+            for (n, (shape, data)) in tensors.iter_mut() {
+                let linear = n.starts_with("language_model.")
+                    && !n.contains("embed_tokens")
+                    && shape.len() == 2
+                    && shape[1] % 32 == 0;
+                if !linear {
+                    continue;
+                }
+                let values: Vec<f32> = data
+                    .chunks(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                let mut out = vec![0f32; values.len()];
+                for (row, o) in values.chunks(shape[1]).zip(out.chunks_mut(shape[1])) {
+                    dequantize_row(ty, &quantize_row(ty, row), o);
+                }
+                *data = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+                changed += 1;
+            }
+        });
+        assert!(changed >= 8, "{changed} language-model linear weights");
+        let want = json(generate(
+            dequantized.path(),
+            &images,
+            prompt,
+            &["--max-new-tokens", "8"],
+        ));
+        let got = json(generate(
+            &fixtures().join(name),
+            &images,
+            prompt,
+            &["--max-new-tokens", "8", "--quantize", flag],
+        ));
+        assert_eq!(got["prompt_token_ids"], plain["prompt_token_ids"]);
+        assert_eq!(got["token_ids"], want["token_ids"], "{flag}: greedy tokens");
+        let lps = |v: &serde_json::Value| -> Vec<f64> {
+            v["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        for (g, w) in lps(&got).iter().zip(lps(&want)) {
+            assert!((g - w).abs() <= 1e-3, "{flag}: logprob {g} vs {w}");
+        }
+        // The quantization is real and larger than the tolerance: an ignored flag
+        // would fail the comparison above.
+        let moved = lps(&want)
+            .iter()
+            .zip(lps(&plain))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        eprintln!("{flag}: the dequantized weights move a logprob by {moved:.2e}");
+        assert!(
+            moved > 3e-3,
+            "{flag}: quantization moved logprobs by only {moved}"
+        );
+    }
+    let out = generate(
+        &fixtures().join(name),
+        &images,
+        prompt,
+        &["--quantize", "q3_k"],
+    );
+    assert_clean_failure(&out, "q3_k");
+}

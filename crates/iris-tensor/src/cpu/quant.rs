@@ -34,6 +34,16 @@ pub enum QuantType {
 }
 
 impl QuantType {
+    /// `q8_0` (also `int8`: 8-bit values, a scale per 32), `q4_0` or `q4_1`, any case.
+    pub fn parse(s: &str) -> Option<QuantType> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8_0" | "int8" => Some(QuantType::Q8_0),
+            "q4_0" => Some(QuantType::Q4_0),
+            "q4_1" => Some(QuantType::Q4_1),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             QuantType::Q8_0 => "Q8_0",
@@ -626,8 +636,8 @@ mod x86 {
                         let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
                             qp.add(t * 32) as *const __m256i
                         ));
-                        for r in 0..R {
-                            sums[r] = _mm512_dpwssd_epi32(sums[r], wv, xv(r, t));
+                        for (r, sum) in sums.iter_mut().enumerate() {
+                            *sum = _mm512_dpwssd_epi32(*sum, wv, xv(r, t));
                         }
                     }
                 }
@@ -638,9 +648,9 @@ mod x86 {
                         ));
                         let lo = _mm512_and_si512(v, m4);
                         let hi = _mm512_srli_epi16::<4>(v);
-                        for r in 0..R {
-                            sums[r] = _mm512_dpwssd_epi32(sums[r], lo, xv(r, 2 * p));
-                            sums[r] = _mm512_dpwssd_epi32(sums[r], hi, xv(r, 2 * p + 1));
+                        for (r, sum) in sums.iter_mut().enumerate() {
+                            *sum = _mm512_dpwssd_epi32(*sum, lo, xv(r, 2 * p));
+                            *sum = _mm512_dpwssd_epi32(*sum, hi, xv(r, 2 * p + 1));
                         }
                     }
                 }
