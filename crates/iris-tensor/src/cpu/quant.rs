@@ -204,8 +204,31 @@ impl QuantMatrix {
             .collect();
         let bytes: usize = ws.iter().map(|w| w.bytes().len()).sum();
         let outputs: usize = ws.iter().map(|w| w.n * m).sum();
+        let parallel = bytes >= PARALLEL_BYTES || outputs >= 4096;
+        if m == 1 {
+            // One row: a chunk's outputs are a slice of its weight's output; written in
+            // place, nothing collected or copied.
+            let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.n]).collect();
+            let mut slices: Vec<(usize, usize, &mut [f32])> = ys
+                .iter_mut()
+                .enumerate()
+                .flat_map(|(wi, y)| {
+                    y.chunks_mut(CHUNK_ROWS)
+                        .enumerate()
+                        .map(move |(c, out)| (wi, c, out))
+                })
+                .collect();
+            let run =
+                |(wi, c, out): &mut (usize, usize, &mut [f32])| ws[*wi].chunk_into(&xq, 1, *c, out);
+            if parallel {
+                slices.par_iter_mut().for_each(run);
+            } else {
+                slices.iter_mut().for_each(run);
+            }
+            return ys;
+        }
         let run = |&(wi, c): &(usize, usize)| ws[wi].chunk(&xq, m, c);
-        let parts: Vec<Vec<f32>> = if bytes >= PARALLEL_BYTES || outputs >= 4096 {
+        let parts: Vec<Vec<f32>> = if parallel {
             tasks.par_iter().map(run).collect()
         } else {
             tasks.iter().map(run).collect()
@@ -229,9 +252,17 @@ impl QuantMatrix {
     /// it, and four at a time within a tile so each weight block is widened once for
     /// four rows.
     fn chunk(&self, xq: &QuantRows, m: usize, c: usize) -> Vec<f32> {
+        let rows = (c * CHUNK_ROWS + CHUNK_ROWS).min(self.n) - c * CHUNK_ROWS;
+        let mut out = vec![0f32; rows * m];
+        self.chunk_into(xq, m, c, &mut out);
+        out
+    }
+
+    /// [`QuantMatrix::chunk`] into `out` (`[rows, m]`).
+    fn chunk_into(&self, xq: &QuantRows, m: usize, c: usize, out: &mut [f32]) {
         const TILE: usize = 64;
         let rows = c * CHUNK_ROWS..(c * CHUNK_ROWS + CHUNK_ROWS).min(self.n);
-        let mut out = vec![0f32; rows.len() * m];
+        assert_eq!(out.len(), rows.len() * m, "a chunk's outputs");
         let simd = has_vnni();
         for t0 in (0..m).step_by(TILE) {
             let t1 = (t0 + TILE).min(m);
@@ -250,7 +281,6 @@ impl QuantMatrix {
                 }
             }
         }
-        out
     }
 }
 
