@@ -255,7 +255,8 @@ impl Weights {
         &self,
         name: &str,
         shape: &[usize],
-        (dtype, quantize): (DType, Option<QuantType>),
+        dtype: DType,
+        quantize: Option<QuantType>,
         dim: usize,
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
@@ -357,11 +358,6 @@ impl Weights {
     pub fn quantize_linear(mut self, ty: QuantType) -> Weights {
         self.quantize = Some(ty);
         self
-    }
-
-    /// The format `--quantize` asked for the language model's linear layers.
-    pub fn quantize(&self) -> Option<QuantType> {
-        self.quantize
     }
 
     /// These weights, read onto `device` (each tensor uploaded as a part loads it).
@@ -654,13 +650,7 @@ impl Vb {
     /// A linear layer's weight `name` (`[out, in]`), as its backend multiplies it: a
     /// block-quantized tensor stays quantized.
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
-        self.w.weight_slice(
-            &self.path(name),
-            shape,
-            (self.dtype, self.quantize),
-            0,
-            0..shape[0],
-        )
+        self.weight_slice(name, shape, 0, 0..shape[0])
     }
 
     /// Rows `range` of a linear layer's weight (a column-parallel shard).
@@ -670,13 +660,7 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
-        self.w.weight_slice(
-            &self.path(name),
-            shape,
-            (self.dtype, self.quantize),
-            0,
-            range,
-        )
+        self.weight_slice(name, shape, 0, range)
     }
 
     /// Columns `range` of a linear layer's weight (a row-parallel shard).
@@ -686,13 +670,19 @@ impl Vb {
         shape: &[usize],
         range: std::ops::Range<usize>,
     ) -> Result<Weight> {
-        self.w.weight_slice(
-            &self.path(name),
-            shape,
-            (self.dtype, self.quantize),
-            1,
-            range,
-        )
+        self.weight_slice(name, shape, 1, range)
+    }
+
+    /// `Weights::weight_slice` under this prefix, in its dtype and `--quantize` format.
+    fn weight_slice(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Weight> {
+        let name = self.path(name);
+        (self.w).weight_slice(&name, shape, self.dtype, self.quantize, dim, range)
     }
 
     /// Rows `range` of a 2-D (or 1-D) tensor: the shard a column-parallel rank owns.

@@ -138,52 +138,38 @@ impl Weight {
     /// (a layer's q/k/v or gate/up projections); quantized weights likewise (`x`
     /// quantized once, one parallel loop); others one after another.
     pub fn linear_many(ws: &[(&Weight, Option<&Tensor>)], x: &Tensor) -> Result<Vec<Tensor>> {
-        let packed: Option<Vec<&PackedBf16>> = ws
-            .iter()
-            .map(|(w, _)| match &w.0 {
-                Repr::Packed(p) => Some(&**p),
-                Repr::Plain(_) | Repr::Quant(_) => None,
-            })
-            .collect();
-        match packed {
-            Some(weights) if ws.len() > 1 => {
-                for (w, bias) in ws {
-                    check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
-                }
-                let outs = crate::packed::matmul_packed_many(
-                    x.as_f32()?,
-                    x.rows(),
-                    x.last_dim(),
-                    &weights,
-                );
-                outs.into_iter()
-                    .zip(ws)
-                    .map(|(out, (w, bias))| with_bias(out, x, w.out_dim(), *bias))
-                    .collect()
+        let all = |pick: fn(&Repr) -> bool| ws.len() > 1 && ws.iter().all(|(w, _)| pick(&w.0));
+        let outs = if all(|r| matches!(r, Repr::Packed(_))) {
+            let weights: Vec<&PackedBf16> = ws
+                .iter()
+                .filter_map(|(w, _)| match &w.0 {
+                    Repr::Packed(p) => Some(&**p),
+                    _ => None,
+                })
+                .collect();
+            for (w, bias) in ws {
+                check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
             }
-            _ => {
-                let quant: Option<Vec<&QuantMatrix>> = ws
-                    .iter()
-                    .map(|(w, _)| match &w.0 {
-                        Repr::Quant(q) => Some(&**q),
-                        Repr::Plain(_) | Repr::Packed(_) => None,
-                    })
-                    .collect();
-                match quant {
-                    Some(weights) if ws.len() > 1 => {
-                        for (w, bias) in ws {
-                            check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
-                        }
-                        QuantMatrix::matmul_many(&weights, x.as_f32()?, x.rows())
-                            .into_iter()
-                            .zip(ws)
-                            .map(|(out, (w, bias))| with_bias(out, x, w.out_dim(), *bias))
-                            .collect()
-                    }
-                    _ => ws.iter().map(|(w, b)| w.linear(x, *b)).collect(),
-                }
+            crate::packed::matmul_packed_many(x.as_f32()?, x.rows(), x.last_dim(), &weights)
+        } else if all(|r| matches!(r, Repr::Quant(_))) {
+            let weights: Vec<&QuantMatrix> = ws
+                .iter()
+                .filter_map(|(w, _)| match &w.0 {
+                    Repr::Quant(q) => Some(&**q),
+                    _ => None,
+                })
+                .collect();
+            for (w, bias) in ws {
+                check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
             }
-        }
+            QuantMatrix::matmul_many(&weights, x.as_f32()?, x.rows())
+        } else {
+            return ws.iter().map(|(w, b)| w.linear(x, *b)).collect();
+        };
+        outs.into_iter()
+            .zip(ws)
+            .map(|(out, (w, bias))| with_bias(out, x, w.out_dim(), *bias))
+            .collect()
     }
 }
 

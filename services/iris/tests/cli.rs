@@ -40,6 +40,15 @@ fn generate(model: &Path, images: &[PathBuf], prompt: &str, extra: &[&str]) -> O
     iris(&refs)
 }
 
+/// A JSON list of numbers (`iris generate --json`'s logprobs, a golden's).
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 /// The run failed cleanly: non-zero exit, an `error:` line containing `needle`, no panic.
 fn assert_clean_failure(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -96,14 +105,7 @@ fn generate_json_matches_hf_goldens() {
         for key in ["prompt_token_ids", "token_ids", "text"] {
             assert_eq!(got[key], golden[key], "{name}: {key}");
         }
-        let lp = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        };
-        let (a, b) = (lp(&got["logprobs"]), lp(&golden["logprobs"]));
+        let (a, b) = (floats(&got["logprobs"]), floats(&golden["logprobs"]));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= tol, "{name}: logprob {x} vs HF {y}");
@@ -723,15 +725,10 @@ fn tensor_parallel_generate_matches_one_rank() {
         for tp in ["2", "4"] {
             let got = run(tp);
             assert_eq!(got["token_ids"], one["token_ids"], "{name} --tp {tp}");
-            let lp = |v: &serde_json::Value| -> Vec<f64> {
-                v["logprobs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            };
-            for (g, w) in lp(&got).iter().zip(lp(&one)) {
+            for (g, w) in floats(&got["logprobs"])
+                .iter()
+                .zip(floats(&one["logprobs"]))
+            {
                 assert!((g - w).abs() < 1e-4, "{name} --tp {tp}: logprob {g} vs {w}");
             }
         }
@@ -815,14 +812,7 @@ fn quantize_flag_computes_what_the_dequantized_model_computes() {
         ));
         assert_eq!(got["prompt_token_ids"], plain["prompt_token_ids"]);
         assert_eq!(got["token_ids"], want["token_ids"], "{flag}: greedy tokens");
-        let lps = |v: &serde_json::Value| -> Vec<f64> {
-            v["logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        };
+        let lps = |v: &serde_json::Value| floats(&v["logprobs"]);
         for (g, w) in lps(&got).iter().zip(lps(&want)) {
             assert!((g - w).abs() <= 1e-3, "{flag}: logprob {g} vs {w}");
         }
