@@ -294,8 +294,10 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
         .input_ids
         .len();
     let want = alone(&p, &long);
+    // `a` decodes through all of `b`'s life (cancelled after), slowed by a step delay
+    // so that `b`, tokenized and its image encoded on this thread, surely arrives first.
     let running = EngineRequest {
-        options: GenerateOptions::new(200, SamplingParams::default()),
+        options: GenerateOptions::new(400, SamplingParams::default()),
         ..requests().remove(0)
     };
     for chunk in [8, 100_000] {
@@ -303,36 +305,38 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() {
             p.clone(),
             EngineConfig {
                 prefill_chunk: chunk,
+                step_delay: std::time::Duration::from_millis(1),
                 ..Default::default()
             },
         );
         let mut a = engine.submit(running.clone()).unwrap();
         assert!(matches!(first_token(&mut a), TokenEvent::Token { .. }));
-        let mut b = engine.submit(long.clone()).unwrap();
-        // `b` was tokenized and its image encoded on this thread while `a` decoded:
-        // those tokens do not count.
-        while let Some(TokenEvent::Token { .. }) = a.try_next() {}
-        let first = first_token(&mut b);
-        // Tokens request `a` got while `b`'s prompt was prefilled.
-        let mut during = 0;
-        while let Some(TokenEvent::Token { .. }) = a.try_next() {
-            during += 1;
+        let before = engine.stats().mixed_steps;
+        let b = engine.submit(long.clone()).unwrap();
+        let (mut ids, mut cached) = (Vec::new(), None);
+        for ev in b {
+            match ev {
+                TokenEvent::Token { id, .. } => ids.push(id),
+                TokenEvent::Finished { cached_tokens, .. } => cached = Some(cached_tokens),
+                _ => {}
+            }
         }
-        let steps = prompt_len.div_ceil(chunk);
-        if chunk == 8 {
-            assert!(
-                during + 2 >= steps,
-                "{during} decode steps during a {steps}-chunk prefill"
-            );
-        } else {
-            assert!(during <= 2, "one prefill step: {during}");
-        }
-        let mut ids = vec![match first {
-            TokenEvent::Token { id, .. } => id,
-            e => panic!("{e:?}"),
-        }];
-        ids.extend(drain(b).0);
         assert_eq!(ids, want, "chunk {chunk}");
+        let cached = cached.expect("`b` finished");
+        while let Some(e) = a.try_next() {
+            assert!(
+                !matches!(e, TokenEvent::Finished { .. }),
+                "`a` finished before `b`: {e:?}"
+            );
+        }
+        // Every step that prefilled `b` also decoded `a`: one step a chunk.
+        let mixed = engine.stats().mixed_steps - before;
+        assert_eq!(
+            mixed as usize,
+            (prompt_len - cached).div_ceil(chunk),
+            "chunk {chunk}: {mixed} prefill steps beside a decode"
+        );
+        a.cancel();
     }
 }
 

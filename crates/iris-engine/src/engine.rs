@@ -185,6 +185,9 @@ pub struct EngineStats {
     /// Prompt tokens prefilled and tokens decoded, in all.
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
+    /// Steps that prefilled prompt tokens while other requests were decoding: a long
+    /// prompt prefilled in chunks takes one such step a chunk instead of stalling them.
+    pub mixed_steps: u64,
     /// Steps that panicked (their requests failed; the engine went on).
     pub failed_steps: u64,
     /// KV blocks in all, and bytes: the arena, reserved at start, never grows.
@@ -987,8 +990,8 @@ impl Worker {
 
     /// Prefills up to `prefill_chunk` tokens, oldest request first; a request whose
     /// prompt is done gets its last hidden state and registers its full blocks in the
-    /// prefix cache.
-    fn prefill(&mut self) {
+    /// prefix cache. Returns the prompt tokens it prefilled.
+    fn prefill(&mut self) -> usize {
         let mut budget = self.config.prefill_chunk.max(1);
         let pipeline = self.pipeline.clone();
         let lm = lm(&pipeline);
@@ -1041,6 +1044,7 @@ impl Worker {
             let seq = self.running.remove(i);
             self.finish_with_error(seq, &e);
         }
+        self.config.prefill_chunk.max(1) - budget
     }
 
     /// Frees a sequence's blocks; the stats show it before any event is sent, so a
@@ -1092,7 +1096,10 @@ impl Worker {
         for seq in cancelled {
             self.cancel(seq);
         }
-        self.prefill();
+        let decoding = self.running.iter().any(|s| s.last_hidden.is_some());
+        if self.prefill() > 0 && decoding {
+            self.stat(|s| s.mixed_steps += 1);
+        }
         let pipeline = self.pipeline.clone();
         let lm = lm(&pipeline);
         let (ready, prefilling): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
