@@ -161,7 +161,8 @@ impl Weights {
 
     /// A LLaMA GGUF file under HF's names, and its config (`gguf::Header::llama`).
     /// F32 / F16 / BF16 tensors read as a safetensors file's; Q8_0 / Q4_0 / Q4_1 stay
-    /// in their blocks; another type is an error naming the tensor.
+    /// in their blocks, Q4_K super-blocks become Q4F blocks (exactly); another type is
+    /// an error naming the tensor.
     pub fn open_gguf(path: &Path, dtype: DType) -> Result<(Weights, serde_json::Value)> {
         let file = File::open(path).map_err(io_err(path))?;
         // SAFETY: as in `open_files`.
@@ -181,10 +182,11 @@ impl Weights {
                 "Q8_0" => (DType::F32, Some(QuantType::Q8_0)),
                 "Q4_0" => (DType::F32, Some(QuantType::Q4_0)),
                 "Q4_1" => (DType::F32, Some(QuantType::Q4_1)),
+                "Q4_K" => (DType::F32, Some(QuantType::Q4F)),
                 other => {
                     return Err(Error::TensorDType {
                         name: format!(
-                            "{} ({}; F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are read)",
+                            "{} ({}; F32, F16, BF16, Q8_0, Q4_0, Q4_1 and Q4_K are read)",
                             t.name,
                             path.display()
                         ),
@@ -196,19 +198,33 @@ impl Weights {
             let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
             let start = (header.data_start + t.offset) as usize;
             let range = start..start + t.bytes as usize;
-            let owned = match permute {
+            let rows = shape[..shape.len().saturating_sub(1)]
+                .iter()
+                .product::<usize>();
+            let row = range.len() / rows.max(1);
+            let order = match permute {
                 Some(heads) if shape.len() == 2 => {
-                    let order = crate::gguf::unpermute_order(shape[0], heads).map_err(&in_file)?;
-                    let row = range.len() / shape[0];
-                    let all = &map[range.clone()];
-                    let mut bytes = Vec::with_capacity(all.len());
-                    for r in order {
-                        bytes.extend_from_slice(&all[r * row..(r + 1) * row]);
-                    }
-                    Some(Arc::new(bytes))
+                    Some(crate::gguf::unpermute_order(shape[0], heads).map_err(&in_file)?)
                 }
                 _ => None,
             };
+            // Q4_K rows become Q4F rows (the scales multiplied out), llama.cpp's q / k
+            // row order is undone: either way the tensor is held, not mapped.
+            let convert = t.ggml_type.name == "Q4_K";
+            let owned = (order.is_some() || convert).then(|| {
+                let all = &map[range.clone()];
+                let order = order.unwrap_or_else(|| (0..rows).collect());
+                let mut bytes = Vec::with_capacity(all.len() * 4 / 3);
+                for r in order {
+                    let src = &all[r * row..(r + 1) * row];
+                    if convert {
+                        bytes.extend(iris_tensor::quant::q4_k_to_q4f(src));
+                    } else {
+                        bytes.extend_from_slice(src);
+                    }
+                }
+                Arc::new(bytes)
+            });
             entries.insert(
                 name,
                 Entry {
@@ -491,7 +507,7 @@ impl Weights {
             // Dequantized rows (a vocabulary shard of an embedding reads its own).
             let k = shape.last().copied().unwrap_or(1);
             let row = k / 32 * ty.block_bytes();
-            let n = e.range.len() / row;
+            let n = self.bytes_of(e).len() / row;
             let rows = if dim == 0 { range.clone() } else { 0..n };
             let bytes = &self.bytes_of(e)[rows.start * row..rows.end * row];
             let mut values = vec![0f32; rows.len() * k];
@@ -878,17 +894,105 @@ mod tests {
         assert!(w.pp("").weight_cols(name, &[8, 32], 0..16).is_err());
     }
 
+    /// Q4_K rows read as gguf-py dequantizes them, bit for bit (the golden from
+    /// `tools/gen_q4k_golden.py`), held as Q4F blocks whose product is the product of
+    /// those values.
+    #[test]
+    fn q4_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
+        use iris_tensor::quant::QuantType;
+        let golden: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/gguf/q4_k.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let (n, k) = (
+            golden["rows"].as_u64().unwrap() as usize,
+            golden["k"].as_u64().unwrap() as usize,
+        );
+        let hex = golden["bytes_hex"].as_str().unwrap();
+        let raw: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = golden["value_bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
+            .collect();
+        let name = "blk.0.ffn_up.weight";
+        let mut bytes = crate::gguf::tests::file(
+            &[
+                (
+                    "general.architecture",
+                    crate::gguf::Value::Str("llama".into()),
+                ),
+                ("llama.block_count", crate::gguf::Value::U32(1)),
+                ("llama.embedding_length", crate::gguf::Value::U32(k as u32)),
+                (
+                    "llama.feed_forward_length",
+                    crate::gguf::Value::U32(n as u32),
+                ),
+                ("llama.context_length", crate::gguf::Value::U32(64)),
+                ("llama.attention.head_count", crate::gguf::Value::U32(2)),
+                ("llama.vocab_size", crate::gguf::Value::U32(4)),
+            ],
+            &[(name, &[k as u64, n as u64], 12, raw.len())],
+        );
+        let start = crate::gguf::parse(&bytes).unwrap().data_start as usize;
+        bytes[start..start + raw.len()].copy_from_slice(&raw);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let (w, _) = Weights::open_gguf(&path, DType::F32).unwrap();
+        let hf = "model.layers.0.mlp.up_proj.weight";
+        let got = w.get(hf, &[n, k]).unwrap().to_f32_vec();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), e.to_bits(), "value {i}: {g} vs gguf-py's {e}");
+        }
+        let w = Arc::new(w);
+        let lin = w.pp("").weight(hf, &[n, k]).unwrap();
+        assert_eq!(lin.quant_type(), Some(QuantType::Q4F));
+        let x: Vec<f32> = (0..2 * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let y = lin
+            .linear(&Tensor::from_f32(x.clone(), &[2, k]).unwrap(), None)
+            .unwrap()
+            .to_f32_vec();
+        for i in 0..2 {
+            for r in 0..n {
+                let e: f64 = (0..k)
+                    .map(|j| f64::from(want[r * k + j]) * f64::from(x[i * k + j]))
+                    .sum();
+                let scale: f64 = (0..k)
+                    .map(|j| (f64::from(want[r * k + j]) * f64::from(x[i * k + j])).abs())
+                    .sum();
+                // The activations are quantized to int16 per 32: 2⁻¹⁶ of each block.
+                assert!(
+                    (f64::from(y[i * n + r]) - e).abs() <= 1e-4 * scale,
+                    "row {r}: {} vs {e}",
+                    y[i * n + r]
+                );
+            }
+        }
+    }
+
     #[test]
     fn gguf_files_that_cannot_be_read_are_errors_naming_why() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        // A K-quant (Q4_K, 256-weight blocks) is not read yet: the error names it.
-        std::fs::write(&path, gguf_file(12, 144)).unwrap();
+        // A type Iris does not read (Q5_0): the error names the tensor and the type.
+        std::fs::write(&path, gguf_file(6, 8 * 22)).unwrap();
         let e = Weights::open_gguf(&path, DType::F32)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("blk.0.attn_q.weight") && e.contains("Q4_K"),
+            e.contains("blk.0.attn_q.weight") && e.contains("Q5_0"),
             "{e}"
         );
         // Truncated inside the tensor data, and inside the header.

@@ -1,5 +1,6 @@
 //! Block-quantized weights in ggml's layouts (Q8_0, Q4_0, Q4_1: 32 weights a block
-//! with an f16 scale, Q4_1 an f16 minimum too) and `x·Wᵀ` over them in integers: each
+//! with an f16 scale, Q4_1 an f16 minimum too; Q4F, 4-bit values with an f32 scale and
+//! offset, is what Q4_K and AWQ / GPTQ groups become) and `x·Wᵀ` over them in integers: each
 //! 32-block of an activation row is quantized to int16 with its own scale, and a
 //! block's product is one integer dot product (`vpdpwssd`: 32 weights widened to int16
 //! × 32 activations, one AVX-512 instruction) scaled by both scales.
@@ -31,6 +32,10 @@ pub enum QuantType {
     Q8_0,
     Q4_0,
     Q4_1,
+    /// 4-bit values with an f32 scale and an f32 offset a block (24 bytes): not a
+    /// file's format but what Q4_K super-blocks and AWQ / GPTQ groups become at load,
+    /// exactly (their scales are products of an f16 and a small integer).
+    Q4F,
 }
 
 impl QuantType {
@@ -49,6 +54,7 @@ impl QuantType {
             QuantType::Q8_0 => "Q8_0",
             QuantType::Q4_0 => "Q4_0",
             QuantType::Q4_1 => "Q4_1",
+            QuantType::Q4F => "Q4F",
         }
     }
 
@@ -58,6 +64,7 @@ impl QuantType {
             QuantType::Q8_0 => 34,
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
+            QuantType::Q4F => 24,
         }
     }
 
@@ -266,19 +273,33 @@ impl QuantMatrix {
         let simd = has_vnni();
         for t0 in (0..m).step_by(TILE) {
             let t1 = (t0 + TILE).min(m);
-            for (ri, r) in rows.clone().enumerate() {
+            let mut ri = 0;
+            while ri < rows.len() {
+                let r = rows.start + ri;
+                if simd && ri + 1 < rows.len() {
+                    // Two weight rows at once: each activation vector loaded once for both.
+                    let (a, b) = out.split_at_mut((ri + 1) * m);
+                    let mut o = [&mut a[ri * m + t0..ri * m + t1], &mut b[t0..t1]];
+                    // SAFETY: as below, for rows r and r + 1.
+                    unsafe {
+                        x86::dot_rows(self.ty, [self.row(r), self.row(r + 1)], xq, t0, &mut o)
+                    }
+                    ri += 2;
+                    continue;
+                }
                 let w = self.row(r);
                 let o = &mut out[ri * m + t0..ri * m + t1];
                 if simd {
                     // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected; `w` is
                     // a packed row of k/32 blocks of `ty` and `xq` holds rows t0..t1 of k.
-                    unsafe { x86::dot_rows(self.ty, w, xq, t0, o) }
+                    unsafe { x86::dot_rows(self.ty, [w], xq, t0, &mut [o]) }
                 } else {
                     let w = unpack_row(self.ty, w);
                     for (j, v) in o.iter_mut().enumerate() {
                         *v = dot_scalar(self.ty, &w, xq, t0 + j);
                     }
                 }
+                ri += 1;
             }
         }
     }
@@ -365,13 +386,29 @@ fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes"))
+}
+
+/// A Q4F block: scale `d`, offset `c` and 32 values in 0..16 (element order).
+pub fn q4f_block(d: f32, c: f32, v: &[u8; BLOCK]) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..4].copy_from_slice(&d.to_le_bytes());
+    b[4..8].copy_from_slice(&c.to_le_bytes());
+    for j in 0..16 {
+        debug_assert!(v[j] < 16 && v[j + 16] < 16);
+        b[8 + j] = v[j] | (v[j + 16] << 4);
+    }
+    b
+}
+
 /// A block's scale and offset coefficient (`d·q + c`).
 fn block_scales(ty: QuantType, b: &[u8]) -> (f32, f32) {
-    let d = half_at(b, 0);
     match ty {
-        QuantType::Q8_0 => (d, 0.0),
-        QuantType::Q4_0 => (d, -8.0 * d),
-        QuantType::Q4_1 => (d, half_at(b, 2)),
+        QuantType::Q8_0 => (half_at(b, 0), 0.0),
+        QuantType::Q4_0 => (half_at(b, 0), -8.0 * half_at(b, 0)),
+        QuantType::Q4_1 => (half_at(b, 0), half_at(b, 2)),
+        QuantType::Q4F => (f32_at(b, 0), f32_at(b, 4)),
     }
 }
 
@@ -384,7 +421,7 @@ fn block_values(ty: QuantType, b: &[u8]) -> [i32; BLOCK] {
                 *o = q as i8 as i32;
             }
         }
-        QuantType::Q4_0 | QuantType::Q4_1 => {
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
             let qs = &b[ty.block_bytes() - 16..];
             for j in 0..16 {
                 v[j] = (qs[j] & 0xF) as i32;
@@ -417,10 +454,16 @@ fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
             .map(|j| &row[(g * GROUP + j) * bb..(g * GROUP + j + 1) * bb])
             .collect();
         let dst = &mut out[g * GROUP * bb..(g + 1) * GROUP * bb];
+        // Each block's scale (and offset) bytes, the scales of the group together and
+        // then the offsets.
+        let sb = scale_bytes(ty);
+        let head = values_offset(ty);
         for (j, b) in blocks.iter().enumerate() {
-            dst[2 * j..2 * j + 2].copy_from_slice(&b[..2]);
-            if ty == QuantType::Q4_1 {
-                dst[32 + 2 * j..32 + 2 * j + 2].copy_from_slice(&b[2..4]);
+            for (at, part) in (0..head)
+                .step_by(GROUP * sb)
+                .zip(b[..head / GROUP].chunks(sb))
+            {
+                dst[at + sb * j..at + sb * (j + 1)].copy_from_slice(part);
             }
         }
         let values: Vec<[i32; BLOCK]> = blocks.iter().map(|b| block_values(ty, b)).collect();
@@ -435,7 +478,7 @@ fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                     }
                 }
             }
-            QuantType::Q4_0 | QuantType::Q4_1 => {
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                 for p in 0..BLOCK / 4 {
                     for (j, v) in values.iter().enumerate() {
                         for e in 0..2 {
@@ -449,11 +492,25 @@ fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Where a packed group's values start: after its scales (and Q4_1's minimums).
+/// Where a packed group's values start: after its scales (and Q4_1's minimums, Q4F's
+/// offsets).
 fn values_offset(ty: QuantType) -> usize {
+    GROUP * (ty.block_bytes() - values_bytes(ty))
+}
+
+/// Bytes of a block's values: one a weight, or a nibble.
+fn values_bytes(ty: QuantType) -> usize {
     match ty {
-        QuantType::Q4_1 => 4 * GROUP,
-        QuantType::Q8_0 | QuantType::Q4_0 => 2 * GROUP,
+        QuantType::Q8_0 => BLOCK,
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => BLOCK / 2,
+    }
+}
+
+/// Bytes of one of a block's scales (or offsets): f16, or Q4F's f32.
+fn scale_bytes(ty: QuantType) -> usize {
+    match ty {
+        QuantType::Q4F => 4,
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => 2,
     }
 }
 
@@ -467,7 +524,10 @@ fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
         let qs = &src[values_offset(ty)..];
         for j in 0..GROUP {
             let dst = &mut out[(g * GROUP + j) * bb..(g * GROUP + j + 1) * bb];
-            dst[..2].copy_from_slice(&src[2 * j..2 * j + 2]);
+            let sb = scale_bytes(ty);
+            for (p, at) in (0..values_offset(ty)).step_by(GROUP * sb).enumerate() {
+                dst[p * sb..(p + 1) * sb].copy_from_slice(&src[at + sb * j..at + sb * (j + 1)]);
+            }
             let mut v = [0u8; BLOCK];
             match ty {
                 QuantType::Q8_0 => {
@@ -476,10 +536,7 @@ fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                     }
                     dst[2..].copy_from_slice(&v);
                 }
-                QuantType::Q4_0 | QuantType::Q4_1 => {
-                    if ty == QuantType::Q4_1 {
-                        dst[2..4].copy_from_slice(&src[32 + 2 * j..32 + 2 * j + 2]);
-                    }
+                QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                     for (x, o) in v.iter_mut().enumerate() {
                         let (p, hi, e) = (x / 4, (x / 2) % 2, x % 2);
                         let byte = qs[p * 32 + 2 * j + e];
@@ -491,6 +548,49 @@ fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                     }
                 }
             }
+        }
+    }
+    out
+}
+
+/// Weights a Q4_K super-block, and its bytes: f16 `d` and `dmin`, twelve bytes of
+/// 6-bit scales and minimums for its eight 32-weight sub-blocks, 128 bytes of nibbles.
+pub const Q4_K_WEIGHTS: usize = 256;
+pub const Q4_K_BYTES: usize = 144;
+
+/// ggml's Q4_K super-blocks (a row of `k / 256`) as Q4F blocks, exactly: sub-block j's
+/// weights are `d·scⱼ·q − dmin·mⱼ`, so its Q4F scale is `d·scⱼ` and its offset
+/// `−dmin·mⱼ` (an f16 times a 6-bit integer: exact in f32). Sub-blocks 2i and 2i + 1
+/// are the low and high nibbles of bytes 32i..32i + 32 (ggml's `dequantize_row_q4_K`).
+pub fn q4_k_to_q4f(row: &[u8]) -> Vec<u8> {
+    assert_eq!(row.len() % Q4_K_BYTES, 0, "q4_k_to_q4f: whole super-blocks");
+    let mut out = Vec::with_capacity(row.len() / Q4_K_BYTES * 8 * 24);
+    for sb in row.chunks(Q4_K_BYTES) {
+        let (d, dmin) = (half_at(sb, 0), half_at(sb, 2));
+        let sc = &sb[4..16];
+        let qs = &sb[16..];
+        // ggml's get_scale_min_k4.
+        let scale_min = |j: usize| -> (u8, u8) {
+            if j < 4 {
+                (sc[j] & 63, sc[j + 4] & 63)
+            } else {
+                (
+                    (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+                    (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                )
+            }
+        };
+        for j in 0..8 {
+            let (s, m) = scale_min(j);
+            let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let v: [u8; BLOCK] = std::array::from_fn(|l| {
+                if j % 2 == 0 {
+                    bytes[l] & 0xF
+                } else {
+                    bytes[l] >> 4
+                }
+            });
+            out.extend(q4f_block(d * f32::from(s), -(dmin * f32::from(m)), &v));
         }
     }
     out
@@ -535,15 +635,20 @@ pub fn quantize_row(ty: QuantType, x: &[f32]) -> Vec<u8> {
                     out.push(q(xb[j]) | (q(xb[j + 16]) << 4));
                 }
             }
-            QuantType::Q4_1 => {
+            QuantType::Q4_1 | QuantType::Q4F => {
                 let (min, max) = xb
                     .iter()
                     .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                 let d = (max - min) / 15.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
+                if ty == QuantType::Q4F {
+                    let v: [u8; BLOCK] = std::array::from_fn(|j| q(xb[j]));
+                    out.extend(q4f_block(d, min, &v));
+                    continue;
+                }
                 out.extend(h(d));
                 out.extend(h(min));
-                let q = |v: f32| (((v - min) * id + 0.5) as i32).clamp(0, 15) as u8;
                 for j in 0..16 {
                     out.push(q(xb[j]) | (q(xb[j + 16]) << 4));
                 }
@@ -609,103 +714,156 @@ mod x86 {
         _mm256_set_m128i(hi, lo)
     }
 
-    /// A packed weight row · quantized activation rows `i0..i0 + out.len()`, into
-    /// `out`: four rows at a time (each weight vector widened once for the four), the
-    /// rest one by one — each row's sums in the same order either way, so a row in a
-    /// batch gets the bits it gets alone.
+    /// Activation rows a call of [`rows`] takes: with two weight rows, 12 integer and
+    /// 12 float accumulators, two weight vectors and an activation vector fill 27 of
+    /// the 32 registers.
+    const XR: usize = 6;
+
+    /// `W` packed weight rows · quantized activation rows `i0..i0 + len` into `out[v]`
+    /// (each `len` long): [`XR`] rows at a time (each weight vector widened once for
+    /// them), the rest one by one — each (weight row, activation row) pair's sums in the
+    /// same order either way, so a row in a batch gets the bits it gets alone.
     ///
     /// # Safety
-    /// The CPU has the features enabled here; `w` is a packed row of `x.k / 32` blocks
-    /// of `ty`, and `x` holds rows up to `i0 + out.len()`.
+    /// The CPU has the features enabled here; each `w[v]` is a packed row of `x.k / 32`
+    /// blocks of `ty`, and `x` holds rows up to `i0 + len`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot_rows(ty: QuantType, w: &[u8], x: &QuantRows, i0: usize, out: &mut [f32]) {
-        let mut fours = out.chunks_exact_mut(4);
-        let mut i = i0;
-        for o in fours.by_ref() {
-            rows::<4>(ty, w, x, i, o);
-            i += 4;
+    pub unsafe fn dot_rows<const W: usize>(
+        ty: QuantType,
+        w: [&[u8]; W],
+        x: &QuantRows,
+        i0: usize,
+        out: &mut [&mut [f32]; W],
+    ) {
+        let len = out[0].len();
+        let mut j = 0;
+        while j + XR <= len {
+            let y = rows::<W, XR>(ty, w, x, i0 + j);
+            for (o, y) in out.iter_mut().zip(y) {
+                o[j..j + XR].copy_from_slice(&y);
+            }
+            j += XR;
         }
-        for o in fours.into_remainder() {
-            rows::<1>(ty, w, x, i, std::slice::from_mut(o));
-            i += 1;
+        while j < len {
+            let y = rows::<W, 1>(ty, w, x, i0 + j);
+            for (o, y) in out.iter_mut().zip(y) {
+                o[j] = y[0];
+            }
+            j += 1;
         }
     }
 
-    /// `R` activation rows from `i` · one packed weight row: per full group, 16 (Q8_0)
-    /// or 8 (Q4: two vectors a load) weight loads, each widened once and `vpdpwssd`-ed
-    /// with every row's interleaved activations into that row's 16 block sums; then the
-    /// group's scales times the rows' block scales, and Q4's constants times the rows'
-    /// block sums, in three vector operations. The tail blocks one by one ([`tail`]).
+    /// `R` activation rows from `i` · `W` packed weight rows: per full group, 16 (Q8_0)
+    /// or 8 (Q4: two vectors a load) loads of each weight row, each widened once and
+    /// `vpdpwssd`-ed with every row's interleaved activations into that pair's 16 block
+    /// sums; then the group's scales times the rows' block scales, and Q4's constants
+    /// times the rows' block sums, in three vector operations a pair. The tail blocks
+    /// one by one ([`tail`]).
+    // Indices over the (weight row, activation row) accumulator grid read clearer than
+    // zipped iterators here.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows<const R: usize>(
+    unsafe fn rows<const W: usize, const R: usize>(
         ty: QuantType,
-        w: &[u8],
+        w: [&[u8]; W],
         x: &QuantRows,
         i: usize,
-        out: &mut [f32],
-    ) {
+    ) -> [[f32; R]; W] {
         let nb = x.k / BLOCK;
         let bb = ty.block_bytes();
-        assert_eq!(w.len(), nb * bb, "a weight row of k/32 blocks");
+        for wv in &w {
+            assert_eq!(wv.len(), nb * bb, "a weight row of k/32 blocks");
+        }
         let groups = nb / GROUP;
         let xs: [&[i16]; R] = std::array::from_fn(|r| x.interleaved(i + r));
         let rows: [_; R] = std::array::from_fn(|r| x.row(i + r));
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [[_mm512_setzero_ps(); R]; W];
         let m4 = _mm512_set1_epi16(0x0F);
         for g in 0..groups {
-            let gp = w.as_ptr().add(g * GROUP * bb);
-            let qp = gp.add(super::values_offset(ty));
+            let gp: [*const u8; W] = std::array::from_fn(|v| w[v].as_ptr().add(g * GROUP * bb));
+            let qp: [*const u8; W] = std::array::from_fn(|v| gp[v].add(super::values_offset(ty)));
             let xo = g * GROUP * BLOCK;
-            let mut sums = [_mm512_setzero_si512(); R];
+            let mut sums = [[_mm512_setzero_si512(); R]; W];
             let xv = |r: usize, t: usize| {
                 _mm512_loadu_si512(xs[r].as_ptr().add(xo + t * 2 * GROUP) as *const _)
             };
             match ty {
                 QuantType::Q8_0 => {
                     for t in 0..BLOCK / 2 {
-                        let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                            qp.add(t * 32) as *const __m256i
-                        ));
-                        for (r, sum) in sums.iter_mut().enumerate() {
-                            *sum = _mm512_dpwssd_epi32(*sum, wv, xv(r, t));
+                        let wv: [__m512i; W] = std::array::from_fn(|v| {
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                qp[v].add(t * 32) as *const __m256i
+                            ))
+                        });
+                        for r in 0..R {
+                            let a = xv(r, t);
+                            for v in 0..W {
+                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], wv[v], a);
+                            }
                         }
                     }
                 }
-                QuantType::Q4_0 | QuantType::Q4_1 => {
+                QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                     for p in 0..BLOCK / 4 {
-                        let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                            qp.add(p * 32) as *const __m256i
-                        ));
-                        let lo = _mm512_and_si512(v, m4);
-                        let hi = _mm512_srli_epi16::<4>(v);
-                        for (r, sum) in sums.iter_mut().enumerate() {
-                            *sum = _mm512_dpwssd_epi32(*sum, lo, xv(r, 2 * p));
-                            *sum = _mm512_dpwssd_epi32(*sum, hi, xv(r, 2 * p + 1));
+                        let b: [__m512i; W] = std::array::from_fn(|v| {
+                            _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                                qp[v].add(p * 32) as *const __m256i
+                            ))
+                        });
+                        let lo: [__m512i; W] = std::array::from_fn(|v| _mm512_and_si512(b[v], m4));
+                        for r in 0..R {
+                            let a = xv(r, 2 * p);
+                            for v in 0..W {
+                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], lo[v], a);
+                            }
+                        }
+                        let hi: [__m512i; W] =
+                            std::array::from_fn(|v| _mm512_srli_epi16::<4>(b[v]));
+                        for r in 0..R {
+                            let a = xv(r, 2 * p + 1);
+                            for v in 0..W {
+                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], hi[v], a);
+                            }
                         }
                     }
                 }
             }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i));
-            let c = match ty {
-                QuantType::Q8_0 => None,
-                QuantType::Q4_0 => Some(_mm512_mul_ps(dw, _mm512_set1_ps(-8.0))),
-                QuantType::Q4_1 => Some(_mm512_cvtph_ps(_mm256_loadu_si256(
-                    gp.add(32) as *const __m256i
-                ))),
-            };
-            for r in 0..R {
-                let (_, d, s) = rows[r];
-                let dx = _mm512_loadu_ps(d.as_ptr().add(g * GROUP));
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(dw, dx), acc[r]);
-                if let Some(c) = c {
-                    acc[r] = _mm512_fmadd_ps(c, _mm512_loadu_ps(s.as_ptr().add(g * GROUP)), acc[r]);
+            for v in 0..W {
+                let dw = match ty {
+                    QuantType::Q4F => _mm512_loadu_ps(gp[v] as *const f32),
+                    _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp[v] as *const __m256i)),
+                };
+                let c = match ty {
+                    QuantType::Q8_0 => None,
+                    QuantType::Q4_0 => Some(_mm512_mul_ps(dw, _mm512_set1_ps(-8.0))),
+                    QuantType::Q4_1 => Some(_mm512_cvtph_ps(_mm256_loadu_si256(
+                        gp[v].add(32) as *const __m256i
+                    ))),
+                    QuantType::Q4F => Some(_mm512_loadu_ps(gp[v].add(64) as *const f32)),
+                };
+                for r in 0..R {
+                    let (_, d, s) = rows[r];
+                    let dx = _mm512_loadu_ps(d.as_ptr().add(g * GROUP));
+                    acc[v][r] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(sums[v][r]),
+                        _mm512_mul_ps(dw, dx),
+                        acc[v][r],
+                    );
+                    if let Some(c) = c {
+                        acc[v][r] = _mm512_fmadd_ps(
+                            c,
+                            _mm512_loadu_ps(s.as_ptr().add(g * GROUP)),
+                            acc[v][r],
+                        );
+                    }
                 }
             }
         }
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]) + tail(ty, w, x, i + r, groups * GROUP);
-        }
+        std::array::from_fn(|v| {
+            std::array::from_fn(|r| {
+                _mm512_reduce_add_ps(acc[v][r]) + tail(ty, w[v], x, i + r, groups * GROUP)
+            })
+        })
     }
 
     /// Blocks `from..` of a weight row (past its full groups: still ggml's blocks) ·
@@ -722,7 +880,10 @@ mod x86 {
         let mut off = 0f32;
         for b in from..nb {
             let blk = wp.add(b * bb);
-            let dw = half(blk);
+            let dw = match ty {
+                QuantType::Q4F => (blk as *const f32).read_unaligned(),
+                _ => half(blk),
+            };
             let (wv, c) = match ty {
                 QuantType::Q8_0 => (
                     _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
@@ -730,6 +891,10 @@ mod x86 {
                 ),
                 QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), -8.0 * dw),
                 QuantType::Q4_1 => (_mm512_cvtepu8_epi16(nibbles(blk.add(4))), half(blk.add(2))),
+                QuantType::Q4F => (
+                    _mm512_cvtepu8_epi16(nibbles(blk.add(8))),
+                    (blk.add(4) as *const f32).read_unaligned(),
+                ),
             };
             let xv = _mm512_loadu_si512(qp.add(b * BLOCK) as *const _);
             let dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, xv);
@@ -742,12 +907,12 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub unsafe fn dot_rows(
+    pub unsafe fn dot_rows<const W: usize>(
         _: super::QuantType,
-        _: &[u8],
+        _: [&[u8]; W],
         _: &super::QuantRows,
         _: usize,
-        _: &mut [f32],
+        _: &mut [&mut [f32]; W],
     ) {
         unreachable!("has_vnni() is false off x86_64")
     }
@@ -786,6 +951,7 @@ mod tests {
             (QuantType::Q8_0, 1.0 / 127.0),
             (QuantType::Q4_0, 2.0 / 8.0),
             (QuantType::Q4_1, 2.0 / 15.0),
+            (QuantType::Q4F, 2.0 / 15.0),
         ] {
             let mut back = vec![0f32; x.len()];
             dequantize_row(ty, &quantize_row(ty, &x), &mut back);
@@ -810,7 +976,12 @@ mod tests {
         let xd: Vec<f32> = (0..m * k)
             .map(|j| xq.q[j] as f32 * xq.d[j / BLOCK])
             .collect();
-        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+        for ty in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q4F,
+        ] {
             let w = matrix(ty, n, k, 11);
             let wd = w.dequantize_rows(0..n);
             let y = w.matmul(&x, m);
@@ -831,22 +1002,30 @@ mod tests {
         }
     }
 
-    /// Several weights on one input give each weight's own product, bit for bit, at
-    /// row counts that take the four-row kernel, its remainder, and the parallel path.
+    /// Several weights on one input give each weight's own product, bit for bit, and
+    /// each row of a batch its product alone, at row counts that take the six-row
+    /// kernel and its remainder, weight row counts that take the two-row kernel and
+    /// its remainder, and the parallel path.
     #[test]
     fn many_weights_at_once_are_each_alone() {
         let k = 1056;
-        for m in [1, 3, 4, 9] {
+        for m in [1, 3, 4, 9, 13] {
             let x = noise(m * k, 17 + m as u64);
             let ws = [
                 matrix(QuantType::Q8_0, 40, k, 1),
                 matrix(QuantType::Q4_0, 1100, k, 2),
                 matrix(QuantType::Q4_1, 7, k, 3),
+                matrix(QuantType::Q4F, 33, k, 4),
             ];
             let refs: Vec<&QuantMatrix> = ws.iter().collect();
             let many = QuantMatrix::matmul_many(&refs, &x, m);
             for (w, y) in ws.iter().zip(&many) {
                 assert_eq!(y, &w.matmul(&x, m), "{:?} m={m}", w.ty());
+                // A row in a batch gets the bits it gets alone.
+                for i in 0..m {
+                    let alone = w.matmul(&x[i * k..(i + 1) * k], 1);
+                    assert_eq!(&y[i * w.n()..(i + 1) * w.n()], &alone[..], "row {i} of {m}");
+                }
                 let xq = QuantRows::quantize(&x, m, k);
                 for i in 0..m {
                     for r in 0..w.n() {
@@ -864,7 +1043,12 @@ mod tests {
     /// ggml row it was made from, for rows with and without a tail past their groups.
     #[test]
     fn packed_rows_unpack_to_the_files_blocks() {
-        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+        for ty in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q4F,
+        ] {
             for k in [64, 512, 576, 1056] {
                 let w = noise(3 * k, k as u64);
                 let rows: Vec<Vec<u8>> = w.chunks(k).map(|r| quantize_row(ty, r)).collect();
