@@ -13,6 +13,7 @@ pub mod config;
 mod error;
 pub mod gguf;
 pub mod idefics;
+pub mod int4;
 pub mod layers;
 pub mod llama;
 pub mod llava;

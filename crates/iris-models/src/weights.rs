@@ -49,6 +49,94 @@ impl AsRef<[u8]> for MapSlice {
     }
 }
 
+/// Each AWQ / GPTQ layer `P` (`P.qweight`, `P.qzeros`, `P.scales`, GPTQ's `P.g_idx`)
+/// as a Q4F entry `P.weight`; its scales entry goes.
+fn int4_layers(
+    int4: crate::int4::Int4,
+    maps: &[Arc<Mmap>],
+    ints: &HashMap<String, (usize, Vec<usize>, std::ops::Range<usize>)>,
+    entries: &mut HashMap<String, Entry>,
+) -> Result<()> {
+    use crate::int4::Part;
+    let words = |name: &str| -> Option<(&[usize], Vec<i32>)> {
+        let (file, shape, range) = ints.get(name)?;
+        let values = maps[*file][range.clone()]
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("four bytes")))
+            .collect();
+        Some((shape.as_slice(), values))
+    };
+    let missing = |name: String| Error::MissingTensor(name);
+    let mut layers: Vec<&str> = ints
+        .keys()
+        .filter_map(|n| n.strip_suffix(".qweight"))
+        .collect();
+    layers.sort_unstable();
+    for p in layers {
+        let (qn, zn, sn, gn) = (
+            format!("{p}.qweight"),
+            format!("{p}.qzeros"),
+            format!("{p}.scales"),
+            format!("{p}.g_idx"),
+        );
+        let (q_shape, q) = words(&qn).expect("listed");
+        let (z_shape, z) = words(&zn).ok_or_else(|| missing(zn.clone()))?;
+        let se = entries.remove(&sn).ok_or_else(|| missing(sn.clone()))?;
+        let bytes = &maps[se.file][se.range.clone()];
+        let scales: Vec<f32> = match se.dtype {
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("four bytes")))
+                .collect(),
+        };
+        let g = words(&gn);
+        let (data, [n, k]) = crate::int4::to_q4f(
+            int4,
+            Part {
+                name: &qn,
+                shape: q_shape,
+                values: &q,
+            },
+            Part {
+                name: &zn,
+                shape: z_shape,
+                values: &z,
+            },
+            Part {
+                name: &sn,
+                shape: &se.shape,
+                values: &scales,
+            },
+            g.as_ref().map(|(shape, values)| Part {
+                name: &gn,
+                shape,
+                values,
+            }),
+        )?;
+        let (file, _, range) = ints[&qn].clone();
+        entries.insert(
+            format!("{p}.weight"),
+            Entry {
+                file,
+                dtype: DType::F32,
+                quant: Some(QuantType::Q4F),
+                shape: vec![n, k],
+                range,
+                owned: Some(Arc::new(data)),
+            },
+        );
+    }
+    Ok(())
+}
+
 /// All tensors of a checkpoint, by name.
 #[derive(Debug)]
 pub struct Weights {
@@ -98,12 +186,39 @@ impl Weights {
             }
             vec![single]
         };
-        Self::open_files(&files, dtype)
+        let config = dir.join("config.json");
+        let int4 = match std::fs::read_to_string(&config) {
+            Ok(text) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|source| Error::Json {
+                        path: config.clone(),
+                        source,
+                    })?;
+                crate::int4::Int4::from_config(&v).map_err(|e| match e {
+                    Error::Config(m) => Error::Config(format!("{}: {m}", config.display())),
+                    other => other,
+                })?
+            }
+            Err(_) => None,
+        };
+        Self::open_checkpoint(&files, dtype, int4)
     }
 
     pub fn open_files(files: &[PathBuf], dtype: DType) -> Result<Weights> {
+        Self::open_checkpoint(files, dtype, None)
+    }
+
+    /// The safetensors `files`; with `int4`, an AWQ / GPTQ checkpoint's int32 tensors
+    /// are read and each quantized layer becomes a Q4F weight ([`crate::int4`]).
+    fn open_checkpoint(
+        files: &[PathBuf],
+        dtype: DType,
+        int4: Option<crate::int4::Int4>,
+    ) -> Result<Weights> {
         let mut maps = Vec::new();
         let mut entries = HashMap::new();
+        // Int32 tensors of an int4 checkpoint: file, shape, byte range.
+        let mut ints: HashMap<String, (usize, Vec<usize>, std::ops::Range<usize>)> = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             let file = File::open(path).map_err(io_err(path))?;
             // SAFETY: the checkpoint is opened read-only; a file changed under a running
@@ -123,6 +238,14 @@ impl Weights {
                     StDtype::F32 => DType::F32,
                     StDtype::BF16 => DType::BF16,
                     StDtype::F16 => DType::F16,
+                    StDtype::I32 if int4.is_some() => {
+                        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+                        ints.insert(
+                            name,
+                            (i, view.shape().to_vec(), offset..offset + view.data().len()),
+                        );
+                        continue;
+                    }
                     other => {
                         return Err(Error::TensorDType {
                             name,
@@ -146,6 +269,9 @@ impl Weights {
                 );
             }
             maps.push(Arc::new(map));
+        }
+        if let Some(int4) = int4 {
+            int4_layers(int4, &maps, &ints, &mut entries)?;
         }
         Ok(Weights {
             maps,

@@ -837,3 +837,221 @@ fn quantize_flag_computes_what_the_dequantized_model_computes() {
     );
     assert_clean_failure(&out, "q3_k");
 }
+
+/// An AWQ (`awq`) or GPTQ (`gptq`, v1 zeros) checkpoint made from the f32 LLaVA
+/// fixture: each language-model linear weight quantized per group of 32 inputs and
+/// output (asymmetric 4-bit, scales rounded to f16) and packed as AutoAWQ's GEMM packer
+/// / AutoGPTQ's packer lay it out; and the same fixture with those weights replaced by
+/// their exact dequantized values, `scale · (q − zero)`.
+fn int4_checkpoints(method: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    const G: usize = 32;
+    let name = "llava-tiny-hub-f32";
+    let src = fixtures().join(name);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut packed: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = HashMap::new();
+    let mut plain: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
+    let words = |v: &[u32]| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+    for (n, v) in st.tensors() {
+        let shape = v.shape().to_vec();
+        let values: Vec<f32> = v
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let linear = n.starts_with("language_model.model.layers.") && shape.len() == 2;
+        let Some(p) = n.strip_suffix(".weight").filter(|_| linear) else {
+            packed.insert(n.clone(), (Dtype::F32, shape.clone(), v.data().to_vec()));
+            plain.insert(n, (shape, v.data().to_vec()));
+            continue;
+        };
+        let (out, k) = (shape[0], shape[1]);
+        let groups = k / G;
+        let mut q = vec![0u32; out * k];
+        let mut zeros = vec![0u32; groups * out];
+        let mut scales = vec![half::f16::ZERO; groups * out];
+        let mut deq = vec![0f32; out * k];
+        for o in 0..out {
+            for g in 0..groups {
+                let w = &values[o * k + g * G..o * k + (g + 1) * G];
+                let (lo, hi) = w
+                    .iter()
+                    .fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
+                let s = half::f16::from_f32((hi - lo) / 15.0);
+                let sf = s.to_f32();
+                let z = (-lo / sf).round().clamp(0.0, 15.0) as u32;
+                scales[g * out + o] = s;
+                zeros[g * out + o] = z;
+                for (j, &x) in w.iter().enumerate() {
+                    let qv = ((x / sf).round() + z as f32).clamp(0.0, 15.0) as u32;
+                    q[o * k + g * G + j] = qv;
+                    deq[o * k + g * G + j] = sf * (qv as f32 - z as f32);
+                }
+            }
+        }
+        let sb: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        packed.insert(format!("{p}.scales"), (Dtype::F16, vec![groups, out], sb));
+        if method == "awq" {
+            // AutoAWQ: word j of input row i, nibble t holds output 8j + ORDER[t].
+            const ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+            let pack = |rows: usize, at: &dyn Fn(usize, usize) -> u32| -> Vec<u32> {
+                let mut v = vec![0u32; rows * out / 8];
+                for r in 0..rows {
+                    for j in 0..out / 8 {
+                        for (t, &c) in ORDER.iter().enumerate() {
+                            v[r * out / 8 + j] |= at(r, 8 * j + c) << (4 * t);
+                        }
+                    }
+                }
+                v
+            };
+            let qw = pack(k, &|i, o| q[o * k + i]);
+            let qz = pack(groups, &|g, o| zeros[g * out + o]);
+            packed.insert(
+                format!("{p}.qweight"),
+                (Dtype::I32, vec![k, out / 8], words(&qw)),
+            );
+            packed.insert(
+                format!("{p}.qzeros"),
+                (Dtype::I32, vec![groups, out / 8], words(&qz)),
+            );
+        } else {
+            // AutoGPTQ: nibble t of word (j, o) holds input 8j + t; zeros stored minus one.
+            let mut qw = vec![0u32; k / 8 * out];
+            for j in 0..k / 8 {
+                for o in 0..out {
+                    for t in 0..8 {
+                        qw[j * out + o] |= q[o * k + 8 * j + t] << (4 * t);
+                    }
+                }
+            }
+            let mut qz = vec![0u32; groups * out / 8];
+            for g in 0..groups {
+                for j in 0..out / 8 {
+                    for t in 0..8 {
+                        let z = zeros[g * out + 8 * j + t].wrapping_sub(1) & 0xF;
+                        qz[g * out / 8 + j] |= z << (4 * t);
+                    }
+                }
+            }
+            let g_idx: Vec<u32> = (0..k).map(|i| (i / G) as u32).collect();
+            packed.insert(
+                format!("{p}.qweight"),
+                (Dtype::I32, vec![k / 8, out], words(&qw)),
+            );
+            packed.insert(
+                format!("{p}.qzeros"),
+                (Dtype::I32, vec![groups, out / 8], words(&qz)),
+            );
+            packed.insert(format!("{p}.g_idx"), (Dtype::I32, vec![k], words(&g_idx)));
+        }
+        plain.insert(
+            n,
+            (shape, deq.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        );
+    }
+    let write = |tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, quant: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+        if quant {
+            let path = dir.path().join("config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["quantization_config"] = if method == "awq" {
+                serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": G,
+                    "zero_point": true, "version": "gemm",
+                    "modules_to_not_convert": ["vision_tower", "multi_modal_projector"]})
+            } else {
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": G,
+                    "desc_act": false, "sym": false, "checkpoint_format": "gptq"})
+            };
+            std::fs::write(&path, config.to_string()).unwrap();
+        }
+        let views: HashMap<String, TensorView> = tensors
+            .iter()
+            .map(|(n, (dt, s, d))| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+        dir
+    };
+    let plain = plain
+        .into_iter()
+        .map(|(n, (s, d))| (n, (Dtype::F32, s, d)))
+        .collect();
+    (write(packed, true), write(plain, false))
+}
+
+/// AWQ and GPTQ checkpoints give the greedy tokens of their dequantized weights, and
+/// log-probs within 1e-3 (the int16 activation blocks' error; the quantization itself
+/// moves them by more); a group size that does not divide a layer's inputs, or that
+/// is not whole 32-input blocks, and act-order GPTQ are refused by name.
+#[test]
+fn awq_and_gptq_checkpoints_compute_what_their_dequantized_weights_compute() {
+    let name = "llava-tiny-hub-f32";
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let images: Vec<PathBuf> = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| image(i.as_str().unwrap()))
+        .collect();
+    let prompt = golden["prompt"].as_str().unwrap();
+    let run = |dir: &Path| -> serde_json::Value {
+        let out = generate(dir, &images, prompt, &["--max-new-tokens", "8"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let lps = |v: &serde_json::Value| floats(&v["logprobs"]);
+    let plain = run(&fixtures().join(name));
+    for method in ["awq", "gptq"] {
+        let (quant, dequant) = int4_checkpoints(method);
+        let got = run(quant.path());
+        let want = run(dequant.path());
+        assert_eq!(
+            got["token_ids"], want["token_ids"],
+            "{method}: greedy tokens"
+        );
+        for (g, w) in lps(&got).iter().zip(lps(&want)) {
+            assert!((g - w).abs() <= 1e-3, "{method}: logprob {g} vs {w}");
+        }
+        let moved = lps(&want)
+            .iter()
+            .zip(lps(&plain))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        eprintln!("{method}: the dequantized weights move a logprob by {moved:.2e}");
+        assert!(
+            moved > 3e-3,
+            "{method}: quantization moved logprobs by only {moved}"
+        );
+        // Bad configurations, refused by name.
+        let config = quant.path().join("config.json");
+        let good = std::fs::read_to_string(&config).unwrap();
+        let with = |key: &str, value: serde_json::Value| {
+            let mut c: serde_json::Value = serde_json::from_str(&good).unwrap();
+            c["quantization_config"][key] = value;
+            std::fs::write(&config, c.to_string()).unwrap();
+            generate(quant.path(), &images, prompt, &["--max-new-tokens", "2"])
+        };
+        assert_clean_failure(
+            &with("group_size", 96.into()),
+            "group size 96 does not divide the input dimension",
+        );
+        assert_clean_failure(&with("group_size", 48.into()), "group size 48");
+        assert_clean_failure(&with("bits", 8.into()), "bits");
+        if method == "gptq" {
+            assert_clean_failure(&with("desc_act", true.into()), "desc_act");
+        }
+        std::fs::write(&config, &good).unwrap();
+    }
+}
