@@ -103,3 +103,66 @@ fn smollm2_from_its_quantized_blocks_gives_hfs_greedy_tokens() {
         p.bytes_read()
     );
 }
+
+/// A prompt of more than `quant::GEMM_ROWS` tokens prefilled at once runs its products
+/// on the bf16 GEMM (weights dequantized a panel at a time, activations rounded to
+/// bf16); prefilled 32 tokens a step it stays in integers. Both give the same greedy
+/// tokens, and log-probs within bf16's rounding of a 135M model's.
+#[test]
+fn smollm2_prefilled_at_once_or_in_small_chunks_agrees() {
+    use iris_engine::{Engine, EngineConfig, EngineRequest, TokenEvent};
+    let Some(path) = smollm2() else { return };
+    let p = std::sync::Arc::new(iris_engine::Pipeline::load(&path, &iris_e2e::options()).unwrap());
+    let text = "The history of the city begins with a small settlement on the river, where \
+                traders met to exchange salt, grain and wool. Over the centuries it grew \
+                into a market town, then a port, and finally the capital of the region. \
+                Its old quarter still keeps the narrow streets of those days. In summary, \
+                the city is known for";
+    let run = |chunk: usize| -> (Vec<u32>, Vec<f32>, usize) {
+        let engine = Engine::start(
+            p.clone(),
+            EngineConfig {
+                prefill_chunk: chunk,
+                ..Default::default()
+            },
+        );
+        let stream = engine
+            .submit(EngineRequest {
+                prompt: text.into(),
+                images: vec![],
+                options: iris_engine::GenerateOptions::new(16, Default::default()),
+                encoded: None,
+            })
+            .unwrap();
+        let (mut ids, mut lps, mut prompt) = (Vec::new(), Vec::new(), 0);
+        for ev in stream {
+            match ev {
+                TokenEvent::Token { id, logprob, .. } => {
+                    ids.push(id);
+                    lps.push(logprob);
+                }
+                TokenEvent::Finished {
+                    prompt_token_ids, ..
+                } => prompt = prompt_token_ids.len(),
+                TokenEvent::Error(e) => panic!("{e}"),
+                TokenEvent::Admitted { .. } => {}
+            }
+        }
+        (ids, lps, prompt)
+    };
+    let (gemm, gemm_lps, prompt) = run(4096);
+    assert!(
+        prompt >= iris_tensor::quant::GEMM_ROWS,
+        "{prompt} prompt tokens: the GEMM path needs {}",
+        iris_tensor::quant::GEMM_ROWS
+    );
+    let (ints, int_lps, _) = run(32);
+    assert_eq!(gemm, ints, "greedy tokens");
+    let worst = gemm_lps
+        .iter()
+        .zip(&int_lps)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!("{prompt} prompt tokens: log-probs within {worst:.1e}");
+    assert!(worst < 0.05, "log-probs {worst} apart");
+}

@@ -170,23 +170,9 @@ fn products(
         .collect();
     let panel = |&(j, p): &(usize, usize)| {
         let (w, n) = ws[j];
-        let c = &ptrs[j];
-        for k0 in (0..kp).step_by(KC) {
-            let kc = KC.min(kp - k0);
-            let b = &w.data[p * w.kp * PANEL * 2 + k0 * PANEL * 2..][..kc * PANEL * 2];
-            let cols = PANEL.min(n - p * PANEL);
-            let mut i = 0;
-            while i < m {
-                let rows = MR.min(m - i);
-                let a = &a[i * kp + k0 * MR..];
-                // SAFETY: AVX-512 BF16 was checked by the callers; `a` holds the row
-                // tile's pairs from `k0` on, `b` kc pairs of PANEL columns; the output
-                // rows i.. and columns of panel p are in output j and written by this
-                // task alone.
-                unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
-                i += rows;
-            }
-        }
+        let b = &w.data[p * w.kp * PANEL * 2..][..kp * PANEL * 2];
+        // SAFETY: panel p's columns of output j are written by this task alone.
+        unsafe { panel_product(a, m, kp, b, &ptrs[j], n, p) };
     };
     if parallel {
         tasks.par_iter().for_each(panel);
@@ -195,6 +181,79 @@ fn products(
     }
     for (o, &(_, n)) in outs.iter_mut().zip(ws) {
         // SAFETY: every element of the m × n output was stored above.
+        unsafe { o.set_len(m * n) };
+    }
+    outs
+}
+
+/// Rows packed by `pack_rows` times one packed panel `b` (`kp` pairs of `PANEL`
+/// columns), into panel `p`'s columns of the `[m, n]` output at `c`.
+///
+/// # Safety
+/// AVX-512 BF16 is present; no other thread writes panel `p`'s columns of `c` meanwhile.
+unsafe fn panel_product(
+    a: &[u32],
+    m: usize,
+    kp: usize,
+    b: &[bf16],
+    c: &OutPtr,
+    n: usize,
+    p: usize,
+) {
+    for k0 in (0..kp).step_by(KC) {
+        let kc = KC.min(kp - k0);
+        let b = &b[k0 * PANEL * 2..][..kc * PANEL * 2];
+        let cols = PANEL.min(n - p * PANEL);
+        let mut i = 0;
+        while i < m {
+            let rows = MR.min(m - i);
+            let a = &a[i * kp + k0 * MR..];
+            // SAFETY: `a` holds the row tile's pairs from `k0` on, `b` kc pairs of PANEL
+            // columns; the output rows i.. and columns of panel p are the caller's.
+            unsafe { x86::micro(a, b, kc, c.0.add(i * n + p * PANEL), n, rows, cols, k0 > 0) };
+            i += rows;
+        }
+    }
+}
+
+/// `x[m, k] · Wᵢᵀ` for weights given panel by panel rather than packed ahead:
+/// `panel(i, p, out)` writes weight i's panel p (its output columns `p·PANEL..`, zero
+/// past its `nᵢ`) as [`PackedBf16`] lays a panel out, `[k/2][PANEL][2]`, into `out`.
+/// Each parallel task makes its panel, then meets every row tile with it: a
+/// block-quantized weight's prefill runs on the bf16 GEMM, dequantizing each panel once
+/// for all the rows. Needs AVX-512 BF16.
+pub fn matmul_panels_many(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ns: &[usize],
+    panel: &(dyn Fn(usize, usize, &mut [bf16]) + Sync),
+) -> Vec<Vec<f32>> {
+    assert!(
+        crate::kernels::has_avx512_bf16(),
+        "matmul_panels_many needs AVX-512 BF16"
+    );
+    assert_eq!(x.len(), m * k, "matmul_panels_many: x is not [m, k]");
+    let kp = k.div_ceil(2);
+    let a = pack_rows(x, m, k, kp, true);
+    let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| Vec::with_capacity(m * n)).collect();
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let tasks: Vec<(usize, usize)> = ns
+        .iter()
+        .enumerate()
+        .flat_map(|(j, &n)| (0..n.div_ceil(PANEL)).map(move |p| (j, p)))
+        .collect();
+    tasks.par_iter().for_each_init(
+        || vec![bf16::ZERO; kp * PANEL * 2],
+        |buf, &(j, p)| {
+            panel(j, p, buf);
+            // SAFETY: AVX-512 BF16 was checked above; panel p of output j is this task's.
+            unsafe { panel_product(&a, m, kp, buf, &ptrs[j], ns[j], p) };
+        },
+    );
+    for (o, &n) in outs.iter_mut().zip(ns) {
+        // SAFETY: every element of the m × n output was stored above (the first
+        // k-block of every tile stores).
         unsafe { o.set_len(m * n) };
     }
     outs

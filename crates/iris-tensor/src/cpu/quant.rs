@@ -203,6 +203,12 @@ impl QuantMatrix {
             "quantized matmul: weights of different widths"
         );
         assert_eq!(x.len(), m * k, "quantized matmul: x is not [m, k]");
+        if m >= GEMM_ROWS && crate::kernels::has_avx512_bf16() {
+            let ns: Vec<usize> = ws.iter().map(|w| w.n).collect();
+            return super::packed::matmul_panels_many(x, m, k, &ns, &|j, p, out| {
+                ws[j].panel_bf16(p, out)
+            });
+        }
         let xq = QuantRows::quantize(x, m, k);
         let tasks: Vec<(usize, usize)> = ws
             .iter()
@@ -254,6 +260,61 @@ impl QuantMatrix {
         ys
     }
 
+    /// Output rows `p·PANEL..` dequantized and rounded to bf16, as the bf16 GEMM packs
+    /// a panel (`[k/2][PANEL][2]`), zero past the last row.
+    fn panel_bf16(&self, p: usize, out: &mut [half::bf16]) {
+        self.panel_bf16_with(p, out, has_vnni() && super::kernels::has_avx512_bf16())
+    }
+
+    /// [`QuantMatrix::panel_bf16`], the full groups with the SIMD kernel or not.
+    fn panel_bf16_with(&self, p: usize, out: &mut [half::bf16], simd: bool) {
+        use super::packed::PANEL;
+        let bb = self.ty.block_bytes();
+        let groups = self.k / BLOCK / GROUP;
+        // Pairs from here on are the row's tail blocks (ggml's layout).
+        let from = groups * GROUP * BLOCK;
+        let mut row = vec![0f32; self.k - from];
+        let mut halves = vec![half::bf16::ZERO; self.k - from];
+        for c in 0..PANEL {
+            let r = p * PANEL + c;
+            if r >= self.n {
+                for t in 0..self.k / 2 {
+                    out[t * PANEL * 2 + c * 2..][..2].fill(half::bf16::ZERO);
+                }
+                continue;
+            }
+            let w = self.row(r);
+            if simd {
+                for g in 0..groups {
+                    // SAFETY: AVX-512 BF16 and the kernels' features were detected; group
+                    // g of the packed row is whole, and `out` holds the panel's k/2 pairs.
+                    unsafe { x86::panel_group(self.ty, &w[g * GROUP * bb..], g, c, out) };
+                }
+            } else {
+                row.resize(from, 0.0);
+                halves.resize(from, half::bf16::ZERO);
+                dequantize_row(
+                    self.ty,
+                    &unpack_row(self.ty, &w[..groups * GROUP * bb]),
+                    &mut row,
+                );
+                super::kernels::to_bf16(&row, &mut halves);
+                for (t, pair) in halves.chunks_exact(2).enumerate() {
+                    out[t * PANEL * 2 + c * 2..][..2].copy_from_slice(pair);
+                }
+                row.resize(self.k - from, 0.0);
+                halves.resize(self.k - from, half::bf16::ZERO);
+            }
+            if from < self.k {
+                dequantize_row(self.ty, &w[groups * GROUP * bb..], &mut row);
+                super::kernels::to_bf16(&row, &mut halves);
+                for (t, pair) in halves.chunks_exact(2).enumerate() {
+                    out[(from / 2 + t) * PANEL * 2 + c * 2..][..2].copy_from_slice(pair);
+                }
+            }
+        }
+    }
+
     /// Chunk `c`'s weight rows · every activation row, as `[rows, m]`: activation rows
     /// in tiles so a tile's quantized values stay in cache while the chunk's rows pass
     /// it, and four at a time within a tile so each weight block is widened once for
@@ -267,7 +328,8 @@ impl QuantMatrix {
 
     /// [`QuantMatrix::chunk`] into `out` (`[rows, m]`).
     fn chunk_into(&self, xq: &QuantRows, m: usize, c: usize, out: &mut [f32]) {
-        const TILE: usize = 64;
+        // A multiple of the kernel's six rows.
+        const TILE: usize = 66;
         let rows = c * CHUNK_ROWS..(c * CHUNK_ROWS + CHUNK_ROWS).min(self.n);
         assert_eq!(out.len(), rows.len() * m, "a chunk's outputs");
         let simd = has_vnni();
@@ -276,8 +338,10 @@ impl QuantMatrix {
             let mut ri = 0;
             while ri < rows.len() {
                 let r = rows.start + ri;
-                if simd && ri + 1 < rows.len() {
-                    // Two weight rows at once: each activation vector loaded once for both.
+                if simd && m > 1 && ri + 1 < rows.len() {
+                    // Two weight rows at once: each activation vector loaded once for both
+                    // (one row alone streams faster with one weight row a call: 33-34 vs
+                    // 18-21 tok/s at Q4_0 batch 1).
                     let (a, b) = out.split_at_mut((ri + 1) * m);
                     let mut o = [&mut a[ri * m + t0..ri * m + t1], &mut b[t0..t1]];
                     // SAFETY: as below, for rows r and r + 1.
@@ -307,6 +371,14 @@ impl QuantMatrix {
 
 /// Weight rows a parallel task takes.
 const CHUNK_ROWS: usize = 16;
+
+/// Activation rows from which a product runs on the bf16 GEMM (each weight panel
+/// dequantized once for all the rows) rather than in integers: `vpdpwssd` does 32
+/// multiply-adds a 512-bit instruction as `vdpbf16ps` does, but this machine (AMD
+/// Zen 4) issues it half as often — 95 vs 211 GFLOP/s a core at 608 rows. The
+/// weights and activations are then rounded to bf16 (2⁻⁹ of each value), as a bf16
+/// model's prefill is; decode and small batches keep the integer path's int16 blocks.
+pub const GEMM_ROWS: usize = 64;
 
 /// Weight bytes from which a product is split over the threads: below it, the
 /// fork-join costs about what the second core saves.
@@ -721,8 +793,9 @@ mod x86 {
 
     /// `W` packed weight rows · quantized activation rows `i0..i0 + len` into `out[v]`
     /// (each `len` long): [`XR`] rows at a time (each weight vector widened once for
-    /// them), the rest one by one — each (weight row, activation row) pair's sums in the
-    /// same order either way, so a row in a batch gets the bits it gets alone.
+    /// them), the rest four, two or one at a time — each (weight row, activation row)
+    /// pair's sums in the same order either way, so a row in a batch gets the bits it
+    /// gets alone.
     ///
     /// # Safety
     /// The CPU has the features enabled here; each `w[v]` is a packed row of `x.k / 32`
@@ -737,20 +810,23 @@ mod x86 {
     ) {
         let len = out[0].len();
         let mut j = 0;
-        while j + XR <= len {
-            let y = rows::<W, XR>(ty, w, x, i0 + j);
-            for (o, y) in out.iter_mut().zip(y) {
-                o[j..j + XR].copy_from_slice(&y);
-            }
-            j += XR;
+        macro_rules! take {
+            ($r:expr) => {
+                while len - j >= $r {
+                    let y = rows::<W, $r>(ty, w, x, i0 + j);
+                    for (o, y) in out.iter_mut().zip(y) {
+                        o[j..j + $r].copy_from_slice(&y);
+                    }
+                    j += $r;
+                }
+            };
         }
-        while j < len {
-            let y = rows::<W, 1>(ty, w, x, i0 + j);
-            for (o, y) in out.iter_mut().zip(y) {
-                o[j] = y[0];
-            }
-            j += 1;
-        }
+        // Sixes, then what is left in fours, twos and ones: a lone row's sums are one
+        // dependency chain each, several times slower a row.
+        take!(XR);
+        take!(4);
+        take!(2);
+        take!(1);
     }
 
     /// `R` activation rows from `i` · `W` packed weight rows: per full group, 16 (Q8_0)
@@ -780,23 +856,31 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); R]; W];
         let m4 = _mm512_set1_epi16(0x0F);
         for g in 0..groups {
-            let gp: [*const u8; W] = std::array::from_fn(|v| w[v].as_ptr().add(g * GROUP * bb));
-            let qp: [*const u8; W] = std::array::from_fn(|v| gp[v].add(super::values_offset(ty)));
+            let mut gp = [std::ptr::null::<u8>(); W];
+            let mut qp = [std::ptr::null::<u8>(); W];
+            for v in 0..W {
+                gp[v] = w[v].as_ptr().add(g * GROUP * bb);
+                qp[v] = gp[v].add(super::values_offset(ty));
+            }
             let xo = g * GROUP * BLOCK;
             let mut sums = [[_mm512_setzero_si512(); R]; W];
-            let xv = |r: usize, t: usize| {
-                _mm512_loadu_si512(xs[r].as_ptr().add(xo + t * 2 * GROUP) as *const _)
-            };
+            // No closures here: they would not inherit this function's target features
+            // and would be called, not inlined, once a load.
+            let mut xp = [std::ptr::null::<i16>(); R];
+            for r in 0..R {
+                xp[r] = xs[r].as_ptr().add(xo);
+            }
+            let mut wv = [_mm512_setzero_si512(); W];
             match ty {
                 QuantType::Q8_0 => {
                     for t in 0..BLOCK / 2 {
-                        let wv: [__m512i; W] = std::array::from_fn(|v| {
-                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                        for v in 0..W {
+                            wv[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
                                 qp[v].add(t * 32) as *const __m256i
-                            ))
-                        });
+                            ));
+                        }
                         for r in 0..R {
-                            let a = xv(r, t);
+                            let a = _mm512_loadu_si512(xp[r].add(t * 2 * GROUP) as *const _);
                             for v in 0..W {
                                 sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], wv[v], a);
                             }
@@ -804,23 +888,24 @@ mod x86 {
                     }
                 }
                 QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
+                    let mut hi = [_mm512_setzero_si512(); W];
                     for p in 0..BLOCK / 4 {
-                        let b: [__m512i; W] = std::array::from_fn(|v| {
-                            _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                        for v in 0..W {
+                            let b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
                                 qp[v].add(p * 32) as *const __m256i
-                            ))
-                        });
-                        let lo: [__m512i; W] = std::array::from_fn(|v| _mm512_and_si512(b[v], m4));
+                            ));
+                            wv[v] = _mm512_and_si512(b, m4);
+                            hi[v] = _mm512_srli_epi16::<4>(b);
+                        }
                         for r in 0..R {
-                            let a = xv(r, 2 * p);
+                            let a = _mm512_loadu_si512(xp[r].add(2 * p * 2 * GROUP) as *const _);
                             for v in 0..W {
-                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], lo[v], a);
+                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], wv[v], a);
                             }
                         }
-                        let hi: [__m512i; W] =
-                            std::array::from_fn(|v| _mm512_srli_epi16::<4>(b[v]));
                         for r in 0..R {
-                            let a = xv(r, 2 * p + 1);
+                            let a =
+                                _mm512_loadu_si512(xp[r].add((2 * p + 1) * 2 * GROUP) as *const _);
                             for v in 0..W {
                                 sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], hi[v], a);
                             }
@@ -859,11 +944,96 @@ mod x86 {
                 }
             }
         }
-        std::array::from_fn(|v| {
-            std::array::from_fn(|r| {
-                _mm512_reduce_add_ps(acc[v][r]) + tail(ty, w[v], x, i + r, groups * GROUP)
-            })
-        })
+        let mut out = [[0f32; R]; W];
+        for v in 0..W {
+            for r in 0..R {
+                out[v][r] = _mm512_reduce_add_ps(acc[v][r])
+                    + if groups * GROUP < nb {
+                        tail(ty, w[v], x, i + r, groups * GROUP)
+                    } else {
+                        0.0
+                    };
+            }
+        }
+        out
+    }
+
+    /// Group `g` of a packed weight row (`w` from the group on), dequantized as
+    /// [`super::dequantize_row`] computes each value (`d·q + c`, two roundings), rounded
+    /// to bf16 and stored as column `c` of a bf16 GEMM panel (`out`: `[k/2][PANEL][2]`):
+    /// a 512-bit vector of values a pair index, the 16 blocks' pairs scattered at once.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 BF16 and the features enabled here; `w` holds the group's
+    /// bytes; `out` holds the panel's pairs up to those of group `g`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512bf16")]
+    pub unsafe fn panel_group(ty: QuantType, w: &[u8], g: usize, c: usize, out: &mut [half::bf16]) {
+        use super::super::packed::PANEL;
+        let bb = ty.block_bytes();
+        assert!(w.len() >= GROUP * bb);
+        assert!(out.len() >= ((g + 1) * GROUP * BLOCK / 2) * PANEL * 2);
+        let gp = w.as_ptr();
+        let qp = gp.add(super::values_offset(ty));
+        let d = match ty {
+            QuantType::Q4F => _mm512_loadu_ps(gp as *const f32),
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
+        };
+        let off = match ty {
+            QuantType::Q8_0 => _mm512_setzero_ps(),
+            QuantType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+            QuantType::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i)),
+            QuantType::Q4F => _mm512_loadu_ps(gp.add(64) as *const f32),
+        };
+        // Lane l of a 16-lane half is element pair l / 2 of block l / 2 (+ 8 for the
+        // upper half): each block's scale twice.
+        let lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        let hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+        let (d_lo, d_hi) = (
+            _mm512_permutexvar_ps(lo_idx, d),
+            _mm512_permutexvar_ps(hi_idx, d),
+        );
+        let (c_lo, c_hi) = (
+            _mm512_permutexvar_ps(lo_idx, off),
+            _mm512_permutexvar_ps(hi_idx, off),
+        );
+        // Block j's pair t of this group is pair (16g + j)·16 + t of the row.
+        let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        let stride = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((BLOCK / 2 * PANEL) as i32));
+        let base = out.as_mut_ptr() as *mut u8;
+        let store = |t: usize, a: __m512i, b: __m512i| {
+            let a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), d_lo), c_lo);
+            let b = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(b), d_hi), c_hi);
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+            let at = ((g * GROUP * BLOCK / 2 + t) * PANEL + c) as i32;
+            let idx = _mm512_add_epi32(stride, _mm512_set1_epi32(at));
+            _mm512_i32scatter_epi32::<4>(base as *mut _, idx, v);
+        };
+        match ty {
+            QuantType::Q8_0 => {
+                for t in 0..BLOCK / 2 {
+                    let p = qp.add(t * 32);
+                    store(
+                        t,
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    );
+                }
+            }
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
+                let m4 = _mm512_set1_epi32(0x0F);
+                for p in 0..BLOCK / 4 {
+                    let ptr = qp.add(p * 32);
+                    let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(ptr as *const __m128i));
+                    let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(ptr.add(16) as *const __m128i));
+                    store(2 * p, _mm512_and_si512(a, m4), _mm512_and_si512(b, m4));
+                    store(
+                        2 * p + 1,
+                        _mm512_srli_epi32::<4>(a),
+                        _mm512_srli_epi32::<4>(b),
+                    );
+                }
+            }
+        }
     }
 
     /// Blocks `from..` of a weight row (past its full groups: still ggml's blocks) ·
@@ -998,6 +1168,51 @@ mod tests {
                     let scalar = dot_scalar(ty, &unpack_row(ty, w.row(r)), &xq, i) as f64;
                     assert!((scalar - got).abs() <= 1e-5 * (1.0 + want.abs()), "{ty:?}");
                 }
+            }
+        }
+    }
+
+    /// From [`GEMM_ROWS`] rows the product runs on the bf16 GEMM: within bf16's rounding
+    /// of weights and activations of the dequantized product.
+    #[test]
+    fn many_rows_run_on_the_bf16_gemm_within_its_rounding() {
+        if !crate::kernels::has_avx512_bf16() {
+            return;
+        }
+        let (m, n, k) = (GEMM_ROWS + 5, 70, 576);
+        let x = noise(m * k, 5);
+        for ty in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q4F,
+        ] {
+            let w = matrix(ty, n, k, 13);
+            let wd = w.dequantize_rows(0..n);
+            let y = w.matmul(&x, m);
+            let mut worst = 0f64;
+            for i in 0..m {
+                for r in 0..n {
+                    let terms = (0..k).map(|j| wd[r * k + j] as f64 * x[i * k + j] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let size: f64 = terms.map(f64::abs).sum();
+                    let err = (y[i * n + r] as f64 - want).abs() / size;
+                    worst = worst.max(err);
+                }
+            }
+            // Two roundings of 2⁻⁹ a term at most; their errors mostly cancel.
+            assert!(worst <= 2.0 * 2f64.powi(-9), "{ty:?}: {worst}");
+            assert!(worst > 0.0, "{ty:?}: the GEMM path ran");
+            // The SIMD panel is the scalar one, bit for bit, the padding past n included.
+            let len = k / 2 * super::super::packed::PANEL * 2;
+            for p in 0..n.div_ceil(super::super::packed::PANEL) {
+                let (mut a, mut b) = (vec![half::bf16::ONE; len], vec![half::bf16::ZERO; len]);
+                w.panel_bf16_with(p, &mut a, true);
+                w.panel_bf16_with(p, &mut b, false);
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{ty:?} panel {p}"
+                );
             }
         }
     }
