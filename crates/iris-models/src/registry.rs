@@ -181,6 +181,68 @@ impl Family {
     }
 }
 
+/// The `.gguf` file of a LLaVA folder, which holds its language model (the vision tower
+/// and projector stay in the safetensors): none, or one — several are an error.
+fn language_model_gguf(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(crate::error::io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_gguf(p))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(Error::Config(format!(
+            "{}: {} .gguf files ({}); a LLaVA folder takes one, its language model",
+            dir.display(),
+            found.len(),
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// A GGUF language model's shape against the LLaVA config's `text_config`: each
+/// dimension the two state must agree.
+fn check_text_config(path: &Path, gguf: &Value, text: Option<&Value>) -> Result<()> {
+    let Some(text) = text else {
+        return Err(Error::Config(format!(
+            "{}: the LLaVA config has no text_config to check it against",
+            path.display()
+        )));
+    };
+    for key in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+    ] {
+        let want = text.get(key).and_then(Value::as_u64);
+        let got = gguf.get(key).and_then(Value::as_u64);
+        // A text_config may leave num_key_value_heads out: then it equals the heads.
+        let want = want.or_else(|| {
+            (key == "num_key_value_heads")
+                .then(|| text.get("num_attention_heads").and_then(Value::as_u64))
+                .flatten()
+        });
+        if want.is_some() && want != got {
+            return Err(Error::Config(format!(
+                "{}: {key} {}, but the LLaVA config's text_config says {}",
+                path.display(),
+                got.map_or("absent".into(), |v| v.to_string()),
+                want.map_or("absent".into(), |v| v.to_string())
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A model folder opened for loading: its config, the dtype its tensors are served in,
 /// and the memory-mapped checkpoint (nothing is read until a part asks for a tensor).
 #[derive(Debug)]
@@ -235,7 +297,15 @@ impl Checkpoint {
             .or_else(|| checkpoint_dtype(&config))
             .or_else(text_dtype)
             .unwrap_or(DType::F32);
-        let weights = Arc::new(quantized(Weights::open(dir, dtype)?.on(device)));
+        let mut weights = Weights::open(dir, dtype)?;
+        if family == Family::Llava {
+            if let Some(path) = language_model_gguf(dir)? {
+                let (lm, lm_config) = Weights::open_gguf(&path, dtype)?;
+                check_text_config(&path, &lm_config, config.get("text_config"))?;
+                weights.attach(lm, |name| format!("language_model.{name}"), &path)?;
+            }
+        }
+        let weights = Arc::new(quantized(weights.on(device)));
         Ok(Checkpoint {
             family,
             architecture,

@@ -376,6 +376,31 @@ impl Weights {
         Ok((weights, llama.config))
     }
 
+    /// `other`'s tensors added under `rename` of their names (a GGUF language model
+    /// inside a LLaVA folder: `model.*` → `language_model.model.*`); a name both hold is
+    /// an error naming `source`.
+    pub fn attach(
+        &mut self,
+        other: Weights,
+        rename: impl Fn(&str) -> String,
+        source: &Path,
+    ) -> Result<()> {
+        let offset = self.maps.len();
+        self.maps.extend(other.maps);
+        for (name, mut e) in other.entries {
+            let name = rename(&name);
+            if self.entries.contains_key(&name) {
+                return Err(Error::Config(format!(
+                    "{name} is both in the safetensors and in {}",
+                    source.display()
+                )));
+            }
+            e.file += offset;
+            self.entries.insert(name, e);
+        }
+        Ok(())
+    }
+
     /// A stored tensor's bytes.
     fn bytes_of<'a>(&'a self, e: &'a Entry) -> &'a [u8] {
         match &e.owned {

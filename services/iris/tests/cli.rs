@@ -1055,3 +1055,76 @@ fn awq_and_gptq_checkpoints_compute_what_their_dequantized_weights_compute() {
         std::fs::write(&config, &good).unwrap();
     }
 }
+
+/// A LLaVA folder whose language model is a GGUF file (llava-tiny-hub-gguf: the f32
+/// fixture's LLaMA written by gguf-py as llama.cpp's converter writes it, linears and
+/// head in Q8_0; `tools/gen_llava_gguf_fixture.py`) computes what the f32 folder does
+/// with `--quantize q8_0`: the same blocks (gguf-py's quantizer is ggml's), so the same
+/// tokens and log-probs. Two .gguf files, or one whose shape is not the config's, are
+/// refused by name.
+#[test]
+fn a_llava_whose_language_model_is_a_gguf_file_runs_from_its_blocks() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llava-tiny-hub-f32/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let images: Vec<PathBuf> = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| image(i.as_str().unwrap()))
+        .collect();
+    let prompt = golden["prompt"].as_str().unwrap();
+    let run = |dir: &Path, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["--max-new-tokens", "8"];
+        args.extend(extra);
+        let out = generate(dir, &images, prompt, &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let got = run(&fixtures().join("llava-tiny-hub-gguf"), &[]);
+    let want = run(
+        &fixtures().join("llava-tiny-hub-f32"),
+        &["--quantize", "q8_0"],
+    );
+    assert_eq!(got["prompt_token_ids"], want["prompt_token_ids"]);
+    assert_eq!(got["token_ids"], want["token_ids"]);
+    for (g, w) in floats(&got["logprobs"])
+        .iter()
+        .zip(floats(&want["logprobs"]))
+    {
+        assert!((g - w).abs() <= 1e-6, "logprob {g} vs {w}");
+    }
+    // Bad folders.
+    let copy = || {
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(fixtures().join("llava-tiny-hub-gguf")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+        dir
+    };
+    let two = copy();
+    std::fs::copy(
+        two.path().join("language_model.gguf"),
+        two.path().join("other.gguf"),
+    )
+    .unwrap();
+    let out = generate(two.path(), &images, prompt, &[]);
+    assert_clean_failure(&out, "2 .gguf files");
+    let wider = copy();
+    let path = wider.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["text_config"]["intermediate_size"] = 256.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = generate(wider.path(), &images, prompt, &[]);
+    assert_clean_failure(
+        &out,
+        "intermediate_size 128, but the LLaVA config's text_config says 256",
+    );
+}
