@@ -24,7 +24,7 @@ cargo build -p iris --features cuda
 # A real GGUF checkpoint for the header test, cached outside the repo.
 IRIS_SMOLLM2_GGUF="$(bash scripts/models.sh)"
 export IRIS_SMOLLM2_GGUF IRIS_REQUIRE_MODELS=1
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 # Every CUDA kernel compiled by NVRTC (from PyPI, cached) to PTX for sm_80 and sm_90
 # and assembled by ptxas (no spills), and the backend suite again in a CUDA build (on
 # the CPU: no GPU here).
