@@ -168,6 +168,10 @@ pub struct DecodeImagesArgs {
 
 #[derive(Args, Clone)]
 pub struct DecodeArgs {
+    /// A LLaMA `.gguf` file to measure instead of random weights of the shape below
+    /// (its own shape and formats; `--dtypes` is ignored).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Weight dtypes to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("f32"), String::from("bf16")])]
     dtypes: Vec<String>,
@@ -506,20 +510,47 @@ fn decode_comm(
     Ok((c, Box::new(move || stats.time_in_collectives())))
 }
 
-fn decode(a: DecodeArgs) -> anyhow::Result<()> {
+fn decode(mut a: DecodeArgs) -> anyhow::Result<()> {
     if a.tp > 1 && a.tp_rank.is_none() {
         return decode_tp(&a);
     }
     let (comm, collectives) = decode_comm(&a)?;
     // Only rank 0 of a group prints.
     let quiet = comm.rank() != 0;
-    let cfg_json = serde_json::json!({
-        "hidden_size": a.hidden, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-        "num_key_value_heads": a.kv_heads, "intermediate_size": a.intermediate, "vocab_size": a.vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    });
-    let cfg = LlamaConfig::from_value(&cfg_json, false)?;
     let device = Device::parse(&a.device)?;
+    let file = match &a.model {
+        Some(path) => {
+            anyhow::ensure!(comm.world_size() == 1, "--model runs on one rank");
+            let ck = iris_models::registry::Checkpoint::open_on(path, None, device, None)?;
+            anyhow::ensure!(
+                ck.family == iris_models::registry::Family::Llama,
+                "{}: --model takes a LLaMA (a .gguf file or a LlamaForCausalLM folder)",
+                path.display()
+            );
+            Some(ck)
+        }
+        None => None,
+    };
+    let cfg_json = match &file {
+        Some(ck) => ck.config.clone(),
+        None => serde_json::json!({
+            "hidden_size": a.hidden, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
+            "num_key_value_heads": a.kv_heads, "intermediate_size": a.intermediate, "vocab_size": a.vocab,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        }),
+    };
+    let cfg = LlamaConfig::from_value(&cfg_json, false)?;
+    if let Some(path) = &a.model {
+        a.hidden = cfg.hidden_size;
+        a.layers = cfg.num_hidden_layers;
+        a.heads = cfg.num_attention_heads;
+        a.kv_heads = cfg.num_key_value_heads;
+        a.intermediate = cfg.intermediate_size;
+        a.vocab = cfg.vocab_size;
+        a.dtypes = vec![path
+            .file_name()
+            .map_or("model".into(), |f| f.to_string_lossy().into_owned())];
+    }
     // 1 GiB, well past the 32 MiB of last-level cache (and a GPU's L2): every pass
     // reads from memory.
     let bw = Bandwidth::new(device)?;
@@ -540,6 +571,35 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         );
     }
     for name in &a.dtypes {
+        if let Some(ck) = &file {
+            // The file's tensors as stored; a step reads all but the embedding table
+            // (one row of it), and the table again when the head is tied to it.
+            let w = ck.weights.clone();
+            let embed = "model.embed_tokens.weight";
+            let names = w.names();
+            let total: usize = names.iter().map(|n| w.stored_bytes(n)).sum();
+            let mut bytes = total - w.stored_bytes(embed);
+            if !w.contains("lm_head.weight") {
+                bytes += w.stored_bytes(embed);
+            }
+            let model = Llama::load(&w.lm("model"), &w.lm("lm_head"), &cfg, comm.clone())?;
+            drop(w);
+            // Parameters a token meets: the linear layers and the head.
+            let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+            let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+            let layer = 2 * q * d + 2 * kv * d + 3 * cfg.intermediate_size * d;
+            let params = (cfg.num_hidden_layers * layer + cfg.vocab_size * d) as f64;
+            let run = Run {
+                name,
+                model: &model,
+                bytes,
+                params,
+                bw: &bw,
+                device,
+            };
+            decode_runs(&a, &run, &comm, &collectives, quiet)?;
+            continue;
+        }
         // A block format: f32 random weights, the linear layers quantized as they load.
         let quant = match name.as_str() {
             "q8_0" => Some(QuantType::Q8_0),
@@ -581,154 +641,16 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 rayon::current_num_threads()
             );
         }
-        comm.barrier()?;
-        for kv in &a.kv {
-            for &batch in &a.batch {
-                let mut caches = decode_caches(&model, kv, batch, &a, device)?;
-                let mut last: Vec<Tensor> = Vec::with_capacity(batch);
-                for (s, cache) in caches.iter_mut().enumerate() {
-                    if a.context > 0 {
-                        // Random K/V for `context` positions, then one token's embedding.
-                        let w = model.kv_width();
-                        for layer in 0..cache.n_layers() {
-                            let k = random(a.context * w, (s * 1000 + layer) as u64);
-                            let v = random(a.context * w, (s * 1000 + layer) as u64 + 500);
-                            let rows = |x| Tensor::from_f32(x, &[a.context, w])?.to_device(device);
-                            cache.write(layer, &rows(k)?, &rows(v)?)?;
-                        }
-                        cache.advance(a.context);
-                        last.push(model.embed(&[(s as u32 * 31) % a.vocab as u32])?);
-                        continue;
-                    }
-                    let ids: Vec<u32> = (0..a.prompt as u32)
-                        .map(|i| (i * 7919 + s as u32 * 31) % a.vocab as u32)
-                        .collect();
-                    let h = model.forward(&model.embed(&ids)?, cache)?;
-                    last.push(h.narrow_rows(h.rows() - 1, 1)?);
-                }
-                // The machine is shared: its bandwidth drifts by a third within a minute. So
-                // each step is paired with a bandwidth pass right before it, and the
-                // roofline ratio is the median of the pairs' ratios.
-                let (mut times, mut bws) = (Vec::new(), Vec::new());
-                let (mut coll_calls, mut coll_secs) = (0u64, 0f64);
-                for _ in 0..a.tokens {
-                    comm.barrier()?;
-                    bws.push(bw.pass()?);
-                    comm.barrier()?;
-                    let (calls0, secs0) = collectives();
-                    let t = Instant::now();
-                    // One head call and one forward for the whole batch: weights read once.
-                    let logits =
-                        model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
-                    let next = logits.argmax_rows()?;
-                    let embeds: Vec<Tensor> = next
-                        .iter()
-                        .map(|&t| model.embed(&[t]))
-                        .collect::<Result<_, _>>()?;
-                    let mut refs: Vec<_> = caches.iter_mut().collect();
-                    last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
-                    device.synchronize()?;
-                    times.push(t.elapsed().as_secs_f64());
-                    let (calls1, secs1) = collectives();
-                    coll_calls += calls1 - calls0;
-                    coll_secs += secs1 - secs0;
-                }
-                let ratio = median(
-                    times
-                        .iter()
-                        .zip(&bws)
-                        .map(|(t, bw)| bytes as f64 / bw / t)
-                        .collect(),
-                );
-                let (step, bw) = (median(times), median(bws));
-                let roofline = bw / bytes as f64;
-                let tps = batch as f64 / step;
-                // Collectives of the timed steps (the barriers around each pass excluded).
-                let steps = a.tokens.max(1) as f64;
-                let coll_calls = coll_calls as f64 / steps;
-                let coll_ms = coll_secs / steps * 1e3;
-                if quiet {
-                    continue;
-                }
-                if comm.world_size() > 1 && !a.json {
-                    println!(
-                        "  TP {} over {}: {coll_calls:.0} collectives a step, {coll_ms:.2} ms a step in them (waiting for the other ranks included)",
-                        comm.world_size(),
-                        a.tp_transport
-                    );
-                }
-                if a.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "dtype": name, "kv": kv, "context": a.context,
-                            "batch": batch, "tokens_per_s": tps,
-                            "roofline_tokens_per_s": roofline, "ratio": ratio,
-                            "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
-                        })
-                    );
-                } else {
-                    let kv_note = match (kv.as_str(), a.context) {
-                        ("own", 0) => String::new(),
-                        (kv, c) => format!(" [kv {kv}, context {c}]"),
-                    };
-                    println!(
-                    "{name:>5}{kv_note} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
-                    step * 1e3,
-                    a.tokens,
-                    bytes as f64 / 1e9,
-                    bw / 1e9,
-                    100.0 * ratio
-                );
-                }
-            }
-        }
-        if a.prefill > 0 {
-            comm.barrier()?;
-            // A LLaVA-1.5 prompt: 576 visual tokens + text, as embeddings.
-            let ids: Vec<u32> = (0..a.prefill as u32)
-                .map(|i| (i * 7919) % a.vocab as u32)
-                .collect();
-            let embeds = model.embed(&ids)?;
-            // The fastest of three (each into a fresh cache): a shared machine's noise
-            // only ever adds time. tools/bench_torch_decode.py does the same.
-            let mut secs = f64::INFINITY;
-            let prefill_args = DecodeArgs {
-                prompt: a.prefill,
-                tokens: 0,
-                context: 0,
-                ..a.clone()
-            };
-            let kv = if device == Device::Cpu { "own" } else { "bf16" };
-            for _ in 0..3 {
-                let mut cache = decode_caches(&model, kv, 1, &prefill_args, device)?.remove(0);
-                let t = Instant::now();
-                let h = model.forward(&embeds, &mut cache)?;
-                model.logits(&h.narrow_rows(h.rows() - 1, 1)?)?;
-                device.synchronize()?;
-                secs = secs.min(t.elapsed().as_secs_f64());
-            }
-            let params = (dense_bytes / dtype.size_in_bytes()) as f64;
-            if quiet {
-                continue;
-            }
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "dtype": name, "prefill": a.prefill, "seconds": secs,
-                        "prefill_tokens_per_s": a.prefill as f64 / secs,
-                    })
-                );
-                continue;
-            }
-            println!(
-                "{name:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
-                a.prefill,
-                secs,
-                2.0 * params * a.prefill as f64 / secs / 1e9
-            );
-        }
+        let params = (dense_bytes / dtype.size_in_bytes()) as f64;
+        let run = Run {
+            name,
+            model: &model,
+            bytes,
+            params,
+            bw: &bw,
+            device,
+        };
+        decode_runs(&a, &run, &comm, &collectives, quiet)?;
     }
     Ok(())
 }
@@ -824,6 +746,182 @@ fn allreduce_rank(a: AllreduceRankArgs) -> anyhow::Result<()> {
                 times[times.len() * 9 / 10] * 1e6
             );
         }
+    }
+    Ok(())
+}
+
+/// What one measured model is: its name in the output, the bytes a decode step reads, its
+/// parameters (for prefill GFLOP/s), the bandwidth probe and the device.
+struct Run<'a> {
+    name: &'a str,
+    model: &'a Llama,
+    bytes: usize,
+    params: f64,
+    bw: &'a Bandwidth,
+    device: Device,
+}
+
+/// The timed decode steps at each `--kv` and `--batch`, then the prefill, of one model.
+fn decode_runs(
+    a: &DecodeArgs,
+    run: &Run,
+    comm: &Arc<dyn iris_comm::Communicator>,
+    collectives: &CollectiveTime,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let Run {
+        name,
+        model,
+        bytes,
+        params,
+        bw,
+        device,
+    } = *run;
+    comm.barrier()?;
+    for kv in &a.kv {
+        for &batch in &a.batch {
+            let mut caches = decode_caches(model, kv, batch, a, device)?;
+            let mut last: Vec<Tensor> = Vec::with_capacity(batch);
+            for (s, cache) in caches.iter_mut().enumerate() {
+                if a.context > 0 {
+                    // Random K/V for `context` positions, then one token's embedding.
+                    let w = model.kv_width();
+                    for layer in 0..cache.n_layers() {
+                        let k = random(a.context * w, (s * 1000 + layer) as u64);
+                        let v = random(a.context * w, (s * 1000 + layer) as u64 + 500);
+                        let rows = |x| Tensor::from_f32(x, &[a.context, w])?.to_device(device);
+                        cache.write(layer, &rows(k)?, &rows(v)?)?;
+                    }
+                    cache.advance(a.context);
+                    last.push(model.embed(&[(s as u32 * 31) % a.vocab as u32])?);
+                    continue;
+                }
+                let ids: Vec<u32> = (0..a.prompt as u32)
+                    .map(|i| (i * 7919 + s as u32 * 31) % a.vocab as u32)
+                    .collect();
+                let h = model.forward(&model.embed(&ids)?, cache)?;
+                last.push(h.narrow_rows(h.rows() - 1, 1)?);
+            }
+            // The machine is shared: its bandwidth drifts by a third within a minute. So
+            // each step is paired with a bandwidth pass right before it, and the
+            // roofline ratio is the median of the pairs' ratios.
+            let (mut times, mut bws) = (Vec::new(), Vec::new());
+            let (mut coll_calls, mut coll_secs) = (0u64, 0f64);
+            for _ in 0..a.tokens {
+                comm.barrier()?;
+                bws.push(bw.pass()?);
+                comm.barrier()?;
+                let (calls0, secs0) = collectives();
+                let t = Instant::now();
+                // One head call and one forward for the whole batch: weights read once.
+                let logits = model.logits(&Tensor::cat_rows(&last.iter().collect::<Vec<_>>())?)?;
+                let next = logits.argmax_rows()?;
+                let embeds: Vec<Tensor> = next
+                    .iter()
+                    .map(|&t| model.embed(&[t]))
+                    .collect::<Result<_, _>>()?;
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                last = model.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut refs)?;
+                device.synchronize()?;
+                times.push(t.elapsed().as_secs_f64());
+                let (calls1, secs1) = collectives();
+                coll_calls += calls1 - calls0;
+                coll_secs += secs1 - secs0;
+            }
+            let ratio = median(
+                times
+                    .iter()
+                    .zip(&bws)
+                    .map(|(t, bw)| bytes as f64 / bw / t)
+                    .collect(),
+            );
+            let (step, bw) = (median(times), median(bws));
+            let roofline = bw / bytes as f64;
+            let tps = batch as f64 / step;
+            // Collectives of the timed steps (the barriers around each pass excluded).
+            let steps = a.tokens.max(1) as f64;
+            let coll_calls = coll_calls as f64 / steps;
+            let coll_ms = coll_secs / steps * 1e3;
+            if quiet {
+                continue;
+            }
+            if comm.world_size() > 1 && !a.json {
+                println!(
+                    "  TP {} over {}: {coll_calls:.0} collectives a step, {coll_ms:.2} ms a step in them (waiting for the other ranks included)",
+                    comm.world_size(),
+                    a.tp_transport
+                );
+            }
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "dtype": name, "kv": kv, "context": a.context,
+                        "batch": batch, "tokens_per_s": tps,
+                        "roofline_tokens_per_s": roofline, "ratio": ratio,
+                        "bytes_per_token": bytes, "bandwidth_bytes_per_s": bw,
+                    })
+                );
+            } else {
+                let kv_note = match (kv.as_str(), a.context) {
+                    ("own", 0) => String::new(),
+                    (kv, c) => format!(" [kv {kv}, context {c}]"),
+                };
+                println!(
+                "{name:>5}{kv_note} batch {batch:>2}: {tps:7.2} tok/s aggregate ({:.1} ms/step, median of {}); batch-1 roofline {roofline:.2} tok/s ({:.2} GB/step at {:.1} GB/s, medians) -> step at {:.1}% of the weight-read bound (median of step / pass pairs)",
+                step * 1e3,
+                a.tokens,
+                bytes as f64 / 1e9,
+                bw / 1e9,
+                100.0 * ratio
+            );
+            }
+        }
+    }
+    if a.prefill > 0 {
+        comm.barrier()?;
+        // A LLaVA-1.5 prompt: 576 visual tokens + text, as embeddings.
+        let ids: Vec<u32> = (0..a.prefill as u32)
+            .map(|i| (i * 7919) % a.vocab as u32)
+            .collect();
+        let embeds = model.embed(&ids)?;
+        // The fastest of three (each into a fresh cache): a shared machine's noise
+        // only ever adds time. tools/bench_torch_decode.py does the same.
+        let mut secs = f64::INFINITY;
+        let prefill_args = DecodeArgs {
+            prompt: a.prefill,
+            tokens: 0,
+            context: 0,
+            ..a.clone()
+        };
+        let kv = if device == Device::Cpu { "own" } else { "bf16" };
+        for _ in 0..3 {
+            let mut cache = decode_caches(model, kv, 1, &prefill_args, device)?.remove(0);
+            let t = Instant::now();
+            let h = model.forward(&embeds, &mut cache)?;
+            model.logits(&h.narrow_rows(h.rows() - 1, 1)?)?;
+            device.synchronize()?;
+            secs = secs.min(t.elapsed().as_secs_f64());
+        }
+        if quiet {
+            return Ok(());
+        }
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "dtype": name, "prefill": a.prefill, "seconds": secs,
+                    "prefill_tokens_per_s": a.prefill as f64 / secs,
+                })
+            );
+            return Ok(());
+        }
+        println!(
+            "{name:>5} prefill {} tokens: {:.2} s, best of 3 ({:.0} GFLOP/s on the weights)",
+            a.prefill,
+            secs,
+            2.0 * params * a.prefill as f64 / secs / 1e9
+        );
     }
     Ok(())
 }

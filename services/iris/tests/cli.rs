@@ -1128,3 +1128,40 @@ fn a_llava_whose_language_model_is_a_gguf_file_runs_from_its_blocks() {
         "intermediate_size 128, but the LLaVA config's text_config says 256",
     );
 }
+
+/// `iris bench decode --model FILE.gguf` measures a real checkpoint: its shape, its
+/// blocks, the bytes its step reads (the file's tensors less the embedding table, plus
+/// the table again as the tied head); a model that is not a LLaMA is refused by name.
+#[test]
+fn bench_decode_measures_a_gguf_file() {
+    let Some(path) = std::env::var_os("IRIS_SMOLLM2_GGUF") else {
+        assert!(
+            std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
+            "IRIS_SMOLLM2_GGUF is not set"
+        );
+        return;
+    };
+    let bench = |model: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_iris"))
+            .args(["bench", "decode", "--tokens", "2", "--json", "--model"])
+            .arg(model)
+            .output()
+            .unwrap()
+    };
+    let out = bench(Path::new(&path));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON row");
+    assert_eq!(row["dtype"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let file = std::fs::metadata(&path).unwrap().len() as f64;
+    let bytes = row["bytes_per_token"].as_f64().unwrap();
+    assert!(
+        bytes > 0.8 * file && bytes < 1.5 * file,
+        "{bytes} bytes a step of a {file}-byte file"
+    );
+    assert_clean_failure(&bench(&fixtures().join("llava-tiny-hub-f32")), "LLaMA");
+}
