@@ -82,21 +82,8 @@ fn int4_layers(
         let (q_shape, q) = words(&qn).expect("listed");
         let (z_shape, z) = words(&zn).ok_or_else(|| missing(zn.clone()))?;
         let se = entries.remove(&sn).ok_or_else(|| missing(sn.clone()))?;
-        let bytes = &maps[se.file][se.range.clone()];
-        let scales: Vec<f32> = match se.dtype {
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            _ => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("four bytes")))
-                .collect(),
-        };
+        let scales = Tensor::from_le_bytes(&maps[se.file][se.range.clone()], se.dtype, &se.shape)?
+            .to_f32_vec();
         let g = words(&gn);
         let (data, [n, k]) = crate::int4::to_q4f(
             int4,

@@ -138,33 +138,35 @@ impl Weight {
     /// (a layer's q/k/v or gate/up projections); quantized weights likewise (`x`
     /// quantized once, one parallel loop); others one after another.
     pub fn linear_many(ws: &[(&Weight, Option<&Tensor>)], x: &Tensor) -> Result<Vec<Tensor>> {
-        let all = |pick: fn(&Repr) -> bool| ws.len() > 1 && ws.iter().all(|(w, _)| pick(&w.0));
-        let outs = if all(|r| matches!(r, Repr::Packed(_))) {
-            let weights: Vec<&PackedBf16> = ws
-                .iter()
-                .filter_map(|(w, _)| match &w.0 {
-                    Repr::Packed(p) => Some(&**p),
-                    _ => None,
-                })
-                .collect();
-            for (w, bias) in ws {
-                check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
+        // Every weight packed, or every one quantized: one product for the lot.
+        let packed: Option<Vec<&PackedBf16>> = ws
+            .iter()
+            .map(|(w, _)| match &w.0 {
+                Repr::Packed(p) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        let quant: Option<Vec<&QuantMatrix>> = ws
+            .iter()
+            .map(|(w, _)| match &w.0 {
+                Repr::Quant(q) => Some(&**q),
+                _ => None,
+            })
+            .collect();
+        let check = || {
+            ws.iter()
+                .try_for_each(|(w, bias)| check_shapes(x, w.out_dim(), w.in_dim(), *bias))
+        };
+        let outs = match (packed, quant) {
+            (Some(weights), _) if ws.len() > 1 => {
+                check()?;
+                crate::packed::matmul_packed_many(x.as_f32()?, x.rows(), x.last_dim(), &weights)
             }
-            crate::packed::matmul_packed_many(x.as_f32()?, x.rows(), x.last_dim(), &weights)
-        } else if all(|r| matches!(r, Repr::Quant(_))) {
-            let weights: Vec<&QuantMatrix> = ws
-                .iter()
-                .filter_map(|(w, _)| match &w.0 {
-                    Repr::Quant(q) => Some(&**q),
-                    _ => None,
-                })
-                .collect();
-            for (w, bias) in ws {
-                check_shapes(x, w.out_dim(), w.in_dim(), *bias)?;
+            (_, Some(weights)) if ws.len() > 1 => {
+                check()?;
+                QuantMatrix::matmul_many(&weights, x.as_f32()?, x.rows())
             }
-            QuantMatrix::matmul_many(&weights, x.as_f32()?, x.rows())
-        } else {
-            return ws.iter().map(|(w, b)| w.linear(x, *b)).collect();
+            _ => return ws.iter().map(|(w, b)| w.linear(x, *b)).collect(),
         };
         outs.into_iter()
             .zip(ws)

@@ -360,19 +360,27 @@ fn random_weights(
     Ok((map, read_per_token))
 }
 
+/// The `[n, k]` of every linear layer (each layer's q, k, v, o, gate, up, down) and of
+/// the head.
+fn linear_shapes(cfg: &LlamaConfig) -> Vec<(usize, usize)> {
+    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let layer = [(q, d), (kv, d), (kv, d), (d, q), (i, d), (i, d), (d, i)];
+    let mut shapes: Vec<(usize, usize)> = (0..cfg.num_hidden_layers).flat_map(|_| layer).collect();
+    shapes.push((cfg.vocab_size, d));
+    shapes
+}
+
 /// Bytes a decode step reads with the linear layers (and the head) in `ty`'s blocks and
 /// the norms in f32 (the embedding: one row).
 fn quantized_read(cfg: &LlamaConfig, ty: QuantType) -> usize {
-    let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-    // q, k, v, o; gate, up, down; two norms.
-    let layer = ty.bytes(q, d)
-        + 2 * ty.bytes(kv, d)
-        + ty.bytes(d, q)
-        + 2 * ty.bytes(i, d)
-        + ty.bytes(d, i)
-        + 2 * d * 4;
-    cfg.num_hidden_layers * layer + ty.bytes(cfg.vocab_size, d) + d * 4 + d * 4
+    let d = cfg.hidden_size;
+    let linear: usize = linear_shapes(cfg)
+        .iter()
+        .map(|&(n, k)| ty.bytes(n, k))
+        .sum();
+    // Two norms a layer, the final norm, the embedding row.
+    linear + cfg.num_hidden_layers * 2 * d * 4 + d * 4 + d * 4
 }
 
 /// Each sequence's cache for `kv` (`own`, or the paged arena in `f32` / `bf16`), with
@@ -540,16 +548,13 @@ fn decode(mut a: DecodeArgs) -> anyhow::Result<()> {
         }),
     };
     let cfg = LlamaConfig::from_value(&cfg_json, false)?;
-    if let Some(path) = &a.model {
+    if file.is_some() {
         a.hidden = cfg.hidden_size;
         a.layers = cfg.num_hidden_layers;
         a.heads = cfg.num_attention_heads;
         a.kv_heads = cfg.num_key_value_heads;
         a.intermediate = cfg.intermediate_size;
         a.vocab = cfg.vocab_size;
-        a.dtypes = vec![path
-            .file_name()
-            .map_or("model".into(), |f| f.to_string_lossy().into_owned())];
     }
     // 1 GiB, well past the 32 MiB of last-level cache (and a GPU's L2): every pass
     // reads from memory.
@@ -570,36 +575,36 @@ fn decode(mut a: DecodeArgs) -> anyhow::Result<()> {
              a step's share of the weight-read bound is taken against the pass just before it"
         );
     }
-    for name in &a.dtypes {
-        if let Some(ck) = &file {
-            // The file's tensors as stored; a step reads all but the embedding table
-            // (one row of it), and the table again when the head is tied to it.
-            let w = ck.weights.clone();
-            let embed = "model.embed_tokens.weight";
-            let names = w.names();
-            let total: usize = names.iter().map(|n| w.stored_bytes(n)).sum();
-            let mut bytes = total - w.stored_bytes(embed);
-            if !w.contains("lm_head.weight") {
-                bytes += w.stored_bytes(embed);
-            }
-            let model = Llama::load(&w.lm("model"), &w.lm("lm_head"), &cfg, comm.clone())?;
-            drop(w);
-            // Parameters a token meets: the linear layers and the head.
-            let (d, hd) = (cfg.hidden_size, cfg.head_dim);
-            let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-            let layer = 2 * q * d + 2 * kv * d + 3 * cfg.intermediate_size * d;
-            let params = (cfg.num_hidden_layers * layer + cfg.vocab_size * d) as f64;
-            let run = Run {
-                name,
-                model: &model,
-                bytes,
-                params,
-                bw: &bw,
-                device,
-            };
-            decode_runs(&a, &run, &comm, &collectives, quiet)?;
-            continue;
+    if let (Some(ck), Some(path)) = (&file, &a.model) {
+        // The file's tensors as stored; a step reads all but the embedding table (one
+        // row of it), and the table again when the head is tied to it.
+        let w = ck.weights.clone();
+        let embed = "model.embed_tokens.weight";
+        let total: usize = w.names().iter().map(|n| w.stored_bytes(n)).sum();
+        let mut bytes = total - w.stored_bytes(embed);
+        if !w.contains("lm_head.weight") {
+            bytes += w.stored_bytes(embed);
         }
+        let model = Llama::load(&w.lm("model"), &w.lm("lm_head"), &cfg, comm.clone())?;
+        drop(w);
+        let name = path
+            .file_name()
+            .map_or("model".into(), |f| f.to_string_lossy().into_owned());
+        let run = Run {
+            name: &name,
+            model: &model,
+            bytes,
+            // Parameters a token meets: the linear layers and the head.
+            params: linear_shapes(&cfg)
+                .iter()
+                .map(|&(n, k)| n * k)
+                .sum::<usize>() as f64,
+            bw: &bw,
+            device,
+        };
+        return decode_runs(&a, &run, &comm, &collectives, quiet);
+    }
+    for name in &a.dtypes {
         // A block format: f32 random weights, the linear layers quantized as they load.
         let quant = match name.as_str() {
             "q8_0" => Some(QuantType::Q8_0),

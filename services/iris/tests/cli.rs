@@ -155,17 +155,63 @@ fn edited_fixture(
     edited("llava-tiny-hub-f32", edit)
 }
 
+/// A copy of the model folder `src`, to edit.
+fn copied(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+/// `tensors` (dtype, shape, bytes) as `dir`'s `model.safetensors`.
+fn write_safetensors(dir: &Path, tensors: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>) {
+    let views: HashMap<String, TensorView> = tensors
+        .iter()
+        .map(|(n, (dt, s, d))| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// The fixture `name`'s golden request: its images and prompt.
+fn golden_request(name: &str) -> (Vec<PathBuf>, String) {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
+    )
+    .unwrap();
+    let images = golden["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| image(i.as_str().unwrap()))
+        .collect();
+    (images, golden["prompt"].as_str().unwrap().to_string())
+}
+
+/// `iris generate --json` on `model`, which must succeed: its one JSON object.
+fn generate_json(
+    model: &Path,
+    images: &[PathBuf],
+    prompt: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = generate(model, images, prompt, extra);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 /// A copy of the f32 fixture `name` whose weights are rewritten by `edit`.
 fn edited(
     name: &str,
     edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<u8>)>),
 ) -> tempfile::TempDir {
     let src = fixtures().join(name);
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    let dir = copied(&src);
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: HashMap<String, (Vec<usize>, Vec<u8>)> = st
@@ -174,16 +220,11 @@ fn edited(
         .map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec())))
         .collect();
     edit(&mut tensors);
-    let views: HashMap<String, TensorView> = tensors
-        .iter()
-        .map(|(n, (s, d))| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
-            )
-        })
+    let typed = tensors
+        .into_iter()
+        .map(|(n, (s, d))| (n, (Dtype::F32, s, d)))
         .collect();
-    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    write_safetensors(dir.path(), &typed);
     dir
 }
 
@@ -217,11 +258,7 @@ fn t5_without_its_relative_attention_bias_is_refused_by_name() {
 #[test]
 fn llava_next_refuses_bad_pinpoints_and_oversized_images() {
     let src = fixtures().join("llava-next-tiny-f32");
-    let dir = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(&src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-    }
+    let dir = copied(&src);
     let cfg = dir.path().join("config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
@@ -745,31 +782,14 @@ fn tensor_parallel_generate_matches_one_rank() {
 fn quantize_flag_computes_what_the_dequantized_model_computes() {
     use iris_tensor::quant::{dequantize_row, quantize_row, QuantType};
     let name = "llava-tiny-hub-f32";
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
-    )
-    .unwrap();
-    let images: Vec<PathBuf> = golden["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| image(i.as_str().unwrap()))
-        .collect();
-    let prompt = golden["prompt"].as_str().unwrap();
-    let json = |out: Output| -> serde_json::Value {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("one JSON object")
-    };
-    let plain = json(generate(
+    let (images, prompt) = golden_request(name);
+    let prompt = prompt.as_str();
+    let plain = generate_json(
         &fixtures().join(name),
         &images,
         prompt,
         &["--max-new-tokens", "8"],
-    ));
+    );
     for (flag, ty) in [
         ("int8", QuantType::Q8_0),
         ("q4_0", QuantType::Q4_0),
@@ -798,18 +818,18 @@ fn quantize_flag_computes_what_the_dequantized_model_computes() {
             }
         });
         assert!(changed >= 8, "{changed} language-model linear weights");
-        let want = json(generate(
+        let want = generate_json(
             dequantized.path(),
             &images,
             prompt,
             &["--max-new-tokens", "8"],
-        ));
-        let got = json(generate(
+        );
+        let got = generate_json(
             &fixtures().join(name),
             &images,
             prompt,
             &["--max-new-tokens", "8", "--quantize", flag],
-        ));
+        );
         assert_eq!(got["prompt_token_ids"], plain["prompt_token_ids"]);
         assert_eq!(got["token_ids"], want["token_ids"], "{flag}: greedy tokens");
         let lps = |v: &serde_json::Value| floats(&v["logprobs"]);
@@ -951,11 +971,7 @@ fn int4_checkpoints(method: &str) -> (tempfile::TempDir, tempfile::TempDir) {
         );
     }
     let write = |tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, quant: bool| {
-        let dir = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(&src).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
+        let dir = copied(&src);
         if quant {
             let path = dir.path().join("config.json");
             let mut config: serde_json::Value =
@@ -970,11 +986,7 @@ fn int4_checkpoints(method: &str) -> (tempfile::TempDir, tempfile::TempDir) {
             };
             std::fs::write(&path, config.to_string()).unwrap();
         }
-        let views: HashMap<String, TensorView> = tensors
-            .iter()
-            .map(|(n, (dt, s, d))| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap()))
-            .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+        write_safetensors(dir.path(), &tensors);
         dir
     };
     let plain = plain
@@ -991,26 +1003,9 @@ fn int4_checkpoints(method: &str) -> (tempfile::TempDir, tempfile::TempDir) {
 #[test]
 fn awq_and_gptq_checkpoints_compute_what_their_dequantized_weights_compute() {
     let name = "llava-tiny-hub-f32";
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
-    )
-    .unwrap();
-    let images: Vec<PathBuf> = golden["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| image(i.as_str().unwrap()))
-        .collect();
-    let prompt = golden["prompt"].as_str().unwrap();
-    let run = |dir: &Path| -> serde_json::Value {
-        let out = generate(dir, &images, prompt, &["--max-new-tokens", "8"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("one JSON object")
-    };
+    let (images, prompt) = golden_request(name);
+    let prompt = prompt.as_str();
+    let run = |dir: &Path| generate_json(dir, &images, prompt, &["--max-new-tokens", "8"]);
     let lps = |v: &serde_json::Value| floats(&v["logprobs"]);
     let plain = run(&fixtures().join(name));
     for method in ["awq", "gptq"] {
@@ -1064,27 +1059,12 @@ fn awq_and_gptq_checkpoints_compute_what_their_dequantized_weights_compute() {
 /// refused by name.
 #[test]
 fn a_llava_whose_language_model_is_a_gguf_file_runs_from_its_blocks() {
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llava-tiny-hub-f32/golden.json")).unwrap(),
-    )
-    .unwrap();
-    let images: Vec<PathBuf> = golden["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| image(i.as_str().unwrap()))
-        .collect();
-    let prompt = golden["prompt"].as_str().unwrap();
-    let run = |dir: &Path, extra: &[&str]| -> serde_json::Value {
+    let (images, prompt) = golden_request("llava-tiny-hub-f32");
+    let prompt = prompt.as_str();
+    let run = |dir: &Path, extra: &[&str]| {
         let mut args = vec!["--max-new-tokens", "8"];
         args.extend(extra);
-        let out = generate(dir, &images, prompt, &args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("one JSON object")
+        generate_json(dir, &images, prompt, &args)
     };
     let got = run(&fixtures().join("llava-tiny-hub-gguf"), &[]);
     let want = run(
@@ -1100,14 +1080,7 @@ fn a_llava_whose_language_model_is_a_gguf_file_runs_from_its_blocks() {
         assert!((g - w).abs() <= 1e-6, "logprob {g} vs {w}");
     }
     // Bad folders.
-    let copy = || {
-        let dir = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(fixtures().join("llava-tiny-hub-gguf")).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
-        }
-        dir
-    };
+    let copy = || copied(&fixtures().join("llava-tiny-hub-gguf"));
     let two = copy();
     std::fs::copy(
         two.path().join("language_model.gguf"),

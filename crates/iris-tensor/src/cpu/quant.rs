@@ -1106,6 +1106,14 @@ mod tests {
             .collect()
     }
 
+    /// Every block format.
+    const TYPES: [QuantType; 4] = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q4F,
+    ];
+
     fn matrix(ty: QuantType, n: usize, k: usize, seed: u64) -> QuantMatrix {
         let w = noise(n * k, seed);
         let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
@@ -1146,12 +1154,7 @@ mod tests {
         let xd: Vec<f32> = (0..m * k)
             .map(|j| xq.q[j] as f32 * xq.d[j / BLOCK])
             .collect();
-        for ty in [
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-            QuantType::Q4F,
-        ] {
+        for ty in TYPES {
             let w = matrix(ty, n, k, 11);
             let wd = w.dequantize_rows(0..n);
             let y = w.matmul(&x, m);
@@ -1181,12 +1184,7 @@ mod tests {
         }
         let (m, n, k) = (GEMM_ROWS + 5, 70, 576);
         let x = noise(m * k, 5);
-        for ty in [
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-            QuantType::Q4F,
-        ] {
+        for ty in TYPES {
             let w = matrix(ty, n, k, 13);
             let wd = w.dequantize_rows(0..n);
             let y = w.matmul(&x, m);
@@ -1258,12 +1256,7 @@ mod tests {
     /// ggml row it was made from, for rows with and without a tail past their groups.
     #[test]
     fn packed_rows_unpack_to_the_files_blocks() {
-        for ty in [
-            QuantType::Q8_0,
-            QuantType::Q4_0,
-            QuantType::Q4_1,
-            QuantType::Q4F,
-        ] {
+        for ty in TYPES {
             for k in [64, 512, 576, 1056] {
                 let w = noise(3 * k, k as u64);
                 let rows: Vec<Vec<u8>> = w.chunks(k).map(|r| quantize_row(ty, r)).collect();
