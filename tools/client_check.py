@@ -10,6 +10,7 @@ up the environment (a venv outside the repo) and the server.
 import argparse
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def main():
     ap.add_argument("--image", required=True)
     ap.add_argument("--grpcurl", default=shutil.which("grpcurl") or "grpcurl")
     ap.add_argument("--api-key", default="unused", help="the key the server was given")
+    ap.add_argument("--structured-model", help="a served model to constrain over gRPC")
     a = ap.parse_args()
 
     client = openai.OpenAI(base_url=f"http://{a.http}/v1", api_key=a.api_key)
@@ -99,7 +101,33 @@ def main():
         refused = run(a.grpc, "iris.v1.Gateway/ListModels")
         if "Unauthenticated" not in refused.stderr:
             fail(f"ListModels without the key: {refused.stdout} {refused.stderr}")
+    # Structured outputs over gRPC: a regex held on the BLIP-2 fixture (byte-level
+    # vocabulary), the text read back from the stream's `finished` event.
+    if a.structured_model:
+        req = {"model": a.structured_model, "prompt": "<image> Question: yes or no? Answer:",
+               "images": [base64.b64encode(open(a.image, "rb").read()).decode()],
+               "sampling": {"temperature": 1.0, "seed": 3}, "max_tokens": 40,
+               "constraint": {"regex": "(yes|no) [0-9]{3}"}}
+        gen = run(*auth, "-d", json.dumps(req), a.grpc, "iris.v1.Gateway/Generate")
+        finished = [json.loads(m)["finished"] for m in split_json(gen.stdout)
+                    if "finished" in json.loads(m)]
+        if len(finished) != 1 or not re.fullmatch("(yes|no) [0-9]{3}", finished[0].get("text", "")):
+            fail(f"Generate with a regex constraint: {gen.stdout} {gen.stderr}")
+        print(f"grpcurl Generate with a regex constraint: {finished[0]['text']!r}")
     print(f"grpcurl: {len(services)} services by reflection, Gateway SERVING")
+
+
+def split_json(out):
+    """grpcurl's stream output: one pretty-printed JSON object per message."""
+    dec, i, msgs = json.JSONDecoder(), 0, []
+    while i < len(out):
+        if out[i].isspace():
+            i += 1
+            continue
+        _, j = dec.raw_decode(out, i)
+        msgs.append(out[i:j])
+        i = j
+    return msgs
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ use iris_tensor::Tensor;
 use tokio::sync::mpsc;
 
 use crate::blocks::{BlockId, BlockPool, PrefixIndex};
+use crate::constrain::{Dead, Grammars, Guide};
 use crate::pipeline::{FinishReason, GenerateOptions, Generation, Pipeline};
 use crate::processor::PreparedPrompt;
 use crate::{Error, ErrorKind, Result};
@@ -190,6 +191,11 @@ pub struct EngineStats {
     pub mixed_steps: u64,
     /// Steps that panicked (their requests failed; the engine went on).
     pub failed_steps: u64,
+    /// Structured outputs: draws whose token mask was ready when sampling began
+    /// (computed beside the forward pass), and draws that computed it then (a
+    /// request's first token, after its prefill).
+    pub masks_overlapped: u64,
+    pub masks_inline: u64,
     /// KV blocks in all, and bytes: the arena, reserved at start, never grows.
     pub total_blocks: usize,
     pub kv_bytes: usize,
@@ -324,6 +330,8 @@ struct Prepared {
     prompt: PreparedPrompt,
     visual: Vec<Tensor>,
     image_hashes: Vec<[u8; 32]>,
+    /// The request's constraint, compiled (and advanced over tokens it resumes from).
+    guide: Option<Guide>,
 }
 
 struct Sequence {
@@ -354,6 +362,8 @@ struct Sequence {
     /// Set once the sequence's last position is computed: it picks the next token.
     last_hidden: Option<Tensor>,
     text: TextState,
+    /// Structured outputs: the constraint's matcher and the next token's mask.
+    guide: Option<Guide>,
 }
 
 impl Sequence {
@@ -384,6 +394,9 @@ pub struct Engine {
     /// False once the worker thread has ended for any reason but a clean stop.
     alive: Arc<AtomicBool>,
     prefixes: Arc<PrefixIndex>,
+    /// The tokenizer's bytes for structured outputs, built at the first constrained
+    /// request (an error kept as its message).
+    grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
 }
 
 /// Marks the engine dead if its thread ends by unwinding.
@@ -465,6 +478,7 @@ impl Engine {
                     budget: 0,
                     alive: Arc::new(AtomicBool::new(false)),
                     prefixes: Arc::new(PrefixIndex::new(config.block_size)),
+                    grammars: std::sync::OnceLock::new(),
                 }
             }
         }
@@ -509,6 +523,7 @@ impl Engine {
             budget: config.kv_blocks * config.block_size,
             alive: alive.clone(),
             prefixes: Arc::new(PrefixIndex::new(config.block_size)),
+            grammars: std::sync::OnceLock::new(),
         };
         let prefixes = engine.prefixes.clone();
         let mut streams = Vec::with_capacity(initial.len());
@@ -540,7 +555,8 @@ impl Engine {
             _ => return Err(Error::Unavailable("the engine has stopped".into())),
         };
         request.options.validate()?;
-        let prepared = prepare(&self.pipeline, &request, self.budget)?;
+        let mut prepared = prepare(&self.pipeline, &request, self.budget)?;
+        prepared.guide = self.guide(&request)?;
         // Room for every event a request can produce: the engine never blocks on a client.
         let (events, rx) = mpsc::channel(request.options.max_new_tokens + 3);
         let cancel = Arc::new(AtomicBool::new(false));
@@ -558,6 +574,28 @@ impl Engine {
             }
         })?;
         Ok(TokenStream { rx, cancel })
+    }
+
+    /// A request's constraint compiled for this model, advanced over the tokens it
+    /// resumes from; `None` without one.
+    fn guide(&self, request: &EngineRequest) -> Result<Option<Guide>> {
+        let Some(c) = &request.options.constraint else {
+            return Ok(None);
+        };
+        let grammars = self
+            .grammars
+            .get_or_init(|| {
+                let p = &self.pipeline;
+                Grammars::new(p.processor.tokenizer(), 0, p.eos_token_ids())
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::Input(e.clone()))?;
+        let mut guide = Guide::new(grammars.compile(c)?);
+        if let Some(e) = &request.encoded {
+            guide.consume(&e.resume)?;
+        }
+        Ok(Some(guide))
     }
 
     /// Runs one request to the end (what `iris generate` does).
@@ -631,6 +669,7 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
                 )));
             }
             Ok(Prepared {
+                guide: None,
                 prompt: PreparedPrompt {
                     input_ids: e.input_ids.clone(),
                     pixel_values: Vec::new(),
@@ -645,6 +684,7 @@ fn prepare(p: &Pipeline, r: &EngineRequest, budget: usize) -> Result<Prepared> {
             fits(&prompt.input_ids)?;
             let visual = p.encode_images(&prompt)?;
             Ok(Prepared {
+                guide: None,
                 image_hashes: visual.iter().map(visual_hash).collect::<Result<_>>()?,
                 visual,
                 prompt,
@@ -792,6 +832,7 @@ impl Worker {
             prompt,
             visual,
             mut image_hashes,
+            guide,
         } = prepared;
         let decoder = p.model.decoder_prompt(&prompt.input_ids);
         if decoder != prompt.input_ids {
@@ -821,6 +862,7 @@ impl Worker {
             announced: false,
             last_hidden: None,
             text,
+            guide,
         });
         self.stat(|_| {});
     }
@@ -1106,6 +1148,40 @@ impl Worker {
             .into_iter()
             .partition(|s| s.last_hidden.is_some());
         self.running = prefilling;
+        // A constrained request whose constraint allows no token ends here: its output
+        // is whole, or nothing can continue it.
+        let mut ready_now = Vec::with_capacity(ready.len());
+        for mut seq in ready {
+            let dead = match seq.guide.as_mut() {
+                Some(g) => {
+                    if g.has_mask() {
+                        self.stat(|s| s.masks_overlapped += 1);
+                    } else {
+                        self.stat(|s| s.masks_inline += 1);
+                    }
+                    g.allowed().err()
+                }
+                None => None,
+            };
+            match dead {
+                None => ready_now.push(seq),
+                Some(dead) => {
+                    if let Dead::Stuck(why) = &dead {
+                        tracing::info!("a constrained request ends: {why}");
+                    }
+                    self.release(&mut seq);
+                    let (_, _) = self.advance_text(&mut seq, true);
+                    let text = std::mem::take(&mut seq.text.text);
+                    let reason = match dead {
+                        Dead::Complete => FinishReason::Stop,
+                        Dead::Stuck(_) => FinishReason::Constraint,
+                    };
+                    self.finish(seq, reason, text);
+                    self.stat(|s| s.finished += 1);
+                }
+            }
+        }
+        let mut ready = ready_now;
         if ready.is_empty() {
             return;
         }
@@ -1125,18 +1201,22 @@ impl Worker {
             .iter()
             .map(|s| Sampler::new(s.submission.request.options.sampling))
             .collect();
-        let draws: Vec<Draw> = ready
-            .iter()
-            .zip(&samplers)
-            .map(|(seq, sampler)| Draw {
-                sampler,
-                position: seq.decoder.len() + seq.output.len(),
-                prompt: &seq.decoder,
-                output: &seq.output,
-                top_logprobs: seq.submission.request.options.top_logprobs,
-            })
-            .collect();
-        let drawn = match logits.sample_rows(&draws) {
+        let drawn = {
+            let draws: Vec<Draw> = ready
+                .iter_mut()
+                .zip(&samplers)
+                .map(|(seq, sampler)| Draw {
+                    sampler,
+                    position: seq.decoder.len() + seq.output.len(),
+                    prompt: &seq.decoder,
+                    output: &seq.output,
+                    top_logprobs: seq.submission.request.options.top_logprobs,
+                    allowed: seq.guide.as_mut().and_then(|g| g.allowed().ok()),
+                })
+                .collect();
+            logits.sample_rows(&draws)
+        };
+        let drawn = match drawn {
             Ok(d) => d,
             Err(e) => return self.fail_all(ready, &Error::from(e)),
         };
@@ -1156,6 +1236,16 @@ impl Worker {
             } else {
                 None
             };
+            if let Some(g) = seq.guide.as_mut() {
+                // The drawn token was allowed: the matcher takes it. A complete output
+                // ends here (the stop the grammar reached).
+                if let Err(Dead::Stuck(why)) = g.advance(next) {
+                    tracing::info!("a constrained request ends: {why}");
+                    reason = reason.or(Some(FinishReason::Constraint));
+                } else if g.is_stopped() {
+                    reason = reason.or(Some(FinishReason::Stop));
+                }
+            }
             let (delta, stopped) = self.advance_text(&mut seq, reason.is_some());
             if stopped {
                 reason = Some(FinishReason::Stop);
@@ -1215,11 +1305,31 @@ impl Worker {
                 .iter()
                 .map(|s| Ok(lm.embed(&s.output[s.output.len() - 1..])?))
                 .collect();
-            let result = embeds.and_then(|embeds| {
-                let mut caches: Vec<&mut KvCache> =
-                    decoding.iter_mut().map(|s| &mut s.cache).collect();
-                Ok(lm.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut caches)?)
+            // The constrained requests' next masks are computed on another thread
+            // while the forward pass runs: they depend on the tokens drawn, not on it.
+            let mut guides: Vec<(usize, Guide)> = decoding
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, s)| s.guide.take().map(|g| (i, g)))
+                .collect();
+            let result = std::thread::scope(|scope| {
+                let masks = (!guides.is_empty())
+                    .then(|| scope.spawn(|| guides.iter_mut().for_each(|(_, g)| g.prepare())));
+                let result = embeds.and_then(|embeds| {
+                    let mut caches: Vec<&mut KvCache> =
+                        decoding.iter_mut().map(|s| &mut s.cache).collect();
+                    Ok(lm.forward_batch(&embeds.iter().collect::<Vec<_>>(), &mut caches)?)
+                });
+                // A matcher that panicked leaves its mask unset: computed again (and
+                // failed as a step) when the request is sampled.
+                if let Some(h) = masks {
+                    let _ = h.join();
+                }
+                result
             });
+            for (i, g) in guides {
+                decoding[i].guide = Some(g);
+            }
             match result {
                 Ok(hidden) => {
                     for (seq, h) in decoding.iter_mut().zip(hidden) {

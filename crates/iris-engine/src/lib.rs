@@ -5,6 +5,7 @@
 
 pub mod blocks;
 mod capfilt;
+pub mod constrain;
 mod engine;
 pub mod gguf_tokenizer;
 mod pipeline;
@@ -13,6 +14,7 @@ mod retrieval;
 pub mod tp;
 
 pub use capfilt::{Candidate, CapFilt, CapFiltOptions, CapFiltSummary};
+pub use constrain::Constraint;
 pub use engine::{
     kv_block_bytes, kv_blocks_for_budget, kv_dtype, visual_hash, EncodedPrompt, Engine,
     EngineConfig, EngineRequest, EngineStats, RequestError, TokenEvent, TokenStream,

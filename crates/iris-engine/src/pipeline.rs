@@ -36,6 +36,9 @@ pub enum FinishReason {
     Length,
     /// The client cancelled the request.
     Cancelled,
+    /// The request's constraint allowed no token before its output was whole (an
+    /// unsatisfiable schema or grammar, or its matcher failed).
+    Constraint,
 }
 
 /// What ends a generation besides the model's EOS and the length limit.
@@ -53,6 +56,8 @@ pub struct GenerateOptions {
     pub stop: StopRules,
     /// Also report the `top_logprobs` most likely tokens at each step.
     pub top_logprobs: usize,
+    /// Structured outputs: what the output must match (the engine's requests only).
+    pub constraint: Option<crate::constrain::Constraint>,
 }
 
 impl GenerateOptions {
@@ -73,6 +78,7 @@ impl GenerateOptions {
             sampling,
             stop: StopRules::default(),
             top_logprobs: 0,
+            constraint: None,
         }
     }
 }
@@ -347,6 +353,11 @@ impl Pipeline {
         opts: &GenerateOptions,
     ) -> Result<Generation> {
         opts.sampling.validate().map_err(Error::Input)?;
+        if opts.constraint.is_some() {
+            return Err(Error::Input(
+                "structured outputs are decoded by the engine, not Pipeline::generate".into(),
+            ));
+        }
         let prepared = self.processor.prepare(prompt, images)?;
         let visual = self.encode_images(&prepared)?;
         self.generate_from(&prepared, &visual, opts)
@@ -383,6 +394,7 @@ impl Pipeline {
                 prompt: &decoder,
                 output: &token_ids,
                 top_logprobs: opts.top_logprobs,
+                allowed: None,
             };
             let drawn = logits.sample_rows(&[draw])?.remove(0);
             let next = drawn.id;

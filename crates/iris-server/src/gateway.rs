@@ -757,6 +757,7 @@ impl Gateway {
             stop_token_ids: o.stop.token_ids.clone(),
             top_logprobs: o.top_logprobs as u32,
             resume_token_ids: vec![],
+            constraint: wire::constraint_to_wire(o.constraint.as_ref()),
         };
         // Routing (the decoder holding the longest prefix, weighed by load) and the
         // call, until the decoder's stream is open.

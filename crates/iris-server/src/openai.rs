@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::StreamExt;
-use iris_engine::{GenerateOptions, SamplingParams, StopRules};
+use iris_engine::{Constraint, GenerateOptions, SamplingParams, StopRules};
 use iris_proto::v1 as pb;
 use serde_json::{json, Value};
 
@@ -394,6 +394,7 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
             strings: stop,
         },
         top_logprobs: if logprobs { top.max(1) } else { 0 },
+        constraint: response_format(&v["response_format"])?,
     };
     Ok(Parsed {
         input: GenerateInput {
@@ -409,6 +410,40 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     })
 }
 
+/// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` (its `schema`;
+/// decoding is always strict), and Iris' `regex` (`{"type": "regex", "regex": …}`) and
+/// `grammar` (`{"type": "grammar", "grammar": …}`, llguidance's Lark dialect).
+fn response_format(v: &Value) -> Result<Option<Constraint>, ServeError> {
+    let text = |key: &str| -> Result<String, ServeError> {
+        v[key]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| bad(format!("response_format.{key} must be a string")))
+    };
+    match v {
+        Value::Null => return Ok(None),
+        Value::Object(_) => {}
+        _ => return Err(bad("response_format must be an object")),
+    }
+    Ok(match v["type"].as_str() {
+        Some("text") => None,
+        Some("json_object") => Some(Constraint::JsonObject),
+        Some("json_schema") => match &v["json_schema"]["schema"] {
+            s @ (Value::Object(_) | Value::Bool(_)) => Some(Constraint::JsonSchema(s.clone())),
+            Value::Null => return Err(bad("response_format.json_schema.schema is required")),
+            _ => return Err(bad("response_format.json_schema.schema must be an object")),
+        },
+        Some("regex") => Some(Constraint::Regex(text("regex")?)),
+        Some("grammar") => Some(Constraint::Lark(text("grammar")?)),
+        Some(other) => {
+            return Err(bad(format!(
+                "response_format.type: unknown {other:?} (text, json_object, json_schema, regex or grammar)"
+            )))
+        }
+        None => return Err(bad("response_format.type is required")),
+    })
+}
+
 /// A seed for a request that sets none (different every request, as OpenAI's).
 fn rand_seed() -> u64 {
     let t = SystemTime::now()
@@ -420,6 +455,9 @@ fn rand_seed() -> u64 {
 fn finish_name(r: i32) -> &'static str {
     match pb::FinishReason::try_from(r) {
         Ok(pb::FinishReason::Length) => "length",
+        // Not one of OpenAI's: the output could not be finished within the request's
+        // constraint (structured outputs).
+        Ok(pb::FinishReason::Constraint) => "constraint",
         _ => "stop",
     }
 }

@@ -206,7 +206,8 @@ impl GatewayService {
                 &r.stop,
                 &r.stop_token_ids,
                 r.top_logprobs,
-            ),
+                r.constraint.as_ref(),
+            )?,
         })
     }
 }

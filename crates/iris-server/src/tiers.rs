@@ -634,7 +634,8 @@ impl DecoderTier for LocalDecoder {
             &req.stop,
             &req.stop_token_ids,
             req.top_logprobs,
-        );
+            req.constraint.as_ref(),
+        )?;
         let mut request = EngineRequest::new(String::new(), Vec::new(), options);
         let span = crate::trace::span(|| {
             tracing::info_span!(

@@ -2,7 +2,9 @@
 //! statuses in `error.rs`).
 
 use half::bf16;
-use iris_engine::{FinishReason, GenerateOptions, SamplingParams, StopRules, TokenEvent};
+use iris_engine::{
+    Constraint, FinishReason, GenerateOptions, SamplingParams, StopRules, TokenEvent,
+};
 use iris_proto::v1 as pb;
 use iris_tensor::{DType, Tensor};
 use tonic::Status;
@@ -92,14 +94,43 @@ pub fn sampling_to_wire(s: &SamplingParams) -> pb::SamplingParams {
     }
 }
 
+/// A constraint on the wire; `None` when unset. A JSON schema that is not JSON is the
+/// caller's error.
+pub fn constraint_from_wire(c: Option<&pb::Constraint>) -> Result<Option<Constraint>, Status> {
+    use pb::constraint::Kind;
+    Ok(match c.and_then(|c| c.kind.as_ref()) {
+        None | Some(Kind::JsonObject(false)) => None,
+        Some(Kind::JsonObject(true)) => Some(Constraint::JsonObject),
+        Some(Kind::JsonSchema(s)) => Some(Constraint::JsonSchema(
+            serde_json::from_str(s)
+                .map_err(|e| Status::invalid_argument(format!("json_schema is not JSON: {e}")))?,
+        )),
+        Some(Kind::Regex(r)) => Some(Constraint::Regex(r.clone())),
+        Some(Kind::Lark(g)) => Some(Constraint::Lark(g.clone())),
+    })
+}
+
+pub fn constraint_to_wire(c: Option<&Constraint>) -> Option<pb::Constraint> {
+    use pb::constraint::Kind;
+    c.map(|c| pb::Constraint {
+        kind: Some(match c {
+            Constraint::JsonObject => Kind::JsonObject(true),
+            Constraint::JsonSchema(s) => Kind::JsonSchema(s.to_string()),
+            Constraint::Regex(r) => Kind::Regex(r.clone()),
+            Constraint::Lark(g) => Kind::Lark(g.clone()),
+        }),
+    })
+}
+
 pub fn options(
     sampling: Option<&pb::SamplingParams>,
     max_tokens: u32,
     stop: &[String],
     stop_token_ids: &[u32],
     top_logprobs: u32,
-) -> GenerateOptions {
-    GenerateOptions {
+    constraint: Option<&pb::Constraint>,
+) -> Result<GenerateOptions, Status> {
+    Ok(GenerateOptions {
         max_new_tokens: max_tokens as usize,
         sampling: sampling_from_wire(sampling),
         stop: StopRules {
@@ -107,7 +138,8 @@ pub fn options(
             strings: stop.to_vec(),
         },
         top_logprobs: top_logprobs as usize,
-    }
+        constraint: constraint_from_wire(constraint)?,
+    })
 }
 
 pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
@@ -116,6 +148,7 @@ pub fn finish_reason(r: FinishReason) -> pb::FinishReason {
         FinishReason::Stop => pb::FinishReason::Stop,
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
+        FinishReason::Constraint => pb::FinishReason::Constraint,
     }
 }
 

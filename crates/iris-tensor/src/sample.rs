@@ -225,6 +225,9 @@ pub struct Draw<'a> {
     pub prompt: &'a [u32],
     pub output: &'a [u32],
     pub top_logprobs: usize,
+    /// Structured outputs: the tokens the draw may pick, as bits (bit `t % 32` of word
+    /// `t / 32`; tokens past the words are not allowed). `None`: any token.
+    pub allowed: Option<&'a [u32]>,
 }
 
 /// A drawn token with its log-probability (of the unpenalized logits, as vLLM and
@@ -248,9 +251,30 @@ pub fn log_softmax(row: &[f32]) -> Vec<f32> {
     row.iter().map(|&x| x - lse).collect()
 }
 
-/// One row's draw on the host.
+/// `row` with every token outside `allowed` at −∞.
+fn masked(row: &[f32], allowed: &[u32]) -> Vec<f32> {
+    row.iter()
+        .enumerate()
+        .map(|(t, &x)| {
+            let on = allowed.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+            if on {
+                x
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect()
+}
+
+/// One row's draw on the host: among the allowed tokens when a constraint says which
+/// (the log-probabilities reported stay those of the model's own distribution).
 fn draw_host(row: &[f32], d: &Draw<'_>) -> Drawn {
-    let id = d.sampler.sample(row, d.position, d.prompt, d.output);
+    let id = match d.allowed {
+        Some(allowed) => d
+            .sampler
+            .sample(&masked(row, allowed), d.position, d.prompt, d.output),
+        None => d.sampler.sample(row, d.position, d.prompt, d.output),
+    };
     let lp = log_softmax(row);
     Drawn {
         id,
@@ -296,6 +320,7 @@ impl crate::Tensor {
             d.sampler.params.temperature == 0.0
                 && !d.sampler.params.penalized()
                 && d.top_logprobs == 0
+                && d.allowed.is_none()
         });
         if plain_greedy {
             let (ids, lps) = crate::cuda::argmax_rows(self)?;
@@ -315,7 +340,7 @@ impl crate::Tensor {
             .zip(draws)
             .enumerate()
             .map(|(r, (drawn, d))| match drawn {
-                Some(drawn) if !d.sampler.params.penalized() => Ok(drawn),
+                Some(drawn) if !d.sampler.params.penalized() && d.allowed.is_none() => Ok(drawn),
                 _ => {
                     let row = self.narrow_rows(r, 1)?.host_f32()?;
                     Ok(draw_host(&row, d))

@@ -736,6 +736,7 @@ fn untrusted_values_and_token_choice() {
             prompt: &empty,
             output: &empty,
             top_logprobs: 0,
+            allowed: None,
         })
         .collect();
     let drawn = t.sample_rows(&draws).unwrap();
@@ -811,6 +812,7 @@ fn untrusted_values_and_token_choice() {
                 prompt: &empty,
                 output: &output,
                 top_logprobs: 3,
+                allowed: None,
             })
             .collect();
         let drawn = t.sample_rows(&draws).unwrap();

@@ -163,6 +163,18 @@ struct GenerateArgs {
     /// Also report the N most likely tokens at each step (`top_logprobs` in JSON).
     #[arg(long, default_value_t = 0)]
     top_logprobs: usize,
+    /// Structured output: the text is JSON valid against the schema in this file.
+    #[arg(long, group = "constraint")]
+    json_schema: Option<PathBuf>,
+    /// Structured output: the text is a JSON object.
+    #[arg(long, group = "constraint")]
+    json_object: bool,
+    /// Structured output: the whole text matches this regular expression.
+    #[arg(long, group = "constraint")]
+    regex: Option<String>,
+    /// Structured output: the text is a sentence of the Lark grammar in this file.
+    #[arg(long, group = "constraint")]
+    grammar: Option<PathBuf>,
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, env = "IRIS_DEVICE", default_value = "cpu")]
     device: String,
@@ -203,6 +215,27 @@ pub(crate) fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// `iris generate`'s structured-output flags (at most one, clap checks).
+fn constraint(a: &GenerateArgs) -> anyhow::Result<Option<iris_engine::Constraint>> {
+    use iris_engine::Constraint;
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    Ok(if let Some(p) = &a.json_schema {
+        let schema = serde_json::from_str(&read(p)?)
+            .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", p.display()))?;
+        Some(Constraint::JsonSchema(schema))
+    } else if a.json_object {
+        Some(Constraint::JsonObject)
+    } else if let Some(r) = &a.regex {
+        Some(Constraint::Regex(r.clone()))
+    } else if let Some(p) = &a.grammar {
+        Some(Constraint::Lark(read(p)?))
+    } else {
+        None
+    })
+}
+
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = Device::parse(&a.device)?;
     let images = read_files(&a.images)?;
@@ -233,6 +266,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         frequency_penalty: a.frequency_penalty,
         seed: a.seed,
     };
+    let constraint = constraint(&a)?;
     let gen_opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
@@ -241,6 +275,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             strings: a.stop,
         },
         top_logprobs: a.top_logprobs,
+        constraint,
     };
     // One request through the serving engine (the same scheduler, paged KV cache and
     // sampler that `iris serve` runs).
