@@ -6,6 +6,11 @@ in the decode comparisons of tools/bench_vs_llamacpp.sh. A SentencePiece-style
 vocabulary of byte tokens and fillers, so llama.cpp loads it; the weights are noise
 (speed does not depend on them).
 
+`--tokenizer-from FILE.gguf` takes a byte-level BPE (`gpt2`) tokenizer from another
+GGUF instead (SmolLM2's, from scripts/models.sh), cut to the first `--vocab` tokens
+and the merges that make them: a real tokenizer Iris loads, for what depends on one
+(structured outputs: `iris bench structured`).
+
 Needs numpy and the gguf-py package from the llama.cpp sources (tools/llamacpp.sh
 unpacks them: PYTHONPATH=$IRIS_CACHE/llama.cpp-src/gguf-py).
     python3 tools/gen_llama_gguf.py OUT.gguf [--layers 22 --hidden 2048 ...]
@@ -25,6 +30,7 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--tokenizer-from", help="a GGUF whose gpt2 tokenizer to take")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(a.out, "llama")
@@ -38,16 +44,19 @@ def main():
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    tokens += [f"\u2581t{i}".encode() for i in range(a.vocab - len(tokens))]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (a.vocab - 259)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(a.vocab)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if a.tokenizer_from:
+        copy_gpt2_tokenizer(w, a.tokenizer_from, a.vocab)
+    else:
+        tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+        tokens += [f"\u2581t{i}".encode() for i in range(a.vocab - len(tokens))]
+        types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (a.vocab - 259)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores([-float(i) for i in range(a.vocab)])
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
 
     def mat(n, k):
         return (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float16)
@@ -74,6 +83,39 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def copy_gpt2_tokenizer(w, path, vocab):
+    """The byte-level BPE of `path` cut to its first `vocab` tokens: the merges kept
+    are those whose parts and result are all among them."""
+    r = gguf.GGUFReader(path)
+
+    def strings(key):
+        f = r.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def scalar(key):
+        f = r.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    if bytes(r.fields["tokenizer.ggml.model"].parts[-1]).decode() != "gpt2":
+        raise SystemExit(f"{path}: not a gpt2 (byte-level BPE) tokenizer")
+    tokens = strings("tokenizer.ggml.tokens")[:vocab]
+    if len(tokens) < vocab:
+        raise SystemExit(f"{path} has {len(tokens)} tokens, fewer than {vocab}")
+    kept = set(tokens)
+    merges = [m for m in strings("tokenizer.ggml.merges")
+              if all(p in kept for p in m.split(" ")) and m.replace(" ", "") in kept]
+    types = r.fields["tokenizer.ggml.token_type"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(bytes(r.fields["tokenizer.ggml.pre"].parts[-1]).decode())
+    w.add_token_list(tokens)
+    w.add_token_types([int(types.parts[i][0]) for i in types.data][:vocab])
+    w.add_token_merges(merges)
+    for key, add in [("tokenizer.ggml.bos_token_id", w.add_bos_token_id),
+                     ("tokenizer.ggml.eos_token_id", w.add_eos_token_id)]:
+        if key in r.fields and scalar(key) < vocab:
+            add(scalar(key))
 
 
 if __name__ == "__main__":

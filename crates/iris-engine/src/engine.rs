@@ -1227,7 +1227,7 @@ impl Worker {
             let next = drawn.id;
             seq.output.push(next);
             self.stat(|s| s.decode_tokens += 1);
-            let mut reason = if pipeline.eos_token_ids().contains(&next) {
+            let mut reason = if !opts.stop.ignore_eos && pipeline.eos_token_ids().contains(&next) {
                 Some(FinishReason::Eos)
             } else if opts.stop.token_ids.contains(&next) {
                 Some(FinishReason::Stop)

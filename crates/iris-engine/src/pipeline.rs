@@ -47,6 +47,9 @@ pub struct StopRules {
     pub token_ids: Vec<u32>,
     /// The text is cut before the first occurrence of any of these.
     pub strings: Vec<String>,
+    /// Decode past the model's EOS tokens, to the length limit (vLLM's `ignore_eos`,
+    /// for benchmarks: every request decodes the same number of steps).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -403,7 +406,7 @@ impl Pipeline {
                 top.push(drawn.top_logprobs);
             }
             token_ids.push(next);
-            if self.eos_token_ids.contains(&next) {
+            if !opts.stop.ignore_eos && self.eos_token_ids.contains(&next) {
                 finish_reason = FinishReason::Eos;
                 break;
             }

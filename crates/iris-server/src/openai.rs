@@ -392,6 +392,7 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
         stop: StopRules {
             token_ids: vec![],
             strings: stop,
+            ignore_eos: flag(&v, "ignore_eos")?.unwrap_or(false),
         },
         top_logprobs: if logprobs { top.max(1) } else { 0 },
         constraint: response_format(&v["response_format"])?,

@@ -136,6 +136,7 @@ pub fn options(
         stop: StopRules {
             token_ids: stop_token_ids.to_vec(),
             strings: stop.to_vec(),
+            ignore_eos: false,
         },
         top_logprobs: top_logprobs as usize,
         constraint: constraint_from_wire(constraint)?,

@@ -20,6 +20,9 @@ use rayon::prelude::*;
 pub enum BenchCmd {
     /// Batch-1 decode tokens/s vs the memory-bandwidth roofline.
     Decode(DecodeArgs),
+    /// Decode tokens/s through the engine, free and held to JSON schemas: what
+    /// structured outputs cost.
+    Structured(crate::bench_structured::StructuredArgs),
     /// Time to encode one image with a CLIP ViT (LLaVA-1.5's ViT-L/14-336 by default),
     /// random weights.
     Vit(VitArgs),
@@ -238,6 +241,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Allreduce(a) => allreduce(a),
         BenchCmd::AllreduceRank(a) => allreduce_rank(a),
         BenchCmd::Serve(a) => crate::bench_serve::run(a),
+        BenchCmd::Structured(a) => crate::bench_structured::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_structured;
 mod capfilt;
 mod retrieval;
 
@@ -273,6 +274,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop: StopRules {
             token_ids: a.stop_token_ids,
             strings: a.stop,
+            ignore_eos: false,
         },
         top_logprobs: a.top_logprobs,
         constraint,
