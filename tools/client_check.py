@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import openai
 
@@ -78,6 +79,7 @@ def main():
     except openai.BadRequestError:
         pass
     print(f"openai {openai.__version__}: {text!r}, streamed the same")
+    check_n(a, client)
 
     run = lambda *args: subprocess.run(
         [a.grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30)
@@ -115,6 +117,63 @@ def main():
             fail(f"Generate with a regex constraint: {gen.stdout} {gen.stderr}")
         print(f"grpcurl Generate with a regex constraint: {finished[0]['text']!r}")
     print(f"grpcurl: {len(services)} services by reflection, Gateway SERVING")
+
+
+def splitmix64(z):
+    m = (1 << 64) - 1
+    z = (z + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def seed_stream(seed, i):
+    """iris_engine::seed_stream: the seed choice i of a request with `n` draws with."""
+    return seed if i == 0 else splitmix64(seed ^ splitmix64(0x5EED000000000000 | i))
+
+
+def prefix_hits(a, model):
+    req = urllib.request.Request(f"http://{a.http}/metrics",
+                                 headers={"authorization": f"Bearer {a.api_key}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    m = re.search(r'^\w*prefix_cache_hit_blocks\{[^}]*model="' + re.escape(model) + r'"[^}]*\} (\d+)',
+                  text, re.M)
+    if not m:
+        fail(f"no prefix_cache_hit_blocks for {model} in /metrics")
+    return int(m.group(1))
+
+
+def check_n(a, client):
+    """`n` = 4: four choices, each what the request alone gives with its seed stream,
+    streamed the same, and the prompt's full blocks computed once (prefix-cache hits
+    for the other three)."""
+    # A prompt no earlier request began with: only the samples share its blocks.
+    seed, n = 2024, 4
+    fresh = [{"role": "user", "content": "n check: " + "a b c d e f g h i j k l m " * 4}]
+    kw = dict(model=a.model, messages=fresh, max_tokens=6, temperature=1.0)
+    hits = prefix_hits(a, a.model)
+    r = client.chat.completions.create(n=n, seed=seed, **kw)
+    hit = prefix_hits(a, a.model) - hits
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    if len(texts) != n or r.usage.completion_tokens != n * 6:
+        fail(f"n={n}: {r}")
+    full = (r.usage.prompt_tokens - 1) // 16
+    if hit != (n - 1) * full:
+        fail(f"n={n}: {hit} prefix-cache hits, not {n - 1} x {full} full prompt blocks")
+    streamed = [""] * n
+    for c in client.chat.completions.create(n=n, seed=seed, stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    if streamed != texts:
+        fail(f"n={n} streamed {streamed} != {texts}")
+    for i in range(n):
+        one = client.chat.completions.create(seed=seed_stream(seed, i), **kw)
+        if one.choices[0].message.content != texts[i]:
+            fail(f"choice {i} {texts[i]!r} != alone {one.choices[0].message.content!r}")
+    if len(set(texts)) == 1:
+        fail(f"n={n}: every choice the same: {texts}")
+    print(f"n={n}: {len(set(texts))} different choices, each its seed stream alone; "
+          f"the prompt's {full} full blocks computed once ({hit} hits)")
 
 
 def split_json(out):

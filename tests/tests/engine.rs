@@ -693,3 +693,81 @@ fn the_prefix_index_follows_the_cache_through_evictions() {
         cb.len()
     );
 }
+
+/// The samples of one prompt (OpenAI's `n`: one request a seed stream) submitted
+/// together: the first prefills the prompt, the others wait for its blocks and take
+/// them from the prefix cache (each prefills only the partial last block), and each
+/// gives what it gives alone.
+#[test]
+fn samples_of_one_prompt_share_its_blocks() {
+    let p = Arc::new(
+        Pipeline::load(&fixture("llava-tiny-hub-f32"), &PipelineOptions::default()).unwrap(),
+    );
+    let block_size = 4;
+    let n = 4;
+    let samples: Vec<EngineRequest> = (0..n)
+        .map(|i| {
+            let mut r = requests().remove(3);
+            r.options.sampling.seed = iris_engine::seed_stream(11, i);
+            r.options.max_new_tokens = 8;
+            r
+        })
+        .collect();
+    // Queued before the engine's first step, all at once; the prompt prefilled in
+    // chunks of 8 tokens, over several steps.
+    let (engine, streams) = Engine::start_with(
+        p.clone(),
+        EngineConfig {
+            max_batch: 8,
+            kv_blocks: 512,
+            block_size,
+            prefill_chunk: 8,
+            ..Default::default()
+        },
+        samples.clone(),
+    )
+    .unwrap();
+    let before = iris_engine::EngineStats::default();
+    let mut prompt = 0;
+    let mut outs = Vec::new();
+    for s in streams {
+        let mut ids = Vec::new();
+        for ev in s {
+            match ev {
+                TokenEvent::Token { id, .. } => ids.push(id),
+                TokenEvent::Finished {
+                    prompt_token_ids, ..
+                } => prompt = prompt_token_ids.len(),
+                TokenEvent::Error(e) => panic!("{e}"),
+                TokenEvent::Admitted { .. } => {}
+            }
+        }
+        outs.push(ids);
+    }
+    let after = engine.stats();
+    for (i, r) in samples.iter().enumerate() {
+        assert_eq!(
+            outs[i],
+            alone(&p, r),
+            "sample {i} equals its seed stream alone"
+        );
+    }
+    assert!(
+        outs.iter().skip(1).any(|o| o != &outs[0]),
+        "the samples differ"
+    );
+    let full = (prompt - 1) / block_size;
+    assert!(full >= 4, "a prompt of several blocks: {prompt} tokens");
+    assert_eq!(
+        after.prefix_hits - before.prefix_hits,
+        ((n - 1) * full) as u64,
+        "every later sample takes every full prompt block from the first: {after:?}"
+    );
+    assert_eq!(
+        after.prefill_tokens - before.prefill_tokens,
+        (prompt + (n - 1) * (prompt - full * block_size)) as u64,
+        "the prompt prefilled once, plus each later sample's partial block"
+    );
+    assert!(after.deferred_admissions > before.deferred_admissions);
+    assert_eq!(after.free_blocks, 512, "all blocks back");
+}

@@ -274,6 +274,11 @@ impl BlockPool {
         Ok(())
     }
 
+    /// Whether a block with this hash is cached (no owner taken).
+    pub fn contains(&self, hash: u64) -> bool {
+        self.by_hash.contains_key(&hash)
+    }
+
     /// A cached block with this hash, now owned once more by the caller (a hit).
     pub fn lookup(&mut self, hash: u64) -> Option<BlockId> {
         let Some(&id) = self.by_hash.get(&hash) else {

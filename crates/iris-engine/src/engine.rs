@@ -191,6 +191,9 @@ pub struct EngineStats {
     pub mixed_steps: u64,
     /// Steps that panicked (their requests failed; the engine went on).
     pub failed_steps: u64,
+    /// Admissions put off because a running request was prefilling the prompt block
+    /// the request needed next (counted at each attempt).
+    pub deferred_admissions: u64,
     /// Structured outputs: draws whose token mask was ready when sampling began
     /// (computed beside the forward pass), and draws that computed it then (a
     /// request's first token, after its prefill).
@@ -364,6 +367,9 @@ struct Sequence {
     text: TextState,
     /// Structured outputs: the constraint's matcher and the next token's mask.
     guide: Option<Guide>,
+    /// Hashes of the full prompt blocks its prefill is computing (registered in the
+    /// prefix cache when it ends): a request that needs them waits for them.
+    pending: Vec<u64>,
 }
 
 impl Sequence {
@@ -382,6 +388,7 @@ impl Sequence {
         self.embeds = None;
         self.prefilled = 0;
         self.last_hidden = None;
+        self.pending.clear();
     }
 }
 
@@ -863,6 +870,7 @@ impl Worker {
             last_hidden: None,
             text,
             guide,
+            pending: Vec::new(),
         });
         self.stat(|_| {});
     }
@@ -918,14 +926,30 @@ impl Worker {
     }
 
     /// FIFO admission while the batch has room and the prompt's blocks are available;
-    /// a preempted request resumes from its prompt plus its output so far.
+    /// a preempted request resumes from its prompt plus its output so far. A request
+    /// whose next uncached prompt block a running request is prefilling waits for it
+    /// (then takes it from the prefix cache): the samples of one prompt (`n` > 1), or
+    /// concurrent requests with one prompt, compute it once.
     fn admit(&mut self) {
+        let mut deferred = Vec::new();
+        self.admit_from(&mut deferred);
+        for seq in deferred.into_iter().rev() {
+            self.waiting.push_front(seq);
+        }
+    }
+
+    fn admit_from(&mut self, deferred: &mut Vec<Sequence>) {
         while self.running.len() < self.config.max_batch {
             let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
             if seq.cancelled() {
                 self.cancel(seq);
+                continue;
+            }
+            if self.awaits_prefill(&seq) {
+                self.stat(|s| s.deferred_admissions += 1);
+                deferred.push(seq);
                 continue;
             }
             match self.start(&mut seq) {
@@ -947,6 +971,21 @@ impl Worker {
                 }
                 Err(e) => self.finish_with_error(seq, &e),
             }
+        }
+    }
+
+    /// Whether the first prompt block `seq` would compute is one a running request is
+    /// computing now.
+    fn awaits_prefill(&self, seq: &Sequence) -> bool {
+        if !self.running.iter().any(|r| !r.pending.is_empty()) {
+            return false;
+        }
+        let tokens = seq.tokens();
+        let full = (tokens.len() - 1) / self.config.block_size;
+        let hashes = self.block_hashes(seq, &tokens, full);
+        match hashes.iter().find(|&&h| !self.pool.contains(h)) {
+            Some(h) => self.running.iter().any(|r| r.pending.contains(h)),
+            None => false,
         }
     }
 
@@ -1016,6 +1055,9 @@ impl Worker {
             kv_width,
         );
         let cached = (seq.blocks.len() - fresh) * bs;
+        seq.pending = self
+            .block_hashes(seq, &tokens, total / bs)
+            .split_off(cached / bs);
         seq.cache.advance(cached);
         seq.prefilled = cached;
         if seq.output.is_empty() {
@@ -1080,6 +1122,7 @@ impl Worker {
                     // A block already cached under this hash (another request's) stays.
                     let _ = self.pool.register(seq.blocks[b], h);
                 }
+                self.running[i].pending.clear();
             }
         }
         for (i, e) in failed.into_iter().rev() {

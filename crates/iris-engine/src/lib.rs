@@ -21,7 +21,7 @@ pub use engine::{
 };
 pub use iris_models::registry::{Family, Part, Parts, Task};
 pub use iris_tensor::kv::KvDtype;
-pub use iris_tensor::sample::{argmax, top_logprobs, Sampler, SamplingParams};
+pub use iris_tensor::sample::{argmax, seed_stream, top_logprobs, Sampler, SamplingParams};
 pub use pipeline::{
     FinishReason, GenerateOptions, Generation, ModelSpec, Pipeline, PipelineOptions, StopRules,
 };

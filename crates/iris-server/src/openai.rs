@@ -246,6 +246,8 @@ async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ServeError> {
 
 struct Parsed {
     input: GenerateInput,
+    /// Choices to return (OpenAI's `n`): sample i draws with `seed_stream(seed, i)`.
+    n: usize,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -293,9 +295,6 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     let m = gw.model(&model)?;
     if let ModelKind::Retrieval(_) = m.kind {
         return Err(bad(format!("model `{model}` is a retrieval model")));
-    }
-    if count(&v, "n")?.is_some_and(|n| n != 1) {
-        return Err(bad("n: only 1 is supported"));
     }
     let msgs = v["messages"]
         .as_array()
@@ -405,6 +404,10 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
             images,
             options,
         },
+        n: match count(&v, "n")?.unwrap_or(1) {
+            n @ 1..=MAX_N => n as usize,
+            n => return Err(bad(format!("n: {n} is not in 1..={MAX_N}"))),
+        },
         stream: flag(&v, "stream")?.unwrap_or(false),
         include_usage: flag(&v["stream_options"], "include_usage")?.unwrap_or(false),
         logprobs,
@@ -444,6 +447,10 @@ fn response_format(v: &Value) -> Result<Option<Constraint>, ServeError> {
         None => return Err(bad("response_format.type is required")),
     })
 }
+
+/// Most choices one request may ask for (OpenAI allows 128; each is a sequence in the
+/// decoder's batch).
+const MAX_N: u64 = 16;
 
 /// A seed for a request that sets none (different every request, as OpenAI's).
 fn rand_seed() -> u64 {
@@ -512,58 +519,89 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
     let model = p.input.model.clone();
     let top_n = p.input.options.top_logprobs;
     let deadline = gw.deadline(None);
-    let generation = gw.generate(p.input, deadline).await?;
+    // One generation a choice, each with its seed stream; the decoder computes their
+    // shared prompt once (a sample waits for the first's prompt blocks).
+    let seed = p.input.options.sampling.seed;
+    let mut generations = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let mut input = p.input.clone();
+        input.options.sampling.seed = iris_engine::seed_stream(seed, i);
+        generations.push(gw.generate(input, deadline).await?);
+    }
     let id = format!("chatcmpl-{:016x}", rand_seed());
     let created = unix_now();
-    let prompt_tokens = generation.prompt_tokens;
+    let prompt_tokens = generations[0].prompt_tokens;
     if !p.stream {
-        let mut events = generation.events;
-        let mut logprobs = Vec::new();
-        while let Some(ev) = events.next().await {
-            match ev.map_err(ServeError::from)?.event {
-                Some(pb::generate_event::Event::Token(t)) if p.logprobs => {
-                    logprobs.push(token_logprob(&gw, &model, &t, top_n));
-                }
-                Some(pb::generate_event::Event::Finished(f)) => {
-                    let mut choice = json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": f.text},
-                        "finish_reason": finish_name(f.reason),
-                        "logprobs": null,
-                    });
-                    if p.logprobs {
-                        choice["logprobs"] = json!({ "content": logprobs });
+        let choices =
+            futures::future::join_all(generations.into_iter().enumerate().map(|(index, g)| {
+                let gw = gw.clone();
+                let model = model.clone();
+                async move {
+                    let mut events = g.events;
+                    let mut logprobs = Vec::new();
+                    while let Some(ev) = events.next().await {
+                        match ev.map_err(ServeError::from)?.event {
+                            Some(pb::generate_event::Event::Token(t)) if p.logprobs => {
+                                logprobs.push(token_logprob(&gw, &model, &t, top_n));
+                            }
+                            Some(pb::generate_event::Event::Finished(f)) => {
+                                let mut choice = json!({
+                                    "index": index,
+                                    "message": {"role": "assistant", "content": f.text},
+                                    "finish_reason": finish_name(f.reason),
+                                    "logprobs": null,
+                                });
+                                if p.logprobs {
+                                    choice["logprobs"] = json!({ "content": logprobs });
+                                }
+                                return Ok((choice, f.completion_tokens as usize, f.cached_tokens));
+                            }
+                            _ => {}
+                        }
                     }
-                    return Ok(Json(json!({
-                        "id": id,
-                        "object": "chat.completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                        "usage": usage(prompt_tokens, f.completion_tokens as usize, f.cached_tokens),
-                    }))
-                    .into_response());
+                    Err(ServeError::internal(
+                        "the decoder ended the stream without finishing",
+                    ))
                 }
-                _ => {}
-            }
-        }
-        return Err(ServeError::internal(
-            "the decoder ended the stream without finishing",
-        ));
+            }))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, ServeError>>()?;
+        let completion: usize = choices.iter().map(|c| c.1).sum();
+        let cached = choices[0].2;
+        return Ok(Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices.into_iter().map(|c| c.0).collect::<Vec<_>>(),
+            "usage": usage(prompt_tokens, completion, cached),
+        }))
+        .into_response());
     }
     let model_name = model.clone();
-    let chunk = move |delta: Value, finish: Option<&str>, logprobs: Value| {
+    let chunk = move |index: usize, delta: Value, finish: Option<&str>, logprobs: Value| {
         json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
         })
     };
+    let n = generations.len();
+    // The choices' events interleaved as they come, each tagged with its index.
+    let mut events = futures::stream::select_all(
+        generations
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| g.events.map(move |ev| (i, ev)).boxed()),
+    );
     let stream = async_stream::stream! {
-        let mut events = generation.events;
-        yield Ok::<_, Infallible>(Event::default().data(
-            chunk(json!({"role": "assistant", "content": ""}), None, Value::Null).to_string(),
-        ));
-        while let Some(ev) = events.next().await {
+        for index in 0..n {
+            yield Ok::<_, Infallible>(Event::default().data(
+                chunk(index, json!({"role": "assistant", "content": ""}), None, Value::Null).to_string(),
+            ));
+        }
+        let (mut open, mut completion, mut cached) = (n, 0usize, None);
+        while let Some((index, ev)) = events.next().await {
             match ev {
                 Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Token(t)) }) => {
                     let lp = if p.logprobs {
@@ -573,21 +611,28 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
                     };
                     if !t.text.is_empty() || p.logprobs {
                         yield Ok(Event::default().data(
-                            chunk(json!({"content": t.text}), None, lp).to_string(),
+                            chunk(index, json!({"content": t.text}), None, lp).to_string(),
                         ));
                     }
                 }
                 Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Finished(f)) }) => {
                     yield Ok(Event::default().data(
-                        chunk(json!({}), Some(finish_name(f.reason)), Value::Null).to_string(),
+                        chunk(index, json!({}), Some(finish_name(f.reason)), Value::Null).to_string(),
                     ));
-                    if p.include_usage {
-                        let mut u = chunk(json!({}), None, Value::Null);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(prompt_tokens, f.completion_tokens as usize, f.cached_tokens);
-                        yield Ok(Event::default().data(u.to_string()));
+                    completion += f.completion_tokens as usize;
+                    if index == 0 {
+                        cached = Some(f.cached_tokens);
                     }
-                    break;
+                    open -= 1;
+                    if open == 0 {
+                        if p.include_usage {
+                            let mut u = chunk(0, json!({}), None, Value::Null);
+                            u["choices"] = json!([]);
+                            u["usage"] = usage(prompt_tokens, completion, cached.unwrap_or(0));
+                            yield Ok(Event::default().data(u.to_string()));
+                        }
+                        break;
+                    }
                 }
                 Ok(_) => {}
                 Err(status) => {

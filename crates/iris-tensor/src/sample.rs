@@ -87,6 +87,18 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The seed of sample `i` of a request with `n` > 1 (OpenAI's `n`): sample 0 keeps the
+/// request's seed, so `n` = 1 is the request alone; the others draw from streams
+/// unrelated to it and to each other (a seed + i would replay sample 0's draws one
+/// position later).
+pub fn seed_stream(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        seed
+    } else {
+        splitmix64(seed ^ splitmix64(0x5eed_0000_0000_0000 | i as u64))
+    }
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         Sampler { params }
