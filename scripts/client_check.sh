@@ -18,7 +18,7 @@ cargo build -q -p iris
 log="$(mktemp)"
 key="client-check-$$"
 IRIS_API_KEY="$key" ./target/debug/iris serve --model tests/fixtures/llava-tiny-hub-f32 \
-    --model tests/fixtures/blip2-tiny-opt-f32 \
+    --model tests/fixtures/blip2-tiny-opt-f32 --model tests/fixtures/blip2-tiny-retrieval-f32 \
     --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 >"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -f "$log"' EXIT
@@ -27,7 +27,9 @@ grpc="$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$log")"
 http="$(sed -n 's/.*http=\([^ ]*\).*/\1/p' "$log")"
 "$venv/bin/python" tools/client_check.py --http "$http" --grpc "$grpc" \
     --model llava-tiny-hub-f32 --image tests/fixtures/images/scene.png \
-    --grpcurl "$venv/bin/grpcurl" --api-key "$key" --structured-model blip2-tiny-opt-f32
+    --grpcurl "$venv/bin/grpcurl" --api-key "$key" --structured-model blip2-tiny-opt-f32 \
+    --retrieval-model blip2-tiny-retrieval-f32 --retrieval-dir tests/fixtures/blip2-tiny-retrieval-f32 \
+    --model-dir tests/fixtures/llava-tiny-hub-f32 --iris ./target/debug/iris
 # Structured outputs on the BLIP-2 fixture (its byte-level vocabulary spells any text).
 "$venv/bin/python" tools/structured_check.py --http "$http" --model blip2-tiny-opt-f32 \
     --api-key "$key"

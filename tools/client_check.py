@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -33,6 +34,10 @@ def main():
     ap.add_argument("--grpcurl", default=shutil.which("grpcurl") or "grpcurl")
     ap.add_argument("--api-key", default="unused", help="the key the server was given")
     ap.add_argument("--structured-model", help="a served model to constrain over gRPC")
+    ap.add_argument("--retrieval-model", help="a served retrieval model for /v1/embeddings")
+    ap.add_argument("--model-dir", help="the folder of --model (for `iris generate`)")
+    ap.add_argument("--retrieval-dir", help="the folder of --retrieval-model (for `iris embed`)")
+    ap.add_argument("--iris", help="the iris binary, to compare with its CLI")
     a = ap.parse_args()
 
     client = openai.OpenAI(base_url=f"http://{a.http}/v1", api_key=a.api_key)
@@ -80,6 +85,10 @@ def main():
         pass
     print(f"openai {openai.__version__}: {text!r}, streamed the same")
     check_n(a, client)
+    if a.iris:
+        check_completions(a, client, url)
+    if a.retrieval_model and a.iris:
+        check_embeddings(a, client, url)
 
     run = lambda *args: subprocess.run(
         [a.grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=30)
@@ -117,6 +126,63 @@ def main():
             fail(f"Generate with a regex constraint: {gen.stdout} {gen.stderr}")
         print(f"grpcurl Generate with a regex constraint: {finished[0]['text']!r}")
     print(f"grpcurl: {len(services)} services by reflection, Gateway SERVING")
+
+
+def check_completions(a, client, url):
+    """/v1/completions: a raw prompt with the model's image marker and the image in
+    Iris' `images` list gives what `iris generate` gives for them; streamed the same;
+    legacy logprobs; `n` choices."""
+    prompt = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+    kw = dict(model=a.model, prompt=prompt, max_tokens=8, temperature=0,
+              extra_body={"images": [url]})
+    r = client.completions.create(logprobs=2, **kw)
+    cli = json.loads(subprocess.run(
+        [a.iris, "generate", "--model", a.model_dir, "--image", a.image, "--prompt", prompt,
+         "--max-new-tokens", "8", "--json"], capture_output=True, text=True, check=True).stdout)
+    text = r.choices[0].text
+    if r.object != "text_completion" or text != cli["text"]:
+        fail(f"/v1/completions {text!r} != iris generate {cli['text']!r}")
+    lp = r.choices[0].logprobs
+    if len(lp.tokens) != 8 or len(lp.top_logprobs[0]) != 2 or r.usage.completion_tokens != 8:
+        fail(f"/v1/completions logprobs / usage: {r}")
+    if any(abs(x - y) > 1e-4 for x, y in zip(lp.token_logprobs, cli["logprobs"])):
+        fail(f"/v1/completions logprobs {lp.token_logprobs} != {cli['logprobs']}")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)
+                       if c.choices)
+    if streamed != text:
+        fail(f"/v1/completions streamed {streamed!r} != {text!r}")
+    two = client.completions.create(**{**kw, "n": 2, "temperature": 1.0, "seed": 5})
+    if sorted(c.index for c in two.choices) != [0, 1]:
+        fail(f"/v1/completions n=2: {two}")
+    print(f"/v1/completions: {text!r} = iris generate, streamed the same, n=2")
+
+
+def check_embeddings(a, client, url):
+    """/v1/embeddings equal `iris embed`'s within 1e-6: a text and an image (a data:
+    URL; its query rows concatenated)."""
+    text = "a red square on a blue field"
+    r = client.embeddings.create(model=a.retrieval_model, input=[text, url])
+    cli = json.loads(subprocess.run(
+        [a.iris, "embed", "--model", a.retrieval_dir, "--text", text, "--image", a.image],
+        capture_output=True, text=True, check=True).stdout)["embeddings"]
+    want = {"text": cli[1]["embedding"], "image": [x for row in cli[0]["embedding"] for x in row]}
+    got = {"text": r.data[0].embedding, "image": r.data[1].embedding}
+    for k in want:
+        if len(got[k]) != len(want[k]) or max(abs(x - y) for x, y in zip(got[k], want[k])) > 1e-6:
+            fail(f"/v1/embeddings {k}: not iris embed's")
+    if r.usage.prompt_tokens <= 0:
+        fail(f"/v1/embeddings usage: {r.usage}")
+    # The client asks for base64 unless told (and decodes it); asked explicitly, it
+    # hands over the string. Floats too.
+    b64 = client.embeddings.create(model=a.retrieval_model, input=text, encoding_format="base64")
+    raw = base64.b64decode(b64.data[0].embedding)
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    floats = client.embeddings.create(model=a.retrieval_model, input=text, encoding_format="float")
+    for got_text in (decoded, floats.data[0].embedding):
+        if max(abs(x - y) for x, y in zip(got_text, want["text"])) > 1e-6:
+            fail("/v1/embeddings: base64 and float are not the same embedding")
+    print(f"/v1/embeddings: a text ({len(want['text'])} floats) and an image "
+          f"({len(cli[0]['embedding'])} rows) = iris embed within 1e-6")
 
 
 def splitmix64(z):

@@ -59,6 +59,11 @@ impl RetrievalPipeline {
         Ok(self.model.image_embeds(&feats)?)
     }
 
+    /// Tokens a text is embedded from (the usage an API reports).
+    pub fn text_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.text_ids(text)?.len())
+    }
+
     /// The normalised ITC embedding of a text.
     pub fn embed_text(&self, text: &str) -> Result<Tensor> {
         Ok(self.model.text_embeds(&self.text_ids(text)?)?)

@@ -1,7 +1,10 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/chat/completions` (text and `image_url`
 //! parts; `data:` URLs, and remote URLs only for hosts on the allow-list, fetched with a
-//! timeout and a size cap), `stream: true` as server-sent events, `usage`,
-//! `GET /v1/models`, errors in OpenAI's JSON shape; plus `/metrics` and `/health`.
+//! timeout and a size cap), `POST /v1/completions` (a raw prompt with the model's image
+//! markers, images in Iris' `images` list), `n` choices, `response_format` (structured
+//! outputs), `stream: true` as server-sent events, `usage`, `POST /v1/embeddings`
+//! (retrieval models), `GET /v1/models`, errors in OpenAI's JSON shape; plus `/metrics`
+//! and `/health`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -71,6 +74,8 @@ pub fn router(gateway: Arc<Gateway>, config: HttpConfig) -> Router {
     let (keys, open_metrics) = (state.config.keys.clone(), state.config.open_metrics);
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(text_completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models));
     let api = if open_metrics {
         guarded(api, keys).route("/metrics", get(metrics))
@@ -244,6 +249,16 @@ async fn image_bytes(s: &AppState, url: &str) -> Result<Vec<u8>, ServeError> {
     Ok(out)
 }
 
+/// Which endpoint a generation came through: the shapes of its answer differ.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Api {
+    /// `/v1/chat/completions`: messages in, `message` / `delta` out.
+    Chat,
+    /// `/v1/completions`: a raw prompt (no chat template; images by the model's marker,
+    /// from Iris' `images` list of URLs) in, `text` out.
+    Completions,
+}
+
 struct Parsed {
     input: GenerateInput,
     /// Choices to return (OpenAI's `n`): sample i draws with `seed_stream(seed, i)`.
@@ -284,7 +299,7 @@ fn flag(v: &Value, key: &str) -> Result<Option<bool>, ServeError> {
     }
 }
 
-async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
+async fn parse(s: &AppState, body: &[u8], api: Api) -> Result<Parsed, ServeError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     let model = v["model"]
@@ -296,12 +311,48 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     if let ModelKind::Retrieval(_) = m.kind {
         return Err(bad(format!("model `{model}` is a retrieval model")));
     }
-    let msgs = v["messages"]
-        .as_array()
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| bad("`messages` must be a non-empty array"))?;
     let mut images = Vec::new();
     let mut messages = Vec::new();
+    let prompt = match api {
+        Api::Chat => None,
+        Api::Completions => {
+            let prompt = match &v["prompt"] {
+                Value::String(p) => p.clone(),
+                Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                    a[0].as_str().unwrap_or_default().to_string()
+                }
+                _ => return Err(bad("`prompt` must be a string (or an array of one)")),
+            };
+            let urls = match &v["images"] {
+                Value::Null => Vec::new(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|u| u.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("`images` must be an array of URLs"))?,
+                _ => return Err(bad("`images` must be an array of URLs")),
+            };
+            if urls.len() > gw.limits.max_images {
+                return Err(bad(format!(
+                    "{} images: at most {} per request",
+                    urls.len(),
+                    gw.limits.max_images
+                )));
+            }
+            for u in &urls {
+                images.push(image_bytes(s, u).await?);
+            }
+            Some(prompt)
+        }
+    };
+    let no_messages = Vec::new();
+    let msgs = match api {
+        Api::Chat => v["messages"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| bad("`messages` must be a non-empty array"))?,
+        Api::Completions => &no_messages,
+    };
     for (i, msg) in msgs.iter().enumerate() {
         let role = msg["role"]
             .as_str()
@@ -361,8 +412,18 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
         Value::Null => vec![],
         _ => return Err(bad("`stop` must be a string or an array of strings")),
     };
-    let logprobs = flag(&v, "logprobs")?.unwrap_or(false);
-    let top = count(&v, "top_logprobs")?.unwrap_or(0) as usize;
+    // Chat: `logprobs` a flag and `top_logprobs` a count; completions: `logprobs` the
+    // count.
+    let (logprobs, top) = match api {
+        Api::Chat => (
+            flag(&v, "logprobs")?.unwrap_or(false),
+            count(&v, "top_logprobs")?.unwrap_or(0) as usize,
+        ),
+        Api::Completions => match count(&v, "logprobs")? {
+            Some(k) => (true, k as usize),
+            None => (false, 0),
+        },
+    };
     if top > crate::gateway::MAX_TOP_LOGPROBS {
         return Err(bad(format!(
             "top_logprobs: {top} is more than {}",
@@ -399,8 +460,8 @@ async fn parse(s: &AppState, body: &[u8]) -> Result<Parsed, ServeError> {
     Ok(Parsed {
         input: GenerateInput {
             model,
-            prompt: None,
-            messages: Some(messages),
+            messages: prompt.is_none().then_some(messages),
+            prompt,
             images,
             options,
         },
@@ -507,14 +568,57 @@ async fn chat_completions(
             .into_response();
         }
     };
-    match completions(s, body).await {
+    match completions(s, body, Api::Chat).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeError> {
-    let p = parse(&s, &body).await?;
+async fn text_completions(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let limit = s.gateway.limits.http_body_bytes();
+            return bad(format!(
+                "the request body could not be read ({e}; at most {limit} bytes)"
+            ))
+            .into_response();
+        }
+    };
+    match completions(s, body, Api::Completions).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Chat logprobs entries (`token_logprob`) in the completions API's shape.
+fn legacy_logprobs(entries: &[Value]) -> Value {
+    let mut offset = 0;
+    let mut text_offset = Vec::new();
+    for e in entries {
+        text_offset.push(offset);
+        offset += e["token"].as_str().map_or(0, str::len);
+    }
+    json!({
+        "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
+        "top_logprobs": entries.iter().map(|e| {
+            e["top_logprobs"].as_array().map_or(json!({}), |t| {
+                Value::Object(t.iter().map(|x| (
+                    x["token"].as_str().unwrap_or_default().to_string(),
+                    x["logprob"].clone(),
+                )).collect())
+            })
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+async fn completions(s: Arc<AppState>, body: Bytes, api: Api) -> Result<Response, ServeError> {
+    let p = parse(&s, &body, api).await?;
     let gw = s.gateway.clone();
     let model = p.input.model.clone();
     let top_n = p.input.options.top_logprobs;
@@ -528,7 +632,10 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
         input.options.sampling.seed = iris_engine::seed_stream(seed, i);
         generations.push(gw.generate(input, deadline).await?);
     }
-    let id = format!("chatcmpl-{:016x}", rand_seed());
+    let id = match api {
+        Api::Chat => format!("chatcmpl-{:016x}", rand_seed()),
+        Api::Completions => format!("cmpl-{:016x}", rand_seed()),
+    };
     let created = unix_now();
     let prompt_tokens = generations[0].prompt_tokens;
     if !p.stream {
@@ -547,12 +654,23 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
                             Some(pb::generate_event::Event::Finished(f)) => {
                                 let mut choice = json!({
                                     "index": index,
-                                    "message": {"role": "assistant", "content": f.text},
                                     "finish_reason": finish_name(f.reason),
                                     "logprobs": null,
                                 });
-                                if p.logprobs {
-                                    choice["logprobs"] = json!({ "content": logprobs });
+                                match api {
+                                    Api::Chat => {
+                                        choice["message"] =
+                                            json!({"role": "assistant", "content": f.text});
+                                        if p.logprobs {
+                                            choice["logprobs"] = json!({ "content": logprobs });
+                                        }
+                                    }
+                                    Api::Completions => {
+                                        choice["text"] = json!(f.text);
+                                        if p.logprobs {
+                                            choice["logprobs"] = legacy_logprobs(&logprobs);
+                                        }
+                                    }
                                 }
                                 return Ok((choice, f.completion_tokens as usize, f.cached_tokens));
                             }
@@ -571,7 +689,10 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
         let cached = choices[0].2;
         return Ok(Json(json!({
             "id": id,
-            "object": "chat.completion",
+            "object": match api {
+                Api::Chat => "chat.completion",
+                Api::Completions => "text_completion",
+            },
             "created": created,
             "model": model,
             "choices": choices.into_iter().map(|c| c.0).collect::<Vec<_>>(),
@@ -580,11 +701,24 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
         .into_response());
     }
     let model_name = model.clone();
-    let chunk = move |index: usize, delta: Value, finish: Option<&str>, logprobs: Value| {
-        json!({
+    // A chunk of choice `index`: `delta` the chat shape (`{"content": …}`), turned
+    // into the completions API's `text` there.
+    let chunk = move |index: usize, delta: Value, finish: Option<&str>, logprobs: Value| match api {
+        Api::Chat => json!({
             "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
-        })
+        }),
+        Api::Completions => {
+            let logprobs = match logprobs["content"].as_array() {
+                Some(e) => legacy_logprobs(e),
+                None => Value::Null,
+            };
+            json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": index, "text": delta["content"].as_str().unwrap_or_default(),
+                             "finish_reason": finish, "logprobs": logprobs}],
+            })
+        }
     };
     let n = generations.len();
     // The choices' events interleaved as they come, each tagged with its index.
@@ -596,9 +730,11 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
     );
     let stream = async_stream::stream! {
         for index in 0..n {
-            yield Ok::<_, Infallible>(Event::default().data(
-                chunk(index, json!({"role": "assistant", "content": ""}), None, Value::Null).to_string(),
-            ));
+            if api == Api::Chat {
+                yield Ok::<_, Infallible>(Event::default().data(
+                    chunk(index, json!({"role": "assistant", "content": ""}), None, Value::Null).to_string(),
+                ));
+            }
         }
         let (mut open, mut completion, mut cached) = (n, 0usize, None);
         while let Some((index, ev)) = events.next().await {
@@ -646,6 +782,97 @@ async fn completions(s: Arc<AppState>, body: Bytes) -> Result<Response, ServeErr
         yield Ok(Event::default().data("[DONE]"));
     };
     Ok(Sse::new(stream).into_response())
+}
+
+/// `POST /v1/embeddings` for retrieval models (BLIP, BLIP-2 ITC): `input` a string or
+/// an array of strings, each a text or an image as a `data:` URL (or an allowed
+/// `http(s)://` one); each embedding L2-normalised, as `iris embed` prints it. An image
+/// of BLIP-2 has one embedding per query token: its rows are concatenated (`rows` says
+/// how many, an Iris extension). `encoding_format` `float` or `base64` (little-endian
+/// f32, as OpenAI's).
+async fn embeddings(
+    State(s): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let body = body.map_err(|e| bad(format!("the request body could not be read: {e}")))?;
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+        let model = v["model"]
+            .as_str()
+            .ok_or_else(|| bad("`model` is required"))?
+            .to_string();
+        let p = s.gateway.retrieval(&model)?;
+        let inputs: Vec<String> = match &v["input"] {
+            Value::String(x) => vec![x.clone()],
+            Value::Array(a) if !a.is_empty() => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("`input` must be a string or an array of strings"))?,
+            _ => {
+                return Err(bad(
+                    "`input` must be a string or a non-empty array of strings",
+                ))
+            }
+        };
+        let base64 = match v["encoding_format"].as_str() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(bad(format!("encoding_format: unknown {other:?}"))),
+        };
+        // Images fetched first (async), then every embedding on a blocking thread.
+        let mut items = Vec::with_capacity(inputs.len());
+        for x in inputs {
+            items.push(
+                if x.starts_with("data:") || x.starts_with("http://") || x.starts_with("https://") {
+                    Err(image_bytes(&s, &x).await?)
+                } else {
+                    Ok(x)
+                },
+            );
+        }
+        let out = tokio::task::spawn_blocking(move || {
+            items
+                .iter()
+                .map(|item| -> Result<(Vec<f32>, usize, usize), ServeError> {
+                    Ok(match item {
+                        Ok(text) => (p.embed_text(text)?.to_f32_vec(), 1, p.text_tokens(text)?),
+                        Err(image) => {
+                            let e = p.embed_image(image)?;
+                            (e.to_f32_vec(), e.rows(), 0)
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ServeError::internal(e.to_string()))??;
+        let tokens: usize = out.iter().map(|o| o.2).sum();
+        let data: Vec<Value> = out
+            .into_iter()
+            .enumerate()
+            .map(|(index, (e, rows, _))| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(e)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding, "rows": rows})
+            })
+            .collect();
+        Ok::<_, ServeError>(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })))
+    };
+    match run.await {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn usage(prompt: usize, completion: usize, cached: u32) -> Value {
