@@ -85,6 +85,7 @@ def main():
         pass
     print(f"openai {openai.__version__}: {text!r}, streamed the same")
     check_n(a, client)
+    check_logit_bias(a, client, messages, text)
     if a.iris:
         check_completions(a, client, url)
     if a.retrieval_model and a.iris:
@@ -183,6 +184,24 @@ def check_embeddings(a, client, url):
             fail("/v1/embeddings: base64 and float are not the same embedding")
     print(f"/v1/embeddings: a text ({len(want['text'])} floats) and an image "
           f"({len(cli[0]['embedding'])} rows) = iris embed within 1e-6")
+
+
+def check_logit_bias(a, client, messages, greedy):
+    """logit_bias: +100 on one token makes greedy decoding pick it every time (id 8 is
+    the fixture's "A"); an out-of-range bias is a 400."""
+    kw = dict(model=a.model, messages=messages, max_tokens=8, temperature=0)
+    r = client.chat.completions.create(logit_bias={"8": 100}, **kw)
+    if r.choices[0].message.content != "A" * 8:
+        fail(f"logit_bias +100 on 'A': {r.choices[0].message.content!r}")
+    r = client.chat.completions.create(logit_bias={"8": -100}, **kw)
+    if r.choices[0].message.content != greedy:
+        fail(f"logit_bias -100 on a token greedy never picks changed the text")
+    try:
+        client.chat.completions.create(logit_bias={"8": 101}, **kw)
+        fail("a logit_bias of 101 was accepted")
+    except openai.BadRequestError:
+        pass
+    print("logit_bias: +100 forces its token, -100 on an unused one changes nothing, 101 refused")
 
 
 def splitmix64(z):

@@ -1255,6 +1255,7 @@ impl Worker {
                     output: &seq.output,
                     top_logprobs: seq.submission.request.options.top_logprobs,
                     allowed: seq.guide.as_mut().and_then(|g| g.allowed().ok()),
+                    bias: &seq.submission.request.options.logit_bias,
                 })
                 .collect();
             logits.sample_rows(&draws)

@@ -61,11 +61,22 @@ pub struct GenerateOptions {
     pub top_logprobs: usize,
     /// Structured outputs: what the output must match (the engine's requests only).
     pub constraint: Option<crate::constrain::Constraint>,
+    /// OpenAI's `logit_bias`: (token, bias) added to the logits before each draw.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl GenerateOptions {
     pub fn validate(&self) -> Result<()> {
         self.sampling.validate().map_err(Error::Input)?;
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(Error::Input(format!(
+                "logit_bias of token {t}: {b} is not in [-100, 100]"
+            )));
+        }
         if self.max_new_tokens == 0 {
             return Err(Error::Input("max_new_tokens must be at least 1".into()));
         }
@@ -82,6 +93,7 @@ impl GenerateOptions {
             stop: StopRules::default(),
             top_logprobs: 0,
             constraint: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -398,6 +410,7 @@ impl Pipeline {
                 output: &token_ids,
                 top_logprobs: opts.top_logprobs,
                 allowed: None,
+                bias: &opts.logit_bias,
             };
             let drawn = logits.sample_rows(&[draw])?.remove(0);
             let next = drawn.id;

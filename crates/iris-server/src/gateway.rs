@@ -758,6 +758,7 @@ impl Gateway {
             top_logprobs: o.top_logprobs as u32,
             resume_token_ids: vec![],
             constraint: wire::constraint_to_wire(o.constraint.as_ref()),
+            logit_bias: o.logit_bias.iter().copied().collect(),
         };
         // Routing (the decoder holding the longest prefix, weighed by load) and the
         // call, until the decoder's stream is open.

@@ -456,6 +456,7 @@ async fn parse(s: &AppState, body: &[u8], api: Api) -> Result<Parsed, ServeError
         },
         top_logprobs: if logprobs { top.max(1) } else { 0 },
         constraint: response_format(&v["response_format"])?,
+        logit_bias: logit_bias(&v["logit_bias"])?,
     };
     Ok(Parsed {
         input: GenerateInput {
@@ -473,6 +474,32 @@ async fn parse(s: &AppState, body: &[u8], api: Api) -> Result<Parsed, ServeError
         include_usage: flag(&v["stream_options"], "include_usage")?.unwrap_or(false),
         logprobs,
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (as strings) to biases in [-100, 100].
+fn logit_bias(v: &Value) -> Result<Vec<(u32, f32)>, ServeError> {
+    let o = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Object(o) => o,
+        _ => return Err(bad("logit_bias must be an object of token ids to numbers")),
+    };
+    let mut out = Vec::with_capacity(o.len());
+    for (k, b) in o {
+        let t: u32 = k
+            .parse()
+            .map_err(|_| bad(format!("logit_bias: {k:?} is not a token id")))?;
+        let b = b
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                bad(format!(
+                    "logit_bias of {k}: {b} is not a number in [-100, 100]"
+                ))
+            })?;
+        out.push((t, b as f32));
+    }
+    out.sort_by_key(|&(t, _)| t);
+    Ok(out)
 }
 
 /// OpenAI's `response_format`: `text`, `json_object`, or `json_schema` (its `schema`;

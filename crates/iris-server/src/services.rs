@@ -207,6 +207,7 @@ impl GatewayService {
                 &r.stop_token_ids,
                 r.top_logprobs,
                 r.constraint.as_ref(),
+                &r.logit_bias,
             )?,
         })
     }

@@ -635,6 +635,7 @@ impl DecoderTier for LocalDecoder {
             &req.stop_token_ids,
             req.top_logprobs,
             req.constraint.as_ref(),
+            &req.logit_bias,
         )?;
         let mut request = EngineRequest::new(String::new(), Vec::new(), options);
         let span = crate::trace::span(|| {

@@ -129,7 +129,10 @@ pub fn options(
     stop_token_ids: &[u32],
     top_logprobs: u32,
     constraint: Option<&pb::Constraint>,
+    logit_bias: &std::collections::HashMap<u32, f32>,
 ) -> Result<GenerateOptions, Status> {
+    let mut logit_bias: Vec<(u32, f32)> = logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+    logit_bias.sort_by_key(|&(t, _)| t);
     Ok(GenerateOptions {
         max_new_tokens: max_tokens as usize,
         sampling: sampling_from_wire(sampling),
@@ -140,6 +143,7 @@ pub fn options(
         },
         top_logprobs: top_logprobs as usize,
         constraint: constraint_from_wire(constraint)?,
+        logit_bias,
     })
 }
 

@@ -240,6 +240,8 @@ pub struct Draw<'a> {
     /// Structured outputs: the tokens the draw may pick, as bits (bit `t % 32` of word
     /// `t / 32`; tokens past the words are not allowed). `None`: any token.
     pub allowed: Option<&'a [u32]>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before the draw.
+    pub bias: &'a [(u32, f32)],
 }
 
 /// A drawn token with its log-probability (of the unpenalized logits, as vLLM and
@@ -278,14 +280,28 @@ fn masked(row: &[f32], allowed: &[u32]) -> Vec<f32> {
         .collect()
 }
 
-/// One row's draw on the host: among the allowed tokens when a constraint says which
-/// (the log-probabilities reported stay those of the model's own distribution).
+/// One row's draw on the host: its logits biased, and among the allowed tokens when a
+/// constraint says which (the log-probabilities reported stay those of the model's own
+/// distribution, as OpenAI's).
 fn draw_host(row: &[f32], d: &Draw<'_>) -> Drawn {
+    let biased;
+    let logits = if d.bias.is_empty() {
+        row
+    } else {
+        let mut b = row.to_vec();
+        for &(t, x) in d.bias {
+            if let Some(l) = b.get_mut(t as usize) {
+                *l += x;
+            }
+        }
+        biased = b;
+        &biased[..]
+    };
     let id = match d.allowed {
         Some(allowed) => d
             .sampler
-            .sample(&masked(row, allowed), d.position, d.prompt, d.output),
-        None => d.sampler.sample(row, d.position, d.prompt, d.output),
+            .sample(&masked(logits, allowed), d.position, d.prompt, d.output),
+        None => d.sampler.sample(logits, d.position, d.prompt, d.output),
     };
     let lp = log_softmax(row);
     Drawn {
@@ -333,6 +349,7 @@ impl crate::Tensor {
                 && !d.sampler.params.penalized()
                 && d.top_logprobs == 0
                 && d.allowed.is_none()
+                && d.bias.is_empty()
         });
         if plain_greedy {
             let (ids, lps) = crate::cuda::argmax_rows(self)?;
@@ -352,7 +369,13 @@ impl crate::Tensor {
             .zip(draws)
             .enumerate()
             .map(|(r, (drawn, d))| match drawn {
-                Some(drawn) if !d.sampler.params.penalized() && d.allowed.is_none() => Ok(drawn),
+                Some(drawn)
+                    if !d.sampler.params.penalized()
+                        && d.allowed.is_none()
+                        && d.bias.is_empty() =>
+                {
+                    Ok(drawn)
+                }
                 _ => {
                     let row = self.narrow_rows(r, 1)?.host_f32()?;
                     Ok(draw_host(&row, d))

@@ -737,6 +737,7 @@ fn untrusted_values_and_token_choice() {
             output: &empty,
             top_logprobs: 0,
             allowed: None,
+            bias: &[],
         })
         .collect();
     let drawn = t.sample_rows(&draws).unwrap();
@@ -813,6 +814,7 @@ fn untrusted_values_and_token_choice() {
                 output: &output,
                 top_logprobs: 3,
                 allowed: None,
+                bias: &[],
             })
             .collect();
         let drawn = t.sample_rows(&draws).unwrap();

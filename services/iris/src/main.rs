@@ -278,6 +278,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         },
         top_logprobs: a.top_logprobs,
         constraint,
+        logit_bias: Vec::new(),
     };
     // One request through the serving engine (the same scheduler, paged KV cache and
     // sampler that `iris serve` runs).
