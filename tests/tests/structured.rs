@@ -235,3 +235,33 @@ fn a_constraint_that_does_not_compile_is_the_callers_error() {
         assert!(serde_json::from_str::<Value>(&text).unwrap().is_object());
     }
 }
+
+/// A constraint the model's vocabulary cannot spell (the tiny LLaVA's 300 tokens have
+/// no `{`): the request ends at once with `FinishReason::Constraint`, never hangs or
+/// runs to its length; the engine serves the next request as usual.
+#[test]
+fn an_unsatisfiable_constraint_ends_with_its_reason() {
+    let p = Arc::new(
+        Pipeline::load(&fixture("llava-tiny-hub-f32"), &PipelineOptions::default()).unwrap(),
+    );
+    let engine = Engine::start(p, EngineConfig::default());
+    let image = std::fs::read(fixtures().join("images").join("scene.png")).unwrap();
+    let request = |constraint| {
+        let mut options = GenerateOptions::new(16, SamplingParams::default());
+        options.constraint = constraint;
+        EngineRequest::new(
+            "USER: <image>\nJSON? ASSISTANT:",
+            vec![image.clone()],
+            options,
+        )
+    };
+    let (ids, text, reason) = drain(
+        engine
+            .submit(request(Some(Constraint::JsonObject)))
+            .unwrap(),
+    );
+    assert_eq!(reason, FinishReason::Constraint);
+    assert!(ids.is_empty() && text.is_empty(), "{ids:?} {text:?}");
+    let (ids, _, reason) = drain(engine.submit(request(None)).unwrap());
+    assert_eq!((ids.len(), reason), (16, FinishReason::Length));
+}

@@ -62,12 +62,16 @@ impl TokenizerEnv for TokenizerBytes {
         &self.trie
     }
 
+    /// The tokenizer's tokens for `s` when they spell exactly `s`; else (bytes the
+    /// vocabulary lacks, which it would write as its unknown token) the trie's greedy
+    /// tokens, which skip such bytes: the grammar then finds no token for them rather
+    /// than forcing the unknown one.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         let text = String::from_utf8_lossy(s);
-        self.tokenizer
-            .encode(text.as_ref(), false)
-            .map(|e| e.get_ids().to_vec())
-            .unwrap_or_default()
+        match self.tokenizer.encode(text.as_ref(), false) {
+            Ok(e) if self.trie.decode_raw(e.get_ids()) == s => e.get_ids().to_vec(),
+            _ => self.trie.greedy_tokenize(s),
+        }
     }
 }
 
@@ -181,6 +185,15 @@ impl std::fmt::Debug for Guide {
     }
 }
 
+/// A word's bits for its first `n` tokens.
+fn low_bits(n: usize) -> u32 {
+    if n >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << n) - 1
+    }
+}
+
 /// Why a guided request cannot go on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Dead {
@@ -224,8 +237,9 @@ impl Guide {
         }
     }
 
-    /// The allowed tokens as bit words (bit `t % 32` of word `t / 32`), or why none.
-    pub fn allowed(&mut self) -> std::result::Result<&[u32], Dead> {
+    /// The allowed tokens among the model's first `vocab` as bit words (bit `t % 32` of
+    /// word `t / 32`), or why there are none.
+    pub fn allowed(&mut self, vocab: usize) -> std::result::Result<&[u32], Dead> {
         if self.matcher.is_stopped() {
             return Err(match self.matcher.get_error() {
                 Some(e) => Dead::Stuck(e),
@@ -233,8 +247,16 @@ impl Guide {
             });
         }
         self.prepare();
+        // Tokens past the logits (a tokenizer's added tokens the model has no row for)
+        // cannot be drawn.
+        let any_below = |m: &SimpleVob| {
+            m.as_slice().iter().enumerate().any(|(w, &bits)| {
+                let from = w * 32;
+                from < vocab && bits & low_bits(vocab - from) != 0
+            })
+        };
         match &self.mask {
-            Some(m) if m.num_set() > 0 => Ok(m.as_slice()),
+            Some(m) if any_below(m) => Ok(m.as_slice()),
             Some(_) => Err(Dead::Stuck("no token can continue the output".into())),
             None => Err(Dead::Stuck(
                 self.matcher

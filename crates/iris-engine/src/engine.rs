@@ -1187,44 +1187,10 @@ impl Worker {
         }
         let pipeline = self.pipeline.clone();
         let lm = lm(&pipeline);
-        let (ready, prefilling): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+        let (mut ready, prefilling): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|s| s.last_hidden.is_some());
         self.running = prefilling;
-        // A constrained request whose constraint allows no token ends here: its output
-        // is whole, or nothing can continue it.
-        let mut ready_now = Vec::with_capacity(ready.len());
-        for mut seq in ready {
-            let dead = match seq.guide.as_mut() {
-                Some(g) => {
-                    if g.has_mask() {
-                        self.stat(|s| s.masks_overlapped += 1);
-                    } else {
-                        self.stat(|s| s.masks_inline += 1);
-                    }
-                    g.allowed().err()
-                }
-                None => None,
-            };
-            match dead {
-                None => ready_now.push(seq),
-                Some(dead) => {
-                    if let Dead::Stuck(why) = &dead {
-                        tracing::info!("a constrained request ends: {why}");
-                    }
-                    self.release(&mut seq);
-                    let (_, _) = self.advance_text(&mut seq, true);
-                    let text = std::mem::take(&mut seq.text.text);
-                    let reason = match dead {
-                        Dead::Complete => FinishReason::Stop,
-                        Dead::Stuck(_) => FinishReason::Constraint,
-                    };
-                    self.finish(seq, reason, text);
-                    self.stat(|s| s.finished += 1);
-                }
-            }
-        }
-        let mut ready = ready_now;
         if ready.is_empty() {
             return;
         }
@@ -1239,6 +1205,24 @@ impl Worker {
             Ok(l) => l,
             Err(e) => return self.fail_all(ready, &e),
         };
+        // A constrained request whose constraint allows none of the model's tokens ends
+        // here (its row is drawn from and the token dropped): its output is whole, or
+        // nothing can continue it.
+        let vocab = logits.last_dim();
+        let mut dead = Vec::with_capacity(ready.len());
+        for seq in &mut ready {
+            dead.push(match seq.guide.as_mut() {
+                Some(g) => {
+                    if g.has_mask() {
+                        self.stat(|s| s.masks_overlapped += 1);
+                    } else {
+                        self.stat(|s| s.masks_inline += 1);
+                    }
+                    g.allowed(vocab).err()
+                }
+                None => None,
+            });
+        }
         // One draw a row on the logits' device: only ids and log-probabilities come back.
         let samplers: Vec<Sampler> = ready
             .iter()
@@ -1254,7 +1238,7 @@ impl Worker {
                     prompt: &seq.decoder,
                     output: &seq.output,
                     top_logprobs: seq.submission.request.options.top_logprobs,
-                    allowed: seq.guide.as_mut().and_then(|g| g.allowed().ok()),
+                    allowed: seq.guide.as_mut().and_then(|g| g.allowed(vocab).ok()),
                     bias: &seq.submission.request.options.logit_bias,
                 })
                 .collect();
@@ -1265,7 +1249,22 @@ impl Worker {
             Err(e) => return self.fail_all(ready, &Error::from(e)),
         };
         let mut decoding = Vec::with_capacity(ready.len());
-        for (mut seq, drawn) in ready.into_iter().zip(drawn) {
+        for ((mut seq, drawn), dead) in ready.into_iter().zip(drawn).zip(dead) {
+            if let Some(dead) = dead {
+                if let Dead::Stuck(why) = &dead {
+                    tracing::info!("a constrained request ends: {why}");
+                }
+                self.release(&mut seq);
+                let (_, _) = self.advance_text(&mut seq, true);
+                let text = std::mem::take(&mut seq.text.text);
+                let reason = match dead {
+                    Dead::Complete => FinishReason::Stop,
+                    Dead::Stuck(_) => FinishReason::Constraint,
+                };
+                self.finish(seq, reason, text);
+                self.stat(|s| s.finished += 1);
+                continue;
+            }
             seq.last_hidden = None;
             let opts = seq.submission.request.options.clone();
             let next = drawn.id;
