@@ -265,3 +265,33 @@ fn an_unsatisfiable_constraint_ends_with_its_reason() {
     let (ids, _, reason) = drain(engine.submit(request(None)).unwrap());
     assert_eq!((ids.len(), reason), (16, FinishReason::Length));
 }
+
+/// A model whose tokenizer llguidance cannot read (BLIP's WordPiece): a constrained
+/// request is the caller's error, saying so; free requests are served as before.
+#[test]
+fn structured_outputs_on_an_unsupported_tokenizer_are_refused() {
+    let p = Arc::new(
+        Pipeline::load(
+            &fixture("blip-tiny-caption-f32"),
+            &PipelineOptions::default(),
+        )
+        .unwrap(),
+    );
+    let engine = Engine::start(p, EngineConfig::default());
+    let image = std::fs::read(fixtures().join("images").join("scene.png")).unwrap();
+    let request = |constraint| {
+        let mut options = GenerateOptions::new(4, SamplingParams::default());
+        options.constraint = constraint;
+        EngineRequest::new("a picture of", vec![image.clone()], options)
+    };
+    for _ in 0..2 {
+        let e = engine
+            .submit(request(Some(Constraint::JsonObject)))
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+        assert!(e.to_string().contains("structured outputs"), "{e}");
+    }
+    let (ids, _, _) = drain(engine.submit(request(None)).unwrap());
+    assert!(!ids.is_empty());
+}

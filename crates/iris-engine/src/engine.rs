@@ -593,8 +593,13 @@ impl Engine {
             .grammars
             .get_or_init(|| {
                 let p = &self.pipeline;
-                Grammars::new(p.processor.tokenizer(), 0, p.eos_token_ids())
-                    .map_err(|e| e.to_string())
+                // llguidance reads the tokenizer's vocabulary with asserts of its own:
+                // a tokenizer it does not expect fails structured outputs, not the caller.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Grammars::new(p.processor.tokenizer(), 0, p.eos_token_ids())
+                }))
+                .map_err(|_| "structured outputs: this model's tokenizer is not supported".into())
+                .and_then(|r| r.map_err(|e| e.to_string()))
             })
             .as_ref()
             .map_err(|e| Error::Input(e.clone()))?;
