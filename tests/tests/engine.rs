@@ -587,7 +587,10 @@ fn thirty_two_requests_complete_under_a_budget_of_four_sequences() {
 
 /// A bf16 model's K/V are bf16 values: stored as bf16 (half the bytes, the default
 /// for a bf16 model) the engine gives the same tokens and logprobs, bit for bit, as
-/// with f32 storage and as the single-sequence path (f32 buffers).
+/// with f32 storage and as the single-sequence path (f32 buffers). Each prompt starts
+/// with its own letters, so no request takes another's blocks from the prefix cache (a
+/// bf16 model's prefill of a prompt's tail over cached blocks rounds differently from
+/// one pass over the whole prompt).
 #[test]
 fn bf16_kv_storage_changes_nothing_for_a_bf16_model() {
     use iris_engine::KvDtype;
@@ -595,7 +598,15 @@ fn bf16_kv_storage_changes_nothing_for_a_bf16_model() {
         Pipeline::load(&fixture("llava-tiny-gqa-bf16"), &PipelineOptions::default()).unwrap(),
     );
     assert_eq!(iris_engine::kv_dtype(&p, None), KvDtype::Bf16);
-    let reqs: Vec<EngineRequest> = requests().into_iter().take(6).collect();
+    let reqs: Vec<EngineRequest> = requests()
+        .into_iter()
+        .take(6)
+        .zip(["A", "D", "E", "H", "AD", "DE"])
+        .map(|(mut r, tag)| {
+            r.prompt = format!("{tag} {}", r.prompt);
+            r
+        })
+        .collect();
     let alone: Vec<_> = reqs
         .iter()
         .map(|r| p.generate_with(&r.prompt, &r.images, &r.options).unwrap())
