@@ -1019,10 +1019,12 @@ impl Worker {
         let tokens = seq.tokens();
         let total = tokens.len();
         let bs = self.config.block_size;
-        // The last token is always computed: its hidden state picks the next token.
-        let hashes = self.block_hashes(seq, &tokens, (total - 1) / bs);
+        // Every full block's hash: the last token is always computed (its hidden state
+        // picks the next token), so a prompt's last full block is looked up only when a
+        // token follows it; the blocks not found are registered when the prefill ends.
+        let mut hashes = self.block_hashes(seq, &tokens, total / bs);
         let mut hits = Vec::new();
-        for h in &hashes {
+        for h in &hashes[..(total - 1) / bs] {
             match self.pool.lookup(*h) {
                 Some(id) => hits.push(id),
                 None => break,
@@ -1060,9 +1062,7 @@ impl Worker {
             kv_width,
         );
         let cached = (seq.blocks.len() - fresh) * bs;
-        seq.pending = self
-            .block_hashes(seq, &tokens, total / bs)
-            .split_off(cached / bs);
+        seq.pending = hashes.split_off(cached / bs);
         seq.cache.advance(cached);
         seq.prefilled = cached;
         if seq.output.is_empty() {
@@ -1116,18 +1116,15 @@ impl Worker {
             }
             self.stat(|s| s.prefill_tokens += n as u64);
             if self.running[i].embeds.is_none() {
-                // Newly computed full blocks become cached prefix blocks.
-                let seq = &self.running[i];
-                let tokens = seq.tokens();
-                for (b, h) in self
-                    .block_hashes(seq, &tokens, tokens.len() / bs)
-                    .into_iter()
-                    .enumerate()
-                {
+                // Newly computed full blocks (the hashes `start` found no block for)
+                // become cached prefix blocks.
+                let seq = &mut self.running[i];
+                let pending = std::mem::take(&mut seq.pending);
+                let from = (seq.decoder.len() + seq.output.len()) / bs - pending.len();
+                for (&b, h) in seq.blocks[from..].iter().zip(pending) {
                     // A block already cached under this hash (another request's) stays.
-                    let _ = self.pool.register(seq.blocks[b], h);
+                    let _ = self.pool.register(b, h);
                 }
-                self.running[i].pending.clear();
             }
         }
         for (i, e) in failed.into_iter().rev() {
@@ -1164,6 +1161,14 @@ impl Worker {
         let text = seq.text.text.clone();
         self.finish(seq, FinishReason::Cancelled, text);
         self.stat(|s| s.cancelled += 1);
+    }
+
+    /// A request that ran to its end: its blocks back, its text in the last event.
+    fn retire(&mut self, mut seq: Sequence, reason: FinishReason) {
+        self.release(&mut seq);
+        let text = std::mem::take(&mut seq.text.text);
+        self.finish(seq, reason, text);
+        self.stat(|s| s.finished += 1);
     }
 
     fn finish(&mut self, seq: Sequence, reason: FinishReason, text: String) {
@@ -1259,15 +1264,12 @@ impl Worker {
                 if let Dead::Stuck(why) = &dead {
                     tracing::info!("a constrained request ends: {why}");
                 }
-                self.release(&mut seq);
-                let (_, _) = self.advance_text(&mut seq, true);
-                let text = std::mem::take(&mut seq.text.text);
+                let _ = self.advance_text(&mut seq, true);
                 let reason = match dead {
                     Dead::Complete => FinishReason::Stop,
                     Dead::Stuck(_) => FinishReason::Constraint,
                 };
-                self.finish(seq, reason, text);
-                self.stat(|s| s.finished += 1);
+                self.retire(seq, reason);
                 continue;
             }
             seq.last_hidden = None;
@@ -1309,10 +1311,7 @@ impl Worker {
                 continue;
             }
             if let Some(reason) = reason {
-                self.release(&mut seq);
-                let text = std::mem::take(&mut seq.text.text);
-                self.finish(seq, reason, text);
-                self.stat(|s| s.finished += 1);
+                self.retire(seq, reason);
                 continue;
             }
             decoding.push(seq);
