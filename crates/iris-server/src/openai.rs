@@ -580,45 +580,33 @@ fn token_logprob(gw: &Gateway, model: &str, t: &pb::Token, top_n: usize) -> Valu
     e
 }
 
+/// The request body; one over the limit (or unreadable) gets an error in OpenAI's
+/// shape too.
+fn read_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServeError> {
+    body.map_err(|e| {
+        let limit = s.gateway.limits.http_body_bytes();
+        bad(format!(
+            "the request body could not be read ({e}; at most {limit} bytes)"
+        ))
+    })
+}
+
 async fn chat_completions(
     State(s): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // A body over the limit (or unreadable) gets an error in OpenAI's shape too.
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let limit = s.gateway.limits.http_body_bytes();
-            return bad(format!(
-                "the request body could not be read ({e}; at most {limit} bytes)"
-            ))
-            .into_response();
-        }
-    };
-    match completions(s, body, Api::Chat).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    completions(s, body, Api::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn text_completions(
     State(s): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
-            let limit = s.gateway.limits.http_body_bytes();
-            return bad(format!(
-                "the request body could not be read ({e}; at most {limit} bytes)"
-            ))
-            .into_response();
-        }
-    };
-    match completions(s, body, Api::Completions).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    completions(s, body, Api::Completions)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Chat logprobs entries (`token_logprob`) in the completions API's shape.
@@ -644,7 +632,12 @@ fn legacy_logprobs(entries: &[Value]) -> Value {
     })
 }
 
-async fn completions(s: Arc<AppState>, body: Bytes, api: Api) -> Result<Response, ServeError> {
+async fn completions(
+    s: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Result<Response, ServeError> {
+    let body = read_body(&s, body)?;
     let p = parse(&s, &body, api).await?;
     let gw = s.gateway.clone();
     let model = p.input.model.clone();
@@ -822,7 +815,7 @@ async fn embeddings(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let run = async {
-        let body = body.map_err(|e| bad(format!("the request body could not be read: {e}")))?;
+        let body = read_body(&s, body)?;
         let v: Value =
             serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
         let model = v["model"]
