@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 pub struct EtcdServer {
     child: Option<Child>,
     dir: PathBuf,
+    /// The address it listens on (loopback unless started in a network namespace).
+    host: String,
+    /// `ip netns exec NS` when it runs in a network namespace.
+    netns: Option<String>,
     client_port: u16,
     peer_port: u16,
     tls: Option<EtcdTls>,
@@ -47,6 +51,8 @@ impl EtcdServer {
         let mut s = EtcdServer {
             child: None,
             dir,
+            host: "127.0.0.1".into(),
+            netns: None,
             client_port: free_port(),
             peer_port: free_port(),
             tls,
@@ -55,16 +61,41 @@ impl EtcdServer {
         Ok(s)
     }
 
+    /// Starts etcd inside the network namespace `netns` (`ip netns exec`), listening
+    /// on `ip` (an address of that namespace, which the caller can reach): a member
+    /// of a partition test.
+    pub fn start_in_netns(dir: PathBuf, netns: &str, ip: &str) -> std::io::Result<EtcdServer> {
+        std::fs::create_dir_all(&dir)?;
+        let mut s = EtcdServer {
+            child: None,
+            dir,
+            host: ip.into(),
+            netns: Some(netns.into()),
+            client_port: 2379,
+            peer_port: 2380,
+            tls: None,
+        };
+        s.start()?;
+        Ok(s)
+    }
+
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// (Re)starts the process and waits until it answers.
     pub fn start(&mut self) -> std::io::Result<()> {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let client = self.endpoint();
-        let mut cmd = Command::new(etcd_binary());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(etcd_binary());
+                c
+            }
+            None => Command::new(etcd_binary()),
+        };
         if let Some(t) = &self.tls {
             cmd.arg("--cert-file")
                 .arg(&t.cert)
@@ -103,7 +134,7 @@ impl EtcdServer {
             })?;
         self.child = Some(child);
         let t0 = Instant::now();
-        let addr = format!("127.0.0.1:{}", self.client_port);
+        let addr = format!("{}:{}", self.host, self.client_port);
         while std::net::TcpStream::connect(&addr).is_err() {
             if t0.elapsed() > Duration::from_secs(20) {
                 return Err(std::io::Error::other("etcd did not start in 20 s"));

@@ -239,6 +239,41 @@ impl Peer {
 /// How long ranks wait for each other while the group forms.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A peer cut off by a partition sends no reset: the kernel probes an idle
+/// connection after 1 s without traffic, every second, and gives up after 3
+/// unanswered probes; data left unacknowledged for 5 s fails the connection too
+/// (`TCP_USER_TIMEOUT`). A collective waiting on such a peer then fails (the group
+/// breaks, its streams move) instead of waiting for TCP's own timeout (minutes). A
+/// slow rank is not silent: its kernel answers the probes while it computes.
+fn detect_silence(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt reads one c_int from a live stack value, on a socket
+        // that stays open for the call.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 5000)
+}
+
 impl Tcp {
     /// Joins the group whose ranks listen at `addrs` (rank `r` at `addrs[r]`): binds
     /// this rank's address, connects to the ranks below it and accepts the ranks above.
@@ -286,6 +321,7 @@ impl Tcp {
                 }
             };
             s.set_nodelay(true).map_err(|e| io("nodelay", e))?;
+            detect_silence(&s).map_err(|e| io("keepalive", e))?;
             let mut hello = token.to_le_bytes().to_vec();
             hello.extend_from_slice(&(rank as u64).to_le_bytes());
             s.write_all(&hello).map_err(|e| io("hello", e))?;
@@ -316,6 +352,7 @@ impl Tcp {
                 s.read_exact(&mut b)?;
                 s.set_read_timeout(None)?;
                 s.set_nodelay(true)?;
+                detect_silence(&s)?;
                 Ok(b)
             })();
             let Ok(b) = hello else { continue };

@@ -18,7 +18,7 @@ use iris_engine::{
 use iris_image::ImageLimits;
 use iris_models::config::{architecture, read_json, ImageSize};
 use iris_proto::v1 as pb;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::error::ServeError;
 
@@ -776,6 +776,7 @@ impl Gateway {
                 req,
                 deadline,
                 self.limits.max_migrations,
+                self.metrics.migrations.clone(),
             ),
             prompt_tokens: ids.len(),
             cached_images,
@@ -873,6 +874,7 @@ fn migrating(
     req: pb::DecodeRequest,
     deadline: Instant,
     max: usize,
+    moved: prometheus_client::metrics::counter::Counter,
 ) -> EventStream {
     use pb::generate_event::Event;
     Box::pin(async_stream::stream! {
@@ -880,7 +882,13 @@ fn migrating(
         let mut produced: Vec<u32> = Vec::new();
         let mut moves = 0;
         loop {
-            let broke = match stream.next().await {
+            // The deadline ends the stream whatever its decoder does (a silent one
+            // never says so).
+            let Ok(next) = tokio::time::timeout_at(deadline.into(), stream.next()).await else {
+                yield Err(Status::deadline_exceeded("the request's deadline passed"));
+                break;
+            };
+            let broke = match next {
                 Some(Ok(mut ev)) => {
                     match &mut ev.event {
                         Some(Event::Token(t)) => produced.push(t.id),
@@ -897,7 +905,7 @@ fn migrating(
                 // A decoder that dies mid-stream shows as UNAVAILABLE, UNKNOWN (a broken
                 // connection) or CANCELLED (its end reset the stream; the client's own
                 // cancel never reaches here, it drops this stream).
-                Some(Err(s)) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => s,
+                Some(Err(s)) if crate::tiers::unreachable(&s) => s,
                 Some(Err(s)) => {
                     yield Err(s);
                     break;
@@ -911,7 +919,8 @@ fn migrating(
                 break;
             }
             moves += 1;
-            tracing::warn!(model = %req.model, produced = produced.len(), "decoder lost mid-stream, migrating: {}", broke.message());
+            moved.inc();
+            tracing::warn!(model = %req.model, produced = produced.len(), "decoder lost mid-stream, migrating: {}", crate::tiers::causes(&broke));
             let mut again = req.clone();
             again.resume_token_ids = produced.clone();
             match decoder.generate(again, deadline).await {

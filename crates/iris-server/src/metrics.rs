@@ -68,12 +68,30 @@ pub struct Metrics {
     pub connections_closed: Family<ReasonLabel, Counter>,
     /// Connections accepted, by listener (`grpc`, `http`).
     pub connections_accepted: Family<ListenerLabel, Counter>,
+    /// Gateway calls tried again on another member of a tier (the first was
+    /// unreachable, silent or full).
+    pub tier_retries: Family<TierLabel, Counter>,
+    /// Gateway streams moved to another decoder mid-stream.
+    pub migrations: Counter,
+    /// Members of each tier in the gateway's view (from etcd or `--encoders` …).
+    pub members: Family<TierLabel, Gauge>,
     engines: Mutex<Vec<(String, Arc<Engine>)>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
     pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    pub tier: String,
+}
+
+impl TierLabel {
+    pub fn of(tier: &str) -> TierLabel {
+        TierLabel { tier: tier.into() }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,6 +142,9 @@ impl Metrics {
             open_connections: Gauge::default(),
             connections_closed: Family::default(),
             connections_accepted: Family::default(),
+            tier_retries: Family::default(),
+            migrations: Counter::default(),
+            members: Family::default(),
             engines: Mutex::new(Vec::new()),
             registry: Registry::default(),
         };
@@ -148,6 +169,21 @@ impl Metrics {
             "connections_accepted",
             "Connections accepted, by listener",
             m.connections_accepted.clone(),
+        );
+        r.register(
+            "tier_retries",
+            "Gateway calls tried again on another member, by tier",
+            m.tier_retries.clone(),
+        );
+        r.register(
+            "migrations",
+            "Streams moved to another decoder mid-stream",
+            m.migrations.clone(),
+        );
+        r.register(
+            "members",
+            "Members of each tier in the gateway's view",
+            m.members.clone(),
         );
         r.register("ttft_seconds", "Time to first token", m.ttft.clone());
         r.register(

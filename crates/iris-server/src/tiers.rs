@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -716,14 +716,36 @@ pub struct Replicas<C> {
     turn: AtomicUsize,
     connect: fn(Channel) -> C,
     access: TierAccess,
+    retries: prometheus_client::metrics::counter::Counter,
 }
 
 /// How the gateway reaches the tiers: over TLS (verifying them against the cluster CA,
-/// presenting its own certificate) and with the cluster token, when configured.
-#[derive(Clone, Default)]
+/// presenting its own certificate) and with the cluster token, when configured; and how
+/// it finds a member gone silent (a partition sends no reset): every connection is
+/// pinged after `keepalive` without a frame from the member and closed when the ping
+/// is not answered within `keepalive_timeout` — its calls and streams fail then
+/// (UNAVAILABLE: retried elsewhere, a stream migrated) —, and a call waits at most
+/// `attempt_timeout` for its answer (a decoder stream: for its start) before it is
+/// tried on another member.
+#[derive(Clone)]
 pub struct TierAccess {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    pub keepalive: Duration,
+    pub keepalive_timeout: Duration,
+    pub attempt_timeout: Duration,
+}
+
+impl Default for TierAccess {
+    fn default() -> Self {
+        TierAccess {
+            tls: None,
+            token: None,
+            keepalive: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(4),
+            attempt_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 pub struct Member<C> {
@@ -732,6 +754,8 @@ pub struct Member<C> {
     outstanding: AtomicUsize,
     /// Until when (ms since `EPOCH`) the member is skipped after it was unreachable.
     down_until: AtomicU64,
+    /// Times in a row it was unreachable: each doubles how long it is skipped.
+    failures: AtomicU32,
     /// The load it last reported in the registry (work from every gateway).
     reported: AtomicU64,
 }
@@ -743,8 +767,47 @@ fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// How long an unreachable member is passed over (while others are up).
+/// How long an unreachable member is passed over (while others are up), the first
+/// time; doubled each time again, up to `MAX_DOWN_MS`, until it answers.
 const DOWN_FOR_MS: u64 = 1000;
+const MAX_DOWN_MS: u64 = 16_000;
+
+/// The pause before a call tries every member a second time.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+impl<C> Member<C> {
+    /// It did not answer (or its connection broke): pass it over for a while.
+    fn failed(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed).min(4);
+        let ms = (DOWN_FOR_MS << n).min(MAX_DOWN_MS);
+        self.down_until.store(now_ms() + ms, Ordering::Relaxed);
+    }
+
+    fn answered(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An answer that means the member is gone or unreachable (down, going away, its
+/// connection broken or silent): the call may go to another.
+/// A status's message and the errors under it (a broken connection's message is
+/// only "http2 error"; the cause says which).
+pub(crate) fn causes(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut e: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(x) = e {
+        out.push_str(&format!(": {x}"));
+        e = x.source();
+    }
+    out
+}
+
+pub(crate) fn unreachable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
 
 /// Counts a call against its member while it lasts.
 struct Outstanding<C>(Arc<Member<C>>);
@@ -770,6 +833,9 @@ fn channel(addr: &str, access: &TierAccess) -> Result<Channel, ServeError> {
     let mut ep = Endpoint::from_shared(uri)
         .map_err(bad)?
         .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(access.keepalive)
+        .keep_alive_timeout(access.keepalive_timeout)
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     if let Some(tls) = &access.tls {
         ep = ep.tls_config(tls.clone()).map_err(bad)?;
@@ -792,6 +858,7 @@ impl<C: Clone> Replicas<C> {
             turn: AtomicUsize::new(0),
             connect,
             access,
+            retries: Default::default(),
         };
         r.set(addrs)?;
         Ok(r)
@@ -809,6 +876,7 @@ impl<C: Clone> Replicas<C> {
                     client: (self.connect)(channel(a, &self.access)?),
                     outstanding: AtomicUsize::new(0),
                     down_until: AtomicU64::new(0),
+                    failures: AtomicU32::new(0),
                     reported: AtomicU64::new(0),
                 })),
             }
@@ -878,54 +946,106 @@ impl<C: Clone> Replicas<C> {
 
     /// `call_by`, first at `key`'s owner when a key is given (then its next members),
     /// else at the least loaded.
-    async fn call_for<T, F, Fut>(&self, tier: &str, key: Option<&Key>, f: F) -> Result<T, Status>
+    async fn call_for<T, F, Fut>(
+        &self,
+        tier: &str,
+        key: Option<&Key>,
+        deadline: Instant,
+        f: F,
+    ) -> Result<T, Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let how = key.map_or(Pick::Load, Pick::Owner);
-        self.call_by(tier, &how, f).await
+        Ok(self.call_by(tier, &how, deadline, f).await?.0)
     }
 
     /// Runs an idempotent call on the replica `how` picks (the least loaded, a key's
     /// owner, the least costly), again on another while the answer is UNAVAILABLE,
-    /// UNKNOWN or CANCELLED (the member is down, going away, or its connection broke)
-    /// or RESOURCE_EXHAUSTED (another may have room). When every member is full the
-    /// answer is RESOURCE_EXHAUSTED.
-    async fn call_by<T, F, Fut>(&self, tier: &str, how: &Pick<'_>, mut f: F) -> Result<T, Status>
+    /// UNKNOWN or CANCELLED (the member is down, going away, or its connection broke),
+    /// none came within the attempt timeout (a silent member), or RESOURCE_EXHAUSTED
+    /// (another may have room); when none answered, every member once more after a
+    /// pause. When every member is full the answer is RESOURCE_EXHAUSTED. Returns the
+    /// answer and the member that gave it.
+    async fn call_by<T, F, Fut>(
+        &self,
+        tier: &str,
+        how: &Pick<'_>,
+        deadline: Instant,
+        mut f: F,
+    ) -> Result<(T, Arc<Member<C>>), Status>
     where
         F: FnMut(C) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut tried = Vec::new();
         let (mut last, mut full) = (None, None);
-        while let Some((client, guard)) = self.pick(&tried, how) {
-            tried.push(guard.0.addr.clone());
-            match f(client).await {
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable | Code::Unknown | Code::Cancelled
-                    ) =>
-                {
-                    tracing::warn!(tier, member = %guard.0.addr, "unavailable, retrying: {}", s.message());
-                    guard
-                        .0
-                        .down_until
-                        .store(now_ms() + DOWN_FOR_MS, Ordering::Relaxed);
+        let mut again = true;
+        loop {
+            let Some((client, guard)) = self.pick(&tried, how) else {
+                // Every member failed to answer: once more after a pause, in case
+                // the failures were passing (a connection torn down under a lossy
+                // link, a member restarting). Not when some are full: that answer is
+                // to be given at once.
+                if !again || full.is_some() || last.is_none() {
+                    break;
+                }
+                again = false;
+                tried.clear();
+                tokio::time::sleep(RETRY_PAUSE.min(remaining(deadline)?)).await;
+                continue;
+            };
+            let member = guard.0.clone();
+            tried.push(member.addr.clone());
+            let wait = remaining(deadline)?.min(self.access.attempt_timeout);
+            let answer = match tokio::time::timeout(wait, f(client)).await {
+                Ok(a) => a,
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the request's deadline passed waiting for a {tier} member"
+                    )))
+                }
+                Err(_) => Err(Status::unavailable(format!("no answer in {wait:?}"))),
+            };
+            match answer {
+                Err(s) if unreachable(&s) => {
+                    tracing::warn!(tier, member = %member.addr, "unavailable, retrying: {}", causes(&s));
+                    member.failed();
+                    self.retries.inc();
                     last = last.or(Some(s));
                 }
                 Err(s) if s.code() == Code::ResourceExhausted => {
-                    tracing::info!(tier, member = %guard.0.addr, "full, trying another");
+                    tracing::info!(tier, member = %member.addr, "full, trying another");
+                    member.answered();
+                    self.retries.inc();
                     full = Some(s);
                 }
-                r => return r,
+                r => {
+                    member.answered();
+                    return r.map(|t| (t, member));
+                }
             }
         }
         Err(full.unwrap_or_else(|| match last {
             Some(s) => Status::unavailable(format!("no {tier} member answered: {}", s.message())),
             None => Status::unavailable(format!("no {tier} member is available")),
         }))
+    }
+
+    /// Counts every call tried again on another member (`iris_tier_retries`).
+    pub fn count_retries(mut self, c: prometheus_client::metrics::counter::Counter) -> Self {
+        self.retries = c;
+        self
+    }
+
+    /// The members, by address.
+    pub fn len(&self) -> usize {
+        self.members.read().expect("replicas lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -999,7 +1119,7 @@ impl RemoteVision {
     ) -> Result<Tensor, ServeError> {
         let features = self
             .0
-            .call_for("vision", image_key.as_ref(), |mut c| {
+            .call_for("vision", image_key.as_ref(), deadline, |mut c| {
                 let msg = pb::EncodeRequest {
                     model: model.to_string(),
                     image: image.clone(),
@@ -1055,7 +1175,7 @@ impl RemoteConnector {
             .transpose()?;
         let tokens = self
             .0
-            .call_for("connector", key.as_ref(), |mut c| {
+            .call_for("connector", key.as_ref(), deadline, |mut c| {
                 let msg = pb::ProjectRequest {
                     model: model.to_string(),
                     features: features.clone(),
@@ -1299,15 +1419,22 @@ impl DecoderTier for RemoteDecoder {
         } else {
             Pick::Load
         };
-        let stream = self
+        let (stream, member) = self
             .replicas
-            .call_by("decoder", &how, |mut c| {
+            .call_by("decoder", &how, deadline, |mut c| {
                 let msg = req.clone();
                 let req = self.replicas.request(msg, deadline);
                 async move { Ok(c.generate(req?).await?.into_inner()) }
             })
             .await?;
-        Ok(Box::pin(stream))
+        // A stream that breaks (its decoder died, went silent, or its connection
+        // broke) passes its decoder over for a while: the gateway moves the stream,
+        // and the move should not go back to it.
+        Ok(Box::pin(stream.inspect(move |ev| {
+            if ev.as_ref().is_err_and(unreachable) {
+                member.failed();
+            }
+        })))
     }
 }
 

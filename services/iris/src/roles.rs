@@ -32,7 +32,7 @@ use iris_cluster::{EtcdAccess, EtcdRegistry, Member, Registry, View};
 use iris_server::auth::Keys;
 use iris_server::gateway::{Gateway, GatewayLimits, GatewayModel};
 use iris_server::listen::{self, ConnPolicy, Proto, TlsFiles};
-use iris_server::metrics::Metrics;
+use iris_server::metrics::{Metrics, TierLabel};
 use iris_server::openai::{self, HttpConfig};
 use iris_server::services::{
     limited, ConnectorService, DecoderService, GatewayService, VisionService,
@@ -511,6 +511,20 @@ pub struct GatewayArgs {
     /// Times a stream may move to another decoder when its decoder dies (0: never).
     #[arg(long, default_value_t = 3)]
     pub max_migrations: usize,
+    /// Milliseconds without a frame from a tier member after which its connection is
+    /// pinged (HTTP/2 keepalive; idle connections too).
+    #[arg(long, default_value_t = 1000)]
+    pub tier_keepalive_ms: u64,
+    /// Milliseconds a ping may go unanswered before the connection counts as dead: its
+    /// calls are retried elsewhere and its streams move. A member cut off by a
+    /// partition (no reset ever comes) is found within keepalive + this (5 s by
+    /// default; long enough for a ping queued behind data on a slow, lossy link).
+    #[arg(long, default_value_t = 4000)]
+    pub tier_keepalive_timeout_ms: u64,
+    /// Seconds one attempt of a tier call may wait for its answer (a decoder stream:
+    /// for its start) before it goes to another member.
+    #[arg(long, default_value_t = 30)]
+    pub tier_attempt_timeout_s: u64,
     /// `max_tokens` of an HTTP request that sets none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
@@ -773,6 +787,7 @@ impl Listen {
                 .map(iris_server::auth::bearer_metadata)
                 .transpose()
                 .map_err(|e| StartError::Invalid(format!("--cluster-token: {e}")))?,
+            ..Default::default()
         };
         let etcd = self.etcd_auth.access(identity)?;
         Ok(Security {
@@ -1363,21 +1378,49 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
     let keys = a.gateway.keys()?;
     a.listen.warn_if_open(&sec, Some(&keys));
     let metrics = Arc::new(Metrics::new());
-    let access = || sec.tiers.clone();
-    let vision = Arc::new(RemoteVision(Replicas::with_access(
-        &a.encoders,
-        vision_client,
-        access(),
-    )?));
-    let connector = Arc::new(RemoteConnector(Replicas::with_access(
-        &a.connectors,
-        connector_client,
-        access(),
-    )?));
+    let access = || TierAccess {
+        keepalive: Duration::from_millis(a.gateway.tier_keepalive_ms.max(1)),
+        keepalive_timeout: Duration::from_millis(a.gateway.tier_keepalive_timeout_ms.max(1)),
+        attempt_timeout: Duration::from_secs(a.gateway.tier_attempt_timeout_s.max(1)),
+        ..sec.tiers.clone()
+    };
+    let retries = |tier: &str| {
+        metrics
+            .tier_retries
+            .get_or_create(&TierLabel::of(tier))
+            .clone()
+    };
+    let vision = Arc::new(RemoteVision(
+        Replicas::with_access(&a.encoders, vision_client, access())?
+            .count_retries(retries("encoder")),
+    ));
+    let connector = Arc::new(RemoteConnector(
+        Replicas::with_access(&a.connectors, connector_client, access())?
+            .count_retries(retries("connector")),
+    ));
     let decoder = Arc::new(RemoteDecoder::new(
-        Replicas::with_access(&a.decoders, decoder_client, access())?,
+        Replicas::with_access(&a.decoders, decoder_client, access())?
+            .count_retries(retries("decoder")),
         a.routing == Routing::Kv,
     ));
+    let count_members = {
+        let (m, v, c, d) = (
+            metrics.clone(),
+            vision.clone(),
+            connector.clone(),
+            decoder.clone(),
+        );
+        move || {
+            for (tier, n) in [
+                ("encoder", v.0.len()),
+                ("connector", c.0.len()),
+                ("decoder", d.replicas.len()),
+            ] {
+                m.members.get_or_create(&TierLabel::of(tier)).set(n as i64);
+            }
+        }
+    };
+    count_members();
     if let Some(reg) = a.listen.registry(&sec) {
         // Members come from etcd: a snapshot, then every join and leave.
         let (v, c, d) = (vision.clone(), connector.clone(), decoder.clone());
@@ -1399,6 +1442,7 @@ pub async fn gateway(a: GatewayRole) -> Result<(), StartError> {
                 v.0.set_loads(&view.loads("encoder"));
                 c.0.set_loads(&view.loads("connector"));
                 d.replicas.set_loads(&view.loads("decoder"));
+                count_members();
                 let now: Vec<Vec<String>> = ["encoder", "connector", "decoder"]
                     .iter()
                     .map(|t| view.addrs(t))

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use iris_proto::v1 as pb;
 use iris_proto::v1::gateway_client::GatewayClient;
 
+pub mod net;
+
 pub const MODEL: &str = "llava-tiny-hub-f32";
 pub const PROMPT: &str = "USER: <image>\nWhat is in the picture? ASSISTANT:";
 
@@ -36,9 +38,37 @@ impl Drop for Proc {
 }
 
 pub fn spawn(bin: &str, args: &[&str]) -> Proc {
-    let mut child = Command::new(bin)
+    spawn_on(&[], "127.0.0.1", bin, args)
+}
+
+/// `spawn` with a command prefix (`ip netns exec NS`: on another host), listening on
+/// `ip`.
+pub fn spawn_on(prefix: &[String], ip: &str, bin: &str, args: &[&str]) -> Proc {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let (grpc, http) = (format!("{ip}:0"), format!("{ip}:0"));
+    if !prefix.is_empty() {
+        // A member on another host dies with the thread that started it (the partition
+        // tests start every member on the test's thread), so a test killed by a
+        // timeout leaves no server in a namespace.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd
         .args(args)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", &grpc, "--http-addr", &http])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
