@@ -344,28 +344,6 @@ async fn stream_all(
         .map(|(ids, text, _)| (ids, text))
 }
 
-fn sampled(seed: u64) -> iris_proto::v1::SamplingParams {
-    iris_proto::v1::SamplingParams {
-        temperature: 0.8,
-        top_p: 0.9,
-        seed,
-        ..Default::default()
-    }
-}
-
-/// Six 60-token requests about one image, greedy and seeded in turn.
-fn mixed_requests() -> Vec<iris_proto::v1::GenerateRequest> {
-    (0..6u64)
-        .map(|i| {
-            let mut r = request(PROMPT, vec![image("scene.png")], 60);
-            if i % 2 == 1 {
-                r.sampling = Some(sampled(i));
-            }
-            r
-        })
-        .collect()
-}
-
 /// What each of `reqs` gives through `gateway`, one at a time, with no failure.
 fn one_by_one(
     rt: &tokio::runtime::Runtime,

@@ -159,15 +159,21 @@ pub fn post_chat(http: &str, body: &serde_json::Value) -> reqwest::blocking::Res
         .unwrap()
 }
 
-/// A counter's value on a process's `/metrics` (summed over its labels).
-pub fn metric(http: &str, name: &str) -> f64 {
+/// A process's `/metrics` page.
+pub fn metrics_text(http: &str) -> String {
     use std::io::{Read, Write};
     // Plain HTTP/1.0 over a socket: usable inside and outside the async tests.
     let mut sock = std::net::TcpStream::connect(http).unwrap();
     write!(sock, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
     let mut body = String::new();
     sock.read_to_string(&mut body).unwrap();
-    body.lines()
+    body
+}
+
+/// A counter's value on a process's `/metrics` (summed over its labels).
+pub fn metric(http: &str, name: &str) -> f64 {
+    metrics_text(http)
+        .lines()
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
@@ -230,5 +236,28 @@ pub fn golden_images(golden: &serde_json::Value) -> Vec<Vec<u8>> {
         .unwrap()
         .iter()
         .map(|f| image(f.as_str().unwrap()))
+        .collect()
+}
+
+/// Seeded sampling (temperature 0.8, top-p 0.9).
+pub fn sampled(seed: u64) -> iris_proto::v1::SamplingParams {
+    iris_proto::v1::SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed,
+        ..Default::default()
+    }
+}
+
+/// Six 60-token requests about one image, greedy and seeded in turn.
+pub fn mixed_requests() -> Vec<iris_proto::v1::GenerateRequest> {
+    (0..6u64)
+        .map(|i| {
+            let mut r = request(PROMPT, vec![image("scene.png")], 60);
+            if i % 2 == 1 {
+                r.sampling = Some(sampled(i));
+            }
+            r
+        })
         .collect()
 }

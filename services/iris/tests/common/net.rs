@@ -352,6 +352,16 @@ impl Net {
         }
     }
 
+    /// Drops every packet `host` sends, to any host; packets to it still arrive (its
+    /// answers are lost, the requests reach it).
+    pub fn silence(&self, host: &str) {
+        for other in self.names.clone() {
+            if other != host {
+                self.cut_one_way(host, &other);
+            }
+        }
+    }
+
     /// Delays each packet between `a` and `b` by `delay` each way and loses each with
     /// probability `loss`.
     pub fn degrade(&self, a: &str, b: &str, delay: Duration, loss: f64) {
