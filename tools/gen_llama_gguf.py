@@ -6,6 +6,10 @@ in the decode comparisons of tools/bench_vs_llamacpp.sh. A SentencePiece-style
 vocabulary of byte tokens and fillers, so llama.cpp loads it; the weights are noise
 (speed does not depend on them).
 
+`--type q8_0` (or `q4_0`) writes every matrix (embedding and head included) in that
+block format instead of f16, quantized by gguf-py (ggml's rounding), for what needs a
+quantized file without llama.cpp's tools (a block-format embedding).
+
 `--tokenizer-from FILE.gguf` takes a byte-level BPE (`gpt2`) tokenizer from another
 GGUF instead (SmolLM2's, from scripts/models.sh), cut to the first `--vocab` tokens
 and the merges that make them: a real tokenizer Iris loads, for what depends on one
@@ -31,6 +35,7 @@ def main():
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--tokenizer-from", help="a GGUF whose gpt2 tokenizer to take")
+    ap.add_argument("--type", choices=["f16", "q8_0", "q4_0"], default="f16")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(a.out, "llama")
@@ -43,7 +48,18 @@ def main():
     w.add_rope_dimension_count(a.hidden // a.heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    qtype = {
+        "f16": None,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }[a.type]
+    w.add_file_type(
+        {
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        }[a.type]
+    )
     if a.tokenizer_from:
         copy_gpt2_tokenizer(w, a.tokenizer_from, a.vocab)
     else:
@@ -59,26 +75,33 @@ def main():
         w.add_eos_token_id(2)
 
     def mat(n, k):
-        return (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float16)
+        m = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+        return m.astype(np.float16) if qtype is None else m
+
+    def add(name, m):
+        if qtype is None or m.ndim != 2:
+            w.add_tensor(name, m)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(m, qtype), raw_dtype=qtype)
 
     def norm(n):
         return np.ones(n, dtype=np.float32)
 
     hd = a.hidden // a.heads
-    w.add_tensor("token_embd.weight", mat(a.vocab, a.hidden))
+    add("token_embd.weight", mat(a.vocab, a.hidden))
     for l in range(a.layers):
         p = f"blk.{l}."
         w.add_tensor(p + "attn_norm.weight", norm(a.hidden))
-        w.add_tensor(p + "attn_q.weight", mat(a.hidden, a.hidden))
-        w.add_tensor(p + "attn_k.weight", mat(a.kv_heads * hd, a.hidden))
-        w.add_tensor(p + "attn_v.weight", mat(a.kv_heads * hd, a.hidden))
-        w.add_tensor(p + "attn_output.weight", mat(a.hidden, a.hidden))
+        add(p + "attn_q.weight", mat(a.hidden, a.hidden))
+        add(p + "attn_k.weight", mat(a.kv_heads * hd, a.hidden))
+        add(p + "attn_v.weight", mat(a.kv_heads * hd, a.hidden))
+        add(p + "attn_output.weight", mat(a.hidden, a.hidden))
         w.add_tensor(p + "ffn_norm.weight", norm(a.hidden))
-        w.add_tensor(p + "ffn_gate.weight", mat(a.ffn, a.hidden))
-        w.add_tensor(p + "ffn_up.weight", mat(a.ffn, a.hidden))
-        w.add_tensor(p + "ffn_down.weight", mat(a.hidden, a.ffn))
+        add(p + "ffn_gate.weight", mat(a.ffn, a.hidden))
+        add(p + "ffn_up.weight", mat(a.ffn, a.hidden))
+        add(p + "ffn_down.weight", mat(a.hidden, a.ffn))
     w.add_tensor("output_norm.weight", norm(a.hidden))
-    w.add_tensor("output.weight", mat(a.vocab, a.hidden))
+    add("output.weight", mat(a.vocab, a.hidden))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

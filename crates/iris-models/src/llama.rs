@@ -206,15 +206,8 @@ impl Llama {
         // Vocab-parallel embedding and head: each rank its rows of the vocabulary.
         let embed_tokens =
             VocabParallelEmbedding::load(vb, "embed_tokens.weight", v, d, comm.clone())?;
-        let lm_head = if cfg.tie_word_embeddings && vb.is_quantized("embed_tokens.weight") {
-            // The head reads the table in its blocks (the embedding holds it dequantized).
-            Linear::from_weight(
-                vb.weight_rows("embed_tokens.weight", &[v, d], embed_tokens.rows())?,
-                None,
-                vb.dtype(),
-            )
-        } else if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.table().clone(), None, vb.dtype())?
+        let lm_head = if cfg.tie_word_embeddings {
+            crate::layers::tied_head(vb, &embed_tokens, "embed_tokens.weight", &[v, d])?
         } else {
             Linear::from_weight(
                 head.weight_rows("weight", &[v, d], embed_tokens.rows())?,

@@ -180,7 +180,12 @@ impl Opt {
                 "embed_positions.weight",
                 &[cfg.max_position_embeddings + POSITION_OFFSET, d],
             )?,
-            lm_head: Linear::new(embed_tokens.table().clone(), None, vb.dtype())?,
+            lm_head: crate::layers::tied_head(
+                vb,
+                &embed_tokens,
+                "embed_tokens.weight",
+                &[cfg.vocab_size, d],
+            )?,
             embed_tokens,
             project_in: projections.0,
             project_out: projections.1,

@@ -90,6 +90,19 @@ impl Weight {
         }
     }
 
+    /// Rows `ids` of a block-quantized weight dequantized to f32 (`[ids, in]`): an
+    /// embedding table kept in its blocks. `None` for a weight in another format.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let Repr::Quant(w) = &self.0 else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(ids.len() * w.k());
+        for &id in ids {
+            out.extend(w.dequantize_rows(id as usize..id as usize + 1));
+        }
+        Some(out)
+    }
+
     /// Output features.
     pub fn out_dim(&self) -> usize {
         match &self.0 {

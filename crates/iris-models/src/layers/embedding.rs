@@ -1,14 +1,17 @@
 //! The vocab-parallel token embedding and the head tied to it (Megatron's): each rank
 //! holds its rows of the vocabulary — padded up to a multiple of the ranks and split
 //! evenly, as vLLM pads, the padding rows held by nobody — so an embedding is a local
-//! gather summed over the ranks and the logits are each rank's columns gathered.
+//! gather summed over the ranks and the logits are each rank's columns gathered. A
+//! table stored block-quantized (a GGUF's) stays in its blocks on the CPU: a lookup
+//! dequantizes its rows, and a tied head multiplies the same blocks.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use iris_comm::Communicator;
-use iris_tensor::Tensor;
+use iris_tensor::{DType, Device, Tensor, Weight};
 
+use crate::layers::Linear;
 use crate::weights::Vb;
 use crate::{Error, Result};
 
@@ -21,10 +24,19 @@ pub fn vocab_range(vocab: usize, rank: usize, world: usize) -> Range<usize> {
 #[derive(Debug, Clone)]
 pub struct VocabParallelEmbedding {
     /// This rank's rows of the table.
-    table: Tensor,
+    table: Table,
     rows: Range<usize>,
     vocab: usize,
+    dim: usize,
     comm: Arc<dyn Communicator>,
+}
+
+#[derive(Debug, Clone)]
+enum Table {
+    Dense(Tensor),
+    /// In the file's blocks; rows are dequantized into `dtype` as they are looked up
+    /// (the values a dense load gives, at a quarter to a half of the memory).
+    Blocks(Weight, DType),
 }
 
 impl VocabParallelEmbedding {
@@ -44,22 +56,63 @@ impl VocabParallelEmbedding {
                 comm.world_size()
             )));
         }
+        let table = if vb.is_quantized(name) && vb.device() == Device::Cpu {
+            Table::Blocks(
+                vb.weight_rows(name, &[vocab, dim], rows.clone())?,
+                vb.dtype(),
+            )
+        } else {
+            Table::Dense(vb.get_rows(name, &[vocab, dim], rows.clone())?)
+        };
         Ok(VocabParallelEmbedding {
-            table: vb.get_rows(name, &[vocab, dim], rows.clone())?,
+            table,
             rows,
             vocab,
+            dim,
             comm,
         })
     }
 
-    /// This rank's rows (for a head tied to the embedding).
-    pub fn table(&self) -> &Tensor {
-        &self.table
+    /// This rank's rows as a tensor (for a head tied to the embedding); `None` when
+    /// they are kept in blocks (see [`VocabParallelEmbedding::blocks`]).
+    pub fn table(&self) -> Option<&Tensor> {
+        match &self.table {
+            Table::Dense(t) => Some(t),
+            Table::Blocks(..) => None,
+        }
+    }
+
+    /// This rank's rows in their blocks, when kept so: a tied head multiplies them.
+    pub fn blocks(&self) -> Option<&Weight> {
+        match &self.table {
+            Table::Blocks(w, _) => Some(w),
+            Table::Dense(_) => None,
+        }
     }
 
     /// The vocabulary rows this rank holds.
     pub fn rows(&self) -> Range<usize> {
         self.rows.clone()
+    }
+
+    /// Rows `local` (of this rank's part) of the table.
+    fn lookup(&self, local: &[u32]) -> Result<Tensor> {
+        match &self.table {
+            Table::Dense(t) => Ok(t.index_rows(local)?),
+            Table::Blocks(w, dtype) => {
+                let values = w
+                    .dequantize_rows(local)
+                    .ok_or_else(|| Error::Config("an embedding's blocks".into()))?;
+                Ok(Tensor::from_f32(values, &[local.len(), self.dim])?.to_dtype(*dtype)?)
+            }
+        }
+    }
+
+    fn device(&self) -> Device {
+        match &self.table {
+            Table::Dense(t) => t.device(),
+            Table::Blocks(w, _) => w.device(),
+        }
     }
 
     /// Embeddings `[ids, dim]`; the caller has checked the ids against the vocabulary.
@@ -71,7 +124,7 @@ impl VocabParallelEmbedding {
             )));
         }
         if self.comm.world_size() == 1 {
-            return Ok(self.table.index_rows(ids)?);
+            return self.lookup(ids);
         }
         // This rank's rows of the ids in its part, zeros elsewhere, summed over ranks.
         let (at, local): (Vec<usize>, Vec<u32>) = ids
@@ -80,9 +133,9 @@ impl VocabParallelEmbedding {
             .filter(|(_, &id)| self.rows.contains(&(id as usize)))
             .map(|(i, &id)| (i, id - self.rows.start as u32))
             .unzip();
-        let mut x = Tensor::zeros_on(&[ids.len(), self.table.last_dim()], self.table.device())?;
+        let mut x = Tensor::zeros_on(&[ids.len(), self.dim], self.device())?;
         if !at.is_empty() {
-            x = x.scatter_rows(&at, &self.table.index_rows(&local)?)?;
+            x = x.scatter_rows(&at, &self.lookup(&local)?)?;
         }
         Ok(self.comm.all_reduce_sum(x)?)
     }
@@ -95,4 +148,22 @@ impl VocabParallelEmbedding {
         }
         Ok(self.comm.all_gather(&local)?)
     }
+}
+
+/// The head tied to `embed`, the table `name` (`shape`) under `vb`: the embedding's
+/// own blocks when it keeps them (one copy for both), the table's rows in blocks when
+/// stored so elsewhere, else its rows as a dense weight.
+pub fn tied_head(
+    vb: &Vb,
+    embed: &VocabParallelEmbedding,
+    name: &str,
+    shape: &[usize],
+) -> Result<Linear> {
+    Ok(match &embed.table {
+        Table::Blocks(w, dtype) => Linear::from_weight(w.clone(), None, *dtype),
+        Table::Dense(_) if vb.is_quantized(name) => {
+            Linear::from_weight(vb.weight_rows(name, shape, embed.rows())?, None, vb.dtype())
+        }
+        Table::Dense(t) => Linear::new(t.clone(), None, vb.dtype())?,
+    })
 }

@@ -6,7 +6,7 @@ mod mlp;
 mod norm;
 mod rope;
 
-pub use embedding::{vocab_range, VocabParallelEmbedding};
+pub use embedding::{tied_head, vocab_range, VocabParallelEmbedding};
 pub use iris_tensor::attention::{
     attention, attention_blocks, attention_cached, attention_cross, AttnShape,
 };
