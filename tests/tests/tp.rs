@@ -16,6 +16,7 @@ use iris_models::blip2::Blip2;
 use iris_models::idefics::Idefics;
 use iris_models::llava::Llava;
 use iris_models::registry::{Checkpoint, Parts};
+use iris_models::text::TextModel;
 use iris_models::vlm::VisionLanguageModel;
 use iris_tensor::sample::log_softmax;
 use iris_tensor::Tensor;
@@ -33,8 +34,12 @@ fn greedy_alone(name: &str, comm: Arc<dyn Communicator>) -> (Vec<u32>, Vec<f32>)
         .install(|| greedy(name, comm))
 }
 
-/// `comm`'s rank of the fixture `name`.
+/// `comm`'s rank of the fixture `name` (or of the GGUF file at the path `name`).
 fn load(name: &str, comm: Arc<dyn Communicator>) -> Box<dyn VisionLanguageModel> {
+    if name.ends_with(".gguf") {
+        let ck = Checkpoint::open(std::path::Path::new(name), None).unwrap();
+        return Box::new(TextModel::from_checkpoint(&ck, Parts::ALL, comm).unwrap());
+    }
     let dir = fixture(name);
     if name.starts_with("llava") {
         return Box::new(Llava::load(&dir, None, comm).unwrap());
@@ -120,6 +125,46 @@ fn tensor_parallel_models_match_one_rank() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// A real GGUF (SmolLM2-135M, Q4_1 with a Q8_0 token table kept in its blocks) over
+/// three ranks (9 / 3 heads): each rank dequantizes its third of the vocabulary's rows
+/// for a lookup and multiplies the same blocks as the tied head — one rank's tokens.
+#[test]
+fn a_gguf_models_block_table_splits_over_three_ranks() {
+    let Some(path) = std::env::var_os("IRIS_SMOLLM2_GGUF") else {
+        assert!(
+            std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
+            "IRIS_SMOLLM2_GGUF is not set (scripts/models.sh prints the path)"
+        );
+        eprintln!("skipped: IRIS_SMOLLM2_GGUF is not set");
+        return;
+    };
+    let name = path.to_str().unwrap();
+    let (want_ids, want_lps) = greedy(name, iris_comm::single());
+    let dir = tempfile::tempdir().unwrap();
+    let world = 3;
+    let results: Vec<(Vec<u32>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let path = dir.path().join("smollm2");
+                s.spawn(move || {
+                    let shm = Shm::join(&path, rank, world, 1 << 20).unwrap();
+                    greedy_alone(name, Arc::new(CpuComm::new(shm)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (ids, lps)) in results.iter().enumerate() {
+        assert_eq!(ids, &want_ids, "TP=3 rank {rank}: greedy tokens");
+        for (g, w) in lps.iter().zip(&want_lps) {
+            assert!(
+                (g - w).abs() <= 1e-3,
+                "TP=3 rank {rank}: logprob {g} vs {w}"
+            );
         }
     }
 }
