@@ -274,8 +274,9 @@ impl Weights {
 
     /// A LLaMA GGUF file under HF's names, and its config (`gguf::Header::llama`).
     /// F32 / F16 / BF16 tensors read as a safetensors file's; Q8_0 / Q4_0 / Q4_1 stay
-    /// in their blocks, Q4_K super-blocks become Q4F blocks (exactly); another type is
-    /// an error naming the tensor.
+    /// in their blocks, Q4_K super-blocks become Q4F blocks (exactly), Q6_K ones their
+    /// f32 values (a dense tensor: llama.cpp's Q4_K_M files hold their head and some
+    /// layers so); another type is an error naming the tensor.
     pub fn open_gguf(path: &Path, dtype: DType) -> Result<(Weights, serde_json::Value)> {
         let file = File::open(path).map_err(io_err(path))?;
         // SAFETY: as in `open_files`.
@@ -296,10 +297,11 @@ impl Weights {
                 "Q4_0" => (DType::F32, Some(QuantType::Q4_0)),
                 "Q4_1" => (DType::F32, Some(QuantType::Q4_1)),
                 "Q4_K" => (DType::F32, Some(QuantType::Q4F)),
+                "Q6_K" => (DType::F32, None),
                 other => {
                     return Err(Error::TensorDType {
                         name: format!(
-                            "{} ({}; F32, F16, BF16, Q8_0, Q4_0, Q4_1 and Q4_K are read)",
+                            "{} ({}; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are read)",
                             t.name,
                             path.display()
                         ),
@@ -321,19 +323,26 @@ impl Weights {
                 }
                 _ => None,
             };
-            // Q4_K rows become Q4F rows (the scales multiplied out), llama.cpp's q / k
-            // row order is undone: either way the tensor is held, not mapped.
-            let convert = t.ggml_type.name == "Q4_K";
+            // Q4_K rows become Q4F rows (the scales multiplied out), Q6_K rows their
+            // f32 values (a dense weight, as an F32 tensor), llama.cpp's q / k row order
+            // is undone: either way the tensor is held, not mapped.
+            let convert = matches!(t.ggml_type.name, "Q4_K" | "Q6_K");
             let owned = (order.is_some() || convert).then(|| {
                 let all = &map[range.clone()];
                 let order = order.unwrap_or_else(|| (0..rows).collect());
                 let mut bytes = Vec::with_capacity(all.len() * 4 / 3);
+                let mut values = Vec::new();
                 for r in order {
                     let src = &all[r * row..(r + 1) * row];
-                    if convert {
-                        bytes.extend(iris_tensor::quant::q4_k_to_q4f(src));
-                    } else {
-                        bytes.extend_from_slice(src);
+                    match t.ggml_type.name {
+                        "Q4_K" => bytes.extend(iris_tensor::quant::q4_k_to_q4f(src)),
+                        "Q6_K" => {
+                            use iris_tensor::quant::{Q6_K_BYTES, Q6_K_WEIGHTS};
+                            values.resize(src.len() / Q6_K_BYTES * Q6_K_WEIGHTS, 0f32);
+                            iris_tensor::quant::q6_k_to_f32(src, &mut values);
+                            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                        }
+                        _ => bytes.extend_from_slice(src),
                     }
                 }
                 Arc::new(bytes)
@@ -1032,17 +1041,17 @@ mod tests {
         assert!(w.pp("").weight_cols(name, &[8, 32], 0..16).is_err());
     }
 
-    /// Q4_K rows read as gguf-py dequantizes them, bit for bit (the golden from
-    /// `tools/gen_q4k_golden.py`), held as Q4F blocks whose product is the product of
-    /// those values.
-    #[test]
-    fn q4_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
-        use iris_tensor::quant::QuantType;
+    /// The K-quant golden `file` (`tools/gen_q4k_golden.py`: super-blocks of random
+    /// bytes and gguf-py's values) as a one-tensor GGUF of ggml type `ty`, opened; its
+    /// tensor (HF's name) must read as gguf-py dequantizes it, bit for bit. Returns the
+    /// weights, the tensor's name, its shape and the values.
+    fn k_quant_golden(file: &str, ty: u32) -> (Weights, &'static str, usize, usize, Vec<f32>) {
         let golden: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../tests/fixtures/gguf/q4_k.json"
-            ))
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../tests/fixtures/gguf")
+                    .join(file),
+            )
             .unwrap(),
         )
         .unwrap();
@@ -1078,7 +1087,7 @@ mod tests {
                 ("llama.attention.head_count", crate::gguf::Value::U32(2)),
                 ("llama.vocab_size", crate::gguf::Value::U32(4)),
             ],
-            &[(name, &[k as u64, n as u64], 12, raw.len())],
+            &[(name, &[k as u64, n as u64], ty, raw.len())],
         );
         let start = crate::gguf::parse(&bytes).unwrap().data_start as usize;
         bytes[start..start + raw.len()].copy_from_slice(&raw);
@@ -1092,6 +1101,26 @@ mod tests {
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.to_bits(), e.to_bits(), "value {i}: {g} vs gguf-py's {e}");
         }
+        (w, hf, n, k, want)
+    }
+
+    /// Q6_K rows (llama.cpp's Q4_K_M files hold their head and some layers so) read as
+    /// gguf-py dequantizes them, bit for bit, held as those f32 values: a dense weight.
+    #[test]
+    fn q6_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
+        let (w, hf, n, k, _) = k_quant_golden("q6_k.json", 14);
+        assert!(!w.is_quantized(hf));
+        let lin = Arc::new(w).pp("").weight(hf, &[n, k]).unwrap();
+        assert_eq!(lin.quant_type(), None);
+    }
+
+    /// Q4_K rows read as gguf-py dequantizes them, bit for bit (the golden from
+    /// `tools/gen_q4k_golden.py`), held as Q4F blocks whose product is the product of
+    /// those values.
+    #[test]
+    fn q4_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
+        use iris_tensor::quant::QuantType;
+        let (w, hf, n, k, want) = k_quant_golden("q4_k.json", 12);
         let w = Arc::new(w);
         let lin = w.pp("").weight(hf, &[n, k]).unwrap();
         assert_eq!(lin.quant_type(), Some(QuantType::Q4F));

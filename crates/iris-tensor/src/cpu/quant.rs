@@ -668,6 +668,45 @@ pub fn q4_k_to_q4f(row: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Weights and bytes of a Q6_K super-block: 128 bytes of low nibbles, 64 of high bit
+/// pairs, 16 int8 scales (one a 16 weights), an f16 scale.
+pub const Q6_K_WEIGHTS: usize = 256;
+pub const Q6_K_BYTES: usize = 210;
+
+/// A row of Q6_K super-blocks as f32: weight = (d·scⱼ)·(q − 32), q the 6-bit value,
+/// in that order of f32 products (ggml's `dequantize_row_q6_K`, and gguf-py's), so
+/// the values are theirs bit for bit. No 4- or 8-bit block holds these exactly (two
+/// scales a 32-block), so the tensor is held as these values.
+pub fn q6_k_to_f32(row: &[u8], out: &mut [f32]) {
+    assert_eq!(row.len() % Q6_K_BYTES, 0, "q6_k_to_f32: whole super-blocks");
+    assert_eq!(
+        out.len(),
+        row.len() / Q6_K_BYTES * Q6_K_WEIGHTS,
+        "q6_k_to_f32: out"
+    );
+    for (sb, y) in row.chunks(Q6_K_BYTES).zip(out.chunks_mut(Q6_K_WEIGHTS)) {
+        let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
+        let d = half_at(sb, 208);
+        for half in 0..2 {
+            let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+            let (sc, y) = (&sc[8 * half..], &mut y[128 * half..]);
+            for l in 0..32 {
+                let is = l / 16;
+                let q = [
+                    (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                    (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                ];
+                for (j, &q) in q.iter().enumerate() {
+                    let scale = d * f32::from(sc[is + 2 * j] as i8);
+                    y[l + 32 * j] = scale * (i32::from(q) - 32) as f32;
+                }
+            }
+        }
+    }
+}
+
 /// One row of blocks as f32 (ggml's dequantization).
 pub fn dequantize_row(ty: QuantType, row: &[u8], out: &mut [f32]) {
     for (b, o) in row.chunks(ty.block_bytes()).zip(out.chunks_mut(BLOCK)) {
