@@ -45,6 +45,9 @@ pub struct Metrics {
     /// Engine state per model, read at each scrape.
     pub queue_depth: Family<ModelLabel, Gauge>,
     pub running: Family<ModelLabel, Gauge>,
+    /// Requests the engine ended because their caller went away (cancelled, its
+    /// stream dropped, its connection closed).
+    pub cancelled: Family<ModelLabel, Gauge>,
     pub kv_free_blocks: Family<ModelLabel, Gauge>,
     pub decode_steps: Family<ModelLabel, Gauge>,
     pub decode_tokens: Family<ModelLabel, Gauge>,
@@ -128,6 +131,7 @@ impl Metrics {
             decoder_requests: Counter::default(),
             queue_depth: Family::default(),
             running: Family::default(),
+            cancelled: Family::default(),
             kv_free_blocks: Family::default(),
             decode_steps: Family::default(),
             decode_tokens: Family::default(),
@@ -261,6 +265,11 @@ impl Metrics {
             "Requests in the engine's batch",
             m.running.clone(),
         );
+        r.register(
+            "cancelled_requests",
+            "Requests ended because their caller went away",
+            m.cancelled.clone(),
+        );
         r.register("kv_free_blocks", "Free KV blocks", m.kv_free_blocks.clone());
         r.register("decode_steps", "Engine steps run", m.decode_steps.clone());
         r.register(
@@ -327,6 +336,7 @@ impl Metrics {
             };
             self.queue_depth.get_or_create(&l).set(s.waiting as i64);
             self.running.get_or_create(&l).set(s.running as i64);
+            self.cancelled.get_or_create(&l).set(s.cancelled as i64);
             self.kv_free_blocks
                 .get_or_create(&l)
                 .set(s.free_blocks as i64);

@@ -264,6 +264,51 @@ fn a_decoder_partitioned_mid_stream_hands_its_streams_over_and_rejoins_after_the
 }
 
 #[test]
+fn a_decoder_drops_the_streams_of_a_gateway_gone_silent() {
+    let mut c = Cluster::new(&["encoder", "connector", "decoder"]);
+    c.start("encoder", ENCODER, &[]);
+    c.start("connector", CONNECTOR, &[]);
+    // 60 tokens at 150 ms a step: 9 s a stream, far past the cut and its detection.
+    c.start("decoder", DECODER, &["--test-step-delay-ms", "150"]);
+    c.start("gateway", GATEWAY, &[]);
+    eventually(Duration::from_secs(15), "members seen", || {
+        c.seen("decoder") == 1 && c.seen("encoder") == 1
+    });
+    let rt = rt();
+    let g = c.proc("gateway").grpc.clone();
+    let reqs = &mixed_requests()[..2];
+    let mut cut_at = None;
+    let mut dropped = Duration::ZERO;
+    let got = at_once(&rt, &g, reqs, || {
+        eventually(Duration::from_secs(20), "both streams running", || {
+            c.metric("decoder", "iris_running_requests") == 2.0
+        });
+        // Only the gateway and the decoder lose each other; this test still reads the
+        // decoder's metrics.
+        c.net.cut("gateway", "decoder");
+        cut_at = Some(Instant::now());
+        eventually(
+            Duration::from_secs(20),
+            "the lost streams cancelled",
+            || {
+                c.metric("decoder", "iris_cancelled_requests") == 2.0
+                    && c.metric("decoder", "iris_running_requests") == 0.0
+            },
+        );
+        dropped = cut_at.unwrap().elapsed();
+        c.net.heal();
+    });
+    println!("the decoder dropped both streams of its silent gateway {dropped:?} after the cut");
+    // The gateway found the decoder silent too; with no other decoder the streams
+    // ended UNAVAILABLE (each moved back to it once healed, or gave up).
+    for r in got {
+        if let Err(e) = r {
+            assert!(e.contains("Unavailable"), "{e}");
+        }
+    }
+}
+
+#[test]
 fn an_encoder_partitioned_under_steady_load_fails_no_request() {
     let mut c = Cluster::new(&["e1", "e2", "connector", "decoder"]);
     for h in ["e1", "e2"] {
