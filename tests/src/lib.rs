@@ -34,6 +34,21 @@ pub fn fixture(name: &str) -> PathBuf {
     fixtures().join(name)
 }
 
+/// SmolLM2-135M-Instruct's GGUF (`scripts/models.sh` fetches it and the test script
+/// sets `IRIS_SMOLLM2_GGUF`); `None` (the test skips) when it is not set, unless
+/// `IRIS_REQUIRE_MODELS` says it must be.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let Some(path) = std::env::var_os("IRIS_SMOLLM2_GGUF") else {
+        assert!(
+            std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
+            "IRIS_SMOLLM2_GGUF is not set (scripts/models.sh prints the path)"
+        );
+        eprintln!("skipped: IRIS_SMOLLM2_GGUF is not set (scripts/models.sh fetches the file)");
+        return None;
+    };
+    Some(path.into())
+}
+
 /// The golden JSON and tensors HF produced for a fixture (see tools/gen_llava_fixtures.py).
 pub struct Golden {
     pub json: serde_json::Value,

@@ -6,21 +6,11 @@
 
 use iris_models::gguf;
 
-fn smollm2() -> Option<std::path::PathBuf> {
-    let Some(path) = std::env::var_os("IRIS_SMOLLM2_GGUF") else {
-        assert!(
-            std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
-            "IRIS_SMOLLM2_GGUF is not set (scripts/models.sh prints the path)"
-        );
-        eprintln!("skipped: IRIS_SMOLLM2_GGUF is not set (scripts/models.sh fetches the file)");
-        return None;
-    };
-    Some(path.into())
-}
-
 #[test]
 fn smollm2s_gguf_header_reads_whole() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = iris_e2e::smollm2_gguf() else {
+        return;
+    };
     let h = gguf::read(std::path::Path::new(&path)).unwrap();
     let meta = |k: &str| h.get(k).unwrap_or_else(|| panic!("no `{k}`"));
     assert_eq!(meta("general.architecture").as_str(), Some("llama"));
@@ -57,7 +47,9 @@ fn smollm2s_gguf_header_reads_whole() {
 /// the chat answer.
 #[test]
 fn smollm2_from_its_quantized_blocks_gives_hfs_greedy_tokens() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = iris_e2e::smollm2_gguf() else {
+        return;
+    };
     let golden: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(iris_e2e::fixtures().join("gguf/smollm2-q4_1.json")).unwrap(),
     )
@@ -111,7 +103,9 @@ fn smollm2_from_its_quantized_blocks_gives_hfs_greedy_tokens() {
 #[test]
 fn smollm2_prefilled_at_once_or_in_small_chunks_agrees() {
     use iris_engine::{Engine, EngineConfig, EngineRequest, TokenEvent};
-    let Some(path) = smollm2() else { return };
+    let Some(path) = iris_e2e::smollm2_gguf() else {
+        return;
+    };
     let p = std::sync::Arc::new(iris_engine::Pipeline::load(&path, &iris_e2e::options()).unwrap());
     let text = "The history of the city begins with a small settlement on the river, where \
                 traders met to exchange salt, grain and wool. Over the centuries it grew \

@@ -96,35 +96,46 @@ fn tensor_parallel_models_match_one_rank() {
         "idefics-tiny-f32",
         "idefics-tiny-qknorm-f32",
     ] {
-        let (want_ids, want_lps) = greedy(name, iris_comm::single());
+        let want = greedy(name, iris_comm::single());
         // bf16 rounds each rank's partial sums before the all-reduce: a looser bound.
         let tol = if name.contains("bf16") { 3e-2 } else { 1e-4 };
         for world in [2usize, 4] {
             let path = dir.path().join(format!("{name}-{world}"));
-            let results: Vec<(Vec<u32>, Vec<f32>)> = std::thread::scope(|s| {
-                let handles: Vec<_> = (0..world)
-                    .map(|rank| {
-                        let path = path.clone();
-                        s.spawn(move || {
-                            let shm = Shm::join(&path, rank, world, 1 << 20).unwrap();
-                            greedy_alone(name, Arc::new(CpuComm::new(shm)))
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            });
-            for (rank, (ids, lps)) in results.iter().enumerate() {
-                assert_eq!(
-                    ids, &want_ids,
-                    "{name} TP={world} rank {rank}: greedy tokens"
-                );
-                for (g, w) in lps.iter().zip(&want_lps) {
-                    assert!(
-                        (g - w).abs() <= tol,
-                        "{name} TP={world} rank {rank}: logprob {g} vs {w}"
-                    );
-                }
-            }
+            assert_ranks_agree(name, &path, world, &want, tol);
+        }
+    }
+}
+
+/// `world` ranks of `name` (threads over shared memory at `path`) each give `want`'s
+/// greedy tokens, and its log-probabilities within `tol`.
+fn assert_ranks_agree(
+    name: &str,
+    path: &std::path::Path,
+    world: usize,
+    (want_ids, want_lps): &(Vec<u32>, Vec<f32>),
+    tol: f32,
+) {
+    let results: Vec<(Vec<u32>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                s.spawn(move || {
+                    let shm = Shm::join(path, rank, world, 1 << 20).unwrap();
+                    greedy_alone(name, Arc::new(CpuComm::new(shm)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (ids, lps)) in results.iter().enumerate() {
+        assert_eq!(
+            ids, want_ids,
+            "{name} TP={world} rank {rank}: greedy tokens"
+        );
+        for (g, w) in lps.iter().zip(want_lps) {
+            assert!(
+                (g - w).abs() <= tol,
+                "{name} TP={world} rank {rank}: logprob {g} vs {w}"
+            );
         }
     }
 }
@@ -134,39 +145,13 @@ fn tensor_parallel_models_match_one_rank() {
 /// for a lookup and multiplies the same blocks as the tied head — one rank's tokens.
 #[test]
 fn a_gguf_models_block_table_splits_over_three_ranks() {
-    let Some(path) = std::env::var_os("IRIS_SMOLLM2_GGUF") else {
-        assert!(
-            std::env::var_os("IRIS_REQUIRE_MODELS").is_none(),
-            "IRIS_SMOLLM2_GGUF is not set (scripts/models.sh prints the path)"
-        );
-        eprintln!("skipped: IRIS_SMOLLM2_GGUF is not set");
+    let Some(path) = iris_e2e::smollm2_gguf() else {
         return;
     };
     let name = path.to_str().unwrap();
-    let (want_ids, want_lps) = greedy(name, iris_comm::single());
+    let want = greedy(name, iris_comm::single());
     let dir = tempfile::tempdir().unwrap();
-    let world = 3;
-    let results: Vec<(Vec<u32>, Vec<f32>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|rank| {
-                let path = dir.path().join("smollm2");
-                s.spawn(move || {
-                    let shm = Shm::join(&path, rank, world, 1 << 20).unwrap();
-                    greedy_alone(name, Arc::new(CpuComm::new(shm)))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (rank, (ids, lps)) in results.iter().enumerate() {
-        assert_eq!(ids, &want_ids, "TP=3 rank {rank}: greedy tokens");
-        for (g, w) in lps.iter().zip(&want_lps) {
-            assert!(
-                (g - w).abs() <= 1e-3,
-                "TP=3 rank {rank}: logprob {g} vs {w}"
-            );
-        }
-    }
+    assert_ranks_agree(name, &dir.path().join("smollm2"), 3, &want, 1e-3);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use iris_cluster::etcd_server::EtcdServer;
-use iris_cluster::{members_prefix, EtcdRegistry, Registry};
+use iris_cluster::{EtcdRegistry, Registry};
 use tonic::Code;
 
 const TTL: &str = "2";
@@ -50,16 +50,6 @@ fn encoder(e: &Etcd) -> Proc {
 /// Registered member addresses of `tier`, read from etcd directly.
 fn registered(e: &Etcd, tier: &str) -> Vec<String> {
     members_at(&e.server.endpoint()).addrs(tier)
-}
-
-/// The members registered in etcd at `endpoint`, read directly.
-fn members_at(endpoint: &str) -> iris_cluster::View {
-    let reg = EtcdRegistry::new(&[endpoint.to_string()]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let kvs = rt.block_on(reg.get_prefix(members_prefix("test"))).unwrap();
-    let mut view = iris_cluster::View::default();
-    view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
-    view
 }
 
 /// The loads the members of `tier` report in etcd.

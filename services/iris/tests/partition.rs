@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use common::net::Net;
 use common::*;
 use iris_cluster::etcd_server::EtcdServer;
-use iris_cluster::{members_prefix, EtcdRegistry, Registry};
 use iris_proto::v1 as pb;
 
 const TTL: &str = "2";
@@ -70,14 +69,7 @@ impl Cluster {
 
     /// The member addresses of `tier` registered in etcd.
     fn registered(&self, tier: &str) -> Vec<String> {
-        let reg = EtcdRegistry::new(&[self.etcd.endpoint()]);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let kvs = rt
-            .block_on(reg.get_prefix(members_prefix("test")))
-            .unwrap_or_default();
-        let mut view = iris_cluster::View::default();
-        view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
-        view.addrs(tier)
+        members_at(&self.etcd.endpoint()).addrs(tier)
     }
 
     /// The members of `tier` the gateway routes to.
@@ -111,29 +103,11 @@ async fn run_once(
     addr: &str,
     req: pb::GenerateRequest,
 ) -> Result<(Vec<u32>, String, Duration), String> {
-    let mut c = client(addr).await;
     let mut r = tonic::Request::new(req);
     r.set_timeout(REQUEST_DEADLINE);
-    let t0 = Instant::now();
-    let mut s = c
-        .generate(r)
+    generate(&mut client(addr).await, r)
         .await
-        .map_err(|e| format!("{e:?}"))?
-        .into_inner();
-    let (mut ids, mut ttft) = (Vec::new(), None);
-    while let Some(ev) = s.message().await.map_err(|e| format!("{e:?}"))? {
-        match ev.event {
-            Some(pb::generate_event::Event::Token(t)) => {
-                ttft.get_or_insert_with(|| t0.elapsed());
-                ids.push(t.id);
-            }
-            Some(pb::generate_event::Event::Finished(f)) => {
-                return Ok((ids, f.text, ttft.unwrap_or_default()))
-            }
-            None => {}
-        }
-    }
-    Err("the stream ended without finishing".into())
+        .map_err(|e| format!("{e:?}"))
 }
 
 type Outcome = Result<(Vec<u32>, String, Duration), String>;

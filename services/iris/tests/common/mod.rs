@@ -127,10 +127,11 @@ pub fn request(prompt: &str, images: Vec<Vec<u8>>, max_tokens: u32) -> pb::Gener
     }
 }
 
-/// Token ids of a gRPC generation, and the time to its first token.
+/// Token ids of a gRPC generation, and the time to its first token (`req` a
+/// `GenerateRequest`, or a `tonic::Request` of one with a deadline set).
 pub async fn generate(
     c: &mut GatewayClient<tonic::transport::Channel>,
-    req: pb::GenerateRequest,
+    req: impl tonic::IntoRequest<pb::GenerateRequest>,
 ) -> Result<(Vec<u32>, String, Duration), tonic::Status> {
     let t0 = Instant::now();
     let mut s = c.generate(req).await?.into_inner();
@@ -260,4 +261,17 @@ pub fn mixed_requests() -> Vec<iris_proto::v1::GenerateRequest> {
             r
         })
         .collect()
+}
+
+/// The members registered in the etcd at `endpoint` (cluster `test`), read directly.
+pub fn members_at(endpoint: &str) -> iris_cluster::View {
+    use iris_cluster::Registry;
+    let reg = iris_cluster::EtcdRegistry::new(&[endpoint.to_string()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kvs = rt
+        .block_on(reg.get_prefix(iris_cluster::members_prefix("test")))
+        .unwrap();
+    let mut view = iris_cluster::View::default();
+    view.apply(iris_cluster::WatchEvent::Snapshot(kvs));
+    view
 }

@@ -309,22 +309,19 @@ impl Net {
         ip_of(self.index(host))
     }
 
-    /// The command prefix that runs a program on `host`.
-    pub fn exec(&self, host: &str) -> Vec<String> {
-        match self.index(host) {
-            0 => Vec::new(),
-            i => ["ip", "netns", "exec", &format!("iris-h{i}")]
-                .map(String::from)
-                .to_vec(),
-        }
-    }
-
     /// The namespace of `host` (`None`: this process's).
     pub fn netns(&self, host: &str) -> Option<String> {
         match self.index(host) {
             0 => None,
             i => Some(format!("iris-h{i}")),
         }
+    }
+
+    /// The command prefix that runs a program on `host`.
+    pub fn exec(&self, host: &str) -> Vec<String> {
+        self.netns(host).map_or_else(Vec::new, |ns| {
+            vec!["ip".into(), "netns".into(), "exec".into(), ns]
+        })
     }
 
     fn set(&self, from: &str, to: &str, f: impl Fn(&mut Rule)) {
