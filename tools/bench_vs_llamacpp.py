@@ -8,7 +8,8 @@ bandwidth probe right before every step: tokens/s, the share of the weight-read 
 the probe's GB/s), then `llama-bench -p 0 -n TOKENS -t 2` on the GGUF file of that
 format (TinyLlama-1.1B's shape, tools/gen_llama_gguf.py, quantized by llama-quantize).
 llama.cpp's implied bandwidth is its tokens/s times the bytes Iris' step reads for the
-same format. With --prefill N, also `iris bench decode --prefill N` against
+same format, set against Iris' probe (`iris bench bandwidth`) right before and right
+after llama.cpp's run: the bandwidth of llama.cpp's own minute. With --prefill N, also `iris bench decode --prefill N` against
 `llama-bench -p N -n 0`.
 
     python3 tools/bench_vs_llamacpp.py --iris target/release/iris --pairs 6 \
@@ -64,6 +65,12 @@ def iris(exe, fmt, tokens, prefill=0):
     return rows
 
 
+def probe(exe):
+    """Iris' bandwidth probe right now (GB/s, the best of its passes)."""
+    out = sh([exe, "bench", "bandwidth", "--passes", "5"])
+    return json.loads(out.strip().splitlines()[-1])["best_bytes_per_s"] / 1e9
+
+
 def llama(bin_dir, path, p, n, reps):
     env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
     out = sh([os.path.join(bin_dir, "llama-bench"), "-m", path, "-p", str(p), "-n", str(n),
@@ -87,18 +94,24 @@ def main():
     for pair in range(1, a.pairs + 1):
         for f in formats:
             row = iris(a.iris, f, a.tokens)[0]
+            # The probe right before and right after llama.cpp's run: the machine's
+            # bandwidth in llama.cpp's own minute (the better of the two).
+            before = probe(a.iris)
             ts = llama(bin_dir, files[f], 0, a.tokens, 1)
+            around = max(before, probe(a.iris))
             implied = ts * row["bytes_per_token"] / 1e9
             r = {
                 "pair": pair, "format": f, "iris_tokens_per_s": row["tokens_per_s"],
                 "iris_share_of_bound": row["ratio"], "probe_gb_s": row["bandwidth_bytes_per_s"] / 1e9,
                 "llama_tokens_per_s": ts, "llama_implied_gb_s": implied,
+                "probe_around_llama_gb_s": around, "llama_share_of_bound": implied / around,
                 "iris_over_llama": row["tokens_per_s"] / ts,
             }
             results.append(r)
             print(f"pair {pair} {f:>5}: iris {r['iris_tokens_per_s']:6.2f} tok/s "
                   f"({100 * r['iris_share_of_bound']:.1f}% of its probe's bound, probe {r['probe_gb_s']:.1f} GB/s) | "
-                  f"llama.cpp {ts:6.2f} tok/s (implies {implied:.1f} GB/s) | iris/llama {r['iris_over_llama']:.2f}",
+                  f"llama.cpp {ts:6.2f} tok/s (implies {implied:.1f} GB/s; probe around it {around:.1f}, "
+                  f"{100 * implied / around:.1f}% of its bound) | iris/llama {r['iris_over_llama']:.2f}",
                   flush=True)
     if a.prefill:
         for f in formats:

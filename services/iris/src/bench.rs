@@ -29,6 +29,10 @@ pub enum BenchCmd {
     /// Decode step time of a cross-attention model (IDEFICS, BLIP) with 1 and N images:
     /// the images' K/V are computed once, so a step should cost the same.
     DecodeImages(DecodeImagesArgs),
+    /// The decode benchmark's bandwidth probe alone (its passes' median and best, GB/s):
+    /// tools/bench_vs_llamacpp.py reads it around each llama.cpp run, so a peer's run
+    /// is set against the bandwidth of its own minute.
+    Bandwidth(BandwidthArgs),
     /// All-reduce latency of the CPU transports between rank processes.
     Allreduce(AllreduceArgs),
     /// Load against an OpenAI-compatible chat endpoint: throughput, TTFT / TPOT /
@@ -238,6 +242,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::DecodeImages(a) => decode_images(a),
         BenchCmd::Vit(a) => vit(a),
+        BenchCmd::Bandwidth(a) => bandwidth(a),
         BenchCmd::Allreduce(a) => allreduce(a),
         BenchCmd::AllreduceRank(a) => allreduce_rank(a),
         BenchCmd::Serve(a) => crate::bench_serve::run(a),
@@ -463,6 +468,31 @@ impl Bandwidth {
             }
         })
     }
+}
+
+#[derive(Args)]
+pub struct BandwidthArgs {
+    /// Passes over the 1 GiB buffer.
+    #[arg(long, default_value_t = 5)]
+    passes: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn bandwidth(a: BandwidthArgs) -> anyhow::Result<()> {
+    let bw = Bandwidth::new(Device::parse(&a.device)?)?;
+    let passes = (0..a.passes.max(1))
+        .map(|_| bw.pass())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let best = passes.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({
+            "passes": passes.len(), "median_bytes_per_s": median(passes), "best_bytes_per_s": best,
+        })
+    );
+    Ok(())
 }
 
 /// The middle value (the upper of the two middle ones for an even count).

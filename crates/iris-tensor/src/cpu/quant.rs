@@ -237,9 +237,7 @@ impl QuantMatrix {
                     }
                 }
             }
-            let run = |(wi, pieces): &mut (usize, Pieces)| {
-                ws[*wi].lockstep_into(&xq, pieces)
-            };
+            let run = |(wi, pieces): &mut (usize, Pieces)| ws[*wi].lockstep_into(&xq, pieces);
             if parallel {
                 tasks.par_iter_mut().for_each(run);
             } else {
