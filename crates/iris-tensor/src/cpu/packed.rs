@@ -21,10 +21,11 @@ const MR: usize = 12;
 /// L1) made each output tile be loaded and stored once per block, from a working set
 /// that no longer fit L2: 165-190 GFLOP/s a core vs 205-220 (peak 231) at 608 rows.
 const KC: usize = 2048;
-/// Neighbouring panels a one-row product reads in lockstep: two streams a core read
-/// faster than one. bf16 batch 1, TinyLlama's shape, alternating steps in one
-/// process: 91–94% of the weight-read bound vs 84–92% with one panel at a time; four
-/// were no better.
+/// Parts of a weight's panels a one-row product reads in lockstep, a panel of each at
+/// a time: two streams a core read faster than one. bf16 batch 1, TinyLlama's shape,
+/// steps alternating in one process: 91–93% of the weight-read bound vs 89–92% with
+/// one panel at a time, and 89–90% with two neighbouring panels (each stream then
+/// jumps every 128 KiB); four parts were no better.
 const STREAMS: usize = 2;
 
 /// `w` (`[n, k]` bf16) packed in panels of `PANEL` columns, each `[k/2][PANEL][2]`,
@@ -180,21 +181,24 @@ fn products(
         unsafe { panel_product(a, m, kp, b, &ptrs[j], n, p) };
     };
     if m == 1 {
-        // One row: STREAMS neighbouring panels of a weight a task, read in lockstep.
+        // One row: each weight's panels in STREAMS parts, a task a panel of each, read
+        // in lockstep (a part's panels are one contiguous run).
         let groups: Vec<(usize, usize)> = ws
             .iter()
             .enumerate()
-            .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL)).step_by(STREAMS).map(move |p| (j, p)))
+            .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL).div_ceil(STREAMS)).map(move |p| (j, p)))
             .collect();
-        let group = |&(j, p0): &(usize, usize)| {
+        let group = |&(j, p): &(usize, usize)| {
             let (w, n) = ws[j];
-            if p0 + STREAMS <= n.div_ceil(PANEL) {
-                // SAFETY: panels p0.. of output j are this task's alone.
-                unsafe { gemv_panels(a, kp, w, &ptrs[j], n, p0) };
+            let part = n.div_ceil(PANEL).div_ceil(STREAMS);
+            let ps: [usize; STREAMS] = std::array::from_fn(|s| p + s * part);
+            if ps[STREAMS - 1] < n.div_ceil(PANEL) {
+                // SAFETY: these panels of output j are this task's alone.
+                unsafe { gemv_panels(a, kp, w, &ptrs[j], n, ps) };
             } else {
-                for p in p0..n.div_ceil(PANEL) {
-                    panel(&(j, p));
-                }
+                ps.iter()
+                    .filter(|&&p| p < n.div_ceil(PANEL))
+                    .for_each(|&p| panel(&(j, p)));
             }
         };
         if parallel {
@@ -244,18 +248,24 @@ unsafe fn panel_product(
     }
 }
 
-/// One packed row (`a`, `kp` pairs) times panels `p0..p0 + STREAMS` of `w`, read in
-/// lockstep, into their columns of the `[1, n]` output at `c`.
+/// One packed row (`a`, `kp` pairs) times panels `ps` of `w`, read in lockstep, into
+/// their columns of the `[1, n]` output at `c`.
 ///
 /// # Safety
-/// AVX-512 BF16 is present; panels `p0..p0 + STREAMS` exist; no other thread writes
-/// their columns of `c` meanwhile.
-unsafe fn gemv_panels(a: &[u32], kp: usize, w: &PackedBf16, c: &OutPtr, n: usize, p0: usize) {
-    let bs: [&[bf16]; STREAMS] =
-        std::array::from_fn(|s| &w.data[(p0 + s) * w.kp * PANEL * 2..][..kp * PANEL * 2]);
-    // SAFETY: panel p0 + s's columns are inside the output (the caller's).
-    let outs: [*mut f32; STREAMS] = std::array::from_fn(|s| unsafe { c.0.add((p0 + s) * PANEL) });
-    let cols: [usize; STREAMS] = std::array::from_fn(|s| PANEL.min(n - (p0 + s) * PANEL));
+/// AVX-512 BF16 is present; panels `ps` exist; no other thread writes their columns of
+/// `c` meanwhile.
+unsafe fn gemv_panels(
+    a: &[u32],
+    kp: usize,
+    w: &PackedBf16,
+    c: &OutPtr,
+    n: usize,
+    ps: [usize; STREAMS],
+) {
+    let bs = ps.map(|p| &w.data[p * w.kp * PANEL * 2..][..kp * PANEL * 2]);
+    // SAFETY: panel p's columns are inside the output (the caller's).
+    let outs = ps.map(|p| unsafe { c.0.add(p * PANEL) });
+    let cols = ps.map(|p| PANEL.min(n - p * PANEL));
     for k0 in (0..kp).step_by(KC) {
         let kc = KC.min(kp - k0);
         let b = bs.map(|b| &b[k0 * PANEL * 2..][..kc * PANEL * 2]);
