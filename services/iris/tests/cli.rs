@@ -1138,3 +1138,25 @@ fn bench_decode_measures_a_gguf_file() {
     );
     assert_clean_failure(&bench(&fixtures().join("llava-tiny-hub-f32")), "LLaMA");
 }
+
+/// `iris bench bandwidth` runs the decode benchmark's probe alone: its passes' median and
+/// best, one JSON row (what tools/bench_vs_llamacpp.py reads around llama.cpp's runs).
+#[test]
+fn bench_bandwidth_prints_its_passes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_iris"))
+        .args(["bench", "bandwidth", "--passes", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON row");
+    assert_eq!(row["passes"], 3);
+    let (median, best) = (
+        row["median_bytes_per_s"].as_f64().unwrap(),
+        row["best_bytes_per_s"].as_f64().unwrap(),
+    );
+    assert!(median > 0.0 && best >= median, "{row}");
+}
