@@ -274,9 +274,9 @@ impl Weights {
 
     /// A LLaMA GGUF file under HF's names, and its config (`gguf::Header::llama`).
     /// F32 / F16 / BF16 tensors read as a safetensors file's; Q8_0 / Q4_0 / Q4_1 stay
-    /// in their blocks, Q4_K super-blocks become Q4F blocks (exactly), Q6_K ones their
-    /// f32 values (a dense tensor: llama.cpp's Q4_K_M files hold their head and some
-    /// layers so); another type is an error naming the tensor.
+    /// in their blocks, Q4_K super-blocks become Q4F blocks and Q6_K ones Q16 blocks
+    /// (exactly; llama.cpp's Q4_K_M files hold their head and some layers in Q6_K);
+    /// another type is an error naming the tensor.
     pub fn open_gguf(path: &Path, dtype: DType) -> Result<(Weights, serde_json::Value)> {
         let file = File::open(path).map_err(io_err(path))?;
         // SAFETY: as in `open_files`.
@@ -297,7 +297,7 @@ impl Weights {
                 "Q4_0" => (DType::F32, Some(QuantType::Q4_0)),
                 "Q4_1" => (DType::F32, Some(QuantType::Q4_1)),
                 "Q4_K" => (DType::F32, Some(QuantType::Q4F)),
-                "Q6_K" => (DType::F32, None),
+                "Q6_K" => (DType::F32, Some(QuantType::Q16)),
                 other => {
                     return Err(Error::TensorDType {
                         name: format!(
@@ -323,25 +323,19 @@ impl Weights {
                 }
                 _ => None,
             };
-            // Q4_K rows become Q4F rows (the scales multiplied out), Q6_K rows their
-            // f32 values (a dense weight, as an F32 tensor), llama.cpp's q / k row order
-            // is undone: either way the tensor is held, not mapped.
+            // Q4_K rows become Q4F rows, Q6_K rows Q16 rows (the scales multiplied out),
+            // llama.cpp's q / k row order is undone: either way the tensor is held, not
+            // mapped.
             let convert = matches!(t.ggml_type.name, "Q4_K" | "Q6_K");
             let owned = (order.is_some() || convert).then(|| {
                 let all = &map[range.clone()];
                 let order = order.unwrap_or_else(|| (0..rows).collect());
                 let mut bytes = Vec::with_capacity(all.len() * 4 / 3);
-                let mut values = Vec::new();
                 for r in order {
                     let src = &all[r * row..(r + 1) * row];
                     match t.ggml_type.name {
                         "Q4_K" => bytes.extend(iris_tensor::quant::q4_k_to_q4f(src)),
-                        "Q6_K" => {
-                            use iris_tensor::quant::{Q6_K_BYTES, Q6_K_WEIGHTS};
-                            values.resize(src.len() / Q6_K_BYTES * Q6_K_WEIGHTS, 0f32);
-                            iris_tensor::quant::q6_k_to_f32(src, &mut values);
-                            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-                        }
+                        "Q6_K" => bytes.extend(iris_tensor::quant::q6_k_to_q16(src)),
                         _ => bytes.extend_from_slice(src),
                     }
                 }
@@ -1099,19 +1093,23 @@ mod tests {
         let got = w.get(hf, &[n, k]).unwrap().to_f32_vec();
         assert_eq!(got.len(), want.len());
         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), e.to_bits(), "value {i}: {g} vs gguf-py's {e}");
+            // Bit for bit, but for the sign of a zero: Q16 multiplies the super-block's
+            // scale by `sc·(q − 32)`, where ggml forms `(d·sc)·(q − 32)`, so a zero weight
+            // under a negative scale is +0 here and −0 there — the same in every sum.
+            let same = g.to_bits() == e.to_bits() || (*g == 0.0 && *e == 0.0);
+            assert!(same, "value {i}: {g} vs gguf-py's {e}");
         }
         (w, hf, n, k, want)
     }
 
     /// Q6_K rows (llama.cpp's Q4_K_M files hold their head and some layers so) read as
-    /// gguf-py dequantizes them, bit for bit, held as those f32 values: a dense weight.
+    /// gguf-py dequantizes them, bit for bit (zeros' signs aside), held as Q16 blocks (16 bits a weight,
+    /// not f32's 32) whose product is the product of those values.
     #[test]
     fn q6_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
-        let (w, hf, n, k, _) = k_quant_golden("q6_k.json", 14);
-        assert!(!w.is_quantized(hf));
-        let lin = Arc::new(w).pp("").weight(hf, &[n, k]).unwrap();
-        assert_eq!(lin.quant_type(), None);
+        use iris_tensor::quant::QuantType;
+        let (w, hf, n, k, want) = k_quant_golden("q6_k.json", 14);
+        assert_products_of(w, hf, n, k, &want, QuantType::Q16);
     }
 
     /// Q4_K rows read as gguf-py dequantizes them, bit for bit (the golden from
@@ -1121,9 +1119,22 @@ mod tests {
     fn q4_k_tensors_read_exactly_as_ggufs_reference_dequantizes_them() {
         use iris_tensor::quant::QuantType;
         let (w, hf, n, k, want) = k_quant_golden("q4_k.json", 12);
+        assert_products_of(w, hf, n, k, &want, QuantType::Q4F);
+    }
+
+    /// `hf` is held in `ty`'s blocks and its products with two activation rows are
+    /// those of the reference values `want`, within the int16 activations' rounding.
+    fn assert_products_of(
+        w: Weights,
+        hf: &str,
+        n: usize,
+        k: usize,
+        want: &[f32],
+        ty: iris_tensor::quant::QuantType,
+    ) {
         let w = Arc::new(w);
         let lin = w.pp("").weight(hf, &[n, k]).unwrap();
-        assert_eq!(lin.quant_type(), Some(QuantType::Q4F));
+        assert_eq!(lin.quant_type(), Some(ty));
         let x: Vec<f32> = (0..2 * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();

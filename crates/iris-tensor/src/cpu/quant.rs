@@ -1,6 +1,7 @@
 //! Block-quantized weights in ggml's layouts (Q8_0, Q4_0, Q4_1: 32 weights a block
 //! with an f16 scale, Q4_1 an f16 minimum too; Q4F, 4-bit values with an f32 scale and
-//! offset, is what Q4_K and AWQ / GPTQ groups become) and `x·Wᵀ` over them in integers: each
+//! offset, is what Q4_K and AWQ / GPTQ groups become; Q16, 16-bit values with an f16
+//! scale, what Q6_K becomes) and `x·Wᵀ` over them in integers: each
 //! 32-block of an activation row is quantized to int16 with its own scale, and a
 //! block's product is one integer dot product (`vpdpwssd`: 32 weights widened to int16
 //! × 32 activations, one AVX-512 instruction) scaled by both scales.
@@ -36,6 +37,10 @@ pub enum QuantType {
     /// file's format but what Q4_K super-blocks and AWQ / GPTQ groups become at load,
     /// exactly (their scales are products of an f16 and a small integer).
     Q4F,
+    /// 16-bit values with an f16 scale a block (66 bytes): what Q6_K super-blocks
+    /// become at load, exactly — a value is a 6-bit weight times its 16 weights' int8
+    /// scale (|q| ≤ 4096), the block's scale the super-block's f16.
+    Q16,
 }
 
 impl QuantType {
@@ -55,6 +60,7 @@ impl QuantType {
             QuantType::Q4_0 => "Q4_0",
             QuantType::Q4_1 => "Q4_1",
             QuantType::Q4F => "Q4F",
+            QuantType::Q16 => "Q16",
         }
     }
 
@@ -65,6 +71,7 @@ impl QuantType {
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
             QuantType::Q4F => 24,
+            QuantType::Q16 => 66,
         }
     }
 
@@ -535,6 +542,7 @@ fn block_scales(ty: QuantType, b: &[u8]) -> (f32, f32) {
         QuantType::Q4_0 => (half_at(b, 0), -8.0 * half_at(b, 0)),
         QuantType::Q4_1 => (half_at(b, 0), half_at(b, 2)),
         QuantType::Q4F => (f32_at(b, 0), f32_at(b, 4)),
+        QuantType::Q16 => (half_at(b, 0), 0.0),
     }
 }
 
@@ -552,6 +560,11 @@ fn block_values(ty: QuantType, b: &[u8]) -> [i32; BLOCK] {
             for j in 0..16 {
                 v[j] = (qs[j] & 0xF) as i32;
                 v[j + 16] = (qs[j] >> 4) as i32;
+            }
+        }
+        QuantType::Q16 => {
+            for (o, q) in v.iter_mut().zip(b[2..66].chunks_exact(2)) {
+                *o = i16::from_le_bytes([q[0], q[1]]) as i32;
             }
         }
     }
@@ -604,6 +617,17 @@ fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                     }
                 }
             }
+            QuantType::Q16 => {
+                // As Q8_0's, two bytes a value: vector t is 64 bytes.
+                for t in 0..BLOCK / 2 {
+                    for (j, v) in values.iter().enumerate() {
+                        for e in 0..2 {
+                            let at = 2 * (t * 32 + 2 * j + e);
+                            qs[at..at + 2].copy_from_slice(&(v[2 * t + e] as i16).to_le_bytes());
+                        }
+                    }
+                }
+            }
             QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                 for p in 0..BLOCK / 4 {
                     for (j, v) in values.iter().enumerate() {
@@ -628,6 +652,7 @@ fn values_offset(ty: QuantType) -> usize {
 fn values_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q8_0 => BLOCK,
+        QuantType::Q16 => 2 * BLOCK,
         QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => BLOCK / 2,
     }
 }
@@ -636,7 +661,7 @@ fn values_bytes(ty: QuantType) -> usize {
 fn scale_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4F => 4,
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 => 2,
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q16 => 2,
     }
 }
 
@@ -661,6 +686,12 @@ fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                         *o = qs[(x / 2) * 32 + 2 * j + x % 2];
                     }
                     dst[2..].copy_from_slice(&v);
+                }
+                QuantType::Q16 => {
+                    for x in 0..BLOCK {
+                        let at = 2 * ((x / 2) * 32 + 2 * j + x % 2);
+                        dst[2 + 2 * x..4 + 2 * x].copy_from_slice(&qs[at..at + 2]);
+                    }
                 }
                 QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                     for (x, o) in v.iter_mut().enumerate() {
@@ -727,25 +758,22 @@ pub fn q4_k_to_q4f(row: &[u8]) -> Vec<u8> {
 pub const Q6_K_WEIGHTS: usize = 256;
 pub const Q6_K_BYTES: usize = 210;
 
-/// A row of Q6_K super-blocks as f32: weight = (d·scⱼ)·(q − 32), q the 6-bit value,
-/// in that order of f32 products (ggml's `dequantize_row_q6_K`, and gguf-py's), so
-/// the values are theirs bit for bit. No 4- or 8-bit block holds these exactly (two
-/// scales a 32-block), so the tensor is held as these values.
-pub fn q6_k_to_f32(row: &[u8], out: &mut [f32]) {
-    assert_eq!(row.len() % Q6_K_BYTES, 0, "q6_k_to_f32: whole super-blocks");
-    assert_eq!(
-        out.len(),
-        row.len() / Q6_K_BYTES * Q6_K_WEIGHTS,
-        "q6_k_to_f32: out"
-    );
-    for (sb, y) in row.chunks(Q6_K_BYTES).zip(out.chunks_mut(Q6_K_WEIGHTS)) {
+/// A row of Q6_K super-blocks as Q16 blocks, exactly: weight i of a super-block is
+/// `d·sc[i / 16]·(q − 32)` (ggml's `dequantize_row_q6_K`), so its Q16 value is
+/// `sc[i / 16]·(q − 32)` and every block's scale the super-block's `d`. A Q16 weight
+/// `d·v` is then the f32 value gguf-py gives, bit for bit: `d·sc` is exact in f32 (an
+/// f16 times an int8) and so are both products with the 6-bit value (24 bits at most)
+/// — but for a zero's sign (`d·0` is +0 where ggml's `(d·sc)·0` is −0 under a negative
+/// scale: the same in every sum).
+pub fn q6_k_to_q16(row: &[u8]) -> Vec<u8> {
+    assert_eq!(row.len() % Q6_K_BYTES, 0, "q6_k_to_q16: whole super-blocks");
+    let mut out = Vec::with_capacity(row.len() / Q6_K_BYTES * 8 * 66);
+    for sb in row.chunks(Q6_K_BYTES) {
         let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
-        let d = half_at(sb, 208);
+        let mut v = [0i16; Q6_K_WEIGHTS];
         for half in 0..2 {
             let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
-            let (sc, y) = (&sc[8 * half..], &mut y[128 * half..]);
             for l in 0..32 {
-                let is = l / 16;
                 let q = [
                     (ql[l] & 0xF) | ((qh[l] & 3) << 4),
                     (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
@@ -753,12 +781,19 @@ pub fn q6_k_to_f32(row: &[u8], out: &mut [f32]) {
                     (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
                 ];
                 for (j, &q) in q.iter().enumerate() {
-                    let scale = d * f32::from(sc[is + 2 * j] as i8);
-                    y[l + 32 * j] = scale * (i32::from(q) - 32) as f32;
+                    let i = 128 * half + l + 32 * j;
+                    v[i] = (sc[i / 16] as i8 as i16) * (q as i16 - 32);
                 }
             }
         }
+        for block in v.chunks(BLOCK) {
+            out.extend_from_slice(&sb[208..210]);
+            for x in block {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
     }
+    out
 }
 
 /// One row of blocks as f32 (ggml's dequantization).
@@ -785,6 +820,16 @@ pub fn quantize_row(ty: QuantType, x: &[f32]) -> Vec<u8> {
                 let id = if d > 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(h(d));
                 out.extend(xb.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            QuantType::Q16 => {
+                // Q6_K's range: values up to 4096 in magnitude.
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = f16::from_f32(amax / 4096.0).to_f32();
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(h(d));
+                for v in xb {
+                    out.extend(((v * id).round().clamp(-4096.0, 4096.0) as i16).to_le_bytes());
+                }
             }
             QuantType::Q4_0 => {
                 // The value of largest magnitude, sign kept, maps to −8.
@@ -829,10 +874,10 @@ fn dot_scalar(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
     let mut acc = 0f32;
     for (b, wb) in w.chunks(ty.block_bytes()).enumerate() {
         let (dw, c) = block_scales(ty, wb);
-        let dot: i32 = block_values(ty, wb)
+        let dot: i64 = block_values(ty, wb)
             .iter()
             .zip(&q[b * BLOCK..(b + 1) * BLOCK])
-            .map(|(&a, &b)| a * b as i32)
+            .map(|(&a, &b)| a as i64 * b as i64)
             .sum();
         acc += dw * d[b] * dot as f32 + c * s[b];
     }
@@ -965,6 +1010,36 @@ mod x86 {
             }
             let mut wv = [_mm512_setzero_si512(); W];
             match ty {
+                QuantType::Q16 => {
+                    for t in 0..BLOCK / 2 {
+                        if t == BLOCK / 4 {
+                            // 16 products of up to 4096 · 32767 a lane: the int32 sums
+                            // go to the float accumulators before they could overflow.
+                            for v in 0..W {
+                                let dw =
+                                    _mm512_cvtph_ps(_mm256_loadu_si256(gp[v] as *const __m256i));
+                                for r in 0..R {
+                                    let dx = _mm512_loadu_ps(rows[r].1.as_ptr().add(g * GROUP));
+                                    acc[v][r] = _mm512_fmadd_ps(
+                                        _mm512_cvtepi32_ps(sums[v][r]),
+                                        _mm512_mul_ps(dw, dx),
+                                        acc[v][r],
+                                    );
+                                    sums[v][r] = _mm512_setzero_si512();
+                                }
+                            }
+                        }
+                        for v in 0..W {
+                            wv[v] = _mm512_loadu_si512(qp[v].add(t * 64) as *const _);
+                        }
+                        for r in 0..R {
+                            let a = _mm512_loadu_si512(xp[r].add(t * 2 * GROUP) as *const _);
+                            for v in 0..W {
+                                sums[v][r] = _mm512_dpwssd_epi32(sums[v][r], wv[v], a);
+                            }
+                        }
+                    }
+                }
                 QuantType::Q8_0 => {
                     for t in 0..BLOCK / 2 {
                         for v in 0..W {
@@ -1012,7 +1087,7 @@ mod x86 {
                     _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp[v] as *const __m256i)),
                 };
                 let c = match ty {
-                    QuantType::Q8_0 => None,
+                    QuantType::Q8_0 | QuantType::Q16 => None,
                     QuantType::Q4_0 => Some(_mm512_mul_ps(dw, _mm512_set1_ps(-8.0))),
                     QuantType::Q4_1 => Some(_mm512_cvtph_ps(_mm256_loadu_si256(
                         gp[v].add(32) as *const __m256i
@@ -1072,7 +1147,7 @@ mod x86 {
             _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
         };
         let off = match ty {
-            QuantType::Q8_0 => _mm512_setzero_ps(),
+            QuantType::Q8_0 | QuantType::Q16 => _mm512_setzero_ps(),
             QuantType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
             QuantType::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i)),
             QuantType::Q4F => _mm512_loadu_ps(gp.add(64) as *const f32),
@@ -1109,6 +1184,16 @@ mod x86 {
                         t,
                         _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)),
                         _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                    );
+                }
+            }
+            QuantType::Q16 => {
+                for t in 0..BLOCK / 2 {
+                    let p = qp.add(t * 64);
+                    store(
+                        t,
+                        _mm512_cvtepi16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                        _mm512_cvtepi16_epi32(_mm256_loadu_si256(p.add(32) as *const __m256i)),
                     );
                 }
             }
@@ -1152,6 +1237,7 @@ mod x86 {
                     _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(2) as *const __m256i)),
                     0.0,
                 ),
+                QuantType::Q16 => (_mm512_loadu_si512(blk.add(2) as *const _), 0.0),
                 QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), -8.0 * dw),
                 QuantType::Q4_1 => (_mm512_cvtepu8_epi16(nibbles(blk.add(4))), half(blk.add(2))),
                 QuantType::Q4F => (
@@ -1200,11 +1286,12 @@ mod tests {
     }
 
     /// Every block format.
-    const TYPES: [QuantType; 4] = [
+    const TYPES: [QuantType; 5] = [
         QuantType::Q8_0,
         QuantType::Q4_0,
         QuantType::Q4_1,
         QuantType::Q4F,
+        QuantType::Q16,
     ];
 
     fn matrix(ty: QuantType, n: usize, k: usize, seed: u64) -> QuantMatrix {
@@ -1223,6 +1310,7 @@ mod tests {
             (QuantType::Q4_0, 2.0 / 8.0),
             (QuantType::Q4_1, 2.0 / 15.0),
             (QuantType::Q4F, 2.0 / 15.0),
+            (QuantType::Q16, 1.0 / 4096.0),
         ] {
             let mut back = vec![0f32; x.len()];
             dequantize_row(ty, &quantize_row(ty, &x), &mut back);
@@ -1322,6 +1410,7 @@ mod tests {
                 matrix(QuantType::Q4_0, 1100, k, 2),
                 matrix(QuantType::Q4_1, 7, k, 3),
                 matrix(QuantType::Q4F, 33, k, 4),
+                matrix(QuantType::Q16, 21, k, 5),
             ];
             let refs: Vec<&QuantMatrix> = ws.iter().collect();
             let many = QuantMatrix::matmul_many(&refs, &x, m);
@@ -1343,6 +1432,44 @@ mod tests {
             }
         }
         assert!(QuantMatrix::matmul_many(&[], &[], 1).is_empty());
+    }
+
+    /// Q16 values reach 4096 in magnitude: a row of them against a row of activations
+    /// at the int16 limit (every product 4096 · 32767) gives the exact sum, in the
+    /// kernel as in the scalar path, a group and a tail block alike.
+    #[test]
+    fn q16_products_at_the_extremes_do_not_overflow() {
+        let k = 18 * BLOCK;
+        let mut row = Vec::new();
+        for b in 0..k / BLOCK {
+            row.extend(f16::from_f32(0.5).to_bits().to_le_bytes());
+            for e in 0..BLOCK {
+                let v: i16 = if (b * BLOCK + e).is_multiple_of(3) {
+                    4096
+                } else {
+                    -4096
+                };
+                row.extend(v.to_le_bytes());
+            }
+        }
+        let w = QuantMatrix::new(QuantType::Q16, 1, k, Box::new(row)).unwrap();
+        let x: Vec<f32> = (0..k)
+            .map(|i| if i % 3 == 0 { 2.0 } else { -2.0 })
+            .collect();
+        let xq = QuantRows::quantize(&x, 1, k);
+        assert!(xq.q.iter().all(|&q| q.abs() == 32767));
+        // Every product is +0.5·4096·2: the sum is exact in f32.
+        let want = k as f32 * 0.5 * 4096.0 * 2.0;
+        assert_eq!(w.matmul(&x, 1), vec![want]);
+        assert_eq!(
+            dot_scalar(
+                QuantType::Q16,
+                &unpack_row(QuantType::Q16, w.row(0)),
+                &xq,
+                0
+            ),
+            want
+        );
     }
 
     /// The interleaved layout holds the file's bytes: unpacked, every row is the
