@@ -443,6 +443,11 @@ impl Weights {
             });
         }
         if self.device != Device::Cpu {
+            if ty == QuantType::Q16 {
+                // Q6_K has no GPU kernel: its exact values, a dense weight there.
+                let t = self.get_host_slice(name, shape, dtype, dim, range)?;
+                return Ok(Weight::new(t.to_device(self.device)?)?);
+            }
             return Err(Error::Config(format!(
                 "{name}: {} weights run on the CPU backend only",
                 ty.name()
