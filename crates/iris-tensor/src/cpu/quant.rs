@@ -392,8 +392,9 @@ impl QuantMatrix {
                 let r = rows.start + ri;
                 if simd && m > 1 && ri + 1 < rows.len() {
                     // Two weight rows at once: each activation vector loaded once for both
-                    // (one row alone streams faster with one weight row a call: 33-34 vs
-                    // 18-21 tok/s at Q4_0 batch 1).
+                    // (one activation row takes `lockstep_into` instead: two neighbouring
+                    // rows a call there ran at 18-21 tok/s at Q4_0 batch 1 against one
+                    // row's 33-34, two rows half a weight apart faster than one).
                     let (a, b) = out.split_at_mut((ri + 1) * m);
                     let mut o = [&mut a[ri * m + t0..ri * m + t1], &mut b[t0..t1]];
                     // SAFETY: as below, for rows r and r + 1.
