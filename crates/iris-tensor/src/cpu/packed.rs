@@ -169,10 +169,13 @@ fn products(
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
     // One task a panel of one weight (each writes only its panel's columns; rayon
     // balances them over the threads): the panel's k-block meets every row tile in turn.
+    // One row: each weight's panels in STREAMS parts, a task a panel of each, read in
+    // lockstep (a part's panels are one contiguous run).
+    let per_task = if m == 1 { STREAMS } else { 1 };
     let tasks: Vec<(usize, usize)> = ws
         .iter()
         .enumerate()
-        .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL)).map(move |p| (j, p)))
+        .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL).div_ceil(per_task)).map(move |p| (j, p)))
         .collect();
     let panel = |&(j, p): &(usize, usize)| {
         let (w, n) = ws[j];
@@ -180,36 +183,25 @@ fn products(
         // SAFETY: panel p's columns of output j are written by this task alone.
         unsafe { panel_product(a, m, kp, b, &ptrs[j], n, p) };
     };
-    if m == 1 {
-        // One row: each weight's panels in STREAMS parts, a task a panel of each, read
-        // in lockstep (a part's panels are one contiguous run).
-        let groups: Vec<(usize, usize)> = ws
-            .iter()
-            .enumerate()
-            .flat_map(|(j, &(_, n))| (0..n.div_ceil(PANEL).div_ceil(STREAMS)).map(move |p| (j, p)))
-            .collect();
-        let group = |&(j, p): &(usize, usize)| {
-            let (w, n) = ws[j];
-            let part = n.div_ceil(PANEL).div_ceil(STREAMS);
-            let ps: [usize; STREAMS] = std::array::from_fn(|s| p + s * part);
-            if ps[STREAMS - 1] < n.div_ceil(PANEL) {
-                // SAFETY: these panels of output j are this task's alone.
-                unsafe { gemv_panels(a, kp, w, &ptrs[j], n, ps) };
-            } else {
-                ps.iter()
-                    .filter(|&&p| p < n.div_ceil(PANEL))
-                    .for_each(|&p| panel(&(j, p)));
-            }
-        };
-        if parallel {
-            groups.par_iter().for_each(group);
+    let group = |&(j, p): &(usize, usize)| {
+        let (w, n) = ws[j];
+        let panels = n.div_ceil(PANEL);
+        let part = panels.div_ceil(STREAMS);
+        let ps: [usize; STREAMS] = std::array::from_fn(|s| p + s * part);
+        if ps[STREAMS - 1] < panels {
+            // SAFETY: these panels of output j are this task's alone.
+            unsafe { gemv_panels(a, kp, w, &ptrs[j], n, ps) };
         } else {
-            groups.iter().for_each(group);
+            ps.iter()
+                .filter(|&&p| p < panels)
+                .for_each(|&p| panel(&(j, p)));
         }
-    } else if parallel {
-        tasks.par_iter().for_each(panel);
+    };
+    let run: &(dyn Fn(&(usize, usize)) + Sync) = if m == 1 { &group } else { &panel };
+    if parallel {
+        tasks.par_iter().for_each(run);
     } else {
-        tasks.iter().for_each(panel);
+        tasks.iter().for_each(run);
     }
     for (o, &(_, n)) in outs.iter_mut().zip(ws) {
         // SAFETY: every element of the m × n output was stored above.
