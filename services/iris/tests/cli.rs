@@ -132,12 +132,7 @@ fn sampling_is_seeded() {
                 seed,
             ],
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = stdout_json(&out);
         v["token_ids"].clone()
     };
     assert_eq!(run("1"), run("1"));
@@ -196,13 +191,17 @@ fn generate_json(
     prompt: &str,
     extra: &[&str],
 ) -> serde_json::Value {
-    let out = generate(model, images, prompt, extra);
+    stdout_json(&generate(model, images, prompt, extra))
+}
+
+/// The run succeeded and printed one JSON value.
+fn stdout_json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
+    serde_json::from_slice(&out.stdout).expect("one JSON value")
 }
 
 /// A copy of the f32 fixture `name` whose weights are rewritten by `edit`.
@@ -464,12 +463,7 @@ fn match_and_embed_agree_with_hf() {
             text,
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = stdout_json(&out);
         for key in ["itm_probability", "itc_similarity"] {
             let (a, b) = (got[key].as_f64().unwrap(), case[key].as_f64().unwrap());
             assert!((a - b).abs() <= 1e-4, "{key}: {a} vs HF {b}");
@@ -484,12 +478,7 @@ fn match_and_embed_agree_with_hf() {
             text,
             "--json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let e = stdout_json(&out);
         let embs = e["embeddings"].as_array().unwrap();
         assert_eq!(embs.len(), 2);
         // The ITC similarity is the best query's dot product with the text embedding.
@@ -551,12 +540,7 @@ fn blip_generate_and_match_agree_with_hf() {
             case["prompt"].as_str().unwrap(),
             &["--max-new-tokens", &n],
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = stdout_json(&out);
         assert_eq!(got["token_ids"], case["token_ids"]);
     }
     let two = generate(&dir, &[image("scene.png"), image("tall.jpg")], "a", &[]);
@@ -582,12 +566,7 @@ fn blip_generate_and_match_agree_with_hf() {
         case["text"].as_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = stdout_json(&out);
     let (a, b) = (
         got["itm_probability"].as_f64().unwrap(),
         case["itm_probability"].as_f64().unwrap(),
@@ -652,12 +631,7 @@ fn stop_rules_and_top_logprobs() {
         .collect();
     let run = |extra: &[&str]| -> serde_json::Value {
         let out = generate(&dir, &[image("scene.png")], PROMPT1, extra);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        stdout_json(&out)
     };
     // A stop token ends the output right after it.
     let stop_id = ids[3].to_string();
@@ -1121,13 +1095,7 @@ fn bench_decode_measures_a_gguf_file() {
             .output()
             .unwrap()
     };
-    let out = bench(Path::new(&path));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON row");
+    let row = stdout_json(&bench(Path::new(&path)));
     assert_eq!(row["dtype"], "SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0);
     let file = std::fs::metadata(&path).unwrap().len() as f64;
@@ -1143,16 +1111,7 @@ fn bench_decode_measures_a_gguf_file() {
 /// best, one JSON row (what tools/bench_vs_llamacpp.py reads around llama.cpp's runs).
 #[test]
 fn bench_bandwidth_prints_its_passes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_iris"))
-        .args(["bench", "bandwidth", "--passes", "3"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON row");
+    let row = stdout_json(&iris(&["bench", "bandwidth", "--passes", "3"]));
     assert_eq!(row["passes"], 3);
     let (median, best) = (
         row["median_bytes_per_s"].as_f64().unwrap(),
