@@ -1,6 +1,8 @@
 //! Batch-1 quantized products, single-threaded with the weight in cache (the kernel's
 //! compute rate, ns a 512-weight group) and over a large weight (the step's rate):
-//! `cargo run --release -p iris-tensor --example quant_gemv`.
+//! `cargo run --release -p iris-tensor --example quant_gemv`. Then a 608-row prefill
+//! product of the large weight as bf16 (packed ahead) and quantized (each panel
+//! dequantized as it is used): the difference is what dequantizing costs.
 use std::time::Instant;
 
 use iris_tensor::quant::{quantize_row, QuantMatrix, QuantType};
@@ -31,7 +33,7 @@ fn main() {
     }) / 100.0;
     println!("quantize 5632: {:.2} us", s * 1e6);
     let types = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
-    for (n, k, inner) in [
+    for &(n, k, inner) in &[
         (1024usize, 2048usize, 200usize),
         (256, 8192, 200),
         (64, 8192, 800),
@@ -62,5 +64,36 @@ fn main() {
                 m.bytes().len() as f64 / s / 1e9
             );
         }
+    }
+    let (n, k, m) = (5632usize, 2048usize, 608usize);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
+        .collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let xt = iris_tensor::Tensor::from_f32(x.clone(), &[m, k]).unwrap();
+    if iris_tensor::kernels::has_avx512_bf16() {
+        let bf16 = iris_tensor::Tensor::from_f32(w.clone(), &[n, k])
+            .unwrap()
+            .to_dtype(iris_tensor::DType::BF16)
+            .unwrap();
+        let packed = iris_tensor::Weight::new(bf16).unwrap();
+        let s = iris_tensor::on_pool(|| {
+            time(5, || {
+                std::hint::black_box(packed.linear(&xt, None).unwrap());
+            })
+        });
+        println!("{n}x{k} bf16 m={m}: {:8.2} ms", s * 1e3);
+    }
+    for ty in types {
+        let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+        let q = QuantMatrix::new(ty, n, k, Box::new(data)).unwrap();
+        let s = iris_tensor::on_pool(|| {
+            time(5, || {
+                std::hint::black_box(q.matmul(&x, m));
+            })
+        });
+        println!("{n}x{k} {:5} m={m}: {:8.2} ms", ty.name(), s * 1e3);
     }
 }

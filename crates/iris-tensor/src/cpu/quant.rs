@@ -952,14 +952,10 @@ mod x86 {
         let nb = k / BLOCK;
         let full = nb / GROUP * GROUP;
         let per_row = full * BLOCK;
-        let abs = _mm512_set1_ps(-0.0);
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
             let lo = _mm512_loadu_ps(xb.as_ptr());
             let hi = _mm512_loadu_ps(xb.as_ptr().add(16));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(
-                _mm512_andnot_ps(abs, lo),
-                _mm512_andnot_ps(abs, hi),
-            ));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
             let scale = amax / 32767.0;
             let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
             const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
