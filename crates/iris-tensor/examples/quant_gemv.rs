@@ -65,35 +65,52 @@ fn main() {
             );
         }
     }
-    let (n, k, m) = (5632usize, 2048usize, 608usize);
+    // Rows of the products below: 608 (a LLaVA prefill) unless the first argument
+    // lists others.
+    let ms: Vec<usize> = std::env::args()
+        .nth(1)
+        .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+        .unwrap_or(vec![608]);
+    let (n, k) = (5632usize, 2048usize);
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
         .collect();
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
-        .collect();
-    let xt = iris_tensor::Tensor::from_f32(x.clone(), &[m, k]).unwrap();
-    if iris_tensor::kernels::has_avx512_bf16() {
+    let packed = iris_tensor::kernels::has_avx512_bf16().then(|| {
         let bf16 = iris_tensor::Tensor::from_f32(w.clone(), &[n, k])
             .unwrap()
             .to_dtype(iris_tensor::DType::BF16)
             .unwrap();
-        let packed = iris_tensor::Weight::new(bf16).unwrap();
-        let s = iris_tensor::on_pool(|| {
-            time(5, || {
-                std::hint::black_box(packed.linear(&xt, None).unwrap());
-            })
-        });
-        println!("{n}x{k} bf16 m={m}: {:8.2} ms", s * 1e3);
-    }
-    for ty in types {
-        let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
-        let q = QuantMatrix::new(ty, n, k, Box::new(data)).unwrap();
-        let s = iris_tensor::on_pool(|| {
-            time(5, || {
-                std::hint::black_box(q.matmul(&x, m));
-            })
-        });
-        println!("{n}x{k} {:5} m={m}: {:8.2} ms", ty.name(), s * 1e3);
+        iris_tensor::Weight::new(bf16).unwrap()
+    });
+    let quantized: Vec<QuantMatrix> = types
+        .iter()
+        .map(|&ty| {
+            let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+            QuantMatrix::new(ty, n, k, Box::new(data)).unwrap()
+        })
+        .collect();
+    for m in ms {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let xt = iris_tensor::Tensor::from_f32(x.clone(), &[m, k]).unwrap();
+        let mut line = format!("{n}x{k} m={m:4}:");
+        if let Some(packed) = &packed {
+            let s = iris_tensor::on_pool(|| {
+                time(5, || {
+                    std::hint::black_box(packed.linear(&xt, None).unwrap());
+                })
+            });
+            line += &format!("  bf16 {:7.2} ms", s * 1e3);
+        }
+        for q in &quantized {
+            let s = iris_tensor::on_pool(|| {
+                time(5, || {
+                    std::hint::black_box(q.matmul(&x, m));
+                })
+            });
+            line += &format!("  {} {:7.2} ms", q.ty().name(), s * 1e3);
+        }
+        println!("{line}");
     }
 }
