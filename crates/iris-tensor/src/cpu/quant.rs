@@ -1364,39 +1364,52 @@ mod x86 {
         }
     }
 
+    /// The lane indices of one stage of [`transpose16`] for a two-source permute of
+    /// rows `i` (`a`) and `i + d` (`b`): row i keeps its lanes with bit d clear and takes
+    /// row i + d's lanes l − d for the rest (`upper`); row i + d takes row i's lanes
+    /// l + d and keeps the rest.
+    const fn stage_lanes(d: usize, upper: bool) -> [i32; 16] {
+        let mut out = [0i32; 16];
+        let mut l = 0;
+        while l < 16 {
+            out[l] = match (upper, l & d == 0) {
+                (true, true) => l as i32,
+                (true, false) => (16 + l - d) as i32,
+                (false, true) => (l + d) as i32,
+                (false, false) => (16 + l) as i32,
+            };
+            l += 1;
+        }
+        out
+    }
+
+    /// One stage of [`transpose16`]: the off-diagonal `D`×`D` blocks swapped.
+    #[inline(always)]
+    unsafe fn stage<const D: usize>(v: &mut [__m512i; 16]) {
+        const fn both(d: usize) -> [[i32; 16]; 2] {
+            [stage_lanes(d, true), stage_lanes(d, false)]
+        }
+        let lanes = const { both(D) };
+        let upper = _mm512_loadu_si512(lanes[0].as_ptr() as *const _);
+        let lower = _mm512_loadu_si512(lanes[1].as_ptr() as *const _);
+        for i in 0..16 {
+            if i & D == 0 {
+                let (a, b) = (v[i], v[i + D]);
+                v[i] = _mm512_permutex2var_epi32(a, upper, b);
+                v[i + D] = _mm512_permutex2var_epi32(a, lower, b);
+            }
+        }
+    }
+
     /// 16 vectors of 16 32-bit lanes, transposed (lane l of vector i to lane i of
     /// vector l): the off-diagonal 8×8, 4×4, 2×2 and 1×1 blocks swapped, one two-source
     /// permute a vector a stage.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn transpose16(v: &mut [__m512i; 16]) {
-        for d in [8usize, 4, 2, 1] {
-            // Row i keeps its lanes with bit d clear and takes row i + d's lanes l − d
-            // for the rest; row i + d takes row i's lanes l + d and keeps the rest.
-            let lanes: [i32; 16] = std::array::from_fn(|l| l as i32);
-            let upper = lanes.map(|l| {
-                if l as usize & d == 0 {
-                    l
-                } else {
-                    16 + l - d as i32
-                }
-            });
-            let lower = lanes.map(|l| {
-                if l as usize & d == 0 {
-                    l + d as i32
-                } else {
-                    16 + l
-                }
-            });
-            let (upper, lower) = (
-                _mm512_loadu_si512(upper.as_ptr() as *const _),
-                _mm512_loadu_si512(lower.as_ptr() as *const _),
-            );
-            for i in (0..16).filter(|i| i & d == 0) {
-                let (a, b) = (v[i], v[i + d]);
-                v[i] = _mm512_permutex2var_epi32(a, upper, b);
-                v[i + d] = _mm512_permutex2var_epi32(a, lower, b);
-            }
-        }
+        stage::<8>(v);
+        stage::<4>(v);
+        stage::<2>(v);
+        stage::<1>(v);
     }
 
     /// Blocks `from..` of a weight row (past its full groups: still ggml's blocks) ·
