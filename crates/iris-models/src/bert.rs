@@ -52,7 +52,7 @@ impl BertAttention {
                 n_heads: d.heads,
                 n_kv_heads: d.heads,
                 head_dim: d.hidden / d.heads,
-                bf16_products: false,
+                bf16_products_from: None,
             },
         })
     }

@@ -106,7 +106,7 @@ impl GatedCrossAttention {
                 n_heads: nh / ws,
                 n_kv_heads: nh / ws,
                 head_dim: d / t.num_attention_heads,
-                bf16_products: false,
+                bf16_products_from: None,
             },
         })
     }

@@ -61,8 +61,18 @@ impl LlamaAttention {
                 kv_rows.clone(),
             )
         };
+        let q_proj = ColumnParallelLinear::load(&vb.pp("q_proj"), d, nh * hd, cfg.qkv_bias, c)?;
+        // A quantized model's prefill rounds its products to bf16 from GEMM_ROWS rows
+        // (`quant::GEMM_ROWS`): its attention then runs on the bf16 kernel too.
+        let bf16_products_from = if vb.dtype() == iris_tensor::DType::BF16 {
+            Some(0)
+        } else if q_proj.quantized() {
+            Some(iris_tensor::quant::GEMM_ROWS)
+        } else {
+            None
+        };
         Ok(LlamaAttention {
-            q_proj: ColumnParallelLinear::load(&vb.pp("q_proj"), d, nh * hd, cfg.qkv_bias, c)?,
+            q_proj,
             k_proj: kv("k_proj")?,
             v_proj: kv("v_proj")?,
             o_proj: RowParallelLinear::load(
@@ -76,7 +86,7 @@ impl LlamaAttention {
                 n_heads: nh / ws,
                 n_kv_heads: local_kv,
                 head_dim: hd,
-                bf16_products: vb.dtype() == iris_tensor::DType::BF16,
+                bf16_products_from,
             },
             dtype: vb.dtype(),
         })

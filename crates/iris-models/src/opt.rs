@@ -70,7 +70,7 @@ impl OptLayer {
                 n_heads: nh / ws,
                 n_kv_heads: nh / ws,
                 head_dim: d / cfg.num_attention_heads,
-                bf16_products: vb.dtype() == iris_tensor::DType::BF16,
+                bf16_products_from: (vb.dtype() == iris_tensor::DType::BF16).then_some(0),
             },
             pre_ln: cfg.do_layer_norm_before,
             dtype: vb.dtype(),

@@ -81,7 +81,7 @@ impl PerceiverResampler {
                         n_heads: d.n_heads,
                         n_kv_heads: d.n_heads,
                         head_dim: d.head_dim,
-                        bf16_products: false,
+                        bf16_products_from: None,
                     },
                 })
             })

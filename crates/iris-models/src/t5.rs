@@ -348,7 +348,7 @@ impl T5 {
             n_heads: self.cfg.num_heads,
             n_kv_heads: self.cfg.num_heads,
             head_dim: self.cfg.d_kv,
-            bf16_products: dt == DType::BF16,
+            bf16_products_from: (dt == DType::BF16).then_some(0),
         };
         for (i, b) in self.decoder.blocks.iter().enumerate() {
             let h = b.self_norm.forward(&x)?;

@@ -74,7 +74,7 @@ impl VitAttention {
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_attention_heads,
                 head_dim: d / cfg.num_attention_heads,
-                bf16_products: dtype == iris_tensor::DType::BF16,
+                bf16_products_from: (dtype == iris_tensor::DType::BF16).then_some(0),
             },
             dtype,
         })

@@ -16,11 +16,13 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Queries, keys and values are bf16 values (a bf16 model): with many queries the
-    /// products run in bf16 with f32 sums, the scale goes on the f32 scores and the
-    /// probabilities are rounded to bf16 before they mix the values — PyTorch's CPU
-    /// flash attention for bf16, step for step.
-    pub bf16_products: bool,
+    /// From this many queries the products run in bf16 with f32 sums, the scale on the
+    /// f32 scores and the probabilities rounded to bf16 before they mix the values —
+    /// PyTorch's CPU flash attention for bf16, step for step: `Some(0)` for a bf16 model
+    /// (its queries, keys and values are bf16 values), `Some(quant::GEMM_ROWS)` for a
+    /// block-quantized one (whose products round to bf16 from as many rows), `None`
+    /// for f32 throughout.
+    pub bf16_products_from: Option<usize>,
 }
 
 impl AttnShape {

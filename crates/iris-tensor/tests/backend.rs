@@ -501,7 +501,7 @@ fn shape(h: usize, kvh: usize, hd: usize) -> AttnShape {
         n_heads: h,
         n_kv_heads: kvh,
         head_dim: hd,
-        bf16_products: false,
+        bf16_products_from: None,
     }
 }
 

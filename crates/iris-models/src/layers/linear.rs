@@ -38,6 +38,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is held in quantized blocks (on the CPU).
+    pub fn quantized(&self) -> bool {
+        self.weight.quant_type().is_some()
+    }
+
     pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let weight = vb.weight("weight", &[out_dim, in_dim])?;
         let bias = if bias {
@@ -124,6 +129,11 @@ impl ColumnParallelLinear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.0.forward(x)
+    }
+
+    /// Whether the weight is held in quantized blocks (on the CPU).
+    pub fn quantized(&self) -> bool {
+        self.0.quantized()
     }
 
     /// `forward` of several layers on the same input (see `Linear::forward_many`).

@@ -54,7 +54,10 @@ pub(crate) fn sdpa_view(
     let (hd, qw, tq, tk, group, scale) = dims(q, kv, s);
     let key = |j: usize, h: usize| kv.row(j).0.part(h * hd..(h + 1) * hd);
     let value = |j: usize, h: usize| kv.row(j).1.part(h * hd..(h + 1) * hd);
-    if tq >= GEMM_MIN_QUERIES && s.bf16_products && crate::kernels::has_avx512_bf16() {
+    if tq >= GEMM_MIN_QUERIES
+        && s.bf16_products_from.is_some_and(|from| tq >= from)
+        && crate::kernels::has_avx512_bf16()
+    {
         return sdpa_bf16(q, kv, s, causal_offset);
     }
     if tq < GEMM_MIN_QUERIES {
@@ -278,7 +281,7 @@ mod tests {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 8,
-            bf16_products: false,
+            bf16_products_from: None,
         };
         let (tq, tk) = (20, 20);
         let f = |n: usize, seed: usize| -> Vec<f32> {
@@ -312,11 +315,11 @@ mod tests {
         // Without the instruction `bf16_products` takes the f32 path: still run, the
         // two agree trivially, and the note says so.
         crate::kernels::bf16_kernels_testable("bf16_products_match_the_f32_path");
-        let shape = |bf16_products| AttnShape {
+        let shape = |bf16: bool| AttnShape {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 40,
-            bf16_products,
+            bf16_products_from: bf16.then_some(0),
         };
         let f = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
@@ -346,7 +349,7 @@ mod tests {
             n_heads: 2,
             n_kv_heads: 1,
             head_dim: 2,
-            bf16_products: false,
+            bf16_products_from: None,
         };
         let q = vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5];
         let k = vec![1.0, 0.0, 0.0, 1.0];
@@ -367,7 +370,7 @@ mod tests {
             n_heads: 8,
             n_kv_heads: 2,
             head_dim: 16,
-            bf16_products: false,
+            bf16_products_from: None,
         };
         let (qw, kw) = (8 * 16, 2 * 16);
         let f = |n: usize, seed: usize| -> Vec<f32> {
