@@ -1,8 +1,11 @@
-//! Batch-1 quantized products, single-threaded with the weight in cache (the kernel's
-//! compute rate, ns a 512-weight group) and over a large weight (the step's rate):
-//! `cargo run --release -p iris-tensor --example quant_gemv`. Then a 608-row prefill
-//! product of the large weight as bf16 (packed ahead) and quantized (each panel
-//! dequantized as it is used): the difference is what dequantizing costs.
+//! Quantizing an activation row; batch-1 quantized products over weights in cache (the
+//! kernel's compute rate, ns a 512-weight group) and over a large weight (a decode
+//! step's rate); then products of many rows (608, a LLaVA prefill, or the rows the
+//! first argument lists) over the large weight as bf16 (packed ahead) and quantized
+//! (on the integer kernel below `quant::GEMM_ROWS` rows, else each panel dequantized
+//! for the bf16 GEMM as it is used):
+//! `cargo run --release -p iris-tensor --example quant_gemv [M,M,..]`
+//! (`RAYON_NUM_THREADS=1` for one core's rates).
 use std::time::Instant;
 
 use iris_tensor::quant::{quantize_row, QuantMatrix, QuantType};
@@ -18,10 +21,27 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn main() {
-    let x: Vec<f32> = (0..5632)
+/// A weight's values, `n · k` of them.
+fn weights(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
+        .collect()
+}
+
+/// Activation values, `m · k` of them.
+fn activations(len: usize) -> Vec<f32> {
+    (0..len)
         .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
-        .collect();
+        .collect()
+}
+
+fn quantized(ty: QuantType, w: &[f32], n: usize, k: usize) -> QuantMatrix {
+    let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+    QuantMatrix::new(ty, n, k, Box::new(data)).unwrap()
+}
+
+fn main() {
+    let x = activations(5632);
     let s = time(20, || {
         for _ in 0..100 {
             std::hint::black_box(iris_tensor::quant::QuantRows::quantize(
@@ -39,15 +59,10 @@ fn main() {
         (64, 8192, 800),
         (5632, 2048, 1),
     ] {
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
-            .collect();
-        let x: Vec<f32> = (0..k)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
-            .collect();
+        let w = weights(n * k);
+        let x = activations(k);
         for ty in types {
-            let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
-            let m = QuantMatrix::new(ty, n, k, Box::new(data)).unwrap();
+            let m = quantized(ty, &w, n, k);
             let s = iris_tensor::on_pool(|| {
                 time(20, || {
                     for _ in 0..inner {
@@ -65,16 +80,12 @@ fn main() {
             );
         }
     }
-    // Rows of the products below: 608 (a LLaVA prefill) unless the first argument
-    // lists others.
     let ms: Vec<usize> = std::env::args()
         .nth(1)
         .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
         .unwrap_or(vec![608]);
     let (n, k) = (5632usize, 2048usize);
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 5e4)
-        .collect();
+    let w = weights(n * k);
     let packed = iris_tensor::kernels::has_avx512_bf16().then(|| {
         let bf16 = iris_tensor::Tensor::from_f32(w.clone(), &[n, k])
             .unwrap()
@@ -82,17 +93,9 @@ fn main() {
             .unwrap();
         iris_tensor::Weight::new(bf16).unwrap()
     });
-    let quantized: Vec<QuantMatrix> = types
-        .iter()
-        .map(|&ty| {
-            let data: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
-            QuantMatrix::new(ty, n, k, Box::new(data)).unwrap()
-        })
-        .collect();
+    let quantized: Vec<QuantMatrix> = types.iter().map(|&ty| quantized(ty, &w, n, k)).collect();
     for m in ms {
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 97.0)
-            .collect();
+        let x = activations(m * k);
         let xt = iris_tensor::Tensor::from_f32(x.clone(), &[m, k]).unwrap();
         let mut line = format!("{n}x{k} m={m:4}:");
         if let Some(packed) = &packed {
