@@ -6,10 +6,11 @@
 #   deploy/local/cluster.sh status
 #   deploy/local/cluster.sh down
 #
-# Ports: etcd 23790, gateway gRPC 50051 / HTTP 8000; tiers on 5006x (gRPC) / 906x
-# (metrics). State and logs in $IRIS_LOCAL_DIR (default /tmp/iris-local); binaries from
-# $IRIS_BIN_DIR (default ./target/release). Needs etcd
-# (Debian: etcd-server) and a release build of iris.
+# Ports: etcd 23790, gateway gRPC 50051 / HTTP 8000; tiers on 2006x (gRPC) / 906x
+# (metrics), below the kernel's ephemeral range (32768-60999 here: a tier on 50062 once
+# found the port taken by an outgoing connection). State and logs in $IRIS_LOCAL_DIR
+# (default /tmp/iris-local); binaries from $IRIS_BIN_DIR (default ./target/release).
+# Needs etcd (Debian: etcd-server) and a release build of iris.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir="${IRIS_LOCAL_DIR:-/tmp/iris-local}"
@@ -38,10 +39,10 @@ up)
     echo $! >"$dir/etcd.pid"
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/23790) 2>/dev/null && break; sleep 0.1; done
     common=(--model "$model" --etcd "$etcd_url" --cluster local)
-    start encoder-1 "$bin/iris-encoder" "${common[@]}" --grpc-addr 127.0.0.1:50061 --http-addr 127.0.0.1:9061
-    start encoder-2 "$bin/iris-encoder" "${common[@]}" --grpc-addr 127.0.0.1:50062 --http-addr 127.0.0.1:9062
-    start connector "$bin/iris-connector" "${common[@]}" --grpc-addr 127.0.0.1:50063 --http-addr 127.0.0.1:9063
-    start decoder "$bin/iris-decoder" "${common[@]}" --grpc-addr 127.0.0.1:50064 --http-addr 127.0.0.1:9064
+    start encoder-1 "$bin/iris-encoder" "${common[@]}" --grpc-addr 127.0.0.1:20061 --http-addr 127.0.0.1:9061
+    start encoder-2 "$bin/iris-encoder" "${common[@]}" --grpc-addr 127.0.0.1:20062 --http-addr 127.0.0.1:9062
+    start connector "$bin/iris-connector" "${common[@]}" --grpc-addr 127.0.0.1:20063 --http-addr 127.0.0.1:9063
+    start decoder "$bin/iris-decoder" "${common[@]}" --grpc-addr 127.0.0.1:20064 --http-addr 127.0.0.1:9064
     start gateway "$bin/iris-gateway" "${common[@]}" --grpc-addr 127.0.0.1:50051 --http-addr 127.0.0.1:8000
     echo "up: gRPC 127.0.0.1:50051, OpenAI HTTP http://127.0.0.1:8000/v1 (model $(basename "$model"))"
     ;;
