@@ -292,16 +292,13 @@ impl QuantMatrix {
         let from = groups * GROUP * BLOCK;
         if simd {
             for c0 in (0..PANEL).step_by(16) {
-                let rows: Vec<usize> = (p * PANEL + c0..p * PANEL + c0 + 16)
+                let ws: Vec<&[u8]> = (p * PANEL + c0..p * PANEL + c0 + 16)
                     .filter(|&r| r < self.n)
+                    .map(|r| self.row(r))
                     .collect();
                 for g in 0..groups {
-                    let ws: Vec<&[u8]> = rows
-                        .iter()
-                        .map(|&r| &self.row(r)[g * GROUP * bb..])
-                        .collect();
                     // SAFETY: AVX-512 BF16 and the kernels' features were detected; each
-                    // row holds group g on, and `out` holds the panel's k/2 pairs.
+                    // row is a whole packed row, and `out` holds the panel's k/2 pairs.
                     unsafe { x86::panel_group(self.ty, &ws, g, c0, out) };
                 }
             }
@@ -1265,8 +1262,8 @@ mod x86 {
         out
     }
 
-    /// Group `g` of up to 16 packed weight rows (`w[c]`: the panel's column `c0 + c`;
-    /// columns past `w.len()` up to `c0 + 16` are zero), dequantized as
+    /// Group `g` of up to 16 packed weight rows (`w[c]`: the panel's column `c0 + c`, a
+    /// whole row; columns past `w.len()` up to `c0 + 16` are zero), dequantized as
     /// [`super::dequantize_row`] computes each value (`d·q + c`, two roundings), rounded
     /// to bf16 and stored as columns `c0..c0 + 16` of a bf16 GEMM panel (`out`:
     /// `[k/2][PANEL][2]`). A row's vector of pair `t` holds that pair of each of the
@@ -1275,9 +1272,9 @@ mod x86 {
     /// they go instead scatters 16 lanes 4 KiB apart: 1.5 cycles a weight here).
     ///
     /// # Safety
-    /// The CPU has AVX-512 BF16 and the features enabled here; each `w[c]` holds the
-    /// packed row from group `g` on; `out` holds the panel's pairs up to those of group
-    /// `g`; `c0 + 16 ≤ PANEL`.
+    /// The CPU has AVX-512 BF16 and the features enabled here; each `w[c]` is a packed
+    /// row with group `g` whole; `out` holds the panel's pairs up to those of group `g`;
+    /// `c0 + 16 ≤ PANEL`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512bf16")]
     pub unsafe fn panel_group(
         ty: QuantType,
@@ -1295,9 +1292,10 @@ mod x86 {
         let lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
         let hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
         let mut scales = [[_mm512_setzero_ps(); 4]; 16];
+        let at = g * GROUP * bb;
         for (sc, wc) in scales.iter_mut().zip(w) {
-            assert!(wc.len() >= GROUP * bb);
-            let gp = wc.as_ptr();
+            assert!(wc.len() >= at + GROUP * bb);
+            let gp = wc.as_ptr().add(at);
             let d = match ty {
                 QuantType::Q4F => _mm512_loadu_ps(gp as *const f32),
                 _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
@@ -1322,7 +1320,7 @@ mod x86 {
         for t in 0..BLOCK / 2 {
             let mut v = [_mm512_setzero_si512(); 16];
             for ((vc, wc), sc) in v.iter_mut().zip(w).zip(&scales) {
-                let qp = wc.as_ptr().add(super::values_offset(ty));
+                let qp = wc.as_ptr().add(at + super::values_offset(ty));
                 // Pair t's values of blocks 0..8 and 8..16 as int32 lanes.
                 let (a, b) = match ty {
                     QuantType::Q8_0 => {
