@@ -3,21 +3,11 @@
 //! AVX-512 BF16), best of several
 //! runs:
 //! `cargo run --release -p iris-tensor --example linear_gflops [M,M,..] [NxK,..]`.
-use std::time::Instant;
 
+mod common;
+
+use common::time;
 use iris_tensor::{linear, DType, Tensor, Weight};
-
-/// The fastest of `reps` runs: on a shared machine the minimum is the stable figure.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     // `[M,M,..] [NxK,NxK,..]`: rows, then weight shapes (TinyLlama's by default; the

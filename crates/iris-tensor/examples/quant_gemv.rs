@@ -6,20 +6,11 @@
 //! for the bf16 GEMM as it is used):
 //! `cargo run --release -p iris-tensor --example quant_gemv [M,M,..]`
 //! (`RAYON_NUM_THREADS=1` for one core's rates).
-use std::time::Instant;
 
+mod common;
+
+use common::time;
 use iris_tensor::quant::{quantize_row, QuantMatrix, QuantType};
-
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 /// A weight's values, `n · k` of them.
 fn weights(len: usize) -> Vec<f32> {
