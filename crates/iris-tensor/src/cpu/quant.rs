@@ -4,7 +4,9 @@
 //! scale, what Q6_K becomes) and `x·Wᵀ` over them in integers: each
 //! 32-block of an activation row is quantized to int16 with its own scale, and a
 //! block's product is one integer dot product (`vpdpwssd`: 32 weights widened to int16
-//! × 32 activations, one AVX-512 instruction) scaled by both scales.
+//! × 32 activations, one AVX-512 instruction) scaled by both scales. 4-bit weights
+//! skip the widening: each activation is also kept as its two bytes, and two
+//! `vpdpbusd`s (64 nibble × byte products each) give the same exact integer sum.
 //!
 //! llama.cpp quantizes the activations to int8 (Q8_0 / Q8_1); on SmolLM2-135M that
 //! moved greedy log-probs by up to 0.18 nats from HF's run on the dequantized weights
@@ -73,6 +75,26 @@ impl QuantType {
             QuantType::Q4F => 24,
             QuantType::Q16 => 66,
         }
+    }
+
+    /// The format as a const generic argument ([`QuantType::of_code`] undoes it).
+    const fn code(self) -> u8 {
+        self as u8
+    }
+
+    const fn of_code(code: u8) -> QuantType {
+        match code {
+            0 => QuantType::Q8_0,
+            1 => QuantType::Q4_0,
+            2 => QuantType::Q4_1,
+            3 => QuantType::Q4F,
+            _ => QuantType::Q16,
+        }
+    }
+
+    /// 4-bit values, two a byte.
+    fn nibbles(self) -> bool {
+        matches!(self, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F)
     }
 
     /// Bytes of a `[n, k]` matrix (k a multiple of 32).
@@ -348,17 +370,16 @@ impl QuantMatrix {
         let mut done = 0;
         if simd && pieces.len() == STREAMS {
             let len = pieces.iter().map(|p| p.1.len()).min().unwrap_or(0);
-            for i in 0..len {
-                let rows: [&[u8]; STREAMS] = std::array::from_fn(|v| self.row(pieces[v].0 + i));
-                let mut o = [[0f32; 1]; STREAMS];
-                let mut refs = o.each_mut().map(|a| &mut a[..]);
-                // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected; each row
-                // is a packed row of k/32 blocks of `ty` and `xq` holds row 0 of k.
-                unsafe { x86::dot_rows(self.ty, rows, xq, 0, &mut refs) };
-                for (p, y) in pieces.iter_mut().zip(o) {
-                    p.1[i] = y[0];
-                }
-            }
+            let rb = (self.k / BLOCK) * self.ty.block_bytes();
+            let rows: [&[u8]; STREAMS] =
+                std::array::from_fn(|v| &self.bytes()[pieces[v].0 * rb..(pieces[v].0 + len) * rb]);
+            let mut outs: [&mut [f32]; STREAMS] = {
+                let mut it = pieces.iter_mut().map(|p| &mut p.1[..len]);
+                std::array::from_fn(|_| it.next().expect("STREAMS pieces"))
+            };
+            // SAFETY: AVX-512 VNNI (with BW, F16C and FMA) was detected; each of `rows`
+            // is `len` packed rows of k/32 blocks of `ty` and `xq` holds row 0 of k.
+            unsafe { x86::dot_streams(self.ty, rows, xq, &mut outs) };
             done = len;
         }
         for (r0, out) in pieces.iter_mut() {
@@ -458,6 +479,46 @@ pub const GEMM_ROWS: usize = 64;
 /// fork-join costs about what the second core saves.
 const PARALLEL_BYTES: usize = 128 << 10;
 
+/// A cache line's bytes, on its boundary.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// Bytes that start on a cache line, so the kernels' 64-byte loads at multiples of 64
+/// never span two lines (a `Vec`'s 16-byte alignment made most of them do).
+struct Lines(Vec<Line>);
+
+impl Lines {
+    /// `len` zero bytes, a multiple of 64.
+    fn zeroed(len: usize) -> Lines {
+        assert!(len.is_multiple_of(64), "whole lines");
+        Lines(vec![Line([0; 64]); len / 64])
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is 64 bytes with no padding; the slice covers the Vec's lines.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.0.len() * 64) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut u8, self.0.len() * 64) }
+    }
+
+    fn i16s(&self) -> &[i16] {
+        // SAFETY: as in `bytes`; 64-byte aligned, so 2-byte aligned, and any bits are
+        // an i16.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const i16, self.0.len() * 32) }
+    }
+
+    fn i16s_mut(&mut self) -> &mut [i16] {
+        // SAFETY: as in `i16s`, borrowed mutably.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.0.as_mut_ptr() as *mut i16, self.0.len() * 32)
+        }
+    }
+}
+
 /// Activation rows quantized per 32-block: the int16 values, each block's scale, and
 /// each block's scale times the sum of its values.
 pub struct QuantRows {
@@ -465,9 +526,18 @@ pub struct QuantRows {
     /// `q` with each group's blocks interleaved as [`pack_row`] interleaves weights:
     /// 16 vectors a group, lane j of vector t holding elements 2t and 2t + 1 of block j
     /// (full groups only; a row's tail blocks are read from `q`).
-    qi: Vec<i16>,
+    qi: Lines,
+    /// `q` as two bytes, interleaved as [`pack_row`] lays out 4-bit weights: 16
+    /// vectors of 64 bytes a group, vector 2s holding the low bytes (unsigned) and
+    /// 2s + 1 the high bytes (signed) of elements 4s..4s + 4 of block j at bytes
+    /// 4j..4j + 4 (full groups only). `q = 256·high + low` exactly, so a `vpdpbusd`
+    /// of each with the weights' unsigned nibbles gives the int16 product's two parts.
+    qb: Lines,
     d: Vec<f32>,
     s: Vec<f32>,
+    /// Each block's Σ values, as an integer: Q4_0's products take its −8 offset in
+    /// integers (Σ (q − 8)·qₓ = Σ q·qₓ − 8·Σ qₓ, exact).
+    n: Vec<i32>,
     k: usize,
 }
 
@@ -475,9 +545,11 @@ impl QuantRows {
     pub fn quantize(x: &[f32], m: usize, k: usize) -> QuantRows {
         let mut rows = QuantRows {
             q: vec![0i16; m * k],
-            qi: vec![0i16; m * (k / BLOCK / GROUP) * GROUP * BLOCK],
+            qi: Lines::zeroed(2 * m * (k / BLOCK / GROUP) * GROUP * BLOCK),
+            qb: Lines::zeroed(2 * m * (k / BLOCK / GROUP) * GROUP * BLOCK),
             d: vec![0f32; m * (k / BLOCK)],
             s: vec![0f32; m * (k / BLOCK)],
+            n: vec![0i32; m * (k / BLOCK)],
             k,
         };
         if has_vnni() {
@@ -492,7 +564,13 @@ impl QuantRows {
     /// Row `i`'s interleaved full groups.
     fn interleaved(&self, i: usize) -> &[i16] {
         let len = self.k / BLOCK / GROUP * GROUP * BLOCK;
-        &self.qi[i * len..(i + 1) * len]
+        &self.qi.i16s()[i * len..(i + 1) * len]
+    }
+
+    /// Row `i`'s full groups as bytes.
+    fn interleaved_bytes(&self, i: usize) -> &[u8] {
+        let len = 2 * (self.k / BLOCK / GROUP * GROUP * BLOCK);
+        &self.qb.bytes()[i * len..(i + 1) * len]
     }
 
     fn row(&self, i: usize) -> (&[i16], &[f32], &[f32]) {
@@ -508,7 +586,8 @@ impl QuantRows {
 /// Fills `rows` (sized for `x`'s rows) from `x`: each 32-block's values over
 /// `max|x| / 32767`, rounded to the nearest (halves away from zero), and each block's scale
 /// and scale · Σ values; full groups' values also interleaved as [`pack_row`]
-/// interleaves weights (element pair t of block j at pair `t · 16 + j`). Plain
+/// interleaves weights (element pair t of block j at pair `t · 16 + j`; as bytes, see
+/// [`QuantRows::qb`]). Plain
 /// element loops, compiled as they are and, in [`x86::quantize_rows`], with AVX-512
 /// enabled: the same operations in the same order either way.
 #[inline(always)]
@@ -530,12 +609,20 @@ fn quantize_rows(x: &[f32], rows: &mut QuantRows) {
         }
         rows.d[b] = scale;
         rows.s[b] = scale * sum as f32;
+        rows.n[b] = sum;
         let (i, j) = (b / nb, b % nb);
         if j < full {
-            let dst = &mut rows.qi[i * per_row + j / GROUP * GROUP * BLOCK..][..GROUP * BLOCK];
+            let at = i * per_row + j / GROUP * GROUP * BLOCK;
+            let dst = &mut rows.qi.i16s_mut()[at..][..GROUP * BLOCK];
             let j = j % GROUP;
             for (t, pair) in qb.chunks_exact(2).enumerate() {
                 dst[t * 2 * GROUP + 2 * j..][..2].copy_from_slice(pair);
+            }
+            let dst = &mut rows.qb.bytes_mut()[2 * at..][..2 * GROUP * BLOCK];
+            for (x, &v) in qb.iter().enumerate() {
+                let (s, e) = (x / 4, x % 4);
+                dst[2 * s * 64 + 4 * j + e] = v as u8;
+                dst[(2 * s + 1) * 64 + 4 * j + e] = (v >> 8) as u8;
             }
         }
     }
@@ -606,10 +693,11 @@ const GROUP: usize = 16;
 /// minimums, then its values interleaved so that one 512-bit `vpdpwssd` adds elements
 /// 2t and 2t + 1 of all 16 blocks at once, block j in lane j — 16 steps give the 16
 /// blocks' integer sums in one vector, scaled by the 16 scales in one multiply, with no
-/// sum across lanes. Q8_0: vector t is 32 bytes, byte 2j + e = q[j][2t + e]. Q4: two
-/// vectors share 32 bytes, the low nibbles vector 2p, the high ones 2p + 1
-/// (byte 2j + e = q[j][4p + e] | q[j][4p + 2 + e] << 4). Blocks past the last full
-/// group stay as they were.
+/// sum across lanes. Q8_0: vector t is 32 bytes, byte 2j + e = q[j][2t + e]. Q4 is
+/// laid out for `vpdpbusd` instead (four bytes of a block a lane): 64 bytes hold steps
+/// 2p (low nibbles) and 2p + 1 (high ones), byte 4j + e = q[j][8p + e] |
+/// q[j][8p + 4 + e] << 4 — step s is elements 4s..4s + 4 of every block. Blocks past
+/// the last full group stay as they were.
 fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
     let bb = ty.block_bytes();
     let groups = row.len() / bb / GROUP;
@@ -655,10 +743,10 @@ fn pack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                 }
             }
             QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
-                for p in 0..BLOCK / 4 {
+                for p in 0..BLOCK / 8 {
                     for (j, v) in values.iter().enumerate() {
-                        for e in 0..2 {
-                            qs[p * 32 + 2 * j + e] = (v[4 * p + e] | (v[4 * p + 2 + e] << 4)) as u8;
+                        for e in 0..4 {
+                            qs[p * 64 + 4 * j + e] = (v[8 * p + e] | (v[8 * p + 4 + e] << 4)) as u8;
                         }
                     }
                 }
@@ -721,8 +809,8 @@ fn unpack_row(ty: QuantType, row: &[u8]) -> Vec<u8> {
                 }
                 QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
                     for (x, o) in v.iter_mut().enumerate() {
-                        let (p, hi, e) = (x / 4, (x / 2) % 2, x % 2);
-                        let byte = qs[p * 32 + 2 * j + e];
+                        let (p, hi, e) = (x / 8, (x / 4) % 2, x % 4);
+                        let byte = qs[p * 64 + 4 * j + e];
                         *o = if hi == 1 { byte >> 4 } else { byte & 0xF };
                     }
                     let nib = &mut dst[bb - 16..];
@@ -900,10 +988,16 @@ fn dot_scalar(ty: QuantType, w: &[u8], x: &QuantRows, i: usize) -> f32 {
     let mut acc = 0f32;
     for (b, wb) in w.chunks(ty.block_bytes()).enumerate() {
         let (dw, c) = block_scales(ty, wb);
+        // Q4_0's offset in integers, as the kernel takes it.
+        let (bias, c) = if ty == QuantType::Q4_0 {
+            (8, 0.0)
+        } else {
+            (0, c)
+        };
         let dot: i64 = block_values(ty, wb)
             .iter()
             .zip(&q[b * BLOCK..(b + 1) * BLOCK])
-            .map(|(&a, &b)| a as i64 * b as i64)
+            .map(|(&a, &b)| (a - bias) as i64 * b as i64)
             .sum();
         acc += dw * d[b] * dot as f32 + c * s[b];
     }
@@ -930,8 +1024,22 @@ pub fn has_vnni() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{QuantRows, QuantType, BLOCK, GROUP};
+    use super::{values_offset, QuantRows, QuantType, BLOCK, GROUP};
     use std::arch::x86_64::*;
+
+    /// `$f::<.., T>(..)` for the format `$ty` as `T` ([`QuantType::code`]): each
+    /// format's kernel compiled on its own, with no test of the format inside.
+    macro_rules! typed {
+        ($ty:expr, $f:ident :: <$($g:tt),*> ($($a:expr),*)) => {
+            match $ty {
+                QuantType::Q8_0 => $f::<$($g,)* { QuantType::Q8_0.code() }>($($a),*),
+                QuantType::Q4_0 => $f::<$($g,)* { QuantType::Q4_0.code() }>($($a),*),
+                QuantType::Q4_1 => $f::<$($g,)* { QuantType::Q4_1.code() }>($($a),*),
+                QuantType::Q4F => $f::<$($g,)* { QuantType::Q4F.code() }>($($a),*),
+                QuantType::Q16 => $f::<$($g,)* { QuantType::Q16.code() }>($($a),*),
+            }
+        };
+    }
 
     /// `vpdpwssd acc, a, b` as written. LLVM turns `_mm512_dpwssd_epi32` into two
     /// instructions, `vpmaddwd` and `vpaddd`, unless it tunes for a CPU it knows runs
@@ -943,6 +1051,22 @@ mod x86 {
             let mut acc: __m512i = $acc;
             std::arch::asm!(
                 "vpdpwssd {acc}, {a}, {b}",
+                acc = inout(zmm_reg) acc,
+                a = in(zmm_reg) $a,
+                b = in(zmm_reg) $b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            acc
+        }};
+    }
+
+    /// `vpdpbusd acc, a, b` as written (`a`'s bytes unsigned, `b`'s signed), kept
+    /// from LLVM's rewriting as [`dpwssd`] is.
+    macro_rules! dpbusd {
+        ($acc:expr, $a:expr, $b:expr) => {{
+            let mut acc: __m512i = $acc;
+            std::arch::asm!(
+                "vpdpbusd {acc}, {a}, {b}",
                 acc = inout(zmm_reg) acc,
                 a = in(zmm_reg) $a,
                 b = in(zmm_reg) $b,
@@ -998,12 +1122,14 @@ mod x86 {
             _mm256_storeu_si256(qb.add(16) as *mut __m256i, _mm512_cvtepi32_epi16(qh));
             rows.d[b] = scale;
             rows.s[b] = scale * sum as f32;
+            rows.n[b] = sum;
             let (i, j) = (b / nb, b % nb);
             if j < full {
                 // Pair t of block j to pair t · 16 + j of its group: the block's 16
                 // pairs as 32-bit lanes, scattered 16 lanes apart.
                 let dst = rows
                     .qi
+                    .i16s_mut()
                     .as_mut_ptr()
                     .add(i * per_row + j / GROUP * GROUP * BLOCK);
                 let pairs = _mm512_loadu_si512(qb as *const _);
@@ -1012,6 +1138,28 @@ mod x86 {
                     _mm512_set1_epi32(GROUP as i32),
                 );
                 _mm512_i32scatter_epi32::<4>((dst as *mut i32).add(j % GROUP) as *mut _, at, pairs);
+                // As bytes: four elements' low bytes, then their high bytes, a 32-bit
+                // lane each (lane 2s + h: step s, byte h), scattered as the pairs are.
+                let steps = |q: __m512i| {
+                    let lo = _mm512_cvtepi32_epi8(q);
+                    let hi = _mm512_cvtepi32_epi8(_mm512_srai_epi32::<8>(q));
+                    (_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi))
+                };
+                let (s01, s23) = steps(ql);
+                let (s45, s67) = steps(qh);
+                let bytes = _mm512_inserti32x4::<3>(
+                    _mm512_inserti32x4::<2>(
+                        _mm512_inserti32x4::<1>(_mm512_castsi128_si512(s01), s23),
+                        s45,
+                    ),
+                    s67,
+                );
+                let dst = rows
+                    .qb
+                    .bytes_mut()
+                    .as_mut_ptr()
+                    .add(2 * (i * per_row + j / GROUP * GROUP * BLOCK));
+                _mm512_i32scatter_epi32::<4>((dst as *mut i32).add(j % GROUP) as *mut _, at, bytes);
             }
         }
     }
@@ -1060,7 +1208,7 @@ mod x86 {
         macro_rules! take {
             ($r:expr) => {
                 while len - j >= $r {
-                    let y = rows::<W, $r>(ty, w, x, i0 + j);
+                    let y = typed!(ty, rows::<W, $r>(w, x, i0 + j));
                     for (o, y) in out.iter_mut().zip(y) {
                         o[j..j + $r].copy_from_slice(&y);
                     }
@@ -1070,10 +1218,50 @@ mod x86 {
         }
         // Sixes, then what is left in fours, twos and ones: a lone row's sums are one
         // dependency chain each, several times slower a row.
-        take!(XR);
-        take!(4);
+        if ty.nibbles() && W > 1 {
+            // Two int32 sums a pair on this path: three rows fill the registers.
+            take!(3);
+        } else {
+            take!(XR);
+            take!(4);
+        }
         take!(2);
         take!(1);
+    }
+
+    /// Activation row 0 · each of `W` streams' packed weight rows (`w[v]`: rows
+    /// `0..out[v].len()`, one after another) into `out[v]`: a row of each stream at a
+    /// time, in one call (one a row pair cost ~15 ns, a third of a 2048-wide pair's
+    /// time); each row's sums as a lone row's.
+    ///
+    /// # Safety
+    /// As [`dot_rows`]'s; each `w[v]` holds `out[v].len()` packed rows, all `out[v]`
+    /// of one length.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_streams<const W: usize>(
+        ty: QuantType,
+        w: [&[u8]; W],
+        x: &QuantRows,
+        out: &mut [&mut [f32]; W],
+    ) {
+        let rb = x.k / BLOCK * ty.block_bytes();
+        let len = out[0].len();
+        for v in 0..W {
+            assert!(
+                out[v].len() == len && w[v].len() == len * rb,
+                "{W} streams of {len} rows"
+            );
+        }
+        for i in 0..len {
+            let mut wi: [&[u8]; W] = [&[]; W];
+            for v in 0..W {
+                wi[v] = w[v].get_unchecked(i * rb..(i + 1) * rb);
+            }
+            let y = typed!(ty, rows::<W, 1>(wi, x, 0));
+            for v in 0..W {
+                *out[v].get_unchecked_mut(i) = y[v][0];
+            }
+        }
     }
 
     /// `R` activation rows from `i` · `W` packed weight rows: per full group, 16 (Q8_0)
@@ -1086,22 +1274,25 @@ mod x86 {
     // zipped iterators here.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows<const W: usize, const R: usize>(
-        ty: QuantType,
+    unsafe fn rows<const W: usize, const R: usize, const T: u8>(
         w: [&[u8]; W],
         x: &QuantRows,
         i: usize,
     ) -> [[f32; R]; W] {
+        let ty = const { QuantType::of_code(T) };
         let nb = x.k / BLOCK;
         let bb = ty.block_bytes();
         for wv in &w {
             assert_eq!(wv.len(), nb * bb, "a weight row of k/32 blocks");
         }
         let groups = nb / GROUP;
-        let xs: [&[i16]; R] = std::array::from_fn(|r| x.interleaved(i + r));
-        let rows: [_; R] = std::array::from_fn(|r| x.row(i + r));
+        let mut xs: [&[i16]; R] = [&[]; R];
+        let mut rows: [(&[i16], &[f32], &[f32]); R] = [(&[], &[], &[]); R];
+        for r in 0..R {
+            xs[r] = x.interleaved(i + r);
+            rows[r] = x.row(i + r);
+        }
         let mut acc = [[_mm512_setzero_ps(); R]; W];
-        let m4 = _mm512_set1_epi16(0x0F);
         for g in 0..groups {
             let mut gp = [std::ptr::null::<u8>(); W];
             let mut qp = [std::ptr::null::<u8>(); W];
@@ -1121,12 +1312,13 @@ mod x86 {
                 xp[r] = xs[r].as_ptr().add(xo);
             }
             let mut wv = [_mm512_setzero_si512(); W];
-            // Weight vectors `t` (widened by `$load(v, t)`) · the rows' activation
-            // vectors `t`, summed into `$sums`.
+            // Weight vectors `t` (widened by `$load!(v, t)`) · the rows' activation
+            // vectors `t`, summed into `$sums`. (Macros, not closures: a closure is
+            // compiled without this function's target features, so it is a call.)
             macro_rules! step {
                 ($t:expr, $sums:ident, $load:ident) => {
                     for v in 0..W {
-                        wv[v] = $load(v, $t);
+                        wv[v] = $load!(v, $t);
                     }
                     for r in 0..R {
                         let a = _mm512_loadu_si512(xp[r].add($t * 2 * GROUP) as *const _);
@@ -1158,8 +1350,11 @@ mod x86 {
                                 }
                             }
                         }
-                        let load =
-                            |v: usize, t: usize| _mm512_loadu_si512(qp[v].add(t * 64) as *const _);
+                        macro_rules! load {
+                            ($v:expr, $tt:expr) => {
+                                _mm512_loadu_si512(qp[$v].add($tt * 64) as *const _)
+                            };
+                        }
                         step!(t, sums, load);
                         if split {
                             step!(t + 1, sums2, load);
@@ -1169,11 +1364,13 @@ mod x86 {
                     }
                 }
                 QuantType::Q8_0 => {
-                    let load = |v: usize, t: usize| {
-                        _mm512_cvtepi8_epi16(
-                            _mm256_loadu_si256(qp[v].add(t * 32) as *const __m256i),
-                        )
-                    };
+                    macro_rules! load {
+                        ($v:expr, $tt:expr) => {
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                qp[$v].add($tt * 32) as *const __m256i
+                            ))
+                        };
+                    }
                     for t in (0..BLOCK / 2).step_by(2) {
                         step!(t, sums, load);
                         if split {
@@ -1184,33 +1381,56 @@ mod x86 {
                     }
                 }
                 QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
-                    let mut hi = [_mm512_setzero_si512(); W];
-                    for p in 0..BLOCK / 4 {
+                    // Each activation value as 256·high + low: the nibbles (unsigned)
+                    // `vpdpbusd` the high bytes (signed) and the low bytes (unsigned)
+                    // `vpdpbusd` the nibbles (signed, as they are below 128), 64
+                    // products an instruction — no widening of the weights — into two
+                    // sums, put together at the group's end (exact in int32).
+                    let m4 = _mm512_set1_epi8(0x0F);
+                    let mut xb = [std::ptr::null::<u8>(); R];
+                    for r in 0..R {
+                        xb[r] = x.interleaved_bytes(i + r).as_ptr().add(2 * xo);
+                    }
+                    // With few pairs, each pair's two sums split once more by the
+                    // step's parity, for independent chains enough to hide the latency.
+                    let mut low = [[[_mm512_setzero_si512(); R]; W]; 2];
+                    let mut high = [[[_mm512_setzero_si512(); R]; W]; 2];
+                    let mut nib = [[_mm512_setzero_si512(); 2]; W];
+                    for p in 0..BLOCK / 8 {
                         for v in 0..W {
-                            let b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                                qp[v].add(p * 32) as *const __m256i
-                            ));
-                            wv[v] = _mm512_and_si512(b, m4);
-                            hi[v] = _mm512_srli_epi16::<4>(b);
+                            let b = _mm512_loadu_si512(qp[v].add(p * 64) as *const _);
+                            nib[v] = [
+                                _mm512_and_si512(b, m4),
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(b), m4),
+                            ];
                         }
-                        for r in 0..R {
-                            let a = _mm512_loadu_si512(xp[r].add(2 * p * 2 * GROUP) as *const _);
-                            for v in 0..W {
-                                sums[v][r] = dpwssd!(sums[v][r], wv[v], a);
+                        for h in 0..2 {
+                            let step = 2 * p + h;
+                            for r in 0..R {
+                                let lo = _mm512_loadu_si512(xb[r].add(2 * step * 64) as *const _);
+                                let hi =
+                                    _mm512_loadu_si512(xb[r].add((2 * step + 1) * 64) as *const _);
+                                let c = if split { h } else { 0 };
+                                for v in 0..W {
+                                    low[c][v][r] = dpbusd!(low[c][v][r], lo, nib[v][h]);
+                                    high[c][v][r] = dpbusd!(high[c][v][r], nib[v][h], hi);
+                                }
                             }
                         }
-                        let s = if split { &mut sums2 } else { &mut sums };
+                    }
+                    for v in 0..W {
                         for r in 0..R {
-                            let a =
-                                _mm512_loadu_si512(xp[r].add((2 * p + 1) * 2 * GROUP) as *const _);
-                            for v in 0..W {
-                                s[v][r] = dpwssd!(s[v][r], hi[v], a);
+                            let (mut l, mut h) = (low[0][v][r], high[0][v][r]);
+                            if split {
+                                l = _mm512_add_epi32(l, low[1][v][r]);
+                                h = _mm512_add_epi32(h, high[1][v][r]);
                             }
+                            sums[v][r] = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), l);
                         }
                     }
                 }
             }
-            if split {
+            if split && !ty.nibbles() {
                 for v in 0..W {
                     for r in 0..R {
                         sums[v][r] = _mm512_add_epi32(sums[v][r], sums2[v][r]);
@@ -1223,8 +1443,7 @@ mod x86 {
                     _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp[v] as *const __m256i)),
                 };
                 let c = match ty {
-                    QuantType::Q8_0 | QuantType::Q16 => None,
-                    QuantType::Q4_0 => Some(_mm512_mul_ps(dw, _mm512_set1_ps(-8.0))),
+                    QuantType::Q8_0 | QuantType::Q16 | QuantType::Q4_0 => None,
                     QuantType::Q4_1 => Some(_mm512_cvtph_ps(_mm256_loadu_si256(
                         gp[v].add(32) as *const __m256i
                     ))),
@@ -1232,6 +1451,12 @@ mod x86 {
                 };
                 for r in 0..R {
                     let (_, d, s) = rows[r];
+                    if ty == QuantType::Q4_0 {
+                        // Σ (q − 8)·qₓ: the nibbles' sums less 8·Σ qₓ.
+                        let n = x.n[(i + r) * nb + g * GROUP..].as_ptr();
+                        let n = _mm512_loadu_si512(n as *const _);
+                        sums[v][r] = _mm512_sub_epi32(sums[v][r], _mm512_slli_epi32::<3>(n));
+                    }
                     let dx = _mm512_loadu_ps(d.as_ptr().add(g * GROUP));
                     acc[v][r] = _mm512_fmadd_ps(
                         _mm512_cvtepi32_ps(sums[v][r]),
@@ -1287,6 +1512,9 @@ mod x86 {
         let bb = ty.block_bytes();
         assert!(w.len() <= 16 && c0 + 16 <= PANEL);
         assert!(out.len() >= ((g + 1) * GROUP * BLOCK / 2) * PANEL * 2);
+        if ty.nibbles() {
+            return panel_group_nibbles(ty, w, g, c0, out);
+        }
         // Each row's scales and offsets a lane pair: lane l of a 16-lane half is element
         // pair l / 2 of block l / 2 (+ 8 for the upper half), each block's scale twice.
         let lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -1315,7 +1543,6 @@ mod x86 {
                 _mm512_permutexvar_ps(hi_idx, off),
             ];
         }
-        let m4 = _mm512_set1_epi32(0x0F);
         let base = out.as_mut_ptr() as *mut u32;
         for t in 0..BLOCK / 2 {
             let mut v = [_mm512_setzero_si512(); 16];
@@ -1338,15 +1565,7 @@ mod x86 {
                         )
                     }
                     QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4F => {
-                        // Pairs 2p and 2p + 1 share bytes: low and high nibbles.
-                        let p = qp.add(t / 2 * 32);
-                        let a = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-                        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
-                        if t % 2 == 0 {
-                            (_mm512_and_si512(a, m4), _mm512_and_si512(b, m4))
-                        } else {
-                            (_mm512_srli_epi32::<4>(a), _mm512_srli_epi32::<4>(b))
-                        }
+                        unreachable!("4-bit groups take panel_group_nibbles")
                     }
                 };
                 let a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), sc[0]), sc[2]);
@@ -1358,6 +1577,96 @@ mod x86 {
             for (j, vj) in v.iter().enumerate() {
                 let at = ((g * GROUP + j) * (BLOCK / 2) + t) * PANEL + c0;
                 _mm512_storeu_si512(base.add(at) as *mut _, *vj);
+            }
+        }
+    }
+
+    /// [`panel_group`] for the 4-bit formats, whose 64 bytes `p` hold elements
+    /// 8p..8p + 8 of each of the 16 blocks ([`super::pack_row`]): each row's nibbles of
+    /// one half (`h`: elements 8p + 4h..8p + 4h + 4) of blocks 8c..8c + 8 become 16
+    /// pairs — lane l is block 8c + l/2's pair 4p + 2h + l % 2 — so the 16 rows'
+    /// vectors, transposed, are again one 64-byte store of 16 columns a (block, pair).
+    ///
+    /// # Safety
+    /// As [`panel_group`]'s, `ty` a 4-bit format.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512bf16")]
+    unsafe fn panel_group_nibbles(
+        ty: QuantType,
+        w: &[&[u8]],
+        g: usize,
+        c0: usize,
+        out: &mut [half::bf16],
+    ) {
+        use super::super::packed::PANEL;
+        let at = g * GROUP * ty.block_bytes();
+        // Each row's scales and offsets for a quarter of the blocks: lane l of quarter
+        // q is element l % 4 of block 4q + l / 4.
+        let mut scales = [[_mm512_setzero_ps(); 8]; 16];
+        for (sc, wc) in scales.iter_mut().zip(w) {
+            assert!(wc.len() >= at + GROUP * ty.block_bytes());
+            let gp = wc.as_ptr().add(at);
+            let (d, off) = match ty {
+                QuantType::Q4_0 => {
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i));
+                    (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)))
+                }
+                QuantType::Q4_1 => (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i)),
+                ),
+                QuantType::Q4F => (
+                    _mm512_loadu_ps(gp as *const f32),
+                    _mm512_loadu_ps(gp.add(64) as *const f32),
+                ),
+                QuantType::Q8_0 | QuantType::Q16 => unreachable!("a 4-bit format"),
+            };
+            for q in 0..4 {
+                let idx = _mm512_add_epi32(
+                    _mm512_srli_epi32::<2>(_mm512_set_epi32(
+                        15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                    )),
+                    _mm512_set1_epi32(4 * q as i32),
+                );
+                sc[q] = _mm512_permutexvar_ps(idx, d);
+                sc[4 + q] = _mm512_permutexvar_ps(idx, off);
+            }
+        }
+        let m4 = _mm512_set1_epi32(0x0F);
+        let base = out.as_mut_ptr() as *mut u32;
+        let values = values_offset(ty);
+        for p in 0..BLOCK / 8 {
+            for h in 0..2 {
+                for c in 0..2 {
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for ((vc, wc), sc) in v.iter_mut().zip(w).zip(&scales) {
+                        let qp = wc.as_ptr().add(at + values + p * 64 + c * 32);
+                        let mut ab = [
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(qp as *const __m128i)),
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16) as *const __m128i)),
+                        ];
+                        for (e, q) in ab.iter_mut().zip([2 * c, 2 * c + 1]) {
+                            let n = if h == 0 {
+                                _mm512_and_si512(*e, m4)
+                            } else {
+                                _mm512_srli_epi32::<4>(*e)
+                            };
+                            *e = _mm512_castps_si512(_mm512_add_ps(
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(n), sc[q]),
+                                sc[4 + q],
+                            ));
+                        }
+                        *vc = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                            _mm512_castsi512_ps(ab[1]),
+                            _mm512_castsi512_ps(ab[0]),
+                        ));
+                    }
+                    transpose16(&mut v);
+                    for (l, vl) in v.iter().enumerate() {
+                        let (j, t) = (8 * c + l / 2, 4 * p + 2 * h + l % 2);
+                        let at = ((g * GROUP + j) * (BLOCK / 2) + t) * PANEL + c0;
+                        _mm512_storeu_si512(base.add(at) as *mut _, *vl);
+                    }
+                }
             }
         }
     }
@@ -1434,7 +1743,13 @@ mod x86 {
                     0.0,
                 ),
                 QuantType::Q16 => (_mm512_loadu_si512(blk.add(2) as *const _), 0.0),
-                QuantType::Q4_0 => (_mm512_cvtepu8_epi16(nibbles(blk.add(2))), -8.0 * dw),
+                QuantType::Q4_0 => (
+                    _mm512_sub_epi16(
+                        _mm512_cvtepu8_epi16(nibbles(blk.add(2))),
+                        _mm512_set1_epi16(8),
+                    ),
+                    0.0,
+                ),
                 QuantType::Q4_1 => (_mm512_cvtepu8_epi16(nibbles(blk.add(4))), half(blk.add(2))),
                 QuantType::Q4F => (
                     _mm512_cvtepu8_epi16(nibbles(blk.add(8))),
@@ -1514,13 +1829,15 @@ mod tests {
         let plain = {
             let mut rows = QuantRows::quantize(&x, m, k);
             rows.q.fill(0);
-            rows.qi.fill(0);
+            rows.qi.bytes_mut().fill(0);
+            rows.qb.bytes_mut().fill(0);
             quantize_rows(&x, &mut rows);
             rows
         };
         let simd = QuantRows::quantize(&x, m, k);
         assert_eq!(simd.q, plain.q);
-        assert_eq!(simd.qi, plain.qi);
+        assert_eq!(simd.qi.bytes(), plain.qi.bytes());
+        assert_eq!(simd.qb.bytes(), plain.qb.bytes());
         assert_eq!(bits(&simd.d), bits(&plain.d));
         assert_eq!(bits(&simd.s), bits(&plain.s));
         // Halves went away from zero (the scale is 1: 1.5, 2.5 and 3.5), as
@@ -1679,6 +1996,46 @@ mod tests {
             }
         }
         assert!(QuantMatrix::matmul_many(&[], &[], 1).is_empty());
+    }
+
+    /// 4-bit products split each activation into its two bytes: nibbles 0 and 15
+    /// against activations at the int16 limits and at values whose low byte is 0xFF or
+    /// 0x00 (−1, −256, 255, 256) give the exact sums, a group and a tail block alike.
+    #[test]
+    fn nibble_products_at_the_extremes_are_exact() {
+        let k = 18 * BLOCK;
+        let mut row = Vec::new();
+        let nib = |i: usize| if i % 5 < 2 { 15u8 } else { 0 };
+        for b in 0..k / BLOCK {
+            row.extend(f16::from_f32(1.0).to_bits().to_le_bytes());
+            for e in 0..16 {
+                row.push(nib(b * BLOCK + e) | (nib(b * BLOCK + e + 16) << 4));
+            }
+        }
+        let w = QuantMatrix::new(QuantType::Q4_0, 1, k, Box::new(row)).unwrap();
+        // Each block's scale is 1 (its largest value 32767): the values are the int16s.
+        let vals = [32767.0, -32767.0, -1.0, -256.0, 255.0, 256.0, 0.0, -255.0];
+        let x: Vec<f32> = (0..k)
+            .map(|i| {
+                if i % BLOCK == 0 {
+                    32767.0
+                } else {
+                    vals[i * 7 % vals.len()]
+                }
+            })
+            .collect();
+        let xq = QuantRows::quantize(&x, 1, k);
+        assert!(xq.d.iter().all(|&d| d == 1.0));
+        let want: f64 = (0..k).map(|i| (nib(i) as f64 - 8.0) * x[i] as f64).sum();
+        let got = w.matmul(&x, 1)[0] as f64;
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "{got} {want}");
+        let scalar = dot_scalar(
+            QuantType::Q4_0,
+            &unpack_row(QuantType::Q4_0, w.row(0)),
+            &xq,
+            0,
+        );
+        assert!((scalar as f64 - want).abs() <= 1e-6 * want.abs());
     }
 
     /// Q16 values reach 4096 in magnitude: a row of them against a row of activations
