@@ -1108,6 +1108,8 @@ mod x86 {
         let nb = k / BLOCK;
         let full = nb / GROUP * GROUP;
         let per_row = full * BLOCK;
+        let mut pairs = [_mm512_setzero_si512(); GROUP];
+        let mut bytes = [_mm512_setzero_si512(); GROUP];
         for (b, xb) in x.chunks_exact(BLOCK).enumerate() {
             let lo = _mm512_loadu_ps(xb.as_ptr());
             let hi = _mm512_loadu_ps(xb.as_ptr().add(16));
@@ -1125,41 +1127,38 @@ mod x86 {
             rows.n[b] = sum;
             let (i, j) = (b / nb, b % nb);
             if j < full {
-                // Pair t of block j to pair t · 16 + j of its group: the block's 16
-                // pairs as 32-bit lanes, scattered 16 lanes apart.
-                let dst = rows
-                    .qi
-                    .i16s_mut()
-                    .as_mut_ptr()
-                    .add(i * per_row + j / GROUP * GROUP * BLOCK);
-                let pairs = _mm512_loadu_si512(qb as *const _);
-                let at = _mm512_mullo_epi32(
-                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                    _mm512_set1_epi32(GROUP as i32),
-                );
-                _mm512_i32scatter_epi32::<4>((dst as *mut i32).add(j % GROUP) as *mut _, at, pairs);
-                // As bytes: four elements' low bytes, then their high bytes, a 32-bit
-                // lane each (lane 2s + h: step s, byte h), scattered as the pairs are.
-                let steps = |q: __m512i| {
-                    let lo = _mm512_cvtepi32_epi8(q);
-                    let hi = _mm512_cvtepi32_epi8(_mm512_srai_epi32::<8>(q));
-                    (_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi))
-                };
-                let (s01, s23) = steps(ql);
-                let (s45, s67) = steps(qh);
-                let bytes = _mm512_inserti32x4::<3>(
+                // Block j's 16 pairs as 32-bit lanes, and its bytes (four elements' low
+                // bytes, then their high bytes, a lane each: lane 2s + h is step s,
+                // byte h); a group's 16 blocks of each, transposed, are its 16
+                // interleaved vectors (lane j of vector t: block j's lane t).
+                pairs[j % GROUP] = _mm512_loadu_si512(qb as *const _);
+                macro_rules! steps {
+                    ($q:expr) => {{
+                        let lo = _mm512_cvtepi32_epi8($q);
+                        let hi = _mm512_cvtepi32_epi8(_mm512_srai_epi32::<8>($q));
+                        (_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi))
+                    }};
+                }
+                let (s01, s23) = steps!(ql);
+                let (s45, s67) = steps!(qh);
+                bytes[j % GROUP] = _mm512_inserti32x4::<3>(
                     _mm512_inserti32x4::<2>(
                         _mm512_inserti32x4::<1>(_mm512_castsi128_si512(s01), s23),
                         s45,
                     ),
                     s67,
                 );
-                let dst = rows
-                    .qb
-                    .bytes_mut()
-                    .as_mut_ptr()
-                    .add(2 * (i * per_row + j / GROUP * GROUP * BLOCK));
-                _mm512_i32scatter_epi32::<4>((dst as *mut i32).add(j % GROUP) as *mut _, at, bytes);
+                if j % GROUP == GROUP - 1 {
+                    let at = i * per_row + j / GROUP * GROUP * BLOCK;
+                    transpose16(&mut pairs);
+                    transpose16(&mut bytes);
+                    let qi = rows.qi.i16s_mut().as_mut_ptr().add(at);
+                    let qb = rows.qb.bytes_mut().as_mut_ptr().add(2 * at);
+                    for t in 0..GROUP {
+                        _mm512_storeu_si512(qi.add(t * 2 * GROUP) as *mut _, pairs[t]);
+                        _mm512_storeu_si512(qb.add(t * 64) as *mut _, bytes[t]);
+                    }
+                }
             }
         }
     }
