@@ -244,33 +244,42 @@ impl QuantMatrix {
         let parallel = bytes >= PARALLEL_BYTES || outputs >= 4096;
         if m == 1 {
             // One row: each weight's rows in STREAMS equal parts, each cut into pieces
-            // of CHUNK_ROWS rows; task c reads piece c of every part in lockstep and
-            // writes its outputs in place.
+            // of CHUNK_ROWS rows; task (w, c) reads piece c of every part of weight w
+            // in lockstep and writes its outputs in place. A task is two numbers (its
+            // pieces found inside it): a Vec of pieces a task cost a few µs a product,
+            // serially, which a 2048-wide decode product (~70 µs) noticed.
             let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.n]).collect();
-            let mut tasks: Vec<(usize, Pieces)> = Vec::new();
-            for (wi, y) in ys.iter_mut().enumerate() {
-                let part = y.len().div_ceil(STREAMS).next_multiple_of(CHUNK_ROWS);
-                let mut parts: Vec<_> = y
-                    .chunks_mut(part)
-                    .enumerate()
-                    .map(|(pi, p)| {
-                        p.chunks_mut(CHUNK_ROWS)
-                            .enumerate()
-                            .map(move |(c, o)| (pi * part + c * CHUNK_ROWS, o))
-                    })
-                    .collect();
-                for _ in 0..part / CHUNK_ROWS {
-                    let pieces: Vec<_> = parts.iter_mut().filter_map(|it| it.next()).collect();
-                    if !pieces.is_empty() {
-                        tasks.push((wi, pieces));
+            let outs: Vec<Out> = ys.iter_mut().map(|y| Out(y.as_mut_ptr())).collect();
+            let part = |w: &QuantMatrix| w.n.div_ceil(STREAMS).next_multiple_of(CHUNK_ROWS);
+            let tasks: Vec<(usize, usize)> = ws
+                .iter()
+                .enumerate()
+                .flat_map(|(wi, w)| (0..part(w) / CHUNK_ROWS).map(move |c| (wi, c)))
+                .collect();
+            let run = |&(wi, c): &(usize, usize)| {
+                let (w, part) = (ws[wi], part(ws[wi]));
+                let mut pieces: [(usize, &mut [f32]); STREAMS] =
+                    std::array::from_fn(|_| (0, &mut [][..]));
+                let mut count = 0;
+                for s in 0..STREAMS {
+                    let r0 = s * part + c * CHUNK_ROWS;
+                    let r1 = (r0 + CHUNK_ROWS).min((s + 1) * part).min(w.n);
+                    if r0 < r1 {
+                        // SAFETY: rows r0..r1 of output wi are this task's alone (each
+                        // (part, piece) is one task's), inside its n, and `ys` outlives
+                        // the loop.
+                        let o =
+                            unsafe { std::slice::from_raw_parts_mut(outs[wi].0.add(r0), r1 - r0) };
+                        pieces[count] = (r0, o);
+                        count += 1;
                     }
                 }
-            }
-            let run = |(wi, pieces): &mut (usize, Pieces)| ws[*wi].lockstep_into(&xq, pieces);
+                w.lockstep_into(&xq, &mut pieces[..count]);
+            };
             if parallel {
-                tasks.par_iter_mut().for_each(run);
+                tasks.par_iter().for_each(run);
             } else {
-                tasks.iter_mut().for_each(run);
+                tasks.iter().for_each(run);
             }
             return ys;
         }
@@ -382,15 +391,17 @@ impl QuantMatrix {
             unsafe { x86::dot_streams(self.ty, rows, xq, &mut outs) };
             done = len;
         }
+        let rb = (self.k / BLOCK) * self.ty.block_bytes();
         for (r0, out) in pieces.iter_mut() {
+            let rows = *r0 + done..*r0 + out.len();
+            if simd && !rows.is_empty() {
+                let w = &self.bytes()[rows.start * rb..rows.end * rb];
+                // SAFETY: as above, for one stream of the rows left.
+                unsafe { x86::dot_streams(self.ty, [w], xq, &mut [&mut out[done..]]) };
+                continue;
+            }
             for (i, y) in out.iter_mut().enumerate().skip(done) {
-                let w = self.row(*r0 + i);
-                if simd {
-                    // SAFETY: as above, for one row.
-                    unsafe { x86::dot_rows(self.ty, [w], xq, 0, &mut [std::slice::from_mut(y)]) }
-                } else {
-                    *y = dot_scalar(self.ty, &unpack_row(self.ty, w), xq, 0);
-                }
+                *y = dot_scalar(self.ty, &unpack_row(self.ty, self.row(*r0 + i)), xq, 0);
             }
         }
     }
@@ -453,8 +464,11 @@ impl QuantMatrix {
 /// Weight rows a parallel task takes.
 const CHUNK_ROWS: usize = 16;
 
-/// A one-row task's pieces of a weight's output: each its first row and its outputs.
-type Pieces<'a> = Vec<(usize, &'a mut [f32])>;
+/// A one-row product's output, written by its tasks, each its own rows.
+struct Out(*mut f32);
+// SAFETY: the tasks write disjoint rows, and the output outlives the parallel loop.
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
 
 /// Parts of a weight's rows a one-row product reads in lockstep, a row of each at a
 /// time: two streams a core, far apart, read faster than one (and give the integer
