@@ -127,7 +127,7 @@ pub fn matmul_packed_many(x: &[f32], m: usize, k: usize, ws: &[&PackedBf16]) -> 
     for w in ws {
         assert_eq!(w.kp, kp, "matmul_packed: k differs from the weight's");
     }
-    let a = pack_rows(x, m, k, kp, true);
+    let a = pack_rows(x, m, k, kp, true, m == 1);
     let parts: Vec<_> = ws.iter().map(|w| (*w, w.n)).collect();
     products(&a, m, kp, &parts, true)
 }
@@ -148,14 +148,14 @@ pub fn matmul_packed_part(x: &[f32], m: usize, k: usize, w: &PackedBf16, n: usiz
         w.k
     );
     let kp = k.div_ceil(2);
-    let a = pack_rows(x, m, k, kp, false);
+    let a = pack_rows(x, m, k, kp, false, m == 1);
     products(&a, m, kp, &[(w, n)], false)
         .pop()
         .expect("one weight, one product")
 }
 
-/// Rows packed by `pack_rows` (`kp` pairs each) times the first `kp` pairs and `n`
-/// columns of each `(w, n)`.
+/// Rows packed by `pack_rows` (`kp` pairs each; one row compact) times the first `kp`
+/// pairs and `n` columns of each `(w, n)`.
 fn products(
     a: &[u32],
     m: usize,
@@ -192,9 +192,10 @@ fn products(
             // SAFETY: these panels of output j are this task's alone.
             unsafe { gemv_panels(a, kp, w, &ptrs[j], n, ps) };
         } else {
-            ps.iter()
-                .filter(|&&p| p < panels)
-                .for_each(|&p| panel(&(j, p)));
+            for &p in ps.iter().filter(|&&p| p < panels) {
+                // SAFETY: as above, for one panel.
+                unsafe { gemv_panels(a, kp, w, &ptrs[j], n, [p]) };
+            }
         }
     };
     let run: &(dyn Fn(&(usize, usize)) + Sync) = if m == 1 { &group } else { &panel };
@@ -240,19 +241,19 @@ unsafe fn panel_product(
     }
 }
 
-/// One packed row (`a`, `kp` pairs) times panels `ps` of `w`, read in lockstep, into
-/// their columns of the `[1, n]` output at `c`.
+/// One row (`a`, its `kp` pairs, compact) times panels `ps` of `w`, read in lockstep,
+/// into their columns of the `[1, n]` output at `c`.
 ///
 /// # Safety
 /// AVX-512 BF16 is present; panels `ps` exist; no other thread writes their columns of
 /// `c` meanwhile.
-unsafe fn gemv_panels(
+unsafe fn gemv_panels<const S: usize>(
     a: &[u32],
     kp: usize,
     w: &PackedBf16,
     c: &OutPtr,
     n: usize,
-    ps: [usize; STREAMS],
+    ps: [usize; S],
 ) {
     let bs = ps.map(|p| &w.data[p * w.kp * PANEL * 2..][..kp * PANEL * 2]);
     // SAFETY: panel p's columns are inside the output (the caller's).
@@ -262,7 +263,7 @@ unsafe fn gemv_panels(
         let kc = KC.min(kp - k0);
         let b = bs.map(|b| &b[k0 * PANEL * 2..][..kc * PANEL * 2]);
         // SAFETY: as the caller's; `a` holds row 0's pairs from k0 on.
-        unsafe { x86::gemv(&a[k0 * MR..], b, kc, outs, cols, k0 > 0) };
+        unsafe { x86::gemv(&a[k0..], b, kc, outs, cols, k0 > 0) };
     }
 }
 
@@ -285,7 +286,7 @@ pub fn matmul_panels_many(
     );
     assert_eq!(x.len(), m * k, "matmul_panels_many: x is not [m, k]");
     let kp = k.div_ceil(2);
-    let a = pack_rows(x, m, k, kp, true);
+    let a = pack_rows(x, m, k, kp, true, false);
     let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| Vec::with_capacity(m * n)).collect();
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
     let tasks: Vec<(usize, usize)> = ns
@@ -312,8 +313,20 @@ pub fn matmul_panels_many(
 /// The activations rounded to bf16 and packed by tiles of `MR` rows: tile `r` is
 /// `[kp][MR][2]` (pair `t` of its rows side by side, zero past `m` and `k`), so the
 /// micro-kernel reads one contiguous run per k-pair instead of `MR` rows a whole row
-/// apart (which, at k = 2048, all fall into the same L1 set).
-fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool) -> Vec<u32> {
+/// apart (which, at k = 2048, all fall into the same L1 set). `compact`: one row as
+/// its pairs alone, `[kp]`, as the one-row GEMV reads it.
+fn pack_rows(x: &[f32], m: usize, k: usize, kp: usize, parallel: bool, compact: bool) -> Vec<u32> {
+    if compact {
+        // One row, for the GEMV: its pairs alone. A 12-row tile of it was 12 times the
+        // bytes, zeroed in a temporary as large: past 128 KiB (k = 5632) glibc maps and
+        // unmaps both every call, and the kernel's page work showed in decode profiles.
+        assert_eq!(m, 1, "a compact pack is one row");
+        let mut a = vec![0u32; kp];
+        // SAFETY: a u32 is two bf16 in memory order, and u32's alignment is larger.
+        let halves = unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr() as *mut bf16, kp * 2) };
+        crate::kernels::to_bf16(&x[..k], &mut halves[..k]);
+        return a;
+    }
     let tile = kp * MR;
     let len = m.div_ceil(MR) * tile;
     let mut a: Vec<u32> = Vec::with_capacity(len);
@@ -405,7 +418,7 @@ mod x86 {
         go!(1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
-    /// One row's pairs (`a`, packed as a row tile: pair t at `a[t·MR]`) times `S`
+    /// One row's pairs (`a`, compact: pair t at `a[t]`) times `S`
     /// panels read in lockstep, into `S` outputs of `cols[s]` columns.
     ///
     /// # Safety
@@ -420,7 +433,7 @@ mod x86 {
         cols: [usize; S],
         accumulate: bool,
     ) {
-        assert!(a.len() > (kc - 1) * MR);
+        assert!(a.len() >= kc);
         let masks = cols.map(col_masks);
         let mut acc = [[_mm512_setzero_ps(); 2]; S];
         for s in 0..S {
@@ -438,7 +451,7 @@ mod x86 {
         for t in 0..kc {
             // SAFETY: pair t of each panel and of the row is in bounds (asserted).
             unsafe {
-                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*pa.add(t * MR) as i32));
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*pa.add(t) as i32));
                 for s in 0..S {
                     let b0: __m512bh =
                         std::mem::transmute(_mm512_loadu_si512(pb[s].add(t * 64) as _));
