@@ -12,6 +12,12 @@ same format, set against Iris' probe (`iris bench bandwidth`) right before and r
 after llama.cpp's run: the bandwidth of llama.cpp's own minute. With --prefill N, also `iris bench decode --prefill N` against
 `llama-bench -p N -n 0`.
 
+With --abba, each pair runs Iris, llama.cpp, llama.cpp, Iris and sets the mean of each
+side's two runs against the other's: this machine's bandwidth jumps between ~33 and
+~60 GB/s from minute to minute, and one run each leaves a pair to whichever side drew
+the fast minute; the counterbalanced order gives both sides the same exposure to a
+drift. Every run is printed with its probe.
+
     python3 tools/bench_vs_llamacpp.py --iris target/release/iris --pairs 6 \
         --formats bf16,q8_0,q4_0 [--prefill 608] [--json OUT]
 
@@ -78,6 +84,36 @@ def llama(bin_dir, path, p, n, reps):
     return json.loads(out)[0]["avg_ts"]
 
 
+def abba(a, bin_dir, path, pair, f, results):
+    """One counterbalanced pair: Iris, llama.cpp, llama.cpp, Iris."""
+    first = iris(a.iris, f, a.tokens)[0]
+    runs = []
+    for _ in range(2):
+        before = probe(a.iris)
+        ts = llama(bin_dir, path, 0, a.tokens, 1)
+        runs.append((ts, max(before, probe(a.iris))))
+    last = iris(a.iris, f, a.tokens)[0]
+    mine = [first, last]
+    iris_ts = sum(r["tokens_per_s"] for r in mine) / 2
+    llama_ts = sum(ts for ts, _ in runs) / 2
+    for r in mine:
+        print(f"pair {pair} {f:>5}: iris {r['tokens_per_s']:6.2f} tok/s ({100 * r['ratio']:.1f}% of its "
+              f"probe's bound, probe {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)", flush=True)
+    for ts, around in runs:
+        implied = ts * first["bytes_per_token"] / 1e9
+        print(f"pair {pair} {f:>5}: llama.cpp {ts:6.2f} tok/s (implies {implied:.1f} GB/s; probe around "
+              f"it {around:.1f}, {100 * implied / around:.1f}% of its bound)", flush=True)
+    print(f"pair {pair} {f:>5}: means iris {iris_ts:6.2f} | llama.cpp {llama_ts:6.2f} | "
+          f"iris/llama {iris_ts / llama_ts:.2f}", flush=True)
+    results.append({
+        "pair": pair, "format": f, "abba": True,
+        "iris_runs": [{"tokens_per_s": r["tokens_per_s"], "share_of_bound": r["ratio"],
+                       "probe_gb_s": r["bandwidth_bytes_per_s"] / 1e9} for r in mine],
+        "llama_runs": [{"tokens_per_s": ts, "probe_around_gb_s": around} for ts, around in runs],
+        "iris_tokens_per_s": iris_ts, "llama_tokens_per_s": llama_ts, "iris_over_llama": iris_ts / llama_ts,
+    })
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iris", required=True)
@@ -85,6 +121,8 @@ def main():
     ap.add_argument("--formats", default="bf16,q8_0,q4_0")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--abba", action="store_true",
+                    help="each pair Iris, llama.cpp, llama.cpp, Iris; the means compared")
     ap.add_argument("--json")
     a = ap.parse_args()
     bin_dir = llama_bin()
@@ -93,6 +131,9 @@ def main():
     results = []
     for pair in range(1, a.pairs + 1):
         for f in formats:
+            if a.abba:
+                abba(a, bin_dir, files[f], pair, f, results)
+                continue
             row = iris(a.iris, f, a.tokens)[0]
             # The probe right before and right after llama.cpp's run: the machine's
             # bandwidth in llama.cpp's own minute (the better of the two).
