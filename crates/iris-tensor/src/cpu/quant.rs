@@ -1277,12 +1277,13 @@ mod x86 {
         }
     }
 
-    /// `R` activation rows from `i` · `W` packed weight rows: per full group, 16 (Q8_0)
-    /// or 8 (Q4: two vectors a load) loads of each weight row, each widened once and
-    /// `vpdpwssd`-ed with every row's interleaved activations into that pair's 16 block
-    /// sums; then the group's scales times the rows' block scales, and Q4's constants
-    /// times the rows' block sums, in three vector operations a pair. The tail blocks
-    /// one by one ([`tail`]).
+    /// `R` activation rows from `i` · `W` packed weight rows of format `T`
+    /// ([`QuantType::code`]): per full group, 16 loads of each 8- or 16-bit weight row,
+    /// each widened once and `vpdpwssd`-ed with every row's interleaved activations into
+    /// that pair's 16 block sums — or, 4-bit, 4 loads, each giving two nibble vectors
+    /// `vpdpbusd`-ed with the rows' activation bytes; then the group's scales times the
+    /// rows' block scales, and Q4_1's / Q4F's constants times the rows' block sums, in
+    /// three vector operations a pair. The tail blocks one by one ([`tail`]).
     // Indices over the (weight row, activation row) accumulator grid read clearer than
     // zipped iterators here.
     #[allow(clippy::needless_range_loop)]
