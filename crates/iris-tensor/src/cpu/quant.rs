@@ -172,8 +172,13 @@ impl QuantMatrix {
     }
 
     fn row(&self, r: usize) -> &[u8] {
+        self.rows_bytes(r..r + 1)
+    }
+
+    /// Rows `rows`' packed bytes, one row after another.
+    fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
         let rb = (self.k / BLOCK) * self.ty.block_bytes();
-        &self.bytes()[r * rb..(r + 1) * rb]
+        &self.bytes()[rows.start * rb..rows.end * rb]
     }
 
     /// Rows `rows` as f32 (`rows.len() × k`).
@@ -203,12 +208,11 @@ impl QuantMatrix {
 
     /// Rows `rows` as a matrix of their own (a tensor-parallel shard of output rows).
     pub fn slice_rows(&self, rows: std::ops::Range<usize>) -> QuantMatrix {
-        let rb = (self.k / BLOCK) * self.ty.block_bytes();
         QuantMatrix {
             ty: self.ty,
             n: rows.len(),
             k: self.k,
-            data: Box::new(self.bytes()[rows.start * rb..rows.end * rb].to_vec()),
+            data: Box::new(self.rows_bytes(rows.clone()).to_vec()),
         }
     }
 
@@ -379,9 +383,8 @@ impl QuantMatrix {
         let mut done = 0;
         if simd && pieces.len() == STREAMS {
             let len = pieces.iter().map(|p| p.1.len()).min().unwrap_or(0);
-            let rb = (self.k / BLOCK) * self.ty.block_bytes();
             let rows: [&[u8]; STREAMS] =
-                std::array::from_fn(|v| &self.bytes()[pieces[v].0 * rb..(pieces[v].0 + len) * rb]);
+                std::array::from_fn(|v| self.rows_bytes(pieces[v].0..pieces[v].0 + len));
             let mut outs: [&mut [f32]; STREAMS] = {
                 let mut it = pieces.iter_mut().map(|p| &mut p.1[..len]);
                 std::array::from_fn(|_| it.next().expect("STREAMS pieces"))
@@ -391,11 +394,10 @@ impl QuantMatrix {
             unsafe { x86::dot_streams(self.ty, rows, xq, &mut outs) };
             done = len;
         }
-        let rb = (self.k / BLOCK) * self.ty.block_bytes();
         for (r0, out) in pieces.iter_mut() {
             let rows = *r0 + done..*r0 + out.len();
             if simd && !rows.is_empty() {
-                let w = &self.bytes()[rows.start * rb..rows.end * rb];
+                let w = self.rows_bytes(rows);
                 // SAFETY: as above, for one stream of the rows left.
                 unsafe { x86::dot_streams(self.ty, [w], xq, &mut [&mut out[done..]]) };
                 continue;
@@ -1061,26 +1063,25 @@ mod x86 {
     /// 512-weight Q4_0 group of one batch-1 row took 16-17 ns a core here that way
     /// and 12-13 ns with the one instruction (`examples/quant_gemv`).
     macro_rules! dpwssd {
-        ($acc:expr, $a:expr, $b:expr) => {{
-            let mut acc: __m512i = $acc;
-            std::arch::asm!(
-                "vpdpwssd {acc}, {a}, {b}",
-                acc = inout(zmm_reg) acc,
-                a = in(zmm_reg) $a,
-                b = in(zmm_reg) $b,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-            acc
-        }};
+        ($acc:expr, $a:expr, $b:expr) => {
+            vnni!("vpdpwssd", $acc, $a, $b)
+        };
     }
 
     /// `vpdpbusd acc, a, b` as written (`a`'s bytes unsigned, `b`'s signed), kept
     /// from LLVM's rewriting as [`dpwssd`] is.
     macro_rules! dpbusd {
-        ($acc:expr, $a:expr, $b:expr) => {{
+        ($acc:expr, $a:expr, $b:expr) => {
+            vnni!("vpdpbusd", $acc, $a, $b)
+        };
+    }
+
+    /// The VNNI instruction `$op acc, a, b` on 512-bit registers, as inline assembly.
+    macro_rules! vnni {
+        ($op:literal, $acc:expr, $a:expr, $b:expr) => {{
             let mut acc: __m512i = $acc;
             std::arch::asm!(
-                "vpdpbusd {acc}, {a}, {b}",
+                concat!($op, " {acc}, {a}, {b}"),
                 acc = inout(zmm_reg) acc,
                 a = in(zmm_reg) $a,
                 b = in(zmm_reg) $b,
@@ -1537,19 +1538,7 @@ mod x86 {
         let at = g * GROUP * bb;
         for (sc, wc) in scales.iter_mut().zip(w) {
             assert!(wc.len() >= at + GROUP * bb);
-            let gp = wc.as_ptr().add(at);
-            let d = match ty {
-                QuantType::Q4F => _mm512_loadu_ps(gp as *const f32),
-                _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
-            };
-            let off = match ty {
-                QuantType::Q8_0 | QuantType::Q16 => _mm512_setzero_ps(),
-                QuantType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-                QuantType::Q4_1 => {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i))
-                }
-                QuantType::Q4F => _mm512_loadu_ps(gp.add(64) as *const f32),
-            };
+            let (d, off) = group_scales(ty, wc.as_ptr().add(at));
             *sc = [
                 _mm512_permutexvar_ps(lo_idx, d),
                 _mm512_permutexvar_ps(hi_idx, d),
@@ -1595,6 +1584,26 @@ mod x86 {
         }
     }
 
+    /// A packed group's 16 scales and 16 offsets (`d·q + c`: c is 0 for Q8_0 and Q16,
+    /// −8·d for Q4_0), from its start `gp`.
+    ///
+    /// # Safety
+    /// The CPU has the features enabled here; `gp` starts a whole packed group of `ty`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_scales(ty: QuantType, gp: *const u8) -> (__m512, __m512) {
+        let d = match ty {
+            QuantType::Q4F => _mm512_loadu_ps(gp as *const f32),
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
+        };
+        let off = match ty {
+            QuantType::Q8_0 | QuantType::Q16 => _mm512_setzero_ps(),
+            QuantType::Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+            QuantType::Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i)),
+            QuantType::Q4F => _mm512_loadu_ps(gp.add(64) as *const f32),
+        };
+        (d, off)
+    }
+
     /// [`panel_group`] for the 4-bit formats, whose 64 bytes `p` hold elements
     /// 8p..8p + 8 of each of the 16 blocks ([`super::pack_row`]): each row's nibbles of
     /// one half (`h`: elements 8p + 4h..8p + 4h + 4) of blocks 8c..8c + 8 become 16
@@ -1615,34 +1624,22 @@ mod x86 {
         let at = g * GROUP * ty.block_bytes();
         // Each row's scales and offsets for a quarter of the blocks: lane l of quarter
         // q is element l % 4 of block 4q + l / 4.
+        let mut quarter = [_mm512_setzero_si512(); 4];
+        for (q, idx) in quarter.iter_mut().enumerate() {
+            *idx = _mm512_add_epi32(
+                _mm512_srli_epi32::<2>(_mm512_set_epi32(
+                    15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+                )),
+                _mm512_set1_epi32(4 * q as i32),
+            );
+        }
         let mut scales = [[_mm512_setzero_ps(); 8]; 16];
         for (sc, wc) in scales.iter_mut().zip(w) {
             assert!(wc.len() >= at + GROUP * ty.block_bytes());
-            let gp = wc.as_ptr().add(at);
-            let (d, off) = match ty {
-                QuantType::Q4_0 => {
-                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i));
-                    (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)))
-                }
-                QuantType::Q4_1 => (
-                    _mm512_cvtph_ps(_mm256_loadu_si256(gp as *const __m256i)),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(gp.add(32) as *const __m256i)),
-                ),
-                QuantType::Q4F => (
-                    _mm512_loadu_ps(gp as *const f32),
-                    _mm512_loadu_ps(gp.add(64) as *const f32),
-                ),
-                QuantType::Q8_0 | QuantType::Q16 => unreachable!("a 4-bit format"),
-            };
-            for q in 0..4 {
-                let idx = _mm512_add_epi32(
-                    _mm512_srli_epi32::<2>(_mm512_set_epi32(
-                        15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
-                    )),
-                    _mm512_set1_epi32(4 * q as i32),
-                );
-                sc[q] = _mm512_permutexvar_ps(idx, d);
-                sc[4 + q] = _mm512_permutexvar_ps(idx, off);
+            let (d, off) = group_scales(ty, wc.as_ptr().add(at));
+            for (q, idx) in quarter.iter().enumerate() {
+                sc[q] = _mm512_permutexvar_ps(*idx, d);
+                sc[4 + q] = _mm512_permutexvar_ps(*idx, off);
             }
         }
         let m4 = _mm512_set1_epi32(0x0F);
